@@ -1,0 +1,10 @@
+"""The Chalice application: registers the blueprints; the logic lives in chalicelib."""
+
+from chalice import Chalice
+
+from chalicelib.api import clients, mailings, security, stats, system
+
+app = Chalice(app_name="sms-campaigns")
+app.register_blueprint(security.blueprint)
+for module in (system, clients, mailings, stats):
+    app.register_blueprint(module.api.blueprint)

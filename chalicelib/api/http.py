@@ -1,0 +1,214 @@
+"""The HTTP boundary: request parsing, the one place errors become responses, route metadata.
+
+Every route is declared through `ApiBlueprint.route`, which records what the route takes and
+returns (the OpenAPI document is generated from those records) and wraps the handler so that
+bad input becomes a 4xx JSON error and nothing escapes as an unformatted 5xx.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from chalice import Blueprint, Response
+from pydantic import BaseModel, ValidationError
+from pynamodb.exceptions import PynamoDBException
+
+from chalicelib.errors import (
+    DomainError,
+    MalformedRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from chalicelib.schemas import ErrorBody
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+# Accept every content type at the Chalice layer so a wrong one gets our 415 body, not Chalice's.
+_ANY_CONTENT_TYPE = ["*/*"]
+_RETRYABLE_AWS_CODES = {
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "ServiceUnavailable",
+}
+
+
+@dataclass
+class Operation:
+    """What one route takes and returns; the OpenAPI document is built from these."""
+
+    method: str
+    path: str
+    name: str
+    summary: str
+    tag: str
+    description: str | None = None
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    status: int = 200
+    public: bool = False
+    errors: tuple[int, ...] = ()
+    produces: str = JSON
+    path_params: list[str] = field(default_factory=list)
+
+
+OPERATIONS: list[Operation] = []
+
+
+def error_response(
+    status: int, code: str, message: str, details: list[dict] | None = None
+) -> Response:
+    """A JSON error in the service's one error shape."""
+    body = ErrorBody(error=code, message=message, details=details or [])
+    return json_response(body, status)
+
+
+def json_response(
+    model: BaseModel | None, status: int = 200, headers: dict | None = None
+) -> Response:
+    all_headers = {"Content-Type": JSON, **(headers or {})}
+    if model is None:
+        return Response(body="", status_code=status, headers={})
+    return Response(body=model.model_dump_json(), status_code=status, headers=all_headers)
+
+
+def validation_details(exc: ValidationError, prefix: str) -> list[dict[str, Any]]:
+    """Pydantic errors as `details` entries naming the offending field."""
+    details = []
+    for err in exc.errors(include_url=False, include_input=False):
+        location = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
+        message = err["msg"].removeprefix("Value error, ")
+        details.append({"field": location or None, "message": message, "type": err["type"]})
+    return details
+
+
+class ApiBlueprint:
+    """A Chalice Blueprint whose routes carry their own schema and error handling."""
+
+    def __init__(self, import_name: str, tag: str, *, authorizer: Any = None) -> None:
+        self.blueprint = Blueprint(import_name)
+        self.tag = tag
+        self._authorizer = authorizer
+        self._max_body_bytes: Callable[[], int] = lambda: 64 * 1024
+
+    def limit_bodies(self, max_body_bytes: Callable[[], int]) -> None:
+        self._max_body_bytes = max_body_bytes
+
+    def route(
+        self,
+        path: str,
+        method: str,
+        *,
+        summary: str,
+        body: type[BaseModel] | None = None,
+        query: type[BaseModel] | None = None,
+        response: type[BaseModel] | None = None,
+        status: int = 200,
+        public: bool = False,
+        errors: tuple[int, ...] = (),
+        produces: str = JSON,
+        description: str | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register a handler `fn(**path_params, body=?, query=?)` returning a model or Response."""
+
+        def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+            operation = Operation(
+                method=method,
+                path=path,
+                name=handler.__name__,
+                summary=summary,
+                tag=self.tag,
+                description=description or (handler.__doc__ or "").strip() or None,
+                body=body,
+                query=query,
+                response=response,
+                status=status,
+                public=public,
+                errors=errors,
+                produces=produces,
+                path_params=re.findall(r"{(\w+)}", path),
+            )
+            OPERATIONS.append(operation)
+
+            @functools.wraps(handler)
+            def view(**path_params: Any) -> Response:
+                request = self.blueprint.current_request
+                try:
+                    kwargs: dict[str, Any] = dict(path_params)
+                    if query is not None:
+                        kwargs["query"] = parse_query(query, request.query_params)
+                    if body is not None:
+                        kwargs["body"] = self._parse_body(body, request)
+                    result = handler(**kwargs)
+                except DomainError as exc:
+                    return error_response(exc.status, exc.code, exc.message, exc.details)
+                except Exception as exc:  # the boundary: nothing leaves unformatted
+                    return unexpected_error(exc, request.method, request.path)
+                if isinstance(result, Response):
+                    return result
+                return json_response(result, status)
+
+            route_kwargs: dict[str, Any] = {"methods": [method], "content_types": _ANY_CONTENT_TYPE}
+            if not public and self._authorizer is not None:
+                route_kwargs["authorizer"] = self._authorizer
+            self.blueprint.route(path, **route_kwargs)(view)
+            return view
+
+        return decorate
+
+    def _parse_body(self, model: type[BaseModel], request: Any) -> BaseModel:
+        content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if content_type != JSON:
+            raise UnsupportedMediaType(
+                f"send the body as {JSON} (got {content_type or 'no Content-Type'})"
+            )
+        raw = request.raw_body or b""
+        limit = self._max_body_bytes()
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"request body is {len(raw)} bytes; at most {limit} are accepted")
+        if not raw.strip():
+            raise MalformedRequest("a JSON request body is required")
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            if any(err["type"] == "json_invalid" for err in exc.errors()):
+                raise MalformedRequest(
+                    "request body is not valid JSON", validation_details(exc, "body")
+                ) from None
+            raise ValidationFailed(
+                "request body is not valid", validation_details(exc, "body")
+            ) from None
+
+
+def parse_query(model: type[BaseModel], params: dict[str, str] | None) -> BaseModel:
+    """Validate query parameters; an unknown or malformed one is a 400 naming it."""
+    try:
+        return model.model_validate(dict(params or {}))
+    except ValidationError as exc:
+        raise MalformedRequest(
+            "query parameters are not valid", validation_details(exc, "query")
+        ) from None
+
+
+def unexpected_error(exc: Exception, method: str, path: str) -> Response:
+    """Storage trouble is a 503 the caller may retry; anything else is logged as a bug."""
+    code = getattr(exc, "cause_response_code", None)
+    if isinstance(exc, PynamoDBException) and code in _RETRYABLE_AWS_CODES:
+        logger.warning("storage busy during %s %s: %s", method, path, code)
+        return error_response(503, "unavailable", "storage is busy; retry shortly")
+    logger.exception("unhandled error during %s %s", method, path)
+    return error_response(500, "internal_error", "an internal error occurred; it has been logged")
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"))

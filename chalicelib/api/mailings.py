@@ -1,0 +1,116 @@
+"""Mailing routes."""
+
+from __future__ import annotations
+
+from chalicelib.api.http import ApiBlueprint
+from chalicelib.api.mapping import (
+    mailing_changes,
+    mailing_fields,
+    mailing_out,
+    message_out,
+    page_limit,
+    stats_out,
+)
+from chalicelib.api.security import bearer_auth
+from chalicelib.container import services
+from chalicelib.schemas import (
+    MailingCreate,
+    MailingOut,
+    MailingPage,
+    MailingPatch,
+    MailingStatsOut,
+    MessageListQuery,
+    PageQuery,
+)
+
+api = ApiBlueprint(__name__, "mailings", authorizer=bearer_auth)
+
+
+@api.route(
+    "/mailings",
+    "POST",
+    summary="Create a mailing",
+    body=MailingCreate,
+    response=MailingOut,
+    status=201,
+    errors=(400, 413, 415, 422),
+)
+def create_mailing(body: MailingCreate) -> MailingOut:
+    """Schedule a mailing to every client its filter selects, between start_at and end_at."""
+    return mailing_out(services().mailings.create(mailing_fields(body)))
+
+
+@api.route(
+    "/mailings",
+    "GET",
+    summary="List mailings",
+    query=PageQuery,
+    response=MailingPage,
+    errors=(400,),
+)
+def list_mailings(query: PageQuery) -> MailingPage:
+    """Mailings a page at a time, newest first, each with its message counts."""
+    page = services().mailings.list(limit=page_limit(query.limit), cursor=query.cursor)
+    return MailingPage(items=[mailing_out(m) for m in page.items], next_cursor=page.next_cursor)
+
+
+@api.route(
+    "/mailings/{mailing_id}", "GET", summary="Get a mailing", response=MailingOut, errors=(404,)
+)
+def get_mailing(mailing_id: str) -> MailingOut:
+    return mailing_out(services().mailings.get(mailing_id))
+
+
+@api.route(
+    "/mailings/{mailing_id}",
+    "PUT",
+    summary="Replace a mailing",
+    body=MailingCreate,
+    response=MailingOut,
+    errors=(400, 404, 409, 413, 415, 422),
+)
+def replace_mailing(mailing_id: str, body: MailingCreate) -> MailingOut:
+    """Replace every field; omitted optional fields take their defaults."""
+    return mailing_out(services().mailings.replace(mailing_id, mailing_fields(body)))
+
+
+@api.route(
+    "/mailings/{mailing_id}",
+    "PATCH",
+    summary="Change some fields of a mailing",
+    body=MailingPatch,
+    response=MailingOut,
+    errors=(400, 404, 409, 413, 415, 422),
+)
+def patch_mailing(mailing_id: str, body: MailingPatch) -> MailingOut:
+    """Change the given fields only; `send_window: null` removes the window."""
+    return mailing_out(services().mailings.update(mailing_id, mailing_changes(body)))
+
+
+@api.route(
+    "/mailings/{mailing_id}", "DELETE", summary="Delete a mailing", status=204, errors=(404, 409)
+)
+def delete_mailing(mailing_id: str) -> None:
+    services().mailings.delete(mailing_id)
+
+
+@api.route(
+    "/mailings/{mailing_id}/stats",
+    "GET",
+    summary="A mailing's statistics and messages",
+    query=MessageListQuery,
+    response=MailingStatsOut,
+    errors=(400, 404),
+)
+def mailing_stats(mailing_id: str, query: MessageListQuery) -> MailingStatsOut:
+    """Message counts by status and the mailing's messages, a page at a time."""
+    mailing, page = services().mailings.messages(
+        mailing_id, status=query.status, limit=page_limit(query.limit), cursor=query.cursor
+    )
+    return MailingStatsOut(
+        mailing_id=mailing.id,
+        status=mailing.status,
+        stats=stats_out(mailing.counts),
+        messages=[message_out(m) for m in page.items],
+        next_cursor=page.next_cursor,
+    )

@@ -1,0 +1,134 @@
+"""Mapping between API models (pydantic) and domain objects, in both directions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chalicelib import domain
+from chalicelib.container import services
+from chalicelib.schemas import (
+    AudienceFilter,
+    ClientCreate,
+    ClientOut,
+    MailingCreate,
+    MailingOut,
+    MailingSummary,
+    MessageOut,
+    MessageStats,
+    SendWindow,
+)
+from chalicelib.services.clients import ClientFields
+from chalicelib.services.mailings import MailingFields
+
+
+def page_limit(requested: int | None) -> int:
+    """The page size: the default when absent, capped at the configured maximum."""
+    settings = services().settings
+    return min(requested or settings.default_page_size, settings.max_page_size)
+
+
+def client_fields(body: ClientCreate) -> ClientFields:
+    return ClientFields(
+        phone=body.phone, operator_code=body.operator_code, tag=body.tag, timezone=body.timezone
+    )
+
+
+def client_out(client: domain.Client) -> ClientOut:
+    return ClientOut(
+        id=client.id,
+        phone=client.phone,
+        operator_code=client.operator_code,
+        tag=client.tag,
+        timezone=client.timezone,
+        created_at=client.created_at,
+        updated_at=client.updated_at,
+    )
+
+
+def audience(value: AudienceFilter) -> domain.AudienceFilter:
+    return domain.AudienceFilter(tuple(value.operator_codes), tuple(value.tags))
+
+
+def send_window(value: SendWindow | None) -> domain.SendWindow | None:
+    if value is None:
+        return None
+    return domain.SendWindow(
+        domain.SendWindow.parse(value.start), domain.SendWindow.parse(value.end)
+    )
+
+
+def mailing_fields(body: MailingCreate) -> MailingFields:
+    return MailingFields(
+        text=body.text,
+        start_at=body.start_at,
+        end_at=body.end_at,
+        audience=audience(body.filter),
+        send_window=send_window(body.send_window),
+    )
+
+
+def mailing_changes(patch: Any) -> dict[str, Any]:
+    """A PATCH body as keyword changes of MailingFields (only the fields that were sent)."""
+    sent = patch.model_fields_set
+    changes: dict[str, Any] = {}
+    for name in ("text", "start_at", "end_at"):
+        if name in sent:
+            changes[name] = getattr(patch, name)
+    if "filter" in sent:
+        changes["audience"] = audience(patch.filter)
+    if "send_window" in sent:
+        changes["send_window"] = send_window(patch.send_window)
+    return changes
+
+
+def stats_out(counts: domain.MessageCounts) -> MessageStats:
+    return MessageStats(
+        total=counts.total,
+        pending=counts.pending,
+        sent=counts.sent,
+        failed=counts.failed,
+        expired=counts.expired,
+        cancelled=counts.cancelled,
+    )
+
+
+def mailing_out(mailing: domain.Mailing) -> MailingOut:
+    window = None
+    if mailing.send_window is not None:
+        window = SendWindow(
+            start=domain.SendWindow.format(mailing.send_window.start),
+            end=domain.SendWindow.format(mailing.send_window.end),
+        )
+    return MailingOut(
+        id=mailing.id,
+        text=mailing.text,
+        start_at=mailing.start_at,
+        end_at=mailing.end_at,
+        filter=AudienceFilter(
+            operator_codes=list(mailing.audience.operator_codes), tags=list(mailing.audience.tags)
+        ),
+        send_window=window,
+        status=mailing.status,
+        stats=stats_out(mailing.counts),
+        created_at=mailing.created_at,
+        updated_at=mailing.updated_at,
+    )
+
+
+def mailing_summary(mailing: domain.Mailing) -> MailingSummary:
+    return MailingSummary(
+        mailing_id=mailing.id, status=mailing.status, stats=stats_out(mailing.counts)
+    )
+
+
+def message_out(message: domain.Message) -> MessageOut:
+    return MessageOut(
+        id=message.id,
+        client_id=message.client_id,
+        phone=message.phone,
+        status=message.status,
+        created_at=message.created_at,
+        sent_at=message.sent_at,
+        attempts=message.attempts,
+        last_error=message.last_error,
+    )

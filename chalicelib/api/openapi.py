@@ -1,0 +1,154 @@
+"""The OpenAPI 3.1 document, generated from the routes' pydantic models (never hand-written)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cache
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from chalicelib.api.http import OPERATIONS, Operation
+from chalicelib.schemas import ErrorBody
+
+TITLE = "SMS campaign service"
+VERSION = "1.0.0"
+_REF = "#/components/schemas/{model}"
+_AUTH_ERRORS = (401, 403)
+
+
+def _error_description(status: int) -> str:
+    return {
+        400: "Malformed request: bad JSON, query parameter or cursor",
+        401: "Missing bearer token",
+        403: "Invalid, expired or unaccepted bearer token",
+        404: "No such record",
+        409: "Conflicts with the current state (e.g. duplicate phone, concurrent edit)",
+        413: "Request body too large",
+        415: "Request body is not application/json",
+        422: "Request body failed validation",
+        503: "Storage is busy; retry",
+    }.get(status, HTTPStatus(status).phrase)
+
+
+def _schemas(operations: Iterable[Operation]) -> tuple[dict, dict[tuple[type, str], dict]]:
+    pairs: list[tuple[type[BaseModel], Any]] = [(ErrorBody, "serialization")]
+    for op in operations:
+        if op.body is not None:
+            pairs.append((op.body, "validation"))
+        if op.query is not None:
+            pairs.append((op.query, "validation"))
+        if op.response is not None:
+            pairs.append((op.response, "serialization"))
+    unique = list(dict.fromkeys(pairs))
+    refs, top = models_json_schema(unique, ref_template=_REF)
+    return top.get("$defs", {}), refs
+
+
+def _query_parameters(model: type[BaseModel], components: dict) -> list[dict]:
+    schema = model.model_json_schema(ref_template=_REF)
+    required = set(schema.get("required", []))
+    params = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        description = prop.pop("description", None)
+        prop.pop("title", None)
+        param: dict[str, Any] = {
+            "name": name,
+            "in": "query",
+            "required": name in required,
+            "schema": prop,
+        }
+        if description:
+            param["description"] = description
+        params.append(param)
+    for name, definition in schema.get("$defs", {}).items():
+        components.setdefault(name, definition)
+    return params
+
+
+def build_spec(operations: Iterable[Operation] | None = None) -> dict[str, Any]:
+    """The OpenAPI document describing every registered route."""
+    ops = list(OPERATIONS if operations is None else operations)
+    components, refs = _schemas(ops)
+    error_ref = refs[(ErrorBody, "serialization")]
+    paths: dict[str, dict[str, Any]] = {}
+    for op in ops:
+        entry: dict[str, Any] = {
+            "operationId": op.name,
+            "summary": op.summary,
+            "tags": [op.tag],
+        }
+        if op.description:
+            entry["description"] = op.description
+        params = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in op.path_params
+        ]
+        if op.query is not None:
+            params.extend(_query_parameters(op.query, components))
+        if params:
+            entry["parameters"] = params
+        if op.body is not None:
+            entry["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": refs[(op.body, "validation")]}},
+            }
+        responses: dict[str, Any] = {}
+        if op.response is not None:
+            responses[str(op.status)] = {
+                "description": HTTPStatus(op.status).phrase,
+                "content": {op.produces: {"schema": refs[(op.response, "serialization")]}},
+            }
+        elif op.produces != "application/json":
+            responses[str(op.status)] = {
+                "description": HTTPStatus(op.status).phrase,
+                "content": {op.produces: {"schema": {"type": "string"}}},
+            }
+        else:
+            responses[str(op.status)] = {"description": HTTPStatus(op.status).phrase}
+        statuses = set(op.errors) | ({*_AUTH_ERRORS} if not op.public else set())
+        if not op.public:
+            statuses.add(503)
+        for status in sorted(statuses):
+            content = {"application/json": {"schema": error_ref}}
+            if status in _AUTH_ERRORS:
+                # API Gateway writes these before our code runs; the body is not ours everywhere.
+                content = {"application/json": {"schema": {"type": "object"}}}
+            responses[str(status)] = {"description": _error_description(status), "content": content}
+        entry["responses"] = responses
+        if op.public:
+            entry["security"] = []
+        paths.setdefault(op.path, {})[op.method.lower()] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": TITLE,
+            "version": VERSION,
+            "description": (
+                "Operators load a client directory, create mailings, and read delivery "
+                "statistics. Every route except /health, /docs and /openapi.json needs "
+                "`Authorization: Bearer <token>`. Errors have the shape of `ErrorBody`."
+            ),
+        },
+        "servers": [{"url": "."}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A static API token or an OIDC-issued RS256 JWT",
+                }
+            },
+        },
+    }
+
+
+@cache
+def cached_spec() -> dict[str, Any]:
+    return build_spec()

@@ -1,0 +1,138 @@
+"""Domain objects: what clients, mailings and messages are, independent of HTTP and storage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, time
+from enum import StrEnum
+
+
+class MessageStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+class MailingStatus(StrEnum):
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+def default_operator_code(phone: str) -> str:
+    """Digits 2-4 of a 7XXXXXXXXXX number: the operator code when none is given."""
+    return phone[1:4]
+
+
+@dataclass(frozen=True)
+class Client:
+    id: str
+    phone: str
+    operator_code: str
+    tag: str
+    timezone: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class AudienceFilter:
+    """Clients whose operator code is any of `operator_codes` and whose tag is any of `tags`."""
+
+    operator_codes: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    def matches(self, operator_code: str, tag: str) -> bool:
+        return (not self.operator_codes or operator_code in self.operator_codes) and (
+            not self.tags or tag in self.tags
+        )
+
+
+@dataclass(frozen=True)
+class SendWindow:
+    """A local time-of-day window [start, end); end before start wraps past midnight."""
+
+    start: time
+    end: time
+
+    def contains(self, local: time) -> bool:
+        local = local.replace(tzinfo=None)
+        if self.start < self.end:
+            return self.start <= local < self.end
+        return local >= self.start or local < self.end
+
+    @staticmethod
+    def parse(value: str) -> time:
+        hours, minutes = value.split(":")
+        return time(int(hours), int(minutes))
+
+    @staticmethod
+    def format(value: time) -> str:
+        return f"{value.hour:02d}:{value.minute:02d}"
+
+    @classmethod
+    def from_minutes(cls, start: int, end: int) -> SendWindow:
+        return cls(time(start // 60, start % 60), time(end // 60, end % 60))
+
+    def to_minutes(self) -> tuple[int, int]:
+        return self.start.hour * 60 + self.start.minute, self.end.hour * 60 + self.end.minute
+
+
+@dataclass(frozen=True)
+class MessageCounts:
+    pending: int = 0
+    sent: int = 0
+    failed: int = 0
+    expired: int = 0
+    cancelled: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.pending + self.sent + self.failed + self.expired + self.cancelled
+
+    def __add__(self, other: MessageCounts) -> MessageCounts:
+        return MessageCounts(
+            pending=self.pending + other.pending,
+            sent=self.sent + other.sent,
+            failed=self.failed + other.failed,
+            expired=self.expired + other.expired,
+            cancelled=self.cancelled + other.cancelled,
+        )
+
+
+@dataclass(frozen=True)
+class Mailing:
+    id: str
+    text: str
+    start_at: datetime
+    end_at: datetime
+    audience: AudienceFilter
+    send_window: SendWindow | None
+    status: MailingStatus
+    counts: MessageCounts
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    mailing_id: str
+    client_id: str
+    phone: str
+    status: MessageStatus
+    created_at: datetime
+    sent_at: datetime | None
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class PageOf:
+    """One page of a listing and the opaque cursor of the next (None at the end)."""
+
+    items: list = field(default_factory=list)
+    next_cursor: str | None = None

@@ -1,0 +1,223 @@
+"""PynamoDB items and indexes: the storage shape only.
+
+Models are built per settings by `build_models` rather than at import, so table names, region
+and endpoint come from the settings of the running stage and an emulator can start first.
+
+Tables (one per kind of record; see README "Storage"):
+- clients:   one item per client. Three sparse-free GSIs make every audience filter a Query:
+             by_operator (operator_code + tag), by_tag (tag), by_shard (all clients, in shards).
+- phones:    one item per phone number, owned by a client; makes phone numbers unique.
+- mailings:  one item per mailing, with its per-status message counters. GSIs: due (sparse,
+             only mailings whose audience still has to be enqueued, by start time) and
+             by_created (all mailings, newest first).
+- messages:  one item per (mailing, client); GSI by_status lists a mailing's messages by status.
+- sequences: named counters that hand out blocks of int64 message ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from pynamodb.attributes import (
+    ListAttribute,
+    NumberAttribute,
+    UnicodeAttribute,
+    UTCDateTimeAttribute,
+    VersionAttribute,
+)
+from pynamodb.indexes import AllProjection, GlobalSecondaryIndex
+from pynamodb.models import Model
+
+from chalicelib.settings import Settings
+
+# Tags cannot contain control characters, so this one separates tag and client id in a sort key.
+TAG_SEPARATOR = "\x1f"
+# All clients are spread over this many shards of the by_shard index; the full audience is
+# walked shard by shard (and, at scale, in parallel). Changing it needs a backfill.
+CLIENT_SHARDS = 16
+MAILING_LISTING_KEY = "mailing"
+DUE_KEY = "due"
+MESSAGE_ID_SEQUENCE = "message_id"
+
+
+def tag_sort_key(tag: str, client_id: str) -> str:
+    return f"{tag}{TAG_SEPARATOR}{client_id}"
+
+
+def tag_prefix(tag: str) -> str:
+    return f"{tag}{TAG_SEPARATOR}"
+
+
+def tag_key(tag: str) -> str:
+    # GSI key attributes cannot be empty strings, and an empty tag is a valid tag.
+    return f"#{tag}"
+
+
+def status_key(mailing_id: str, status: str) -> str:
+    return f"{mailing_id}#{status}"
+
+
+@dataclass(frozen=True)
+class Models:
+    """The item classes bound to one stage's tables."""
+
+    Client: type[Model]
+    Phone: type[Model]
+    Mailing: type[Model]
+    Message: type[Model]
+    Sequence: type[Model]
+
+    def all(self) -> tuple[type[Model], ...]:
+        return (self.Client, self.Phone, self.Mailing, self.Message, self.Sequence)
+
+
+@cache
+def build_models(settings: Settings) -> Models:
+    """Item classes bound to the tables named by `settings` (cached per settings)."""
+
+    class _Meta:
+        region = settings.aws_region
+        billing_mode = "PAY_PER_REQUEST"
+
+    class ClientByOperator(GlobalSecondaryIndex):
+        class Meta:
+            index_name = "by_operator"
+            projection = AllProjection()
+
+        operator_code = UnicodeAttribute(hash_key=True)
+        tag_sort = UnicodeAttribute(range_key=True)
+
+    class ClientByTag(GlobalSecondaryIndex):
+        class Meta:
+            index_name = "by_tag"
+            projection = AllProjection()
+
+        tag_key = UnicodeAttribute(hash_key=True)
+        client_id = UnicodeAttribute(range_key=True)
+
+    class ClientByShard(GlobalSecondaryIndex):
+        class Meta:
+            index_name = "by_shard"
+            projection = AllProjection()
+
+        shard = NumberAttribute(hash_key=True)
+        client_id = UnicodeAttribute(range_key=True)
+
+    class Client(Model):
+        class Meta(_Meta):
+            table_name = settings.table_name("clients")
+
+        client_id = UnicodeAttribute(hash_key=True)
+        phone = UnicodeAttribute()
+        operator_code = UnicodeAttribute()
+        tag = UnicodeAttribute()
+        timezone = UnicodeAttribute()
+        created_at = UTCDateTimeAttribute()
+        updated_at = UTCDateTimeAttribute()
+        shard = NumberAttribute()
+        tag_sort = UnicodeAttribute()
+        tag_key = UnicodeAttribute()
+        version = VersionAttribute()
+
+        by_operator = ClientByOperator()
+        by_tag = ClientByTag()
+        by_shard = ClientByShard()
+
+    class Phone(Model):
+        class Meta(_Meta):
+            table_name = settings.table_name("phones")
+
+        phone = UnicodeAttribute(hash_key=True)
+        client_id = UnicodeAttribute()
+
+    class MailingDue(GlobalSecondaryIndex):
+        class Meta:
+            index_name = "due"
+            projection = AllProjection()
+
+        due_key = UnicodeAttribute(hash_key=True)
+        start_at = UTCDateTimeAttribute(range_key=True)
+
+    class MailingByCreated(GlobalSecondaryIndex):
+        class Meta:
+            index_name = "by_created"
+            projection = AllProjection()
+
+        listing_key = UnicodeAttribute(hash_key=True)
+        created_at = UTCDateTimeAttribute(range_key=True)
+
+    class Mailing(Model):
+        class Meta(_Meta):
+            table_name = settings.table_name("mailings")
+
+        mailing_id = UnicodeAttribute(hash_key=True)
+        text = UnicodeAttribute()
+        start_at = UTCDateTimeAttribute()
+        end_at = UTCDateTimeAttribute()
+        operator_codes = ListAttribute(of=UnicodeAttribute, default=list)
+        tags = ListAttribute(of=UnicodeAttribute, default=list)
+        window_start = NumberAttribute(null=True)  # minutes after local midnight
+        window_end = NumberAttribute(null=True)
+        status = UnicodeAttribute()
+        created_at = UTCDateTimeAttribute()
+        updated_at = UTCDateTimeAttribute()
+        listing_key = UnicodeAttribute(default=MAILING_LISTING_KEY)
+        # Present only while the audience still has to be enqueued: keeps the due index small.
+        due_key = UnicodeAttribute(null=True)
+        # Where fan-out stopped last (an opaque audience cursor); None before it starts.
+        fanout_cursor = UnicodeAttribute(null=True)
+        count_pending = NumberAttribute(default=0)
+        count_sent = NumberAttribute(default=0)
+        count_failed = NumberAttribute(default=0)
+        count_expired = NumberAttribute(default=0)
+        count_cancelled = NumberAttribute(default=0)
+        version = VersionAttribute()
+
+        due = MailingDue()
+        by_created = MailingByCreated()
+
+    class MessageByStatus(GlobalSecondaryIndex):
+        class Meta:
+            index_name = "by_status"
+            projection = AllProjection()
+
+        status_key = UnicodeAttribute(hash_key=True)
+        message_id = NumberAttribute(range_key=True)
+
+    class Message(Model):
+        class Meta(_Meta):
+            table_name = settings.table_name("messages")
+
+        mailing_id = UnicodeAttribute(hash_key=True)
+        client_id = UnicodeAttribute(range_key=True)
+        message_id = NumberAttribute()
+        phone = UnicodeAttribute()
+        status = UnicodeAttribute()
+        status_key = UnicodeAttribute()
+        created_at = UTCDateTimeAttribute()
+        updated_at = UTCDateTimeAttribute()
+        sent_at = UTCDateTimeAttribute(null=True)
+        attempts = NumberAttribute(default=0)
+        last_error = UnicodeAttribute(null=True)
+
+        by_status = MessageByStatus()
+
+    class Sequence(Model):
+        class Meta(_Meta):
+            table_name = settings.table_name("sequences")
+
+        name = UnicodeAttribute(hash_key=True)
+        value = NumberAttribute(default=0)
+
+    return Models(Client=Client, Phone=Phone, Mailing=Mailing, Message=Message, Sequence=Sequence)
+
+
+def create_tables(models: Models) -> list[str]:
+    """Create the tables that do not exist yet; returns the names it created."""
+    created = []
+    for model in models.all():
+        if not model.exists():
+            model.create_table(wait=True)
+            created.append(model.Meta.table_name)
+    return created

@@ -1,0 +1,124 @@
+"""Opaque cursors and a pager that walks several DynamoDB queries ("segments") in order.
+
+A listing such as "clients with operator 900 or 901 and tag vip" is a handful of Queries, one per
+(operator, tag) pair. The pager walks them one after another; its cursor says which segment it is
+in and where DynamoDB stopped inside it, so a page, a fan-out checkpoint or an HTTP cursor can
+resume exactly where the previous one ended.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from chalicelib.errors import MalformedRequest
+
+RawKey = dict[str, dict[str, str]]
+QueryFn = Callable[[RawKey | None, int], Iterable[Any]]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One DynamoDB Query: `query(last_key, limit)` yields items; `key_names` form its keys."""
+
+    query: QueryFn
+    key_names: tuple[str, ...]
+
+    def key_of(self, item: Any) -> RawKey:
+        serialized = item.serialize()
+        return {name: serialized[name] for name in self.key_names}
+
+
+@dataclass(frozen=True)
+class Position:
+    segment: int = 0
+    last_key: RawKey | None = None
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next: Position | None
+
+
+def fingerprint(*parts: object) -> str:
+    """A short stable digest of what a listing is about, so a cursor cannot be reused elsewhere."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def encode_cursor(position: Position | None, scope: str) -> str | None:
+    if position is None:
+        return None
+    payload = {"v": 1, "f": scope, "s": position.segment, "k": position.last_key}
+    raw = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str | None, scope: str, segments: Sequence[Segment]) -> Position:
+    """Parse a cursor made by `encode_cursor` for the same listing; anything else is a 400."""
+    if cursor is None:
+        return Position()
+    invalid = MalformedRequest(
+        "invalid cursor: pass the next_cursor of a previous page of the same listing unchanged",
+        [{"field": "query.cursor", "message": "not a cursor of this listing", "type": "cursor"}],
+    )
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        payload = json.loads(raw)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise invalid from None
+    if not isinstance(payload, dict) or payload.get("v") != 1 or payload.get("f") != scope:
+        raise invalid
+    segment = payload.get("s")
+    if not isinstance(segment, int) or isinstance(segment, bool):
+        raise invalid
+    if not 0 <= segment < max(len(segments), 1):
+        raise invalid
+    last_key = payload.get("k")
+    if last_key is not None and not _valid_key(last_key, segments[segment].key_names):
+        raise invalid
+    return Position(segment, last_key)
+
+
+def _valid_key(key: object, names: tuple[str, ...]) -> bool:
+    if not isinstance(key, dict) or set(key) != set(names):
+        return False
+    for value in key.values():
+        if not isinstance(value, dict) or len(value) != 1:
+            return False
+        kind, scalar = next(iter(value.items()))
+        if kind not in ("S", "N") or not isinstance(scalar, str) or not scalar:
+            return False
+        if len(scalar) > 1024:
+            return False
+        if kind == "N":
+            try:
+                int(scalar)
+            except ValueError:
+                return False
+    return True
+
+
+def read_page(segments: Sequence[Segment], start: Position, limit: int) -> Page:
+    """Up to `limit` items from `start` on, and where the next page begins (None at the end)."""
+    items: list[Any] = []
+    index, last_key = start.segment, start.last_key
+    while index < len(segments):
+        segment = segments[index]
+        wanted = limit - len(items)
+        # One more than needed tells whether this segment has anything left.
+        batch = list(segment.query(last_key, wanted + 1))
+        if len(batch) > wanted:
+            taken = batch[:wanted]
+            items.extend(taken)
+            return Page(items, Position(index, segment.key_of(taken[-1])))
+        items.extend(batch)
+        index, last_key = index + 1, None
+        if len(items) == limit:
+            return Page(items, Position(index) if index < len(segments) else None)
+    return Page(items, None)

@@ -1,0 +1,308 @@
+"""Pydantic request and response models: the API shape only (storage lives in models.py)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from functools import cache
+from typing import Annotated, Any
+from zoneinfo import available_timezones
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+from chalicelib.domain import MailingStatus, MessageStatus
+
+TEXT_MAX_LENGTH = 1000
+FILTER_MAX_VALUES = 100
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@cache
+def _known_timezones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def _known_timezone(value: str) -> str:
+    if value not in _known_timezones():
+        raise ValueError(f"unknown IANA timezone {value!r} (examples: 'UTC', 'Europe/Moscow')")
+    return value
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL_CHARS.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _not_null(value: Any) -> Any:
+    # PATCH: an absent field keeps its value; an explicit null is a mistake for these fields.
+    if value is None:
+        raise ValueError("may be omitted but not null")
+    return value
+
+
+def _unique(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+Phone = Annotated[
+    str,
+    StringConstraints(pattern=r"^7\d{10}$"),
+    Field(description="11 digits starting with 7: 7XXXXXXXXXX", examples=["79001234567"]),
+]
+OperatorCode = Annotated[
+    str,
+    StringConstraints(pattern=r"^\d{3}$"),
+    Field(description="Mobile operator code: 3 digits", examples=["900"]),
+]
+Tag = Annotated[
+    str,
+    StringConstraints(max_length=64),
+    AfterValidator(_no_control_characters),
+    Field(description="Free-form label, up to 64 characters, may be empty", examples=["vip"]),
+]
+Timezone = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=64),
+    AfterValidator(_known_timezone),
+    Field(description="IANA timezone name", examples=["Europe/Moscow"]),
+]
+ClockTime = Annotated[
+    str,
+    StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$"),
+    Field(description="Local time HH:MM (24-hour)", examples=["09:00"]),
+]
+MailingText = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=TEXT_MAX_LENGTH),
+    AfterValidator(lambda v: v if v.strip() else _raise("must not be blank")),
+    Field(description=f"Message text, 1 to {TEXT_MAX_LENGTH} characters"),
+]
+Timestamp = Annotated[
+    AwareDatetime,
+    Field(
+        description="ISO-8601 date-time with a UTC offset", examples=["2026-12-01T09:00:00+03:00"]
+    ),
+]
+
+
+def _raise(message: str) -> Any:
+    raise ValueError(message)
+
+
+class _Request(BaseModel):
+    # Strict: "5" is not a number and unknown fields are mistakes, not things to ignore.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- clients
+
+
+class ClientCreate(_Request):
+    """A client to add to the directory (PUT takes the same full representation)."""
+
+    phone: Phone
+    operator_code: OperatorCode | None = Field(
+        None, description="Defaults to digits 2-4 of the phone number"
+    )
+    tag: Tag = ""
+    timezone: Timezone = "UTC"
+
+
+class ClientPatch(_Request):
+    """Fields to change; absent fields keep their value."""
+
+    phone: Annotated[Phone | None, BeforeValidator(_not_null)] = None
+    operator_code: Annotated[OperatorCode | None, BeforeValidator(_not_null)] = None
+    tag: Annotated[Tag | None, BeforeValidator(_not_null)] = None
+    timezone: Annotated[Timezone | None, BeforeValidator(_not_null)] = None
+
+
+class ClientOut(_Response):
+    id: str
+    phone: str
+    operator_code: str
+    tag: str
+    timezone: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class ClientPage(_Response):
+    items: list[ClientOut]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end"
+    )
+
+
+class ClientListQuery(_Request):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    limit: int | None = Field(None, ge=1, description="Page size (default 50, at most 500)")
+    cursor: str | None = Field(None, max_length=4096)
+    operator_code: OperatorCode | None = None
+    tag: Tag | None = None
+
+
+# ---------------------------------------------------------------- mailings
+
+
+class AudienceFilter(_Request):
+    """Any of the listed values within a list, all lists together; empty = no constraint."""
+
+    operator_codes: Annotated[
+        list[OperatorCode], Field(max_length=FILTER_MAX_VALUES), AfterValidator(_unique)
+    ] = Field(default_factory=list)
+    tags: Annotated[list[Tag], Field(max_length=FILTER_MAX_VALUES), AfterValidator(_unique)] = (
+        Field(default_factory=list)
+    )
+
+
+class SendWindow(_Request):
+    """Local time of day (the client's timezone) in which messages may be sent."""
+
+    start: ClockTime
+    end: ClockTime = Field(
+        description="Exclusive; earlier than start means the window wraps midnight"
+    )
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SendWindow:
+        if self.start == self.end:
+            raise ValueError("start and end must differ (use null for no window)")
+        return self
+
+
+class MailingCreate(_Request):
+    """A mailing to schedule (PUT takes the same full representation)."""
+
+    text: MailingText
+    start_at: Timestamp
+    end_at: Timestamp
+    filter: AudienceFilter = Field(default_factory=AudienceFilter)
+    send_window: SendWindow | None = None
+
+    @model_validator(mode="after")
+    def _end_after_start(self) -> MailingCreate:
+        if self.end_at <= self.start_at:
+            raise ValueError("end_at must be after start_at")
+        return self
+
+
+class MailingPatch(_Request):
+    """Fields to change; absent fields keep their value, `send_window: null` removes the window."""
+
+    text: Annotated[MailingText | None, BeforeValidator(_not_null)] = None
+    start_at: Annotated[Timestamp | None, BeforeValidator(_not_null)] = None
+    end_at: Annotated[Timestamp | None, BeforeValidator(_not_null)] = None
+    filter: Annotated[AudienceFilter | None, BeforeValidator(_not_null)] = None
+    send_window: SendWindow | None = None
+
+
+class MessageStats(_Response):
+    """Message counts by status."""
+
+    total: int
+    pending: int
+    sent: int
+    failed: int
+    expired: int
+    cancelled: int
+
+
+class MailingOut(_Response):
+    id: str
+    text: str
+    start_at: datetime
+    end_at: datetime
+    filter: AudienceFilter
+    send_window: SendWindow | None
+    status: MailingStatus
+    stats: MessageStats
+    created_at: datetime
+    updated_at: datetime
+
+
+class MailingPage(_Response):
+    items: list[MailingOut]
+    next_cursor: str | None
+
+
+class PageQuery(_Request):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    limit: int | None = Field(None, ge=1, description="Page size (default 50, at most 500)")
+    cursor: str | None = Field(None, max_length=4096)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+class MessageOut(_Response):
+    id: int = Field(description="int64 message id, unique and never reused; the gateway's msgId")
+    client_id: str
+    phone: str
+    status: MessageStatus
+    created_at: datetime
+    sent_at: datetime | None
+    attempts: int
+    last_error: str | None
+
+
+class MessageListQuery(PageQuery):
+    status: MessageStatus | None = None
+
+
+class MailingStatsOut(_Response):
+    mailing_id: str
+    status: MailingStatus
+    stats: MessageStats
+    messages: list[MessageOut]
+    next_cursor: str | None
+
+
+class MailingSummary(_Response):
+    mailing_id: str
+    status: MailingStatus
+    stats: MessageStats
+
+
+class OverallStats(_Response):
+    mailings: int = Field(description="Number of mailings")
+    messages: MessageStats = Field(description="Message counts by status over all mailings")
+    per_mailing: list[MailingSummary] = Field(description="One page of per-mailing counts")
+    next_cursor: str | None
+
+
+# ---------------------------------------------------------------- service
+
+
+class ErrorDetail(_Response):
+    field: str | None = Field(None, description="Where the problem is, e.g. `body.filter.tags.0`")
+    message: str
+    type: str
+
+
+class ErrorBody(_Response):
+    error: str = Field(description="Machine-readable code, e.g. `validation_error`")
+    message: str
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class Health(_Response):
+    status: str
+    stage: str

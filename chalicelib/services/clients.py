@@ -1,0 +1,270 @@
+"""The client directory: create, edit, delete and find clients; phone numbers stay unique."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pynamodb.connection import Connection
+from pynamodb.exceptions import DoesNotExist, PutError, TransactWriteError
+from pynamodb.transactions import TransactWrite
+
+from chalicelib.domain import AudienceFilter, Client, PageOf, default_operator_code
+from chalicelib.errors import Conflict, NotFound
+from chalicelib.models import (
+    CLIENT_SHARDS,
+    Models,
+    tag_key,
+    tag_prefix,
+    tag_sort_key,
+)
+from chalicelib.pagination import Segment, decode_cursor, encode_cursor, fingerprint, read_page
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class ClientFields:
+    """What a caller sets on a client; `operator_code=None` means "derive from the phone"."""
+
+    phone: str
+    operator_code: str | None
+    tag: str
+    timezone: str
+
+
+def _shard_of(client_id: str) -> int:
+    return int(hashlib.sha256(client_id.encode()).hexdigest()[:8], 16) % CLIENT_SHARDS
+
+
+def _is_conditional_failure(exc: Exception) -> bool:
+    return getattr(exc, "cause_response_code", None) in (
+        "ConditionalCheckFailedException",
+        "TransactionCanceledException",
+    )
+
+
+def looks_like_id(value: str) -> bool:
+    """Server ids are UUIDs; anything else cannot name a record (and never reaches DynamoDB)."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+class ClientDirectory:
+    """Clients and the audience queries over them."""
+
+    def __init__(self, models: Models, connection: Connection, clock: Clock) -> None:
+        self._models = models
+        self._connection = connection
+        self._clock = clock
+
+    # ---------------------------------------------------------------- reads
+
+    def get(self, client_id: str) -> Client:
+        """The client, or NotFound."""
+        return self._to_domain(self._load(client_id))
+
+    def find(self, client_id: str) -> Client | None:
+        """The client, or None when it does not exist (e.g. deleted)."""
+        try:
+            return self.get(client_id)
+        except NotFound:
+            return None
+
+    def list(
+        self,
+        *,
+        limit: int,
+        cursor: str | None,
+        operator_code: str | None = None,
+        tag: str | None = None,
+    ) -> PageOf:
+        """One page of clients, optionally only those with this operator code and/or tag."""
+        audience = AudienceFilter(
+            operator_codes=(operator_code,) if operator_code is not None else (),
+            tags=(tag,) if tag is not None else (),
+        )
+        segments = self.audience_segments(audience)
+        scope = fingerprint("clients", audience.operator_codes, audience.tags)
+        page = read_page(segments, decode_cursor(cursor, scope, segments), limit)
+        return PageOf(
+            items=[self._to_domain(item) for item in page.items],
+            next_cursor=encode_cursor(page.next, scope),
+        )
+
+    def audience_segments(self, audience: AudienceFilter) -> list[Segment]:
+        """The Queries whose union is exactly the clients `audience` selects, each client once."""
+        client = self._models.Client
+        segments: list[Segment] = []
+        operator_keys = ("operator_code", "tag_sort", "client_id")
+        if audience.operator_codes and audience.tags:
+            for code in sorted(audience.operator_codes):
+                for tag in sorted(audience.tags):
+                    segments.append(
+                        Segment(
+                            _index_query(
+                                client.by_operator,
+                                code,
+                                client.tag_sort.startswith(tag_prefix(tag)),
+                            ),
+                            operator_keys,
+                        )
+                    )
+        elif audience.operator_codes:
+            for code in sorted(audience.operator_codes):
+                segments.append(Segment(_index_query(client.by_operator, code), operator_keys))
+        elif audience.tags:
+            for tag in sorted(audience.tags):
+                segments.append(
+                    Segment(_index_query(client.by_tag, tag_key(tag)), ("tag_key", "client_id"))
+                )
+        else:
+            for shard in range(CLIENT_SHARDS):
+                segments.append(
+                    Segment(_index_query(client.by_shard, shard), ("shard", "client_id"))
+                )
+        return segments
+
+    # ---------------------------------------------------------------- writes
+
+    def create(self, fields: ClientFields) -> Client:
+        """Add a client; a phone number that another client has is a Conflict."""
+        now = self._clock()
+        client_id = str(uuid.uuid4())
+        item = self._models.Client(client_id, created_at=now)
+        self._apply(item, fields, now)
+        claim = self._models.Phone(fields.phone, client_id=client_id)
+        try:
+            with TransactWrite(connection=self._connection) as tx:
+                tx.save(item, condition=self._models.Client.client_id.does_not_exist())
+                tx.save(claim, condition=self._models.Phone.phone.does_not_exist())
+        except TransactWriteError as exc:
+            if _is_conditional_failure(exc):
+                raise self._phone_taken(fields.phone) from None
+            raise
+        return self._to_domain(item)
+
+    def replace(self, client_id: str, fields: ClientFields) -> Client:
+        """Overwrite every field of a client (PUT)."""
+        item = self._load(client_id)
+        return self._save(item, fields)
+
+    def update(self, client_id: str, changes: dict[str, Any]) -> Client:
+        """Change only the given fields (PATCH); the operator code is kept unless given."""
+        item = self._load(client_id)
+        fields = ClientFields(
+            phone=changes.get("phone", item.phone),
+            operator_code=changes.get("operator_code", item.operator_code),
+            tag=changes.get("tag", item.tag),
+            timezone=changes.get("timezone", item.timezone),
+        )
+        return self._save(item, fields)
+
+    def delete(self, client_id: str) -> None:
+        """Remove a client and free its phone number."""
+        item = self._load(client_id)
+        claim = self._models.Phone(item.phone, client_id=client_id)
+        try:
+            with TransactWrite(connection=self._connection) as tx:
+                tx.delete(item)
+                tx.delete(claim, condition=self._models.Phone.client_id == client_id)
+        except TransactWriteError as exc:
+            if _is_conditional_failure(exc):
+                raise Conflict(
+                    f"client {client_id} was changed or deleted by another request; retry"
+                ) from None
+            raise
+
+    # ---------------------------------------------------------------- helpers
+
+    def _save(self, item: Any, fields: ClientFields) -> Client:
+        old_phone = item.phone
+        now = self._clock()
+        self._apply(item, fields, now)
+        try:
+            if fields.phone == old_phone:
+                item.save()
+            else:
+                Phone = self._models.Phone
+                with TransactWrite(connection=self._connection) as tx:
+                    tx.save(item)
+                    tx.delete(Phone(old_phone), condition=Phone.client_id == item.client_id)
+                    tx.save(
+                        Phone(fields.phone, client_id=item.client_id),
+                        condition=Phone.phone.does_not_exist(),
+                    )
+        except (PutError, TransactWriteError) as exc:
+            if not _is_conditional_failure(exc):
+                raise
+            if fields.phone != old_phone and self._phone_owner(fields.phone) not in (
+                None,
+                item.client_id,
+            ):
+                raise self._phone_taken(fields.phone) from None
+            raise Conflict(
+                f"client {item.client_id} was changed or deleted by another request; "
+                "read it again and retry"
+            ) from None
+        return self._to_domain(item)
+
+    def _apply(self, item: Any, fields: ClientFields, now: datetime) -> None:
+        item.phone = fields.phone
+        item.operator_code = fields.operator_code or default_operator_code(fields.phone)
+        item.tag = fields.tag
+        item.timezone = fields.timezone
+        item.updated_at = now
+        item.shard = _shard_of(item.client_id)
+        item.tag_sort = tag_sort_key(fields.tag, item.client_id)
+        item.tag_key = tag_key(fields.tag)
+
+    def _load(self, client_id: str) -> Any:
+        if not looks_like_id(client_id):
+            raise NotFound(f"client {client_id} not found")
+        try:
+            return self._models.Client.get(client_id, consistent_read=True)
+        except DoesNotExist:
+            raise NotFound(f"client {client_id} not found") from None
+
+    def _phone_owner(self, phone: str) -> str | None:
+        try:
+            return self._models.Phone.get(phone, consistent_read=True).client_id
+        except DoesNotExist:
+            return None
+
+    @staticmethod
+    def _phone_taken(phone: str) -> Conflict:
+        return Conflict(
+            f"another client already has phone {phone}",
+            [{"field": "body.phone", "message": "already in use", "type": "unique"}],
+        )
+
+    @staticmethod
+    def _to_domain(item: Any) -> Client:
+        return Client(
+            id=item.client_id,
+            phone=item.phone,
+            operator_code=item.operator_code,
+            tag=item.tag,
+            timezone=item.timezone,
+            created_at=item.created_at,
+            updated_at=item.updated_at,
+        )
+
+
+def _index_query(index: Any, hash_key: Any, range_condition: Any = None) -> Any:
+    def query(last_key: Any, limit: int) -> Any:
+        return index.query(
+            hash_key,
+            range_key_condition=range_condition,
+            limit=limit,
+            page_size=limit,
+            last_evaluated_key=last_key,
+        )
+
+    return query

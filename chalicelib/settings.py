@@ -1,0 +1,103 @@
+"""One typed settings object, read from the environment and validated once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from functools import lru_cache
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class AuthMode(StrEnum):
+    STATIC = "static"
+    OIDC = "oidc"
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+class Settings(BaseModel):
+    """Everything the service reads from its environment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stage: str = Field("dev", pattern=r"^[a-z0-9-]{1,32}$")
+    aws_region: str = "us-east-1"
+    aws_endpoint_url: str | None = None
+    table_prefix: str = Field("sms-dev", pattern=r"^[A-Za-z0-9_.-]{3,200}$")
+
+    auth_mode: AuthMode = AuthMode.STATIC
+    api_tokens: tuple[str, ...] = ()
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None
+
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=6 * 1024 * 1024)
+    default_page_size: int = Field(50, ge=1, le=1000)
+    max_page_size: int = Field(500, ge=1, le=1000)
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(token.strip() for token in value.split(",") if token.strip())
+        return value
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens_are_long_enough(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A short static token can be guessed; refuse it before it protects anything.
+        for token in value:
+            if len(token) < 16:
+                raise ValueError("every API token must be at least 16 characters long")
+        return value
+
+    @model_validator(mode="after")
+    def _oidc_is_complete(self) -> Settings:
+        if self.auth_mode is AuthMode.OIDC:
+            missing = [
+                name
+                for name in ("oidc_issuer", "oidc_audience", "oidc_jwks_url")
+                if not getattr(self, name)
+            ]
+            if missing:
+                names = ", ".join(name.upper() for name in missing)
+                raise ValueError(f"AUTH_MODE=oidc needs {names}")
+        if self.default_page_size > self.max_page_size:
+            raise ValueError("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
+        return self
+
+    def table_name(self, kind: str) -> str:
+        """The DynamoDB table name of one kind of record in this stage."""
+        return f"{self.table_prefix}-{kind}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate settings; a bad value raises SettingsError naming it."""
+        env = os.environ if environ is None else environ
+        raw: dict[str, object] = {}
+        for name in cls.model_fields:
+            key = name.upper()
+            if key in env and env[key] != "":
+                raw[name] = env[key]
+        if "aws_region" not in raw:
+            region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+            if region:
+                raw["aws_region"] = region
+        try:
+            return cls(**raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise SettingsError(f"invalid settings: {problems}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read on first use (never at import)."""
+    return Settings.from_env()

@@ -1,0 +1,119 @@
+"""Shared fixtures: a fresh in-process moto world and a Chalice test client per test."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+# Before anything can build a boto3/PynamoDB client: moto fakes credentials, not a region.
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+for _name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"):
+    os.environ[_name] = "testing"
+os.environ.pop("AWS_ENDPOINT_URL", None)
+os.environ.pop("AWS_PROFILE", None)
+
+API_TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+JSON_HEADERS = {"Content-Type": "application/json", **AUTH}
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(datetime(2026, 11, 22, 12, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from chalicelib.settings import Settings
+
+    monkeypatch.setenv("API_TOKENS", API_TOKEN)
+    monkeypatch.delenv("AUTH_MODE", raising=False)
+    return Settings(table_prefix="sms-test", api_tokens=(API_TOKEN,))
+
+
+@pytest.fixture
+def aws() -> Iterator[None]:
+    from moto import mock_aws
+
+    from chalicelib import aws as aws_factories
+    from chalicelib.models import build_models
+
+    with mock_aws():
+        build_models.cache_clear()
+        aws_factories.reset()
+        yield
+    build_models.cache_clear()
+
+
+@pytest.fixture
+def services(aws: None, settings: Any, clock: FakeClock) -> Iterator[Any]:
+    """The real services on a fresh moto world, with the test's clock."""
+    from chalicelib.container import Services, use_services
+    from chalicelib.models import create_tables
+
+    built = Services.build(settings, clock=clock)
+    create_tables(built.models)
+    use_services(built)
+    yield built
+    use_services(None)
+
+
+@dataclass
+class Api:
+    """Thin JSON helper over chalice.test.Client."""
+
+    http: Any
+    headers: dict[str, str] = field(default_factory=lambda: dict(JSON_HEADERS))
+
+    def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+        headers = kwargs.pop("headers", self.headers)
+        payload = body if isinstance(body, (str, bytes)) or body is None else json.dumps(body)
+        return self.http.request(method, path, headers=headers, body=payload or b"", **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.call("GET", path, **kwargs)
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> Any:
+        return self.call("POST", path, body, **kwargs)
+
+    def put(self, path: str, body: Any = None, **kwargs: Any) -> Any:
+        return self.call("PUT", path, body, **kwargs)
+
+    def patch(self, path: str, body: Any = None, **kwargs: Any) -> Any:
+        return self.call("PATCH", path, body, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Any:
+        return self.call("DELETE", path, **kwargs)
+
+
+@pytest.fixture
+def api(services: Any) -> Iterator[Api]:
+    from chalice.test import Client
+
+    from app import app
+
+    with Client(app, stage_name="dev") as client:
+        yield Api(client.http)
+
+
+def body(response: Any) -> Any:
+    return json.loads(response.body)
