@@ -29,6 +29,7 @@ from pynamodb.attributes import (
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex
 from pynamodb.models import Model
 
+from chalicelib.aws import share_botocore_data
 from chalicelib.settings import Settings
 
 # Tags cannot contain control characters, so this one separates tag and client id in a sort key.
@@ -75,6 +76,7 @@ class Models:
 @cache
 def build_models(settings: Settings) -> Models:
     """Item classes bound to the tables named by `settings` (cached per settings)."""
+    share_botocore_data()
 
     class _Meta:
         region = settings.aws_region

@@ -122,3 +122,25 @@ def read_page(segments: Sequence[Segment], start: Position, limit: int) -> Page:
         if len(items) == limit:
             return Page(items, Position(index) if index < len(segments) else None)
     return Page(items, None)
+
+
+def index_query(
+    method: Callable[..., Iterable[Any]],
+    hash_key: Any,
+    range_condition: Any = None,
+    *,
+    forward: bool = True,
+) -> QueryFn:
+    """A segment query over a PynamoDB `Model.query` or `Index.query` for one hash key."""
+
+    def query(last_key: RawKey | None, limit: int) -> Iterable[Any]:
+        return method(
+            hash_key,
+            range_key_condition=range_condition,
+            scan_index_forward=forward,
+            limit=limit,
+            page_size=limit,
+            last_evaluated_key=last_key,
+        )
+
+    return query

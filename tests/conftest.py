@@ -13,7 +13,13 @@ import pytest
 
 # Before anything can build a boto3/PynamoDB client: moto fakes credentials, not a region.
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-for _name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"):
+_FAKE_CREDENTIALS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SECURITY_TOKEN",
+    "AWS_SESSION_TOKEN",
+)
+for _name in _FAKE_CREDENTIALS:
     os.environ[_name] = "testing"
 os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("AWS_PROFILE", None)

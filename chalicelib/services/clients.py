@@ -22,7 +22,14 @@ from chalicelib.models import (
     tag_prefix,
     tag_sort_key,
 )
-from chalicelib.pagination import Segment, decode_cursor, encode_cursor, fingerprint, read_page
+from chalicelib.pagination import (
+    Segment,
+    decode_cursor,
+    encode_cursor,
+    fingerprint,
+    index_query,
+    read_page,
+)
 
 Clock = Callable[[], datetime]
 
@@ -101,35 +108,32 @@ class ClientDirectory:
     def audience_segments(self, audience: AudienceFilter) -> list[Segment]:
         """The Queries whose union is exactly the clients `audience` selects, each client once."""
         client = self._models.Client
-        segments: list[Segment] = []
-        operator_keys = ("operator_code", "tag_sort", "client_id")
+        by_operator = ("operator_code", "tag_sort", "client_id")
         if audience.operator_codes and audience.tags:
-            for code in sorted(audience.operator_codes):
-                for tag in sorted(audience.tags):
-                    segments.append(
-                        Segment(
-                            _index_query(
-                                client.by_operator,
-                                code,
-                                client.tag_sort.startswith(tag_prefix(tag)),
-                            ),
-                            operator_keys,
-                        )
-                    )
-        elif audience.operator_codes:
-            for code in sorted(audience.operator_codes):
-                segments.append(Segment(_index_query(client.by_operator, code), operator_keys))
-        elif audience.tags:
-            for tag in sorted(audience.tags):
-                segments.append(
-                    Segment(_index_query(client.by_tag, tag_key(tag)), ("tag_key", "client_id"))
+            return [
+                Segment(
+                    index_query(
+                        client.by_operator.query, code, client.tag_sort.startswith(tag_prefix(tag))
+                    ),
+                    by_operator,
                 )
-        else:
-            for shard in range(CLIENT_SHARDS):
-                segments.append(
-                    Segment(_index_query(client.by_shard, shard), ("shard", "client_id"))
-                )
-        return segments
+                for code in sorted(audience.operator_codes)
+                for tag in sorted(audience.tags)
+            ]
+        if audience.operator_codes:
+            return [
+                Segment(index_query(client.by_operator.query, code), by_operator)
+                for code in sorted(audience.operator_codes)
+            ]
+        if audience.tags:
+            return [
+                Segment(index_query(client.by_tag.query, tag_key(tag)), ("tag_key", "client_id"))
+                for tag in sorted(audience.tags)
+            ]
+        return [
+            Segment(index_query(client.by_shard.query, shard), ("shard", "client_id"))
+            for shard in range(CLIENT_SHARDS)
+        ]
 
     # ---------------------------------------------------------------- writes
 
@@ -255,16 +259,3 @@ class ClientDirectory:
             created_at=item.created_at,
             updated_at=item.updated_at,
         )
-
-
-def _index_query(index: Any, hash_key: Any, range_condition: Any = None) -> Any:
-    def query(last_key: Any, limit: int) -> Any:
-        return index.query(
-            hash_key,
-            range_key_condition=range_condition,
-            limit=limit,
-            page_size=limit,
-            last_evaluated_key=last_key,
-        )
-
-    return query

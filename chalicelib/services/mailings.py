@@ -22,7 +22,14 @@ from chalicelib.domain import (
 )
 from chalicelib.errors import Conflict, NotFound, ValidationFailed
 from chalicelib.models import DUE_KEY, MAILING_LISTING_KEY, Models, status_key
-from chalicelib.pagination import Segment, decode_cursor, encode_cursor, fingerprint, read_page
+from chalicelib.pagination import (
+    Segment,
+    decode_cursor,
+    encode_cursor,
+    fingerprint,
+    index_query,
+    read_page,
+)
 from chalicelib.services.clients import looks_like_id
 
 Clock = Callable[[], datetime]
@@ -115,10 +122,10 @@ class MailingService:
         mailing = self.get(mailing_id)
         message = self._models.Message
         if status is None:
-            query = _query(message.query, mailing_id)
+            query = index_query(message.query, mailing_id)
             segments = [Segment(query, ("mailing_id", "client_id"))]
         else:
-            query = _query(message.by_status.query, status_key(mailing_id, status.value))
+            query = index_query(message.by_status.query, status_key(mailing_id, status.value))
             keys = ("status_key", "message_id", "mailing_id", "client_id")
             segments = [Segment(query, keys)]
         scope = fingerprint("messages", mailing_id, status.value if status else None)
@@ -149,17 +156,9 @@ class MailingService:
     # ---------------------------------------------------------------- helpers
 
     def _all_mailings_segment(self) -> Segment:
-        index = self._models.Mailing.by_created
-
-        def query(last_key: Any, limit: int) -> Any:
-            return index.query(
-                MAILING_LISTING_KEY,
-                scan_index_forward=False,
-                limit=limit,
-                page_size=limit,
-                last_evaluated_key=last_key,
-            )
-
+        query = index_query(
+            self._models.Mailing.by_created.query, MAILING_LISTING_KEY, forward=False
+        )
         return Segment(query, _MAILING_LISTING_KEYS)
 
     def _check(self, fields: MailingFields) -> None:
@@ -254,10 +253,3 @@ def _message_to_domain(item: Any) -> Message:
         attempts=int(item.attempts or 0),
         last_error=item.last_error,
     )
-
-
-def _query(method: Callable[..., Any], hash_key: Any) -> Callable[[Any, int], Any]:
-    def query(last_key: Any, limit: int) -> Any:
-        return method(hash_key, limit=limit, page_size=limit, last_evaluated_key=last_key)
-
-    return query
