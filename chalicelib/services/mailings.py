@@ -133,6 +133,14 @@ class MailingService:
         items = [_message_to_domain(i) for i in page.items]
         return mailing, PageOf(items, encode_cursor(page.next, scope))
 
+    def due(self, now: datetime, *, limit: int = 100) -> list[Mailing]:
+        """Mailings whose start has come and whose audience is not fully enqueued yet."""
+        Mailing = self._models.Mailing
+        items = Mailing.due.query(
+            DUE_KEY, Mailing.start_at <= now.astimezone(UTC), limit=limit, page_size=limit
+        )
+        return [self._to_domain(item) for item in items]
+
     def overview(self, *, limit: int, cursor: str | None) -> tuple[int, MessageCounts, PageOf]:
         """Number of mailings, counts over all of them, and one page of per-mailing counts."""
         total = MessageCounts()

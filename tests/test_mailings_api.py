@@ -1,0 +1,217 @@
+"""Mailings over HTTP: create, read, list, edit, delete, and every validation rule."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.conftest import body
+
+START = "2026-11-23T09:00:00+03:00"
+END = "2026-11-24T21:00:00+03:00"
+
+
+def mailing(**fields):
+    return {"text": "Hello!", "start_at": START, "end_at": END, **fields}
+
+
+def create(api, **fields):
+    response = api.post("/mailings", mailing(**fields))
+    assert response.status_code == 201, response.body
+    return body(response)
+
+
+def all_mailings(api) -> list[dict]:
+    return body(api.get("/mailings?limit=500"))["items"]
+
+
+# ---------------------------------------------------------------- create and read
+
+
+def test_created_mailing_is_scheduled_with_zero_counts_and_reads_back(api):
+    created = create(
+        api,
+        filter={"operator_codes": ["900", "916"], "tags": ["vip"]},
+        send_window={"start": "09:00", "end": "21:00"},
+    )
+    assert created["status"] == "scheduled"
+    assert created["stats"] == {
+        "total": 0,
+        "pending": 0,
+        "sent": 0,
+        "failed": 0,
+        "expired": 0,
+        "cancelled": 0,
+    }
+    assert created["filter"] == {"operator_codes": ["900", "916"], "tags": ["vip"]}
+    assert created["send_window"] == {"start": "09:00", "end": "21:00"}
+    assert body(api.get(f"/mailings/{created['id']}")) == created
+
+
+def test_times_are_stored_as_the_same_instant_in_utc(api):
+    created = create(api)
+    assert created["start_at"] == "2026-11-23T06:00:00Z"
+    assert created["end_at"] == "2026-11-24T18:00:00Z"
+
+
+def test_missing_filter_and_window_mean_no_constraint(api):
+    created = create(api)
+    assert created["filter"] == {"operator_codes": [], "tags": []}
+    assert created["send_window"] is None
+
+
+def test_window_may_wrap_midnight(api):
+    created = create(api, send_window={"start": "22:00", "end": "06:00"})
+    assert created["send_window"] == {"start": "22:00", "end": "06:00"}
+
+
+def test_duplicate_filter_values_are_folded(api):
+    created = create(api, filter={"operator_codes": ["900", "900"], "tags": ["a", "a", "b"]})
+    assert created["filter"] == {"operator_codes": ["900"], "tags": ["a", "b"]}
+
+
+def test_start_in_the_past_is_accepted_when_end_is_in_the_future(api, clock):
+    created = create(api, start_at="2020-01-01T00:00:00Z")
+    assert created["status"] == "scheduled"
+
+
+def test_unknown_mailing_is_404(api):
+    response = api.get(f"/mailings/{uuid.uuid4()}")
+    assert response.status_code == 404
+    assert body(response)["error"] == "not_found"
+
+
+# ---------------------------------------------------------------- validation
+
+INVALID_MAILINGS = {
+    "text missing": {"start_at": START, "end_at": END},
+    "text empty": mailing(text=""),
+    "text blank": mailing(text="   "),
+    "text too long": mailing(text="x" * 1001),
+    "text as number": mailing(text=5),
+    "start missing": {"text": "hi", "end_at": END},
+    "start without offset": mailing(start_at="2026-11-23T09:00:00"),
+    "start not a date": mailing(start_at="tomorrow"),
+    "start impossible date": mailing(start_at="2026-02-30T09:00:00Z"),
+    "start as epoch number": mailing(start_at=1795000000),
+    "end equal to start": mailing(end_at=START),
+    "end before start": mailing(end_at="2026-11-23T08:00:00+03:00"),
+    "end in the past": mailing(start_at="2020-01-01T00:00:00Z", end_at="2020-01-02T00:00:00Z"),
+    "filter not an object": mailing(filter=["900"]),
+    "filter unknown key": mailing(filter={"operators": ["900"]}),
+    "filter operator code too short": mailing(filter={"operator_codes": ["90"]}),
+    "filter operator code as number": mailing(filter={"operator_codes": [900]}),
+    "filter tags not a list": mailing(filter={"tags": "vip"}),
+    "filter tag too long": mailing(filter={"tags": ["x" * 65]}),
+    "filter too many values": mailing(filter={"tags": [f"t{n}" for n in range(101)]}),
+    "window bad format": mailing(send_window={"start": "9:00", "end": "21:00"}),
+    "window hour 24": mailing(send_window={"start": "24:00", "end": "21:00"}),
+    "window minute 60": mailing(send_window={"start": "09:60", "end": "21:00"}),
+    "window empty": mailing(send_window={"start": "09:00", "end": "09:00"}),
+    "window missing end": mailing(send_window={"start": "09:00"}),
+    "window unknown key": mailing(send_window={"start": "09:00", "end": "10:00", "tz": "UTC"}),
+    "read-only status": mailing(status="running"),
+    "read-only stats": mailing(stats={"sent": 5}),
+    "unknown field": mailing(priority="high"),
+}
+
+
+@pytest.mark.parametrize("payload", INVALID_MAILINGS.values(), ids=INVALID_MAILINGS.keys())
+def test_invalid_mailing_is_rejected_with_422_and_nothing_is_stored(api, payload):
+    response = api.post("/mailings", payload)
+    assert response.status_code == 422, response.body
+    error = body(response)
+    assert error["error"] == "validation_error"
+    assert error["details"]
+    assert all_mailings(api) == []
+
+
+def test_end_before_start_error_explains_the_rule(api):
+    response = api.post("/mailings", mailing(end_at="2026-11-23T08:00:00+03:00"))
+    assert "end_at must be after start_at" in str(body(response)["details"])
+
+
+def test_oversized_mailing_body_is_413(api):
+    response = api.post("/mailings", mailing(text="x" * (80 * 1024)))
+    assert response.status_code == 413
+
+
+# ---------------------------------------------------------------- edit and delete
+
+
+def test_put_replaces_every_field(api):
+    created = create(api, filter={"tags": ["vip"]}, send_window={"start": "09:00", "end": "21:00"})
+    response = api.put(f"/mailings/{created['id']}", mailing(text="New text"))
+    assert response.status_code == 200
+    replaced = body(response)
+    assert replaced["text"] == "New text"
+    assert replaced["filter"] == {"operator_codes": [], "tags": []}
+    assert replaced["send_window"] is None
+    assert replaced["created_at"] == created["created_at"]
+
+
+def test_patch_changes_only_given_fields(api):
+    created = create(api, filter={"tags": ["vip"]}, send_window={"start": "09:00", "end": "21:00"})
+    patched = body(api.patch(f"/mailings/{created['id']}", {"text": "Changed"}))
+    assert patched["text"] == "Changed"
+    assert patched["filter"] == created["filter"]
+    assert patched["send_window"] == created["send_window"]
+
+
+def test_patch_send_window_null_removes_the_window(api):
+    created = create(api, send_window={"start": "09:00", "end": "21:00"})
+    patched = body(api.patch(f"/mailings/{created['id']}", {"send_window": None}))
+    assert patched["send_window"] is None
+
+
+def test_patch_that_puts_end_before_start_is_422_and_changes_nothing(api):
+    created = create(api)
+    response = api.patch(f"/mailings/{created['id']}", {"end_at": "2026-11-23T05:00:00Z"})
+    assert response.status_code == 422
+    assert body(api.get(f"/mailings/{created['id']}"))["end_at"] == created["end_at"]
+
+
+@pytest.mark.parametrize("field", ["text", "start_at", "end_at", "filter"])
+def test_patch_with_null_for_required_field_is_422(api, field):
+    created = create(api)
+    response = api.patch(f"/mailings/{created['id']}", {field: None})
+    assert response.status_code == 422
+
+
+def test_edit_of_unknown_mailing_is_404(api):
+    assert api.put(f"/mailings/{uuid.uuid4()}", mailing()).status_code == 404
+    assert api.patch(f"/mailings/{uuid.uuid4()}", {"text": "x"}).status_code == 404
+
+
+def test_deleted_mailing_is_gone(api):
+    created = create(api)
+    assert api.delete(f"/mailings/{created['id']}").status_code == 204
+    assert api.get(f"/mailings/{created['id']}").status_code == 404
+    assert api.delete(f"/mailings/{created['id']}").status_code == 404
+    assert all_mailings(api) == []
+
+
+# ---------------------------------------------------------------- listing
+
+
+def test_mailings_are_listed_newest_first_in_pages(api, clock):
+    created = []
+    for n in range(7):
+        created.append(create(api, text=f"mailing {n}")["id"])
+        clock.advance(seconds=1)
+    seen, cursor = [], None
+    while True:
+        page = body(api.get("/mailings?limit=3" + (f"&cursor={cursor}" if cursor else "")))
+        seen.extend(item["id"] for item in page["items"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == list(reversed(created))
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=x", "cursor=%%%", "status=sent"])
+def test_bad_mailing_listing_parameters_are_400(api, query):
+    response = api.get(f"/mailings?{query}")
+    assert response.status_code == 400
+    assert body(response)["error"] == "bad_request"
