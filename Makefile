@@ -32,8 +32,9 @@ test: lint
 
 package: $(STAMP)
 	rm -rf $(PACKAGE_DIR)
-	$(BIN)/chalice package --stage $(STAGE) --merge-template infra/resources.yaml $(PACKAGE_DIR)
-	$(BIN)/cfn-lint $(PACKAGE_DIR)/sam.json
+	AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} $(BIN)/chalice package --stage $(STAGE) \
+		--merge-template infra/resources.yaml $(PACKAGE_DIR)
+	$(BIN)/cfn-lint $(PACKAGE_DIR)/sam.yaml
 
 bench: $(STAMP)
 	@echo "no benchmarks yet"

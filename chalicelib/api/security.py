@@ -22,6 +22,9 @@ def bearer_auth(auth_request):
     """Allow the request when its bearer token is valid; deny it (403) otherwise."""
     try:
         principal = services().verifier.verify(parse_bearer(auth_request.token))
+        return AuthResponse(
+            routes=["*"], principal_id=principal.subject, context={"auth_mode": principal.mode}
+        )
     except AuthError as exc:
         logger.info("request denied: %s", exc)
         return AuthResponse(routes=[], principal_id="anonymous")
@@ -29,6 +32,3 @@ def bearer_auth(auth_request):
         # A broken configuration must fail closed, never open and never as a 5xx.
         logger.exception("authorizer failed; denying the request")
         return AuthResponse(routes=[], principal_id="anonymous")
-    return AuthResponse(
-        routes=["*"], principal_id=principal.subject, context={"auth_mode": principal.mode}
-    )

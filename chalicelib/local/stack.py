@@ -98,8 +98,9 @@ def _port(environ: MutableMapping[str, str], name: str, default: int) -> int:
 
 def prepare_environment(config: LocalConfig, environ: MutableMapping[str, str]) -> bool:
     """Fill in local defaults in `environ`; True when an API token was generated for this run."""
-    environ.setdefault("AWS_DEFAULT_REGION", DEFAULT_REGION)
-    environ.setdefault("TABLE_PREFIX", DEFAULT_TABLE_PREFIX)
+    # `or`, not setdefault: an empty variable (FOO= in a .env file) means unset here too.
+    environ["AWS_DEFAULT_REGION"] = environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+    environ["TABLE_PREFIX"] = environ.get("TABLE_PREFIX") or DEFAULT_TABLE_PREFIX
     if config.embeds_emulator:
         environ.update(_DUMMY_CREDENTIALS)
         for name in _REAL_CREDENTIAL_VARIABLES:
@@ -272,6 +273,8 @@ class LocalStack:
             ) from None
         if created:
             logger.info("created tables: %s", ", ".join(created))
+        else:
+            logger.info("tables %s-* already exist", settings.table_prefix)
         use_services(services)
 
     def _add(self, component: Component) -> None:
@@ -359,6 +362,8 @@ def run(out: TextIO | None = None) -> int:
     stop_requested = threading.Event()
     _on_stop_signals(stop_requested.set)
 
+    # The pid lets a wrapper (make, a test) signal this process rather than itself.
+    logger.info("starting the local stack (pid %d)", os.getpid())
     try:
         stack = LocalStack(LocalConfig.from_env(environ), environ=environ)
         stack.start()

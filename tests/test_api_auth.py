@@ -1,0 +1,418 @@
+"""Authentication as a caller meets it: the real Chalice app, its authorizer, and moto behind it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+import pytest
+from chalice.test import Client
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+from app import app
+from chalicelib.api.http import OPERATIONS, Operation
+from chalicelib.container import Services, use_services
+from chalicelib.models import create_tables
+from chalicelib.settings import Settings, get_settings
+from tests.conftest import API_TOKEN, AUTH, Api, FakeClock
+
+ISSUER = "https://id.example.test/"
+AUDIENCE = "sms-campaigns"
+KID = "key-1"
+WRONG_TOKEN = API_TOKEN[:-1] + ("X" if API_TOKEN[-1] != "X" else "Y")
+
+PROTECTED = [op for op in OPERATIONS if not op.public]
+PUBLIC_PATHS = ["/health", "/docs", "/openapi.json"]
+# The documentation page also loads its assets without a token.
+PUBLIC_ROUTES = {("GET", path) for path in [*PUBLIC_PATHS, "/docs/assets/{name}"]}
+
+
+def route_id(op: Operation) -> str:
+    return f"{op.method} {op.path}"
+
+
+def concrete_path(op: Operation) -> str:
+    """The route's path with a fresh random id in every path parameter."""
+    path = op.path
+    for name in op.path_params:
+        path = path.replace("{" + name + "}", str(uuid.uuid4()))
+    return path
+
+
+def request(http: Any, op: Operation, headers: dict[str, str]) -> Any:
+    # A plausible JSON body, so a rejection can only come from the authorizer, not from parsing.
+    body = b"{}" if op.body is not None else b""
+    all_headers = {"Content-Type": "application/json", **headers}
+    return http.request(op.method, concrete_path(op), headers=all_headers, body=body)
+
+
+def text_of(response: Any) -> str:
+    """Everything a caller can read in a response: status line aside, headers and body."""
+    body = response.body.decode("utf-8", "replace") if response.body else ""
+    return json.dumps(dict(response.headers or {})) + body
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --- an identity provider: RSA keys and a JWKS served over real HTTP -----------------------------
+
+
+class JwksServer:
+    """A real HTTP server on 127.0.0.1 that serves whatever JWKS the test sets."""
+
+    def __init__(self) -> None:
+        self.body = b'{"keys": []}'
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(state.body)))
+                self.end_headers()
+                self.wfile.write(state.body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # keep pytest output free of access-log lines
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/jwks.json"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def publish(self, *keys: dict[str, Any]) -> None:
+        self.body = json.dumps({"keys": list(keys)}).encode()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def public_jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
+    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    return {**jwk, "kid": kid, "use": "sig", "alg": "RS256"}
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    """Claims valid right now (the verifier reads the wall clock); overrides replace them."""
+    now = int(time.time())
+    valid = {"iss": ISSUER, "aud": AUDIENCE, "sub": "user-42", "iat": now, "exp": now + 300}
+    return valid | overrides
+
+
+def sign(key: rsa.RSAPrivateKey, payload: dict[str, Any], kid: str = KID) -> str:
+    return jwt.encode(payload, key, algorithm="RS256", headers={"kid": kid})
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned_token(payload: dict[str, Any]) -> str:
+    """An alg-none JWT, built by hand because PyJWT refuses to make one without a key."""
+    header = {"alg": "none", "typ": "JWT", "kid": KID}
+    return f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}."
+
+
+def unused_local_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Nothing listens once the socket is closed, so a connection is refused at once.
+    return f"http://127.0.0.1:{port}/jwks.json"
+
+
+@pytest.fixture(scope="module")
+def signing_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def other_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def jwks_server() -> Iterator[JwksServer]:
+    server = JwksServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def jwks(
+    jwks_server: JwksServer, signing_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> JwksServer:
+    # A proxy configured on the test machine must not intercept the local JWKS server.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    jwks_server.publish(public_jwk(signing_key, KID))
+    return jwks_server
+
+
+@contextmanager
+def running_app(services: Services) -> Iterator[Any]:
+    """The real app in a Chalice test client, serving `services` on the moto world."""
+    create_tables(services.models)
+    use_services(services)
+    try:
+        with Client(app, stage_name="dev") as client:
+            yield client.http
+    finally:
+        use_services(None)
+
+
+def oidc_settings(jwks_url: str, **extra: Any) -> Settings:
+    return Settings(
+        table_prefix="sms-test",
+        auth_mode="oidc",
+        oidc_issuer=ISSUER,
+        oidc_audience=AUDIENCE,
+        oidc_jwks_url=jwks_url,
+        **extra,
+    )
+
+
+@pytest.fixture
+def oidc_http(aws: None, clock: FakeClock, jwks: JwksServer) -> Iterator[Any]:
+    """The app in OIDC mode, trusting the keys the local JWKS server publishes."""
+    with running_app(Services.build(oidc_settings(jwks.url), clock=clock)) as http:
+        yield http
+
+
+# --- static tokens -------------------------------------------------------------------------------
+
+
+def test_only_health_and_documentation_routes_are_left_without_the_authorizer() -> None:
+    # Given the routes the app registers with Chalice
+    registered = {
+        (method, path): entry
+        for path, methods in app.routes.items()
+        for method, entry in methods.items()
+    }
+
+    # When those without an authorizer are picked out
+    unguarded = {key for key, entry in registered.items() if entry.authorizer is None}
+
+    # Then they are exactly the public ones, and the operations enumerated below cover every route
+    assert unguarded == PUBLIC_ROUTES
+    assert {(op.method, op.path) for op in PROTECTED} == set(registered) - PUBLIC_ROUTES
+
+
+@pytest.mark.parametrize("op", PROTECTED, ids=route_id)
+def test_a_protected_route_answers_401_without_an_authorization_header(
+    api: Api, op: Operation
+) -> None:
+    # Given the app in static-token mode
+    # When a protected route is called with no Authorization header
+    response = request(api.http, op, headers={})
+
+    # Then the caller is told to authenticate, and learns nothing of the configured token
+    assert response.status_code == 401
+    assert API_TOKEN not in text_of(response)
+
+
+@pytest.mark.parametrize("op", PROTECTED, ids=route_id)
+def test_a_protected_route_answers_403_to_a_wrong_token(api: Api, op: Operation) -> None:
+    # Given the app in static-token mode
+    # When a protected route is called with a token one character off the configured one
+    response = request(api.http, op, headers=bearer(WRONG_TOKEN))
+
+    # Then access is refused, and neither token is echoed back
+    assert response.status_code == 403
+    assert API_TOKEN not in text_of(response)
+    assert WRONG_TOKEN not in text_of(response)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [f"Basic {API_TOKEN}", API_TOKEN, f"Bearer {API_TOKEN} extra", "Bearer", ""],
+    ids=["basic-scheme", "no-scheme", "two-tokens", "scheme-only", "empty"],
+)
+def test_the_right_token_in_an_unusable_header_is_refused(api: Api, authorization: str) -> None:
+    # Given the app in static-token mode
+    # When the configured token arrives in a header that is not a single bearer token
+    response = api.get("/clients", headers={"Authorization": authorization})
+
+    # Then access is refused rather than guessed at
+    assert response.status_code in (401, 403)
+    assert API_TOKEN not in text_of(response)
+
+
+@pytest.mark.parametrize("path", PUBLIC_PATHS)
+def test_a_public_route_answers_without_a_token(api: Api, path: str) -> None:
+    # Given the app in static-token mode
+    # When a public route is called with no Authorization header
+    response = api.get(path, headers={})
+
+    # Then it answers
+    assert response.status_code == 200
+
+
+def test_the_configured_token_reaches_the_route(api: Api) -> None:
+    # Given the app in static-token mode
+    # When a protected route is called with the configured token
+    response = api.get("/clients", headers=AUTH)
+
+    # Then the route answers with its content
+    assert response.status_code == 200
+    assert json.loads(response.body)["items"] == []
+
+
+# --- OIDC tokens ---------------------------------------------------------------------------------
+
+
+def test_a_valid_oidc_token_reaches_the_route(
+    oidc_http: Any, signing_key: rsa.RSAPrivateKey
+) -> None:
+    # Given the app in OIDC mode and a token signed with the issuer's published key
+    token = sign(signing_key, claims())
+
+    # When a protected route is called with it
+    response = oidc_http.request("GET", "/clients", headers=bearer(token), body=b"")
+
+    # Then the route answers with its content
+    assert response.status_code == 200
+    assert json.loads(response.body)["items"] == []
+
+
+@pytest.mark.parametrize(
+    "make_token",
+    [
+        lambda key, other: sign(key, claims(exp=int(time.time()) - 3600)),
+        lambda key, other: sign(key, claims(iss="https://evil.example.test/")),
+        lambda key, other: sign(key, claims(aud="billing-service")),
+        lambda key, other: unsigned_token(claims()),
+        lambda key, other: sign(other, claims(), kid=KID),
+        lambda key, other: sign(key, claims(), kid="key-nobody-published"),
+    ],
+    ids=["expired", "wrong-issuer", "wrong-audience", "alg-none", "other-key", "unknown-kid"],
+)
+def test_an_invalid_oidc_token_is_refused(
+    oidc_http: Any,
+    signing_key: rsa.RSAPrivateKey,
+    other_key: rsa.RSAPrivateKey,
+    make_token: Any,
+) -> None:
+    # Given the app in OIDC mode and a token that must not be trusted
+    token = make_token(signing_key, other_key)
+
+    # When a protected route is called with it
+    response = oidc_http.request("GET", "/clients", headers=bearer(token), body=b"")
+
+    # Then access is refused, and the token is not echoed back
+    assert response.status_code == 403
+    assert token not in text_of(response)
+
+
+def test_a_static_api_token_is_refused_in_oidc_mode(
+    aws: None, clock: FakeClock, jwks: JwksServer
+) -> None:
+    # Given the app in OIDC mode, even with a static API token still configured
+    settings = oidc_settings(jwks.url, api_tokens=(API_TOKEN,))
+
+    with running_app(Services.build(settings, clock=clock)) as http:
+        # When a protected route is called with that static token
+        response = http.request("GET", "/clients", headers=AUTH, body=b"")
+
+    # Then access is refused
+    assert response.status_code == 403
+    assert API_TOKEN not in text_of(response)
+
+
+def test_an_unreachable_jwks_refuses_the_request_instead_of_failing(
+    aws: None, clock: FakeClock, signing_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the app in OIDC mode whose JWKS URL has nothing listening
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    settings = oidc_settings(unused_local_url())
+
+    with running_app(Services.build(settings, clock=clock)) as http:
+        # When a protected route is called with an otherwise valid token
+        response = http.request(
+            "GET", "/clients", headers=bearer(sign(signing_key, claims())), body=b""
+        )
+
+    # Then access is refused, not answered with a server error
+    assert response.status_code == 403
+
+
+# --- a broken configuration fails closed ---------------------------------------------------------
+
+
+class ExplodingVerifier:
+    """A verifier broken in a way nobody planned for."""
+
+    def verify(self, token: str) -> Any:
+        raise RuntimeError("verifier misconfigured")
+
+
+def test_a_verifier_that_crashes_refuses_the_request(
+    aws: None, settings: Settings, clock: FakeClock
+) -> None:
+    # Given the app whose verifier raises an unexpected exception
+    broken = replace(Services.build(settings, clock=clock), verifier=ExplodingVerifier())
+
+    with running_app(broken) as http:
+        # When a protected route is called, even with the configured token
+        response = http.request("GET", "/clients", headers=AUTH, body=b"")
+
+    # Then access is refused, not answered with a server error
+    assert response.status_code == 403
+
+
+class NothingVerifier:
+    """A verifier that breaks its contract by returning no principal."""
+
+    def verify(self, token: str) -> Any:
+        return None
+
+
+def test_a_verifier_returning_no_principal_refuses_the_request(
+    aws: None, settings: Settings, clock: FakeClock
+) -> None:
+    broken = replace(Services.build(settings, clock=clock), verifier=NothingVerifier())
+
+    with running_app(broken) as http:
+        response = http.request("GET", "/clients", headers=AUTH, body=b"")
+
+    assert response.status_code == 403
+
+
+@pytest.fixture
+def unbuildable_services(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A deployment asking for OIDC without saying which issuer, so no services can be built."""
+    monkeypatch.setenv("AUTH_MODE", "oidc")
+    for name in ("OIDC_ISSUER", "OIDC_AUDIENCE", "OIDC_JWKS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    use_services(None)
+    yield
+    use_services(None)
+    get_settings.cache_clear()
+
+
+def test_settings_that_cannot_build_a_verifier_refuse_the_request(
+    unbuildable_services: None,
+) -> None:
+    # Given the app deployed with AUTH_MODE=oidc but no issuer, audience or JWKS URL
+    with Client(app, stage_name="dev") as client:
+        # When a protected route is called with a token
+        response = client.http.request("GET", "/clients", headers=AUTH, body=b"")
+
+    # Then access is refused, not answered with a server error
+    assert response.status_code == 403
