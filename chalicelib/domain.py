@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, time
 from enum import StrEnum
+
+Clock = Callable[[], datetime]
+"""Returns the current time, timezone-aware; injected so time-dependent logic is testable."""
 
 
 class MessageStatus(StrEnum):

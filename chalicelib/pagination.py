@@ -124,6 +124,18 @@ def read_page(segments: Sequence[Segment], start: Position, limit: int) -> Page:
     return Page(items, None)
 
 
+def paginate(
+    segments: Sequence[Segment],
+    scope: str,
+    cursor: str | None,
+    limit: int,
+    convert: Callable[[Any], Any],
+) -> tuple[list[Any], str | None]:
+    """One page of a listing from an HTTP cursor: converted items and the next cursor."""
+    page = read_page(segments, decode_cursor(cursor, scope, segments), limit)
+    return [convert(item) for item in page.items], encode_cursor(page.next, scope)
+
+
 def index_query(
     method: Callable[..., Iterable[Any]],
     hash_key: Any,

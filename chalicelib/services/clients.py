@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,7 +12,7 @@ from pynamodb.connection import Connection
 from pynamodb.exceptions import DoesNotExist, PutError, TransactWriteError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.domain import AudienceFilter, Client, PageOf, default_operator_code
+from chalicelib.domain import AudienceFilter, Client, Clock, PageOf, default_operator_code
 from chalicelib.errors import Conflict, NotFound
 from chalicelib.models import (
     CLIENT_SHARDS,
@@ -22,16 +21,8 @@ from chalicelib.models import (
     tag_prefix,
     tag_sort_key,
 )
-from chalicelib.pagination import (
-    Segment,
-    decode_cursor,
-    encode_cursor,
-    fingerprint,
-    index_query,
-    read_page,
-)
-
-Clock = Callable[[], datetime]
+from chalicelib.pagination import Segment, fingerprint, index_query, paginate
+from chalicelib.services.storage import is_conditional_failure, looks_like_id
 
 
 @dataclass(frozen=True)
@@ -46,21 +37,6 @@ class ClientFields:
 
 def _shard_of(client_id: str) -> int:
     return int(hashlib.sha256(client_id.encode()).hexdigest()[:8], 16) % CLIENT_SHARDS
-
-
-def _is_conditional_failure(exc: Exception) -> bool:
-    return getattr(exc, "cause_response_code", None) in (
-        "ConditionalCheckFailedException",
-        "TransactionCanceledException",
-    )
-
-
-def looks_like_id(value: str) -> bool:
-    """Server ids are UUIDs; anything else cannot name a record (and never reaches DynamoDB)."""
-    try:
-        return str(uuid.UUID(value)) == value
-    except ValueError:
-        return False
 
 
 class ClientDirectory:
@@ -99,11 +75,7 @@ class ClientDirectory:
         )
         segments = self.audience_segments(audience)
         scope = fingerprint("clients", audience.operator_codes, audience.tags)
-        page = read_page(segments, decode_cursor(cursor, scope, segments), limit)
-        return PageOf(
-            items=[self._to_domain(item) for item in page.items],
-            next_cursor=encode_cursor(page.next, scope),
-        )
+        return PageOf(*paginate(segments, scope, cursor, limit, self._to_domain))
 
     def audience_segments(self, audience: AudienceFilter) -> list[Segment]:
         """The Queries whose union is exactly the clients `audience` selects, each client once."""
@@ -149,7 +121,7 @@ class ClientDirectory:
                 tx.save(item, condition=self._models.Client.client_id.does_not_exist())
                 tx.save(claim, condition=self._models.Phone.phone.does_not_exist())
         except TransactWriteError as exc:
-            if _is_conditional_failure(exc):
+            if is_conditional_failure(exc):
                 raise self._phone_taken(fields.phone) from None
             raise
         return self._to_domain(item)
@@ -179,7 +151,7 @@ class ClientDirectory:
                 tx.delete(item)
                 tx.delete(claim, condition=self._models.Phone.client_id == client_id)
         except TransactWriteError as exc:
-            if _is_conditional_failure(exc):
+            if is_conditional_failure(exc):
                 raise Conflict(
                     f"client {client_id} was changed or deleted by another request; retry"
                 ) from None
@@ -204,7 +176,7 @@ class ClientDirectory:
                         condition=Phone.phone.does_not_exist(),
                     )
         except (PutError, TransactWriteError) as exc:
-            if not _is_conditional_failure(exc):
+            if not is_conditional_failure(exc):
                 raise
             if fields.phone != old_phone and self._phone_owner(fields.phone) not in (
                 None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +11,7 @@ from pynamodb.exceptions import DeleteError, DoesNotExist, PutError
 
 from chalicelib.domain import (
     AudienceFilter,
+    Clock,
     Mailing,
     MailingStatus,
     Message,
@@ -22,17 +22,8 @@ from chalicelib.domain import (
 )
 from chalicelib.errors import Conflict, NotFound, ValidationFailed
 from chalicelib.models import DUE_KEY, MAILING_LISTING_KEY, Models, status_key
-from chalicelib.pagination import (
-    Segment,
-    decode_cursor,
-    encode_cursor,
-    fingerprint,
-    index_query,
-    read_page,
-)
-from chalicelib.services.clients import looks_like_id
-
-Clock = Callable[[], datetime]
+from chalicelib.pagination import Segment, fingerprint, index_query, paginate
+from chalicelib.services.storage import is_conditional_failure, looks_like_id
 
 _MAILING_LISTING_KEYS = ("listing_key", "created_at", "mailing_id")
 
@@ -97,7 +88,7 @@ class MailingService:
         try:
             item.delete()
         except DeleteError as exc:
-            if getattr(exc, "cause_response_code", None) == "ConditionalCheckFailedException":
+            if is_conditional_failure(exc):
                 raise Conflict(
                     f"mailing {mailing_id} was changed by another request; retry"
                 ) from None
@@ -111,9 +102,7 @@ class MailingService:
     def list(self, *, limit: int, cursor: str | None) -> PageOf:
         """One page of mailings, newest first."""
         segments = [self._all_mailings_segment()]
-        scope = fingerprint("mailings")
-        page = read_page(segments, decode_cursor(cursor, scope, segments), limit)
-        return PageOf([self._to_domain(i) for i in page.items], encode_cursor(page.next, scope))
+        return PageOf(*paginate(segments, fingerprint("mailings"), cursor, limit, self._to_domain))
 
     def messages(
         self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
@@ -129,9 +118,7 @@ class MailingService:
             keys = ("status_key", "message_id", "mailing_id", "client_id")
             segments = [Segment(query, keys)]
         scope = fingerprint("messages", mailing_id, status.value if status else None)
-        page = read_page(segments, decode_cursor(cursor, scope, segments), limit)
-        items = [_message_to_domain(i) for i in page.items]
-        return mailing, PageOf(items, encode_cursor(page.next, scope))
+        return mailing, PageOf(*paginate(segments, scope, cursor, limit, _message_to_domain))
 
     def due(self, now: datetime, *, limit: int = 100) -> list[Mailing]:
         """Mailings whose start has come and whose audience is not fully enqueued yet."""
@@ -181,7 +168,7 @@ class MailingService:
         try:
             item.save()
         except PutError as exc:
-            if getattr(exc, "cause_response_code", None) == "ConditionalCheckFailedException":
+            if is_conditional_failure(exc):
                 raise Conflict(
                     f"mailing {item.mailing_id} was changed or deleted by another request; "
                     "read it again and retry"
