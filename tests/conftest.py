@@ -123,3 +123,7 @@ def api(services: Any) -> Iterator[Api]:
 
 def body(response: Any) -> Any:
     return json.loads(response.body)
+
+
+# OIDC: module-scoped RSA keys and a local JWKS server, defined beside their helpers.
+from tests.oidc_support import jwks, jwks_server, other_key, signing_key  # noqa: E402, F401

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import jwt
 import pytest
 from chalice.test import Client
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 
 from app import app
 from chalicelib.api.http import OPERATIONS, Operation
@@ -26,10 +20,17 @@ from chalicelib.container import Services, use_services
 from chalicelib.models import create_tables
 from chalicelib.settings import Settings, get_settings
 from tests.conftest import API_TOKEN, AUTH, Api, FakeClock
+from tests.oidc_support import (
+    AUDIENCE,
+    ISSUER,
+    KID,
+    JwksServer,
+    claims_at,
+    sign,
+    unsigned_token,
+    unused_local_url,
+)
 
-ISSUER = "https://id.example.test/"
-AUDIENCE = "sms-campaigns"
-KID = "key-1"
 WRONG_TOKEN = API_TOKEN[:-1] + ("X" if API_TOKEN[-1] != "X" else "Y")
 
 PROTECTED = [op for op in OPERATIONS if not op.public]
@@ -67,101 +68,9 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-# --- an identity provider: RSA keys and a JWKS served over real HTTP -----------------------------
-
-
-class JwksServer:
-    """A real HTTP server on 127.0.0.1 that serves whatever JWKS the test sets."""
-
-    def __init__(self) -> None:
-        self.body = b'{"keys": []}'
-        state = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(state.body)))
-                self.end_headers()
-                self.wfile.write(state.body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # keep pytest output free of access-log lines
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/jwks.json"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-
-    def publish(self, *keys: dict[str, Any]) -> None:
-        self.body = json.dumps({"keys": list(keys)}).encode()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def public_jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
-    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    return {**jwk, "kid": kid, "use": "sig", "alg": "RS256"}
-
-
 def claims(**overrides: Any) -> dict[str, Any]:
     """Claims valid right now (the verifier reads the wall clock); overrides replace them."""
-    now = int(time.time())
-    valid = {"iss": ISSUER, "aud": AUDIENCE, "sub": "user-42", "iat": now, "exp": now + 300}
-    return valid | overrides
-
-
-def sign(key: rsa.RSAPrivateKey, payload: dict[str, Any], kid: str = KID) -> str:
-    return jwt.encode(payload, key, algorithm="RS256", headers={"kid": kid})
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unsigned_token(payload: dict[str, Any]) -> str:
-    """An alg-none JWT, built by hand because PyJWT refuses to make one without a key."""
-    header = {"alg": "none", "typ": "JWT", "kid": KID}
-    return f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}."
-
-
-def unused_local_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # Nothing listens once the socket is closed, so a connection is refused at once.
-    return f"http://127.0.0.1:{port}/jwks.json"
-
-
-@pytest.fixture(scope="module")
-def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def other_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def jwks_server() -> Iterator[JwksServer]:
-    server = JwksServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def jwks(
-    jwks_server: JwksServer, signing_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
-) -> JwksServer:
-    # A proxy configured on the test machine must not intercept the local JWKS server.
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    jwks_server.publish(public_jwk(signing_key, KID))
-    return jwks_server
+    return claims_at(int(time.time()), **overrides)
 
 
 @contextmanager
@@ -361,20 +270,6 @@ class ExplodingVerifier:
         raise RuntimeError("verifier misconfigured")
 
 
-def test_a_verifier_that_crashes_refuses_the_request(
-    aws: None, settings: Settings, clock: FakeClock
-) -> None:
-    # Given the app whose verifier raises an unexpected exception
-    broken = replace(Services.build(settings, clock=clock), verifier=ExplodingVerifier())
-
-    with running_app(broken) as http:
-        # When a protected route is called, even with the configured token
-        response = http.request("GET", "/clients", headers=AUTH, body=b"")
-
-    # Then access is refused, not answered with a server error
-    assert response.status_code == 403
-
-
 class NothingVerifier:
     """A verifier that breaks its contract by returning no principal."""
 
@@ -382,14 +277,22 @@ class NothingVerifier:
         return None
 
 
-def test_a_verifier_returning_no_principal_refuses_the_request(
-    aws: None, settings: Settings, clock: FakeClock
+@pytest.mark.parametrize(
+    "broken_verifier",
+    [ExplodingVerifier(), NothingVerifier()],
+    ids=["crashes", "returns-no-principal"],
+)
+def test_a_broken_verifier_refuses_the_request(
+    aws: None, settings: Settings, clock: FakeClock, broken_verifier: Any
 ) -> None:
-    broken = replace(Services.build(settings, clock=clock), verifier=NothingVerifier())
+    # Given the app whose verifier raises an unexpected exception, or returns no principal
+    broken = replace(Services.build(settings, clock=clock), verifier=broken_verifier)
 
     with running_app(broken) as http:
+        # When a protected route is called, even with the configured token
         response = http.request("GET", "/clients", headers=AUTH, body=b"")
 
+    # Then access is refused, not answered with a server error
     assert response.status_code == 403
 
 

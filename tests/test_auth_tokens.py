@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
-import json
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 
 from chalicelib.auth import (
     AuthError,
@@ -28,10 +19,18 @@ from chalicelib.auth import (
     parse_bearer,
 )
 from chalicelib.settings import AuthMode, Settings
+from tests.oidc_support import (
+    AUDIENCE,
+    ISSUER,
+    KID,
+    JwksServer,
+    claims_at,
+    hand_made_token,
+    public_jwk,
+    sign,
+    unused_local_url,
+)
 
-ISSUER = "https://id.example.test/"
-AUDIENCE = "sms-campaigns"
-KID = "key-1"
 ROTATED_KID = "key-2"
 NOW = 1_700_000_000.0
 STATIC_TOKEN = "s3cr3t-static-token-0123456789"
@@ -50,105 +49,9 @@ class FakeClock:
         self.now += seconds
 
 
-class JwksServer:
-    """A real HTTP server on 127.0.0.1 that serves a JWKS and counts requests for it."""
-
-    def __init__(self) -> None:
-        self.status = 200
-        self.body = b"{}"
-        self.fetches = 0
-        server_state = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server_state.fetches += 1
-                self.send_response(server_state.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(server_state.body)))
-                self.end_headers()
-                self.wfile.write(server_state.body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                # Keep pytest output free of access-log lines.
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/jwks.json"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-
-    def serve(self, document: Any, status: int = 200) -> None:
-        self.status = status
-        self.body = document if isinstance(document, bytes) else json.dumps(document).encode()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def public_jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
-    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    return {**jwk, "kid": kid, "use": "sig", "alg": "RS256"}
-
-
 def claims(**overrides: Any) -> dict[str, Any]:
     """Valid claims at NOW; an override of None removes that claim."""
-    payload: dict[str, Any] = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "user-42",
-        "iat": int(NOW),
-        "exp": int(NOW) + 300,
-    }
-    payload.update(overrides)
-    return {name: value for name, value in payload.items() if value is not None}
-
-
-def sign(key: rsa.RSAPrivateKey, payload: dict[str, Any], kid: str = KID) -> str:
-    return jwt.encode(payload, key, algorithm="RS256", headers={"kid": kid})
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def hand_made_token(header: dict[str, Any], payload: dict[str, Any], secret: bytes | None) -> str:
-    """A JWT built without PyJWT, which refuses to produce these attack tokens."""
-    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
-    if secret is None:
-        return signing_input + "."
-    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{b64url(signature)}"
-
-
-@pytest.fixture(scope="module")
-def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def other_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def jwks_server() -> Iterator[JwksServer]:
-    server = JwksServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def jwks(
-    jwks_server: JwksServer, signing_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
-) -> JwksServer:
-    # A proxy configured on the test machine must not intercept the local JWKS server.
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    jwks_server.serve({"keys": [public_jwk(signing_key, KID)]})
-    jwks_server.fetches = 0
-    return jwks_server
+    return claims_at(int(NOW), **overrides)
 
 
 @pytest.fixture
@@ -159,14 +62,6 @@ def clock() -> FakeClock:
 @pytest.fixture
 def verifier(jwks: JwksServer, clock: FakeClock) -> OidcVerifier:
     return OidcVerifier(ISSUER, AUDIENCE, jwks.url, clock=clock, timeout_seconds=1.0)
-
-
-def unused_local_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # Nothing listens once the socket is closed, so a connection is refused at once.
-    return f"http://127.0.0.1:{port}/jwks.json"
 
 
 # --- static tokens ---------------------------------------------------------------------------
