@@ -10,7 +10,8 @@ Tables (one per kind of record; see README "Storage"):
 - mailings:  one item per mailing, with its per-status message counters. GSIs: due (sparse,
              only mailings whose audience still has to be enqueued, by start time) and
              by_created (all mailings, newest first).
-- messages:  one item per (mailing, client); GSI by_status lists a mailing's messages by status.
+- messages:  one item per (mailing, client); GSI by_status (keys only) lists a mailing's
+             messages by status; a TTL removes them long after the mailing's end.
 - sequences: named counters that hand out blocks of int64 message ids.
 """
 
@@ -20,13 +21,15 @@ from dataclasses import dataclass
 from functools import cache
 
 from pynamodb.attributes import (
+    BooleanAttribute,
     ListAttribute,
     NumberAttribute,
+    TTLAttribute,
     UnicodeAttribute,
     UTCDateTimeAttribute,
     VersionAttribute,
 )
-from pynamodb.indexes import AllProjection, GlobalSecondaryIndex
+from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
 from pynamodb.models import Model
 
 from chalicelib.aws import share_botocore_data
@@ -169,6 +172,10 @@ def build_models(settings: Settings) -> Models:
         due_key = UnicodeAttribute(null=True)
         # Where fan-out stopped last (an opaque audience cursor); None before it starts.
         fanout_cursor = UnicodeAttribute(null=True)
+        fanout_done = BooleanAttribute(default=False)
+        # One scheduler worker at a time advances a mailing: it holds this lease.
+        lease_owner = UnicodeAttribute(null=True)
+        lease_until = UTCDateTimeAttribute(null=True)
         count_pending = NumberAttribute(default=0)
         count_sent = NumberAttribute(default=0)
         count_failed = NumberAttribute(default=0)
@@ -182,7 +189,8 @@ def build_models(settings: Settings) -> Models:
     class MessageByStatus(GlobalSecondaryIndex):
         class Meta:
             index_name = "by_status"
-            projection = AllProjection()
+            # Keys only: updates that keep the status (claims, attempts) cost no index write.
+            projection = KeysOnlyProjection()
 
         status_key = UnicodeAttribute(hash_key=True)
         message_id = NumberAttribute(range_key=True)
@@ -202,6 +210,11 @@ def build_models(settings: Settings) -> Models:
         sent_at = UTCDateTimeAttribute(null=True)
         attempts = NumberAttribute(default=0)
         last_error = UnicodeAttribute(null=True)
+        # A sender holds the message while it calls the gateway; no other sender may until then.
+        claim_id = UnicodeAttribute(null=True)
+        claim_until = UTCDateTimeAttribute(null=True)
+        # DynamoDB deletes the record this long after the mailing's end (orphans included).
+        expires_at = TTLAttribute(null=True)
 
         by_status = MessageByStatus()
 

@@ -30,8 +30,15 @@ class Segment:
     key_names: tuple[str, ...]
 
     def key_of(self, item: Any) -> RawKey:
-        serialized = item.serialize()
-        return {name: serialized[name] for name in self.key_names}
+        # Attribute by attribute: items from a keys-only index are partial and cannot serialize.
+        attributes = item.get_attributes()
+        key = {}
+        for name in self.key_names:
+            attribute = attributes[name]
+            key[attribute.attr_name] = {
+                attribute.attr_type: attribute.serialize(getattr(item, name))
+            }
+        return key
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,15 @@ from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class AuthMode(StrEnum):
@@ -30,10 +38,29 @@ class Settings(BaseModel):
     table_prefix: str = Field("sms-dev", pattern=r"^[A-Za-z0-9_.-]{3,200}$")
 
     auth_mode: AuthMode = AuthMode.STATIC
-    api_tokens: tuple[str, ...] = ()
+    api_tokens: tuple[str, ...] = Field((), repr=False)
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
     oidc_jwks_url: str | None = None
+
+    # Delivery pipeline: queues (URLs, as SQS addresses them) and the SMS gateway.
+    send_queue_url: str | None = None
+    send_dlq_url: str | None = None
+    fanout_queue_url: str | None = None
+    sender_api_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    sender_api_token: SecretStr | None = None
+    gateway_connect_timeout: float = Field(3.05, gt=0, le=30)
+    gateway_read_timeout: float = Field(10.0, gt=0, le=60)
+    max_attempts: int = Field(8, ge=1, le=50)
+    retry_base_seconds: float = Field(5.0, ge=0, le=900)
+    retry_max_seconds: int = Field(900, ge=1, le=900)
+    auth_retry_seconds: int = Field(300, ge=1, le=900)
+    sender_concurrency: int = Field(10, ge=1, le=64)
+    jobs_per_message: int = Field(10, ge=1, le=50)
+    fanout_page_size: int = Field(99, ge=1, le=99)
+    lease_seconds: int = Field(180, ge=10, le=3600)
+    claim_seconds: int = Field(60, ge=5, le=900)
+    message_retention_days: int = Field(90, ge=1, le=3650)
 
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=6 * 1024 * 1024)
     default_page_size: int = Field(50, ge=1, le=1000)
@@ -66,6 +93,8 @@ class Settings(BaseModel):
             if missing:
                 names = ", ".join(name.upper() for name in missing)
                 raise ValueError(f"AUTH_MODE=oidc needs {names}")
+        if self.claim_seconds <= self.gateway_connect_timeout + self.gateway_read_timeout:
+            raise ValueError("CLAIM_SECONDS must exceed the gateway's connect + read timeouts")
         if self.default_page_size > self.max_page_size:
             raise ValueError("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
         return self

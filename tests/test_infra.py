@@ -256,7 +256,13 @@ def test_table_indexes_match_the_model(resources: dict, kind: str) -> None:
         for gsi in schema["global_secondary_indexes"]
     }
     assert in_template == in_model
-    assert all(projection == "ALL" for _, projection in in_template.values())
+
+
+def test_message_records_expire_by_the_models_ttl_attribute(resources: dict) -> None:
+    """Given messages outlive their mailing, DynamoDB's TTL removes them on the model's field."""
+    _, table = tables_by_kind(resources)["messages"]
+    ttl = model_for("messages")._ttl_attribute()
+    assert table["TimeToLiveSpecification"] == {"AttributeName": ttl.attr_name, "Enabled": True}
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -113,12 +113,17 @@ class MailingService:
         if status is None:
             query = index_query(message.query, mailing_id)
             segments = [Segment(query, ("mailing_id", "client_id"))]
-        else:
-            query = index_query(message.by_status.query, status_key(mailing_id, status.value))
-            keys = ("status_key", "message_id", "mailing_id", "client_id")
-            segments = [Segment(query, keys)]
-        scope = fingerprint("messages", mailing_id, status.value if status else None)
-        return mailing, PageOf(*paginate(segments, scope, cursor, limit, _message_to_domain))
+            scope = fingerprint("messages", mailing_id, None)
+            return mailing, PageOf(*paginate(segments, scope, cursor, limit, _message_to_domain))
+        # The status index holds keys only (cheaper status changes); fetch the page's records.
+        query = index_query(message.by_status.query, status_key(mailing_id, status.value))
+        segments = [Segment(query, ("status_key", "message_id", "mailing_id", "client_id"))]
+        scope = fingerprint("messages", mailing_id, status.value)
+        keys, next_cursor = paginate(segments, scope, cursor, limit, lambda k: k.client_id)
+        found = {m.client_id: m for m in message.batch_get([(mailing_id, c) for c in keys])}
+        # A message may change status between the two reads; list it as it is now.
+        items = [_message_to_domain(found[c]) for c in keys if c in found]
+        return mailing, PageOf(items, next_cursor)
 
     def due(self, now: datetime, *, limit: int = 100) -> list[Mailing]:
         """Mailings whose start has come and whose audience is not fully enqueued yet."""
