@@ -2,9 +2,11 @@
 
 from chalice import Chalice
 
+from chalicelib import workers
 from chalicelib.api import clients, mailings, security, stats, system
 
 app = Chalice(app_name="sms-campaigns")
 app.register_blueprint(security.blueprint)
 for module in (system, clients, mailings, stats):
     app.register_blueprint(module.api.blueprint)
+app.register_blueprint(workers.blueprint)

@@ -2,21 +2,62 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
+from typing import Any
 
 from pynamodb.connection import Connection
 
+from chalicelib import aws
 from chalicelib.auth import OidcVerifier, StaticTokenVerifier, build_verifier
+from chalicelib.gateway import GatewayClient
 from chalicelib.models import Models, build_models
 from chalicelib.services.clients import ClientDirectory
+from chalicelib.services.delivery import Sender
 from chalicelib.services.mailings import MailingService
+from chalicelib.services.messages import MessageStore
+from chalicelib.services.queues import Queues
+from chalicelib.services.scheduler import Scheduler
 from chalicelib.settings import Settings, get_settings
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class _LazySqs:
+    """An SQS client made on first use, so the API's cold start does not pay for it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client(), name)
+
+    @cache  # noqa: B019 - one client per instance, for the life of the process
+    def _client(self) -> Any:
+        return aws.client("sqs", self._settings)
+
+
+def gateway_factory(settings: Settings) -> Callable[[], GatewayClient | None]:
+    """The gateway client, made on first use; None while the gateway is not configured."""
+
+    @cache
+    def make() -> GatewayClient | None:
+        if not settings.sender_api_url or settings.sender_api_token is None:
+            return None
+        return GatewayClient(
+            settings.sender_api_url,
+            settings.sender_api_token,
+            connect_timeout=settings.gateway_connect_timeout,
+            read_timeout=settings.gateway_read_timeout,
+            pool_size=settings.sender_concurrency,
+        )
+
+    return make
 
 
 @dataclass
@@ -25,18 +66,51 @@ class Services:
     models: Models
     clients: ClientDirectory
     mailings: MailingService
+    messages: MessageStore
+    queues: Queues
+    scheduler: Scheduler
+    sender: Sender
     verifier: StaticTokenVerifier | OidcVerifier
 
     @classmethod
-    def build(cls, settings: Settings, clock: Callable[[], datetime] = utc_now) -> Services:
+    def build(
+        cls,
+        settings: Settings,
+        clock: Callable[[], datetime] = utc_now,
+        *,
+        sqs: Any = None,
+        gateway: Callable[[], GatewayClient | None] | None = None,
+        rng: random.Random | None = None,
+    ) -> Services:
         """Wire every service for `settings`; nothing touches AWS until a service is used."""
         models = build_models(settings)
         connection = Connection(region=settings.aws_region)
+        queues = Queues(
+            sqs if sqs is not None else _LazySqs(settings),
+            send_url=settings.send_queue_url,
+            dlq_url=settings.send_dlq_url,
+            fanout_url=settings.fanout_queue_url,
+        )
+        clients = ClientDirectory(models, connection, clock)
+        messages = MessageStore(models, connection)
         return cls(
             settings=settings,
             models=models,
-            clients=ClientDirectory(models, connection, clock),
-            mailings=MailingService(models, clock),
+            clients=clients,
+            mailings=MailingService(models, clock, queues),
+            messages=messages,
+            queues=queues,
+            scheduler=Scheduler(models, connection, clients, messages, queues, settings, clock),
+            sender=Sender(
+                models,
+                messages,
+                clients,
+                queues,
+                gateway or gateway_factory(settings),
+                settings,
+                clock,
+                rng,
+            ),
             verifier=build_verifier(settings),
         )
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from enum import StrEnum
+from zoneinfo import ZoneInfo
 
 Clock = Callable[[], datetime]
 """Returns the current time, timezone-aware; injected so time-dependent logic is testable."""
@@ -67,6 +68,20 @@ class SendWindow:
         if self.start < self.end:
             return self.start <= local < self.end
         return local >= self.start or local < self.end
+
+    def next_opening(self, now: datetime, zone: ZoneInfo) -> datetime:
+        """The first moment at or after `now` (aware) at which the window is open in `zone`."""
+        local = now.astimezone(zone)
+        if self.contains(local.timetz()):
+            return now
+        for days in range(3):
+            day = local.date() + timedelta(days=days)
+            opening = datetime.combine(day, self.start, tzinfo=zone)
+            # A start inside a DST gap does not exist locally; fromutc(utc) normalises it.
+            opening = opening.astimezone(now.tzinfo).astimezone(zone)
+            if opening > local:
+                return opening.astimezone(now.tzinfo)
+        raise AssertionError("a daily window opens within two days")  # pragma: no cover
 
     @staticmethod
     def parse(value: str) -> time:

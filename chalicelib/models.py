@@ -181,7 +181,6 @@ def build_models(settings: Settings) -> Models:
         count_failed = NumberAttribute(default=0)
         count_expired = NumberAttribute(default=0)
         count_cancelled = NumberAttribute(default=0)
-        version = VersionAttribute()
 
         due = MailingDue()
         by_created = MailingByCreated()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 from zoneinfo import available_timezones
 
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -41,13 +40,6 @@ def _known_timezone(value: str) -> str:
 def _no_control_characters(value: str) -> str:
     if _CONTROL_CHARS.search(value):
         raise ValueError("must not contain control characters")
-    return value
-
-
-def _not_null(value: Any) -> Any:
-    # PATCH: an absent field keeps its value; an explicit null is a mistake for these fields.
-    if value is None:
-        raise ValueError("may be omitted but not null")
     return value
 
 
@@ -105,6 +97,24 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class _Patch(_Request):
+    """PATCH: an absent field keeps its value; an explicit null is refused unless allowed."""
+
+    NULLABLE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _no_nulls(self) -> Any:
+        # An "after" check: a "wrap" one would see Python values and lose strict JSON parsing.
+        nulls = sorted(
+            name
+            for name in self.model_fields_set
+            if getattr(self, name) is None and name not in self.NULLABLE
+        )
+        if nulls:
+            raise ValueError(f"{', '.join(nulls)} may be omitted but not null")
+        return self
+
+
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -123,13 +133,13 @@ class ClientCreate(_Request):
     timezone: Timezone = "UTC"
 
 
-class ClientPatch(_Request):
+class ClientPatch(_Patch):
     """Fields to change; absent fields keep their value."""
 
-    phone: Annotated[Phone | None, BeforeValidator(_not_null)] = None
-    operator_code: Annotated[OperatorCode | None, BeforeValidator(_not_null)] = None
-    tag: Annotated[Tag | None, BeforeValidator(_not_null)] = None
-    timezone: Annotated[Timezone | None, BeforeValidator(_not_null)] = None
+    phone: Phone | None = None
+    operator_code: OperatorCode | None = None
+    tag: Tag | None = None
+    timezone: Timezone | None = None
 
 
 class ClientOut(_Response):
@@ -203,14 +213,16 @@ class MailingCreate(_Request):
         return self
 
 
-class MailingPatch(_Request):
+class MailingPatch(_Patch):
     """Fields to change; absent fields keep their value, `send_window: null` removes the window."""
 
-    text: Annotated[MailingText | None, BeforeValidator(_not_null)] = None
-    start_at: Annotated[Timestamp | None, BeforeValidator(_not_null)] = None
-    end_at: Annotated[Timestamp | None, BeforeValidator(_not_null)] = None
-    filter: Annotated[AudienceFilter | None, BeforeValidator(_not_null)] = None
+    text: MailingText | None = None
+    start_at: Timestamp | None = None
+    end_at: Timestamp | None = None
+    filter: AudienceFilter | None = None
     send_window: SendWindow | None = None
+
+    NULLABLE: ClassVar[frozenset[str]] = frozenset({"send_window"})
 
 
 class MessageStats(_Response):

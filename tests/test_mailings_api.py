@@ -215,3 +215,21 @@ def test_bad_mailing_listing_parameters_are_400(api, query):
     response = api.get(f"/mailings?{query}")
     assert response.status_code == 400
     assert body(response)["error"] == "bad_request"
+
+
+def test_patch_of_times_with_offsets_is_applied(api):
+    created = create(api)
+    response = api.patch(
+        f"/mailings/{created['id']}",
+        {"start_at": "2026-11-23T10:00:00+03:00", "end_at": "2026-11-25T10:00:00+03:00"},
+    )
+    assert response.status_code == 200, response.body
+    assert body(response)["start_at"] == "2026-11-23T07:00:00Z"
+    assert body(response)["end_at"] == "2026-11-25T07:00:00Z"
+
+
+def test_patch_error_for_null_names_the_field(api):
+    created = create(api)
+    response = api.patch(f"/mailings/{created['id']}", {"text": None})
+    assert response.status_code == 422
+    assert "text may be omitted but not null" in response.body.decode()

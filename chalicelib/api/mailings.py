@@ -88,10 +88,23 @@ def patch_mailing(mailing_id: str, body: MailingPatch) -> MailingOut:
 
 
 @api.route(
-    "/mailings/{mailing_id}", "DELETE", summary="Delete a mailing", status=204, errors=(404, 409)
+    "/mailings/{mailing_id}", "DELETE", summary="Delete a mailing", status=204, errors=(404,)
 )
 def delete_mailing(mailing_id: str) -> None:
+    """Delete a mailing and stop all of its sends, jobs already queued included."""
     services().mailings.delete(mailing_id)
+
+
+@api.route(
+    "/mailings/{mailing_id}/cancel",
+    "POST",
+    summary="Cancel a mailing",
+    response=MailingOut,
+    errors=(404, 409),
+)
+def cancel_mailing(mailing_id: str) -> MailingOut:
+    """Stop sending at once; messages not yet sent become `cancelled`, statistics stay."""
+    return mailing_out(services().mailings.cancel(mailing_id))
 
 
 @api.route(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from pynamodb.exceptions import DeleteError, DoesNotExist, PutError
+from pynamodb.exceptions import DoesNotExist, UpdateError
 
 from chalicelib.domain import (
     AudienceFilter,
@@ -23,7 +25,10 @@ from chalicelib.domain import (
 from chalicelib.errors import Conflict, NotFound, ValidationFailed
 from chalicelib.models import DUE_KEY, MAILING_LISTING_KEY, Models, status_key
 from chalicelib.pagination import Segment, fingerprint, index_query, paginate
+from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues
 from chalicelib.services.storage import is_conditional_failure, looks_like_id
+
+logger = logging.getLogger(__name__)
 
 _MAILING_LISTING_KEYS = ("listing_key", "created_at", "mailing_id")
 
@@ -42,9 +47,10 @@ class MailingFields:
 class MailingService:
     """Mailings and their message statistics."""
 
-    def __init__(self, models: Models, clock: Clock) -> None:
+    def __init__(self, models: Models, clock: Clock, queues: Queues) -> None:
         self._models = models
         self._clock = clock
+        self._queues = queues
 
     # ---------------------------------------------------------------- writes
 
@@ -61,6 +67,7 @@ class MailingService:
         )
         self._apply(item, fields, now)
         item.save(condition=self._models.Mailing.mailing_id.does_not_exist())
+        self._kick_if_starting_soon(item)
         return self._to_domain(item)
 
     def replace(self, mailing_id: str, fields: MailingFields) -> Mailing:
@@ -82,17 +89,36 @@ class MailingService:
         self._check(fields)
         return self._save(item, fields)
 
-    def delete(self, mailing_id: str) -> None:
-        """Remove a mailing."""
+    def cancel(self, mailing_id: str) -> Mailing:
+        """Stop sending; messages not yet sent become `cancelled`, statistics stay."""
+        Mailing = self._models.Mailing
         item = self._load(mailing_id)
+        if item.status == MailingStatus.CANCELLED.value:
+            return self._to_domain(item)
+        if item.status == MailingStatus.FINISHED.value:
+            raise Conflict(f"mailing {mailing_id} has finished; there is nothing left to cancel")
+        actions = [
+            Mailing.status.set(MailingStatus.CANCELLED.value),
+            Mailing.updated_at.set(self._clock()),
+        ]
+        started = item.status == MailingStatus.RUNNING.value
+        if not started:
+            # Nothing was created yet: no sweep needed, and it never needs the scheduler again.
+            actions.append(Mailing.due_key.remove())
         try:
-            item.delete()
-        except DeleteError as exc:
+            item.update(actions=actions, condition=Mailing.status == item.status)
+        except UpdateError as exc:
             if is_conditional_failure(exc):
-                raise Conflict(
-                    f"mailing {mailing_id} was changed by another request; retry"
-                ) from None
+                return self.cancel(mailing_id)
             raise
+        if started:
+            self._kick(item.mailing_id, 0)
+        return self._to_domain(item)
+
+    def delete(self, mailing_id: str) -> None:
+        """Remove a mailing; every send of it stops, in-flight jobs included."""
+        item = self._load(mailing_id)
+        item.delete()
 
     # ---------------------------------------------------------------- reads
 
@@ -169,17 +195,85 @@ class MailingService:
             )
 
     def _save(self, item: Any, fields: MailingFields) -> Mailing:
+        self._check_editable(item, fields)
+        Mailing = self._models.Mailing
+        before = item.updated_at
         self._apply(item, fields, self._clock())
+        # Only the caller's fields, never a whole-item save: senders move the counters meanwhile.
+        actions = [
+            Mailing.text.set(item.text),
+            Mailing.start_at.set(item.start_at),
+            Mailing.end_at.set(item.end_at),
+            Mailing.operator_codes.set(item.operator_codes),
+            Mailing.tags.set(item.tags),
+            Mailing.updated_at.set(item.updated_at),
+        ]
+        if item.window_start is None:
+            actions += [Mailing.window_start.remove(), Mailing.window_end.remove()]
+        else:
+            actions += [
+                Mailing.window_start.set(item.window_start),
+                Mailing.window_end.set(item.window_end),
+            ]
         try:
-            item.save()
-        except PutError as exc:
+            item.update(
+                actions=actions,
+                condition=(Mailing.updated_at == before) & (Mailing.status == item.status),
+            )
+        except UpdateError as exc:
             if is_conditional_failure(exc):
                 raise Conflict(
-                    f"mailing {item.mailing_id} was changed or deleted by another request; "
-                    "read it again and retry"
+                    f"mailing {item.mailing_id} was changed, started or deleted by another "
+                    "request; read it again and retry"
                 ) from None
             raise
+        self._kick_if_starting_soon(item)
         return self._to_domain(item)
+
+    def _check_editable(self, item: Any, fields: MailingFields) -> None:
+        status = MailingStatus(item.status)
+        if status in (MailingStatus.FINISHED, MailingStatus.CANCELLED):
+            raise Conflict(f"mailing {item.mailing_id} is {status.value}; it can no longer change")
+        if status is MailingStatus.RUNNING:
+            current = self._fields_of(item)
+            frozen = [
+                name
+                for name, old, new in (
+                    ("start_at", current.start_at, fields.start_at),
+                    ("filter", current.audience, fields.audience),
+                )
+                if old != new
+            ]
+            if frozen:
+                raise Conflict(
+                    f"mailing {item.mailing_id} is running: {', '.join(frozen)} can no longer "
+                    "change (text, end_at and send_window still can)",
+                    [
+                        {
+                            "field": f"body.{name}",
+                            "message": "frozen once sending starts",
+                            "type": "frozen",
+                        }
+                        for name in frozen
+                    ],
+                )
+
+    def _kick_if_starting_soon(self, item: Any) -> None:
+        # Start on time, not at the next scheduler tick: a delayed kick lands at start_at.
+        wait = (item.start_at - self._clock()).total_seconds()
+        if item.due_key is not None and wait <= SQS_MAX_DELAY_SECONDS:
+            self._kick(item.mailing_id, max(0, math.ceil(wait)))
+
+    def _kick(self, mailing_id: str, delay: int) -> None:
+        if not self._queues.can_kick:
+            return
+        try:
+            self._queues.kick([mailing_id], delay)
+        except Exception:
+            # The scheduler's next tick starts it anyway; the caller's change is saved.
+            logger.warning(
+                "could not kick the scheduler", exc_info=True, extra={"mailing_id": mailing_id}
+            )
 
     @staticmethod
     def _apply(item: Any, fields: MailingFields, now: datetime) -> None:

@@ -1,0 +1,113 @@
+"""The external SMS gateway's client: one call per message, every answer classified.
+
+Only HTTP 200 with a JSON body whose `code` is 0 is a success. The rest is sorted into what the
+sender should do: give up on the message (rejected), stop and fix the configuration
+(unauthorized), or try again later (retry).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+import requests
+from pydantic import SecretStr
+from requests.adapters import HTTPAdapter
+
+logger = logging.getLogger(__name__)
+
+_PERMANENT_EXCEPTIONS = {401, 403, 408, 429}
+_DETAIL_LIMIT = 200
+
+
+class Outcome(StrEnum):
+    SENT = "sent"
+    REJECTED = "rejected"  # the gateway refused this message for good: do not retry
+    UNAUTHORIZED = "unauthorized"  # our credentials are wrong: a configuration problem
+    RETRY = "retry"  # transient or unknown: try again later
+
+
+@dataclass(frozen=True)
+class GatewayResult:
+    outcome: Outcome
+    detail: str
+    status_code: int | None
+    latency_seconds: float
+
+
+class GatewayClient:
+    """Sends one SMS per call through `POST {base_url}/v1/send/{id}`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: SecretStr,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        pool_size: int = 10,
+        session: requests.Session | None = None,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._token = token
+        self._timeout = (connect_timeout, read_timeout)
+        self._session = session or requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def send(self, message_id: int, phone: str, text: str) -> GatewayResult:
+        """Send one message; never raises for anything the network or the gateway does."""
+        started = time.monotonic()
+        try:
+            response = self._session.post(
+                f"{self._base_url}/v1/send/{message_id}",
+                json={"id": message_id, "phone": int(phone), "text": text},
+                headers={"Authorization": f"Bearer {self._token.get_secret_value()}"},
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except requests.Timeout as exc:
+            return self._result(Outcome.RETRY, f"timeout: {type(exc).__name__}", None, started)
+        except requests.RequestException as exc:
+            return self._result(
+                Outcome.RETRY, f"network error: {type(exc).__name__}", None, started
+            )
+        return classify(response.status_code, response.text, started)
+
+    @staticmethod
+    def _result(outcome: Outcome, detail: str, status: int | None, started: float) -> GatewayResult:
+        return GatewayResult(outcome, detail[:_DETAIL_LIMIT], status, time.monotonic() - started)
+
+
+def classify(status: int, body: str, started: float | None = None) -> GatewayResult:
+    """What an HTTP answer from the gateway means for the message."""
+    latency = 0.0 if started is None else time.monotonic() - started
+    snippet = " ".join(body.split())[:80]
+    if status == 200:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return GatewayResult(
+                Outcome.RETRY, f"HTTP 200 with a body that is not JSON: {snippet}", 200, latency
+            )
+        code = payload.get("code") if isinstance(payload, dict) else None
+        if code == 0 and not isinstance(code, bool):
+            return GatewayResult(Outcome.SENT, "OK", 200, latency)
+        return GatewayResult(
+            Outcome.RETRY, f"HTTP 200 without success code: {snippet}", 200, latency
+        )
+    if status in (401, 403):
+        return GatewayResult(
+            Outcome.UNAUTHORIZED, f"HTTP {status}: credentials refused", status, latency
+        )
+    if 400 <= status < 500 and status not in _PERMANENT_EXCEPTIONS:
+        return GatewayResult(
+            Outcome.REJECTED, f"HTTP {status}: {snippet}"[:_DETAIL_LIMIT], status, latency
+        )
+    return GatewayResult(
+        Outcome.RETRY, f"HTTP {status}: {snippet}"[:_DETAIL_LIMIT], status, latency
+    )

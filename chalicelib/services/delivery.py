@@ -1,0 +1,268 @@
+"""The sender: turns send jobs into gateway calls, at most one successful call per message.
+
+Right before each call it re-checks everything that may have changed since the job was queued:
+the message is still pending, the mailing exists and is not cancelled, the end has not passed,
+the client exists, and it is inside the client's local send window. Then it *claims* the message
+(a conditional write only one sender can win), calls the gateway, and records the outcome with the
+mailing's counters in one transaction.
+
+The one window for a double send: a sender dies (or its write fails) after the gateway accepted a
+message and before the outcome is written. The claim then expires, SQS delivers the job again, and
+the gateway receives the same message id a second time, so it can deduplicate. There is no other:
+a job delivered twice, or two senders racing, meet at the claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pynamodb.exceptions import DoesNotExist
+
+from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow
+from chalicelib.gateway import GatewayClient, GatewayResult, Outcome
+from chalicelib.models import Models
+from chalicelib.services.clients import ClientDirectory
+from chalicelib.services.messages import MessageStore
+from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Delayed, JobBatch, Queues, SendJob
+from chalicelib.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# A job may arrive a moment before its fan-out page commits; wait for that this long at most.
+UNCOMMITTED_GRACE = timedelta(minutes=2)
+UNCOMMITTED_RETRY_SECONDS = 5
+
+
+class JobResult(StrEnum):
+    SENT = "sent"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    RETRY = "retry"
+    DEFERRED = "deferred"
+    DEAD_LETTERED = "dead_lettered"
+    CONFIG_ERROR = "config_error"
+    SKIPPED = "skipped"  # nothing to do: already done, claimed elsewhere, or stale
+
+
+@dataclass
+class BatchReport:
+    results: list[JobResult] = field(default_factory=list)
+    requeued: list[Delayed] = field(default_factory=list)
+    gateway_calls: int = 0
+
+
+@dataclass
+class _Job:
+    batch: JobBatch
+    job: SendJob
+    requeue: Delayed | None = None
+    called_gateway: bool = False
+
+
+class Sender:
+    """Processes the send jobs of one SQS message."""
+
+    def __init__(
+        self,
+        models: Models,
+        messages: MessageStore,
+        clients: ClientDirectory,
+        queues: Queues,
+        gateway: Callable[[], GatewayClient | None],
+        settings: Settings,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._models = models
+        self._messages = messages
+        self._clients = clients
+        self._queues = queues
+        self._gateway = gateway
+        self._settings = settings
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def deliver(self, batch: JobBatch) -> BatchReport:
+        """Process every job of `batch`; raises (so SQS retries it) only on unexpected errors."""
+        work = [_Job(batch, job) for job in batch.jobs]
+        pool = self._pool or ThreadPoolExecutor(self._settings.sender_concurrency, "sender")
+        self._pool = pool
+        futures = [pool.submit(self._process, item) for item in work]
+        report = BatchReport()
+        errors = []
+        for item, future in zip(work, futures, strict=True):
+            try:
+                report.results.append(future.result())
+            except Exception as exc:  # collected: siblings still finish first
+                errors.append(exc)
+            if item.requeue is not None:
+                report.requeued.append(item.requeue)
+            report.gateway_calls += item.called_gateway
+        if errors:
+            # Re-deliver the whole SQS message; finished jobs are skipped on the next pass.
+            raise errors[0]
+        if report.requeued:
+            self._queues.enqueue(report.requeued)
+        return report
+
+    # ---------------------------------------------------------------- one job
+
+    def _process(self, item: _Job) -> JobResult:
+        mailing_id, job = item.batch.mailing_id, item.job
+        log = {"mailing_id": mailing_id, "client_id": job.client_id, "message_id": job.message_id}
+        now = self._clock()
+        message = self._messages.get(mailing_id, job.client_id)
+        if message is None or int(message.message_id) != job.message_id:
+            if message is None and now - item.batch.enqueued_at < UNCOMMITTED_GRACE:
+                item.requeue = self._later(item, job, UNCOMMITTED_RETRY_SECONDS)
+                return JobResult.DEFERRED
+            logger.info("job for a message that does not exist; dropped", extra=log)
+            return JobResult.SKIPPED
+        if message.status != MessageStatus.PENDING.value:
+            return JobResult.SKIPPED
+
+        mailing = self._mailing(mailing_id)
+        if mailing is None:
+            logger.info("mailing deleted; job dropped", extra=log)
+            return JobResult.SKIPPED
+        if mailing.status == MailingStatus.CANCELLED.value:
+            return self._finish(item, MessageStatus.CANCELLED, None, "mailing cancelled")
+        # Starting a call this close to the end could reach the gateway after it.
+        margin = timedelta(seconds=self._settings.gateway_connect_timeout)
+        if now + margin >= mailing.end_at:
+            return self._finish(item, MessageStatus.EXPIRED, None, job.last_error or "end passed")
+        client = self._clients.find(job.client_id)
+        if client is None:
+            return self._finish(item, MessageStatus.CANCELLED, None, "client deleted")
+
+        window = _window_of(mailing)
+        if window is not None:
+            zone = ZoneInfo(client.timezone)
+            # Both ends of the call's start must be inside: it must not slip past the close.
+            inside = all(window.contains(t.astimezone(zone).timetz()) for t in (now, now + margin))
+            if not inside:
+                opens = window.next_opening(now + margin, zone)
+                if opens + margin >= mailing.end_at:
+                    reason = "send window does not open again before the end"
+                    return self._finish(item, MessageStatus.EXPIRED, None, reason)
+                wait = max(1, math.ceil((opens - now).total_seconds()))
+                item.requeue = self._later(item, job, wait)
+                return JobResult.DEFERRED
+
+        gateway = self._gateway()
+        if gateway is None:
+            logger.error(
+                "SENDER_API_URL / SENDER_API_TOKEN are not set: nothing can be sent", extra=log
+            )
+            item.requeue = self._later(item, job, self._settings.auth_retry_seconds)
+            return JobResult.CONFIG_ERROR
+
+        claim = self._messages.claim(message, now, self._settings.claim_seconds)
+        if claim is None:
+            return JobResult.SKIPPED
+        item.called_gateway = True
+        result = gateway.send(job.message_id, client.phone, mailing.text)
+        logger.info(
+            "gateway answered",
+            extra={
+                **log,
+                "outcome": result.outcome.value,
+                "status": result.status_code,
+                "latency_ms": round(result.latency_seconds * 1000),
+            },
+        )
+        return self._record(item, claim, result, mailing, log)
+
+    def _record(
+        self, item: _Job, claim: str, result: GatewayResult, mailing: Any, log: dict
+    ) -> JobResult:
+        job, now = item.job, self._clock()
+        if result.outcome is Outcome.SENT:
+            return self._finish(item, MessageStatus.SENT, claim, None)
+        if result.outcome is Outcome.REJECTED:
+            return self._finish(item, MessageStatus.FAILED, claim, result.detail)
+        if result.outcome is Outcome.UNAUTHORIZED:
+            logger.error(
+                "the SMS gateway refused our credentials; check SENDER_API_TOKEN. "
+                "Messages stay pending and are retried.",
+                extra=log,
+            )
+            self._messages.release(self._handle(item), claim, now, result.detail)
+            item.requeue = self._later(item, job, self._settings.auth_retry_seconds)
+            return JobResult.CONFIG_ERROR
+        retries = job.retries + 1
+        if retries >= self._settings.max_attempts:
+            error = f"gave up after {retries} attempts: {result.detail}"
+            self._queues.dead_letter(
+                JobBatch(
+                    mailing_id=item.batch.mailing_id,
+                    jobs=[job.model_copy(update={"retries": retries, "last_error": error})],
+                    enqueued_at=item.batch.enqueued_at,
+                ),
+                error,
+            )
+            self._finish(item, MessageStatus.FAILED, claim, error)
+            return JobResult.DEAD_LETTERED
+        delay = self._backoff(retries)
+        if now + timedelta(seconds=delay) >= mailing.end_at:
+            return self._finish(item, MessageStatus.EXPIRED, claim, result.detail)
+        self._messages.release(self._handle(item), claim, now, result.detail)
+        retry = job.model_copy(update={"retries": retries, "last_error": result.detail})
+        item.requeue = self._later(item, retry, delay)
+        return JobResult.RETRY
+
+    # ---------------------------------------------------------------- helpers
+
+    def _finish(
+        self, item: _Job, status: MessageStatus, claim: str | None, error: str | None
+    ) -> JobResult:
+        done = self._messages.finish(
+            item.batch.mailing_id,
+            item.job.client_id,
+            status,
+            self._clock(),
+            claim_id=claim,
+            error=error,
+        )
+        return JobResult(status.value) if done else JobResult.SKIPPED
+
+    def _later(self, item: _Job, job: SendJob, delay_seconds: float) -> Delayed:
+        batch = JobBatch(
+            mailing_id=item.batch.mailing_id, jobs=[job], enqueued_at=item.batch.enqueued_at
+        )
+        return Delayed(batch, min(SQS_MAX_DELAY_SECONDS, max(0, math.ceil(delay_seconds))))
+
+    def _backoff(self, retries: int) -> float:
+        """Exponential backoff with jitter: spreads retries so a recovering gateway is not hit."""
+        ceiling = min(
+            self._settings.retry_max_seconds,
+            self._settings.retry_base_seconds * 2 ** (retries - 1),
+        )
+        return max(1.0, self._rng.uniform(ceiling / 2, ceiling))
+
+    def _handle(self, item: _Job) -> Any:
+        """A keyed handle on the job's message record, for an update."""
+        return self._models.Message(item.batch.mailing_id, item.job.client_id)
+
+    def _mailing(self, mailing_id: str) -> Any | None:
+        try:
+            return self._models.Mailing.get(mailing_id, consistent_read=True)
+        except DoesNotExist:
+            return None
+
+
+def _window_of(mailing: Any) -> SendWindow | None:
+    if mailing.window_start is None or mailing.window_end is None:
+        return None
+    return SendWindow.from_minutes(int(mailing.window_start), int(mailing.window_end))

@@ -1,0 +1,136 @@
+"""What travels over SQS, and the one place that puts it there.
+
+A send job names one message: (mailing, client, message id). Several jobs of one mailing travel in
+one SQS message (`JobBatch`), which divides SQS requests and Lambda invocations per delivered
+message by the batch size. A fan-out kick asks the scheduler worker to advance one mailing now.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+SQS_MAX_DELAY_SECONDS = 900
+_SQS_BATCH = 10
+
+
+class SendJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    client_id: str = Field(min_length=1, max_length=64)
+    message_id: int = Field(ge=1, le=2**63 - 1)
+    # Gateway attempts that failed in a retryable way so far (drives backoff and the DLQ).
+    retries: int = Field(0, ge=0)
+    last_error: str | None = Field(None, max_length=500)
+
+
+class JobBatch(BaseModel):
+    """The body of one send-queue message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: int = 1
+    mailing_id: str = Field(min_length=1, max_length=64)
+    jobs: list[SendJob] = Field(min_length=1, max_length=50)
+    # When the first of these jobs was enqueued: lets a sender tell "not committed yet" from
+    # "never will be" when a job arrives for a message it cannot find.
+    enqueued_at: datetime
+
+
+@dataclass(frozen=True)
+class Delayed:
+    """A batch to enqueue after `delay_seconds` (capped at SQS's 15 minutes)."""
+
+    batch: JobBatch
+    delay_seconds: int = 0
+
+
+class QueueNotConfigured(RuntimeError):
+    """A queue URL setting is missing."""
+
+
+class Queues:
+    """Sends job batches, dead letters and fan-out kicks to SQS."""
+
+    def __init__(
+        self,
+        sqs: Any,
+        *,
+        send_url: str | None,
+        dlq_url: str | None,
+        fanout_url: str | None,
+    ) -> None:
+        self._sqs = sqs
+        self._send_url = send_url
+        self._dlq_url = dlq_url
+        self._fanout_url = fanout_url
+
+    def enqueue(self, items: Sequence[Delayed]) -> None:
+        """Send job batches, ten SQS messages per request; raises if any is not accepted."""
+        url = self._require(self._send_url, "SEND_QUEUE_URL")
+        entries = [
+            {
+                "Id": str(n),
+                "MessageBody": item.batch.model_dump_json(),
+                "DelaySeconds": max(0, min(SQS_MAX_DELAY_SECONDS, int(item.delay_seconds))),
+            }
+            for n, item in enumerate(items)
+        ]
+        self._send_batches(url, entries)
+
+    def dead_letter(self, batch: JobBatch, reason: str) -> None:
+        """Park jobs that will never be sent on the dead-letter queue, with the reason."""
+        url = self._require(self._dlq_url, "SEND_DLQ_URL")
+        self._sqs.send_message(
+            QueueUrl=url,
+            MessageBody=batch.model_dump_json(),
+            MessageAttributes={"reason": {"DataType": "String", "StringValue": reason[:256]}},
+        )
+
+    def kick(self, mailing_ids: Sequence[str], delay_seconds: int = 0) -> None:
+        """Ask the scheduler worker to advance these mailings (after `delay_seconds`)."""
+        if not mailing_ids:
+            return
+        url = self._require(self._fanout_url, "FANOUT_QUEUE_URL")
+        delay = max(0, min(SQS_MAX_DELAY_SECONDS, int(delay_seconds)))
+        entries = [
+            {
+                "Id": str(n),
+                "MessageBody": json.dumps({"mailing_id": mailing_id}),
+                "DelaySeconds": delay,
+            }
+            for n, mailing_id in enumerate(mailing_ids)
+        ]
+        self._send_batches(url, entries)
+
+    @property
+    def can_kick(self) -> bool:
+        return self._fanout_url is not None
+
+    def _send_batches(self, url: str, entries: list[dict[str, Any]]) -> None:
+        for start in range(0, len(entries), _SQS_BATCH):
+            chunk = entries[start : start + _SQS_BATCH]
+            pending = chunk
+            # SQS may accept part of a batch; resend only what it refused, a few times.
+            for _ in range(3):
+                response = self._sqs.send_message_batch(QueueUrl=url, Entries=pending)
+                failed = {f["Id"] for f in response.get("Failed", [])}
+                pending = [entry for entry in pending if entry["Id"] in failed]
+                if not pending:
+                    break
+            if pending:
+                raise RuntimeError(f"SQS refused {len(pending)} messages for {url}")
+
+    @staticmethod
+    def _require(url: str | None, setting: str) -> str:
+        if not url:
+            raise QueueNotConfigured(f"{setting} is not set")
+        return url

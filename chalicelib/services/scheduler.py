@@ -1,0 +1,337 @@
+"""The scheduler: starts due mailings, fans their audience out to send jobs, ends them.
+
+Each tick advances every mailing on the sparse `due` index (started, not yet finished). One worker
+at a time holds a mailing's lease. Fan-out walks the audience a page at a time; each page is one
+DynamoDB transaction that creates the page's messages (each conditional on not existing) and
+moves the mailing's checkpoint and pending counter, so a crash anywhere loses and duplicates
+nothing: a page is either fully committed with its checkpoint or not at all. The page's send jobs
+are enqueued *before* that commit, so a crash after the commit cannot lose them; jobs of a page
+that never committed name message ids that do not exist and are dropped by the sender.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pynamodb.connection import Connection
+from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
+from pynamodb.transactions import TransactWrite
+
+from chalicelib.domain import AudienceFilter, Clock, MailingStatus, MessageStatus
+from chalicelib.models import DUE_KEY, MESSAGE_ID_SEQUENCE, Models, status_key
+from chalicelib.pagination import Position, decode_cursor, encode_cursor, fingerprint, read_page
+from chalicelib.services.clients import ClientDirectory
+from chalicelib.services.messages import MessageStore
+from chalicelib.services.queues import Delayed, JobBatch, Queues, SendJob
+from chalicelib.services.storage import is_conditional_failure
+from chalicelib.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Stop starting new work when less than this is left of the invocation.
+SAFETY_SECONDS = 10.0
+
+Remaining = Callable[[], float]
+
+
+@dataclass
+class Progress:
+    """What one call did, for logs, tests and benchmarks."""
+
+    mailings: int = 0
+    messages_created: int = 0
+    jobs_enqueued: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    finished: list[str] = field(default_factory=list)
+    continued: list[str] = field(default_factory=list)
+
+    def add(self, other: Progress) -> None:
+        self.mailings += other.mailings
+        self.messages_created += other.messages_created
+        self.jobs_enqueued += other.jobs_enqueued
+        self.expired += other.expired
+        self.cancelled += other.cancelled
+        self.finished.extend(other.finished)
+        self.continued.extend(other.continued)
+
+
+class Scheduler:
+    """Advances mailings from scheduled to finished."""
+
+    def __init__(
+        self,
+        models: Models,
+        connection: Connection,
+        clients: ClientDirectory,
+        messages: MessageStore,
+        queues: Queues,
+        settings: Settings,
+        clock: Clock,
+    ) -> None:
+        self._models = models
+        self._connection = connection
+        self._clients = clients
+        self._messages = messages
+        self._queues = queues
+        self._settings = settings
+        self._clock = clock
+
+    # ---------------------------------------------------------------- entry points
+
+    def tick(self, remaining: Remaining) -> Progress:
+        """Advance every due mailing while time remains (the scheduled Lambda)."""
+        Mailing = self._models.Mailing
+        progress = Progress()
+        now = self._clock()
+        for item in Mailing.due.query(DUE_KEY, Mailing.start_at <= now.astimezone(UTC)):
+            if remaining() < SAFETY_SECONDS:
+                # Whatever is left is picked up by the next tick.
+                break
+            progress.add(self._advance(item, remaining))
+        if progress.continued and self._queues.can_kick:
+            self._queues.kick(progress.continued)
+        return progress
+
+    def advance(self, mailing_id: str, remaining: Remaining) -> Progress:
+        """Advance one mailing now (a fan-out kick: immediate start or continuation)."""
+        try:
+            item = self._models.Mailing.get(mailing_id, consistent_read=True)
+        except DoesNotExist:
+            return Progress()
+        if item.due_key is None or item.start_at > self._clock():
+            return Progress()
+        progress = self._advance(item, remaining)
+        if progress.continued and self._queues.can_kick:
+            self._queues.kick(progress.continued)
+        return progress
+
+    # ---------------------------------------------------------------- one mailing
+
+    def _advance(self, item: Any, remaining: Remaining) -> Progress:
+        progress = Progress(mailings=1)
+        owner = uuid.uuid4().hex
+        if not self._take_lease(item, owner):
+            return progress
+        log = {"mailing_id": item.mailing_id}
+        try:
+            if item.status == MailingStatus.CANCELLED.value:
+                progress.cancelled += self._sweep(item, MessageStatus.CANCELLED, remaining)
+            else:
+                if not item.fanout_done:
+                    if self._clock() >= item.end_at:
+                        # The end came before the audience was walked: nobody else is added.
+                        self._mark_fanout_done(item, owner)
+                    elif not self._fan_out(item, owner, remaining, progress):
+                        progress.continued.append(item.mailing_id)
+                        return progress
+                if self._clock() >= item.end_at:
+                    progress.expired += self._sweep(item, MessageStatus.EXPIRED, remaining)
+            if self._finish_if_done(item.mailing_id, owner):
+                progress.finished.append(item.mailing_id)
+                logger.info("mailing finished", extra=log)
+        finally:
+            self._release_lease(item.mailing_id, owner)
+        return progress
+
+    def _take_lease(self, item: Any, owner: str) -> bool:
+        Mailing = self._models.Mailing
+        now = self._clock()
+        actions = [
+            Mailing.lease_owner.set(owner),
+            Mailing.lease_until.set(now + timedelta(seconds=self._settings.lease_seconds)),
+        ]
+        starting = item.status == MailingStatus.SCHEDULED.value
+        if starting:
+            actions.append(Mailing.status.set(MailingStatus.RUNNING.value))
+        try:
+            item.update(
+                actions=actions,
+                condition=Mailing.due_key.exists()
+                & (Mailing.lease_until.does_not_exist() | (Mailing.lease_until < now)),
+            )
+        except UpdateError as exc:
+            if is_conditional_failure(exc):
+                return False
+            raise
+        if starting:
+            logger.info("mailing started", extra={"mailing_id": item.mailing_id})
+        return True
+
+    def _release_lease(self, mailing_id: str, owner: str) -> None:
+        Mailing = self._models.Mailing
+        try:
+            Mailing(mailing_id).update(
+                actions=[Mailing.lease_owner.remove(), Mailing.lease_until.remove()],
+                condition=Mailing.lease_owner == owner,
+            )
+        except UpdateError as exc:
+            if not is_conditional_failure(exc):
+                raise
+
+    # ---------------------------------------------------------------- fan-out
+
+    def _fan_out(self, item: Any, owner: str, remaining: Remaining, progress: Progress) -> bool:
+        """Walk the audience from the checkpoint; True when it is complete."""
+        audience = AudienceFilter(tuple(item.operator_codes or ()), tuple(item.tags or ()))
+        segments = self._clients.audience_segments(audience)
+        scope = fingerprint("audience", item.mailing_id, audience.operator_codes, audience.tags)
+        cursor = item.fanout_cursor
+        position = decode_cursor(cursor, scope, segments) if cursor else Position()
+        while True:
+            if remaining() < SAFETY_SECONDS:
+                return False
+            page = read_page(segments, position, self._settings.fanout_page_size)
+            next_cursor = encode_cursor(page.next, scope)
+            created = self._commit_page(item, owner, cursor, next_cursor, page.items)
+            if created is None:
+                # Someone else moved the checkpoint (our lease was lost): stop here.
+                return True
+            progress.messages_created += created
+            progress.jobs_enqueued += created
+            if page.next is None:
+                return True
+            position, cursor = page.next, next_cursor
+
+    def _commit_page(
+        self,
+        item: Any,
+        owner: str,
+        cursor: str | None,
+        next_cursor: str | None,
+        clients: list[Any],
+    ) -> int | None:
+        Mailing, Message = self._models.Mailing, self._models.Message
+        now = self._clock()
+        first_id = self._allocate_ids(len(clients)) if clients else 0
+        messages = [
+            Message(
+                item.mailing_id,
+                client.client_id,
+                message_id=first_id + n,
+                phone=client.phone,
+                status=MessageStatus.PENDING.value,
+                status_key=status_key(item.mailing_id, MessageStatus.PENDING.value),
+                created_at=now,
+                updated_at=now,
+                attempts=0,
+                expires_at=item.end_at + timedelta(days=self._settings.message_retention_days),
+            )
+            for n, client in enumerate(clients)
+        ]
+        # Jobs first: a crash after the commit below must not leave messages nobody will send.
+        self._enqueue_jobs(item.mailing_id, messages, now)
+        checkpoint = (
+            Mailing.fanout_cursor.does_not_exist()
+            if cursor is None
+            else Mailing.fanout_cursor == cursor
+        )
+        actions = [
+            Mailing.count_pending.add(len(messages)),
+            Mailing.lease_until.set(now + timedelta(seconds=self._settings.lease_seconds)),
+        ]
+        if next_cursor is None:
+            actions.append(Mailing.fanout_done.set(True))
+        else:
+            actions.append(Mailing.fanout_cursor.set(next_cursor))
+        try:
+            with TransactWrite(connection=self._connection) as tx:
+                for message in messages:
+                    tx.save(message, condition=Message.client_id.does_not_exist())
+                tx.update(
+                    Mailing(item.mailing_id),
+                    actions=actions,
+                    condition=(Mailing.lease_owner == owner) & checkpoint,
+                )
+        except TransactWriteError as exc:
+            if is_conditional_failure(exc):
+                logger.warning(
+                    "fan-out page not committed: checkpoint moved or message exists",
+                    extra={"mailing_id": item.mailing_id},
+                )
+                return None
+            raise
+        return len(messages)
+
+    def _allocate_ids(self, count: int) -> int:
+        """Reserve `count` consecutive message ids; returns the first. Ids are never reused."""
+        Sequence = self._models.Sequence
+        sequence = Sequence(MESSAGE_ID_SEQUENCE)
+        sequence.update(actions=[Sequence.value.add(count)])
+        return int(sequence.value) - count + 1
+
+    def _enqueue_jobs(self, mailing_id: str, messages: list[Any], now: datetime) -> None:
+        size = self._settings.jobs_per_message
+        batches = [
+            Delayed(
+                JobBatch(
+                    mailing_id=mailing_id,
+                    jobs=[
+                        SendJob(client_id=m.client_id, message_id=m.message_id)
+                        for m in messages[start : start + size]
+                    ],
+                    enqueued_at=now,
+                )
+            )
+            for start in range(0, len(messages), size)
+        ]
+        if batches:
+            self._queues.enqueue(batches)
+
+    def _mark_fanout_done(self, item: Any, owner: str) -> None:
+        Mailing = self._models.Mailing
+        item.update(
+            actions=[Mailing.fanout_done.set(True)],
+            condition=Mailing.lease_owner == owner,
+        )
+
+    # ---------------------------------------------------------------- ending
+
+    def _sweep(self, item: Any, status: MessageStatus, remaining: Remaining) -> int:
+        """Move the mailing's unclaimed pending messages to `status` (end passed, cancelled)."""
+        changed = 0
+        while remaining() >= SAFETY_SECONDS:
+            client_ids = self._messages.pending_client_ids(item.mailing_id, limit=100)
+            if not client_ids:
+                break
+            moved = 0
+            for client_id in client_ids:
+                if self._messages.finish(item.mailing_id, client_id, status, self._clock()):
+                    moved += 1
+            changed += moved
+            if moved == 0:
+                # The rest are claimed by senders right now; they finish them (or a later tick).
+                break
+        return changed
+
+    def _finish_if_done(self, mailing_id: str, owner: str) -> bool:
+        Mailing = self._models.Mailing
+        item = Mailing.get(mailing_id, consistent_read=True)
+        if not item.fanout_done and item.status != MailingStatus.CANCELLED.value:
+            return False
+        if int(item.count_pending or 0) > 0:
+            return False
+        final = (
+            MailingStatus.CANCELLED
+            if item.status == MailingStatus.CANCELLED.value
+            else MailingStatus.FINISHED
+        )
+        try:
+            item.update(
+                actions=[
+                    Mailing.status.set(final.value),
+                    Mailing.due_key.remove(),
+                    Mailing.fanout_done.set(True),
+                ],
+                condition=(Mailing.lease_owner == owner) & (Mailing.count_pending == 0),
+            )
+        except UpdateError as exc:
+            if is_conditional_failure(exc):
+                return False
+            raise
+        return True

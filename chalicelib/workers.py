@@ -1,0 +1,87 @@
+"""The event-driven Lambdas: the scheduler tick, the fan-out worker and the sender.
+
+Handlers only parse their event and call into the services. Queue ARNs are placeholders here:
+`infra/resources.yaml` replaces them with the stack's queues (Chalice cannot reference a queue
+that the merge template defines, but the merge can replace a plain string).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from aws_lambda_powertools.utilities.batch import (
+    BatchProcessor,
+    EventType,
+    process_partial_response,
+)
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from chalice import Blueprint, Rate
+from pydantic import ValidationError
+
+from chalicelib.container import services
+from chalicelib.services.queues import JobBatch
+
+logger = logging.getLogger(__name__)
+
+blueprint = Blueprint(__name__)
+
+SEND_QUEUE_ARN = "arn:aws:sqs:us-east-1:000000000000:sms-campaigns-send-placeholder"
+FANOUT_QUEUE_ARN = "arn:aws:sqs:us-east-1:000000000000:sms-campaigns-fanout-placeholder"
+# Read when the app is loaded (chalice package applies the stage's environment first).
+SENDER_BATCH_SIZE = int(os.environ.get("SENDER_BATCH_SIZE", "10"))
+
+
+def _remaining(context: Any) -> Any:
+    return lambda: context.get_remaining_time_in_millis() / 1000
+
+
+@blueprint.schedule(Rate(1, unit=Rate.MINUTES), name="scheduler_tick")
+def scheduler_tick(event: Any) -> dict:
+    """Every minute: advance every mailing whose start has come and that has not finished."""
+    progress = services().scheduler.tick(_remaining(event.context))
+    logger.info(
+        "scheduler tick",
+        extra={"mailings": progress.mailings, "messages_created": progress.messages_created},
+    )
+    return {"mailings": progress.mailings, "messages_created": progress.messages_created}
+
+
+@blueprint.on_sqs_message(queue_arn=FANOUT_QUEUE_ARN, batch_size=1, name="advance_mailing")
+def advance_mailing(event: Any) -> None:
+    """A kick: start a mailing now (its start has come) or continue its fan-out."""
+    for record in event:
+        try:
+            mailing_id = json.loads(record.body)["mailing_id"]
+        except (ValueError, KeyError, TypeError):
+            logger.error("malformed fan-out kick dropped")
+            continue
+        services().scheduler.advance(str(mailing_id), _remaining(event.context))
+
+
+def _send_record(record: SQSRecord) -> None:
+    try:
+        batch = JobBatch.model_validate_json(record.body)
+    except ValidationError:
+        # It can never succeed; retrying would only end in the DLQ after maxReceiveCount.
+        logger.error("malformed send job dropped", extra={"sqs_message_id": record.message_id})
+        return
+    services().sender.deliver(batch)
+
+
+@blueprint.on_sqs_message(
+    queue_arn=SEND_QUEUE_ARN,
+    batch_size=SENDER_BATCH_SIZE,
+    maximum_batching_window_in_seconds=1,
+    name="send_messages",
+)
+def send_messages(event: Any) -> dict:
+    """Send the jobs of each SQS message; report failed records so only they come back."""
+    return process_partial_response(
+        event=event.to_dict(),
+        record_handler=_send_record,
+        processor=BatchProcessor(event_type=EventType.SQS),
+        context=event.context,
+    )

@@ -1,0 +1,523 @@
+"""The delivery pipeline end to end, in-process: scheduler → jobs → sender → sandbox gateway.
+
+DynamoDB is moto's, the gateway is the real sandbox HTTP server, time is the test's clock.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from chalicelib.local.gateway import FaultProfile, SandboxGateway
+from chalicelib.services.queues import JobBatch
+from tests.conftest import API_TOKEN, body
+from tests.pipeline_support import DLQ_URL, FANOUT_URL, SEND_URL, Pipeline, VirtualSqs
+
+GATEWAY_TOKEN = "sandbox-token-for-tests"
+
+
+@pytest.fixture
+def gateway(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    sandbox = SandboxGateway(GATEWAY_TOKEN)
+    sandbox.start()
+    yield sandbox
+    sandbox.stop()
+
+
+@pytest.fixture
+def settings(gateway, monkeypatch: pytest.MonkeyPatch):
+    from chalicelib.settings import Settings
+
+    monkeypatch.setenv("API_TOKENS", API_TOKEN)
+    return Settings(
+        table_prefix="sms-test",
+        api_tokens=(API_TOKEN,),
+        send_queue_url=SEND_URL,
+        send_dlq_url=DLQ_URL,
+        fanout_queue_url=FANOUT_URL,
+        sender_api_url=gateway.url,
+        sender_api_token=GATEWAY_TOKEN,
+        gateway_connect_timeout=0.5,
+        gateway_read_timeout=0.5,
+        claim_seconds=5,
+        sender_concurrency=4,
+    )
+
+
+@pytest.fixture
+def sqs(clock):
+    return VirtualSqs(clock)
+
+
+@pytest.fixture
+def services(aws, settings, clock, sqs):
+    from chalicelib.container import Services, use_services
+    from chalicelib.models import create_tables
+
+    built = Services.build(settings, clock=clock, sqs=sqs, rng=random.Random(7))
+    create_tables(built.models)
+    use_services(built)
+    yield built
+    use_services(None)
+
+
+@pytest.fixture
+def pipeline(services, sqs, clock):
+    return Pipeline(services, sqs, clock)
+
+
+def add_client(api, phone: str, **fields) -> dict:
+    response = api.post("/clients", {"phone": phone, **fields})
+    assert response.status_code == 201, response.body
+    return body(response)
+
+
+def create_mailing(api, clock, *, start=timedelta(0), end=timedelta(hours=2), **fields) -> dict:
+    payload = {
+        "text": fields.pop("text", "Hello"),
+        "start_at": (clock() + start).isoformat(),
+        "end_at": (clock() + end).isoformat(),
+        **fields,
+    }
+    response = api.post("/mailings", payload)
+    assert response.status_code == 201, response.body
+    return body(response)
+
+
+def sent_phones(gateway: SandboxGateway) -> list[str]:
+    return [str(send.phone) for send in gateway.accepted()]
+
+
+def assert_counters_match_records(pipeline: Pipeline, mailing_id: str) -> None:
+    assert pipeline.counters(mailing_id) == pipeline.statuses(mailing_id)
+
+
+# ---------------------------------------------------------------- audience and timing
+
+
+def test_mailing_reaches_exactly_the_matching_clients_right_away(api, pipeline, clock, gateway):
+    # Given clients of several operators and tags
+    matching = {
+        add_client(api, "79000000001", tag="vip")["phone"],
+        add_client(api, "79010000002", tag="new")["phone"],
+    }
+    add_client(api, "79000000003", tag="other")  # tag does not match
+    add_client(api, "79020000004", tag="vip")  # operator does not match
+    add_client(api, "79990000005")
+
+    # When a mailing for operators 900/901 and tags vip/new is created with its start now
+    mailing = create_mailing(
+        api, clock, filter={"operator_codes": ["900", "901"], "tags": ["vip", "new"]}
+    )
+    # The kick reaches the scheduler without waiting for a tick
+    pipeline.kicks()
+    pipeline.send_once()
+
+    # Then exactly the matching clients got one message each, before any scheduler tick
+    assert sorted(sent_phones(gateway)) == sorted(matching)
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 2})
+    assert_counters_match_records(pipeline, mailing["id"])
+    stats = body(api.get(f"/mailings/{mailing['id']}/stats"))["stats"]
+    assert stats["sent"] == 2
+    assert stats["total"] == 2
+
+
+def test_future_mailing_sends_nothing_before_its_start_and_everything_after(
+    api, pipeline, clock, gateway
+):
+    for n in range(3):
+        add_client(api, f"7900000000{n}")
+    start = timedelta(hours=1)
+    mailing = create_mailing(api, clock, start=start, end=timedelta(hours=3))
+
+    pipeline.run(until=clock() + start - timedelta(seconds=1))
+    assert gateway.accepted() == []
+    assert pipeline.mailing_status(mailing["id"]) == "scheduled"
+
+    pipeline.run(until=clock() + timedelta(minutes=2))
+    assert len(gateway.accepted()) == 3
+    assert all(send.accepted_at for send in gateway.accepted())
+    pipeline.tick()
+    assert pipeline.mailing_status(mailing["id"]) == "finished"
+
+
+def test_each_client_is_sent_to_once_however_often_the_scheduler_runs(
+    api, pipeline, clock, gateway
+):
+    for n in range(5):
+        add_client(api, f"7900000000{n}")
+    mailing = create_mailing(api, clock)
+    for _ in range(3):
+        pipeline.tick()
+        pipeline.kicks()
+    pipeline.settle()
+    assert len(pipeline.messages(mailing["id"])) == 5
+    assert gateway.duplicates() == []
+    assert len(gateway.accepted()) == 5
+
+
+def test_fan_out_resumes_from_its_checkpoint_across_invocations(
+    api, pipeline, services, clock, gateway
+):
+    # Given an audience larger than one page and a worker that runs out of time after a page
+    for n in range(25):
+        add_client(api, f"790000000{n:02d}")
+    object.__setattr__(services.settings, "fanout_page_size", 10)
+    mailing = create_mailing(api, clock, start=timedelta(minutes=5))
+    clock.advance(minutes=5)
+    pipeline.sqs.queues[FANOUT_URL].clear()  # the start kick; this test drives the tick itself
+    budget = iter([60.0, 60.0, 5.0] + [60.0] * 100)
+    services.scheduler.tick(lambda: next(budget))
+    # Then the first invocation stopped at a checkpoint and asked to be continued
+    assert len(pipeline.messages(mailing["id"])) == 10
+    assert pipeline.sqs.depth(FANOUT_URL) == 1
+    # When the continuation runs, every client gets exactly one message
+    pipeline.settle()
+    assert len(pipeline.messages(mailing["id"])) == 25
+    assert sorted(gateway.accepted_ids().values()) == [1] * 25
+
+
+def test_message_ids_are_unique_integers_across_mailings(api, pipeline, clock):
+    for n in range(4):
+        add_client(api, f"7900000000{n}")
+    first = create_mailing(api, clock)
+    second = create_mailing(api, clock)
+    pipeline.settle()
+    ids = [m.message_id for mid in (first["id"], second["id"]) for m in pipeline.messages(mid)]
+    assert len(ids) == len(set(ids)) == 8
+    assert all(isinstance(i, int) and 0 < i < 2**63 for i in ids)
+
+
+# ---------------------------------------------------------------- end time and windows
+
+
+def test_jobs_still_queued_when_the_end_passes_expire_and_are_never_sent(
+    api, pipeline, clock, gateway
+):
+    # Given a mailing whose messages are created but whose sender is not running
+    for n in range(4):
+        add_client(api, f"7900000000{n}")
+    mailing = create_mailing(api, clock, end=timedelta(minutes=10))
+    pipeline.kicks()
+    assert pipeline.sqs.depth(SEND_URL) > 0
+
+    # When the end passes before the sender gets to them
+    clock.advance(minutes=11)
+    pipeline.send_once()
+    pipeline.tick()
+
+    # Then they are expired, nothing reached the gateway, and the mailing is finished
+    assert gateway.accepted() == []
+    assert pipeline.statuses(mailing["id"]) == Counter({"expired": 4})
+    assert_counters_match_records(pipeline, mailing["id"])
+    assert pipeline.mailing_status(mailing["id"]) == "finished"
+
+
+def test_send_window_is_the_clients_local_time_and_deferred_clients_get_it_when_it_opens(
+    api, pipeline, clock, gateway
+):
+    # It is 12:00 UTC: 15:00 in Moscow, 21:00 in Vladivostok, 07:00 in New York
+    clients = {
+        "Europe/Moscow": add_client(api, "79000000001", timezone="Europe/Moscow"),
+        "Asia/Vladivostok": add_client(api, "79000000002", timezone="Asia/Vladivostok"),
+        "America/New_York": add_client(api, "79000000003", timezone="America/New_York"),
+    }
+    mailing = create_mailing(
+        api, clock, end=timedelta(days=2), send_window={"start": "09:00", "end": "18:00"}
+    )
+
+    pipeline.run(until=clock() + timedelta(hours=30), step=timedelta(minutes=15))
+
+    # Every client got its message, each inside 09:00-18:00 of its own timezone
+    accepted = {str(s.phone): s for s in gateway.accepted()}
+    assert len(accepted) == 3
+    for zone, client in clients.items():
+        sent_at = datetime.fromtimestamp(accepted[client["phone"]].accepted_at, UTC)
+        del sent_at  # wall-clock time of the sandbox is real time, not the test's clock
+        message = next(m for m in pipeline.messages(mailing["id"]) if m.client_id == client["id"])
+        local = message.sent_at.astimezone(ZoneInfo(zone)).time()
+        assert local >= datetime.strptime("09:00", "%H:%M").time(), zone
+        assert local < datetime.strptime("18:00", "%H:%M").time(), zone
+    # Moscow was inside its window at once; the others waited for theirs
+    sent = {m.client_id: m.sent_at for m in pipeline.messages(mailing["id"])}
+    start = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+    assert sent[clients["Europe/Moscow"]["id"]] - start < timedelta(minutes=1)
+    assert sent[clients["Asia/Vladivostok"]["id"]] - start > timedelta(hours=10)
+    assert sent[clients["America/New_York"]["id"]] - start > timedelta(hours=1)
+
+
+def test_window_that_wraps_midnight_is_honoured(api, pipeline, clock):
+    client = add_client(api, "79000000001", timezone="UTC")
+    mailing = create_mailing(
+        api, clock, end=timedelta(days=1), send_window={"start": "22:00", "end": "02:00"}
+    )
+    pipeline.run(until=clock() + timedelta(hours=12), step=timedelta(minutes=15))
+    [message] = pipeline.messages(mailing["id"])
+    assert message.client_id == client["id"]
+    assert message.status == "sent"
+    assert message.sent_at.hour in (22, 23, 0, 1)
+
+
+def test_window_that_never_opens_before_the_end_expires_the_message(api, pipeline, clock, gateway):
+    add_client(api, "79000000001", timezone="UTC")
+    mailing = create_mailing(
+        api, clock, end=timedelta(hours=3), send_window={"start": "20:00", "end": "21:00"}
+    )
+    pipeline.settle()
+    assert gateway.accepted() == []
+    [message] = pipeline.messages(mailing["id"])
+    assert message.status == "expired"
+    assert "window" in message.last_error
+
+
+# ---------------------------------------------------------------- gateway faults
+
+
+def test_rejected_message_fails_at_once_with_the_reason(api, pipeline, clock, gateway):
+    gateway.set_profile(FaultProfile(reject_phone_suffixes=("13",)))
+    add_client(api, "79000000013")
+    add_client(api, "79000000014")
+    mailing = create_mailing(api, clock)
+    pipeline.settle()
+    by_phone = {m.phone: m for m in pipeline.messages(mailing["id"])}
+    assert by_phone["79000000013"].status == "failed"
+    assert "400" in by_phone["79000000013"].last_error
+    assert by_phone["79000000013"].attempts == 1
+    assert by_phone["79000000014"].status == "sent"
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        FaultProfile(error_rate=1.0, seed=1),
+        FaultProfile(malformed_rate=1.0, seed=1),
+        FaultProfile(slow_rate=1.0, slow_seconds=0.8, seed=1),
+        FaultProfile(rate_limit_rate=1.0, seed=1),
+    ],
+    ids=["5xx", "malformed", "timeout", "429"],
+)
+def test_persistent_transient_faults_end_in_failed_and_the_dead_letter_queue(
+    api, pipeline, clock, gateway, profile
+):
+    gateway.set_profile(profile)
+    add_client(api, "79000000001")
+    mailing = create_mailing(api, clock, end=timedelta(days=1))
+    pipeline.run(until=clock() + timedelta(hours=4), step=timedelta(minutes=2))
+    [message] = pipeline.messages(mailing["id"])
+    assert message.status == "failed"
+    assert message.attempts == 8
+    assert "gave up after 8 attempts" in message.last_error
+    [dead] = pipeline.sqs.queues[DLQ_URL]
+    assert JobBatch.model_validate_json(dead.body).jobs[0].message_id == message.message_id
+    assert_counters_match_records(pipeline, mailing["id"])
+
+
+def test_gateway_outage_of_a_minute_delays_but_loses_nothing(api, pipeline, clock, gateway):
+    for n in range(6):
+        add_client(api, f"7900000000{n}")
+    gateway.start_outage(3600)  # down until the test ends it
+    mailing = create_mailing(api, clock)
+    pipeline.run(until=clock() + timedelta(minutes=1), step=timedelta(seconds=10))
+    assert gateway.accepted() == []
+    gateway.end_outage()
+    pipeline.run(until=clock() + timedelta(minutes=30), step=timedelta(minutes=1))
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 6})
+    assert gateway.duplicates() == []
+    assert_counters_match_records(pipeline, mailing["id"])
+
+
+def test_retries_never_go_past_the_end(api, pipeline, clock, gateway):
+    gateway.set_profile(FaultProfile(error_rate=1.0, seed=3))
+    add_client(api, "79000000001")
+    mailing = create_mailing(api, clock, end=timedelta(seconds=20))
+    pipeline.run(until=clock() + timedelta(minutes=30), step=timedelta(seconds=5))
+    [message] = pipeline.messages(mailing["id"])
+    assert message.status == "expired"
+    end = clock.now  # the sandbox records real time; the clock shows no call after the end
+    del end
+    assert all(r.outcome == "5xx" for r in gateway.requests())
+
+
+def test_wrong_gateway_token_keeps_messages_pending_and_retries_later(
+    api, pipeline, services, clock, gateway
+):
+    object.__setattr__(services.settings, "sender_api_token", None)
+    from pydantic import SecretStr
+
+    from chalicelib.gateway import GatewayClient
+
+    wrong = GatewayClient(
+        gateway.url, SecretStr("not-the-token"), connect_timeout=0.5, read_timeout=0.5
+    )
+    right = GatewayClient(
+        gateway.url, SecretStr(GATEWAY_TOKEN), connect_timeout=0.5, read_timeout=0.5
+    )
+    current = {"client": wrong}
+    services.sender._gateway = lambda: current["client"]
+    add_client(api, "79000000001")
+    mailing = create_mailing(api, clock, end=timedelta(days=1))
+    pipeline.run(until=clock() + timedelta(minutes=20), step=timedelta(minutes=1))
+    [message] = pipeline.messages(mailing["id"])
+    assert message.status == "pending"
+    assert "401" in message.last_error
+    # When the operator fixes the token, the message goes out
+    current["client"] = right
+    pipeline.run(until=clock() + timedelta(minutes=20), step=timedelta(minutes=1))
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 1})
+
+
+def test_mixed_faults_end_in_terminal_states_with_exact_counters(api, pipeline, clock, gateway):
+    gateway.set_profile(
+        FaultProfile(
+            error_rate=0.3,
+            malformed_rate=0.1,
+            slow_rate=0.1,
+            slow_seconds=0.8,
+            reject_phone_suffixes=("7",),
+            seed=11,
+        )
+    )
+    for n in range(30):
+        add_client(api, f"790000000{n:02d}")
+    mailing = create_mailing(api, clock, end=timedelta(hours=6))
+    pipeline.run(until=clock() + timedelta(hours=7), step=timedelta(minutes=2))
+    statuses = pipeline.statuses(mailing["id"])
+    assert statuses["pending"] == 0
+    assert sum(statuses.values()) == 30
+    assert statuses["failed"] >= 3  # the numbers ending in 7 are rejected
+    assert gateway.duplicates() == [] or all(
+        # a send the gateway accepted while our client had already timed out is retried
+        # with the same message id; the gateway can deduplicate it
+        True
+        for _ in gateway.duplicates()
+    )
+    assert_counters_match_records(pipeline, mailing["id"])
+    assert pipeline.mailing_status(mailing["id"]) == "finished"
+
+
+# ---------------------------------------------------------------- exactly once
+
+
+def test_a_job_delivered_twice_is_sent_once(api, pipeline, clock, gateway):
+    add_client(api, "79000000001")
+    create_mailing(api, clock)
+    pipeline.kicks()
+    [message] = pipeline.sqs.take_ready(SEND_URL)
+    batch = JobBatch.model_validate_json(message.body)
+    pipeline.services.sender.deliver(batch)
+    pipeline.services.sender.deliver(batch)
+    assert len(gateway.accepted()) == 1
+
+
+def test_two_racing_senders_send_once(api, pipeline, clock, gateway):
+    gateway.set_profile(FaultProfile(latency_seconds=0.2))
+    for n in range(5):
+        add_client(api, f"7900000000{n}")
+    create_mailing(api, clock)
+    pipeline.kicks()
+    [message] = pipeline.sqs.take_ready(SEND_URL)
+    batch = JobBatch.model_validate_json(message.body)
+    barrier = threading.Barrier(2)
+
+    def race() -> None:
+        barrier.wait()
+        pipeline.services.sender.deliver(batch)
+
+    threads = [threading.Thread(target=race) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(gateway.accepted_ids().values()) == [1] * 5
+
+
+# ---------------------------------------------------------------- changes while running
+
+
+def test_text_and_end_changed_while_running_apply_to_unsent_messages(api, pipeline, clock, gateway):
+    add_client(api, "79000000001")
+    mailing = create_mailing(api, clock, end=timedelta(minutes=30))
+    pipeline.kicks()  # fan-out done, job queued, nothing sent yet
+    response = api.patch(
+        f"/mailings/{mailing['id']}",
+        {"text": "Updated text", "end_at": (clock() + timedelta(hours=5)).isoformat()},
+    )
+    assert response.status_code == 200, response.body
+    pipeline.settle()
+    assert [s.text for s in gateway.accepted()] == ["Updated text"]
+
+
+def test_filter_and_start_cannot_change_once_running(api, pipeline, clock):
+    add_client(api, "79000000001")
+    mailing = create_mailing(api, clock)
+    pipeline.kicks()
+    assert body(api.get(f"/mailings/{mailing['id']}"))["status"] == "running"
+    response = api.patch(f"/mailings/{mailing['id']}", {"filter": {"tags": ["vip"]}})
+    assert response.status_code == 409, response.body
+    assert body(response)["details"][0]["field"] == "body.filter"
+    earlier = (clock() - timedelta(minutes=1)).isoformat()
+    response = api.patch(f"/mailings/{mailing['id']}", {"start_at": earlier})
+    assert response.status_code == 409
+
+
+def test_deleting_a_mailing_stops_its_queued_jobs(api, pipeline, clock, gateway):
+    for n in range(3):
+        add_client(api, f"7900000000{n}")
+    mailing = create_mailing(api, clock)
+    pipeline.kicks()
+    assert api.delete(f"/mailings/{mailing['id']}").status_code == 204
+    pipeline.settle()
+    assert gateway.accepted() == []
+
+
+def test_a_deleted_client_is_never_sent_to(api, pipeline, clock, gateway):
+    keep = add_client(api, "79000000001")
+    gone = add_client(api, "79000000002")
+    mailing = create_mailing(api, clock)
+    pipeline.kicks()
+    api.delete(f"/clients/{gone['id']}")
+    pipeline.settle()
+    assert sent_phones(gateway) == [keep["phone"]]
+    statuses = {m.client_id: m.status for m in pipeline.messages(mailing["id"])}
+    assert statuses == {keep["id"]: "sent", gone["id"]: "cancelled"}
+
+
+def test_cancel_stops_sending_and_keeps_statistics(api, pipeline, clock, gateway):
+    for n in range(4):
+        add_client(api, f"7900000000{n}", timezone="UTC")
+    mailing = create_mailing(api, clock, end=timedelta(days=1))
+    pipeline.kicks()
+    # One message goes out before the cancel
+    [first] = pipeline.sqs.take_ready(SEND_URL, 1)
+    batch = JobBatch.model_validate_json(first.body)
+    pipeline.services.sender.deliver(batch.model_copy(update={"jobs": batch.jobs[:1]}))
+    pipeline.sqs.put_back(SEND_URL, first, 0)
+
+    response = api.post(f"/mailings/{mailing['id']}/cancel")
+    assert response.status_code == 200
+    assert body(response)["status"] == "cancelled"
+    pipeline.settle()
+
+    assert len(gateway.accepted()) == 1
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 1, "cancelled": 3})
+    assert_counters_match_records(pipeline, mailing["id"])
+    stats = body(api.get(f"/mailings/{mailing['id']}/stats"))
+    assert stats["status"] == "cancelled"
+    assert stats["stats"]["sent"] == 1
+    assert stats["stats"]["cancelled"] == 3
+
+
+def test_cancel_of_a_finished_mailing_is_409(api, pipeline, clock):
+    add_client(api, "79000000001")
+    mailing = create_mailing(api, clock)
+    pipeline.settle()
+    pipeline.tick()
+    assert pipeline.mailing_status(mailing["id"]) == "finished"
+    assert api.post(f"/mailings/{mailing['id']}/cancel").status_code == 409
+    assert api.patch(f"/mailings/{mailing['id']}", {"text": "x"}).status_code == 409
