@@ -53,12 +53,11 @@ class ClientDirectory:
         """The client, or NotFound."""
         return self._to_domain(self._load(client_id))
 
-    def find(self, client_id: str) -> Client | None:
-        """The client, or None when it does not exist (e.g. deleted)."""
-        try:
-            return self.get(client_id)
-        except NotFound:
-            return None
+    def find_many(self, client_ids: list[str]) -> dict[str, Client]:
+        """The clients that exist among `client_ids`, by id."""
+        wanted = [c for c in dict.fromkeys(client_ids) if looks_like_id(c)]
+        found = self._models.Client.batch_get(wanted, consistent_read=True)
+        return {item.client_id: self._to_domain(item) for item in found}
 
     def list(
         self,

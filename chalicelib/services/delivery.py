@@ -65,6 +65,9 @@ class BatchReport:
 class _Job:
     batch: JobBatch
     job: SendJob
+    mailing: Any
+    message: Any
+    client: Any
     requeue: Delayed | None = None
     called_gateway: bool = False
 
@@ -95,7 +98,17 @@ class Sender:
 
     def deliver(self, batch: JobBatch) -> BatchReport:
         """Process every job of `batch`; raises (so SQS retries it) only on unexpected errors."""
-        work = [_Job(batch, job) for job in batch.jobs]
+        # One read each for the mailing, the messages and the clients of the whole batch, right
+        # before its calls start (milliseconds later): a deleted or cancelled mailing, a deleted
+        # client or an already finished message is seen here.
+        client_ids = [job.client_id for job in batch.jobs]
+        mailing = self._mailing(batch.mailing_id)
+        messages = self._messages.get_many(batch.mailing_id, client_ids) if mailing else {}
+        clients = self._clients.find_many(client_ids) if mailing else {}
+        work = [
+            _Job(batch, job, mailing, messages.get(job.client_id), clients.get(job.client_id))
+            for job in batch.jobs
+        ]
         pool = self._pool or ThreadPoolExecutor(self._settings.sender_concurrency, "sender")
         self._pool = pool
         futures = [pool.submit(self._process, item) for item in work]
@@ -122,7 +135,10 @@ class Sender:
         mailing_id, job = item.batch.mailing_id, item.job
         log = {"mailing_id": mailing_id, "client_id": job.client_id, "message_id": job.message_id}
         now = self._clock()
-        message = self._messages.get(mailing_id, job.client_id)
+        mailing, message, client = item.mailing, item.message, item.client
+        if mailing is None:
+            logger.info("mailing deleted; job dropped", extra=log)
+            return JobResult.SKIPPED
         if message is None or int(message.message_id) != job.message_id:
             if message is None and now - item.batch.enqueued_at < UNCOMMITTED_GRACE:
                 item.requeue = self._later(item, job, UNCOMMITTED_RETRY_SECONDS)
@@ -131,18 +147,12 @@ class Sender:
             return JobResult.SKIPPED
         if message.status != MessageStatus.PENDING.value:
             return JobResult.SKIPPED
-
-        mailing = self._mailing(mailing_id)
-        if mailing is None:
-            logger.info("mailing deleted; job dropped", extra=log)
-            return JobResult.SKIPPED
         if mailing.status == MailingStatus.CANCELLED.value:
             return self._finish(item, MessageStatus.CANCELLED, None, "mailing cancelled")
         # Starting a call this close to the end could reach the gateway after it.
         margin = timedelta(seconds=self._settings.gateway_connect_timeout)
         if now + margin >= mailing.end_at:
             return self._finish(item, MessageStatus.EXPIRED, None, job.last_error or "end passed")
-        client = self._clients.find(job.client_id)
         if client is None:
             return self._finish(item, MessageStatus.CANCELLED, None, "client deleted")
 

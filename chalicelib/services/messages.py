@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pynamodb.connection import Connection
-from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
+from pynamodb.exceptions import TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import MessageStatus
@@ -34,11 +34,11 @@ class MessageStore:
         self._models = models
         self._connection = connection
 
-    def get(self, mailing_id: str, client_id: str) -> Any | None:
-        try:
-            return self._models.Message.get(mailing_id, client_id, consistent_read=True)
-        except DoesNotExist:
-            return None
+    def get_many(self, mailing_id: str, client_ids: list[str]) -> dict[str, Any]:
+        """The messages of these clients in the mailing, by client id (missing ones absent)."""
+        keys = [(mailing_id, client_id) for client_id in dict.fromkeys(client_ids)]
+        found = self._models.Message.batch_get(keys, consistent_read=True)
+        return {message.client_id: message for message in found}
 
     def claim(self, message: Any, now: datetime, seconds: int) -> str | None:
         """Take the message for one gateway call; None when it is not pending or claimed."""
