@@ -1,0 +1,64 @@
+"""Send windows in the client's local time: inside or not, and when they open next."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from chalicelib.domain import SendWindow
+
+DAY = SendWindow(time(9), time(21))
+NIGHT = SendWindow(time(22), time(6))
+
+
+@pytest.mark.parametrize(
+    ("window", "local", "inside"),
+    [
+        (DAY, time(9), True),
+        (DAY, time(20, 59), True),
+        (DAY, time(21), False),
+        (DAY, time(8, 59), False),
+        (NIGHT, time(23), True),
+        (NIGHT, time(0, 30), True),
+        (NIGHT, time(5, 59), True),
+        (NIGHT, time(6), False),
+        (NIGHT, time(12), False),
+    ],
+)
+def test_window_contains_local_times(window, local, inside):
+    assert window.contains(local) is inside
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+@pytest.mark.parametrize(
+    ("window", "now", "zone", "opens"),
+    [
+        # Already inside: now
+        (DAY, "2026-11-22T12:00:00+00:00", "UTC", "2026-11-22T12:00:00+00:00"),
+        # Before opening today, in the client's zone (Moscow is UTC+3)
+        (DAY, "2026-11-22T04:00:00+00:00", "Europe/Moscow", "2026-11-22T09:00:00+03:00"),
+        # After closing: tomorrow morning, local
+        (DAY, "2026-11-22T19:00:00+00:00", "Europe/Moscow", "2026-11-23T09:00:00+03:00"),
+        # A wrapping window opens in the evening
+        (NIGHT, "2026-11-22T12:00:00+00:00", "UTC", "2026-11-22T22:00:00+00:00"),
+        # Across a DST change: New York moves to UTC-4 on 2026-03-08
+        (DAY, "2026-03-08T03:00:00+00:00", "America/New_York", "2026-03-08T09:00:00-04:00"),
+    ],
+)
+def test_next_opening_is_the_next_local_start(window, now, zone, opens):
+    assert window.next_opening(at(now), ZoneInfo(zone)) == at(opens)
+
+
+def test_next_opening_is_inside_the_window():
+    now = datetime(2026, 11, 22, 0, 0, tzinfo=UTC)
+    for hours in range(0, 48, 5):
+        moment = now + timedelta(hours=hours)
+        for zone in ("Asia/Vladivostok", "America/Los_Angeles", "Asia/Kathmandu"):
+            opening = NIGHT.next_opening(moment, ZoneInfo(zone))
+            assert opening >= moment
+            assert NIGHT.contains(opening.astimezone(ZoneInfo(zone)).time())
