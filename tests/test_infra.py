@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from chalicelib import workers
 from chalicelib.models import build_models
 from chalicelib.settings import Settings
 
@@ -30,18 +31,88 @@ STAGE = "prod"
 TEMPLATE_NAME = "sam.yaml"
 PACKAGE_TIMEOUT_SECONDS = 600
 
-# What PynamoDB calls for the service. Transactions need no action of their own: each part is
-# authorised as PutItem, UpdateItem, DeleteItem or ConditionCheckItem.
-DYNAMODB_ACTIONS = {
+# Who may do what, written out so that a change in the code's data access needs a deliberate
+# change here (and in infra/resources.yaml). Read from each Lambda's code path:
+# PynamoDB get -> GetItem, save -> PutItem, update -> UpdateItem, delete -> DeleteItem,
+# query -> Query (on "<kind>/index/<name>" for an index), batch_get -> BatchGetItem; a
+# transaction's parts are authorised as the Put/Update/Delete they are (no ConditionCheck parts).
+# SendMessageBatch is authorised as sqs:SendMessage; an SQS event source needs CONSUME.
+GET, PUT, UPDATE, DELETE = (
     "dynamodb:GetItem",
     "dynamodb:PutItem",
     "dynamodb:UpdateItem",
     "dynamodb:DeleteItem",
-    "dynamodb:Query",
-    "dynamodb:BatchWriteItem",
-    "dynamodb:ConditionCheckItem",
-    "dynamodb:DescribeTable",
+)
+QUERY, BATCH_GET = "dynamodb:Query", "dynamodb:BatchGetItem"
+SEND = "sqs:SendMessage"
+CONSUME = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"}
+AUDIENCE_INDEXES = {
+    "clients/index/by_operator": {QUERY},
+    "clients/index/by_tag": {QUERY},
+    "clients/index/by_shard": {QUERY},
 }
+TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
+    # chalicelib/api: client and mailing CRUD, listings, statistics.
+    "APIHandler": {
+        "clients": {GET, PUT, DELETE},
+        **AUDIENCE_INDEXES,
+        "phones": {GET, PUT, DELETE},
+        "mailings": {GET, PUT, UPDATE, DELETE},
+        "mailings/index/by_created": {QUERY},
+        "messages": {QUERY, BATCH_GET},
+        "messages/index/by_status": {QUERY},
+    },
+    # Scheduler.tick: due mailings, leases, fan-out pages, sweeps, finish.
+    "SchedulerTick": {
+        "mailings": {GET, UPDATE},
+        "mailings/index/due": {QUERY},
+        "messages": {PUT, UPDATE},
+        "messages/index/by_status": {QUERY},
+        **AUDIENCE_INDEXES,
+        "sequences": {UPDATE},
+    },
+    # Scheduler.advance: the same for one mailing, read by key instead of from the due index.
+    "AdvanceMailing": {
+        "mailings": {GET, UPDATE},
+        "messages": {PUT, UPDATE},
+        "messages/index/by_status": {QUERY},
+        **AUDIENCE_INDEXES,
+        "sequences": {UPDATE},
+    },
+    # Sender.deliver: one read of the batch's mailing, messages and clients; claims, outcomes.
+    "SendMessages": {
+        "mailings": {GET, UPDATE},
+        "messages": {BATCH_GET, UPDATE},
+        "clients": {BATCH_GET},
+    },
+}
+QUEUE_ACCESS: dict[str, dict[str, set[str]]] = {
+    "APIHandler": {"FanoutQueue": {SEND}},  # kicks
+    "SchedulerTick": {"SendQueue": {SEND}, "FanoutQueue": {SEND}},  # jobs, continuations
+    "AdvanceMailing": {"FanoutQueue": {*CONSUME, SEND}, "SendQueue": {SEND}},
+    "SendMessages": {"SendQueue": {*CONSUME, SEND}, "SendDeadLetterQueue": {SEND}},
+}
+AUTHORIZER = "BearerAuth"
+
+# Queue -> (its dead-letter queue, the function its SQS event source feeds).
+QUEUES = {
+    "SendQueue": ("SendDeadLetterQueue", "SendMessages"),
+    "FanoutQueue": ("FanoutDeadLetterQueue", "AdvanceMailing"),
+}
+DEAD_LETTER_QUEUES = {"SendDeadLetterQueue", "FanoutDeadLetterQueue"}
+QUEUE_NAMES = {
+    "SendQueue": "send",
+    "SendDeadLetterQueue": "send-dlq",
+    "FanoutQueue": "fanout",
+    "FanoutDeadLetterQueue": "fanout-dlq",
+}
+MAX_RECEIVE_COUNT = 5
+FOURTEEN_DAYS = 14 * 24 * 3600
+# Lambda's guidance for SQS sources: visibility timeout >= 6 x function timeout (+ window).
+VISIBILITY_FACTOR = 6
+# Environment variables the functions get that chalicelib.settings does not read.
+NON_SETTINGS_VARIABLES = {"POWERTOOLS_SERVICE_NAME"}
+
 STACK_NAME = "sms-prod"
 # Settings needs a valid prefix; only the "<prefix>-<kind>" shape matters here.
 MODEL_PREFIX = "sms-models"
@@ -194,6 +265,56 @@ def dynamodb_grants(statements: list[dict[str, Any]]) -> dict[tuple[str, str], s
     return grants
 
 
+def queue_target(resource: Any) -> str | None:
+    """The queue logical id of `!GetAtt Q.Arn`; None for anything else."""
+    if isinstance(resource, dict) and "Fn::GetAtt" in resource:
+        logical_id, attribute = resource["Fn::GetAtt"]
+        return logical_id if attribute == "Arn" else None
+    return None
+
+
+def sqs_grants(statements: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Queue logical id -> SQS actions allowed on it."""
+    grants: dict[str, set[str]] = {}
+    for statement in statements:
+        actions = {a for a in as_list(statement["Action"]) if a.startswith("sqs:")}
+        if statement["Effect"] != "Allow" or not actions:
+            continue
+        for resource in as_list(statement["Resource"]):
+            target = queue_target(resource)
+            assert target is not None, f"SQS granted on something not a queue: {resource}"
+            grants.setdefault(target, set()).update(actions)
+    return grants
+
+
+def table_access(resources: dict[str, Any], statements: list[dict[str, Any]]) -> dict:
+    """DynamoDB grants keyed as TABLE_ACCESS is: "<kind>" or "<kind>/index/<name>"."""
+    kinds = {logical_id: kind for kind, (logical_id, _) in tables_by_kind(resources).items()}
+    return {
+        f"{kinds.get(table, table)}{suffix}": actions
+        for (table, suffix), actions in dynamodb_grants(statements).items()
+    }
+
+
+def environment(template: dict[str, Any], function: str) -> dict[str, Any]:
+    """The variables a function runs with: SAM merges its own over the Globals."""
+    shared = template.get("Globals", {}).get("Function", {}).get("Environment", {})
+    own = template["Resources"][function]["Properties"].get("Environment", {})
+    return {**shared.get("Variables", {}), **own.get("Variables", {})}
+
+
+def sqs_event_sources(resources: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Function logical id -> Properties of its one SQS event source."""
+    found = {}
+    for name, function in of_type(resources, "AWS::Serverless::Function").items():
+        events = function["Properties"].get("Events", {})
+        sqs = [event["Properties"] for event in events.values() if event["Type"] == "SQS"]
+        assert len(sqs) <= 1, f"{name} has {len(sqs)} SQS event sources"
+        if sqs:
+            found[name] = sqs[0]
+    return found
+
+
 def render(response_template: str) -> Any:
     """The body API Gateway sends: messageString is substituted as an already-quoted string."""
     return json.loads(response_template.replace("$context.error.messageString", '"Forbidden"'))
@@ -203,7 +324,8 @@ def render(response_template: str) -> Any:
 
 
 def test_packaged_template_passes_cfn_lint(template_path: Path) -> None:
-    """Given the packaged template, when cfn-lint checks it, then it reports nothing at all."""
+    """Given the packaged template, when cfn-lint checks it, then it reports nothing, not even a
+    warning."""
     result = subprocess.run(
         [str(BIN / "cfn-lint"), str(template_path)],
         capture_output=True,
@@ -211,8 +333,9 @@ def test_packaged_template_passes_cfn_lint(template_path: Path) -> None:
         timeout=300,
         check=False,
     )
-    print(result.stdout, result.stderr)
+    # Warnings count too: cfn-lint exits non-zero for them, and prints every finding.
     assert result.returncode == 0, f"cfn-lint found problems:\n{result.stdout}{result.stderr}"
+    assert result.stdout.strip() == "", result.stdout
 
 
 # ---------------------------------------------------------------- tables match the models
@@ -326,45 +449,244 @@ def test_chalice_policy_file_grants_only_logs(resources: dict) -> None:
 
 
 def test_dynamodb_is_granted_only_on_this_stacks_tables(resources: dict) -> None:
-    """Given the DynamoDB grants, when resolved, then each names one of the stack's tables."""
-    tables = {logical_id for logical_id, _ in tables_by_kind(resources).values()}
+    """Given the DynamoDB grants, when resolved, then each names a table or index of the stack."""
+    tables = {logical_id: table for logical_id, table in tables_by_kind(resources).values()}
     for role, statements in statements_by_role(resources).items():
         for table, suffix in dynamodb_grants(statements):
             assert table in tables, f"{role} is granted DynamoDB on {table}"
-            assert suffix in ("", "/index/*"), f"{role} is granted {table}{suffix}"
+            if suffix:
+                indexes = {
+                    gsi["IndexName"] for gsi in tables[table].get("GlobalSecondaryIndexes", [])
+                }
+                assert suffix.removeprefix("/index/") in indexes, f"{role}: {table}{suffix}"
 
 
-def test_functions_can_use_every_table_with_exactly_the_actions_the_code_needs(
-    resources: dict,
-) -> None:
-    """Given a non-authorizer Lambda, when it uses a table, it may do exactly what PynamoDB does.
+def test_sqs_is_granted_only_on_this_stacks_queues(resources: dict) -> None:
+    """Given the SQS grants, when resolved, then each names one queue of the stack, no pattern."""
+    queues = set(of_type(resources, "AWS::SQS::Queue"))
+    for role, statements in statements_by_role(resources).items():
+        for queue in sqs_grants(statements):
+            assert queue in queues, f"{role} is granted SQS on {queue}"
 
-    A new Lambda whose role is missing from TablesAccessPolicy fails here, not in production.
+
+def test_the_access_matrix_covers_exactly_the_apps_functions(resources: dict) -> None:
+    """Given a Lambda added to the app, when packaged, then this test makes someone grant it.
+
+    Every function but the authorizer needs a row in TABLE_ACCESS and QUEUE_ACCESS, and each row
+    names a function that exists.
     """
-    tables = tables_by_kind(resources)
-    grants_by_role = {role: dynamodb_grants(s) for role, s in statements_by_role(resources).items()}
-    authorizers = authorizer_functions(resources)
-    workers = {f: r for f, r in function_roles(resources).items() if f not in authorizers}
-    assert "APIHandler" in workers
-
-    for function, role in workers.items():
-        grants = grants_by_role.get(role, {})
-        for kind, (logical_id, table) in tables.items():
-            assert grants.get((logical_id, "")) == DYNAMODB_ACTIONS, (function, kind)
-            if table.get("GlobalSecondaryIndexes"):
-                assert grants.get((logical_id, "/index/*")) == {"dynamodb:Query"}, (function, kind)
-            else:
-                assert (logical_id, "/index/*") not in grants, (function, kind)
+    functions = set(of_type(resources, "AWS::Serverless::Function"))
+    assert authorizer_functions(resources) == {AUTHORIZER}
+    assert set(TABLE_ACCESS) == functions - {AUTHORIZER}
+    assert set(QUEUE_ACCESS) == functions - {AUTHORIZER}
 
 
-def test_the_authorizer_cannot_touch_the_tables(resources: dict) -> None:
-    """Given the token authorizer, when its role is read, then it has no DynamoDB access."""
-    authorizers = authorizer_functions(resources)
-    assert authorizers == {"BearerAuth"}
+@pytest.mark.parametrize("function", sorted(TABLE_ACCESS))
+def test_function_can_use_exactly_the_tables_and_indexes_its_code_uses(
+    resources: dict, function: str
+) -> None:
+    """Given a Lambda, when its role is read, then it may do exactly what its code path does."""
+    role = function_roles(resources)[function]
+    statements = statements_by_role(resources).get(role, [])
+    assert table_access(resources, statements) == TABLE_ACCESS[function]
+
+
+@pytest.mark.parametrize("function", sorted(QUEUE_ACCESS))
+def test_function_can_use_exactly_the_queues_its_code_uses(resources: dict, function: str) -> None:
+    """Given a Lambda, when its role is read, then it may do exactly what its code and its
+    event source mapping do on exactly those queues."""
+    role = function_roles(resources)[function]
+    assert sqs_grants(statements_by_role(resources).get(role, [])) == QUEUE_ACCESS[function]
+
+
+def test_the_authorizer_cannot_touch_tables_or_queues(resources: dict) -> None:
+    """Given the token authorizer, when its role is read, then it has no DynamoDB or SQS access."""
+    role = function_roles(resources)[AUTHORIZER]
+    statements = statements_by_role(resources).get(role, [])
+    assert dynamodb_grants(statements) == {}
+    assert sqs_grants(statements) == {}
+    assert not [
+        p
+        for p in of_type(resources, "AWS::IAM::Policy").values()
+        if {"Ref": role} in p["Properties"]["Roles"]
+    ]
+
+
+def test_no_dynamodb_or_sqs_grant_has_a_wildcard_resource(resources: dict) -> None:
+    """Given the stack's policies, when read, then DynamoDB and SQS name each resource."""
+    for role, statements in statements_by_role(resources).items():
+        for statement in statements:
+            services = {a.split(":")[0] for a in as_list(statement["Action"])}
+            if services & {"dynamodb", "sqs"}:
+                assert "*" not in json.dumps(statement["Resource"]), (role, statement)
+
+
+def test_each_function_has_its_own_access_policy_and_waits_for_it(resources: dict) -> None:
+    """Given a Lambda with grants, when deployed, then one policy of its own carries them and the
+    function (so its SQS event source mapping, which checks the role) is created after it."""
+    policies = of_type(resources, "AWS::IAM::Policy")
     roles = function_roles(resources)
-    statements = statements_by_role(resources)
-    for function in authorizers:
-        assert dynamodb_grants(statements.get(roles[function], [])) == {}
+    for function in TABLE_ACCESS:
+        own = [
+            name
+            for name, policy in policies.items()
+            if policy["Properties"]["Roles"] == [{"Ref": roles[function]}]
+        ]
+        assert len(own) == 1, (function, own)
+        assert own[0] in as_list(resources[function].get("DependsOn", [])), function
+    for name, policy in policies.items():
+        assert len(policy["Properties"]["Roles"]) == 1, f"{name} is shared between roles"
+
+
+# ---------------------------------------------------------------- queues and event sources
+
+
+@pytest.fixture(scope="module")
+def queues(resources: dict) -> dict[str, Any]:
+    found = {name: res["Properties"] for name, res in of_type(resources, "AWS::SQS::Queue").items()}
+    assert set(found) == set(QUEUES) | DEAD_LETTER_QUEUES
+    return found
+
+
+@pytest.fixture(scope="module")
+def event_sources(resources: dict) -> dict[str, dict[str, Any]]:
+    found = sqs_event_sources(resources)
+    assert set(found) == {function for _, function in QUEUES.values()}
+    return found
+
+
+@pytest.mark.parametrize("queue", sorted(QUEUE_NAMES))
+def test_queue_is_named_after_the_stack_and_encrypted(queues: dict, queue: str) -> None:
+    """Given a queue, when deployed, then its name carries the stack's and SQS encrypts it."""
+    assert queues[queue]["QueueName"] == {"Fn::Sub": f"${{AWS::StackName}}-{QUEUE_NAMES[queue]}"}
+    assert queues[queue]["SqsManagedSseEnabled"] is True
+
+
+@pytest.mark.parametrize("queue", sorted(QUEUES))
+def test_queue_hides_a_batch_longer_than_its_lambda_can_retry_it(
+    resources: dict, queues: dict, event_sources: dict, queue: str
+) -> None:
+    """Given a batch being processed, when its Lambda is throttled or retried, then SQS does not
+    deliver it again meanwhile: visibility >= 6 x the function's timeout plus its batch window."""
+    _, function = QUEUES[queue]
+    timeout = resources[function]["Properties"]["Timeout"]
+    window = event_sources[function].get("MaximumBatchingWindowInSeconds", 0)
+    assert queues[queue]["VisibilityTimeout"] >= VISIBILITY_FACTOR * timeout + window
+
+
+@pytest.mark.parametrize("queue", sorted(QUEUES))
+def test_queue_moves_a_message_that_keeps_failing_to_its_dead_letter_queue(
+    queues: dict, queue: str
+) -> None:
+    """Given a message whose processing keeps failing, when received 5 times, it goes to the DLQ."""
+    dead_letter_queue, _ = QUEUES[queue]
+    assert queues[queue]["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": [dead_letter_queue, "Arn"]},
+        "maxReceiveCount": MAX_RECEIVE_COUNT,
+    }
+    assert "RedrivePolicy" not in queues[dead_letter_queue]
+
+
+@pytest.mark.parametrize("queue", sorted(DEAD_LETTER_QUEUES | {"SendQueue"}))
+def test_jobs_and_dead_letters_are_kept_fourteen_days(queues: dict, queue: str) -> None:
+    """Given an outage, when jobs or dead letters wait, then SQS keeps them its longest, 14 days.
+
+    A standard queue's dead letter keeps its first enqueue time, so a DLQ never keeps less.
+    """
+    assert queues[queue]["MessageRetentionPeriod"] == FOURTEEN_DAYS
+
+
+def test_sender_reports_failed_records_so_only_they_come_back(event_sources: dict) -> None:
+    """Given a send batch where one record fails, when the sender returns batchItemFailures,
+    then Lambda deletes the rest: the mapping must declare ReportBatchItemFailures (Chalice
+    cannot; infra/resources.yaml adds it)."""
+    source = event_sources["SendMessages"]
+    assert source["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert source["Queue"] == {"Fn::GetAtt": ["SendQueue", "Arn"]}
+    assert source["BatchSize"] >= 10
+    if source["BatchSize"] > 10:
+        # SQS event sources take more than 10 records only with a batching window.
+        assert source["MaximumBatchingWindowInSeconds"] >= 1
+
+
+def test_fan_out_kicks_feed_advance_mailing(event_sources: dict) -> None:
+    """Given a kick on the fan-out queue, when delivered, then advance_mailing gets it alone;
+    it returns no batchItemFailures, so the mapping must not declare that it does."""
+    source = event_sources["AdvanceMailing"]
+    assert source["Queue"] == {"Fn::GetAtt": ["FanoutQueue", "Arn"]}
+    assert source["BatchSize"] == 1
+    assert "FunctionResponseTypes" not in source
+
+
+def test_no_placeholder_queue_arn_is_left_in_the_template(template_path: Path) -> None:
+    """Given the placeholder ARNs in chalicelib/workers.py, when packaged, none is deployed."""
+    text = template_path.read_text()
+    for placeholder in (workers.SEND_QUEUE_ARN, workers.FANOUT_QUEUE_ARN):
+        assert placeholder not in text
+    assert "placeholder" not in text
+    # Queues are referenced by GetAtt, never as a literal ARN of some account.
+    assert "arn:aws:sqs:" not in text
+
+
+def test_the_scheduler_ticks_every_minute(resources: dict) -> None:
+    """Given Chalice's @schedule, when packaged, then one rule runs scheduler_tick each minute."""
+    schedules = {
+        (name, event["Properties"]["Schedule"])
+        for name, function in of_type(resources, "AWS::Serverless::Function").items()
+        for event in function["Properties"].get("Events", {}).values()
+        if event["Type"] == "Schedule"
+    }
+    assert schedules == {("SchedulerTick", "rate(1 minute)")}
+
+
+# ---------------------------------------------------------------- settings and the gateway
+
+
+def test_every_function_finds_the_queues(template: dict) -> None:
+    """Given any Lambda, when it enqueues, then the queue URL settings name the stack's queues."""
+    for function in of_type(template["Resources"], "AWS::Serverless::Function"):
+        variables = environment(template, function)
+        assert variables["SEND_QUEUE_URL"] == {"Ref": "SendQueue"}, function
+        assert variables["SEND_DLQ_URL"] == {"Ref": "SendDeadLetterQueue"}, function
+        assert variables["FANOUT_QUEUE_URL"] == {"Ref": "FanoutQueue"}, function
+
+
+def test_every_environment_variable_is_a_setting(template: dict) -> None:
+    """Given a variable the template sets, when the code starts, then Settings reads it (a typo
+    would be ignored silently, leaving the setting at its default)."""
+    settings = {name.upper() for name in Settings.model_fields}
+    for function in of_type(template["Resources"], "AWS::Serverless::Function"):
+        unknown = set(environment(template, function)) - settings - NON_SETTINGS_VARIABLES
+        assert not unknown, (function, unknown)
+
+
+def test_only_the_sender_gets_the_gateway_token(template: dict) -> None:
+    """Given the gateway token, when deployed, then it is a NoEcho parameter and only the
+    sender's environment holds it (never Globals)."""
+    parameter = template["Parameters"]["SenderApiToken"]
+    assert parameter["NoEcho"] is True
+    assert "Default" not in parameter
+    shared = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert "SENDER_API_TOKEN" not in shared
+    holders = {
+        function
+        for function in of_type(template["Resources"], "AWS::Serverless::Function")
+        if "SENDER_API_TOKEN" in environment(template, function)
+    }
+    assert holders == {"SendMessages"}
+    sender = environment(template, "SendMessages")
+    assert sender["SENDER_API_TOKEN"] == {"Ref": "SenderApiToken"}
+    assert sender["SENDER_API_URL"] == {"Ref": "SenderApiUrl"}
+
+
+def test_gateway_url_defaults_to_the_public_gateway_and_settings_accept_it(template: dict) -> None:
+    """Given the SenderApiUrl parameter, when left at its default, then it is the public gateway
+    and both CloudFormation's pattern and the settings' validation accept it."""
+    parameter = template["Parameters"]["SenderApiUrl"]
+    assert parameter["Default"] == "https://probe.fbrq.cloud"
+    assert re.fullmatch(parameter["AllowedPattern"], parameter["Default"])
+    assert not re.fullmatch(parameter["AllowedPattern"], "ftp://probe.fbrq.cloud")
+    assert Settings(sender_api_url=parameter["Default"]).sender_api_url == parameter["Default"]
 
 
 # ---------------------------------------------------------------- API Gateway's own errors
