@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 STAGE ?= prod
 PACKAGE_DIR ?= build/package
 
-.PHONY: install run test lint format package bench clean
+.PHONY: install run demo test lint format package bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python -m chalicelib.local
+
+demo: $(STAMP)
+	$(BIN)/python -m chalicelib.local --demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

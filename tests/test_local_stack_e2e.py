@@ -2,131 +2,36 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import requests
 
+from tests.local_stack_support import (
+    READY_TIMEOUT_SECONDS,
+    REPO_ROOT,
+    Stack,
+    free_port,
+    running_stack,
+    stack_command,
+    stack_environment,
+)
+
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "e2e-token-" + "x" * 24
-READY_TIMEOUT_SECONDS = 60
-STOP_TIMEOUT_SECONDS = 10
-_PID_LINE = re.compile(r"starting the local stack \(pid (\d+)\)")
 SCRIPT = ("text/javascript", "application/javascript")
 STYLESHEET = ("text/css",)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stack_command() -> list[str]:
-    """`make run` when the repo's .venv exists; otherwise what `make run` runs, on this Python.
-
-    `make run` first builds .venv (a pip install) when it is missing, which a test must not do
-    and a sandbox without an index cannot do; the packages are already importable here.
-    """
-    if (REPO_ROOT / ".venv" / "bin" / "python").exists():
-        return ["make", "run"]
-    return [sys.executable, "-m", "chalicelib.local"]
-
-
-def stack_environment(**overrides: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("AWS_ENDPOINT_URL", "AUTH_MODE", "TABLE_PREFIX", "HOST"):
-        env.pop(name, None)
-    env.update(PYTHONUNBUFFERED="1", MOTO_PORT="0", **overrides)
-    return env
-
-
-@dataclass
-class RunningStack:
-    """A started `make run` with its output collected as it arrives."""
-
-    process: subprocess.Popen
-    lines: list[str] = field(default_factory=list)
-    ready_url: str | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def collect(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if line.startswith("READY "):
-                self.ready_url = line.split(" ", 1)[1].strip()
-                self.ready.set()
-        self.ready.set()  # the process ended: whoever waits should stop waiting
-
-    def stack_pid(self) -> int:
-        """The Python process serving the API (under `make run`, a child of make)."""
-        match = _PID_LINE.search(self.output)
-        return int(match.group(1)) if match else self.process.pid
-
-
-def spawn(env: dict[str, str]) -> RunningStack:
-    process = subprocess.Popen(
-        stack_command(),
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: teardown can never miss a child
-    )
-    running = RunningStack(process)
-    threading.Thread(target=running.collect, daemon=True).start()
-    return running
-
-
-@dataclass
-class Stack:
-    url: str
-    startup_seconds: float
-    auth: dict[str, str]
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     """The local stack started as `make run` starts it, on a free port, stopped with SIGTERM."""
-    port = free_port()
-    started = time.monotonic()
-    running = spawn(stack_environment(PORT=str(port), API_TOKENS=TOKEN))
-    try:
-        running.ready.wait(READY_TIMEOUT_SECONDS)
-        if running.ready_url is None:
-            pytest.fail(f"no READY line within {READY_TIMEOUT_SECONDS} s:\n{running.output}")
-        startup = time.monotonic() - started
-        assert running.ready_url == f"http://127.0.0.1:{port}"
-        yield Stack(running.ready_url, startup, {"Authorization": f"Bearer {TOKEN}"})
-
-        os.kill(running.stack_pid(), signal.SIGTERM)
-        try:
-            exit_code = running.process.wait(STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {STOP_TIMEOUT_SECONDS} s after SIGTERM:\n{running.output}")
-        assert exit_code == 0, running.output
-    finally:
-        if running.process.poll() is None:
-            os.killpg(running.process.pid, signal.SIGKILL)
-            running.process.wait()
+    with running_stack() as started:
+        yield started
 
 
 def test_startup_time_is_reported(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
@@ -204,23 +109,44 @@ def test_bad_body_is_a_json_error(stack: Stack) -> None:
     assert any(detail["field"] == "body.phone" for detail in error["details"])
 
 
-def test_too_short_token_is_refused_before_anything_starts() -> None:
-    # Given a token that could be guessed
-    env = stack_environment(PORT=str(free_port()), API_TOKENS="short")
-    # When the stack is started with it
-    started = time.monotonic()
-    result = subprocess.run(
+def start_refused(**env: str) -> subprocess.CompletedProcess[str]:
+    """Start the stack with a setting it must refuse; the finished process."""
+    return subprocess.run(
         stack_command(),
         cwd=REPO_ROOT,
-        env=env,
+        env=stack_environment(PORT=str(free_port()), **env),
         capture_output=True,
         text=True,
         timeout=READY_TIMEOUT_SECONDS,
         start_new_session=True,
     )
+
+
+def test_too_short_token_is_refused_before_anything_starts() -> None:
+    # Given a token that could be guessed, when the stack is started with it
+    started = time.monotonic()
+    result = start_refused(API_TOKENS="short")
     # Then it exits at once, naming the setting, and never serves
     assert result.returncode != 0
     assert "API_TOKENS" in result.stderr
     assert "at least 16 characters" in result.stderr
     assert "READY" not in result.stdout
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "explanation"),
+    [
+        ("SANDBOX_ERROR_RATE", "1.5", "must be between 0 and 1"),
+        ("SCHEDULER_INTERVAL_SECONDS", "0", "must be a positive number of seconds"),
+    ],
+)
+def test_bad_pipeline_setting_is_refused_with_exit_code_2(
+    name: str, value: str, explanation: str
+) -> None:
+    # Given a delivery pipeline setting the stack cannot run with, when the stack starts
+    result = start_refused(**{name: value})
+    # Then it exits with the code of a bad setting, naming it and what is wrong
+    assert result.returncode == 2, result.stderr
+    assert f"error: {name} {explanation}" in result.stderr
+    assert "READY" not in result.stdout

@@ -14,22 +14,47 @@ environment:
   API_TOKENS        comma-separated accepted bearer tokens (default: one generated per run)
   AWS_ENDPOINT_URL  use this AWS endpoint instead of the embedded emulator
   MOTO_PORT         embedded emulator port on 127.0.0.1 (default 0: a free one)
-  TABLE_PREFIX      table name prefix (default sms-local); other service settings apply too
+  TABLE_PREFIX      table and queue name prefix (default sms-local); other service settings
+                    apply too (RETRY_BASE_SECONDS, MAX_ATTEMPTS, ...)
 
-Prints "READY <api_url>" once it serves; stops cleanly on Ctrl+C or SIGTERM.
+delivery pipeline:
+  SCHEDULER_INTERVAL_SECONDS       scheduler tick period (default 10)
+  SENDER_BATCH_SIZE                SQS messages per sender invocation, 1-10 (default 10)
+  SENDER_POLLERS                   concurrent sender invocations (default 2)
+  SEND_VISIBILITY_TIMEOUT_SECONDS  send queue visibility timeout when it is created
+                                   (default 60, at least the sender's 60 s timeout)
+  SEND_QUEUE_URL, SEND_DLQ_URL, FANOUT_QUEUE_URL
+                                   use these queues (default: <TABLE_PREFIX>-send etc.,
+                                   created if missing)
+
+gateway:
+  SENDER_API_URL, SENDER_API_TOKEN  talk to this SMS gateway (both or neither); without
+                                   them a sandbox gateway runs on 127.0.0.1
+  SANDBOX_PORT                     sandbox port (default 0: a free one)
+  SANDBOX_LATENCY_MS, SANDBOX_ERROR_RATE, SANDBOX_SEED, ...
+                                   sandbox faults (see chalicelib/local/gateway.py); change
+                                   them at runtime with POST <sandbox>/_sandbox/profile
+
+Prints "SANDBOX <gateway_url>" (with the sandbox) and then "READY <api_url>" once it serves;
+stops cleanly on Ctrl+C or SIGTERM. Exit codes: 2 for a bad setting, 1 for other failures.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the (option-less) command line and run the local stack."""
+    """Parse the command line and run the local stack."""
     parser = argparse.ArgumentParser(
         prog="python -m chalicelib.local",
-        description="Run the SMS campaign API locally on an embedded AWS emulator.",
+        description="Run the SMS campaign service locally on an embedded AWS emulator.",
         epilog=_ENVIRONMENT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.parse_args(argv)
-    return run()
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="once it serves, load sample clients and start a mailing to watch",
+    )
+    args = parser.parse_args(argv)
+    return run(demo=args.demo)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""The local stack: an embedded AWS emulator, the service's tables and the Chalice app over HTTP.
+"""The local stack: the whole service on one machine, with no AWS account.
+
+An embedded AWS emulator (or the endpoint in AWS_ENDPOINT_URL) holds the tables and queues; a
+sandbox SMS gateway stands in for the real one (unless SENDER_API_URL names a gateway); the
+Chalice app is served over HTTP, and its Lambdas run as they would in AWS: the scheduler tick
+on a timer, the fan-out worker and the sender behind SQS pollers.
 
 Everything is configured from the environment (see `LocalConfig`). The stack is a list of
-components started in order and stopped in reverse; the scheduler tick and the SQS poller
-join it as more components.
+components started in order and stopped in reverse.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import secrets
 import shlex
@@ -16,11 +22,15 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+import uuid
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from chalicelib.local.gateway import FaultProfile, SandboxGateway
+from chalicelib.local.poller import LambdaContext, SqsPoller
 from chalicelib.settings import AuthMode, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -41,9 +51,32 @@ _DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "lo
 _REAL_CREDENTIAL_VARIABLES = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE")
 _NOISY_LOGGERS = ("werkzeug", "botocore", "boto3", "urllib3", "moto", "pynamodb")
 
+# The Lambdas of app.py the stack runs, by their Chalice names. Each runs with its timeout from
+# .chalice/config.json, as in AWS, so a handler too slow there fails here too.
+SCHEDULE_FUNCTION = "scheduler_tick"
+FANOUT_FUNCTION = "advance_mailing"
+SEND_FUNCTION = "send_messages"
+_CHALICE_DEFAULT_TIMEOUT_SECONDS = 60  # when config.json sets none
+DEFAULT_SCHEDULER_INTERVAL_SECONDS = 10.0
+DEFAULT_SENDER_BATCH_SIZE = 10
+DEFAULT_SENDER_POLLERS = 2
+# Six times the function timeout in AWS; locally a job whose sender crashed comes back after a
+# minute. Never below the function's timeout, which Lambda requires of a queue.
+DEFAULT_SEND_VISIBILITY_SECONDS = 60
+FANOUT_VISIBILITY_SECONDS = 120
+MAX_RECEIVE_COUNT = 5
+_MAX_VISIBILITY_SECONDS = 43200
+_MAX_SENDER_POLLERS = 32
+_MAX_SQS_BATCH = 10
+SANDBOX_LEDGER_PATH = "/_sandbox/ledger"
+
 
 class StackError(RuntimeError):
     """The local stack cannot start; the message says why and what to change."""
+
+
+class ConfigError(StackError):
+    """A local-stack variable has a value the stack cannot run with (exit code 2, as settings)."""
 
 
 class Component(Protocol):
@@ -67,33 +100,95 @@ class LocalConfig:
     moto_port: int = 0
     # Set: use that AWS endpoint (a shared emulator, LocalStack, ...) and embed none.
     aws_endpoint_url: str | None = None
+    scheduler_interval: float = DEFAULT_SCHEDULER_INTERVAL_SECONDS
+    sender_batch_size: int = DEFAULT_SENDER_BATCH_SIZE
+    sender_pollers: int = DEFAULT_SENDER_POLLERS
+    # None: DEFAULT_SEND_VISIBILITY_SECONDS, or the sender's timeout if that is longer.
+    send_visibility_timeout: int | None = None
+    sandbox_port: int = 0
+    # None: SENDER_API_URL names the gateway to talk to, and no sandbox runs.
+    sandbox_profile: FaultProfile | None = field(default_factory=FaultProfile)
 
     @property
     def embeds_emulator(self) -> bool:
         return self.aws_endpoint_url is None
 
     @classmethod
-    def from_env(cls, environ: MutableMapping[str, str]) -> LocalConfig:
-        """Read PORT, HOST, MOTO_PORT and AWS_ENDPOINT_URL; a bad value raises StackError."""
+    def from_env(cls, environ: Mapping[str, str]) -> LocalConfig:
+        """Read the local stack's variables (see __main__'s help); a bad one raises ConfigError."""
+        external_gateway = bool(environ.get("SENDER_API_URL"))
+        if external_gateway and not environ.get("SENDER_API_TOKEN"):
+            raise ConfigError(
+                "SENDER_API_URL is set but SENDER_API_TOKEN is not: set both to use that "
+                "gateway, or neither to use the sandbox gateway"
+            )
+        profile = None
+        if not external_gateway:
+            try:
+                profile = FaultProfile.from_env(environ)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return cls(
             host=environ.get("HOST") or DEFAULT_HOST,
             port=_port(environ, "PORT", DEFAULT_PORT),
             moto_port=_port(environ, "MOTO_PORT", 0),
             aws_endpoint_url=environ.get("AWS_ENDPOINT_URL") or None,
+            scheduler_interval=_positive_seconds(
+                environ, "SCHEDULER_INTERVAL_SECONDS", DEFAULT_SCHEDULER_INTERVAL_SECONDS
+            ),
+            sender_batch_size=_whole_number(
+                environ, "SENDER_BATCH_SIZE", DEFAULT_SENDER_BATCH_SIZE, 1, _MAX_SQS_BATCH
+            ),
+            sender_pollers=_whole_number(
+                environ, "SENDER_POLLERS", DEFAULT_SENDER_POLLERS, 1, _MAX_SENDER_POLLERS
+            ),
+            send_visibility_timeout=_whole_number(
+                environ, "SEND_VISIBILITY_TIMEOUT_SECONDS", None, 1, _MAX_VISIBILITY_SECONDS
+            ),
+            sandbox_port=_port(environ, "SANDBOX_PORT", 0),
+            sandbox_profile=profile,
         )
 
 
-def _port(environ: MutableMapping[str, str], name: str, default: int) -> int:
+def _port(environ: Mapping[str, str], name: str, default: int) -> int:
     raw = environ.get(name) or ""
     if not raw:
         return default
     try:
         port = int(raw)
     except ValueError:
-        raise StackError(f"{name} must be a port number, got {raw!r}") from None
+        raise ConfigError(f"{name} must be a port number, got {raw!r}") from None
     if not 0 <= port <= 65535:
-        raise StackError(f"{name} must be between 0 and 65535, got {port}")
+        raise ConfigError(f"{name} must be between 0 and 65535, got {port}")
     return port
+
+
+def _whole_number(
+    environ: Mapping[str, str], name: str, default: Any, minimum: int, maximum: int
+) -> Any:
+    raw = (environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _positive_seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = (environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 def prepare_environment(config: LocalConfig, environ: MutableMapping[str, str]) -> bool:
@@ -207,9 +302,182 @@ class ApiServer:
         return self._thread is not None and self._thread.is_alive()
 
 
+@dataclass(frozen=True)
+class QueueUrls:
+    """The service's queues on the AWS endpoint."""
+
+    send: str
+    send_dlq: str
+    fanout: str
+    fanout_dlq: str
+    account: str
+    # As the send queue has it, which may not be what this run asked for if it existed.
+    send_visibility_timeout: int
+
+
+def ensure_queues(
+    sqs: Any, prefix: str, *, send_visibility_timeout: int, fanout_visibility_timeout: int
+) -> QueueUrls:
+    """Create the send and fan-out queues and their dead-letter queues where missing.
+
+    A queue that exists is used as it is: on a shared endpoint someone may have tuned it, and
+    SQS refuses to "create" an existing queue with other attributes.
+    """
+    created: list[str] = []
+    send_dlq, send_dlq_attributes = _ensure_queue(sqs, f"{prefix}-send-dlq", {}, created)
+    send_dlq_arn = send_dlq_attributes["QueueArn"]
+    send, send_attributes = _ensure_queue(
+        sqs,
+        f"{prefix}-send",
+        {
+            "VisibilityTimeout": str(send_visibility_timeout),
+            "RedrivePolicy": _redrive_to(send_dlq_arn),
+        },
+        created,
+    )
+    fanout_dlq, fanout_dlq_attributes = _ensure_queue(sqs, f"{prefix}-fanout-dlq", {}, created)
+    fanout_dlq_arn = fanout_dlq_attributes["QueueArn"]
+    fanout, _ = _ensure_queue(
+        sqs,
+        f"{prefix}-fanout",
+        {
+            "VisibilityTimeout": str(fanout_visibility_timeout),
+            "RedrivePolicy": _redrive_to(fanout_dlq_arn),
+        },
+        created,
+    )
+    if created:
+        logger.info("created queues: %s", ", ".join(created))
+    else:
+        logger.info("queues %s-* already exist", prefix)
+    return QueueUrls(
+        send,
+        send_dlq,
+        fanout,
+        fanout_dlq,
+        account=send_dlq_arn.split(":")[4],
+        send_visibility_timeout=int(send_attributes["VisibilityTimeout"]),
+    )
+
+
+def _redrive_to(dlq_arn: str) -> str:
+    return json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(MAX_RECEIVE_COUNT)})
+
+
+def _ensure_queue(
+    sqs: Any, name: str, attributes: dict[str, str], created: list[str]
+) -> tuple[str, dict[str, str]]:
+    """The queue's URL, ARN and visibility timeout, creating it first if it does not exist."""
+    try:
+        url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    except sqs.exceptions.QueueDoesNotExist:
+        url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        created.append(name)
+    found = sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["QueueArn", "VisibilityTimeout"]
+    )["Attributes"]
+    return url, found
+
+
+def queue_name(url: str | None) -> str:
+    return (url or "").rstrip("/").rsplit("/", 1)[-1]
+
+
+class ScheduleTrigger:
+    """EventBridge's rate schedule for one Lambda: invokes it every `interval` seconds.
+
+    The handler gets the scheduled event and a context exactly as Lambda would pass them. A
+    failing invocation is logged and the schedule goes on, as EventBridge's would.
+    """
+
+    name = "scheduler"
+
+    def __init__(
+        self,
+        handler: Callable[[dict[str, Any], Any], Any],
+        function_name: str,
+        interval: float,
+        *,
+        rule_name: str,
+        region: str,
+        account: str,
+        function_timeout: float,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval}")
+        self._handler = handler
+        self._function_name = function_name
+        self._interval = interval
+        self._region = region
+        self._account = account
+        self._rule_arn = f"arn:aws:events:{region}:{account}:rule/{rule_name}"
+        self._function_arn = f"arn:aws:lambda:{region}:{account}:function:{function_name}"
+        self._function_timeout = function_timeout
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.invocations = 0
+        self.errors = 0
+
+    def start(self) -> None:
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(self._stopping,), name=self.name, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(_STOP_TIMEOUT_SECONDS)
+            if self._thread.is_alive():
+                # A daemon thread: it cannot keep the process alive, only finish late.
+                logger.warning("%s: a tick is still running; left behind", self.name)
+            self._thread = None
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def scheduled_event(self) -> dict[str, Any]:
+        """The event EventBridge sends a scheduled Lambda, for this moment."""
+        return {
+            "version": "0",
+            "id": str(uuid.uuid4()),
+            "detail-type": "Scheduled Event",
+            "source": "aws.events",
+            "account": self._account,
+            "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "region": self._region,
+            "resources": [self._rule_arn],
+            "detail": {},
+        }
+
+    def _run(self, stopping: threading.Event) -> None:
+        log_stream_name = f"{datetime.now(UTC):%Y/%m/%d}/[$LATEST]{uuid.uuid4().hex}"
+        next_tick = time.monotonic()  # the first tick at once: work may be due already
+        while not stopping.wait(max(0.0, next_tick - time.monotonic())):
+            self.invoke(log_stream_name)
+            # A tick that overran its interval is followed by one tick, not a catch-up burst.
+            next_tick = max(next_tick + self._interval, time.monotonic())
+
+    def invoke(self, log_stream_name: str = "local") -> None:
+        """One scheduled invocation; an exception is logged, never raised."""
+        context = LambdaContext(
+            function_name=self._function_name,
+            invoked_function_arn=self._function_arn,
+            log_stream_name=log_stream_name,
+            timeout_seconds=self._function_timeout,
+        )
+        self.invocations += 1
+        try:
+            self._handler(self.scheduled_event(), context)
+        except Exception:
+            self.errors += 1
+            logger.exception("%s: the scheduled invocation failed", self._function_name)
+
+
 @dataclass
 class LocalStack:
-    """The emulator, the tables and the API, started in order and stopped in reverse."""
+    """The emulator, the queues, the gateway, the API and the Lambdas; stopped in reverse."""
 
     config: LocalConfig
     project_dir: Path = PROJECT_DIR
@@ -220,6 +488,10 @@ class LocalStack:
     aws_endpoint_url: str = ""
     token_generated: bool = False
     api: ApiServer | None = None
+    queues: QueueUrls | None = None
+    sandbox: SandboxGateway | None = None
+    # Each Lambda's timeout in seconds, from .chalice/config.json.
+    timeouts: dict[str, float] = field(default_factory=dict)
 
     def start(self) -> None:
         """Start everything; on failure stop what was started and raise StackError."""
@@ -242,6 +514,11 @@ class LocalStack:
         apply_stage_environment(chalice_config.environment_variables, self.environ)
         # Validated before anything starts, so a bad setting fails in a fraction of a second.
         settings = Settings.from_env(self.environ)
+        app = chalice_config.chalice_app
+        functions = (SCHEDULE_FUNCTION, FANOUT_FUNCTION, SEND_FUNCTION)
+        handlers = {name: _lambda_handler(app, name) for name in functions}
+        self.timeouts = {name: _function_timeout(chalice_config, name) for name in functions}
+        send_visibility_timeout = self._send_visibility_timeout()
         if self.config.port:
             # Checked again by the real bind; this only spares starting the emulator in vain.
             _ensure_port_free(self.config.host, self.config.port, "PORT")
@@ -254,11 +531,122 @@ class LocalStack:
             self.aws_endpoint_url = self.config.aws_endpoint_url or ""
         # One variable redirects boto3, PynamoDB and Powertools alike (no Meta.host needed).
         self.environ["AWS_ENDPOINT_URL"] = self.aws_endpoint_url
-        self.settings = settings.model_copy(update={"aws_endpoint_url": self.aws_endpoint_url})
+        settings = settings.model_copy(update={"aws_endpoint_url": self.aws_endpoint_url})
+
+        from chalicelib import aws
+
+        sqs = aws.client("sqs", settings)
+        self.queues = self._install_queues(sqs, settings.table_prefix, send_visibility_timeout)
+        if self.config.sandbox_profile is not None:
+            self._start_sandbox(self.config.sandbox_profile)
+        # Read again: the queue and gateway addresses exist only now.
+        self.settings = Settings.from_env(self.environ)
 
         self._install_services(self.settings)
         self.api = ApiServer(chalice_config, self.config.host, self.config.port)
         self._add(self.api)
+        self._start_workers(sqs, handlers, app.app_name)
+
+    def _send_visibility_timeout(self) -> int:
+        send_timeout = math.ceil(self.timeouts[SEND_FUNCTION])
+        chosen = self.config.send_visibility_timeout
+        if chosen is None:
+            return max(DEFAULT_SEND_VISIBILITY_SECONDS, send_timeout)
+        if chosen < send_timeout:
+            # Lambda refuses a queue whose visibility timeout is shorter than the function's.
+            raise ConfigError(
+                f"SEND_VISIBILITY_TIMEOUT_SECONDS must be at least the timeout of {SEND_FUNCTION} "
+                f"({send_timeout} s in .chalice/config.json), got {chosen}"
+            )
+        return chosen
+
+    def _install_queues(self, sqs: Any, prefix: str, send_visibility_timeout: int) -> QueueUrls:
+        try:
+            queues = ensure_queues(
+                sqs,
+                prefix,
+                send_visibility_timeout=send_visibility_timeout,
+                fanout_visibility_timeout=max(
+                    FANOUT_VISIBILITY_SECONDS, math.ceil(self.timeouts[FANOUT_FUNCTION])
+                ),
+            )
+        except Exception as exc:
+            raise StackError(
+                f"cannot create the queues at {self.aws_endpoint_url}: {exc}"
+            ) from None
+        for name, url in (
+            ("SEND_QUEUE_URL", queues.send),
+            ("SEND_DLQ_URL", queues.send_dlq),
+            ("FANOUT_QUEUE_URL", queues.fanout),
+        ):
+            # `or`: an empty variable means unset, as everywhere in the local stack.
+            self.environ[name] = self.environ.get(name) or url
+        return queues
+
+    def _start_sandbox(self, profile: FaultProfile) -> None:
+        if self.environ.get("SENDER_API_TOKEN"):
+            logger.warning(
+                "SENDER_API_TOKEN is ignored without SENDER_API_URL: the sandbox "
+                "gateway uses a token of its own"
+            )
+        token = secrets.token_urlsafe(24)
+        sandbox = SandboxGateway(token, profile, host=EMULATOR_HOST, port=self.config.sandbox_port)
+        try:
+            self._add(sandbox)
+        except OSError as exc:
+            raise StackError(f"{exc}; set SANDBOX_PORT to a free port (0 picks one)") from None
+        self.sandbox = sandbox
+        self.environ["SENDER_API_URL"] = sandbox.url
+        self.environ["SENDER_API_TOKEN"] = token
+
+    def _start_workers(
+        self, sqs: Any, handlers: dict[str, Callable[..., Any]], app_name: str
+    ) -> None:
+        """The Lambdas, each invoked as its trigger in AWS would invoke it; the tick starts last."""
+        settings = self.settings
+        if settings is None or self.queues is None:
+            raise RuntimeError("the workers need the queues and the settings")
+        region, account = settings.aws_region, self.queues.account
+        self._add(
+            SqsPoller(
+                SEND_FUNCTION,
+                sqs,
+                settings.send_queue_url or self.queues.send,
+                handlers[SEND_FUNCTION],
+                batch_size=self.config.sender_batch_size,
+                concurrency=self.config.sender_pollers,
+                report_batch_item_failures=True,
+                function_timeout=self.timeouts[SEND_FUNCTION],
+                region=region,
+                account=account,
+            )
+        )
+        self._add(
+            SqsPoller(
+                FANOUT_FUNCTION,
+                sqs,
+                settings.fanout_queue_url or self.queues.fanout,
+                handlers[FANOUT_FUNCTION],
+                batch_size=1,
+                concurrency=1,
+                # Chalice declares no partial batch failures for it; with batch 1 none are needed.
+                report_batch_item_failures=False,
+                function_timeout=self.timeouts[FANOUT_FUNCTION],
+                region=region,
+                account=account,
+            )
+        )
+        self._add(
+            ScheduleTrigger(
+                handlers[SCHEDULE_FUNCTION],
+                SCHEDULE_FUNCTION,
+                self.config.scheduler_interval,
+                rule_name=f"{app_name}-{CHALICE_STAGE}-{SCHEDULE_FUNCTION}",
+                region=region,
+                account=account,
+                function_timeout=self.timeouts[SCHEDULE_FUNCTION],
+            )
+        )
 
     def _install_services(self, settings: Settings) -> None:
         from chalicelib.container import Services, use_services
@@ -295,6 +683,10 @@ class LocalStack:
 
         use_services(None)
 
+    @property
+    def sandbox_url(self) -> str | None:
+        return self.sandbox.url if self.sandbox is not None else None
+
     def dead_components(self) -> list[str]:
         return [c.name for c in self.components if not c.is_alive()]
 
@@ -307,6 +699,20 @@ class LocalStack:
             host = f"[{host}]"
         port = self.api.port if self.api else self.config.port
         return f"http://{host}:{port}"
+
+
+def _function_timeout(chalice_config: Any, name: str) -> float:
+    """The Lambda's timeout in seconds as `chalice package` would deploy it."""
+    timeout = chalice_config.scope(CHALICE_STAGE, name).lambda_timeout
+    return float(timeout or _CHALICE_DEFAULT_TIMEOUT_SECONDS)
+
+
+def _lambda_handler(app: Any, name: str) -> Callable[..., Any]:
+    """The `handler(event, context)` Lambda would call for one of app.py's functions."""
+    handler = app.handler_map.get(name)
+    if handler is None:
+        raise StackError(f"app.py registers no Lambda named {name!r}; the local stack runs it")
+    return handler
 
 
 def banner(stack: LocalStack) -> str:
@@ -322,7 +728,16 @@ def banner(stack: LocalStack) -> str:
         f"  Docs     {url}/docs",
         f"  Health   {url}/health",
         f"  AWS      {stack.aws_endpoint_url} ({emulator}; tables {settings.table_prefix}-*)",
+        f"  Queues   {_queue_summary(stack, settings)}",
+        f"  Gateway  {_gateway_summary(stack, settings)}",
     ]
+    if stack.sandbox_url:
+        lines.append(f"  Ledger   {stack.sandbox_url}{SANDBOX_LEDGER_PATH}")
+    config = stack.config
+    lines.append(
+        f"  Workers  scheduler tick every {config.scheduler_interval:g} s; "
+        f"{config.sender_pollers} sender(s) x batch {config.sender_batch_size}; 1 fan-out worker"
+    )
     if settings.auth_mode is AuthMode.STATIC and settings.api_tokens:
         token = settings.api_tokens[0]
         origin = (
@@ -343,6 +758,36 @@ def banner(stack: LocalStack) -> str:
     return "\n".join(lines)
 
 
+def _queue_summary(stack: LocalStack, settings: Settings) -> str:
+    send = queue_name(settings.send_queue_url)
+    if stack.queues is not None and settings.send_queue_url == stack.queues.send:
+        send += f" (visibility {stack.queues.send_visibility_timeout} s)"
+    names = [
+        send,
+        queue_name(settings.send_dlq_url),
+        queue_name(settings.fanout_queue_url),
+    ]
+    if stack.queues is not None:
+        names.append(queue_name(stack.queues.fanout_dlq))
+    return ", ".join(names)
+
+
+def _gateway_summary(stack: LocalStack, settings: Settings) -> str:
+    if stack.sandbox is None:
+        # The token stays out: unlike the API token, it is a real credential.
+        return f"external gateway at {settings.sender_api_url} (token from SENDER_API_TOKEN)"
+    return f"sandbox {stack.sandbox.url} (faults: {fault_summary(stack.sandbox.profile)})"
+
+
+def fault_summary(profile: FaultProfile) -> str:
+    """The profile's settings that differ from a perfect gateway, or "none"."""
+    defaults = FaultProfile().to_dict()
+    changed = [
+        f"{name}={value}" for name, value in profile.to_dict().items() if value != defaults[name]
+    ]
+    return ", ".join(changed) or "none"
+
+
 def configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
@@ -354,8 +799,11 @@ def configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run(out: TextIO | None = None) -> int:
-    """Run the local stack from os.environ until SIGINT or SIGTERM; the process exit code."""
+def run(out: TextIO | None = None, *, demo: bool = False) -> int:
+    """Run the local stack from os.environ until SIGINT or SIGTERM; the process exit code.
+
+    With `demo`, sample clients and a mailing are loaded over the API once it serves.
+    """
     environ = os.environ
     out = sys.stdout if out is None else out
     configure_logging()
@@ -367,7 +815,7 @@ def run(out: TextIO | None = None) -> int:
     try:
         stack = LocalStack(LocalConfig.from_env(environ), environ=environ)
         stack.start()
-    except SettingsError as exc:
+    except (SettingsError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except StackError as exc:
@@ -375,7 +823,12 @@ def run(out: TextIO | None = None) -> int:
         return 1
 
     print(banner(stack), file=out, flush=True)
+    # Lines for programs (tests, scripts); READY ends the start-up output: everything serves.
+    if stack.sandbox_url:
+        print(f"SANDBOX {stack.sandbox_url}", file=out, flush=True)
     print(f"READY {stack.api_url}", file=out, flush=True)
+    if demo:
+        _run_demo(stack, out)
 
     exit_code = 0
     while not stop_requested.wait(_HEALTH_CHECK_SECONDS):
@@ -388,6 +841,20 @@ def run(out: TextIO | None = None) -> int:
     stack.stop()
     logger.info("stopped")
     return exit_code
+
+
+def _run_demo(stack: LocalStack, out: TextIO) -> None:
+    from chalicelib.local.demo import DemoError, run_demo
+
+    settings = stack.settings
+    if settings is None or settings.auth_mode is not AuthMode.STATIC or not settings.api_tokens:
+        print("demo: skipped; it needs AUTH_MODE=static and an API token", file=out, flush=True)
+        return
+    try:
+        run_demo(stack.api_url, settings.api_tokens[0], out=out)
+    except DemoError as exc:
+        # The stack itself is fine: keep serving, so the developer can look around.
+        logger.error("demo: %s", exc)
 
 
 def _on_stop_signals(callback: Callable[[], None]) -> None:

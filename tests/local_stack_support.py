@@ -1,0 +1,164 @@
+"""The local stack as a developer runs it (`make run`), started as a subprocess for e2e tests.
+
+`running_stack(**env)` starts it on a free port with a known API token, waits for its READY
+line, and stops it with SIGTERM afterwards, failing the test if it does not exit cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "e2e-token-" + "x" * 24
+READY_TIMEOUT_SECONDS = 60
+STOP_TIMEOUT_SECONDS = 10
+_PID_LINE = re.compile(r"starting the local stack \(pid (\d+)\)")
+# What a developer's shell may hold that would point the stack elsewhere or change its faults.
+_INHERITED_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AUTH_MODE",
+    "TABLE_PREFIX",
+    "HOST",
+    "SENDER_API_URL",
+    "SENDER_API_TOKEN",
+    "SEND_QUEUE_URL",
+    "SEND_DLQ_URL",
+    "FANOUT_QUEUE_URL",
+    "SCHEDULER_INTERVAL_SECONDS",
+    "SENDER_BATCH_SIZE",
+    "SENDER_POLLERS",
+    "SEND_VISIBILITY_TIMEOUT_SECONDS",
+)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stack_command() -> list[str]:
+    """`make run` when the repo's .venv exists; otherwise what `make run` runs, on this Python.
+
+    `make run` first builds .venv (a pip install) when it is missing, which a test must not do
+    and a sandbox without an index cannot do; the packages are already importable here.
+    """
+    if (REPO_ROOT / ".venv" / "bin" / "python").exists():
+        return ["make", "run"]
+    return [sys.executable, "-m", "chalicelib.local"]
+
+
+def stack_environment(**overrides: str) -> dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in _INHERITED_VARIABLES and not name.startswith("SANDBOX_")
+    }
+    env.update(PYTHONUNBUFFERED="1", MOTO_PORT="0", **overrides)
+    return env
+
+
+@dataclass
+class RunningStack:
+    """A started `make run` with its output collected as it arrives."""
+
+    process: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    ready_url: str | None = None
+    sandbox_url: str | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def collect(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if line.startswith("SANDBOX "):
+                self.sandbox_url = line.split(" ", 1)[1].strip()
+            if line.startswith("READY "):
+                self.ready_url = line.split(" ", 1)[1].strip()
+                self.ready.set()
+        self.ready.set()  # the process ended: whoever waits should stop waiting
+
+    def stack_pid(self) -> int:
+        """The Python process serving the API (under `make run`, a child of make)."""
+        match = _PID_LINE.search(self.output)
+        return int(match.group(1)) if match else self.process.pid
+
+
+def spawn(env: dict[str, str]) -> RunningStack:
+    process = subprocess.Popen(
+        stack_command(),
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: teardown can never miss a child
+    )
+    running = RunningStack(process)
+    threading.Thread(target=running.collect, daemon=True).start()
+    return running
+
+
+@dataclass
+class Stack:
+    """A local stack that serves: where to reach it and how long it took to start."""
+
+    url: str
+    startup_seconds: float
+    auth: dict[str, str]
+    running: RunningStack
+    sandbox_url: str | None = None
+
+
+@contextmanager
+def running_stack(**env: str) -> Iterator[Stack]:
+    """The local stack started as `make run` starts it, on a free port, stopped with SIGTERM.
+
+    `env` adds to (or overrides) its environment; API_TOKENS defaults to TOKEN.
+    """
+    port = free_port()
+    env.setdefault("API_TOKENS", TOKEN)
+    token = env["API_TOKENS"].split(",")[0].strip()
+    started = time.monotonic()
+    running = spawn(stack_environment(PORT=str(port), **env))
+    try:
+        running.ready.wait(READY_TIMEOUT_SECONDS)
+        if running.ready_url is None:
+            pytest.fail(f"no READY line within {READY_TIMEOUT_SECONDS} s:\n{running.output}")
+        startup = time.monotonic() - started
+        assert running.ready_url == f"http://127.0.0.1:{port}"
+        yield Stack(
+            running.ready_url,
+            startup,
+            {"Authorization": f"Bearer {token}"},
+            running,
+            running.sandbox_url,
+        )
+
+        os.kill(running.stack_pid(), signal.SIGTERM)
+        try:
+            exit_code = running.process.wait(STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {STOP_TIMEOUT_SECONDS} s after SIGTERM:\n{running.output}")
+        assert exit_code == 0, running.output
+    finally:
+        if running.process.poll() is None:
+            os.killpg(running.process.pid, signal.SIGKILL)
+            running.process.wait()
