@@ -42,7 +42,8 @@ def _remaining(context: Any) -> Any:
 def scheduler_tick(event: Any) -> dict:
     """Every minute: advance every mailing whose start has come and that has not finished."""
     progress = services().scheduler.tick(_remaining(event.context))
-    logger.info(
+    logger.log(
+        logging.INFO if progress.mailings else logging.DEBUG,
         "scheduler tick",
         extra={"mailings": progress.mailings, "messages_created": progress.messages_created},
     )

@@ -144,6 +144,9 @@ def test_mailing_reaches_exactly_the_matching_clients_right_away(api, pipeline, 
     stats = body(api.get(f"/mailings/{mailing['id']}/stats"))["stats"]
     assert stats["sent"] == 2
     assert stats["total"] == 2
+    # And the last message out asks the scheduler to finish the mailing, again without a tick
+    pipeline.kicks()
+    assert pipeline.mailing_status(mailing["id"]) == "finished"
 
 
 def test_future_mailing_sends_nothing_before_its_start_and_everything_after(

@@ -90,7 +90,11 @@ QUEUE_ACCESS: dict[str, dict[str, set[str]]] = {
     "APIHandler": {"FanoutQueue": {SEND}},  # kicks
     "SchedulerTick": {"SendQueue": {SEND}, "FanoutQueue": {SEND}},  # jobs, continuations
     "AdvanceMailing": {"FanoutQueue": {*CONSUME, SEND}, "SendQueue": {SEND}},
-    "SendMessages": {"SendQueue": {*CONSUME, SEND}, "SendDeadLetterQueue": {SEND}},
+    "SendMessages": {
+        "SendQueue": {*CONSUME, SEND},
+        "SendDeadLetterQueue": {SEND},
+        "FanoutQueue": {SEND},  # kick when a mailing's last message is out
+    },
 }
 AUTHORIZER = "BearerAuth"
 

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # A job may arrive a moment before its fan-out page commits; wait for that this long at most.
 UNCOMMITTED_GRACE = timedelta(minutes=2)
-UNCOMMITTED_RETRY_SECONDS = 5
+UNCOMMITTED_RETRY_SECONDS = 2
 
 
 class JobResult(StrEnum):
@@ -52,6 +52,17 @@ class JobResult(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     CONFIG_ERROR = "config_error"
     SKIPPED = "skipped"  # nothing to do: already done, claimed elsewhere, or stale
+
+
+_TERMINAL = frozenset(
+    {
+        JobResult.SENT,
+        JobResult.FAILED,
+        JobResult.EXPIRED,
+        JobResult.CANCELLED,
+        JobResult.DEAD_LETTERED,
+    }
+)
 
 
 @dataclass
@@ -127,7 +138,19 @@ class Sender:
             raise errors[0]
         if report.requeued:
             self._queues.enqueue(report.requeued)
+        if (
+            mailing is not None
+            and mailing.fanout_done
+            and any(r in _TERMINAL for r in report.results)
+        ):
+            self._kick_if_drained(batch.mailing_id)
         return report
+
+    def _kick_if_drained(self, mailing_id: str) -> None:
+        # The last message out: let the scheduler finish the mailing now, not at its next tick.
+        fresh = self._mailing(mailing_id)
+        if fresh is not None and fresh.due_key is not None and int(fresh.count_pending or 0) == 0:
+            self._queues.kick([mailing_id])
 
     # ---------------------------------------------------------------- one job
 
@@ -141,6 +164,7 @@ class Sender:
             return JobResult.SKIPPED
         if message is None or int(message.message_id) != job.message_id:
             if message is None and now - item.batch.enqueued_at < UNCOMMITTED_GRACE:
+                logger.debug("message not committed yet; job comes back shortly", extra=log)
                 item.requeue = self._later(item, job, UNCOMMITTED_RETRY_SECONDS)
                 return JobResult.DEFERRED
             logger.info("job for a message that does not exist; dropped", extra=log)
