@@ -139,7 +139,8 @@ def build_models(settings: Settings) -> Models:
     class MailingDue(GlobalSecondaryIndex):
         class Meta:
             index_name = "due"
-            projection = AllProjection()
+            # Keys only, like by_created: counter updates on every send then cost no index write.
+            projection = KeysOnlyProjection()
 
         due_key = UnicodeAttribute(hash_key=True)
         start_at = UTCDateTimeAttribute(range_key=True)
@@ -147,7 +148,7 @@ def build_models(settings: Settings) -> Models:
     class MailingByCreated(GlobalSecondaryIndex):
         class Meta:
             index_name = "by_created"
-            projection = AllProjection()
+            projection = KeysOnlyProjection()
 
         listing_key = UnicodeAttribute(hash_key=True)
         created_at = UTCDateTimeAttribute(range_key=True)

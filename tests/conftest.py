@@ -60,6 +60,10 @@ def settings(monkeypatch: pytest.MonkeyPatch) -> Any:
 def aws() -> Iterator[None]:
     from moto import mock_aws
 
+    from chalicelib.local.emulator import make_dynamodb_atomic
+
+    make_dynamodb_atomic()
+
     from chalicelib import aws as aws_factories
     from chalicelib.models import build_models
 

@@ -728,3 +728,17 @@ def test_fan_out_dying_between_enqueue_and_commit_loses_and_duplicates_nothing(
     assert len(pipeline.messages(mailing["id"])) == 5
     assert sorted(gateway.accepted_ids().values()) == [1] * 5
     assert_counters_match_records(pipeline, mailing["id"])
+
+
+def test_counters_stay_exact_when_many_senders_finish_messages_at_once(
+    api, pipeline, services, clock
+):
+    object.__setattr__(services.settings, "sender_concurrency", 16)
+    object.__setattr__(services.settings, "jobs_per_message", 40)
+    for n in range(40):
+        add_client(api, f"790000000{n:02d}")
+    mailing = create_mailing(api, clock)
+    pipeline.kicks()
+    pipeline.send_once()
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 40})
+    assert_counters_match_records(pipeline, mailing["id"])

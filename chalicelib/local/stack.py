@@ -232,6 +232,10 @@ class MotoEmulator:
     def start(self) -> None:
         from moto.server import ThreadedMotoServer
 
+        from chalicelib.local.emulator import make_dynamodb_atomic
+
+        make_dynamodb_atomic()
+
         if self._port:
             _ensure_port_free(EMULATOR_HOST, self._port, "MOTO_PORT")
         server = ThreadedMotoServer(ip_address=EMULATOR_HOST, port=self._port, verbose=False)

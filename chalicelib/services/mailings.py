@@ -30,6 +30,14 @@ from chalicelib.services.storage import is_conditional_failure, looks_like_id
 
 logger = logging.getLogger(__name__)
 
+_COUNTER_ATTRIBUTES = [
+    "mailing_id",
+    "count_pending",
+    "count_sent",
+    "count_failed",
+    "count_expired",
+    "count_cancelled",
+]
 _MAILING_LISTING_KEYS = ("listing_key", "created_at", "mailing_id")
 
 
@@ -128,7 +136,8 @@ class MailingService:
     def list(self, *, limit: int, cursor: str | None) -> PageOf:
         """One page of mailings, newest first."""
         segments = [self._all_mailings_segment()]
-        return PageOf(*paginate(segments, fingerprint("mailings"), cursor, limit, self._to_domain))
+        keys, next_cursor = paginate(segments, fingerprint("mailings"), cursor, limit, _mailing_id)
+        return PageOf([self._to_domain(item) for item in self._load_many(keys)], next_cursor)
 
     def messages(
         self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
@@ -154,29 +163,19 @@ class MailingService:
     def due(self, now: datetime, *, limit: int = 100) -> list[Mailing]:
         """Mailings whose start has come and whose audience is not fully enqueued yet."""
         Mailing = self._models.Mailing
-        items = Mailing.due.query(
+        keys = Mailing.due.query(
             DUE_KEY, Mailing.start_at <= now.astimezone(UTC), limit=limit, page_size=limit
         )
-        return [self._to_domain(item) for item in items]
+        return [self._to_domain(item) for item in self._load_many([k.mailing_id for k in keys])]
 
     def overview(self, *, limit: int, cursor: str | None) -> tuple[int, MessageCounts, PageOf]:
         """Number of mailings, counts over all of them, and one page of per-mailing counts."""
         total = MessageCounts()
-        count = 0
+        ids = [key.mailing_id for key in self._models.Mailing.by_created.query(MAILING_LISTING_KEY)]
         # Counters live on the mailing items: the cost grows with mailings, never with messages.
-        for item in self._models.Mailing.by_created.query(
-            MAILING_LISTING_KEY,
-            attributes_to_get=[
-                "mailing_id",
-                "count_pending",
-                "count_sent",
-                "count_failed",
-                "count_expired",
-                "count_cancelled",
-            ],
-        ):
-            count += 1
+        for item in self._load_many(ids, attributes=_COUNTER_ATTRIBUTES):
             total = total + _counts_of(item)
+        count = len(ids)
         return count, total, self.list(limit=limit, cursor=cursor)
 
     # ---------------------------------------------------------------- helpers
@@ -186,6 +185,14 @@ class MailingService:
             self._models.Mailing.by_created.query, MAILING_LISTING_KEY, forward=False
         )
         return Segment(query, _MAILING_LISTING_KEYS)
+
+    def _load_many(self, ids: list[str], attributes: list[str] | None = None) -> list[Any]:
+        """Mailings by id, in the order given (the listing indexes hold keys only)."""
+        found = {
+            item.mailing_id: item
+            for item in self._models.Mailing.batch_get(ids, attributes_to_get=attributes)
+        }
+        return [found[i] for i in ids if i in found]
 
     def _check(self, fields: MailingFields) -> None:
         if fields.end_at <= self._clock():
@@ -323,6 +330,10 @@ class MailingService:
             created_at=item.created_at,
             updated_at=item.updated_at,
         )
+
+
+def _mailing_id(key: Any) -> str:
+    return key.mailing_id
 
 
 def _counts_of(item: Any) -> MessageCounts:

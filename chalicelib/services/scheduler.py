@@ -89,10 +89,19 @@ class Scheduler:
         Mailing = self._models.Mailing
         progress = Progress()
         now = self._clock()
-        for item in Mailing.due.query(DUE_KEY, Mailing.start_at <= now.astimezone(UTC)):
+        due = [
+            k.mailing_id
+            for k in Mailing.due.query(DUE_KEY, Mailing.start_at <= now.astimezone(UTC))
+        ]
+        for mailing_id in due:
             if remaining() < SAFETY_SECONDS:
                 # Whatever is left is picked up by the next tick.
                 break
+            # The index holds keys only; read the mailing as it is now.
+            try:
+                item = Mailing.get(mailing_id, consistent_read=True)
+            except DoesNotExist:
+                continue
             progress.add(self._advance(item, remaining))
         if progress.continued and self._queues.can_kick:
             self._queues.kick(progress.continued)
