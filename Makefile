@@ -40,7 +40,8 @@ package: $(STAMP)
 	$(BIN)/cfn-lint $(PACKAGE_DIR)/sam.yaml
 
 bench: $(STAMP)
-	@echo "no benchmarks yet"
+	mkdir -p build
+	$(BIN)/python -m bench.delivery --sizes 2000,10000 --json build/bench-delivery.json
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache

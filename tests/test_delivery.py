@@ -679,7 +679,7 @@ def test_a_worker_dying_anywhere_sends_twice_only_in_the_documented_window(
 
         monkeypatch.setattr(store, "claim", claim_then_die)
     elif where == "after the gateway accepted, before the outcome is recorded":
-        crash_once(monkeypatch, store, "finish")
+        crash_once(monkeypatch, store, "finish_many")
     else:
         real_deliver = sender.deliver
 

@@ -19,6 +19,7 @@ import secrets
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -220,38 +221,59 @@ def apply_stage_environment(
 
 
 class MotoEmulator:
-    """moto in server mode on loopback, in this process."""
+    """moto in server mode on loopback, in a process of its own.
+
+    Its own process gives the emulator a CPU core of its own: under load it, not the service,
+    is the bottleneck (DynamoDB requests are serialised there to stay atomic; see emulator.py).
+    """
 
     name = "aws-emulator"
 
     def __init__(self, port: int = 0) -> None:
         self._port = port
-        self._server: Any = None
+        self._process: subprocess.Popen[str] | None = None
         self.endpoint_url = ""
 
     def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        from chalicelib.local.emulator import make_dynamodb_atomic
-
-        make_dynamodb_atomic()
-
         if self._port:
             _ensure_port_free(EMULATOR_HOST, self._port, "MOTO_PORT")
-        server = ThreadedMotoServer(ip_address=EMULATOR_HOST, port=self._port, verbose=False)
-        # ThreadedMotoServer.start() waits forever if its server thread fails to bind.
-        _run_with_timeout(server.start, _START_TIMEOUT_SECONDS, "the AWS emulator")
-        self._server = server
-        host, port = server.get_host_and_port()
-        self.endpoint_url = f"http://{host}:{port}"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "chalicelib.local.emulator", EMULATOR_HOST, str(self._port)],
+            cwd=str(PROJECT_DIR),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._process = process
+        line: list[str] = []
+
+        def read_banner() -> None:
+            assert process.stdout is not None
+            line.append(process.stdout.readline())
+
+        try:
+            _run_with_timeout(read_banner, _START_TIMEOUT_SECONDS, "the AWS emulator")
+        except StackError:
+            self.stop()
+            raise
+        if not line or not line[0].startswith("EMULATOR "):
+            self.stop()
+            raise StackError("the AWS emulator did not start (is MOTO_PORT free?)")
+        self.endpoint_url = line[0].split()[1]
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=_STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
     def is_alive(self) -> bool:
-        return self._server is not None
+        return self._process is not None and self._process.poll() is None
 
 
 class ApiServer:

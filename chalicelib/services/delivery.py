@@ -28,10 +28,11 @@ from zoneinfo import ZoneInfo
 from pynamodb.exceptions import DoesNotExist
 
 from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow
-from chalicelib.gateway import GatewayClient, GatewayResult, Outcome
+from chalicelib.gateway import GatewayClient, GatewayResult
+from chalicelib.gateway import Outcome as Answer
 from chalicelib.models import Models
 from chalicelib.services.clients import ClientDirectory
-from chalicelib.services.messages import MessageStore
+from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Delayed, JobBatch, Queues, SendJob
 from chalicelib.settings import Settings
 
@@ -77,10 +78,12 @@ class _Job:
     batch: JobBatch
     job: SendJob
     mailing: Any
-    message: Any
     client: Any
     requeue: Delayed | None = None
     called_gateway: bool = False
+    # A claimed message's outcome, recorded with its batch's others in one transaction.
+    outcome: Outcome | None = None
+    result: JobResult | None = None
 
 
 class Sender:
@@ -109,27 +112,28 @@ class Sender:
 
     def deliver(self, batch: JobBatch) -> BatchReport:
         """Process every job of `batch`; raises (so SQS retries it) only on unexpected errors."""
-        # One read each for the mailing, the messages and the clients of the whole batch, right
-        # before its calls start (milliseconds later): a deleted or cancelled mailing, a deleted
-        # client or an already finished message is seen here.
+        # One read each for the mailing and the clients of the whole batch, right before its
+        # calls start (milliseconds later): a deleted or cancelled mailing or a deleted client is
+        # seen here. The message itself is checked by the claim's condition.
         client_ids = [job.client_id for job in batch.jobs]
         mailing = self._mailing(batch.mailing_id)
-        messages = self._messages.get_many(batch.mailing_id, client_ids) if mailing else {}
         clients = self._clients.find_many(client_ids) if mailing else {}
-        work = [
-            _Job(batch, job, mailing, messages.get(job.client_id), clients.get(job.client_id))
-            for job in batch.jobs
-        ]
+        work = [_Job(batch, job, mailing, clients.get(job.client_id)) for job in batch.jobs]
         pool = self._pool or ThreadPoolExecutor(self._settings.sender_concurrency, "sender")
         self._pool = pool
         futures = [pool.submit(self._process, item) for item in work]
-        report = BatchReport()
         errors = []
         for item, future in zip(work, futures, strict=True):
             try:
-                report.results.append(future.result())
+                item.result = future.result()
             except Exception as exc:  # collected: siblings still finish first
                 errors.append(exc)
+        # What the gateway answered is recorded even when a sibling failed.
+        self._record_outcomes(batch.mailing_id, work)
+        report = BatchReport()
+        for item in work:
+            if item.result is not None:
+                report.results.append(item.result)
             if item.requeue is not None:
                 report.requeued.append(item.requeue)
             report.gateway_calls += item.called_gateway
@@ -146,6 +150,16 @@ class Sender:
             self._kick_if_drained(batch.mailing_id)
         return report
 
+    def _record_outcomes(self, mailing_id: str, work: list[_Job]) -> None:
+        """One transaction for the batch's claimed messages: statuses and counters together."""
+        claimed = [item for item in work if item.outcome is not None]
+        done = self._messages.finish_many(
+            mailing_id, [item.outcome for item in claimed], self._clock()
+        )
+        for item in claimed:
+            if item.job.client_id not in done:
+                item.result = JobResult.SKIPPED
+
     def _kick_if_drained(self, mailing_id: str) -> None:
         # The last message out: let the scheduler finish the mailing now, not at its next tick.
         fresh = self._mailing(mailing_id)
@@ -158,18 +172,9 @@ class Sender:
         mailing_id, job = item.batch.mailing_id, item.job
         log = {"mailing_id": mailing_id, "client_id": job.client_id, "message_id": job.message_id}
         now = self._clock()
-        mailing, message, client = item.mailing, item.message, item.client
+        mailing, client = item.mailing, item.client
         if mailing is None:
             logger.info("mailing deleted; job dropped", extra=log)
-            return JobResult.SKIPPED
-        if message is None or int(message.message_id) != job.message_id:
-            if message is None and now - item.batch.enqueued_at < UNCOMMITTED_GRACE:
-                logger.debug("message not committed yet; job comes back shortly", extra=log)
-                item.requeue = self._later(item, job, UNCOMMITTED_RETRY_SECONDS)
-                return JobResult.DEFERRED
-            logger.info("job for a message that does not exist; dropped", extra=log)
-            return JobResult.SKIPPED
-        if message.status != MessageStatus.PENDING.value:
             return JobResult.SKIPPED
         if mailing.status == MailingStatus.CANCELLED.value:
             return self._finish(item, MessageStatus.CANCELLED, None, "mailing cancelled")
@@ -202,9 +207,11 @@ class Sender:
             item.requeue = self._later(item, job, self._settings.auth_retry_seconds)
             return JobResult.CONFIG_ERROR
 
-        claim = self._messages.claim(message, now, self._settings.claim_seconds)
+        claim = self._messages.claim(
+            mailing_id, job.client_id, job.message_id, now, self._settings.claim_seconds
+        )
         if claim is None:
-            return JobResult.SKIPPED
+            return self._unclaimable(item, now, log)
         item.called_gateway = True
         result = gateway.send(job.message_id, client.phone, mailing.text)
         logger.info(
@@ -222,17 +229,17 @@ class Sender:
         self, item: _Job, claim: str, result: GatewayResult, mailing: Any, log: dict
     ) -> JobResult:
         job, now = item.job, self._clock()
-        if result.outcome is Outcome.SENT:
+        if result.outcome is Answer.SENT:
             return self._finish(item, MessageStatus.SENT, claim, None)
-        if result.outcome is Outcome.REJECTED:
+        if result.outcome is Answer.REJECTED:
             return self._finish(item, MessageStatus.FAILED, claim, result.detail)
-        if result.outcome is Outcome.UNAUTHORIZED:
+        if result.outcome is Answer.UNAUTHORIZED:
             logger.error(
                 "the SMS gateway refused our credentials; check SENDER_API_TOKEN. "
                 "Messages stay pending and are retried.",
                 extra=log,
             )
-            self._messages.release(self._handle(item), claim, now, result.detail)
+            self._messages.release(item.batch.mailing_id, job.client_id, claim, now, result.detail)
             item.requeue = self._later(item, job, self._settings.auth_retry_seconds)
             return JobResult.CONFIG_ERROR
         retries = job.retries + 1
@@ -251,7 +258,7 @@ class Sender:
         delay = self._backoff(retries)
         if now + timedelta(seconds=delay) >= mailing.end_at:
             return self._finish(item, MessageStatus.EXPIRED, claim, result.detail)
-        self._messages.release(self._handle(item), claim, now, result.detail)
+        self._messages.release(item.batch.mailing_id, job.client_id, claim, now, result.detail)
         retry = job.model_copy(update={"retries": retries, "last_error": result.detail})
         item.requeue = self._later(item, retry, delay)
         return JobResult.RETRY
@@ -261,6 +268,10 @@ class Sender:
     def _finish(
         self, item: _Job, status: MessageStatus, claim: str | None, error: str | None
     ) -> JobResult:
+        if claim is not None:
+            # Recorded after the batch's calls, with the others (see _record_outcomes).
+            item.outcome = Outcome(item.job.client_id, status, claim, error)
+            return JobResult(status.value)
         done = self._messages.finish(
             item.batch.mailing_id,
             item.job.client_id,
@@ -285,9 +296,18 @@ class Sender:
         )
         return max(1.0, self._rng.uniform(ceiling / 2, ceiling))
 
-    def _handle(self, item: _Job) -> Any:
-        """A keyed handle on the job's message record, for an update."""
-        return self._models.Message(item.batch.mailing_id, item.job.client_id)
+    def _unclaimable(self, item: _Job, now: Any, log: dict) -> JobResult:
+        """Why the claim failed: done or claimed elsewhere (skip), or not committed yet (wait)."""
+        job = item.job
+        message = self._messages.get(item.batch.mailing_id, job.client_id)
+        if message is None and now - item.batch.enqueued_at < UNCOMMITTED_GRACE:
+            # Fan-out enqueues a page's jobs a moment before it commits the page.
+            logger.debug("message not committed yet; job comes back shortly", extra=log)
+            item.requeue = self._later(item, job, UNCOMMITTED_RETRY_SECONDS)
+            return JobResult.DEFERRED
+        if message is None or int(message.message_id) != job.message_id:
+            logger.info("job for a message that does not exist; dropped", extra=log)
+        return JobResult.SKIPPED
 
     def _mailing(self, mailing_id: str) -> Any | None:
         try:

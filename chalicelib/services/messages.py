@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from pynamodb.connection import Connection
-from pynamodb.exceptions import TransactWriteError, UpdateError
+from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import MessageStatus
@@ -21,6 +23,16 @@ from chalicelib.models import Models, status_key
 from chalicelib.services.storage import is_conditional_failure
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final status a message should get, and the claim under which it may."""
+
+    client_id: str
+    status: MessageStatus
+    claim_id: str | None = None
+    error: str | None = None
 
 
 def counter(models: Models, status: MessageStatus) -> Any:
@@ -34,25 +46,31 @@ class MessageStore:
         self._models = models
         self._connection = connection
 
-    def get_many(self, mailing_id: str, client_ids: list[str]) -> dict[str, Any]:
-        """The messages of these clients in the mailing, by client id (missing ones absent)."""
-        keys = [(mailing_id, client_id) for client_id in dict.fromkeys(client_ids)]
-        found = self._models.Message.batch_get(keys, consistent_read=True)
-        return {message.client_id: message for message in found}
+    def get(self, mailing_id: str, client_id: str) -> Any | None:
+        try:
+            return self._models.Message.get(mailing_id, client_id, consistent_read=True)
+        except DoesNotExist:
+            return None
 
-    def claim(self, message: Any, now: datetime, seconds: int) -> str | None:
-        """Take the message for one gateway call; None when it is not pending or claimed."""
+    def claim(
+        self, mailing_id: str, client_id: str, message_id: int, now: datetime, seconds: int
+    ) -> str | None:
+        """Take the message for one gateway call.
+
+        None when it is not there with this id, not pending, or claimed by a live claim.
+        """
         Message = self._models.Message
         claim_id = uuid.uuid4().hex
         try:
-            message.update(
+            Message(mailing_id, client_id).update(
                 actions=[
                     Message.claim_id.set(claim_id),
                     Message.claim_until.set(now + timedelta(seconds=seconds)),
                     Message.attempts.add(1),
                     Message.updated_at.set(now),
                 ],
-                condition=(Message.status == MessageStatus.PENDING.value)
+                condition=(Message.message_id == message_id)
+                & (Message.status == MessageStatus.PENDING.value)
                 & (Message.claim_until.does_not_exist() | (Message.claim_until < now)),
             )
         except UpdateError as exc:
@@ -61,11 +79,13 @@ class MessageStore:
             raise
         return claim_id
 
-    def release(self, message: Any, claim_id: str, now: datetime, error: str | None) -> bool:
+    def release(
+        self, mailing_id: str, client_id: str, claim_id: str, now: datetime, error: str | None
+    ) -> bool:
         """Give a claimed message back (still pending), noting why the call did not finish it."""
         Message = self._models.Message
         try:
-            message.update(
+            Message(mailing_id, client_id).update(
                 actions=[
                     Message.claim_id.remove(),
                     Message.claim_until.remove(),
@@ -96,41 +116,66 @@ class MessageStore:
         With `claim_id`, only the holder of that claim may do it; without, only while nobody
         holds a live claim. False when the message was not in a state to change (already done).
         """
+        outcome = Outcome(client_id, status, claim_id, error)
+        return bool(self._commit(mailing_id, [outcome], now))
+
+    def finish_many(self, mailing_id: str, outcomes: list[Outcome], now: datetime) -> set[str]:
+        """Finish several claimed messages of one mailing in one transaction (one counter
+        update for all); the clients whose message was finished. Falls back to one transaction
+        each when any of them cannot be (its claim lapsed and another sender took it)."""
+        if not outcomes:
+            return set()
+        done = self._commit(mailing_id, outcomes, now)
+        if done or len(outcomes) == 1:
+            return done
+        return {o.client_id for o in outcomes if self._commit(mailing_id, [o], now)}
+
+    def _commit(self, mailing_id: str, outcomes: list[Outcome], now: datetime) -> set[str]:
         models = self._models
         Message, Mailing = models.Message, models.Mailing
-        condition = Message.status == MessageStatus.PENDING.value
-        if claim_id is not None:
-            condition &= Message.claim_id == claim_id
-        else:
-            condition &= Message.claim_until.does_not_exist() | (Message.claim_until < now)
-        actions = [
-            Message.status.set(status.value),
-            Message.status_key.set(status_key(mailing_id, status.value)),
-            Message.updated_at.set(now),
-            Message.claim_id.remove(),
-            Message.claim_until.remove(),
-        ]
-        if status is MessageStatus.SENT:
-            actions.append(Message.sent_at.set(now))
-        if error is not None:
-            actions.append(Message.last_error.set(error[:500]))
+        moved = Counter(outcome.status for outcome in outcomes)
         try:
             with TransactWrite(connection=self._connection) as tx:
-                tx.update(Message(mailing_id, client_id), actions=actions, condition=condition)
+                for outcome in outcomes:
+                    tx.update(
+                        Message(mailing_id, outcome.client_id),
+                        actions=self._final_actions(mailing_id, outcome, now),
+                        condition=self._still_ours(outcome.claim_id, now),
+                    )
                 tx.update(
                     Mailing(mailing_id),
-                    actions=[
-                        counter(models, MessageStatus.PENDING).add(-1),
-                        counter(models, status).add(1),
-                    ],
+                    actions=[counter(models, MessageStatus.PENDING).add(-len(outcomes))]
+                    + [counter(models, status).add(n) for status, n in moved.items()],
                     # ADD would otherwise resurrect a deleted mailing as a bare counter item.
                     condition=Mailing.mailing_id.exists(),
                 )
         except TransactWriteError as exc:
             if is_conditional_failure(exc):
-                return False
+                return set()
             raise
-        return True
+        return {outcome.client_id for outcome in outcomes}
+
+    def _still_ours(self, claim_id: str | None, now: datetime) -> Any:
+        Message = self._models.Message
+        condition = Message.status == MessageStatus.PENDING.value
+        if claim_id is not None:
+            return condition & (Message.claim_id == claim_id)
+        return condition & (Message.claim_until.does_not_exist() | (Message.claim_until < now))
+
+    def _final_actions(self, mailing_id: str, outcome: Outcome, now: datetime) -> list[Any]:
+        Message = self._models.Message
+        actions = [
+            Message.status.set(outcome.status.value),
+            Message.status_key.set(status_key(mailing_id, outcome.status.value)),
+            Message.updated_at.set(now),
+            Message.claim_id.remove(),
+            Message.claim_until.remove(),
+        ]
+        if outcome.status is MessageStatus.SENT:
+            actions.append(Message.sent_at.set(now))
+        if outcome.error is not None:
+            actions.append(Message.last_error.set(outcome.error[:500]))
+        return actions
 
     def pending_client_ids(self, mailing_id: str, limit: int) -> list[str]:
         """Up to `limit` clients whose message in this mailing is still pending."""

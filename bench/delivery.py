@@ -1,0 +1,329 @@
+"""Delivery benchmark: cost per message and delivery rate through the local stack.
+
+For each audience size it starts the whole local stack in this process (embedded moto server,
+sandbox gateway without faults, scheduler tick, Lambda-style SQS pollers), loads the clients
+straight into DynamoDB, then creates one mailing over HTTP and measures:
+
+- how long `POST /mailings` takes, and the time until the gateway has accepted every message;
+- every AWS API call made by the service (botocore, so boto3 and PynamoDB alike) by operation,
+  per delivered message, and the write/read capacity units they consume;
+- Lambda invocations and their duration, per delivered message;
+- the AWS cost per million messages at on-demand prices (table below).
+
+Usage: python -m bench.delivery [--sizes 2000,10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import botocore.client
+import requests
+
+# us-east-1 on-demand list prices (per unit), as published by AWS and last checked 2026-11-22.
+PRICES = {
+    "dynamodb_wru": 0.625 / 1e6,  # per write request unit
+    "dynamodb_rru": 0.125 / 1e6,  # per read request unit
+    "sqs_request": 0.40 / 1e6,  # standard queue, per request (64 KB chunk)
+    "lambda_request": 0.20 / 1e6,
+    "lambda_gb_second": 0.0000166667,  # x86
+}
+TARGETS = {"dynamodb_writes": 2.2, "sqs": 0.3, "lambda": 0.15, "usd_per_million": 2.0}
+LAMBDA_MEMORY_GB = 0.5  # .chalice/config.json: 512 MB
+DYNAMODB_WRITES = {"PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"}
+DYNAMODB_READS = {"GetItem", "BatchGetItem", "Query", "Scan", "TransactGetItems"}
+ITEM_KB = 1.0  # every item of this service is well under 1 KB: one unit per item
+
+
+@dataclass
+class Meter:
+    """Counts AWS calls and capacity units as the service makes them."""
+
+    calls: Counter = field(default_factory=Counter)
+    wru: float = 0.0
+    rru: float = 0.0
+    lambda_invocations: Counter = field(default_factory=Counter)
+    lambda_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    on: bool = False
+
+    def record(self, service: str, operation: str, params: dict, result: dict) -> None:
+        if not self.on:
+            return
+        wru, rru = _capacity(service, operation, params, result)
+        with self.lock:
+            self.calls[(service, operation)] += 1
+            self.wru += wru
+            self.rru += rru
+
+    def invocation(self, name: str, seconds: float) -> None:
+        if not self.on:
+            return
+        with self.lock:
+            self.lambda_invocations[name] += 1
+            self.lambda_seconds += seconds
+
+
+def _capacity(service: str, operation: str, params: dict, result: dict) -> tuple[float, float]:
+    """Write and read request units of one DynamoDB call (items here are all under 1 KB)."""
+    if service != "dynamodb":
+        return 0.0, 0.0
+    consistent = 1.0 if params.get("ConsistentRead") else 0.5
+    if operation == "TransactWriteItems":
+        # Transactional writes cost two units per item, plus index writes (below).
+        items = params["TransactItems"]
+        return 2.0 * len(items) + sum(_index_writes(i) for i in items), 0.0
+    if operation in ("PutItem", "UpdateItem", "DeleteItem"):
+        return 1.0 + _index_writes({operation.removesuffix("Item"): params}), 0.0
+    if operation == "BatchWriteItem":
+        return float(sum(len(v) for v in params["RequestItems"].values())), 0.0
+    if operation == "GetItem":
+        return 0.0, consistent
+    if operation == "BatchGetItem":
+        found = sum(len(v) for v in result.get("Responses", {}).values())
+        consistent = (
+            1.0 if any(v.get("ConsistentRead") for v in params["RequestItems"].values()) else 0.5
+        )
+        return 0.0, max(1, found) * consistent
+    if operation in ("Query", "Scan"):
+        # Billed by data read: ~0.3 KB per item here, rounded up to 4 KB per call.
+        kb = result.get("ScannedCount", result.get("Count", 0)) * 0.3
+        return 0.0, max(1.0, -(-kb // 4)) * consistent
+    return 0.0, 0.0
+
+
+def _index_writes(item: dict) -> float:
+    """Index entries a write adds or moves: new messages enter by_status; a status change
+    moves the entry (a delete and a put); the mailing leaves the due index when it finishes."""
+    if "Put" in item and item["Put"]["TableName"].endswith("-messages"):
+        return 1.0
+    update = item.get("Update")
+    if update:
+        expression = update.get("UpdateExpression", "")
+        names = update.get("ExpressionAttributeNames", {})
+        if "status_key" in names.values():
+            return 2.0
+        if "due_key" in names.values() and "REMOVE" in expression:
+            return 1.0
+    return 0.0
+
+
+def install_meter(meter: Meter) -> None:
+    original = botocore.client.BaseClient._make_api_call
+
+    def metered(self: Any, operation_name: str, api_params: dict) -> Any:
+        result = original(self, operation_name, api_params)
+        meter.record(self.meta.service_model.service_name, operation_name, api_params, result)
+        return result
+
+    botocore.client.BaseClient._make_api_call = metered
+
+
+def wrap_lambdas(meter: Meter) -> None:
+    from chalicelib.local import stack
+
+    original = stack._lambda_handler
+
+    def metered_handler(app: Any, name: str) -> Any:
+        handler = original(app, name)
+
+        def run(event: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return handler(event, context)
+            finally:
+                meter.invocation(name, time.perf_counter() - started)
+
+        return run
+
+    stack._lambda_handler = metered_handler
+
+
+def start_stack() -> Any:
+    from chalicelib.local.stack import LocalConfig, LocalStack, configure_logging
+
+    os.environ.update(
+        {
+            "PORT": "0",
+            "API_TOKENS": "bench-" + secrets.token_hex(16),
+            "SCHEDULER_INTERVAL_SECONDS": "60",  # as in AWS: the kick starts the mailing
+            "TABLE_PREFIX": "bench-" + uuid.uuid4().hex[:6],
+        }
+    )
+    for name in list(os.environ):
+        if name.startswith("SANDBOX_") or name in ("AWS_ENDPOINT_URL", "SENDER_API_URL"):
+            del os.environ[name]
+    configure_logging()
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)
+    stack = LocalStack(LocalConfig.from_env(os.environ), environ=os.environ)
+    stack.start()
+    return stack
+
+
+def load_clients(stack: Any, count: int) -> None:
+    """Put `count` clients straight into DynamoDB (setup, not measured)."""
+    from chalicelib.container import services
+    from chalicelib.services.clients import ClientFields
+
+    directory = services().clients
+    models = services().models
+    now = datetime.now(UTC)
+    with models.Client.batch_write() as clients, models.Phone.batch_write() as phones:
+        for n in range(count):
+            item = models.Client(str(uuid.uuid4()), created_at=now)
+            phone = f"79{n:09d}"
+            directory._apply(item, ClientFields(phone, None, "", "UTC"), now)
+            clients.save(item)
+            phones.save(models.Phone(phone, client_id=item.client_id))
+
+
+def run_size(count: int) -> dict[str, Any]:
+    meter = Meter()
+    install_meter(meter)
+    wrap_lambdas(meter)
+    stack = start_stack()
+    try:
+        load_clients(stack, count)
+        token = os.environ["API_TOKENS"]
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        now = datetime.now(UTC)
+        payload = {
+            "text": "Benchmark",
+            "start_at": now.isoformat(),
+            "end_at": (now + timedelta(hours=2)).isoformat(),
+        }
+        meter.on = True
+        started = time.perf_counter()
+        response = requests.post(
+            f"{stack.api_url}/mailings", json=payload, headers=headers, timeout=30
+        )
+        post_seconds = time.perf_counter() - started
+        response.raise_for_status()
+        meter.invocation("api_handler", post_seconds)
+        mailing_id = response.json()["id"]
+        stack.sandbox.wait_for_accepted(count, timeout=1800)
+        delivered_seconds = time.perf_counter() - started
+        # Let the run finish its bookkeeping (the mailing turns finished) before counting.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            stats = requests.get(
+                f"{stack.api_url}/mailings/{mailing_id}/stats?limit=1", headers=headers, timeout=30
+            ).json()
+            if stats["status"] == "finished":
+                break
+            time.sleep(0.5)
+        meter.on = False
+        duplicates = stack.sandbox.duplicates()
+    finally:
+        stack.stop()
+    return summarize(count, meter, post_seconds, delivered_seconds, stats, duplicates)
+
+
+def summarize(
+    count: int, meter: Meter, post_s: float, delivered_s: float, stats: dict, duplicates: list
+) -> dict[str, Any]:
+    by_service: Counter = Counter()
+    for (service, _), n in meter.calls.items():
+        by_service[service] += n
+    dynamodb_writes = sum(
+        n for (s, op), n in meter.calls.items() if s == "dynamodb" and op in DYNAMODB_WRITES
+    )
+    dynamodb_reads = sum(
+        n for (s, op), n in meter.calls.items() if s == "dynamodb" and op in DYNAMODB_READS
+    )
+    sqs = by_service["sqs"]
+    # Locally the scheduler ticked for nothing; in AWS one tick a minute runs regardless of load.
+    lambdas = sum(n for name, n in meter.lambda_invocations.items() if name != "scheduler_tick")
+    cost = {
+        "dynamodb": meter.wru * PRICES["dynamodb_wru"] + meter.rru * PRICES["dynamodb_rru"],
+        "sqs": sqs * PRICES["sqs_request"],
+        "lambda_requests": lambdas * PRICES["lambda_request"],
+        "lambda_duration": meter.lambda_seconds * LAMBDA_MEMORY_GB * PRICES["lambda_gb_second"],
+    }
+    per_million = {k: v / count * 1e6 for k, v in cost.items()}
+    return {
+        "clients": count,
+        "post_seconds": round(post_s, 3),
+        "all_accepted_seconds": round(delivered_s, 2),
+        "messages_per_second": round(count / delivered_s, 1),
+        "final_stats": stats["stats"],
+        "gateway_duplicates": len(duplicates),
+        "per_message": {
+            "dynamodb_write_requests": round(dynamodb_writes / count, 3),
+            "dynamodb_read_requests": round(dynamodb_reads / count, 3),
+            "dynamodb_wru": round(meter.wru / count, 3),
+            "dynamodb_rru": round(meter.rru / count, 3),
+            "sqs_requests": round(sqs / count, 3),
+            "lambda_invocations": round(lambdas / count, 4),
+            "lambda_seconds_local": round(meter.lambda_seconds / count, 4),
+        },
+        "usd_per_million": {k: round(v, 3) for k, v in per_million.items()}
+        | {"total": round(sum(per_million.values()), 3)},
+        "calls": {f"{s}:{op}": n for (s, op), n in sorted(meter.calls.items())},
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    p, usd = result["per_message"], result["usd_per_million"]
+
+    def verdict(value: float, key: str) -> str:
+        target = TARGETS[key]
+        outcome = "ok" if value <= target else f"MISSED by {value / target:.2f}x"
+        return f"(target {target}: {outcome})"
+
+    parts = json.dumps({k: v for k, v in usd.items() if k != "total"})
+
+    lines = [
+        f"== {result['clients']} clients",
+        f"POST /mailings answered in        {result['post_seconds'] * 1000:.0f} ms",
+        f"all messages accepted after        {result['all_accepted_seconds']:.1f} s "
+        f"({result['messages_per_second']} msg/s)",
+        f"final stats                        {result['final_stats']}",
+        f"gateway duplicates                 {result['gateway_duplicates']}",
+        f"DynamoDB write requests / message  {p['dynamodb_write_requests']}  "
+        + verdict(p["dynamodb_write_requests"], "dynamodb_writes"),
+        f"DynamoDB read requests / message   {p['dynamodb_read_requests']}",
+        f"DynamoDB WRU / RRU per message     {p['dynamodb_wru']} / {p['dynamodb_rru']}",
+        f"SQS requests / message             {p['sqs_requests']}  "
+        + verdict(p["sqs_requests"], "sqs"),
+        f"Lambda invocations / message       {p['lambda_invocations']}  "
+        + verdict(p["lambda_invocations"], "lambda"),
+        f"USD per million messages           {usd['total']}  "
+        + verdict(usd["total"], "usd_per_million"),
+        f"  of which                         {parts}",
+        f"calls                              {json.dumps(result['calls'])}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="2000,10000")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    results = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        result = run_size(size)
+        results.append(result)
+        print(report(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
