@@ -3,8 +3,8 @@
 Right before each call it re-checks everything that may have changed since the job was queued:
 the message is still pending, the mailing exists and is not cancelled, the end has not passed,
 the client exists, and it is inside the client's local send window. Then it *claims* the message
-(a conditional write only one sender can win), calls the gateway, and records the outcome with the
-mailing's counters in one transaction.
+(a conditional write only one sender can win) and calls the gateway. When the batch's calls are
+done, their outcomes are written with the mailing's counters in one transaction.
 
 The one window for a double send: a sender dies (or its write fails) after the gateway accepted a
 message and before the outcome is written. The claim then expires, SQS delivers the job again, and
