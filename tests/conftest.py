@@ -25,6 +25,7 @@ os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("AWS_PROFILE", None)
 
 API_TOKEN = "test-token-0123456789abcdef"
+GATEWAY_TOKEN = "sandbox-token-for-tests"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 JSON_HEADERS = {"Content-Type": "application/json", **AUTH}
 
@@ -85,6 +86,19 @@ def services(aws: None, settings: Any, clock: FakeClock) -> Iterator[Any]:
     use_services(built)
     yield built
     use_services(None)
+
+
+@pytest.fixture
+def sandbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The sandbox SMS gateway on loopback, fault-free until a test sets a profile."""
+    from chalicelib.local.gateway import SandboxGateway
+
+    # A proxy configured on the test machine must not intercept loopback calls.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    gateway = SandboxGateway(GATEWAY_TOKEN)
+    gateway.start()
+    yield gateway
+    gateway.stop()
 
 
 @dataclass

@@ -15,19 +15,13 @@ import pytest
 
 from chalicelib.local.gateway import FaultProfile, SandboxGateway
 from chalicelib.services.queues import JobBatch
-from tests.conftest import API_TOKEN, body
+from tests.conftest import API_TOKEN, GATEWAY_TOKEN, body
 from tests.pipeline_support import DLQ_URL, FANOUT_URL, SEND_URL, Pipeline, VirtualSqs
-
-GATEWAY_TOKEN = "sandbox-token-for-tests"
 
 
 @pytest.fixture
-def gateway(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    sandbox = SandboxGateway(GATEWAY_TOKEN)
-    sandbox.start()
-    yield sandbox
-    sandbox.stop()
+def gateway(sandbox):
+    return sandbox
 
 
 @pytest.fixture

@@ -9,18 +9,8 @@ import pytest
 from pydantic import SecretStr
 
 from chalicelib.gateway import GatewayClient, Outcome, classify
-from chalicelib.local.gateway import FaultProfile, SandboxGateway
-
-TOKEN = "gateway-secret-token-123"
-
-
-@pytest.fixture
-def sandbox(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    gateway = SandboxGateway(TOKEN)
-    gateway.start()
-    yield gateway
-    gateway.stop()
+from chalicelib.local.gateway import FaultProfile
+from tests.conftest import GATEWAY_TOKEN as TOKEN
 
 
 def client_for(url: str, token: str = TOKEN, read_timeout: float = 0.5) -> GatewayClient:
