@@ -736,3 +736,35 @@ def test_counters_stay_exact_when_many_senders_finish_messages_at_once(
     pipeline.send_once()
     assert pipeline.statuses(mailing["id"]) == Counter({"sent": 40})
     assert_counters_match_records(pipeline, mailing["id"])
+
+
+def test_a_mailing_deleted_during_fan_out_stops_it_and_the_others_go_on(
+    api, pipeline, services, clock, gateway, monkeypatch
+):
+    for n in range(30):
+        add_client(api, f"790000000{n:02d}")
+    object.__setattr__(services.settings, "fanout_page_size", 10)
+    doomed = create_mailing(api, clock, start=timedelta(minutes=1), text="doomed")
+    other = create_mailing(api, clock, start=timedelta(minutes=1), text="other")
+    clock.advance(minutes=1)
+    pipeline.sqs.queues[FANOUT_URL].clear()
+    # The doomed mailing is deleted right after its first page is committed
+    original = services.scheduler._commit_page
+    state = {"pages": 0}
+
+    def commit_then_delete(item, *args):
+        created = original(item, *args)
+        if item.mailing_id == doomed["id"]:
+            state["pages"] += 1
+            if state["pages"] == 1:
+                services.models.Mailing(doomed["id"]).delete()
+        return created
+
+    monkeypatch.setattr(services.scheduler, "_commit_page", commit_then_delete)
+    services.scheduler.tick(lambda: 60.0)
+    monkeypatch.undo()
+    pipeline.settle()
+
+    assert len(pipeline.messages(doomed["id"])) == 10  # nothing after the delete
+    assert {s.text for s in gateway.accepted()} == {"other"}
+    assert pipeline.statuses(other["id"]) == Counter({"sent": 30})

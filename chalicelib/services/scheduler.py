@@ -100,9 +100,12 @@ class Scheduler:
             # The index holds keys only; read the mailing as it is now.
             try:
                 item = Mailing.get(mailing_id, consistent_read=True)
+                progress.add(self._advance(item, remaining))
             except DoesNotExist:
-                continue
-            progress.add(self._advance(item, remaining))
+                continue  # deleted meanwhile
+            except Exception:
+                # One broken mailing must not stop the others; it is retried next tick.
+                logger.exception("could not advance mailing", extra={"mailing_id": mailing_id})
         if progress.continued and self._queues.can_kick:
             self._queues.kick(progress.continued)
         return progress
@@ -320,7 +323,10 @@ class Scheduler:
 
     def _finish_if_done(self, mailing_id: str, owner: str) -> bool:
         Mailing = self._models.Mailing
-        item = Mailing.get(mailing_id, consistent_read=True)
+        try:
+            item = Mailing.get(mailing_id, consistent_read=True)
+        except DoesNotExist:
+            return False  # deleted while we worked on it
         if not item.fanout_done and item.status != MailingStatus.CANCELLED.value:
             return False
         if int(item.count_pending or 0) > 0:
