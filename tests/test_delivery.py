@@ -711,7 +711,7 @@ def test_fan_out_dying_between_enqueue_and_commit_loses_and_duplicates_nothing(
 
     crash_once(monkeypatch, pynamodb.transactions.TransactWrite, "__exit__")
     with pytest.raises(Crash):
-        services.scheduler.tick(lambda: 60.0)
+        services.scheduler.advance(mailing["id"], lambda: 60.0)
     monkeypatch.undo()
     assert pipeline.messages(mailing["id"]) == []
     orphan_jobs = pipeline.sqs.depth(SEND_URL)
