@@ -502,8 +502,11 @@ def test_a_deleted_client_is_never_sent_to(api, pipeline, clock, gateway):
     api.delete(f"/clients/{gone['id']}")
     pipeline.settle()
     assert sent_phones(gateway) == [keep["phone"]]
-    statuses = {m.client_id: m.status for m in pipeline.messages(mailing["id"])}
-    assert statuses == {keep["id"]: "sent", gone["id"]: "cancelled"}
+    by_client = {m.client_id: m for m in pipeline.messages(mailing["id"])}
+    assert by_client[keep["id"]].status == "sent"
+    assert by_client[gone["id"]].status == "failed"
+    assert by_client[gone["id"]].last_error == "client record is missing (the client was deleted)"
+    assert_counters_match_records(pipeline, mailing["id"])
 
 
 def test_cancel_stops_sending_and_keeps_statistics(api, pipeline, clock, gateway):
@@ -768,3 +771,109 @@ def test_a_mailing_deleted_during_fan_out_stops_it_and_the_others_go_on(
     assert len(pipeline.messages(doomed["id"])) == 10  # nothing after the delete
     assert {s.text for s in gateway.accepted()} == {"other"}
     assert pipeline.statuses(other["id"]) == Counter({"sent": 30})
+
+
+# ---------------------------------------------------------------- bad data at rest
+
+
+def raw_table(services, kind: str):
+    import boto3
+
+    return boto3.resource("dynamodb").Table(services.settings.table_name(kind))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (
+            {"timezone": "Mars/Olympus_Mons"},
+            "client record is corrupt: timezone is missing or unknown",
+        ),
+        ({"phone": "12345"}, "client record is corrupt: phone is not 7XXXXXXXXXX"),
+        ("remove timezone", "client record is corrupt: timezone is missing or unknown"),
+    ],
+    ids=["unknown timezone", "bad phone", "older schema without timezone"],
+)
+def test_a_corrupt_client_record_fails_its_message_and_spares_the_batch(
+    api, pipeline, services, clock, gateway, damage, reason
+):
+    good = add_client(api, "79000000001")
+    bad = add_client(api, "79000000002")
+    mailing = create_mailing(api, clock)
+    table = raw_table(services, "clients")
+    if damage == "remove timezone":
+        table.update_item(
+            Key={"client_id": bad["id"]},
+            UpdateExpression="REMOVE #tz",
+            ExpressionAttributeNames={"#tz": "timezone"},
+        )
+    else:
+        [(name, value)] = damage.items()
+        table.update_item(
+            Key={"client_id": bad["id"]},
+            UpdateExpression="SET #f = :v",
+            ExpressionAttributeNames={"#f": name},
+            ExpressionAttributeValues={":v": value},
+        )
+    pipeline.settle()
+    by_client = {m.client_id: m for m in pipeline.messages(mailing["id"])}
+    assert by_client[good["id"]].status == "sent"
+    assert by_client[bad["id"]].status == "failed"
+    assert by_client[bad["id"]].last_error == reason
+    assert sent_phones(gateway) == [good["phone"]]
+    assert_counters_match_records(pipeline, mailing["id"])
+
+
+def test_a_corrupt_mailing_record_fails_its_messages_with_the_reason(
+    api, pipeline, services, clock, gateway
+):
+    for n in range(3):
+        add_client(api, f"7900000000{n}")
+    mailing = create_mailing(api, clock)
+    pipeline.kicks()
+    raw_table(services, "mailings").update_item(
+        Key={"mailing_id": mailing["id"]},
+        UpdateExpression="REMOVE #t",
+        ExpressionAttributeNames={"#t": "text"},
+    )
+    pipeline.send_once()
+    assert gateway.accepted() == []
+    assert pipeline.statuses(mailing["id"]) == Counter({"failed": 3})
+    assert {m.last_error for m in pipeline.messages(mailing["id"])} == {
+        "mailing record is corrupt: text is missing"
+    }
+    assert_counters_match_records(pipeline, mailing["id"])
+
+
+def test_an_unreadable_mailing_record_fails_its_messages_without_crashing(
+    api, pipeline, services, clock, gateway
+):
+    add_client(api, "79000000001")
+    mailing = create_mailing(api, clock)
+    pipeline.kicks()
+    raw_table(services, "mailings").update_item(
+        Key={"mailing_id": mailing["id"]},
+        UpdateExpression="SET end_at = :v",
+        ExpressionAttributeValues={":v": "not a date"},
+    )
+    handled = pipeline.send_once()
+    assert handled == 1
+    assert pipeline.sqs.depth(SEND_URL) == 0  # nothing put back for a retry that cannot help
+    [message] = pipeline.messages(mailing["id"])
+    assert message.status == "failed"
+    assert message.last_error.startswith("mailing record is unreadable")
+    assert gateway.accepted() == []
+
+
+def test_jobs_of_a_deleted_mailing_leave_their_messages_failed_with_the_reason(
+    api, pipeline, clock, gateway
+):
+    add_client(api, "79000000001")
+    mailing = create_mailing(api, clock)
+    pipeline.kicks()
+    api.delete(f"/mailings/{mailing['id']}")
+    pipeline.send_once()
+    [message] = pipeline.messages(mailing["id"])
+    assert message.status == "failed"
+    assert message.last_error == "mailing record is missing (the mailing was deleted)"
+    assert gateway.accepted() == []

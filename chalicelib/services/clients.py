@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pynamodb.connection import Connection
 from pynamodb.exceptions import DoesNotExist, PutError, TransactWriteError
@@ -39,6 +41,26 @@ def _shard_of(client_id: str) -> int:
     return int(hashlib.sha256(client_id.encode()).hexdigest()[:8], 16) % CLIENT_SHARDS
 
 
+_PHONE = re.compile(r"^7\d{10}$")
+_OPERATOR_CODE = re.compile(r"^\d{3}$")
+
+
+def client_record_problem(item: Any) -> str | None:
+    """What makes a stored client unusable for sending (corrupt or older schema), if anything."""
+    problems = []
+    if not isinstance(item.phone, str) or not _PHONE.match(item.phone):
+        problems.append("phone is not 7XXXXXXXXXX")
+    if not isinstance(item.operator_code, str) or not _OPERATOR_CODE.match(item.operator_code):
+        problems.append("operator code is not 3 digits")
+    try:
+        ZoneInfo(item.timezone)
+    except (ValueError, TypeError, ZoneInfoNotFoundError):
+        problems.append("timezone is missing or unknown")
+    if not problems:
+        return None
+    return "client record is corrupt: " + ", ".join(problems)
+
+
 class ClientDirectory:
     """Clients and the audience queries over them."""
 
@@ -53,11 +75,38 @@ class ClientDirectory:
         """The client, or NotFound."""
         return self._to_domain(self._load(client_id))
 
-    def find_many(self, client_ids: list[str]) -> dict[str, Client]:
-        """The clients that exist among `client_ids`, by id."""
+    def find_many(self, client_ids: list[str]) -> tuple[dict[str, Client], dict[str, str]]:
+        """The usable clients among `client_ids`, by id, and what is wrong with the others.
+
+        A record that is corrupt or from an older schema is reported, never raised: one bad
+        record must not stop the work on the good ones.
+        """
         wanted = [c for c in dict.fromkeys(client_ids) if looks_like_id(c)]
-        found = self._models.Client.batch_get(wanted, consistent_read=True)
-        return {item.client_id: self._to_domain(item) for item in found}
+        try:
+            items = list(self._models.Client.batch_get(wanted, consistent_read=True))
+        except Exception:  # a record that does not even deserialise: read them one by one
+            items = []
+            problems: dict[str, str] = {}
+            for client_id in wanted:
+                try:
+                    items.append(self._models.Client.get(client_id, consistent_read=True))
+                except DoesNotExist:
+                    continue
+                except Exception as exc:
+                    problems[client_id] = f"client record is unreadable: {type(exc).__name__}"
+        else:
+            problems = {}
+        found: dict[str, Client] = {}
+        for item in items:
+            problem = client_record_problem(item)
+            if problem:
+                problems[item.client_id] = problem
+            else:
+                found[item.client_id] = self._to_domain(item)
+        for client_id in client_ids:
+            if client_id not in found and client_id not in problems:
+                problems[client_id] = "client record is missing (the client was deleted)"
+        return found, problems
 
     def list(
         self,

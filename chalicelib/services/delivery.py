@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -79,6 +79,9 @@ class _Job:
     job: SendJob
     mailing: Any
     client: Any
+    # Why the mailing or the client record cannot be used (missing, corrupt, older schema).
+    problem: str | None = None
+    mailing_exists: bool = True
     requeue: Delayed | None = None
     called_gateway: bool = False
     # A claimed message's outcome, recorded with its batch's others in one transaction.
@@ -116,9 +119,19 @@ class Sender:
         # calls start (milliseconds later): a deleted or cancelled mailing or a deleted client is
         # seen here. The message itself is checked by the claim's condition.
         client_ids = [job.client_id for job in batch.jobs]
-        mailing = self._mailing(batch.mailing_id)
-        clients = self._clients.find_many(client_ids) if mailing else {}
-        work = [_Job(batch, job, mailing, clients.get(job.client_id)) for job in batch.jobs]
+        mailing, mailing_problem, mailing_exists = self._mailing_checked(batch.mailing_id)
+        clients, problems = self._clients.find_many(client_ids) if mailing else ({}, {})
+        work = [
+            _Job(
+                batch,
+                job,
+                mailing,
+                clients.get(job.client_id),
+                mailing_problem or problems.get(job.client_id),
+                mailing_exists,
+            )
+            for job in batch.jobs
+        ]
         pool = self._pool or ThreadPoolExecutor(self._settings.sender_concurrency, "sender")
         self._pool = pool
         futures = [pool.submit(self._process, item) for item in work]
@@ -174,8 +187,7 @@ class Sender:
         now = self._clock()
         mailing, client = item.mailing, item.client
         if mailing is None:
-            logger.info("mailing deleted; job dropped", extra=log)
-            return JobResult.SKIPPED
+            return self._fail_without_mailing(item, now, log)
         if mailing.status == MailingStatus.CANCELLED.value:
             return self._finish(item, MessageStatus.CANCELLED, None, "mailing cancelled")
         # Starting a call this close to the end could reach the gateway after it.
@@ -183,7 +195,8 @@ class Sender:
         if now + margin >= mailing.end_at:
             return self._finish(item, MessageStatus.EXPIRED, None, job.last_error or "end passed")
         if client is None:
-            return self._finish(item, MessageStatus.CANCELLED, None, "client deleted")
+            logger.warning("message failed: %s", item.problem, extra=log)
+            return self._finish(item, MessageStatus.FAILED, None, item.problem)
 
         window = _window_of(mailing)
         if window is not None:
@@ -310,10 +323,53 @@ class Sender:
         return JobResult.SKIPPED
 
     def _mailing(self, mailing_id: str) -> Any | None:
+        return self._mailing_checked(mailing_id)[0]
+
+    def _mailing_checked(self, mailing_id: str) -> tuple[Any | None, str | None, bool]:
+        """The mailing if it can be sent from, else None and what is wrong with its record;
+        and whether the record exists at all."""
         try:
-            return self._models.Mailing.get(mailing_id, consistent_read=True)
+            item = self._models.Mailing.get(mailing_id, consistent_read=True)
         except DoesNotExist:
-            return None
+            return None, "mailing record is missing (the mailing was deleted)", False
+        except Exception as exc:  # corrupt beyond deserialising
+            return None, f"mailing record is unreadable: {type(exc).__name__}", True
+        problem = mailing_record_problem(item)
+        return (None, problem, True) if problem else (item, None, True)
+
+    def _fail_without_mailing(self, item: _Job, now: Any, log: dict) -> JobResult:
+        """The mailing record is missing or unusable: the message fails with the reason."""
+        logger.warning("message failed: %s", item.problem, extra=log)
+        if item.mailing_exists:
+            try:
+                # Its counters may still be intact: keep them in step if they are.
+                return self._finish(item, MessageStatus.FAILED, None, item.problem)
+            except Exception:
+                logger.warning("mailing counters unusable too", exc_info=True, extra=log)
+        # No usable mailing, so no counters: the message alone records why it was not sent.
+        failed = self._messages.fail_orphan(
+            item.batch.mailing_id, item.job.client_id, item.problem or "", now
+        )
+        return JobResult.FAILED if failed else JobResult.SKIPPED
+
+
+def mailing_record_problem(item: Any) -> str | None:
+    """What makes a stored mailing unusable for sending (corrupt or older schema), if anything."""
+    problems = []
+    if not isinstance(item.text, str) or not item.text.strip():
+        problems.append("text is missing")
+    if not isinstance(item.start_at, datetime) or not isinstance(item.end_at, datetime):
+        problems.append("start or end is missing")
+    if item.status not in {status.value for status in MailingStatus}:
+        problems.append("status is unknown")
+    window = (item.window_start, item.window_end)
+    if window != (None, None) and not all(
+        isinstance(m, (int, float)) and 0 <= m < 24 * 60 for m in window
+    ):
+        problems.append("send window is invalid")
+    if not problems:
+        return None
+    return "mailing record is corrupt: " + ", ".join(problems)
 
 
 def _window_of(mailing: Any) -> SendWindow | None:

@@ -177,6 +177,21 @@ class MessageStore:
             actions.append(Message.last_error.set(outcome.error[:500]))
         return actions
 
+    def fail_orphan(self, mailing_id: str, client_id: str, reason: str, now: datetime) -> bool:
+        """Fail a pending message whose mailing cannot keep counters (missing or unusable)."""
+        Message = self._models.Message
+        outcome = Outcome(client_id, MessageStatus.FAILED, None, reason)
+        try:
+            Message(mailing_id, client_id).update(
+                actions=self._final_actions(mailing_id, outcome, now),
+                condition=self._still_ours(None, now),
+            )
+        except UpdateError as exc:
+            if is_conditional_failure(exc):
+                return False
+            raise
+        return True
+
     def pending_client_ids(self, mailing_id: str, limit: int) -> list[str]:
         """Up to `limit` clients whose message in this mailing is still pending."""
         index = self._models.Message.by_status
