@@ -97,8 +97,33 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A field's JSON schema without the `null` choice and `null` default of `X | None = None`."""
+    schema = dict(schema)
+    if schema.get("default", ...) is None:
+        del schema["default"]
+    choices = [choice for choice in schema.pop("anyOf", []) if choice != {"type": "null"}]
+    if len(choices) == 1:
+        schema.update(choices[0])
+    elif choices:
+        schema["anyOf"] = choices
+    return schema
+
+
+def _document_refused_nulls(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    # `X | None = None` is how PATCH spells "may be omitted"; the document must not offer the
+    # null that `_no_nulls` refuses.
+    nullable = getattr(model, "NULLABLE", frozenset())
+    properties = schema.get("properties", {})
+    for name, prop in properties.items():
+        if name not in nullable:
+            properties[name] = without_null(prop)
+
+
 class _Patch(_Request):
     """PATCH: an absent field keeps its value; an explicit null is refused unless allowed."""
+
+    model_config = ConfigDict(json_schema_extra=_document_refused_nulls)  # merged with _Request's
 
     NULLABLE: ClassVar[frozenset[str]] = frozenset()
 
@@ -163,7 +188,9 @@ class ClientListQuery(_Request):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     limit: int | None = Field(None, ge=1, description="Page size (default 50, at most 500)")
-    cursor: str | None = Field(None, max_length=4096)
+    cursor: str | None = Field(
+        None, max_length=4096, description="The `next_cursor` of the previous page, unchanged"
+    )
     operator_code: OperatorCode | None = None
     tag: Tag | None = None
 
@@ -258,7 +285,9 @@ class PageQuery(_Request):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     limit: int | None = Field(None, ge=1, description="Page size (default 50, at most 500)")
-    cursor: str | None = Field(None, max_length=4096)
+    cursor: str | None = Field(
+        None, max_length=4096, description="The `next_cursor` of the previous page, unchanged"
+    )
 
 
 # ---------------------------------------------------------------- statistics

@@ -13,9 +13,10 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
-from chalice import Blueprint, Response
+from chalice import Blueprint, Chalice, Response
 from pydantic import BaseModel, ValidationError
 from pynamodb.exceptions import PynamoDBException
 
@@ -92,11 +93,39 @@ def validation_details(exc: ValidationError, prefix: str) -> list[dict[str, Any]
     return details
 
 
+def chalice_errors_as_error_body(request: Any, get_response: Callable[[Any], Response]) -> Response:
+    """Chalice's own errors, written before any view runs, in the service's one error shape.
+
+    Locally that is a 405 for a method the path does not have (API Gateway answers it with a 403
+    before the Lambda runs); Chalice's body is `{"Code", "Message"}`, not `ErrorBody`.
+    """
+    response = get_response(request)
+    body = response.body
+    if not (isinstance(body, dict) and set(body) == {"Code", "Message"}):
+        return response
+    status = response.status_code
+    message = str(body["Message"])
+    allowed = response.headers.get("Allow")
+    if status == HTTPStatus.METHOD_NOT_ALLOWED and allowed:
+        message = f"{request.method} is not supported here; use {allowed}"
+    error = ErrorBody(error=HTTPStatus(status).name.lower(), message=message, details=[])
+    return json_response(error, status, {**response.headers, "Content-Type": JSON})
+
+
+class _BoundaryBlueprint(Blueprint):
+    """A Blueprint that, once per app, installs the middleware giving Chalice's errors our shape."""
+
+    def register(self, app: Chalice, options: dict[str, Any]) -> None:
+        super().register(app, options)
+        if (chalice_errors_as_error_body, "http") not in app.middleware_handlers:
+            app.register_middleware(chalice_errors_as_error_body, "http")
+
+
 class ApiBlueprint:
     """A Chalice Blueprint whose routes carry their own schema and error handling."""
 
     def __init__(self, import_name: str, tag: str, *, authorizer: Any = None) -> None:
-        self.blueprint = Blueprint(import_name)
+        self.blueprint = _BoundaryBlueprint(import_name)
         self.tag = tag
         self._authorizer = authorizer
         self._max_body_bytes: Callable[[], int] = lambda: 64 * 1024

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from chalicelib.api.http import OPERATIONS, Operation
-from chalicelib.schemas import ErrorBody
+from chalicelib.schemas import ErrorBody, without_null
 
 TITLE = "SMS campaign service"
 VERSION = "1.0.0"
@@ -52,7 +52,8 @@ def _query_parameters(model: type[BaseModel], components: dict) -> list[dict]:
     required = set(schema.get("required", []))
     params = []
     for name, prop in schema.get("properties", {}).items():
-        prop = dict(prop)
+        # A query says "none" by leaving the parameter out; it cannot carry a null.
+        prop = without_null(prop)
         description = prop.pop("description", None)
         prop.pop("title", None)
         param: dict[str, Any] = {
