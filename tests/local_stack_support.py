@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-token-" + "x" * 24
@@ -162,3 +164,19 @@ def running_stack(**env: str) -> Iterator[Stack]:
         if running.process.poll() is None:
             os.killpg(running.process.pid, signal.SIGKILL)
             running.process.wait()
+
+
+def messages_with_status(
+    http: requests.Session, url: str, mailing_id: str, status: str
+) -> list[dict[str, Any]]:
+    """Every message of the mailing listed under `status`, all pages."""
+    messages: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"status": status, "limit": 500}
+    while True:
+        response = http.get(f"{url}/mailings/{mailing_id}/stats", params=params, timeout=10)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        messages += page["messages"]
+        if not page["next_cursor"]:
+            return messages
+        params["cursor"] = page["next_cursor"]

@@ -31,6 +31,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from tests.crash_support import GATEWAY_TOKEN, RestartableStack, emulator, sandbox_gateway
+from tests.local_stack_support import messages_with_status
 
 pytestmark = pytest.mark.e2e
 
@@ -212,22 +213,6 @@ def wait_until_finished(http: requests.Session, url: str, mailing_id: str) -> di
         "see it finished",
         FINISH_TIMEOUT_SECONDS,
     )
-
-
-def messages_with_status(
-    http: requests.Session, url: str, mailing_id: str, status: str
-) -> list[dict[str, Any]]:
-    """Every message of the mailing listed under `status`, all pages."""
-    messages: list[dict[str, Any]] = []
-    params: dict[str, Any] = {"status": status, "limit": 500}
-    while True:
-        response = http.get(f"{url}/mailings/{mailing_id}/stats", params=params, timeout=10)
-        assert response.status_code == 200, response.text
-        page = response.json()
-        messages += page["messages"]
-        if not page["next_cursor"]:
-            return messages
-        params["cursor"] = page["next_cursor"]
 
 
 def reset_sandbox(world: CrashWorld, latency_seconds: float) -> None:

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from chalicelib.services.delivery import UNCOMMITTED_RETRY_SECONDS
-from tests.local_stack_support import Stack, running_stack
+from tests.local_stack_support import Stack, messages_with_status, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -117,22 +117,6 @@ def wait_for_status(
         if time.monotonic() > deadline:
             pytest.fail(f"mailing not {status} within {timeout:g} s: {current}")
         time.sleep(POLL_SECONDS)
-
-
-def messages_with_status(
-    http: requests.Session, url: str, mailing_id: str, status: str
-) -> list[dict[str, Any]]:
-    """Every message of the mailing listed under `status`, all pages."""
-    messages: list[dict[str, Any]] = []
-    params: dict[str, Any] = {"status": status, "limit": 100}
-    while True:
-        response = http.get(f"{url}/mailings/{mailing_id}/stats", params=params, timeout=5)
-        assert response.status_code == 200, response.text
-        page = response.json()
-        messages += page["messages"]
-        if not page["next_cursor"]:
-            return messages
-        params["cursor"] = page["next_cursor"]
 
 
 def ledger(stack: Stack) -> dict[str, Any]:
