@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from chalicelib.services.mailings import MailingService
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import Queues
 from chalicelib.services.scheduler import Scheduler
+from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, get_settings
 
 
@@ -28,10 +30,11 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class _LazySqs:
-    """An SQS client made on first use, so the API's cold start does not pay for it."""
+class _LazyClient:
+    """A boto3 client made on first use, so the API's cold start does not pay for it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, service: str, settings: Settings) -> None:
+        self._service = service
         self._settings = settings
 
     def __getattr__(self, name: str) -> Any:
@@ -39,7 +42,14 @@ class _LazySqs:
 
     @cache  # noqa: B019 - one client per instance, for the life of the process
     def _client(self) -> Any:
-        return aws.client("sqs", self._settings)
+        return aws.client(self._service, self._settings)
+
+
+def sleep_until(moment: datetime) -> None:
+    """Block the calling thread until `moment` (wall clock)."""
+    delay = (moment - utc_now()).total_seconds()
+    if delay > 0:
+        time.sleep(delay)
 
 
 def gateway_factory(settings: Settings) -> Callable[[], GatewayClient | None]:
@@ -81,12 +91,13 @@ class Services:
         sqs: Any = None,
         gateway: Callable[[], GatewayClient | None] | None = None,
         rng: random.Random | None = None,
+        wait_until: Callable[[datetime], None] = sleep_until,
     ) -> Services:
         """Wire every service for `settings`; nothing touches AWS until a service is used."""
         models = build_models(settings)
         connection = Connection(region=settings.aws_region)
         queues = Queues(
-            sqs if sqs is not None else _LazySqs(settings),
+            sqs if sqs is not None else _LazyClient("sqs", settings),
             send_url=settings.send_queue_url,
             dlq_url=settings.send_dlq_url,
             fanout_url=settings.fanout_queue_url,
@@ -110,6 +121,8 @@ class Services:
                 settings,
                 clock,
                 rng,
+                throttle=GatewayThrottle(_LazyClient("dynamodb", settings), settings, clock),
+                wait_until=wait_until,
             ),
             verifier=build_verifier(settings),
         )

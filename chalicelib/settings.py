@@ -56,6 +56,11 @@ class Settings(BaseModel):
     retry_max_seconds: int = Field(900, ge=1, le=900)
     auth_retry_seconds: int = Field(300, ge=1, le=900)
     sender_concurrency: int = Field(10, ge=1, le=64)
+    # Limits towards the gateway, shared by every sender (see services/throttle.py).
+    gateway_rate_per_second: float = Field(100.0, gt=0, le=10_000)
+    gateway_concurrency: int = Field(40, ge=1, le=1000)
+    gateway_pause_seconds: float = Field(2.0, gt=0, le=300)
+    gateway_max_pause_seconds: float = Field(60.0, gt=0, le=900)
     jobs_per_message: int = Field(10, ge=1, le=50)
     fanout_page_size: int = Field(99, ge=1, le=99)
     lease_seconds: int = Field(180, ge=10, le=3600)
@@ -95,6 +100,8 @@ class Settings(BaseModel):
                 raise ValueError(f"AUTH_MODE=oidc needs {names}")
         if self.claim_seconds <= self.gateway_connect_timeout + self.gateway_read_timeout:
             raise ValueError("CLAIM_SECONDS must exceed the gateway's connect + read timeouts")
+        if self.gateway_max_pause_seconds < self.gateway_pause_seconds:
+            raise ValueError("GATEWAY_MAX_PAUSE_SECONDS must not be below GATEWAY_PAUSE_SECONDS")
         if self.default_page_size > self.max_page_size:
             raise ValueError("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
         return self

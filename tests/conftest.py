@@ -42,6 +42,10 @@ class FakeClock:
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
 
+    def wait_until(self, moment: datetime) -> None:
+        """What a sleeping sender sees: time has moved on to `moment` (never back)."""
+        self.now = max(self.now, moment)
+
 
 @pytest.fixture
 def clock() -> FakeClock:
@@ -81,7 +85,7 @@ def services(aws: None, settings: Any, clock: FakeClock) -> Iterator[Any]:
     from chalicelib.container import Services, use_services
     from chalicelib.models import create_tables
 
-    built = Services.build(settings, clock=clock)
+    built = Services.build(settings, clock=clock, wait_until=clock.wait_until)
     create_tables(built.models)
     use_services(built)
     yield built

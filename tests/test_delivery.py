@@ -5,6 +5,7 @@ DynamoDB is moto's, the gateway is the real sandbox HTTP server, time is the tes
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from collections import Counter
@@ -25,11 +26,12 @@ def gateway(sandbox):
 
 
 @pytest.fixture
-def settings(gateway, monkeypatch: pytest.MonkeyPatch):
+def settings(gateway, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
     from chalicelib.settings import Settings
 
     monkeypatch.setenv("API_TOKENS", API_TOKEN)
-    return Settings(
+    overrides = getattr(request, "param", {})  # indirect parametrisation
+    defaults = dict(
         table_prefix="sms-test",
         api_tokens=(API_TOKEN,),
         send_queue_url=SEND_URL,
@@ -42,6 +44,7 @@ def settings(gateway, monkeypatch: pytest.MonkeyPatch):
         claim_seconds=5,
         sender_concurrency=4,
     )
+    return Settings(**{**defaults, **overrides})
 
 
 @pytest.fixture
@@ -54,7 +57,9 @@ def services(aws, settings, clock, sqs):
     from chalicelib.container import Services, use_services
     from chalicelib.models import create_tables
 
-    built = Services.build(settings, clock=clock, sqs=sqs, rng=random.Random(7))
+    built = Services.build(
+        settings, clock=clock, sqs=sqs, rng=random.Random(7), wait_until=clock.wait_until
+    )
     create_tables(built.models)
     use_services(built)
     yield built
@@ -315,9 +320,8 @@ def test_rejected_message_fails_at_once_with_the_reason(api, pipeline, clock, ga
         FaultProfile(error_rate=1.0, seed=1),
         FaultProfile(malformed_rate=1.0, seed=1),
         FaultProfile(slow_rate=1.0, slow_seconds=0.8, seed=1),
-        FaultProfile(rate_limit_rate=1.0, seed=1),
     ],
-    ids=["5xx", "malformed", "timeout", "429"],
+    ids=["5xx", "malformed", "timeout"],
 )
 def test_persistent_transient_faults_end_in_failed_and_the_dead_letter_queue(
     api, pipeline, clock, gateway, profile
@@ -347,6 +351,73 @@ def test_gateway_outage_of_a_minute_delays_but_loses_nothing(api, pipeline, cloc
     assert pipeline.statuses(mailing["id"]) == Counter({"sent": 6})
     assert gateway.duplicates() == []
     assert_counters_match_records(pipeline, mailing["id"])
+
+
+def test_a_rate_limiting_gateway_slows_sending_without_spending_attempts(
+    api, pipeline, clock, gateway, calls
+):
+    # Given a gateway that answers every call with 429
+    gateway.set_profile(FaultProfile(rate_limit_rate=1.0, seed=1))
+    add_client(api, "79000000001")
+    mailing = create_mailing(api, clock, end=timedelta(minutes=10))
+    # When the mailing runs to its end
+    pipeline.run(until=clock() + timedelta(minutes=11), step=timedelta(seconds=1))
+    # Then the message was never given up as failed: it waited and expired at the end
+    [message] = pipeline.messages(mailing["id"])
+    assert message.status == "expired"
+    assert "429" in message.last_error
+    assert pipeline.sqs.queues[DLQ_URL] == []
+    # And the pauses doubled: a handful of calls in ten minutes, not one a second
+    assert 4 <= len(calls) <= 14
+    gaps = [(b - a).total_seconds() for (a, _), (b, _) in itertools.pairwise(calls)]
+    assert max(gaps) >= 30
+    assert_counters_match_records(pipeline, mailing["id"])
+
+
+def test_an_outage_is_probed_not_hammered_and_sending_resumes_at_full_speed(
+    api, pipeline, clock, gateway, calls
+):
+    # Given 40 clients and a gateway that is down for the first minute
+    for n in range(40):
+        add_client(api, f"790000000{n:02d}")
+    gateway.start_outage(3600)
+    mailing = create_mailing(api, clock)
+    pipeline.run(until=clock() + timedelta(minutes=1), step=timedelta(seconds=1))
+    during = len(calls)
+    gateway.end_outage()
+    recovered_at = clock()
+    pipeline.run(until=clock() + timedelta(minutes=5), step=timedelta(seconds=1))
+    # Then during the outage the senders only probed it, a few calls a minute, not 40 x 4
+    assert during <= 15
+    messages = pipeline.messages(mailing["id"])
+    assert max(int(m.attempts) for m in messages) <= 3
+    # And once it is back, everything goes within seconds, once each
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 40})
+    assert gateway.duplicates() == []
+    assert calls[-1][0] - recovered_at < timedelta(seconds=90)
+    assert_counters_match_records(pipeline, mailing["id"])
+
+
+# One sender thread: on the shared test clock, one thread's wait moves time for all of them.
+@pytest.mark.parametrize(
+    "settings", [{"gateway_rate_per_second": 20.0, "sender_concurrency": 1}], indirect=True
+)
+def test_the_gateway_never_sees_more_than_the_configured_rate(api, pipeline, clock, calls):
+    # Given 150 clients and a limit of 20 calls a second
+    for n in range(150):
+        add_client(api, f"7900000{n:04d}")
+    mailing = create_mailing(api, clock)
+    pipeline.settle()
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 150})
+    # Then no one-second window (on the senders' clock) holds more than 20 calls
+    times = sorted(at for at, _ in calls)
+    densest = max(
+        sum(1 for t in times[i:] if t - start < timedelta(seconds=1))
+        for i, start in enumerate(times)
+    )
+    assert densest <= 20
+    # And the limit was used, not just respected: 150 calls took about 150 / 20 s
+    assert (times[-1] - times[0]).total_seconds() < 150 / 20 + 2
 
 
 def test_retries_never_go_past_the_end(api, pipeline, clock, gateway, calls):

@@ -84,6 +84,7 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "mailings": {GET, UPDATE},
         "messages": {BATCH_GET, UPDATE},
         "clients": {BATCH_GET},
+        "sequences": {GET, PUT, UPDATE},  # the shared gateway limits
     },
 }
 QUEUE_ACCESS: dict[str, dict[str, set[str]]] = {
@@ -728,3 +729,19 @@ def test_unauthorized_tells_the_client_to_send_a_bearer_token(gateway_responses:
     """Given a request without a token, when it is rejected, the 401 says which scheme to use."""
     headers = gateway_responses["UNAUTHORIZED"]["ResponseParameters"]["Headers"]
     assert headers["WWW-Authenticate"] == "'Bearer'"
+
+
+def test_gateway_limits_are_parameters_whose_defaults_the_settings_accept(template: dict) -> None:
+    """Given the gateway's rate and concurrency limits, when deployed, then each is a stack
+    parameter given to the sender, and its default is a value the settings accept."""
+    sender = environment(template, "SendMessages")
+    values = {}
+    for variable, parameter in (
+        ("GATEWAY_RATE_PER_SECOND", "GatewayRatePerSecond"),
+        ("GATEWAY_CONCURRENCY", "GatewayConcurrency"),
+    ):
+        assert sender[variable] == {"Ref": parameter}
+        values[variable] = str(template["Parameters"][parameter]["Default"])
+    settings = Settings.from_env(values)
+    assert settings.gateway_rate_per_second == 100
+    assert settings.gateway_concurrency == 40

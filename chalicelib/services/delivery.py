@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +34,15 @@ from chalicelib.gateway import Outcome as Answer
 from chalicelib.models import Models
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
-from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Delayed, JobBatch, Queues, SendJob
+from chalicelib.services.queues import (
+    SQS_MAX_DELAY_SECONDS,
+    Delayed,
+    JobBatch,
+    Queues,
+    SendJob,
+    coalesce,
+)
+from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +59,7 @@ class JobResult(StrEnum):
     CANCELLED = "cancelled"
     RETRY = "retry"
     DEFERRED = "deferred"
+    THROTTLED = "throttled"  # over the gateway's shared limits: back later, no attempt spent
     DEAD_LETTERED = "dead_lettered"
     CONFIG_ERROR = "config_error"
     SKIPPED = "skipped"  # nothing to do: already done, claimed elsewhere, or stale
@@ -87,6 +97,10 @@ class _Job:
     # A claimed message's outcome, recorded with its batch's others in one transaction.
     outcome: Outcome | None = None
     result: JobResult | None = None
+    # Passed every check and waits for a gateway call: its slot in the shared rate, its answer.
+    ready: bool = False
+    slot: datetime | None = None
+    answer: GatewayResult | None = None
 
 
 class Sender:
@@ -102,6 +116,9 @@ class Sender:
         settings: Settings,
         clock: Clock,
         rng: random.Random | None = None,
+        *,
+        throttle: GatewayThrottle,
+        wait_until: Callable[[datetime], None],
     ) -> None:
         self._models = models
         self._messages = messages
@@ -112,6 +129,9 @@ class Sender:
         self._clock = clock
         self._rng = rng or random.Random()
         self._pool: ThreadPoolExecutor | None = None
+        self._throttle = throttle
+        self._wait_until = wait_until
+        self._margin = timedelta(seconds=settings.gateway_connect_timeout)
 
     def deliver(self, batch: JobBatch) -> BatchReport:
         """Process every job of `batch`; raises (so SQS retries it) only on unexpected errors."""
@@ -134,13 +154,11 @@ class Sender:
         ]
         pool = self._pool or ThreadPoolExecutor(self._settings.sender_concurrency, "sender")
         self._pool = pool
-        futures = [pool.submit(self._process, item) for item in work]
-        errors = []
-        for item, future in zip(work, futures, strict=True):
-            try:
-                item.result = future.result()
-            except Exception as exc:  # collected: siblings still finish first
-                errors.append(exc)
+        # First everything that needs no gateway call; then the calls, within the shared limits.
+        errors = self._each(pool, self._prepare, work)
+        ready = [item for item in work if item.ready]
+        if ready:
+            errors += self._send_all(pool, ready)
         # What the gateway answered is recorded even when a sibling failed.
         self._record_outcomes(batch.mailing_id, work)
         report = BatchReport()
@@ -154,7 +172,7 @@ class Sender:
             # Re-deliver the whole SQS message; finished jobs are skipped on the next pass.
             raise errors[0]
         if report.requeued:
-            self._queues.enqueue(report.requeued)
+            self._queues.enqueue(coalesce(report.requeued, self._settings.jobs_per_message))
         if (
             mailing is not None
             and mailing.fanout_done
@@ -162,6 +180,43 @@ class Sender:
         ):
             self._kick_if_drained(batch.mailing_id)
         return report
+
+    @staticmethod
+    def _each(
+        pool: ThreadPoolExecutor, step: Callable[..., JobResult | None], items: list, *args: Any
+    ) -> list[Exception]:
+        """Run `step` for every item in parallel; siblings of a failing one still finish."""
+        futures = [pool.submit(step, item, *args) for item in items]
+        errors = []
+        for item, future in zip(items, futures, strict=True):
+            try:
+                item.result = future.result()
+            except Exception as exc:  # collected: siblings still finish first
+                errors.append(exc)
+        return errors
+
+    def _send_all(self, pool: ThreadPoolExecutor, ready: list[_Job]) -> list[Exception]:
+        """The gateway calls of one batch: slots and permits from the shared throttle first."""
+        admission = self._throttle.admit(len(ready))
+        admitted, waiting = ready[: admission.count], ready[admission.count :]
+        for item in waiting:
+            # Over the shared rate or paused by back-pressure: back later, no attempt spent.
+            delay = admission.retry_after + self._rng.uniform(0, 1)
+            item.requeue = self._later(item, item.job, delay)
+            item.result = JobResult.THROTTLED
+        permits = threading.BoundedSemaphore(max(1, admission.permits))
+        try:
+            for index, item in enumerate(admitted):
+                item.slot = admission.slot(index)
+            errors = self._each(pool, self._call, admitted, permits)
+        finally:
+            self._throttle.release(admission)
+        answers = [item.answer for item in admitted if item.answer is not None]
+        try:
+            self._throttle.report(answers)
+        except Exception:  # the answers still get recorded; the speed adjusts on the next batch
+            logger.warning("could not record the gateway's health", exc_info=True)
+        return errors
 
     def _record_outcomes(self, mailing_id: str, work: list[_Job]) -> None:
         """One transaction for the batch's claimed messages: statuses and counters together."""
@@ -181,52 +236,75 @@ class Sender:
 
     # ---------------------------------------------------------------- one job
 
-    def _process(self, item: _Job) -> JobResult:
-        mailing_id, job = item.batch.mailing_id, item.job
-        log = {"mailing_id": mailing_id, "client_id": job.client_id, "message_id": job.message_id}
-        now = self._clock()
+    def _prepare(self, item: _Job) -> JobResult | None:
+        """Settle a job that needs no gateway call; None if it is ready for one."""
         mailing, client = item.mailing, item.client
         if mailing is None:
-            return self._fail_without_mailing(item, now, log)
+            return self._fail_without_mailing(item, self._clock(), self._log(item))
         if mailing.status == MailingStatus.CANCELLED.value:
             return self._finish(item, MessageStatus.CANCELLED, None, "mailing cancelled")
+        if client is None:
+            if self._clock() + self._margin >= mailing.end_at:
+                return self._finish(
+                    item, MessageStatus.EXPIRED, None, item.job.last_error or "end passed"
+                )
+            logger.warning("message failed: %s", item.problem, extra=self._log(item))
+            return self._finish(item, MessageStatus.FAILED, None, item.problem)
+        timing = self._timing(item, self._clock())
+        if timing is not None:
+            return timing
+        if self._gateway() is None:
+            logger.error(
+                "SENDER_API_URL / SENDER_API_TOKEN are not set: nothing can be sent",
+                extra=self._log(item),
+            )
+            item.requeue = self._later(item, item.job, self._settings.auth_retry_seconds)
+            return JobResult.CONFIG_ERROR
+        item.ready = True
+        return None
+
+    def _timing(self, item: _Job, now: datetime) -> JobResult | None:
+        """Expire a job too close to the end, defer one outside the client's send window."""
+        mailing, job = item.mailing, item.job
         # Starting a call this close to the end could reach the gateway after it.
-        margin = timedelta(seconds=self._settings.gateway_connect_timeout)
+        margin = self._margin
         if now + margin >= mailing.end_at:
             return self._finish(item, MessageStatus.EXPIRED, None, job.last_error or "end passed")
-        if client is None:
-            logger.warning("message failed: %s", item.problem, extra=log)
-            return self._finish(item, MessageStatus.FAILED, None, item.problem)
-
         window = _window_of(mailing)
-        if window is not None:
-            zone = ZoneInfo(client.timezone)
-            # Both ends of the call's start must be inside: it must not slip past the close.
-            inside = all(window.contains(t.astimezone(zone).timetz()) for t in (now, now + margin))
-            if not inside:
-                opens = window.next_opening(now + margin, zone)
-                if opens + margin >= mailing.end_at:
-                    reason = "send window does not open again before the end"
-                    return self._finish(item, MessageStatus.EXPIRED, None, reason)
-                wait = max(1, math.ceil((opens - now).total_seconds()))
-                item.requeue = self._later(item, job, wait)
-                return JobResult.DEFERRED
+        if window is None:
+            return None
+        zone = ZoneInfo(item.client.timezone)
+        # Both ends of the call's start must be inside: it must not slip past the close.
+        if all(window.contains(t.astimezone(zone).timetz()) for t in (now, now + margin)):
+            return None
+        opens = window.next_opening(now + margin, zone)
+        if opens + margin >= mailing.end_at:
+            reason = "send window does not open again before the end"
+            return self._finish(item, MessageStatus.EXPIRED, None, reason)
+        wait = max(1, math.ceil((opens - now).total_seconds()))
+        item.requeue = self._later(item, job, wait)
+        return JobResult.DEFERRED
 
-        gateway = self._gateway()
-        if gateway is None:
-            logger.error(
-                "SENDER_API_URL / SENDER_API_TOKEN are not set: nothing can be sent", extra=log
-            )
-            item.requeue = self._later(item, job, self._settings.auth_retry_seconds)
-            return JobResult.CONFIG_ERROR
-
+    def _call(self, item: _Job, permits: threading.BoundedSemaphore) -> JobResult:
+        """Wait for the job's slot, check the time again, claim the message, call the gateway."""
+        if item.slot is not None:
+            self._wait_until(item.slot)
+        now = self._clock()
+        timing = self._timing(item, now)
+        if timing is not None:
+            return timing
+        job, log = item.job, self._log(item)
         claim = self._messages.claim(
-            mailing_id, job.client_id, job.message_id, now, self._settings.claim_seconds
+            item.batch.mailing_id, job.client_id, job.message_id, now, self._settings.claim_seconds
         )
         if claim is None:
             return self._unclaimable(item, now, log)
+        gateway = self._gateway()
+        assert gateway is not None  # checked by _prepare
         item.called_gateway = True
-        result = gateway.send(job.message_id, client.phone, mailing.text)
+        with permits:
+            result = gateway.send(job.message_id, item.client.phone, item.mailing.text)
+        item.answer = result
         logger.info(
             "gateway answered",
             extra={
@@ -236,7 +314,7 @@ class Sender:
                 "latency_ms": round(result.latency_seconds * 1000),
             },
         )
-        return self._record(item, claim, result, mailing, log)
+        return self._record(item, claim, result, item.mailing, log)
 
     def _record(
         self, item: _Job, claim: str, result: GatewayResult, mailing: Any, log: dict
@@ -255,6 +333,12 @@ class Sender:
             self._messages.release(item.batch.mailing_id, job.client_id, claim, now, result.detail)
             item.requeue = self._later(item, job, self._settings.auth_retry_seconds)
             return JobResult.CONFIG_ERROR
+        if result.status_code == 429:
+            # The gateway asks us to slow down: the throttle does; this is no failed attempt.
+            self._messages.release(item.batch.mailing_id, job.client_id, claim, now, result.detail)
+            delay = self._settings.gateway_pause_seconds + self._rng.uniform(0, 1)
+            item.requeue = self._later(item, job, delay)
+            return JobResult.THROTTLED
         retries = job.retries + 1
         if retries >= self._settings.max_attempts:
             error = f"gave up after {retries} attempts: {result.detail}"
@@ -294,6 +378,15 @@ class Sender:
             error=error,
         )
         return JobResult(status.value) if done else JobResult.SKIPPED
+
+    @staticmethod
+    def _log(item: _Job) -> dict[str, Any]:
+        job = item.job
+        return {
+            "mailing_id": item.batch.mailing_id,
+            "client_id": job.client_id,
+            "message_id": job.message_id,
+        }
 
     def _later(self, item: _Job, job: SendJob, delay_seconds: float) -> Delayed:
         batch = JobBatch(

@@ -53,6 +53,23 @@ class Delayed:
     delay_seconds: int = 0
 
 
+def coalesce(items: Sequence[Delayed], max_jobs: int) -> list[Delayed]:
+    """Merge the jobs of one mailing that come back after the same delay into shared batches:
+    retries and deferrals then cost as few SQS messages (and sender invocations) as fan-out."""
+    groups: dict[tuple[str, int, datetime], list[SendJob]] = {}
+    for item in items:
+        key = (item.batch.mailing_id, int(item.delay_seconds), item.batch.enqueued_at)
+        groups.setdefault(key, []).extend(item.batch.jobs)
+    merged = []
+    for (mailing_id, delay, enqueued_at), jobs in groups.items():
+        for start in range(0, len(jobs), max_jobs):
+            batch = JobBatch(
+                mailing_id=mailing_id, jobs=jobs[start : start + max_jobs], enqueued_at=enqueued_at
+            )
+            merged.append(Delayed(batch, delay))
+    return merged
+
+
 class QueueNotConfigured(RuntimeError):
     """A queue URL setting is missing."""
 
