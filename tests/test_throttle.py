@@ -237,3 +237,18 @@ def test_bad_gateway_limits_are_refused_at_start_by_name(environment, named):
 
     with pytest.raises(SettingsError, match=named):
         Settings.from_env(environment)
+
+
+def test_a_slot_already_past_is_skipped_never_used_late(clock):
+    from chalicelib.services.throttle import Admission, Slots
+
+    # Given an admission of four slots 0.1 s apart, starting now
+    start = clock().timestamp()
+    slots = Slots(Admission(4, start, 0.1, 4, 0.1))
+    assert slots.last == clock() + timedelta(seconds=0.3)
+    # When the first call is ready on time, it gets the first slot
+    assert slots.take(clock()) == clock()
+    # When the next is ready only 0.15 s later, the second slot is gone: it gets the third
+    assert slots.take(clock() + timedelta(seconds=0.15)) == clock() + timedelta(seconds=0.2)
+    # And when the slots are used up, there is none: the call goes back to the queue
+    assert slots.take(clock() + timedelta(seconds=0.35)) is None

@@ -42,7 +42,7 @@ from chalicelib.services.queues import (
     SendJob,
     coalesce,
 )
-from chalicelib.services.throttle import GatewayThrottle
+from chalicelib.services.throttle import GatewayThrottle, Slots
 from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -97,9 +97,8 @@ class _Job:
     # A claimed message's outcome, recorded with its batch's others in one transaction.
     outcome: Outcome | None = None
     result: JobResult | None = None
-    # Passed every check and waits for a gateway call: its slot in the shared rate, its answer.
+    # Passed every check and waits for a gateway call; the gateway's answer.
     ready: bool = False
-    slot: datetime | None = None
     answer: GatewayResult | None = None
 
 
@@ -200,15 +199,11 @@ class Sender:
         admission = self._throttle.admit(len(ready))
         admitted, waiting = ready[: admission.count], ready[admission.count :]
         for item in waiting:
-            # Over the shared rate or paused by back-pressure: back later, no attempt spent.
-            delay = admission.retry_after + self._rng.uniform(0, 1)
-            item.requeue = self._later(item, item.job, delay)
-            item.result = JobResult.THROTTLED
+            item.result = self._throttled(item, admission.retry_after)
         permits = threading.BoundedSemaphore(max(1, admission.permits))
+        slots = Slots(admission)
         try:
-            for index, item in enumerate(admitted):
-                item.slot = admission.slot(index)
-            errors = self._each(pool, self._call, admitted, permits)
+            errors = self._each(pool, self._call, admitted, permits, slots)
         finally:
             self._throttle.release(admission)
         answers = [item.answer for item in admitted if item.answer is not None]
@@ -217,6 +212,11 @@ class Sender:
         except Exception:  # the answers still get recorded; the speed adjusts on the next batch
             logger.warning("could not record the gateway's health", exc_info=True)
         return errors
+
+    def _throttled(self, item: _Job, wait: float = 0.0) -> JobResult:
+        """Over the shared rate or paused by back-pressure: back later, no attempt spent."""
+        item.requeue = self._later(item, item.job, wait + self._rng.uniform(0, 1))
+        return JobResult.THROTTLED
 
     def _record_outcomes(self, mailing_id: str, work: list[_Job]) -> None:
         """One transaction for the batch's claimed messages: statuses and counters together."""
@@ -285,24 +285,34 @@ class Sender:
         item.requeue = self._later(item, job, wait)
         return JobResult.DEFERRED
 
-    def _call(self, item: _Job, permits: threading.BoundedSemaphore) -> JobResult:
-        """Wait for the job's slot, check the time again, claim the message, call the gateway."""
-        if item.slot is not None:
-            self._wait_until(item.slot)
-        now = self._clock()
-        timing = self._timing(item, now)
+    def _call(self, item: _Job, permits: threading.BoundedSemaphore, slots: Slots) -> JobResult:
+        """Claim the message, take a permit and the next free slot, call the gateway on the slot.
+
+        The time checks are made for the admission's last slot, so they hold whichever slot the
+        call gets. A call that cannot leave on a slot goes back to SQS instead of leaving late.
+        """
+        job, log = item.job, self._log(item)
+        timing = self._timing(item, max(self._clock(), slots.last))
         if timing is not None:
             return timing
-        job, log = item.job, self._log(item)
+        now = self._clock()
         claim = self._messages.claim(
             item.batch.mailing_id, job.client_id, job.message_id, now, self._settings.claim_seconds
         )
         if claim is None:
             return self._unclaimable(item, now, log)
-        gateway = self._gateway()
-        assert gateway is not None  # checked by _prepare
-        item.called_gateway = True
         with permits:
+            # The slot last: whatever took time before (the claim, a permit) is behind us.
+            slot = slots.take(self._clock())
+            if slot is None:
+                self._messages.release(
+                    item.batch.mailing_id, job.client_id, claim, now, job.last_error, called=False
+                )
+                return self._throttled(item)
+            self._wait_until(slot)
+            gateway = self._gateway()
+            assert gateway is not None  # checked by _prepare
+            item.called_gateway = True
             result = gateway.send(job.message_id, item.client.phone, item.mailing.text)
         item.answer = result
         logger.info(

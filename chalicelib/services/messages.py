@@ -80,18 +80,31 @@ class MessageStore:
         return claim_id
 
     def release(
-        self, mailing_id: str, client_id: str, claim_id: str, now: datetime, error: str | None
+        self,
+        mailing_id: str,
+        client_id: str,
+        claim_id: str,
+        now: datetime,
+        error: str | None,
+        *,
+        called: bool = True,
     ) -> bool:
-        """Give a claimed message back (still pending), noting why the call did not finish it."""
+        """Give a claimed message back (still pending), noting why the call did not finish it.
+
+        Without `called` (the gateway was not called after all) the claim's attempt is undone.
+        """
         Message = self._models.Message
+        actions = [
+            Message.claim_id.remove(),
+            Message.claim_until.remove(),
+            Message.last_error.set(error),
+            Message.updated_at.set(now),
+        ]
+        if not called:
+            actions.append(Message.attempts.add(-1))
         try:
             Message(mailing_id, client_id).update(
-                actions=[
-                    Message.claim_id.remove(),
-                    Message.claim_until.remove(),
-                    Message.last_error.set(error),
-                    Message.updated_at.set(now),
-                ],
+                actions=actions,
                 condition=(Message.claim_id == claim_id)
                 & (Message.status == MessageStatus.PENDING.value),
             )

@@ -50,6 +50,8 @@ PRESSURE_RUN = 5
 # Speed-ups are spaced at least this far apart, whichever sender makes them.
 RAISE_SPACING_SECONDS = 1.0
 _ATTEMPTS = 6
+# A call may leave this much after its slot (thread scheduling); later, it takes the next slot.
+LATE_SECONDS = 0.02
 
 
 def is_pressure(result: GatewayResult) -> bool:
@@ -80,6 +82,36 @@ class Admission:
     @classmethod
     def none(cls, retry_after: float) -> Admission:
         return cls(0, 0.0, 0.0, 0, max(0.0, retry_after))
+
+
+class Slots:
+    """Hands out an admission's slots in order, each to the next call that is ready to leave.
+
+    A slot already past is skipped, never used late: a late call would land among the next
+    slots' calls and the gateway would see more than the rate. Unused slots are lost; that
+    only ever costs speed.
+    """
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @property
+    def last(self) -> datetime:
+        """When the admission's last call may leave: checks made for it hold for every call."""
+        return self._admission.slot(max(0, self._admission.count - 1))
+
+    def take(self, now: datetime) -> datetime | None:
+        """The next slot not yet past, or None when the admission's slots are used up."""
+        earliest = now.timestamp() - LATE_SECONDS
+        with self._lock:
+            while self._next < self._admission.count:
+                index = self._next
+                self._next += 1
+                if self._admission.start + index * self._admission.interval >= earliest:
+                    return self._admission.slot(index)
+        return None
 
 
 @dataclass
