@@ -65,9 +65,9 @@ def settings(monkeypatch: pytest.MonkeyPatch) -> Any:
 def aws() -> Iterator[None]:
     from moto import mock_aws
 
-    from chalicelib.local.emulator import make_dynamodb_atomic
+    from chalicelib.local.emulator import patch_moto
 
-    make_dynamodb_atomic()
+    patch_moto()
 
     from chalicelib import aws as aws_factories
     from chalicelib.models import build_models
