@@ -149,8 +149,11 @@ def index_query(
     range_condition: Any = None,
     *,
     forward: bool = True,
+    attributes: Sequence[str] | None = None,
 ) -> QueryFn:
-    """A segment query over a PynamoDB `Model.query` or `Index.query` for one hash key."""
+    """A segment query over a PynamoDB `Model.query` or `Index.query` for one hash key;
+    with `attributes`, items carry only those (which must include the segment's key names)."""
+    attributes_to_get = list(attributes) if attributes is not None else None
 
     def query(last_key: RawKey | None, limit: int) -> Iterable[Any]:
         return method(
@@ -160,6 +163,7 @@ def index_query(
             limit=limit,
             page_size=limit,
             last_evaluated_key=last_key,
+            attributes_to_get=attributes_to_get,
         )
 
     return query

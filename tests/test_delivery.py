@@ -203,6 +203,23 @@ def test_fan_out_resumes_from_its_checkpoint_across_invocations(
     assert sorted(gateway.accepted_ids().values()) == [1] * 25
 
 
+def test_fan_out_over_many_pages_and_every_shard_gives_each_client_one_message(
+    api, pipeline, services, clock
+):
+    # Given more clients than fit on several pages, spread over all 16 shards of the index
+    phones = [f"790000001{n:02d}" for n in range(60)]
+    clients = {add_client(api, phone)["id"]: phone for phone in phones}
+    object.__setattr__(services.settings, "fanout_page_size", 7)
+    # When the fan-out walks them, reading each next page while the last one commits
+    mailing = create_mailing(api, clock)
+    pipeline.kicks()
+    # Then every client has exactly one message, addressed to its own phone
+    messages = pipeline.messages(mailing["id"])
+    assert {m.client_id: m.phone for m in messages} == clients
+    assert len(messages) == len(clients)
+    assert pipeline.counters(mailing["id"]) == Counter({"pending": 60})
+
+
 def test_message_ids_are_unique_integers_across_mailings(api, pipeline, clock):
     for n in range(4):
         add_client(api, f"7900000000{n}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -125,35 +126,44 @@ class ClientDirectory:
         scope = fingerprint("clients", audience.operator_codes, audience.tags)
         return PageOf(*paginate(segments, scope, cursor, limit, self._to_domain))
 
-    def audience_segments(self, audience: AudienceFilter) -> list[Segment]:
-        """The Queries whose union is exactly the clients `audience` selects, each client once."""
+    def audience_segments(
+        self, audience: AudienceFilter, *, attributes: Sequence[str] | None = None
+    ) -> list[Segment]:
+        """The Queries whose union is exactly the clients `audience` selects, each client once.
+
+        With `attributes`, the clients carry only those attributes (and the index keys a
+        cursor needs): the fan-out reads two of a client's eleven.
+        """
         client = self._models.Client
         by_operator = ("operator_code", "tag_sort", "client_id")
+        by_tag = ("tag_key", "client_id")
+        by_shard = ("shard", "client_id")
+
+        def query(method: Any, key: Any, keys: tuple[str, ...], condition: Any = None) -> Segment:
+            wanted = None if attributes is None else sorted({*keys, *attributes})
+            return Segment(index_query(method, key, condition, attributes=wanted), keys)
+
         if audience.operator_codes and audience.tags:
             return [
-                Segment(
-                    index_query(
-                        client.by_operator.query, code, client.tag_sort.startswith(tag_prefix(tag))
-                    ),
+                query(
+                    client.by_operator.query,
+                    code,
                     by_operator,
+                    client.tag_sort.startswith(tag_prefix(tag)),
                 )
                 for code in sorted(audience.operator_codes)
                 for tag in sorted(audience.tags)
             ]
         if audience.operator_codes:
             return [
-                Segment(index_query(client.by_operator.query, code), by_operator)
+                query(client.by_operator.query, code, by_operator)
                 for code in sorted(audience.operator_codes)
             ]
         if audience.tags:
             return [
-                Segment(index_query(client.by_tag.query, tag_key(tag)), ("tag_key", "client_id"))
-                for tag in sorted(audience.tags)
+                query(client.by_tag.query, tag_key(tag), by_tag) for tag in sorted(audience.tags)
             ]
-        return [
-            Segment(index_query(client.by_shard.query, shard), ("shard", "client_id"))
-            for shard in range(CLIENT_SHARDS)
-        ]
+        return [query(client.by_shard.query, shard, by_shard) for shard in range(CLIENT_SHARDS)]
 
     # ---------------------------------------------------------------- writes
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -189,26 +190,39 @@ class Scheduler:
     # ---------------------------------------------------------------- fan-out
 
     def _fan_out(self, item: Any, owner: str, remaining: Remaining, progress: Progress) -> bool:
-        """Walk the audience from the checkpoint; True when it is complete."""
+        """Walk the audience from the checkpoint; True when it is complete.
+
+        The next page of the audience is read while the current one is committed. Reading
+        changes nothing, so this only hides the Query's round trip; pages are still committed
+        one at a time, in order, each with its checkpoint.
+        """
         audience = AudienceFilter(tuple(item.operator_codes or ()), tuple(item.tags or ()))
-        segments = self._clients.audience_segments(audience)
+        # A message needs the client's id and phone only; the rest is read by the sender.
+        segments = self._clients.audience_segments(audience, attributes=("client_id", "phone"))
         scope = fingerprint("audience", item.mailing_id, audience.operator_codes, audience.tags)
         cursor = item.fanout_cursor
         position = decode_cursor(cursor, scope, segments) if cursor else Position()
-        while True:
-            if remaining() < SAFETY_SECONDS:
-                return False
-            page = read_page(segments, position, self._settings.fanout_page_size)
-            next_cursor = encode_cursor(page.next, scope)
-            created = self._commit_page(item, owner, cursor, next_cursor, page.items)
-            if created is None:
-                # Someone else moved the checkpoint (our lease was lost): stop here.
-                return True
-            progress.messages_created += created
-            progress.jobs_enqueued += created
-            if page.next is None:
-                return True
-            position, cursor = page.next, next_cursor
+        size = self._settings.fanout_page_size
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audience") as reader:
+            upcoming = reader.submit(read_page, segments, position, size)
+            while True:
+                if remaining() < SAFETY_SECONDS:
+                    upcoming.cancel()
+                    return False
+                page = upcoming.result()
+                if page.next is not None:
+                    upcoming = reader.submit(read_page, segments, page.next, size)
+                next_cursor = encode_cursor(page.next, scope)
+                created = self._commit_page(item, owner, cursor, next_cursor, page.items)
+                if created is None:
+                    # Someone else moved the checkpoint (our lease was lost): stop here.
+                    upcoming.cancel()
+                    return True
+                progress.messages_created += created
+                progress.jobs_enqueued += created
+                if page.next is None:
+                    return True
+                cursor = next_cursor
 
     def _commit_page(
         self,
