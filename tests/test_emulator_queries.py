@@ -265,6 +265,11 @@ def _key(n: int) -> dict:
     return {"pk": {"S": f"p{n % 7}"}, "sk": {"N": str(n)}}
 
 
+def _update(client: Any, member: tuple[str, str], expression: str, **params: Any) -> None:
+    key = {"pk": {"S": member[0]}, "sk": {"N": member[1]}}
+    client.update_item(TableName=TABLE, Key=key, UpdateExpression=expression, **params)
+
+
 def _agree(client: Any, moto_only: Any, *groups: str) -> None:
     for group in groups:
         ours = _group(client, group)
@@ -282,12 +287,7 @@ def test_a_put_is_seen_by_the_next_query(dynamodb, moto_only):
 
 def test_an_update_that_moves_an_item_between_groups_is_seen(dynamodb, moto_only):
     member = _group(dynamodb, "a")[0]
-    dynamodb.update_item(
-        TableName=TABLE,
-        Key={"pk": {"S": member[0]}, "sk": {"N": member[1]}},
-        UpdateExpression="SET grp = :b",
-        ExpressionAttributeValues={":b": {"S": "b"}},
-    )
+    _update(dynamodb, member, "SET grp = :b", ExpressionAttributeValues={":b": {"S": "b"}})
     assert member not in _group(dynamodb, "a")
     assert member in _group(dynamodb, "b")
     _agree(dynamodb, moto_only, "a", "b")
@@ -295,10 +295,10 @@ def test_an_update_that_moves_an_item_between_groups_is_seen(dynamodb, moto_only
 
 def test_an_update_of_the_sort_key_reorders_the_group(dynamodb, moto_only):
     last = _group(dynamodb, "a")[-1]
-    dynamodb.update_item(
-        TableName=TABLE,
-        Key={"pk": {"S": last[0]}, "sk": {"N": last[1]}},
-        UpdateExpression="SET #r = :low",
+    _update(
+        dynamodb,
+        last,
+        "SET #r = :low",
         ExpressionAttributeNames={"#r": "rank"},
         ExpressionAttributeValues={":low": {"N": "-1"}},
     )
@@ -308,11 +308,7 @@ def test_an_update_of_the_sort_key_reorders_the_group(dynamodb, moto_only):
 
 def test_removing_the_index_key_takes_the_item_out_of_the_index(dynamodb, moto_only):
     member = _group(dynamodb, "c")[2]
-    dynamodb.update_item(
-        TableName=TABLE,
-        Key={"pk": {"S": member[0]}, "sk": {"N": member[1]}},
-        UpdateExpression="REMOVE grp",
-    )
+    _update(dynamodb, member, "REMOVE grp")
     assert member not in _group(dynamodb, "c")
     _agree(dynamodb, moto_only, "c")
 
@@ -494,8 +490,8 @@ def test_one_condition_on_many_items_is_judged_item_by_item(dynamodb):
     assert "Item" not in dynamodb.get_item(TableName=TABLE, Key=_key(502))
 
 
-def test_an_invalid_condition_is_refused_every_time(dynamodb):
-    for _ in range(2):
+def test_an_invalid_condition_is_refused_every_time_as_moto_refuses_it(dynamodb, moto_only):
+    def refusal() -> dict:
         with pytest.raises(ClientError) as refused:
             dynamodb.put_item(
                 TableName=TABLE,
@@ -503,7 +499,13 @@ def test_an_invalid_condition_is_refused_every_time(dynamodb):
                 ConditionExpression="attribute_not_exists(#a)",
                 ExpressionAttributeNames={"#a": "pk", "#unused": "sk"},
             )
-        assert refused.value.response["Error"]["Code"] == "ValidationException"
+        return refused.value.response["Error"]
+
+    first, again = refusal(), refusal()
+    with moto_only():
+        theirs = refusal()
+    assert first == again == theirs
+    assert first["Code"] == "ValidationException"
 
 
 # ---------------------------------------------------------------- SQS
