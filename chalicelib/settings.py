@@ -60,7 +60,7 @@ class Settings(BaseModel):
     gateway_rate_per_second: float = Field(100.0, gt=0, le=10_000)
     gateway_concurrency: int = Field(40, ge=1, le=1000)
     gateway_pause_seconds: float = Field(2.0, gt=0, le=300)
-    gateway_max_pause_seconds: float = Field(60.0, gt=0, le=900)
+    gateway_max_pause_seconds: float = Field(30.0, gt=0, le=900)
     jobs_per_message: int = Field(10, ge=1, le=50)
     fanout_page_size: int = Field(99, ge=1, le=99)
     lease_seconds: int = Field(180, ge=10, le=3600)

@@ -384,10 +384,10 @@ def test_a_rate_limiting_gateway_slows_sending_without_spending_attempts(
     assert message.status == "expired"
     assert "429" in message.last_error
     assert pipeline.sqs.queues[DLQ_URL] == []
-    # And the pauses doubled: a handful of calls in ten minutes, not one a second
-    assert 4 <= len(calls) <= 14
+    # And the pauses doubled up to 30 s: a few dozen calls in ten minutes, not one a second
+    assert 4 <= len(calls) <= 30
     gaps = [(b - a).total_seconds() for (a, _), (b, _) in itertools.pairwise(calls)]
-    assert max(gaps) >= 30
+    assert max(gaps) >= 25
     assert_counters_match_records(pipeline, mailing["id"])
 
 
@@ -405,7 +405,7 @@ def test_an_outage_is_probed_not_hammered_and_sending_resumes_at_full_speed(
     recovered_at = clock()
     pipeline.run(until=clock() + timedelta(minutes=5), step=timedelta(seconds=1))
     # Then during the outage the senders only probed it, a few calls a minute, not 40 x 4
-    assert during <= 15
+    assert during <= 25
     messages = pipeline.messages(mailing["id"])
     assert max(int(m.attempts) for m in messages) <= 3
     # And once it is back, everything goes within seconds, once each

@@ -27,7 +27,7 @@ from chalicelib.domain import AudienceFilter, Clock, MailingStatus, MessageStatu
 from chalicelib.models import DUE_KEY, MESSAGE_ID_SEQUENCE, Models, status_key
 from chalicelib.pagination import Position, decode_cursor, encode_cursor, fingerprint, read_page
 from chalicelib.services.clients import ClientDirectory
-from chalicelib.services.messages import MessageStore
+from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import Delayed, JobBatch, Queues, SendJob
 from chalicelib.services.storage import is_conditional_failure
 from chalicelib.settings import Settings
@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # Stop starting new work when less than this is left of the invocation.
 SAFETY_SECONDS = 10.0
+# Messages a sweep moves per transaction (DynamoDB's limit is 100 items, one is the mailing).
+SWEEP_PAGE = 99
 
 Remaining = Callable[[], float]
 
@@ -319,16 +321,16 @@ class Scheduler:
     # ---------------------------------------------------------------- ending
 
     def _sweep(self, item: Any, status: MessageStatus, remaining: Remaining) -> int:
-        """Move the mailing's unclaimed pending messages to `status` (end passed, cancelled)."""
+        """Move the mailing's unclaimed pending messages to `status` (end passed, cancelled),
+        a page of them per transaction with one counter update."""
         changed = 0
         while remaining() >= SAFETY_SECONDS:
-            client_ids = self._messages.pending_client_ids(item.mailing_id, limit=100)
+            client_ids = self._messages.pending_client_ids(item.mailing_id, limit=SWEEP_PAGE)
             if not client_ids:
                 break
-            moved = 0
-            for client_id in client_ids:
-                if self._messages.finish(item.mailing_id, client_id, status, self._clock()):
-                    moved += 1
+            outcomes = [Outcome(client_id, status, None, None) for client_id in client_ids]
+            # One transaction for the page; one each if a sender holds any of them right now.
+            moved = len(self._messages.finish_many(item.mailing_id, outcomes, self._clock()))
             changed += moved
             if moved == 0:
                 # The rest are claimed by senders right now; they finish them (or a later tick).

@@ -45,8 +45,10 @@ HORIZON_SECONDS = 2.0
 # Back-pressure: the slowest speed (share of the configured rate) and the step back up.
 MIN_SPEED = 1 / 16
 SPEED_STEP = 0.125
-# Pressure answers in a row (shared by all senders) that pause sending.
+# Pressure answers in a row (shared by all senders) that pause sending; fewer after a pause,
+# while the probes find out whether the gateway is back (one unlucky probe is not enough).
 PRESSURE_RUN = 5
+PROBE_RUN = 3
 # Speed-ups are spaced at least this far apart, whichever sender makes them.
 RAISE_SPACING_SECONDS = 1.0
 _ATTEMPTS = 6
@@ -243,8 +245,7 @@ class GatewayThrottle:
         state = self._known or self._read()
         if limited or (pressure and not working):
             run = self._add_run(pressure)
-            # While probing after a slow-down (level > 0) one failed probe is enough.
-            if limited or run >= PRESSURE_RUN or state.level:
+            if limited or run >= (PROBE_RUN if state.level else PRESSURE_RUN):
                 self._slow_down(state, "rate limited" if limited else f"{run} failures in a row")
         elif working and (state.run or state.speed < 1.0 or state.level):
             self._speed_up(state)
