@@ -64,6 +64,34 @@ class Progress:
         self.continued.extend(other.continued)
 
 
+class IdBlock:
+    """Message ids reserved ahead and handed out in order, so that a long fan-out reserves
+    them once per several pages rather than once per page.
+
+    The first reservation is one page; each next one doubles, up to `MAX_PAGES` pages, so a
+    small mailing reserves about what it uses. Ids left over when the worker stops (its
+    deadline, a lost lease, a crash) are never handed out: the sequence only grows.
+    """
+
+    MAX_PAGES = 16
+
+    def __init__(self, reserve: Callable[[int], int], page_size: int) -> None:
+        self._reserve = reserve
+        self._page_size = page_size
+        self._pages = 0
+        self._next = self._left = 0
+
+    def take(self, count: int) -> int:
+        """The first of `count` consecutive ids nobody else has or will have."""
+        if count > self._left:
+            self._pages = min(2 * self._pages or 1, self.MAX_PAGES)
+            size = max(count, self._pages * self._page_size)
+            self._next, self._left = self._reserve(size), size
+        first = self._next
+        self._next, self._left = self._next + count, self._left - count
+        return first
+
+
 class Scheduler:
     """Advances mailings from scheduled to finished."""
 
@@ -205,6 +233,7 @@ class Scheduler:
         cursor = item.fanout_cursor
         position = decode_cursor(cursor, scope, segments) if cursor else Position()
         size = self._settings.fanout_page_size
+        ids = IdBlock(self._allocate_ids, size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audience") as reader:
             upcoming = reader.submit(read_page, segments, position, size)
             while True:
@@ -215,7 +244,7 @@ class Scheduler:
                 if page.next is not None:
                     upcoming = reader.submit(read_page, segments, page.next, size)
                 next_cursor = encode_cursor(page.next, scope)
-                created = self._commit_page(item, owner, cursor, next_cursor, page.items)
+                created = self._commit_page(item, owner, cursor, next_cursor, page.items, ids)
                 if created is None:
                     # Someone else moved the checkpoint (our lease was lost): stop here.
                     upcoming.cancel()
@@ -233,10 +262,11 @@ class Scheduler:
         cursor: str | None,
         next_cursor: str | None,
         clients: list[Any],
+        ids: IdBlock,
     ) -> int | None:
         Mailing, Message = self._models.Mailing, self._models.Message
         now = self._clock()
-        first_id = self._allocate_ids(len(clients)) if clients else 0
+        first_id = ids.take(len(clients)) if clients else 0
         messages = [
             Message(
                 item.mailing_id,
