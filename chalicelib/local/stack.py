@@ -275,6 +275,11 @@ class MotoEmulator:
     def is_alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The emulator's process id while it runs (benchmarks read its memory)."""
+        return self._process.pid if self._process is not None else None
+
 
 class ApiServer:
     """The Chalice app served over HTTP in this process, as `chalice local` would serve it."""
