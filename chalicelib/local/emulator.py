@@ -356,10 +356,16 @@ def _project(item: Any, projection_expressions: list[list[str]]) -> Any:
         picked = {}
         for (name,) in projection_expressions:
             value = item.attrs.get(name)
-            if value is not None:
-                # As Item.to_regular_json does it, attribute by attribute.
-                picked[name] = deserializer.deserialize(value.to_regular_json())
-        projected = Item(item.hash_key, item.range_key, serializer.serialize(picked)["M"])
+            if value is None:
+                continue
+            if value.type == "S":
+                # What the round trip below makes of a string: the same string.
+                picked[name] = {"S": value.value}
+            else:
+                # As Item.to_regular_json, then Item.project, do it, one attribute at a time.
+                python = deserializer.deserialize(value.to_regular_json())
+                picked[name] = serializer.serialize(python)
+        projected = Item(item.hash_key, item.range_key, picked)
     projected.hash_key, projected.range_key = copy.deepcopy((item.hash_key, item.range_key))
     return projected
 
