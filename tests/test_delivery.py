@@ -407,7 +407,7 @@ def test_an_outage_is_probed_not_hammered_and_sending_resumes_at_full_speed(
     # Then during the outage the senders only probed it, a few calls a minute, not 40 x 4
     assert during <= 25
     messages = pipeline.messages(mailing["id"])
-    assert max(int(m.attempts) for m in messages) <= 3
+    assert max(int(m.attempts) for m in messages) <= 4
     # And once it is back, everything goes within seconds, once each
     assert pipeline.statuses(mailing["id"]) == Counter({"sent": 40})
     assert gateway.duplicates() == []
@@ -968,3 +968,28 @@ def test_jobs_of_a_deleted_mailing_leave_their_messages_failed_with_the_reason(
     assert message.status == "failed"
     assert message.last_error == "mailing record is missing (the mailing was deleted)"
     assert gateway.accepted() == []
+
+
+def test_calls_whose_slots_passed_during_a_slow_claim_take_fresh_ones_not_a_detour(
+    api, pipeline, services, clock, gateway, monkeypatch
+):
+    # Given a batch whose claims are slow: each takes half a second, so by the time a call is
+    # ready, every rate slot its batch reserved (10 ms apart) is in the past
+    for n in range(5):
+        add_client(api, f"790000000{n:02d}")
+    mailing = create_mailing(api, clock)
+    claim = services.messages.claim
+
+    def slow_claim(*args, **kwargs):
+        clock.advance(seconds=0.5)
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(services.messages, "claim", slow_claim)
+    # When the batch is delivered once
+    pipeline.kicks()
+    pipeline.send_once()
+    # Then every call went out on a fresh slot instead of a trip back through the queue
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 5})
+    assert pipeline.sqs.depth(SEND_URL) == 0
+    assert gateway.duplicates() == []
+    assert {int(m.attempts) for m in pipeline.messages(mailing["id"])} == {1}

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 # A job may arrive a moment before its fan-out page commits; wait for that this long at most.
 UNCOMMITTED_GRACE = timedelta(minutes=2)
 UNCOMMITTED_RETRY_SECONDS = 2
+THROTTLED_SPREAD_SECONDS = 5.0
 
 
 class JobResult(StrEnum):
@@ -215,7 +216,9 @@ class Sender:
 
     def _throttled(self, item: _Job, wait: float = 0.0) -> JobResult:
         """Over the shared rate or paused by back-pressure: back later, no attempt spent."""
-        item.requeue = self._later(item, item.job, wait + self._rng.uniform(0, 1))
+        # Spread (up to 5 s) so deferred jobs do not all come back in the same second.
+        spread = min(max(1.0, wait), THROTTLED_SPREAD_SECONDS)
+        item.requeue = self._later(item, item.job, wait + self._rng.uniform(0, spread))
         return JobResult.THROTTLED
 
     def _record_outcomes(self, mailing_id: str, work: list[_Job]) -> None:
@@ -270,13 +273,10 @@ class Sender:
         margin = self._margin
         if now + margin >= mailing.end_at:
             return self._finish(item, MessageStatus.EXPIRED, None, job.last_error or "end passed")
-        window = _window_of(mailing)
-        if window is None:
+        if self._in_window(item, now):
             return None
-        zone = ZoneInfo(item.client.timezone)
-        # Both ends of the call's start must be inside: it must not slip past the close.
-        if all(window.contains(t.astimezone(zone).timetz()) for t in (now, now + margin)):
-            return None
+        window, zone = _window_of(mailing), ZoneInfo(item.client.timezone)
+        assert window is not None  # outside a window there is one
         opens = window.next_opening(now + margin, zone)
         if opens + margin >= mailing.end_at:
             reason = "send window does not open again before the end"
@@ -285,11 +285,25 @@ class Sender:
         item.requeue = self._later(item, job, wait)
         return JobResult.DEFERRED
 
+    def _too_late(self, item: _Job, at: datetime) -> bool:
+        """Whether a call leaving `at` could pass the end or the client's window."""
+        return at + self._margin >= item.mailing.end_at or not self._in_window(item, at)
+
+    def _in_window(self, item: _Job, at: datetime) -> bool:
+        """Both ends of a call starting `at` are inside the client's window (if any): it must
+        not slip past the close."""
+        window = _window_of(item.mailing)
+        if window is None:
+            return True
+        zone = ZoneInfo(item.client.timezone)
+        return all(window.contains(t.astimezone(zone).timetz()) for t in (at, at + self._margin))
+
     def _call(self, item: _Job, permits: threading.BoundedSemaphore, slots: Slots) -> JobResult:
         """Claim the message, take a permit and the next free slot, call the gateway on the slot.
 
         The time checks are made for the admission's last slot, so they hold whichever slot the
-        call gets. A call that cannot leave on a slot goes back to SQS instead of leaving late.
+        call gets. A call whose batch's slots all passed while it got ready (a slow claim) takes
+        one fresh slot; without one it goes back to SQS instead of leaving late.
         """
         job, log = item.job, self._log(item)
         timing = self._timing(item, max(self._clock(), slots.last))
@@ -304,16 +318,34 @@ class Sender:
         with permits:
             # The slot last: whatever took time before (the claim, a permit) is behind us.
             slot = slots.take(self._clock())
+            extra = None
             if slot is None:
-                self._messages.release(
-                    item.batch.mailing_id, job.client_id, claim, now, job.last_error, called=False
-                )
-                return self._throttled(item)
-            self._wait_until(slot)
-            gateway = self._gateway()
-            assert gateway is not None  # checked by _prepare
-            item.called_gateway = True
-            result = gateway.send(job.message_id, item.client.phone, item.mailing.text)
+                # The batch's slots passed while this call got ready: one fresh slot, or wait.
+                extra = self._throttle.admit(1)
+                fresh = extra.slot(0) if extra.count else None
+                if fresh is None or (fresh > slots.last and self._too_late(item, fresh)):
+                    self._throttle.release(extra)
+                    self._messages.release(
+                        item.batch.mailing_id,
+                        job.client_id,
+                        claim,
+                        now,
+                        job.last_error,
+                        called=False,
+                    )
+                    if fresh is not None:  # checked again without the claim: expired or deferred
+                        return self._timing(item, fresh) or self._throttled(item)
+                    return self._throttled(item, extra.retry_after)
+                slot = fresh
+            try:
+                self._wait_until(slot)
+                gateway = self._gateway()
+                assert gateway is not None  # checked by _prepare
+                item.called_gateway = True
+                result = gateway.send(job.message_id, item.client.phone, item.mailing.text)
+            finally:
+                if extra is not None:
+                    self._throttle.release(extra)
         item.answer = result
         logger.info(
             "gateway answered",
