@@ -30,8 +30,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Two workers: the end-to-end suites spend much of their time waiting on the stack they drive.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 package: $(STAMP)
 	rm -rf $(PACKAGE_DIR)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -149,3 +149,50 @@ def body(response: Any) -> Any:
 
 # OIDC: module-scoped RSA keys and a local JWKS server, defined beside their helpers.
 from tests.oidc_support import jwks, jwks_server, other_key, signing_key  # noqa: E402, F401
+
+# ---------------------------------------------------------------- invariant reports
+
+INVARIANTS = "invariants"
+
+
+@pytest.fixture
+def invariants(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Record what a suite checked and measured; printed in the run's summary (with or without
+    pytest-xdist, whose workers' output is not shown)."""
+
+    def record(text: str) -> None:
+        request.node.user_properties.append((INVARIANTS, text))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    reports = [
+        report
+        for outcome in ("passed", "failed")
+        for report in terminalreporter.getreports(outcome)
+        if report.when == "call"
+    ]
+    lines = [
+        f"{report.nodeid}:\n{text.strip()}"
+        for report in sorted(reports, key=lambda r: r.nodeid)
+        for name, text in report.user_properties
+        if name == INVARIANTS
+    ]
+    if lines:
+        terminalreporter.section("invariant checks")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+# The longest suites first: pytest-xdist (`make test`, --dist loadfile --no-loadscope-reorder)
+# then starts them at once on different workers, and the short ones fill in around them.
+SLOWEST_FIRST = ("test_chaos_e2e.py", "test_crash_e2e.py", "test_api_fuzz_e2e.py")
+
+
+def pytest_collection_modifyitems(items: list[Any]) -> None:
+    def rank(item: Any) -> int:
+        name = item.path.name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its order
