@@ -7,6 +7,7 @@ with the patched method swapped back to moto's original.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -551,3 +552,45 @@ def test_a_fifo_queue_still_drops_duplicate_content(aws):
         "Attributes"
     ]
     assert counts["ApproximateNumberOfMessages"] == "1"
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _live(kind: type) -> int:
+    gc.collect()
+    return sum(1 for thing in gc.get_objects() if type(thing) is kind)
+
+
+def test_items_a_query_returns_do_not_outlive_the_response(dynamodb):
+    from moto.dynamodb.models.dynamo_type import Item
+
+    _pages(dynamodb, **_by_rank(ProjectionExpression="pk, sk"))
+    held = _live(Item)
+
+    for _ in range(5):
+        _pages(dynamodb, **_by_rank(Limit=5))
+        _pages(dynamodb, **_by_rank(ProjectionExpression="pk, sk"))
+    dynamodb.put_item(TableName=TABLE, Item=_person(1))  # overwrites: the old item goes
+
+    assert _live(Item) == held
+
+
+def test_deleted_sqs_messages_are_not_kept(aws):
+    from moto.sqs.models import Message
+
+    sqs = boto3.client("sqs")
+    url = sqs.create_queue(QueueName="jobs")["QueueUrl"]
+    held = _live(Message)
+    for _ in range(3):
+        sqs.send_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(n), "MessageBody": "m"} for n in range(10)]
+        )
+        received = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+        sqs.delete_message_batch(
+            QueueUrl=url,
+            Entries=[
+                {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(received)
+            ],
+        )
+    assert _live(Message) == held

@@ -24,7 +24,12 @@
    validate the request, to check it, and again to put the item): the 99 identical conditions
    of a fan-out page cost more than the puts. A parse is a pure function of the expression, its
    names and its values, so the last few hundred parses are remembered.
-6. SQS send cost. moto computes every attribute of a queue, three of them by walking all its
+6. Memory. moto keeps every model object it ever creates in a class-level list, for its
+   dashboard: each item a Query copies or projects, each item overwritten or deleted, each SQS
+   message long deleted stayed in memory for the life of the process, and the garbage collector
+   walked them all again and again. DynamoDB items and SQS messages are no longer listed (the
+   dashboard no longer shows them); they live as long as a table or a queue holds them.
+7. SQS send cost. moto computes every attribute of a queue, three of them by walking all its
    messages, to read one flag on each message sent: a send cost grew with the queue's depth
    (40 SendMessageBatch/s on an empty queue, 3/s behind 1,000 messages). While a message is sent
    those three counts, which sending never reads, are not computed.
@@ -53,6 +58,7 @@ def patch_moto() -> None:
     make_index_queries_fast()
     make_dynamodb_responses_fast()
     make_condition_parses_cached()
+    make_records_untracked()
     make_sqs_sends_constant_time()
 
 
@@ -348,25 +354,35 @@ def _indexed_query(
 def _project(item: Any, projection_expressions: list[list[str]]) -> Any:
     """moto's Item.project, converting only the projected attributes where they are all
     top-level names, not list elements (moto converts the whole item once per name)."""
-    from moto.dynamodb.models.dynamo_type import Item, deserializer, serializer
+    from moto.dynamodb.models.dynamo_type import (
+        DynamoType,
+        Item,
+        LimitedSizeDict,
+        deserializer,
+        serializer,
+    )
 
     if any(len(path) != 1 or "[" in path[0] for path in projection_expressions):
         projected = item.project(projection_expressions)
     else:
-        picked = {}
+        attrs = LimitedSizeDict()
         for (name,) in projection_expressions:
             value = item.attrs.get(name)
             if value is None:
                 continue
             if value.type == "S":
                 # What the round trip below makes of a string: the same string.
-                picked[name] = {"S": value.value}
+                picked = {"S": value.value}
             else:
                 # As Item.to_regular_json, then Item.project, do it, one attribute at a time.
-                python = deserializer.deserialize(value.to_regular_json())
-                picked[name] = serializer.serialize(python)
-        projected = Item(item.hash_key, item.range_key, picked)
-    projected.hash_key, projected.range_key = copy.deepcopy((item.hash_key, item.range_key))
+                picked = serializer.serialize(deserializer.deserialize(value.to_regular_json()))
+            # Part of an item that passed moto's size check passes it too: no check per key.
+            dict.__setitem__(attrs, name, DynamoType(picked))
+        projected = Item.__new__(Item)
+        projected.attrs = attrs
+    # Keys are strings, numbers or binary: a new DynamoType is a full copy.
+    projected.hash_key = DynamoType(item.hash_key)
+    projected.range_key = None if item.range_key is None else DynamoType(item.range_key)
     return projected
 
 
@@ -443,6 +459,25 @@ def make_condition_parses_cached() -> None:
 
     ConditionExpressionParser.parse = remembered  # type: ignore[method-assign]
     _PATCHED.add("conditions")
+
+
+# ------------------------------------------------------------------------- memory
+
+
+def make_records_untracked() -> None:
+    """Patch in-process moto (idempotent): DynamoDB items and SQS messages are not kept forever."""
+    if "untracked" in _PATCHED:
+        return
+    from moto.dynamodb.models.dynamo_type import Item
+    from moto.sqs.models import Message
+
+    def untracked(cls: type, *_: Any, **__: Any) -> Any:
+        # BaseModel.__new__ without the append to `cls.instances_tracked`.
+        return object.__new__(cls)
+
+    for model in (Item, Message):
+        model.__new__ = untracked  # type: ignore[method-assign, assignment]
+    _PATCHED.add("untracked")
 
 
 # ------------------------------------------------------------------------- SQS sends
