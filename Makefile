@@ -46,6 +46,7 @@ bench: $(STAMP)
 	mkdir -p build
 	$(BIN)/python -m bench.delivery --sizes 2000,10000 --json build/bench-delivery.json
 	$(BIN)/python -m bench.fanout --clients 100000 --json build/bench-fanout.json
+	$(BIN)/python -m bench.rate --json build/bench-rate.json
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache

@@ -970,11 +970,11 @@ def test_jobs_of_a_deleted_mailing_leave_their_messages_failed_with_the_reason(
     assert gateway.accepted() == []
 
 
-def test_calls_whose_slots_passed_during_a_slow_claim_take_fresh_ones_not_a_detour(
+def test_slow_claims_cost_no_trip_through_the_queue(
     api, pipeline, services, clock, gateway, monkeypatch
 ):
-    # Given a batch whose claims are slow: each takes half a second, so by the time a call is
-    # ready, every rate slot its batch reserved (10 ms apart) is in the past
+    # Given a batch whose claims are slow: each takes half a second, far longer than the rate
+    # slots of a batch (10 ms apart) last; slots are reserved once the claims are done
     for n in range(5):
         add_client(api, f"790000000{n:02d}")
     mailing = create_mailing(api, clock)
@@ -988,7 +988,7 @@ def test_calls_whose_slots_passed_during_a_slow_claim_take_fresh_ones_not_a_deto
     # When the batch is delivered once
     pipeline.kicks()
     pipeline.send_once()
-    # Then every call went out on a fresh slot instead of a trip back through the queue
+    # Then every call went out on its slot instead of a trip back through the queue
     assert pipeline.statuses(mailing["id"]) == Counter({"sent": 5})
     assert pipeline.sqs.depth(SEND_URL) == 0
     assert gateway.duplicates() == []

@@ -98,8 +98,9 @@ class _Job:
     # A claimed message's outcome, recorded with its batch's others in one transaction.
     outcome: Outcome | None = None
     result: JobResult | None = None
-    # Passed every check and waits for a gateway call; the gateway's answer.
+    # Passed every check and waits for a gateway call; its claim; the gateway's answer.
     ready: bool = False
+    claim: str | None = None
     answer: GatewayResult | None = None
 
 
@@ -196,15 +197,25 @@ class Sender:
         return errors
 
     def _send_all(self, pool: ThreadPoolExecutor, ready: list[_Job]) -> list[Exception]:
-        """The gateway calls of one batch: slots and permits from the shared throttle first."""
-        admission = self._throttle.admit(len(ready))
-        admitted, waiting = ready[: admission.count], ready[admission.count :]
-        for item in waiting:
-            item.result = self._throttled(item, admission.retry_after)
+        """The gateway calls of one batch: claims first, then slots and permits from the shared
+        throttle, reserved when the calls are ready to leave (claims take time)."""
+        paused = self._throttle.paused_for()
+        if paused > 0:
+            # Known to be paused: no claim, no call; back after the pause, no attempt spent.
+            for item in ready:
+                item.result = self._throttled(item, paused)
+            return []
+        errors = self._each(pool, self._claim, ready)
+        claimed = [item for item in ready if item.claim is not None]
+        if not claimed:
+            return errors
+        admission = self._throttle.admit(len(claimed))
+        admitted, waiting = claimed[: admission.count], claimed[admission.count :]
+        errors += self._each(pool, self._give_back, waiting, admission.retry_after)
         permits = threading.BoundedSemaphore(max(1, admission.permits))
         slots = Slots(admission)
         try:
-            errors = self._each(pool, self._call, admitted, permits, slots)
+            errors += self._each(pool, self._call, admitted, permits, slots)
         finally:
             self._throttle.release(admission)
         answers = [item.answer for item in admitted if item.answer is not None]
@@ -213,6 +224,36 @@ class Sender:
         except Exception:  # the answers still get recorded; the speed adjusts on the next batch
             logger.warning("could not record the gateway's health", exc_info=True)
         return errors
+
+    def _claim(self, item: _Job) -> JobResult | None:
+        """Claim the message for a call; the job's result if it cannot be claimed."""
+        job, now = item.job, self._clock()
+        item.claim = self._messages.claim(
+            item.batch.mailing_id, job.client_id, job.message_id, now, self._settings.claim_seconds
+        )
+        return None if item.claim is not None else self._unclaimable(item, now, self._log(item))
+
+    def _give_back(self, item: _Job, wait: float = 0.0) -> JobResult:
+        """A claimed message that will not be sent now: unclaimed, its attempt undone, later."""
+        self._unclaim(item)
+        return self._throttled(item, wait)
+
+    def _unclaim(self, item: _Job) -> None:
+        assert item.claim is not None
+        self._messages.release(
+            item.batch.mailing_id,
+            item.job.client_id,
+            item.claim,
+            self._clock(),
+            item.job.last_error,
+            called=False,
+        )
+        item.claim = None
+
+    def _too_late_now(self, item: _Job, at: datetime) -> JobResult:
+        """A claimed call that would leave too late: unclaimed, then expired or deferred."""
+        self._unclaim(item)
+        return self._timing(item, at) or self._throttled(item)
 
     def _throttled(self, item: _Job, wait: float = 0.0) -> JobResult:
         """Over the shared rate or paused by back-pressure: back later, no attempt spent."""
@@ -299,43 +340,28 @@ class Sender:
         return all(window.contains(t.astimezone(zone).timetz()) for t in (at, at + self._margin))
 
     def _call(self, item: _Job, permits: threading.BoundedSemaphore, slots: Slots) -> JobResult:
-        """Claim the message, take a permit and the next free slot, call the gateway on the slot.
+        """Take a permit and the next free slot, call the gateway on the slot.
 
         The time checks are made for the admission's last slot, so they hold whichever slot the
-        call gets. A call whose batch's slots all passed while it got ready (a slow claim) takes
-        one fresh slot; without one it goes back to SQS instead of leaving late.
+        call gets. A call whose batch's slots all passed while it waited for a permit takes one
+        fresh slot; without one it goes back to SQS instead of leaving late.
         """
-        job, log = item.job, self._log(item)
-        timing = self._timing(item, max(self._clock(), slots.last))
-        if timing is not None:
-            return timing
-        now = self._clock()
-        claim = self._messages.claim(
-            item.batch.mailing_id, job.client_id, job.message_id, now, self._settings.claim_seconds
-        )
-        if claim is None:
-            return self._unclaimable(item, now, log)
+        job, log, claim = item.job, self._log(item), item.claim
+        assert claim is not None
+        last = max(self._clock(), slots.last)
+        if self._too_late(item, last):
+            return self._too_late_now(item, last)
         with permits:
-            # The slot last: whatever took time before (the claim, a permit) is behind us.
             slot = slots.take(self._clock())
             extra = None
             if slot is None:
-                # The batch's slots passed while this call got ready: one fresh slot, or wait.
                 extra = self._throttle.admit(1)
                 fresh = extra.slot(0) if extra.count else None
-                if fresh is None or (fresh > slots.last and self._too_late(item, fresh)):
+                if fresh is None or self._too_late(item, fresh):
                     self._throttle.release(extra)
-                    self._messages.release(
-                        item.batch.mailing_id,
-                        job.client_id,
-                        claim,
-                        now,
-                        job.last_error,
-                        called=False,
-                    )
-                    if fresh is not None:  # checked again without the claim: expired or deferred
-                        return self._timing(item, fresh) or self._throttled(item)
-                    return self._throttled(item, extra.retry_after)
+                    if fresh is None:
+                        return self._give_back(item, extra.retry_after)
+                    return self._too_late_now(item, fresh)
                 slot = fresh
             try:
                 self._wait_until(slot)

@@ -213,6 +213,11 @@ class GatewayThrottle:
             return Admission(count, start, interval, permits, interval, holder)
         return Admission.none(0.5)
 
+    def paused_for(self) -> float:
+        """Seconds left of a back-pressure pause as this sender last saw the item (no request)."""
+        state = self._known
+        return max(0.0, state.paused_until - self._now()) if state else 0.0
+
     def release(self, admission: Admission) -> None:
         """Give back the permits of an admission whose calls are over."""
         if admission.holder is None:
