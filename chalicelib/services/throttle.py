@@ -223,9 +223,7 @@ class GatewayThrottle:
         if admission.holder is None:
             return
         try:
-            response = self._db.update_item(
-                TableName=self._table,
-                Key={"name": {"S": ITEM_NAME}},
+            response = self._update(
                 UpdateExpression="REMOVE holders.#h SET held = held - :k",
                 ConditionExpression="attribute_exists(holders.#h)",
                 ExpressionAttributeNames={"#h": admission.holder},
@@ -272,9 +270,7 @@ class GatewayThrottle:
         pause = min(self._max_pause, self._pause * 2**state.level)
         speed = max(MIN_SPEED, state.speed / 2)
         try:
-            response = self._db.update_item(
-                TableName=self._table,
-                Key={"name": {"S": ITEM_NAME}},
+            response = self._update(
                 UpdateExpression=(
                     "SET speed = :speed, paused_until = :until, #run = :zero, "
                     "#level = #level + :one"
@@ -312,9 +308,7 @@ class GatewayThrottle:
             return
         speed = min(1.0, state.speed + SPEED_STEP)
         try:
-            response = self._db.update_item(
-                TableName=self._table,
-                Key={"name": {"S": ITEM_NAME}},
+            response = self._update(
                 UpdateExpression=(
                     "SET speed = :speed, raised_at = :now, #run = :zero, #level = :zero"
                 ),
@@ -362,9 +356,7 @@ class GatewayThrottle:
             update = "SET tat = :now + :span, holders.#h = :lease, held = held + :k"
             condition = f"tat < :now AND {common}"
         try:
-            response = self._db.update_item(
-                TableName=self._table,
-                Key={"name": {"S": ITEM_NAME}},
+            response = self._update(
                 UpdateExpression=update,
                 ConditionExpression=condition,
                 ExpressionAttributeNames=names,
@@ -384,9 +376,7 @@ class GatewayThrottle:
             if until >= now:
                 continue
             try:
-                self._db.update_item(
-                    TableName=self._table,
-                    Key={"name": {"S": ITEM_NAME}},
+                self._update(
                     UpdateExpression="REMOVE holders.#h SET held = held - :k",
                     ConditionExpression="holders.#h.u = :u",
                     ExpressionAttributeNames={"#h": holder},
@@ -398,6 +388,12 @@ class GatewayThrottle:
                 if not _conditional(exc):
                     raise
         return back
+
+    def _update(self, **request: Any) -> dict[str, Any]:
+        """One UpdateItem on the shared item."""
+        return self._db.update_item(
+            TableName=self._table, Key={"name": {"S": ITEM_NAME}}, **request
+        )
 
     def _read(self) -> _State:
         item = self._db.get_item(
