@@ -204,9 +204,8 @@ class GatewayThrottle:
             count = min(wanted, room, 1 if state.level else wanted)
             permits = min(count, free)
             holder = uuid.uuid4().hex[:12]  # short: the item holds one per sender
-            try:
-                new = self._reserve(state, now, count, interval, permits, holder)
-            except _Conflict:
+            new = self._reserve(state, now, count, interval, permits, holder)
+            if new is None:  # the item changed since it was read: read it again and retry
                 state, fresh = self._read(), True
                 continue
             start = new.tat - count * interval
@@ -222,19 +221,13 @@ class GatewayThrottle:
         """Give back the permits of an admission whose calls are over."""
         if admission.holder is None:
             return
-        try:
-            response = self._update(
-                UpdateExpression="REMOVE holders.#h SET held = held - :k",
-                ConditionExpression="attribute_exists(holders.#h)",
-                ExpressionAttributeNames={"#h": admission.holder},
-                ExpressionAttributeValues={":k": {"N": str(admission.permits)}},
-                ReturnValues="ALL_NEW",
-            )
-            self._remember(response["Attributes"])
-        except ClientError as exc:
-            if not _conditional(exc):
-                raise
-            # Its lease ended and another sender took the permits back already.
+        # None: its lease ended and another sender took the permits back already.
+        self._try_update(
+            UpdateExpression="REMOVE holders.#h SET held = held - :k",
+            ConditionExpression="attribute_exists(holders.#h)",
+            ExpressionAttributeNames={"#h": admission.holder},
+            ExpressionAttributeValues={":k": {"N": str(admission.permits)}},
+        )
 
     # ---------------------------------------------------------------- back-pressure
 
@@ -254,45 +247,34 @@ class GatewayThrottle:
             self._speed_up(state)
 
     def _add_run(self, pressure: int) -> int:
-        response = self._db.update_item(
-            TableName=self._table,
-            Key={"name": {"S": ITEM_NAME}},
+        return self._update(
             UpdateExpression="ADD #run :n",
             ExpressionAttributeNames={"#run": "run"},
             ExpressionAttributeValues={":n": {"N": str(pressure)}},
-            ReturnValues="ALL_NEW",
-        )
-        state = self._remember(response["Attributes"])
-        return state.run
+        ).run
 
     def _slow_down(self, state: _State, why: str) -> None:
         now = self._now()
         pause = min(self._max_pause, self._pause * 2**state.level)
         speed = max(MIN_SPEED, state.speed / 2)
-        try:
-            response = self._update(
-                UpdateExpression=(
-                    "SET speed = :speed, paused_until = :until, #run = :zero, "
-                    "#level = #level + :one"
-                ),
-                # One slow-down per episode, whichever sender sees it first.
-                ConditionExpression="paused_until <= :now",
-                ExpressionAttributeNames={"#run": "run", "#level": "level"},
-                ExpressionAttributeValues={
-                    ":speed": _n(speed),
-                    ":until": _n(now + pause),
-                    ":zero": {"N": "0"},
-                    ":one": {"N": "1"},
-                    ":now": _n(now),
-                },
-                ReturnValues="ALL_NEW",
-            )
-        except ClientError as exc:
-            if not _conditional(exc):
-                raise
+        slowed = self._try_update(
+            UpdateExpression=(
+                "SET speed = :speed, paused_until = :until, #run = :zero, #level = #level + :one"
+            ),
+            # One slow-down per episode, whichever sender sees it first.
+            ConditionExpression="paused_until <= :now",
+            ExpressionAttributeNames={"#run": "run", "#level": "level"},
+            ExpressionAttributeValues={
+                ":speed": _n(speed),
+                ":until": _n(now + pause),
+                ":zero": {"N": "0"},
+                ":one": {"N": "1"},
+                ":now": _n(now),
+            },
+        )
+        if slowed is None:
             self._read()
             return
-        self._remember(response["Attributes"])
         logger.warning(
             "gateway under pressure (%s): sending paused and slowed down",
             why,
@@ -307,34 +289,27 @@ class GatewayThrottle:
         if now - state.raised_at < RAISE_SPACING_SECONDS and state.run == 0:
             return
         speed = min(1.0, state.speed + SPEED_STEP)
-        try:
-            response = self._update(
-                UpdateExpression=(
-                    "SET speed = :speed, raised_at = :now, #run = :zero, #level = :zero"
-                ),
-                ConditionExpression="speed = :old AND raised_at <= :spaced",
-                ExpressionAttributeNames={"#run": "run", "#level": "level"},
-                ExpressionAttributeValues={
-                    ":speed": _n(speed),
-                    ":old": _n(state.speed),
-                    ":now": _n(now),
-                    ":zero": {"N": "0"},
-                    ":spaced": _n(now - RAISE_SPACING_SECONDS if state.run == 0 else now),
-                },
-                ReturnValues="ALL_NEW",
-            )
-        except ClientError as exc:
-            if not _conditional(exc):
-                raise
+        raised = self._try_update(
+            UpdateExpression="SET speed = :speed, raised_at = :now, #run = :zero, #level = :zero",
+            ConditionExpression="speed = :old AND raised_at <= :spaced",
+            ExpressionAttributeNames={"#run": "run", "#level": "level"},
+            ExpressionAttributeValues={
+                ":speed": _n(speed),
+                ":old": _n(state.speed),
+                ":now": _n(now),
+                ":zero": {"N": "0"},
+                ":spaced": _n(now - RAISE_SPACING_SECONDS if state.run == 0 else now),
+            },
+        )
+        if raised is None:
             self._read()
-            return
-        self._remember(response["Attributes"])
 
     # ---------------------------------------------------------------- storage
 
     def _reserve(
         self, state: _State, now: float, count: int, interval: float, permits: int, holder: str
-    ) -> _State:
+    ) -> _State | None:
+        """Slots and permits in one conditional write; None if the item changed meanwhile."""
         span = count * interval
         names = {"#h": holder}
         values = {
@@ -355,19 +330,12 @@ class GatewayThrottle:
             # Idle: the first slot is now (unused slots of the past are not saved up).
             update = "SET tat = :now + :span, holders.#h = :lease, held = held + :k"
             condition = f"tat < :now AND {common}"
-        try:
-            response = self._update(
-                UpdateExpression=update,
-                ConditionExpression=condition,
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-                ReturnValues="ALL_NEW",
-            )
-        except ClientError as exc:
-            if _conditional(exc):
-                raise _Conflict from None
-            raise
-        return self._remember(response["Attributes"])
+        return self._try_update(
+            UpdateExpression=update,
+            ConditionExpression=condition,
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
 
     def _reclaim(self, state: _State, now: float) -> bool:
         """Take back permits whose lease ended (their sender died); True if any came back."""
@@ -375,25 +343,35 @@ class GatewayThrottle:
         for holder, (count, until) in (state.holders or {}).items():
             if until >= now:
                 continue
-            try:
-                self._update(
-                    UpdateExpression="REMOVE holders.#h SET held = held - :k",
-                    ConditionExpression="holders.#h.u = :u",
-                    ExpressionAttributeNames={"#h": holder},
-                    ExpressionAttributeValues={":k": {"N": str(count)}, ":u": _n(until)},
-                )
+            taken = self._try_update(
+                UpdateExpression="REMOVE holders.#h SET held = held - :k",
+                ConditionExpression="holders.#h.u = :u",
+                ExpressionAttributeNames={"#h": holder},
+                ExpressionAttributeValues={":k": {"N": str(count)}, ":u": _n(until)},
+            )
+            if taken is not None:
                 back = True
                 logger.warning("gateway permits of an expired lease taken back: %d", count)
-            except ClientError as exc:
-                if not _conditional(exc):
-                    raise
         return back
 
-    def _update(self, **request: Any) -> dict[str, Any]:
-        """One UpdateItem on the shared item."""
-        return self._db.update_item(
-            TableName=self._table, Key={"name": {"S": ITEM_NAME}}, **request
+    def _update(self, **request: Any) -> _State:
+        """One UpdateItem on the shared item; the item as it is now."""
+        response = self._db.update_item(
+            TableName=self._table,
+            Key={"name": {"S": ITEM_NAME}},
+            ReturnValues="ALL_NEW",
+            **request,
         )
+        return self._remember(response["Attributes"])
+
+    def _try_update(self, **request: Any) -> _State | None:
+        """A conditional `_update`; None when its condition does not hold."""
+        try:
+            return self._update(**request)
+        except ClientError as exc:
+            if _conditional(exc):
+                return None
+            raise
 
     def _read(self) -> _State:
         item = self._db.get_item(
@@ -437,10 +415,6 @@ class GatewayThrottle:
 
     def _now(self) -> float:
         return self._clock().timestamp()
-
-
-class _Conflict(Exception):
-    """The shared item changed since it was read; read it again and retry."""
 
 
 def _conditional(exc: ClientError) -> bool:
