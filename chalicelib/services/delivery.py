@@ -288,10 +288,9 @@ class Sender:
         if mailing.status == MailingStatus.CANCELLED.value:
             return self._finish(item, MessageStatus.CANCELLED, None, "mailing cancelled")
         if client is None:
-            if self._clock() + self._margin >= mailing.end_at:
-                return self._finish(
-                    item, MessageStatus.EXPIRED, None, item.job.last_error or "end passed"
-                )
+            ended = self._expire_if_ended(item, self._clock())
+            if ended is not None:
+                return ended
             logger.warning("message failed: %s", item.problem, extra=self._log(item))
             return self._finish(item, MessageStatus.FAILED, None, item.problem)
         timing = self._timing(item, self._clock())
@@ -309,11 +308,10 @@ class Sender:
 
     def _timing(self, item: _Job, now: datetime) -> JobResult | None:
         """Expire a job too close to the end, defer one outside the client's send window."""
-        mailing, job = item.mailing, item.job
-        # Starting a call this close to the end could reach the gateway after it.
-        margin = self._margin
-        if now + margin >= mailing.end_at:
-            return self._finish(item, MessageStatus.EXPIRED, None, job.last_error or "end passed")
+        mailing, job, margin = item.mailing, item.job, self._margin
+        ended = self._expire_if_ended(item, now)
+        if ended is not None:
+            return ended
         if self._in_window(item, now):
             return None
         window, zone = _window_of(mailing), ZoneInfo(item.client.timezone)
@@ -325,6 +323,13 @@ class Sender:
         wait = max(1, math.ceil((opens - now).total_seconds()))
         item.requeue = self._later(item, job, wait)
         return JobResult.DEFERRED
+
+    def _expire_if_ended(self, item: _Job, now: datetime) -> JobResult | None:
+        # Starting a call this close to the end could reach the gateway after it.
+        if now + self._margin < item.mailing.end_at:
+            return None
+        error = item.job.last_error or "end passed"
+        return self._finish(item, MessageStatus.EXPIRED, None, error)
 
     def _too_late(self, item: _Job, at: datetime) -> bool:
         """Whether a call leaving `at` could pass the end or the client's window."""
