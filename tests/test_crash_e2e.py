@@ -362,7 +362,22 @@ def assert_completed_exactly_once(
     }
 
 
-def report(name: str, figures: dict[str, Any], crash: Crash, timings: dict[str, float]) -> str:
+def report(
+    name: str,
+    figures: dict[str, Any],
+    crash: Crash,
+    kill_after: float,
+    finished_after: float,
+    posted: float,
+) -> str:
+    """What a crash test checked and measured; `posted` is when its mailing was created
+    (monotonic clock)."""
+    timings = {
+        "killed after POST": kill_after,
+        "restart": crash.restart_seconds,
+        "finished after the kill": finished_after,
+        "test": time.monotonic() - posted,
+    }
     counts = figures["counts"]
     duplicates = figures["duplicates"]
     return (
@@ -418,19 +433,7 @@ def test_worker_killed_in_the_middle_of_fan_out_completes_the_mailing_once(
     finished_after = time.time() - crash.killed_at
     # And every matching client got one message, sent once (twice only in the documented window)
     figures = assert_completed_exactly_once(world, mailing["id"], matching, crash)
-    invariants(
-        report(
-            "crash mid fan-out",
-            figures,
-            crash,
-            {
-                "killed after POST": kill_after,
-                "restart": crash.restart_seconds,
-                "finished after the kill": finished_after,
-                "test": time.monotonic() - posted,
-            },
-        )
-    )
+    invariants(report("crash mid fan-out", figures, crash, kill_after, finished_after, posted))
 
 
 def test_worker_killed_in_the_middle_of_sending_completes_the_mailing_once(
@@ -471,16 +474,4 @@ def test_worker_killed_in_the_middle_of_sending_completes_the_mailing_once(
     finished_after = time.time() - crash.killed_at
     # And every matching client got one message, sent once (twice only in the documented window)
     figures = assert_completed_exactly_once(world, mailing["id"], matching, crash)
-    invariants(
-        report(
-            "crash mid sending",
-            figures,
-            crash,
-            {
-                "killed after POST": kill_after,
-                "restart": crash.restart_seconds,
-                "finished after the kill": finished_after,
-                "test": time.monotonic() - posted,
-            },
-        )
-    )
+    invariants(report("crash mid sending", figures, crash, kill_after, finished_after, posted))
