@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
@@ -16,6 +17,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+_EMAIL = r"^[^@\s,<>]+@[^@\s,<>]+\.[^@\s,<>]+$"
 
 
 class AuthMode(StrEnum):
@@ -49,6 +52,8 @@ class Settings(BaseModel):
     fanout_queue_url: str | None = None
     sender_api_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
     sender_api_token: SecretStr | None = None
+    # In AWS the token lives in Secrets Manager: the sender reads it once per cold start.
+    sender_api_token_secret_id: str | None = Field(None, pattern=r"^[A-Za-z0-9/_+=.@:-]{1,2048}$")
     gateway_connect_timeout: float = Field(3.05, gt=0, le=30)
     gateway_read_timeout: float = Field(10.0, gt=0, le=60)
     max_attempts: int = Field(8, ge=1, le=50)
@@ -67,6 +72,14 @@ class Settings(BaseModel):
     claim_seconds: int = Field(60, ge=5, le=900)
     message_retention_days: int = Field(90, ge=1, le=3650)
 
+    # Daily statistics e-mail (SES) and operations.
+    report_sender: str | None = Field(None, pattern=_EMAIL)
+    report_recipients: tuple[str, ...] = ()
+    report_window_hours: int = Field(24, ge=1, le=24 * 31)
+    # Also write every report e-mail into this folder (the local stack's outbox).
+    report_outbox_dir: str | None = None
+    metrics_namespace: str = Field("SmsCampaigns", pattern=r"^[A-Za-z0-9/_.#:-]{1,255}$")
+
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=6 * 1024 * 1024)
     default_page_size: int = Field(50, ge=1, le=1000)
     max_page_size: int = Field(500, ge=1, le=1000)
@@ -76,6 +89,23 @@ class Settings(BaseModel):
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(token.strip() for token in value.split(",") if token.strip())
+        return value
+
+    @field_validator("report_recipients", mode="before")
+    @classmethod
+    def _split_recipients(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(address.strip() for address in value.split(",") if address.strip())
+        return value
+
+    @field_validator("report_recipients")
+    @classmethod
+    def _recipients_are_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            if not re.match(_EMAIL, address):
+                raise ValueError(f"not an e-mail address: {address!r}")
+        if len(value) > 50:
+            raise ValueError("at most 50 recipients (SES's limit for one message)")
         return value
 
     @field_validator("api_tokens")
@@ -102,6 +132,8 @@ class Settings(BaseModel):
             raise ValueError("CLAIM_SECONDS must exceed the gateway's connect + read timeouts")
         if self.gateway_max_pause_seconds < self.gateway_pause_seconds:
             raise ValueError("GATEWAY_MAX_PAUSE_SECONDS must not be below GATEWAY_PAUSE_SECONDS")
+        if self.report_recipients and not self.report_sender:
+            raise ValueError("REPORT_RECIPIENTS needs REPORT_SENDER (an SES-verified address)")
         if self.default_page_size > self.max_page_size:
             raise ValueError("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
         return self

@@ -18,7 +18,7 @@ from aws_lambda_powertools.utilities.batch import (
     process_partial_response,
 )
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from chalice import Blueprint, Rate
+from chalice import Blueprint, Cron, Rate
 from pydantic import ValidationError
 
 from chalicelib.container import services
@@ -48,6 +48,14 @@ def scheduler_tick(event: Any) -> dict:
         extra={"mailings": progress.mailings, "messages_created": progress.messages_created},
     )
     return {"mailings": progress.mailings, "messages_created": progress.messages_created}
+
+
+# 06:00 UTC by default; the stack's DailyReportSchedule parameter replaces the expression.
+@blueprint.schedule(Cron(0, 6, "*", "*", "?", "*"), name="daily_report")
+def daily_report(event: Any) -> dict:
+    """Once a day: e-mail the statistics of the mailings active in the last 24 hours."""
+    report = services().reports.send_daily()
+    return {"mailings": len(report.rows), "recipients": len(report.recipients)}
 
 
 @blueprint.on_sqs_message(queue_arn=FANOUT_QUEUE_ARN, batch_size=1, name="advance_mailing")
