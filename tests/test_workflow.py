@@ -129,6 +129,7 @@ def deploy_variables(**overrides: str) -> dict[str, str]:
     values = {
         "ARTIFACT_BUCKET": "ci-artifacts",
         "GATEWAY_TOKEN_SECRET_ARN": SECRET_ARN,
+        "GATEWAY_TOKEN_KMS_KEY_ARN": "",
         "SENDER_API_URL": "",
         "GATEWAY_RATE_PER_SECOND": "",
         "GATEWAY_CONCURRENCY": "",
@@ -365,6 +366,7 @@ def test_every_stack_setting_can_be_set_from_a_variable(tmp_path: Path) -> None:
     """Given every stack setting set as a variable, when the deploy step runs, then each reaches
     its stack parameter."""
     settings = deploy_variables(
+        GATEWAY_TOKEN_KMS_KEY_ARN="arn:aws:kms:eu-west-1:123456789012:key/mrk-0123",
         SENDER_API_URL="https://gateway.example.com",
         GATEWAY_RATE_PER_SECOND="100",
         GATEWAY_CONCURRENCY="40",
@@ -380,6 +382,7 @@ def test_every_stack_setting_can_be_set_from_a_variable(tmp_path: Path) -> None:
 
     assert set(parameter_overrides(calls[-1])) == {
         "GatewayTokenSecretArn",
+        "GatewayTokenKmsKeyArn",
         "SenderApiUrl",
         "GatewayRatePerSecond",
         "GatewayConcurrency",
