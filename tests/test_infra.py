@@ -227,18 +227,60 @@ def authorizer_functions(resources: dict[str, Any]) -> set[str]:
     return found
 
 
+NO_VALUE = {"Ref": "AWS::NoValue"}
+
+
+def widest(statements: list[Any]) -> list[dict[str, Any]]:
+    """The statements of the most permissive deployment: both branches of a conditional one
+    (`Fn::If`), so a grant that only some parameter values enable is still checked."""
+    found = []
+    for statement in statements:
+        if "Fn::If" in statement:
+            _, when_true, when_false = statement["Fn::If"]
+            found.extend(branch for branch in (when_true, when_false) if branch != NO_VALUE)
+        else:
+            found.append(statement)
+    return found
+
+
 def statements_by_role(resources: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Every policy statement in the stack, grouped by the role it applies to."""
     by_role: dict[str, list[dict[str, Any]]] = {}
     for name, role in of_type(resources, "AWS::IAM::Role").items():
         for policy in role["Properties"].get("Policies", []):
-            by_role.setdefault(name, []).extend(policy["PolicyDocument"]["Statement"])
+            by_role.setdefault(name, []).extend(widest(policy["PolicyDocument"]["Statement"]))
     for policy in of_type(resources, "AWS::IAM::Policy").values():
         for role in policy["Properties"]["Roles"]:
             by_role.setdefault(role["Ref"], []).extend(
-                policy["Properties"]["PolicyDocument"]["Statement"]
+                widest(policy["Properties"]["PolicyDocument"]["Statement"])
             )
     return by_role
+
+
+def grants(statements: list[dict[str, Any]], service: str) -> list[dict[str, Any]]:
+    """The Allow statements that name an action of `service` ("ses", "kms", ...)."""
+    return [
+        statement
+        for statement in statements
+        if statement["Effect"] == "Allow"
+        and any(a.startswith(f"{service}:") for a in as_list(statement["Action"]))
+    ]
+
+
+def roles_granted(resources: dict[str, Any], service: str) -> dict[str, list[dict[str, Any]]]:
+    """Role -> its Allow statements naming an action of `service`, for roles that have any."""
+    found = {role: grants(s, service) for role, s in statements_by_role(resources).items()}
+    return {role: statements for role, statements in found.items() if statements}
+
+
+def conditional_statements(resources: dict[str, Any], policy: str) -> dict[str, Any]:
+    """Sid -> name of the condition that must hold for the statement to exist in `policy`."""
+    statements = resources[policy]["Properties"]["PolicyDocument"]["Statement"]
+    return {
+        s["Fn::If"][1]["Sid"]: s["Fn::If"][0]
+        for s in statements
+        if "Fn::If" in s and s["Fn::If"][2] == NO_VALUE
+    }
 
 
 def as_list(value: Any) -> list[Any]:
@@ -665,23 +707,110 @@ def test_every_environment_variable_is_a_setting(template: dict) -> None:
         assert not unknown, (function, unknown)
 
 
-def test_only_the_sender_gets_the_gateway_token(template: dict) -> None:
-    """Given the gateway token, when deployed, then it is a NoEcho parameter and only the
-    sender's environment holds it (never Globals)."""
-    parameter = template["Parameters"]["SenderApiToken"]
-    assert parameter["NoEcho"] is True
-    assert "Default" not in parameter
-    shared = template["Globals"]["Function"]["Environment"]["Variables"]
-    assert "SENDER_API_TOKEN" not in shared
+def test_no_function_holds_the_gateway_token_itself(template: dict) -> None:
+    """Given the gateway token, when deployed, then it is in no parameter and no environment
+    (where lambda:GetFunctionConfiguration would show it); only the sender learns the secret's
+    ARN."""
+    # No secret passes through the stack: no NoEcho parameter is left to carry one.
+    assert "SenderApiToken" not in template["Parameters"]
+    assert not [name for name, p in template["Parameters"].items() if p.get("NoEcho")]
+    functions = of_type(template["Resources"], "AWS::Serverless::Function")
+    for function in functions:
+        assert "SENDER_API_TOKEN" not in environment(template, function), function
     holders = {
         function
-        for function in of_type(template["Resources"], "AWS::Serverless::Function")
-        if "SENDER_API_TOKEN" in environment(template, function)
+        for function in functions
+        if "SENDER_API_TOKEN_SECRET_ID" in environment(template, function)
     }
     assert holders == {"SendMessages"}
     sender = environment(template, "SendMessages")
-    assert sender["SENDER_API_TOKEN"] == {"Ref": "SenderApiToken"}
+    assert sender["SENDER_API_TOKEN_SECRET_ID"] == {"Ref": "GatewayTokenSecretArn"}
     assert sender["SENDER_API_URL"] == {"Ref": "SenderApiUrl"}
+    assert "SecretsNote" not in template.get("Metadata", {})
+
+
+def test_only_the_sender_can_read_the_gateway_token_secret(resources: dict) -> None:
+    """Given the token's secret, when any role asks Secrets Manager, then only the sender's role
+    may, only GetSecretValue, and only on that one secret."""
+    sender = function_roles(resources)["SendMessages"]
+    by_role = roles_granted(resources, "secretsmanager")
+    assert set(by_role) == {sender}
+    [statement] = by_role[sender]
+    assert as_list(statement["Action"]) == ["secretsmanager:GetSecretValue"]
+    assert as_list(statement["Resource"]) == [{"Ref": "GatewayTokenSecretArn"}]
+    assert "Condition" not in statement
+
+
+def test_the_senders_key_grant_exists_only_for_a_customer_key(
+    template: dict, resources: dict
+) -> None:
+    """Given a token secret under a customer managed key, when the sender reads it, then it may
+    decrypt with that key only through Secrets Manager and only for this secret; with the default
+    aws/secretsmanager key (parameter left empty) the grant is not there at all."""
+    sender = function_roles(resources)["SendMessages"]
+    by_role = roles_granted(resources, "kms")
+    assert set(by_role) == {sender}
+    [statement] = by_role[sender]
+    assert as_list(statement["Action"]) == ["kms:Decrypt"]
+    assert as_list(statement["Resource"]) == [{"Ref": "GatewayTokenKmsKeyArn"}]
+    assert statement["Condition"] == {
+        "StringEquals": {
+            "kms:ViaService": {"Fn::Sub": "secretsmanager.${AWS::Region}.amazonaws.com"},
+            "kms:EncryptionContext:SecretARN": {"Ref": "GatewayTokenSecretArn"},
+        }
+    }
+    condition = conditional_statements(resources, "SendMessagesAccessPolicy")[statement["Sid"]]
+    assert template["Conditions"][condition] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "GatewayTokenKmsKeyArn"}, ""]}]
+    }
+    assert template["Parameters"]["GatewayTokenKmsKeyArn"]["Default"] == ""
+
+
+SECRET_ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:sms/gateway-token-AbC123"
+KEY_ARN = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        (SECRET_ARN, True),
+        (SECRET_ARN.replace("arn:aws:", "arn:aws-cn:"), True),
+        # A name or partial ARN would pass Secrets Manager but not the exact IAM grant.
+        ("sms/gateway-token", False),
+        (SECRET_ARN.removesuffix("-AbC123"), False),
+        (SECRET_ARN.replace(":secretsmanager:", ":ssm:"), False),
+    ],
+)
+def test_the_token_secret_parameter_takes_a_full_secret_arn_the_settings_accept(
+    template: dict, value: str, accepted: bool
+) -> None:
+    """Given the GatewayTokenSecretArn parameter, when deploying, then CloudFormation takes only a
+    full secret ARN (what IAM matches), and the sender's settings accept what it takes."""
+    pattern = template["Parameters"]["GatewayTokenSecretArn"]["AllowedPattern"]
+    assert "Default" not in template["Parameters"]["GatewayTokenSecretArn"]
+    assert bool(re.fullmatch(pattern, value)) is accepted
+    if accepted:
+        settings = Settings.from_env({"SENDER_API_TOKEN_SECRET_ID": value})
+        assert settings.sender_api_token_secret_id == value
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ("", True),
+        (KEY_ARN, True),
+        ("arn:aws:kms:eu-west-1:123456789012:key/mrk-1234abcd12ab34cd56ef1234567890ab", True),
+        # IAM matches a key by its key ARN, never by an alias.
+        ("arn:aws:kms:eu-west-1:123456789012:alias/aws/secretsmanager", False),
+        ("1234abcd-12ab-34cd-56ef-1234567890ab", False),
+    ],
+)
+def test_the_token_key_parameter_takes_a_key_arn_or_nothing(
+    template: dict, value: str, accepted: bool
+) -> None:
+    """Given the GatewayTokenKmsKeyArn parameter, when deploying, then it is empty or a key ARN."""
+    pattern = template["Parameters"]["GatewayTokenKmsKeyArn"]["AllowedPattern"]
+    assert bool(re.fullmatch(pattern, value)) is accepted
 
 
 def test_gateway_url_defaults_to_the_public_gateway_and_settings_accept_it(template: dict) -> None:
