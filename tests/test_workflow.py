@@ -7,6 +7,7 @@ how they were called, so what they would send to AWS is asserted, not only what 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -451,3 +452,397 @@ def test_smoke_test_fails_when_the_api_is_not_the_healthy_prod_stage(
     result, _ = run_step(smoke, tmp_path, {}, smoke_fakes(health))
 
     assert result.returncode != 0
+
+
+# ------------------------------------------------------------------ the deploy role
+
+CI_ROLE = ROOT / "infra" / "ci-role.yaml"
+ORG, REPO = "acme", "sms-campaigns"
+ACCOUNT, REGION = "123456789012", "eu-west-1"
+PSEUDO = {"AWS::Partition": "aws", "AWS::AccountId": ACCOUNT, "AWS::Region": REGION}
+EXISTING_PROVIDER = f"arn:aws:iam::{ACCOUNT}:oidc-provider/token.actions.githubusercontent.com"
+# IAM's limit on the inline policies of one role, counted without whitespace.
+INLINE_POLICY_LIMIT = 10_240
+READ_ONLY_PREFIXES = ("Get", "List", "Describe")
+
+
+class TemplateLoader(yaml.SafeLoader):
+    """Reads CloudFormation's short tags (!Sub, !If, ...) as their long form."""
+
+
+def _intrinsic(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    return {"Ref" if suffix == "Ref" else f"Fn::{suffix}": value}
+
+
+TemplateLoader.add_multi_constructor("!", _intrinsic)
+
+
+def ci_role_template() -> dict[str, Any]:
+    return yaml.load(CI_ROLE.read_text(), Loader=TemplateLoader)
+
+
+class Deployed:
+    """infra/ci-role.yaml with its parameters, intrinsics resolved as CloudFormation would.
+
+    A resource's Ref or attribute resolves to a placeholder such as `<ArtifactBucket.Arn>`."""
+
+    def __init__(self, **parameters: str) -> None:
+        self.template = ci_role_template()
+        defaults = {
+            name: spec["Default"]
+            for name, spec in self.template["Parameters"].items()
+            if "Default" in spec
+        }
+        self.values = {**PSEUDO, **defaults, "GitHubOrg": ORG, "GitHubRepo": REPO, **parameters}
+        self.conditions = {
+            name: self.resolve(body) for name, body in self.template["Conditions"].items()
+        }
+
+    def resolve(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self.resolve(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        if set(value) == {"Ref"}:
+            return self.values.get(value["Ref"], f"<{value['Ref']}>")
+        if set(value) == {"Fn::Sub"}:
+            text = value["Fn::Sub"]
+            for name, replacement in self.values.items():
+                text = text.replace("${" + name + "}", replacement)
+            return text.replace("${", "<").replace("}", ">")
+        if set(value) == {"Fn::GetAtt"}:
+            return f"<{value['Fn::GetAtt']}>"
+        if set(value) == {"Fn::Equals"}:
+            left, right = self.resolve(value["Fn::Equals"])
+            return left == right
+        if set(value) == {"Fn::If"}:
+            condition, if_true, if_false = value["Fn::If"]
+            return self.resolve(if_true if self.conditions[condition] else if_false)
+        return {key: self.resolve(item) for key, item in value.items()}
+
+    def resource(self, name: str) -> dict[str, Any]:
+        return self.resolve(self.template["Resources"][name])
+
+    def creates(self, name: str) -> bool:
+        condition = self.template["Resources"][name].get("Condition")
+        return condition is None or self.conditions[condition]
+
+    def role(self) -> dict[str, Any]:
+        return self.resource("DeployRole")["Properties"]
+
+    def statements(self) -> list[dict[str, Any]]:
+        return [
+            statement
+            for policy in self.role()["Policies"]
+            for statement in policy["PolicyDocument"]["Statement"]
+        ]
+
+    def may_assume(self, subject: str, audience: str = "sts.amazonaws.com") -> bool:
+        """Whether a GitHub OIDC token with this sub and aud may assume the role."""
+        for statement in self.role()["AssumeRolePolicyDocument"]["Statement"]:
+            if statement["Effect"] != "Allow":
+                continue
+            assert set(statement["Condition"]) == {"StringEquals"}, "only exact matches"
+            claims = statement["Condition"]["StringEquals"]
+            token = {
+                "token.actions.githubusercontent.com:sub": subject,
+                "token.actions.githubusercontent.com:aud": audience,
+            }
+            if all(token[key] in as_list(expected) for key, expected in claims.items()):
+                return True
+        return False
+
+    def allows(self, action: str, resource: str) -> bool:
+        """Whether the role's policies allow `action` on `resource`: an explicit Deny wins.
+
+        Conditions are not evaluated: an Allow under a condition counts as allowed, which only
+        makes the checks below stricter."""
+        verdicts = [
+            statement["Effect"]
+            for statement in self.statements()
+            if any(fnmatch.fnmatchcase(action, pattern) for pattern in as_list(statement["Action"]))
+            and any(fnmatch.fnmatchcase(resource, arn) for arn in as_list(statement["Resource"]))
+        ]
+        return "Allow" in verdicts and "Deny" not in verdicts
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
+
+def arn(service: str, resource: str, region: str = REGION) -> str:
+    return f"arn:aws:{service}:{region}:{ACCOUNT}:{resource}"
+
+
+@pytest.mark.infra
+def test_ci_role_template_passes_cfn_lint() -> None:
+    """Given the deploy role's template, when cfn-lint checks it, then it reports nothing."""
+    result = subprocess.run(
+        [str(tool("cfn-lint")), str(CI_ROLE)], capture_output=True, text=True, timeout=300
+    )
+
+    assert result.returncode == 0, f"cfn-lint found problems:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize(
+    ("subject", "admitted"),
+    [
+        pytest.param(f"repo:{ORG}/{REPO}:environment:prod", True, id="prod-environment"),
+        pytest.param(f"repo:{ORG}/{REPO}:ref:refs/heads/main", True, id="main-branch"),
+        pytest.param(f"repo:{ORG}/{REPO}:pull_request", False, id="pull-request"),
+        pytest.param(f"repo:{ORG}/{REPO}:ref:refs/heads/feature", False, id="other-branch"),
+        pytest.param(f"repo:{ORG}/{REPO}:ref:refs/tags/v1", False, id="tag"),
+        pytest.param(f"repo:{ORG}/{REPO}:environment:dev", False, id="other-environment"),
+        pytest.param(f"repo:{ORG}/other:environment:prod", False, id="other-repository"),
+        pytest.param(f"repo:fork/{REPO}:ref:refs/heads/main", False, id="fork"),
+        pytest.param(f"repo:{ORG}/{REPO}:ref:refs/heads/main-x", False, id="prefix-of-main"),
+    ],
+)
+def test_only_main_and_the_prod_environment_of_the_repository_may_assume_the_role(
+    subject: str, admitted: bool
+) -> None:
+    """Given the role deployed for one repository, when a GitHub job presents its OIDC token,
+    then only the repository's main branch or its prod environment gets a session."""
+    deployed = Deployed()
+
+    assert deployed.may_assume(subject) is admitted
+
+
+def test_a_token_meant_for_another_audience_is_refused() -> None:
+    """Given a token of the prod environment issued for another audience, when it is presented,
+    then the role refuses it."""
+    deployed = Deployed()
+
+    assert not deployed.may_assume(f"repo:{ORG}/{REPO}:environment:prod", audience="other")
+
+
+def test_only_githubs_oidc_provider_is_trusted_for_web_identity() -> None:
+    """Given the role, when anything but GitHub's provider asks for a session, then no statement
+    of the trust policy names it."""
+    [statement] = Deployed().role()["AssumeRolePolicyDocument"]["Statement"]
+
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    assert set(statement["Principal"]) == {"Federated"}
+
+
+@pytest.mark.parametrize(
+    ("create", "provider"),
+    [
+        pytest.param("true", "<GitHubOidcProvider>", id="created-here"),
+        pytest.param("false", EXISTING_PROVIDER, id="already-in-the-account"),
+    ],
+)
+def test_the_oidc_provider_is_created_only_when_asked(create: str, provider: str) -> None:
+    """Given an account with or without GitHub's OIDC provider, when the template is deployed,
+    then it creates the provider only if asked and trusts the one the account then has."""
+    deployed = Deployed(CreateOidcProvider=create)
+    [statement] = deployed.role()["AssumeRolePolicyDocument"]["Statement"]
+
+    assert deployed.creates("GitHubOidcProvider") is (create == "true")
+    assert statement["Principal"]["Federated"] == provider
+
+
+def test_the_created_provider_is_githubs_for_sts() -> None:
+    """Given the provider the template creates, then it is GitHub Actions' token issuer with
+    STS as the only audience."""
+    provider = Deployed().resource("GitHubOidcProvider")["Properties"]
+
+    assert provider["Url"] == "https://token.actions.githubusercontent.com"
+    assert provider["ClientIdList"] == ["sts.amazonaws.com"]
+
+
+def test_the_role_deploys_the_stack_the_workflow_deploys() -> None:
+    """Given the workflow's stack name, when the role is deployed with its defaults, then its
+    grants are for that stack."""
+    deployed = Deployed()
+
+    assert deployed.values["AppStackName"] == workflow()["env"]["STACK_NAME"] == STACK_NAME
+
+
+# What each kind of resource the prod stack holds needs from the deploy role, on a name the
+# stack gives it. A resource type added to infra/resources.yaml fails here until the role (and
+# this map) can deploy it.
+DEPLOY_NEEDS: dict[str, list[tuple[str, str]]] = {
+    "AWS::Serverless::Function": [
+        ("lambda:CreateFunction", arn("lambda", f"function:{STACK_NAME}-APIHandler-AbC123")),
+        ("iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/{STACK_NAME}-ApiHandlerRole-AbC123"),
+    ],
+    "AWS::IAM::Role": [
+        ("iam:CreateRole", f"arn:aws:iam::{ACCOUNT}:role/{STACK_NAME}-ApiHandlerRole-AbC123"),
+    ],
+    "AWS::IAM::Policy": [
+        ("iam:PutRolePolicy", f"arn:aws:iam::{ACCOUNT}:role/{STACK_NAME}-SendMessagesRole-X"),
+    ],
+    "AWS::Lambda::Permission": [
+        ("lambda:AddPermission", arn("lambda", f"function:{STACK_NAME}-BearerAuth-AbC123")),
+    ],
+    "AWS::Lambda::EventSourceMapping": [("lambda:CreateEventSourceMapping", "*")],
+    "AWS::Serverless::Api": [
+        ("apigateway:POST", f"arn:aws:apigateway:{REGION}::/restapis"),
+        ("apigateway:PATCH", f"arn:aws:apigateway:{REGION}::/restapis/abc123/stages/api"),
+    ],
+    "AWS::Events::Rule": [("events:PutRule", arn("events", f"rule/{STACK_NAME}-Tick-AbC123"))],
+    "AWS::DynamoDB::Table": [
+        ("dynamodb:CreateTable", arn("dynamodb", f"table/{STACK_NAME}-clients")),
+        ("dynamodb:UpdateTable", arn("dynamodb", f"table/{STACK_NAME}-clients")),
+    ],
+    "AWS::SQS::Queue": [("sqs:CreateQueue", arn("sqs", f"{STACK_NAME}-send"))],
+    "AWS::CloudWatch::Alarm": [
+        ("cloudwatch:PutMetricAlarm", arn("cloudwatch", f"alarm:{STACK_NAME}-SendDlq-AbC123")),
+    ],
+    "AWS::SNS::Topic": [("sns:CreateTopic", arn("sns", f"{STACK_NAME}-AlarmTopic-AbC123"))],
+    "AWS::SNS::Subscription": [("sns:Subscribe", arn("sns", f"{STACK_NAME}-AlarmTopic-AbC123"))],
+    "AWS::Logs::LogGroup": [
+        ("logs:CreateLogGroup", arn("logs", f"log-group:/aws/lambda/{STACK_NAME}-APIHandler-X")),
+    ],
+}
+# Chalice's part of the package: functions, their roles and permissions, the API, and what SAM
+# makes of their SQS and schedule events.
+CHALICE_TYPES = {
+    "AWS::Serverless::Function",
+    "AWS::IAM::Role",
+    "AWS::Lambda::Permission",
+    "AWS::Lambda::EventSourceMapping",
+    "AWS::Serverless::Api",
+    "AWS::Events::Rule",
+}
+
+
+def test_the_role_can_deploy_every_kind_of_resource_of_the_stack() -> None:
+    """Given the resource types of the prod stack (Chalice's and infra/resources.yaml's), when
+    the workflow deploys it with the role, then the role may create each of them."""
+    merged = yaml.load((ROOT / "infra" / "resources.yaml").read_text(), Loader=TemplateLoader)
+    # Entries without a Type add properties to a resource of Chalice's.
+    types = CHALICE_TYPES | {
+        body["Type"] for body in merged["Resources"].values() if "Type" in body
+    }
+    deployed = Deployed()
+
+    unknown = types - set(DEPLOY_NEEDS)
+    refused = [
+        (kind, action, resource)
+        for kind in sorted(types & set(DEPLOY_NEEDS))
+        for action, resource in DEPLOY_NEEDS[kind]
+        if not deployed.allows(action, resource)
+    ]
+
+    assert not unknown, f"give infra/ci-role.yaml and DEPLOY_NEEDS the rights for: {unknown}"
+    assert not refused
+
+
+@pytest.mark.parametrize(
+    ("action", "resource"),
+    [
+        ("iam:PutRolePolicy", f"arn:aws:iam::{ACCOUNT}:role/Admin"),
+        ("iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/Admin"),
+        ("iam:CreateUser", f"arn:aws:iam::{ACCOUNT}:user/{STACK_NAME}-x"),
+        ("iam:AttachRolePolicy", f"arn:aws:iam::{ACCOUNT}:role/{STACK_NAME}-ApiHandlerRole-X"),
+        ("cloudformation:ExecuteChangeSet", arn("cloudformation", "stack/other-app/1")),
+        ("lambda:UpdateFunctionCode", arn("lambda", "function:other-app-Handler")),
+        ("dynamodb:CreateTable", arn("dynamodb", "table/other-app-orders")),
+        ("dynamodb:GetItem", arn("dynamodb", f"table/{STACK_NAME}-clients")),
+        ("sqs:DeleteQueue", arn("sqs", "other-app-jobs")),
+        ("s3:PutObject", "arn:aws:s3:::some-other-bucket/key"),
+        ("sns:Publish", arn("sns", f"{STACK_NAME}-AlarmTopic-AbC123")),
+    ],
+)
+def test_the_role_cannot_touch_what_the_stack_does_not_own(action: str, resource: str) -> None:
+    """Given the deploy role, when it asks for another application's resources, for IAM users or
+    attached policies, or for the stack's data, then IAM refuses."""
+    assert not Deployed().allows(action, resource)
+
+
+def test_the_role_cannot_rewrite_its_own_policies() -> None:
+    """Given the IAM rights the role holds over the stack's roles, when it targets itself, then
+    they do not apply: its own name lies outside the stack's prefix."""
+    deployed = Deployed()
+    own_arn = f"arn:aws:iam::{ACCOUNT}:role/{deployed.role()['RoleName']}"
+
+    assert not deployed.allows("iam:PutRolePolicy", own_arn)
+    assert not deployed.allows("iam:UpdateAssumeRolePolicy", own_arn)
+
+
+@pytest.mark.parametrize(
+    ("action", "resource"),
+    [
+        ("secretsmanager:GetSecretValue", arn("secretsmanager", "secret:sms/prod/token-AbCdEf")),
+        ("dynamodb:DeleteTable", arn("dynamodb", f"table/{STACK_NAME}-clients")),
+        ("dynamodb:DeleteTable", arn("dynamodb", f"table/{STACK_NAME}-messages")),
+    ],
+)
+def test_the_role_never_reads_the_token_or_deletes_the_data(action: str, resource: str) -> None:
+    """Given the deploy role, when a deploy would read the gateway token or delete a table, then
+    an explicit Deny stops it whatever else is granted later."""
+    deployed = Deployed()
+    denials = [s for s in deployed.statements() if s["Effect"] == "Deny"]
+
+    assert not deployed.allows(action, resource)
+    assert any(
+        any(fnmatch.fnmatchcase(action, pattern) for pattern in as_list(s["Action"]))
+        and any(fnmatch.fnmatchcase(resource, arn) for arn in as_list(s["Resource"]))
+        for s in denials
+    )
+
+
+def test_grants_on_every_resource_are_read_only_or_conditioned() -> None:
+    """Given the role's Allow statements on "*", when they are read, then each either only reads
+    or is bounded by a condition."""
+    broad = [
+        statement
+        for statement in Deployed().statements()
+        if statement["Effect"] == "Allow" and "*" in as_list(statement["Resource"])
+    ]
+
+    for statement in broad:
+        actions = [action.split(":", 1)[1] for action in as_list(statement["Action"])]
+        read_only = all(action.startswith(READ_ONLY_PREFIXES) for action in actions)
+        assert read_only or "Condition" in statement, statement["Sid"]
+
+
+def test_the_roles_policies_fit_iams_size_limit() -> None:
+    """Given the role's inline policies with long names filled in, when IAM stores them, then
+    they fit its limit for one role."""
+    deployed = Deployed(AppStackName="sms-campaigns-production-eu-west-1")
+    size = sum(
+        len(json.dumps(policy["PolicyDocument"], separators=(",", ":")))
+        for policy in deployed.role()["Policies"]
+    )
+
+    assert size < INLINE_POLICY_LIMIT
+
+
+def test_the_artifact_bucket_is_private_encrypted_versioned_and_tls_only() -> None:
+    """Given the artifact bucket, then nothing in it can be made public, objects are encrypted
+    at rest, overwritten artifacts stay recoverable, and plain HTTP is refused."""
+    deployed = Deployed()
+    bucket = deployed.resource("ArtifactBucket")
+    properties = bucket["Properties"]
+    [encryption] = properties["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    [tls_only] = deployed.resource("ArtifactBucketPolicy")["Properties"]["PolicyDocument"][
+        "Statement"
+    ]
+
+    assert set(properties["PublicAccessBlockConfiguration"].values()) == {True}
+    assert encryption["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in {"AES256", "aws:kms"}
+    assert properties["VersioningConfiguration"]["Status"] == "Enabled"
+    assert bucket["DeletionPolicy"] == "Retain"
+    assert tls_only["Effect"] == "Deny"
+    assert tls_only["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_outputs_name_the_role_and_the_bucket_the_workflow_needs() -> None:
+    """Given the deployed template, when the operator reads its outputs, then they are the two
+    values the prod environment's AWS_DEPLOY_ROLE_ARN and ARTIFACT_BUCKET variables take."""
+    outputs = Deployed().resolve(ci_role_template()["Outputs"])
+
+    assert outputs["RoleArn"]["Value"] == "<DeployRole.Arn>"
+    assert outputs["ArtifactBucket"]["Value"] == "<ArtifactBucket>"
+    text = CI.read_text()
+    assert "vars.AWS_DEPLOY_ROLE_ARN" in text
+    assert "vars.ARTIFACT_BUCKET" in text
