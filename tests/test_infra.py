@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from chalice import Chalice
 
 from chalicelib import workers
 from chalicelib.models import build_models
@@ -43,7 +44,7 @@ GET, PUT, UPDATE, DELETE = (
     "dynamodb:UpdateItem",
     "dynamodb:DeleteItem",
 )
-QUERY, BATCH_GET = "dynamodb:Query", "dynamodb:BatchGetItem"
+QUERY, BATCH_GET, SCAN = "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:Scan"
 SEND = "sqs:SendMessage"
 CONSUME = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"}
 AUDIENCE_INDEXES = {
@@ -52,12 +53,13 @@ AUDIENCE_INDEXES = {
     "clients/index/by_shard": {QUERY},
 }
 TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
-    # chalicelib/api: client and mailing CRUD, listings, statistics.
+    # chalicelib/api: client and mailing CRUD, listings, statistics; GET /metrics and
+    # POST /reports/daily scan the mailings of a time window.
     "APIHandler": {
         "clients": {GET, PUT, DELETE},
         **AUDIENCE_INDEXES,
         "phones": {GET, PUT, DELETE},
-        "mailings": {GET, PUT, UPDATE, DELETE},
+        "mailings": {GET, PUT, UPDATE, DELETE, SCAN},
         "mailings/index/by_created": {QUERY},
         "messages": {QUERY, BATCH_GET},
         "messages/index/by_status": {QUERY},
@@ -86,6 +88,8 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "clients": {BATCH_GET},
         "sequences": {GET, PUT, UPDATE},  # the shared gateway limits
     },
+    # The daily report: a paged Scan of the mailings active in its window; it writes nothing.
+    "DailyReport": {"mailings": {SCAN}},
 }
 QUEUE_ACCESS: dict[str, dict[str, set[str]]] = {
     "APIHandler": {"FanoutQueue": {SEND}},  # kicks
@@ -96,8 +100,14 @@ QUEUE_ACCESS: dict[str, dict[str, set[str]]] = {
         "SendDeadLetterQueue": {SEND},
         "FanoutQueue": {SEND},  # kick when a mailing's last message is out
     },
+    "DailyReport": {},
 }
 AUTHORIZER = "BearerAuth"
+# Functions that e-mail the daily report through SES (and so get its addresses).
+REPORTERS = {"DailyReport", "APIHandler"}
+SEND_EMAIL = {"ses:SendEmail", "ses:SendRawEmail"}
+REPORT_SENDER = "reports@example.com"
+REPORT_RECIPIENTS = "ops@example.com,owner@example.org"
 
 # Queue -> (its dead-letter queue, the function its SQS event source feeds).
 QUEUES = {
@@ -273,6 +283,16 @@ def roles_granted(resources: dict[str, Any], service: str) -> dict[str, list[dic
     return {role: statements for role, statements in found.items() if statements}
 
 
+def own_policy(resources: dict[str, Any], role: str) -> str:
+    """The logical id of the one AWS::IAM::Policy attached to `role` alone."""
+    [name] = [
+        name
+        for name, policy in of_type(resources, "AWS::IAM::Policy").items()
+        if policy["Properties"]["Roles"] == [{"Ref": role}]
+    ]
+    return name
+
+
 def conditional_statements(resources: dict[str, Any], policy: str) -> dict[str, Any]:
     """Sid -> name of the condition that must hold for the statement to exist in `policy`."""
     statements = resources[policy]["Properties"]["PolicyDocument"]["Statement"]
@@ -365,6 +385,67 @@ def sqs_event_sources(resources: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def render(response_template: str) -> Any:
     """The body API Gateway sends: messageString is substituted as an already-quoted string."""
     return json.loads(response_template.replace("$context.error.messageString", '"Forbidden"'))
+
+
+def evaluate(template: dict[str, Any], expression: Any, parameters: dict[str, str]) -> Any:
+    """Resolve the intrinsics that Rules, Conditions and !If values use here, as CloudFormation
+    would for these parameter values (the others at their defaults)."""
+    if not (isinstance(expression, dict) and len(expression) == 1):
+        return expression
+    [(function, args)] = expression.items()
+
+    def value(argument: Any) -> Any:
+        return evaluate(template, argument, parameters)
+
+    def condition(name: str) -> bool:
+        return bool(value(template["Conditions"][name]))
+
+    if function == "Ref":
+        if args in parameters:
+            return parameters[args]
+        return (
+            template["Parameters"][args]["Default"]
+            if args in template["Parameters"]
+            else expression
+        )
+    if function == "Condition":
+        return condition(args)
+    if function == "Fn::Equals":
+        return value(args[0]) == value(args[1])
+    if function == "Fn::Not":
+        return not value(args[0])
+    if function == "Fn::And":
+        return all(value(argument) for argument in args)
+    if function == "Fn::Or":
+        return any(value(argument) for argument in args)
+    if function == "Fn::If":
+        return value(args[1] if condition(args[0]) else args[2])
+    return expression
+
+
+def rules_accept(template: dict[str, Any], parameters: dict[str, str]) -> bool:
+    """Whether CloudFormation's Rules let a deployment with these parameter values through."""
+    for rule in template.get("Rules", {}).values():
+        if "RuleCondition" in rule and not evaluate(template, rule["RuleCondition"], parameters):
+            continue
+        if not all(evaluate(template, a["Assert"], parameters) for a in rule["Assertions"]):
+            return False
+    return True
+
+
+def deployed_environment(
+    template: dict[str, Any], function: str, parameters: dict[str, str]
+) -> dict[str, str]:
+    """The variables of `function` whose values these parameters decide, as Lambda gets them."""
+    resolved = {
+        name: evaluate(template, value, parameters)
+        for name, value in environment(template, function).items()
+    }
+    return {
+        name: value
+        for name, value in resolved.items()
+        if isinstance(value, str) and value != {"Ref": "AWS::NoValue"}
+    }
 
 
 # ---------------------------------------------------------------- lint
@@ -675,15 +756,50 @@ def test_no_placeholder_queue_arn_is_left_in_the_template(template_path: Path) -
     assert "arn:aws:sqs:" not in text
 
 
-def test_the_scheduler_ticks_every_minute(resources: dict) -> None:
-    """Given Chalice's @schedule, when packaged, then one rule runs scheduler_tick each minute."""
+def declared_schedule(name: str) -> str:
+    """The expression a @schedule in chalicelib/workers.py declares (what Chalice packages)."""
+    probe = Chalice(app_name="schedule-probe")
+    probe.register_blueprint(workers.blueprint)
+    [source] = [s for s in probe.event_sources if getattr(s, "name", None) == name]
+    return source.schedule_expression.to_string()
+
+
+def test_the_scheduler_ticks_every_minute_and_the_report_follows_its_parameter(
+    resources: dict,
+) -> None:
+    """Given Chalice's @schedule rules, when packaged, then scheduler_tick runs each minute and
+    daily_report on the stack's DailyReportSchedule."""
     schedules = {
-        (name, event["Properties"]["Schedule"])
+        name: event["Properties"]["Schedule"]
         for name, function in of_type(resources, "AWS::Serverless::Function").items()
         for event in function["Properties"].get("Events", {}).values()
         if event["Type"] == "Schedule"
     }
-    assert schedules == {("SchedulerTick", "rate(1 minute)")}
+    assert schedules == {
+        "SchedulerTick": "rate(1 minute)",
+        "DailyReport": {"Ref": "DailyReportSchedule"},
+    }
+    assert set(resources["DailyReport"]["Properties"]["Events"]) == {"DailyReportEvent"}
+
+
+@pytest.mark.parametrize(
+    ("expression", "accepted"),
+    [
+        ("cron(0 6 * * ? *)", True),
+        ("cron(30 4 ? * MON-FRI *)", True),
+        ("rate(12 hours)", True),
+        ("0 6 * * *", False),
+        ("every day", False),
+    ],
+)
+def test_the_report_schedule_defaults_to_the_code_and_takes_eventbridge_expressions(
+    template: dict, expression: str, accepted: bool
+) -> None:
+    """Given DailyReportSchedule, when left alone, then the report runs when the code says
+    (06:00 UTC); when set, CloudFormation takes only an EventBridge cron() or rate()."""
+    parameter = template["Parameters"]["DailyReportSchedule"]
+    assert parameter["Default"] == declared_schedule("daily_report") == "cron(0 6 * * ? *)"
+    assert bool(re.fullmatch(parameter["AllowedPattern"], expression)) is accepted
 
 
 # ---------------------------------------------------------------- settings and the gateway
@@ -874,3 +990,109 @@ def test_gateway_limits_are_parameters_whose_defaults_the_settings_accept(templa
     settings = Settings.from_env(values)
     assert settings.gateway_rate_per_second == 100
     assert settings.gateway_concurrency == 40
+
+
+# ---------------------------------------------------------------- the daily report e-mail
+
+
+@pytest.mark.parametrize(
+    ("sender", "recipients"),
+    [("", ""), (REPORT_SENDER, REPORT_RECIPIENTS), (REPORT_SENDER, ""), ("", REPORT_RECIPIENTS)],
+)
+def test_report_addresses_reach_the_reporters_both_or_neither(
+    template: dict, sender: str, recipients: str
+) -> None:
+    """Given the report parameters, when deploying, then CloudFormation takes both or neither,
+    and what it takes reaches the two reporting functions as settings they accept."""
+    parameters = {"ReportSender": sender, "ReportRecipients": recipients}
+    both_or_neither = bool(sender) == bool(recipients)
+
+    assert rules_accept(template, parameters) is both_or_neither
+    if not both_or_neither:
+        return
+    for function in REPORTERS:
+        variables = deployed_environment(template, function, parameters)
+        report = {k: v for k, v in variables.items() if k.startswith("REPORT_")}
+        # Absent rather than empty when there is no report.
+        assert report == (
+            {"REPORT_SENDER": sender, "REPORT_RECIPIENTS": recipients} if sender else {}
+        )
+        settings = Settings.from_env(report)
+        assert settings.report_sender == (sender or None)
+        assert ",".join(settings.report_recipients) == recipients
+
+
+def test_only_the_reporters_get_the_report_addresses(template: dict) -> None:
+    """Given the report's addresses, when deployed, then only the two senders of the report have
+    them (never Globals: a Lambda added later does not inherit them)."""
+    shared = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert not {"REPORT_SENDER", "REPORT_RECIPIENTS"} & set(shared)
+    holders = {
+        function
+        for function in of_type(template["Resources"], "AWS::Serverless::Function")
+        if {"REPORT_SENDER", "REPORT_RECIPIENTS"} & set(environment(template, function))
+    }
+    assert holders == REPORTERS
+
+
+@pytest.mark.parametrize(
+    ("value", "sender", "recipients"),
+    [
+        ("", True, True),
+        (REPORT_SENDER, True, True),
+        (REPORT_RECIPIENTS, False, True),
+        # The settings would strip the spaces, but the SES grant compares exact strings.
+        ("ops@example.com, owner@example.org", False, False),
+        ("ops@example.com,", False, False),
+        ("not-an-address", False, False),
+        ("Reports <reports@example.com>", False, False),
+    ],
+)
+def test_report_parameters_take_only_addresses_the_settings_accept(
+    template: dict, value: str, sender: bool, recipients: bool
+) -> None:
+    """Given ReportSender and ReportRecipients, when CloudFormation checks a value, then it takes
+    plain addresses only, and the settings accept whatever it takes."""
+    parameters = template["Parameters"]
+    assert bool(re.fullmatch(parameters["ReportSender"]["AllowedPattern"], value)) is sender
+    assert bool(re.fullmatch(parameters["ReportRecipients"]["AllowedPattern"], value)) is recipients
+    if sender:
+        Settings.from_env({"REPORT_SENDER": value})
+    if recipients:
+        Settings.from_env({"REPORT_SENDER": REPORT_SENDER, "REPORT_RECIPIENTS": value})
+
+
+def test_only_the_reporters_may_send_e_mail_and_only_the_report(
+    template: dict, resources: dict
+) -> None:
+    """Given SES, when any role sends e-mail, then only the two reporters may, from the report's
+    sender to the report's recipients only, and only when a report is configured."""
+    roles = function_roles(resources)
+    by_role = roles_granted(resources, "ses")
+    assert set(by_role) == {roles[function] for function in REPORTERS}
+    for function in REPORTERS:
+        [statement] = by_role[roles[function]]
+        assert set(as_list(statement["Action"])) == SEND_EMAIL
+        assert as_list(statement["Resource"]) == [
+            {"Fn::Sub": "arn:${AWS::Partition}:ses:${AWS::Region}:${AWS::AccountId}:identity/*"}
+        ]
+        assert statement["Condition"] == {
+            "StringEquals": {"ses:FromAddress": {"Ref": "ReportSender"}},
+            "ForAllValues:StringEquals": {
+                "ses:Recipients": {"Fn::Split": [",", {"Ref": "ReportRecipients"}]}
+            },
+        }
+        policy = own_policy(resources, roles[function])
+        condition = conditional_statements(resources, policy)[statement["Sid"]]
+        assert evaluate(template, {"Condition": condition}, {}) is False
+        enabled = {"ReportSender": REPORT_SENDER, "ReportRecipients": REPORT_RECIPIENTS}
+        assert evaluate(template, {"Condition": condition}, enabled) is True
+
+
+def test_the_authorizer_can_send_no_e_mail_and_read_no_secret(resources: dict) -> None:
+    """Given the token authorizer, when its role is read, then it has no SES, Secrets Manager or
+    KMS access (it has no policy of its own at all)."""
+    role = function_roles(resources)[AUTHORIZER]
+    statements = statements_by_role(resources).get(role, [])
+    for service in ("ses", "secretsmanager", "kms"):
+        assert grants(statements, service) == [], service
