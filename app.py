@@ -2,9 +2,11 @@
 
 from chalice import Chalice
 
-from chalicelib import workers
+from chalicelib import logs, workers
 from chalicelib.api import clients, mailings, security, stats, system
 
+# JSON log lines for CloudWatch (the local stack and tests configure their own first).
+logs.ensure_configured()
 app = Chalice(app_name="sms-campaigns")
 app.register_blueprint(security.blueprint)
 for module in (system, clients, mailings, stats):

@@ -62,9 +62,32 @@ class GatewayClient:
     def send(self, message_id: int, phone: str, text: str) -> GatewayResult:
         """Send one message; never raises for anything the network or the gateway does."""
         started = time.monotonic()
+        url = f"{self._base_url}/v1/send/{message_id}"
+        # The ids of the mailing and client come from the caller's bound log context.
+        logger.info(
+            "gateway request",
+            extra={"message_id": message_id, "url": url, "text_length": len(text)},
+        )
+        result = self._post(url, message_id, phone, text, started)
+        logger.log(
+            logging.INFO if result.outcome is Outcome.SENT else logging.WARNING,
+            "gateway response: %s",
+            result.detail,
+            extra={
+                "message_id": message_id,
+                "outcome": result.outcome.value,
+                "http_status": result.status_code,
+                "latency_ms": round(result.latency_seconds * 1000, 1),
+            },
+        )
+        return result
+
+    def _post(
+        self, url: str, message_id: int, phone: str, text: str, started: float
+    ) -> GatewayResult:
         try:
             response = self._session.post(
-                f"{self._base_url}/v1/send/{message_id}",
+                url,
                 json={"id": message_id, "phone": int(phone), "text": text},
                 headers={"Authorization": f"Bearer {self._token.get_secret_value()}"},
                 timeout=self._timeout,

@@ -11,6 +11,8 @@ import functools
 import json
 import logging
 import re
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -20,6 +22,7 @@ from chalice import Blueprint, Chalice, Response
 from pydantic import BaseModel, ValidationError
 from pynamodb.exceptions import PynamoDBException
 
+from chalicelib import logs
 from chalicelib.errors import (
     DomainError,
     MalformedRequest,
@@ -112,13 +115,71 @@ def chalice_errors_as_error_body(request: Any, get_response: Callable[[Any], Res
     return json_response(error, status, {**response.headers, "Content-Type": JSON})
 
 
+CORRELATION_HEADER = "X-Correlation-Id"
+_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Creating routes whose new record's id is in the response body: (method, route) -> log field.
+_CREATED_IDS = {("POST", "/mailings"): "mailing_id", ("POST", "/clients"): "client_id"}
+
+
+def correlation_id(request: Any) -> str:
+    """The caller's correlation id if it sent a usable one, else API Gateway's request id."""
+    given = request.headers.get(CORRELATION_HEADER) or ""
+    if _CORRELATION_ID.match(given):
+        return given
+    request_id = (request.context or {}).get("requestId") or ""
+    return request_id if _CORRELATION_ID.match(request_id) else uuid.uuid4().hex
+
+
+def access_log(request: Any, get_response: Callable[[Any], Response]) -> Response:
+    """One log line per API request (method, route, path, status, latency) carrying the
+    correlation id and the mailing or client it is about; the id goes back as a header, and
+    every line logged while the request runs carries the same ids."""
+    started = time.perf_counter()
+    correlation = correlation_id(request)
+    params = request.uri_params or {}
+    ids = {key: params[key] for key in ("mailing_id", "client_id") if key in params}
+    with logs.bind(correlation_id=correlation, **ids):
+        response = get_response(request)
+        created = _created_id(request, response)
+        status = response.status_code
+        logger.log(
+            logging.ERROR if status >= 500 else logging.INFO,
+            "%s %s %d",
+            request.method,
+            request.path,
+            status,
+            extra={
+                **created,
+                "http_method": request.method,
+                "route": request.path,
+                "path": request.to_original_event().get("path") or request.path,
+                "http_status": status,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
+    response.headers[CORRELATION_HEADER] = correlation
+    return response
+
+
+def _created_id(request: Any, response: Response) -> dict[str, str]:
+    field_name = _CREATED_IDS.get((request.method, request.path))
+    if field_name is None or response.status_code != HTTPStatus.CREATED:
+        return {}
+    try:
+        return {field_name: str(json.loads(response.body)["id"])}
+    except (TypeError, ValueError, KeyError):
+        return {}
+
+
 class _BoundaryBlueprint(Blueprint):
-    """A Blueprint that, once per app, installs the middleware giving Chalice's errors our shape."""
+    """A Blueprint that, once per app, installs the access log and the middleware giving
+    Chalice's errors our shape."""
 
     def register(self, app: Chalice, options: dict[str, Any]) -> None:
         super().register(app, options)
-        if (chalice_errors_as_error_body, "http") not in app.middleware_handlers:
-            app.register_middleware(chalice_errors_as_error_body, "http")
+        for middleware in (access_log, chalice_errors_as_error_body):
+            if (middleware, "http") not in app.middleware_handlers:
+                app.register_middleware(middleware, "http")
 
 
 class ApiBlueprint:

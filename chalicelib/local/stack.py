@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from chalicelib import logs
 from chalicelib.local.gateway import FaultProfile, SandboxGateway
 from chalicelib.local.poller import LambdaContext, SqsPoller
 from chalicelib.settings import AuthMode, Settings, SettingsError
@@ -820,11 +821,9 @@ def fault_summary(profile: FaultProfile) -> str:
 
 
 def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # The same JSON lines as in Lambda (ids, correlation ids, secrets scrubbed), on stderr:
+    # stdout carries the READY lines that programs read.
+    logs.configure(stream=sys.stderr)
     # werkzeug logs every emulator request (and halves its throughput doing so).
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

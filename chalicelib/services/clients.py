@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import uuid
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from chalicelib.models import (
 )
 from chalicelib.pagination import Segment, fingerprint, index_query, paginate
 from chalicelib.services.storage import is_conditional_failure, looks_like_id
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -182,12 +185,15 @@ class ClientDirectory:
             if is_conditional_failure(exc):
                 raise self._phone_taken(fields.phone) from None
             raise
+        logger.info("client created", extra={"client_id": client_id})
         return self._to_domain(item)
 
     def replace(self, client_id: str, fields: ClientFields) -> Client:
         """Overwrite every field of a client (PUT)."""
         item = self._load(client_id)
-        return self._save(item, fields)
+        client = self._save(item, fields)
+        logger.info("client replaced", extra={"client_id": client_id})
+        return client
 
     def update(self, client_id: str, changes: dict[str, Any]) -> Client:
         """Change only the given fields (PATCH); the operator code is kept unless given."""
@@ -198,7 +204,11 @@ class ClientDirectory:
             tag=changes.get("tag", item.tag),
             timezone=changes.get("timezone", item.timezone),
         )
-        return self._save(item, fields)
+        client = self._save(item, fields)
+        logger.info(
+            "client updated: %s", ", ".join(sorted(changes)), extra={"client_id": client_id}
+        )
+        return client
 
     def delete(self, client_id: str) -> None:
         """Remove a client and free its phone number."""
@@ -214,6 +224,7 @@ class ClientDirectory:
                     f"client {client_id} was changed or deleted by another request; retry"
                 ) from None
             raise
+        logger.info("client deleted", extra={"client_id": client_id})
 
     # ---------------------------------------------------------------- helpers
 

@@ -75,6 +75,7 @@ class MailingService:
         )
         self._apply(item, fields, now)
         item.save(condition=self._models.Mailing.mailing_id.does_not_exist())
+        logger.info("mailing created", extra={"mailing_id": item.mailing_id})
         self._kick_if_starting_soon(item)
         return self._to_domain(item)
 
@@ -82,7 +83,9 @@ class MailingService:
         """Overwrite every field of a mailing (PUT)."""
         item = self._load(mailing_id)
         self._check(fields)
-        return self._save(item, fields)
+        mailing = self._save(item, fields)
+        logger.info("mailing replaced", extra={"mailing_id": mailing_id})
+        return mailing
 
     def update(self, mailing_id: str, changes: dict[str, Any]) -> Mailing:
         """Change only the given fields (PATCH)."""
@@ -95,7 +98,11 @@ class MailingService:
                 [{"field": "body.end_at", "message": "must be after start_at", "type": "range"}],
             )
         self._check(fields)
-        return self._save(item, fields)
+        mailing = self._save(item, fields)
+        logger.info(
+            "mailing updated: %s", ", ".join(sorted(changes)), extra={"mailing_id": mailing_id}
+        )
+        return mailing
 
     def cancel(self, mailing_id: str) -> Mailing:
         """Stop sending; messages not yet sent become `cancelled`, statistics stay."""
@@ -119,6 +126,7 @@ class MailingService:
             if is_conditional_failure(exc):
                 return self.cancel(mailing_id)
             raise
+        logger.info("mailing cancelled", extra={"mailing_id": mailing_id})
         if started:
             self._kick(item.mailing_id, 0)
         return self._to_domain(item)
@@ -127,6 +135,7 @@ class MailingService:
         """Remove a mailing; every send of it stops, in-flight jobs included."""
         item = self._load(mailing_id)
         item.delete()
+        logger.info("mailing deleted", extra={"mailing_id": mailing_id})
 
     # ---------------------------------------------------------------- reads
 

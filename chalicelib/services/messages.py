@@ -33,6 +33,29 @@ class Outcome:
     status: MessageStatus
     claim_id: str | None = None
     error: str | None = None
+    message_id: int | None = None  # for the log line only
+
+
+def _ids(mailing_id: str, client_id: str, message_id: int | None = None, **more: Any) -> dict:
+    """A log line's `extra`: the message's ids (a None id comes from the bound context)."""
+    ids = {"mailing_id": mailing_id, "client_id": client_id, "message_id": message_id}
+    return {key: value for key, value in {**ids, **more}.items() if value is not None}
+
+
+def _log_final(mailing_id: str, outcome: Outcome) -> None:
+    level = logging.INFO if outcome.status is MessageStatus.SENT else logging.WARNING
+    logger.log(
+        level,
+        "message %s",
+        outcome.status.value,
+        extra=_ids(
+            mailing_id,
+            outcome.client_id,
+            outcome.message_id,
+            status=outcome.status.value,
+            error=outcome.error,
+        ),
+    )
 
 
 def counter(models: Models, status: MessageStatus) -> Any:
@@ -77,6 +100,10 @@ class MessageStore:
             if is_conditional_failure(exc):
                 return None
             raise
+        logger.info(
+            "message claimed for a gateway call",
+            extra=_ids(mailing_id, client_id, message_id, claim_seconds=seconds),
+        )
         return claim_id
 
     def release(
@@ -112,6 +139,10 @@ class MessageStore:
             if is_conditional_failure(exc):
                 return False
             raise
+        logger.info(
+            "message released, still pending" if called else "claim given back, attempt undone",
+            extra=_ids(mailing_id, client_id, status="pending", error=error),
+        )
         return True
 
     def finish(
@@ -123,13 +154,14 @@ class MessageStore:
         *,
         claim_id: str | None = None,
         error: str | None = None,
+        message_id: int | None = None,
     ) -> bool:
         """Move a pending message to a final status with the mailing's counters, atomically.
 
         With `claim_id`, only the holder of that claim may do it; without, only while nobody
         holds a live claim. False when the message was not in a state to change (already done).
         """
-        outcome = Outcome(client_id, status, claim_id, error)
+        outcome = Outcome(client_id, status, claim_id, error, message_id)
         return bool(self._commit(mailing_id, [outcome], now))
 
     def finish_many(self, mailing_id: str, outcomes: list[Outcome], now: datetime) -> set[str]:
@@ -166,6 +198,8 @@ class MessageStore:
             if is_conditional_failure(exc):
                 return set()
             raise
+        for outcome in outcomes:
+            _log_final(mailing_id, outcome)
         return {outcome.client_id for outcome in outcomes}
 
     def _still_ours(self, claim_id: str | None, now: datetime) -> Any:
@@ -203,10 +237,14 @@ class MessageStore:
             if is_conditional_failure(exc):
                 return False
             raise
+        _log_final(mailing_id, outcome)
         return True
 
-    def pending_client_ids(self, mailing_id: str, limit: int) -> list[str]:
-        """Up to `limit` clients whose message in this mailing is still pending."""
+    def pending(self, mailing_id: str, limit: int) -> list[tuple[str, int]]:
+        """Up to `limit` (client id, message id) pairs whose message is still pending."""
         index = self._models.Message.by_status
         key = status_key(mailing_id, MessageStatus.PENDING.value)
-        return [item.client_id for item in index.query(key, limit=limit, page_size=limit)]
+        return [
+            (item.client_id, int(item.message_id))
+            for item in index.query(key, limit=limit, page_size=limit)
+        ]
