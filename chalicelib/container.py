@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -10,11 +11,13 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
+from pydantic import SecretStr
 from pynamodb.connection import Connection
 
-from chalicelib import aws
+from chalicelib import aws, logs
 from chalicelib.auth import OidcVerifier, StaticTokenVerifier, build_verifier
 from chalicelib.gateway import GatewayClient
+from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models, build_models
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.delivery import Sender
@@ -23,7 +26,7 @@ from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import Queues
 from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
-from chalicelib.settings import Settings, get_settings
+from chalicelib.settings import Settings, SettingsError, get_settings
 
 
 def utc_now() -> datetime:
@@ -52,16 +55,47 @@ def sleep_until(moment: datetime) -> None:
         time.sleep(delay)
 
 
+def gateway_token(settings: Settings, secrets: Any = None) -> SecretStr | None:
+    """SENDER_API_TOKEN, else the secret SENDER_API_TOKEN_SECRET_ID names (read from Secrets
+    Manager: a plain string, or JSON with a "token" key). Never logged."""
+    token = settings.sender_api_token
+    if token is None and settings.sender_api_token_secret_id:
+        client = secrets or aws.client("secretsmanager", settings)
+        answer = client.get_secret_value(SecretId=settings.sender_api_token_secret_id)
+        token = SecretStr(_token_from_secret(answer.get("SecretString") or ""))
+    if token is not None:
+        logs.add_secret(token.get_secret_value())
+    return token
+
+
+def _token_from_secret(value: str) -> str:
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("token"), str):
+            raise SettingsError(
+                'SENDER_API_TOKEN_SECRET_ID: a JSON secret needs a string "token" key'
+            )
+        text = parsed["token"].strip()
+    if not text:
+        raise SettingsError("SENDER_API_TOKEN_SECRET_ID: the secret is empty")
+    return text
+
+
 def gateway_factory(settings: Settings) -> Callable[[], GatewayClient | None]:
     """The gateway client, made on first use; None while the gateway is not configured."""
 
     @cache
     def make() -> GatewayClient | None:
-        if not settings.sender_api_url or settings.sender_api_token is None:
+        token = gateway_token(settings)
+        if not settings.sender_api_url or token is None:
             return None
         return GatewayClient(
             settings.sender_api_url,
-            settings.sender_api_token,
+            token,
             connect_timeout=settings.gateway_connect_timeout,
             read_timeout=settings.gateway_read_timeout,
             pool_size=settings.sender_concurrency,
@@ -80,6 +114,7 @@ class Services:
     queues: Queues
     scheduler: Scheduler
     sender: Sender
+    metrics: MetricsWriter
     verifier: StaticTokenVerifier | OidcVerifier
 
     @classmethod
@@ -92,6 +127,7 @@ class Services:
         gateway: Callable[[], GatewayClient | None] | None = None,
         rng: random.Random | None = None,
         wait_until: Callable[[datetime], None] = sleep_until,
+        write_metrics: Callable[[str], None] | None = None,
     ) -> Services:
         """Wire every service for `settings`; nothing touches AWS until a service is used."""
         models = build_models(settings)
@@ -103,6 +139,9 @@ class Services:
             fanout_url=settings.fanout_queue_url,
         )
         clients = ClientDirectory(models, connection, clock)
+        metrics = MetricsWriter(settings, write_metrics)
+        for token in settings.api_tokens:
+            logs.add_secret(token)
         messages = MessageStore(models, connection)
         return cls(
             settings=settings,
@@ -111,7 +150,9 @@ class Services:
             mailings=MailingService(models, clock, queues),
             messages=messages,
             queues=queues,
-            scheduler=Scheduler(models, connection, clients, messages, queues, settings, clock),
+            scheduler=Scheduler(
+                models, connection, clients, messages, queues, settings, clock, metrics
+            ),
             sender=Sender(
                 models,
                 messages,
@@ -123,7 +164,9 @@ class Services:
                 rng,
                 throttle=GatewayThrottle(_LazyClient("dynamodb", settings), settings, clock),
                 wait_until=wait_until,
+                metrics=metrics,
             ),
+            metrics=metrics,
             verifier=build_verifier(settings),
         )
 

@@ -66,6 +66,9 @@ class Settings(BaseModel):
     gateway_concurrency: int = Field(40, ge=1, le=1000)
     gateway_pause_seconds: float = Field(2.0, gt=0, le=300)
     gateway_max_pause_seconds: float = Field(30.0, gt=0, le=900)
+    # The send queue's redrive maxReceiveCount (infra/resources.yaml): a job failing its last
+    # receive is counted as a DLQ arrival.
+    max_receive_count: int = Field(5, ge=1, le=1000)
     jobs_per_message: int = Field(10, ge=1, le=50)
     fanout_page_size: int = Field(99, ge=1, le=99)
     lease_seconds: int = Field(180, ge=10, le=3600)

@@ -88,9 +88,39 @@ def _send_record(record: SQSRecord) -> None:
 )
 def send_messages(event: Any) -> dict:
     """Send the jobs of each SQS message; report failed records so only they come back."""
-    return process_partial_response(
-        event=event.to_dict(),
+    raw = event.to_dict()
+    response = process_partial_response(
+        event=raw,
         record_handler=_send_record,
         processor=BatchProcessor(event_type=EventType.SQS),
         context=event.context,
     )
+    _count_dead_letters(raw, response)
+    return response
+
+
+def _count_dead_letters(raw: dict, response: dict) -> None:
+    """Records that failed their last allowed receive: SQS moves them to the DLQ now."""
+    failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
+    if not failed:
+        return
+    limit = services().settings.max_receive_count
+    last = [
+        record
+        for record in raw.get("Records", [])
+        if record.get("messageId") in failed
+        and int(record.get("attributes", {}).get("ApproximateReceiveCount", 0)) >= limit
+    ]
+    for record in last:
+        logger.error(
+            "send job failed its last receive; it moves to the dead-letter queue",
+            extra={"sqs_message_id": record["messageId"], **_mailing_of(record)},
+        )
+    services().metrics.dead_letters(len(last))
+
+
+def _mailing_of(record: dict) -> dict:
+    try:
+        return {"mailing_id": str(json.loads(record["body"])["mailing_id"])}
+    except (ValueError, KeyError, TypeError):
+        return {}

@@ -28,9 +28,11 @@ from zoneinfo import ZoneInfo
 
 from pynamodb.exceptions import DoesNotExist
 
+from chalicelib import logs
 from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow
 from chalicelib.gateway import GatewayClient, GatewayResult
 from chalicelib.gateway import Outcome as Answer
+from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
@@ -120,6 +122,7 @@ class Sender:
         *,
         throttle: GatewayThrottle,
         wait_until: Callable[[datetime], None],
+        metrics: MetricsWriter,
     ) -> None:
         self._models = models
         self._messages = messages
@@ -132,6 +135,7 @@ class Sender:
         self._pool: ThreadPoolExecutor | None = None
         self._throttle = throttle
         self._wait_until = wait_until
+        self._metrics = metrics
         self._margin = timedelta(seconds=settings.gateway_connect_timeout)
 
     def deliver(self, batch: JobBatch) -> BatchReport:
@@ -169,6 +173,11 @@ class Sender:
             if item.requeue is not None:
                 report.requeued.append(item.requeue)
             report.gateway_calls += item.called_gateway
+        self._metrics.delivery(
+            batch.mailing_id,
+            report.results,
+            [item.answer for item in work if item.answer is not None],
+        )
         if errors:
             # Re-deliver the whole SQS message; finished jobs are skipped on the next pass.
             raise errors[0]
@@ -187,7 +196,7 @@ class Sender:
         pool: ThreadPoolExecutor, step: Callable[..., JobResult | None], items: list, *args: Any
     ) -> list[Exception]:
         """Run `step` for every item in parallel; siblings of a failing one still finish."""
-        futures = [pool.submit(step, item, *args) for item in items]
+        futures = [pool.submit(_with_ids, step, item, *args) for item in items]
         errors = []
         for item, future in zip(items, futures, strict=True):
             try:
@@ -378,15 +387,6 @@ class Sender:
                 if extra is not None:
                     self._throttle.release(extra)
         item.answer = result
-        logger.info(
-            "gateway answered",
-            extra={
-                **log,
-                "outcome": result.outcome.value,
-                "status": result.status_code,
-                "latency_ms": round(result.latency_seconds * 1000),
-            },
-        )
         return self._record(item, claim, result, item.mailing, log)
 
     def _record(
@@ -428,6 +428,14 @@ class Sender:
         delay = self._backoff(retries)
         if now + timedelta(seconds=delay) >= mailing.end_at:
             return self._finish(item, MessageStatus.EXPIRED, claim, result.detail)
+        logger.warning(
+            "attempt %d of %d failed; retry in %d s: %s",
+            retries,
+            self._settings.max_attempts,
+            delay,
+            result.detail,
+            extra={**log, "attempt": retries, "retry_in_seconds": delay},
+        )
         self._messages.release(item.batch.mailing_id, job.client_id, claim, now, result.detail)
         retry = job.model_copy(update={"retries": retries, "last_error": result.detail})
         item.requeue = self._later(item, retry, delay)
@@ -440,7 +448,7 @@ class Sender:
     ) -> JobResult:
         if claim is not None:
             # Recorded after the batch's calls, with the others (see _record_outcomes).
-            item.outcome = Outcome(item.job.client_id, status, claim, error)
+            item.outcome = Outcome(item.job.client_id, status, claim, error, item.job.message_id)
             return JobResult(status.value)
         done = self._messages.finish(
             item.batch.mailing_id,
@@ -449,6 +457,7 @@ class Sender:
             self._clock(),
             claim_id=claim,
             error=error,
+            message_id=item.job.message_id,
         )
         return JobResult(status.value) if done else JobResult.SKIPPED
 
@@ -517,6 +526,12 @@ class Sender:
             item.batch.mailing_id, item.job.client_id, item.problem or "", now
         )
         return JobResult.FAILED if failed else JobResult.SKIPPED
+
+
+def _with_ids(step: Callable[..., JobResult | None], item: _Job, *args: Any) -> JobResult | None:
+    """Run one job's step with its ids on every log line, the gateway client's included."""
+    with logs.bind(**Sender._log(item)):
+        return step(item, *args)
 
 
 def mailing_record_problem(item: Any) -> str | None:

@@ -12,6 +12,7 @@ that never committed name message ids that do not exist and are dropped by the s
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import AudienceFilter, Clock, MailingStatus, MessageStatus
+from chalicelib.metrics import MetricsWriter
 from chalicelib.models import DUE_KEY, MESSAGE_ID_SEQUENCE, Models, status_key
 from chalicelib.pagination import Position, decode_cursor, encode_cursor, fingerprint, read_page
 from chalicelib.services.clients import ClientDirectory
@@ -104,6 +106,7 @@ class Scheduler:
         queues: Queues,
         settings: Settings,
         clock: Clock,
+        metrics: MetricsWriter,
     ) -> None:
         self._models = models
         self._connection = connection
@@ -112,6 +115,7 @@ class Scheduler:
         self._queues = queues
         self._settings = settings
         self._clock = clock
+        self._metrics = metrics
 
     # ---------------------------------------------------------------- entry points
 
@@ -170,7 +174,7 @@ class Scheduler:
                     if self._clock() >= item.end_at:
                         # The end came before the audience was walked: nobody else is added.
                         self._mark_fanout_done(item, owner)
-                    elif not self._fan_out(item, owner, remaining, progress):
+                    elif not self._timed_fan_out(item, owner, remaining, progress):
                         progress.continued.append(item.mailing_id)
                         return progress
                 if self._clock() >= item.end_at:
@@ -218,6 +222,16 @@ class Scheduler:
                 raise
 
     # ---------------------------------------------------------------- fan-out
+
+    def _timed_fan_out(
+        self, item: Any, owner: str, remaining: Remaining, progress: Progress
+    ) -> bool:
+        started, before = time.monotonic(), progress.messages_created
+        try:
+            return self._fan_out(item, owner, remaining, progress)
+        finally:
+            created = progress.messages_created - before
+            self._metrics.fanout(item.mailing_id, created, time.monotonic() - started)
 
     def _fan_out(self, item: Any, owner: str, remaining: Remaining, progress: Progress) -> bool:
         """Walk the audience from the checkpoint; True when it is complete.
@@ -314,6 +328,16 @@ class Scheduler:
                 )
                 return None
             raise
+        for message in messages:
+            logger.info(
+                "message created, pending",
+                extra={
+                    "mailing_id": item.mailing_id,
+                    "client_id": message.client_id,
+                    "message_id": message.message_id,
+                    "status": MessageStatus.PENDING.value,
+                },
+            )
         return len(messages)
 
     def _allocate_ids(self, count: int) -> int:
@@ -355,10 +379,10 @@ class Scheduler:
         a page of them per transaction with one counter update."""
         changed = 0
         while remaining() >= SAFETY_SECONDS:
-            client_ids = self._messages.pending_client_ids(item.mailing_id, limit=SWEEP_PAGE)
-            if not client_ids:
+            pending = self._messages.pending(item.mailing_id, limit=SWEEP_PAGE)
+            if not pending:
                 break
-            outcomes = [Outcome(client_id, status, None, None) for client_id in client_ids]
+            outcomes = [Outcome(client_id, status, None, None, id_) for client_id, id_ in pending]
             # One transaction for the page; one each if a sender holds any of them right now.
             moved = len(self._messages.finish_many(item.mailing_id, outcomes, self._clock()))
             changed += moved

@@ -1,0 +1,417 @@
+"""What operators see: structured log lines carrying ids, no secret in any log, EMF metrics.
+
+The pipeline runs in-process (moto DynamoDB, the sandbox gateway over HTTP, the test's clock);
+the log lines are the JSON the service writes in Lambda, captured from its one handler.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chalicelib import logs
+from chalicelib.local.gateway import FaultProfile, SandboxGateway
+from chalicelib.metrics import ERROR_CLASSES, METRICS
+from tests.conftest import API_TOKEN, body
+from tests.pipeline_support import DLQ_URL, FANOUT_URL, SEND_URL, Pipeline, VirtualSqs
+
+GATEWAY_SECRET = "gw-secret-token-4f9c2e7d"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+class LogCapture:
+    """Every line the service's log handler writes, parsed."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    @property
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.text.splitlines() if line.strip()]
+
+    def where(self, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            line
+            for line in self.lines
+            if all(str(line.get(key)) == str(value) for key, value in fields.items())
+        ]
+
+
+@pytest.fixture
+def captured_logs() -> Any:
+    capture = LogCapture()
+    logs.configure(level="INFO", stream=capture.stream)
+    yield capture
+    logs.reset()
+
+
+@pytest.fixture
+def everything_at_debug(captured_logs: LogCapture) -> Any:
+    names = ("chalicelib", "botocore", "urllib3", "requests")
+    before = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    yield
+    for name, level in before.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+def gateway(clock, monkeypatch: pytest.MonkeyPatch):
+    """The sandbox gateway, its outages timed on the test's clock."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    sandbox = SandboxGateway(GATEWAY_SECRET, clock=lambda: clock().timestamp())
+    sandbox.start()
+    yield sandbox
+    sandbox.stop()
+
+
+@pytest.fixture
+def secret_arn(aws) -> str:
+    """Given: the gateway token stored in Secrets Manager, as the stack expects it."""
+    import boto3
+
+    client = boto3.client("secretsmanager", region_name="us-east-1")
+    created = client.create_secret(
+        Name="sms-test/gateway-token", SecretString=json.dumps({"token": GATEWAY_SECRET})
+    )
+    return created["ARN"]
+
+
+@pytest.fixture
+def settings(gateway, secret_arn, monkeypatch: pytest.MonkeyPatch, request):
+    from chalicelib.settings import Settings
+
+    monkeypatch.setenv("API_TOKENS", API_TOKEN)
+    overrides = getattr(request, "param", {})  # indirect parametrisation
+    return Settings(
+        **overrides,
+        table_prefix="sms-test",
+        api_tokens=(API_TOKEN,),
+        send_queue_url=SEND_URL,
+        send_dlq_url=DLQ_URL,
+        fanout_queue_url=FANOUT_URL,
+        sender_api_url=gateway.url,
+        sender_api_token_secret_id=secret_arn,
+        gateway_connect_timeout=0.5,
+        gateway_read_timeout=0.5,
+        claim_seconds=5,
+        sender_concurrency=2,
+    )
+
+
+@pytest.fixture
+def emf() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def services(aws, settings, clock, emf):
+    from chalicelib.container import Services, use_services
+    from chalicelib.models import create_tables
+
+    sqs = VirtualSqs(clock)
+    built = Services.build(
+        settings,
+        clock=clock,
+        sqs=sqs,
+        rng=random.Random(3),
+        wait_until=clock.wait_until,
+        write_metrics=emf.append,
+    )
+    built.sqs = sqs
+    create_tables(built.models)
+    use_services(built)
+    yield built
+    use_services(None)
+
+
+@pytest.fixture
+def pipeline(services, clock):
+    return Pipeline(services, services.sqs, clock)
+
+
+def run_one_message_through_a_failure(api, pipeline, clock, gateway) -> dict[str, Any]:
+    """Given a client and a mailing for it, when the gateway is down for the first call and
+    up for the retry, the message is sent on its second attempt. Returns the ids."""
+    client = body(api.post("/clients", {"phone": "79161234567", "tag": "vip"}))
+    gateway.set_profile(FaultProfile(outage_seconds=3, outage_mode="503"))
+    mailing = body(
+        api.post(
+            "/mailings",
+            {
+                "text": "Hello",
+                "start_at": clock().isoformat(),
+                "end_at": (clock() + timedelta(hours=1)).isoformat(),
+                "filter": {"tags": ["vip"]},
+            },
+        )
+    )
+    pipeline.settle(limit=timedelta(minutes=10))
+    message = pipeline.messages(mailing["id"])[0]
+    assert message.status == "sent"
+    assert int(message.attempts) == 2
+    return {
+        "mailing_id": mailing["id"],
+        "client_id": client["id"],
+        "message_id": int(message.message_id),
+    }
+
+
+# ---------------------------------------------------------------- logs
+
+
+def test_every_stage_of_a_messages_life_is_logged_with_its_three_ids(
+    api, pipeline, clock, gateway, captured_logs
+):
+    # Given / When: one message that fails once at the gateway and is then sent
+    ids = run_one_message_through_a_failure(api, pipeline, clock, gateway)
+
+    # Then one filter on the message id finds its whole life, each line with all three ids
+    lines = captured_logs.where(message_id=ids["message_id"])
+    for line in lines:
+        assert str(line["mailing_id"]) == ids["mailing_id"], line
+        assert str(line["client_id"]) == ids["client_id"], line
+    stages = [line["message"] for line in lines]
+    expected = [
+        "message created, pending",
+        "message claimed for a gateway call",
+        "gateway request",
+        "gateway response: HTTP 503",
+        "attempt 1 of 8 failed",
+        "message released, still pending",
+        "message claimed for a gateway call",
+        "gateway request",
+        "gateway response: OK",
+        "message sent",
+    ]
+    position = 0
+    for stage in expected:
+        found = next((i for i in range(position, len(stages)) if stages[i].startswith(stage)), None)
+        assert found is not None, f"no {stage!r} after line {position}: {stages}"
+        position = found + 1
+    # ...and the gateway lines say what was asked and answered
+    responses = [line for line in lines if line["message"].startswith("gateway response")]
+    assert [r["http_status"] for r in responses] == [503, 200]
+    assert all(r["latency_ms"] >= 0 for r in responses)
+    assert [r["outcome"] for r in responses] == ["retry", "sent"]
+
+
+def test_one_filter_finds_a_mailings_api_requests_and_gateway_calls(
+    api, pipeline, clock, gateway, captured_logs
+):
+    ids = run_one_message_through_a_failure(api, pipeline, clock, gateway)
+    api.get(f"/mailings/{ids['mailing_id']}/stats")
+
+    lines = captured_logs.where(mailing_id=ids["mailing_id"])
+    requests = [line for line in lines if "http_method" in line]
+    # The creating POST (its id read from the response) and the statistics GET
+    assert [(r["http_method"], r["route"], r["http_status"]) for r in requests] == [
+        ("POST", "/mailings", 201),
+        ("GET", "/mailings/{mailing_id}/stats", 200),
+    ]
+    assert sum(line["message"] == "gateway request" for line in lines) == 2
+    assert any(line["message"] == "mailing created" for line in lines)
+
+
+def test_one_filter_finds_every_operation_on_a_client(api, pipeline, clock, gateway, captured_logs):
+    ids = run_one_message_through_a_failure(api, pipeline, clock, gateway)
+    client_id = ids["client_id"]
+    assert api.patch(f"/clients/{client_id}", {"tag": "gold"}).status_code == 200
+    assert api.delete(f"/clients/{client_id}").status_code == 204
+
+    messages = [line["message"] for line in captured_logs.where(client_id=client_id)]
+    for operation in ("client created", "client updated: tag", "client deleted", "message sent"):
+        assert operation in messages, messages
+    requests = [line for line in captured_logs.where(client_id=client_id) if "route" in line]
+    assert [(r["http_method"], r["http_status"]) for r in requests] == [
+        ("POST", 201),
+        ("PATCH", 200),
+        ("DELETE", 204),
+    ]
+
+
+def test_api_requests_are_logged_with_a_correlation_id_returned_as_a_header(api, captured_logs):
+    # When a caller sends its own correlation id, and another sends none
+    given = api.get("/mailings", headers={**api.headers, "X-Correlation-Id": "trace-42"})
+    generated = api.get("/clients/not-a-client")
+
+    # Then each response carries the id its log line has
+    assert given.headers["X-Correlation-Id"] == "trace-42"
+    line = captured_logs.where(correlation_id="trace-42")[-1]
+    assert line["http_method"] == "GET"
+    assert line["route"] == "/mailings"
+    assert line["http_status"] == 200
+    assert isinstance(line["latency_ms"], float)
+    assert line["level"] == "INFO"
+    other = generated.headers["X-Correlation-Id"]
+    assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", other)
+    assert captured_logs.where(correlation_id=other)[-1]["http_status"] == 404
+
+
+def test_an_unusable_correlation_id_is_replaced_not_echoed(api, captured_logs):
+    response = api.get("/mailings", headers={**api.headers, "X-Correlation-Id": "a b\nforged"})
+    returned = response.headers["X-Correlation-Id"]
+    assert returned != "a b\nforged"
+    assert captured_logs.where(correlation_id=returned)
+
+
+def test_no_token_ever_reaches_the_logs(
+    api, pipeline, clock, gateway, captured_logs, everything_at_debug
+):
+    # Given every logger at DEBUG, the chattiest libraries included (fixture)
+    # When the token is read from Secrets Manager and used for calls, and the API is called
+    # with a bearer token, and a line quotes an Authorization header by mistake
+    run_one_message_through_a_failure(api, pipeline, clock, gateway)
+    api.get("/mailings", headers={**api.headers, "X-Correlation-Id": "t-1"})
+    logging.getLogger("chalicelib.test").warning(
+        "upstream said %s", f"Authorization: Bearer {GATEWAY_SECRET}"
+    )
+
+    # Then the gateway got the token, yet no line carries it or any bearer credential
+    assert gateway.requests(), "the gateway was called"
+    text = captured_logs.text
+    assert len(captured_logs.lines) > 20
+    assert GATEWAY_SECRET not in text
+    assert API_TOKEN not in text
+    assert not re.search(r"(?i)bearer\s+(?!\[redacted\])\S", text)
+    assert "[redacted]" in text  # the mistaken line was scrubbed, not dropped
+
+
+def test_a_bad_log_level_is_refused_with_its_name():
+    with pytest.raises(ValueError, match="LOG_LEVEL"):
+        logs.level_from("chatty")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def documented_metrics() -> set[str]:
+    """Metric names in the README's metrics table."""
+    section = README.read_text().split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE))
+
+
+def parse_emf(lines: list[str]) -> list[dict[str, Any]]:
+    """Each EMF blob as {metric: [values]}, its dimensions and properties; checked against
+    the EMF specification's required shape."""
+    blobs = []
+    for line in lines:
+        blob = json.loads(line)
+        directive = blob["_aws"]["CloudWatchMetrics"]
+        assert isinstance(blob["_aws"]["Timestamp"], int)
+        assert len(directive) == 1
+        definition = directive[0]
+        names = [metric["Name"] for metric in definition["Metrics"]]
+        for metric in definition["Metrics"]:
+            assert metric["Unit"] == METRICS[metric["Name"]][0].value
+        for dimension_set in definition["Dimensions"]:
+            for dimension in dimension_set:
+                assert isinstance(blob[dimension], str)
+        values = {
+            name: blob[name] if isinstance(blob[name], list) else [blob[name]] for name in names
+        }
+        blobs.append(
+            {
+                "namespace": definition["Namespace"],
+                "dimensions": definition["Dimensions"],
+                "values": values,
+                "blob": blob,
+            }
+        )
+    return blobs
+
+
+def test_emf_output_parses_and_names_only_documented_metrics(api, pipeline, clock, gateway, emf):
+    # Given / When: one message that fails once at the gateway (503) and is then sent
+    ids = run_one_message_through_a_failure(api, pipeline, clock, gateway)
+
+    blobs = parse_emf(emf)
+    assert blobs, "metrics were written"
+    assert {b["namespace"] for b in blobs} == {"SmsCampaigns"}
+    names = {name for b in blobs for name in b["values"]}
+    assert names <= documented_metrics(), names - documented_metrics()
+    assert set(METRICS) <= documented_metrics()
+
+    totals: Counter = Counter()
+    latencies = []
+    by_class: Counter = Counter()
+    for b in blobs:
+        dimensions = b["dimensions"][0]
+        # The mailing id is a property, never a dimension
+        assert "mailing_id" not in dimensions
+        assert b["blob"]["service"] == "sms-campaigns"
+        assert b["blob"]["stack"] == "sms-test"
+        if "error_class" in dimensions:
+            by_class[b["blob"]["error_class"]] += sum(b["values"]["GatewayErrors"])
+            continue
+        assert sorted(dimensions) == ["service", "stack"]
+        assert b["blob"]["mailing_id"] == ids["mailing_id"]
+        for name, values in b["values"].items():
+            if name == "GatewayLatency":
+                latencies += values
+            else:
+                totals[name] += sum(values)
+    # Then the figures are those of what happened
+    assert totals["MessagesQueued"] == 1
+    assert totals["MessagesSent"] == 1
+    assert totals["MessagesRetried"] == 1
+    assert totals["GatewayCalls"] == 2
+    assert totals["GatewayErrors"] == 1
+    assert totals["MessagesFailed"] == 0
+    assert by_class == {"http_5xx": 1}
+    assert len(latencies) == 2
+    assert all(value > 0 for value in latencies)
+    assert set(by_class) <= set(ERROR_CLASSES)
+
+
+@pytest.mark.parametrize("settings", [{"max_attempts": 2}], indirect=True)
+def test_a_job_given_up_counts_as_failed_and_as_a_dead_letter_queue_arrival(
+    api, pipeline, clock, gateway, emf
+):
+    # Given a gateway that fails every call, and two attempts
+    body(api.post("/clients", {"phone": "79161234567"}))
+    gateway.set_profile(FaultProfile(error_rate=1.0))
+    api.post(
+        "/mailings",
+        {
+            "text": "Hi",
+            "start_at": clock().isoformat(),
+            "end_at": (clock() + timedelta(hours=1)).isoformat(),
+        },
+    )
+    # When the pipeline gives up
+    pipeline.settle(limit=timedelta(minutes=10))
+
+    # Then the metrics say so
+    totals: Counter = Counter()
+    for b in parse_emf(emf):
+        if sorted(b["dimensions"][0]) == ["service", "stack"]:
+            for name, values in b["values"].items():
+                totals[name] += sum(values) if name != "GatewayLatency" else 0
+    assert totals["MessagesFailed"] == 1
+    assert totals["DlqArrivals"] == 1
+    assert totals["GatewayErrors"] == totals["GatewayCalls"] == 2
+
+
+def test_metrics_can_be_switched_off(monkeypatch: pytest.MonkeyPatch):
+    from chalicelib.metrics import MetricsWriter
+    from chalicelib.settings import Settings
+
+    written: list[str] = []
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
+    MetricsWriter(Settings(), written.append).emit({"MessagesSent": 3})
+    assert written == []
