@@ -20,6 +20,7 @@ from chalice import Chalice
 
 from chalicelib import workers
 from chalicelib.models import build_models
+from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS
 from chalicelib.settings import Settings
 
 pytestmark = pytest.mark.infra
@@ -1096,3 +1097,269 @@ def test_the_authorizer_can_send_no_e_mail_and_read_no_secret(resources: dict) -
     statements = statements_by_role(resources).get(role, [])
     for service in ("ses", "secretsmanager", "kms"):
         assert grants(statements, service) == [], service
+
+
+# ---------------------------------------------------------------- alarms
+
+# The service's documented EMF metrics (chalicelib/metrics.py writes them, the README lists
+# them): one namespace, and exactly these two dimensions on the totals an alarm may read.
+METRICS_NAMESPACE = "SmsCampaigns"
+EMF_METRICS = {
+    "GatewayCalls",
+    "GatewayErrors",
+    "GatewayLatency",
+    "MessagesSent",
+    "MessagesFailed",
+    "MessagesExpired",
+    "MessagesRetried",
+    "MessagesQueued",
+    "DlqArrivals",
+}
+EMF_DIMENSIONS = [
+    {"Name": "service", "Value": "sms-campaigns"},
+    {"Name": "stack", "Value": {"Ref": "AWS::StackName"}},
+]
+TOPIC = [{"Ref": "AlarmTopic"}]
+MISSING_DATA = {"notBreaching", "breaching", "ignore", "missing"}
+# Errors alarm of each function -> how it treats missing data. The daily report runs once a day:
+# its state must last until the next run, not clear itself five minutes after a failure.
+ERRORS_MISSING_DATA = {
+    "APIHandler": "notBreaching",
+    "BearerAuth": "notBreaching",
+    "SchedulerTick": "notBreaching",
+    "AdvanceMailing": "notBreaching",
+    "SendMessages": "notBreaching",
+    "DailyReport": "ignore",
+}
+
+
+@pytest.fixture(scope="module")
+def alarms(resources: dict) -> dict[str, dict[str, Any]]:
+    found = {
+        name: alarm["Properties"]
+        for name, alarm in of_type(resources, "AWS::CloudWatch::Alarm").items()
+    }
+    assert found
+    return found
+
+
+def watched(alarm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metrics an alarm reads: its own, or those of its metric math."""
+    if "MetricName" in alarm:
+        return [
+            {key: alarm[key] for key in ("Namespace", "MetricName", "Dimensions") if key in alarm}
+        ]
+    return [query["MetricStat"]["Metric"] for query in alarm["Metrics"] if "MetricStat" in query]
+
+
+def alarms_on(
+    alarms: dict[str, dict[str, Any]], namespace: str, metric: str, dimension: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The alarms that read `metric` of `namespace` with exactly this one dimension."""
+    return {
+        name: alarm
+        for name, alarm in alarms.items()
+        for watched_metric in watched(alarm)
+        if watched_metric["Namespace"] == namespace
+        and watched_metric["MetricName"] == metric
+        and watched_metric.get("Dimensions") == [dimension]
+    }
+
+
+def test_every_alarm_notifies_the_topic_when_it_fires_and_when_it_clears(alarms: dict) -> None:
+    """Given any alarm, when it fires or clears, then the alarm topic hears of it; it is named
+    after the stack (what the deploy role may manage), says what to look at first, and treats
+    missing data as chosen, not by default."""
+    for name, alarm in alarms.items():
+        assert alarm["AlarmActions"] == TOPIC, name
+        assert alarm["OKActions"] == TOPIC, name
+        assert alarm.get("ActionsEnabled", True) is True, name
+        assert alarm["TreatMissingData"] in MISSING_DATA, name
+        assert alarm["AlarmName"]["Fn::Sub"].startswith("${AWS::StackName}-"), name
+        assert "First:" in alarm["AlarmDescription"], name
+        assert len(alarm["AlarmDescription"]) <= 1024, name
+    names = [alarm["AlarmName"]["Fn::Sub"] for alarm in alarms.values()]
+    assert len(names) == len(set(names))
+
+
+def test_the_alarm_topic_exists_and_can_mail_the_operator(template: dict, resources: dict) -> None:
+    """Given the alarm topic, when deployed, then it is the stack's, an e-mail subscription
+    exists exactly when AlarmEmail is set, and the topic's ARN is an output."""
+    topic = resources["AlarmTopic"]
+    assert topic["Type"] == "AWS::SNS::Topic"
+    assert topic["Properties"]["TopicName"] == {"Fn::Sub": "${AWS::StackName}-alarms"}
+    [subscription] = of_type(resources, "AWS::SNS::Subscription").values()
+    assert subscription["Properties"] == {
+        "TopicArn": {"Ref": "AlarmTopic"},
+        "Protocol": "email",
+        "Endpoint": {"Ref": "AlarmEmail"},
+    }
+    condition = {"Condition": subscription["Condition"]}
+    assert evaluate(template, condition, {}) is False
+    assert evaluate(template, condition, {"AlarmEmail": "ops@example.com"}) is True
+    pattern = template["Parameters"]["AlarmEmail"]["AllowedPattern"]
+    assert re.fullmatch(pattern, "")
+    assert re.fullmatch(pattern, "ops@example.com")
+    assert not re.fullmatch(pattern, "ops@example.com,owner@example.org")
+    assert template["Outputs"]["AlarmTopicArn"]["Value"] == {"Ref": "AlarmTopic"}
+
+
+def test_the_alarm_topic_is_never_encrypted_with_a_key_cloudwatch_cannot_use(
+    template: dict, resources: dict
+) -> None:
+    """Given the alarm topic, when encrypted, then with the customer managed key the operator
+    names; never alias/aws/sns, whose policy keeps CloudWatch out, so no alarm would notify."""
+    key = resources["AlarmTopic"]["Properties"]["KmsMasterKeyId"]
+    assert "alias/aws/sns" not in json.dumps(resources)
+    assert evaluate(template, key, {}) == NO_VALUE
+    assert evaluate(template, key, {"AlarmTopicKmsKeyArn": KEY_ARN}) == KEY_ARN
+    pattern = template["Parameters"]["AlarmTopicKmsKeyArn"]["AllowedPattern"]
+    assert re.fullmatch(pattern, KEY_ARN)
+    assert not re.fullmatch(pattern, "arn:aws:kms:eu-west-1:123456789012:alias/aws/sns")
+
+
+@pytest.mark.parametrize("queue", sorted(DEAD_LETTER_QUEUES))
+def test_a_dead_letter_queue_alarms_on_its_first_message(alarms: dict, queue: str) -> None:
+    """Given a dead-letter queue, when one message arrives, then an alarm fires; an empty, idle
+    queue (which SQS stops reporting) is no alarm."""
+    dimension = {"Name": "QueueName", "Value": {"Fn::GetAtt": [queue, "QueueName"]}}
+    [alarm] = alarms_on(alarms, "AWS/SQS", "ApproximateNumberOfMessagesVisible", dimension).values()
+    assert alarm["Statistic"] == "Maximum"
+    assert alarm["Threshold"] == 0
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["EvaluationPeriods"] == 1
+    assert alarm["TreatMissingData"] == "notBreaching"
+
+
+@pytest.mark.parametrize("queue", sorted(QUEUES))
+def test_a_queue_alarms_when_its_oldest_message_waits_too_long(
+    template: dict, alarms: dict, queue: str
+) -> None:
+    """Given the send or the fan-out queue, when its oldest message waits longer than
+    OldestJobAgeSeconds, then an alarm fires; the default leaves room for the longest delay the
+    code itself puts on a job or a kick (SQS's maximum)."""
+    dimension = {"Name": "QueueName", "Value": {"Fn::GetAtt": [queue, "QueueName"]}}
+    [alarm] = alarms_on(alarms, "AWS/SQS", "ApproximateAgeOfOldestMessage", dimension).values()
+    assert alarm["Statistic"] == "Maximum"
+    assert alarm["Threshold"] == {"Ref": "OldestJobAgeSeconds"}
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["TreatMissingData"] == "notBreaching"
+    default = template["Parameters"]["OldestJobAgeSeconds"]["Default"]
+    assert default > SQS_MAX_DELAY_SECONDS
+
+
+@pytest.mark.parametrize("function", sorted(ERRORS_MISSING_DATA))
+def test_every_function_alarms_when_its_invocations_fail(alarms: dict, function: str) -> None:
+    """Given any Lambda of the stack, when its invocations fail (raise, time out, cannot start),
+    then an alarm fires."""
+    dimension = {"Name": "FunctionName", "Value": {"Ref": function}}
+    [alarm] = alarms_on(alarms, "AWS/Lambda", "Errors", dimension).values()
+    assert alarm["Statistic"] == "Sum"
+    assert alarm["Threshold"] == 0
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["TreatMissingData"] == ERRORS_MISSING_DATA[function]
+    # Never longer than 5 minutes before anyone hears of it.
+    assert alarm["Period"] * alarm["EvaluationPeriods"] <= 300
+
+
+def test_every_function_of_the_stack_has_an_errors_alarm(resources: dict) -> None:
+    """Given a Lambda added to the app, when packaged, then this test makes someone alarm on it."""
+    assert set(ERRORS_MISSING_DATA) == set(of_type(resources, "AWS::Serverless::Function"))
+
+
+def test_the_sender_errors_alarm_waits_for_a_second_failing_minute(alarms: dict) -> None:
+    """Given a sender invocation that fails once, when SQS retries it, then no one is paged; when
+    two minutes of three have failures, the alarm fires."""
+    dimension = {"Name": "FunctionName", "Value": {"Ref": "SendMessages"}}
+    [alarm] = alarms_on(alarms, "AWS/Lambda", "Errors", dimension).values()
+    assert (alarm["Period"], alarm["EvaluationPeriods"], alarm["DatapointsToAlarm"]) == (60, 3, 2)
+
+
+def test_the_sender_alarms_when_lambda_throttles_it(alarms: dict) -> None:
+    """Given the account's concurrency used up, when Lambda throttles the sender, then an alarm
+    fires (SQS keeps the jobs, so sending only slows down: it needs a person, not a retry)."""
+    dimension = {"Name": "FunctionName", "Value": {"Ref": "SendMessages"}}
+    [alarm] = alarms_on(alarms, "AWS/Lambda", "Throttles", dimension).values()
+    assert alarm["Statistic"] == "Sum"
+    assert alarm["Threshold"] == 0
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["TreatMissingData"] == "notBreaching"
+
+
+def test_a_stopped_scheduler_tick_is_an_alarm(alarms: dict) -> None:
+    """Given the tick's rule disabled or gone, when no tick runs for 10 minutes, then an alarm
+    fires: here the missing data is the failure."""
+    dimension = {"Name": "FunctionName", "Value": {"Ref": "SchedulerTick"}}
+    [alarm] = alarms_on(alarms, "AWS/Lambda", "Invocations", dimension).values()
+    assert alarm["Statistic"] == "Sum"
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (1, "LessThanThreshold")
+    assert alarm["Period"] * alarm["EvaluationPeriods"] == 600
+    assert alarm["TreatMissingData"] == "breaching"
+
+
+def test_the_gateway_error_rate_alarm_reads_the_senders_metrics(
+    template: dict, alarms: dict
+) -> None:
+    """Given the sender's EMF metrics, when more than GatewayErrorRateThreshold of the gateway
+    calls in 5 minutes failed, then an alarm fires; without calls there is no rate to judge."""
+    [alarm] = [
+        alarm
+        for alarm in alarms.values()
+        if {m["MetricName"] for m in watched(alarm)} == {"GatewayCalls", "GatewayErrors"}
+    ]
+    queries = {query["Id"]: query for query in alarm["Metrics"]}
+    ids = {
+        query["MetricStat"]["Metric"]["MetricName"]: query_id
+        for query_id, query in queries.items()
+        if "MetricStat" in query
+    }
+    [result] = [query for query in alarm["Metrics"] if query.get("ReturnData", True)]
+    calls, errors = ids["GatewayCalls"], ids["GatewayErrors"]
+    assert result["Expression"] == f"IF({calls} > 0, FILL({errors}, 0) / {calls}, 0)"
+    for metric_id in (calls, errors):
+        stat = queries[metric_id]["MetricStat"]
+        assert (stat["Stat"], stat["Period"]) == ("Sum", 300)
+        assert queries[metric_id]["ReturnData"] is False
+    assert alarm["EvaluationPeriods"] == 1
+    assert alarm["Threshold"] == {"Ref": "GatewayErrorRateThreshold"}
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["TreatMissingData"] == "notBreaching"
+    parameter = template["Parameters"]["GatewayErrorRateThreshold"]
+    assert parameter["Default"] == 0.2
+    assert 0 < parameter["MinValue"] <= parameter["Default"] <= parameter["MaxValue"] == 1
+
+
+def test_emf_alarms_read_the_namespace_and_dimensions_the_functions_write(
+    template: dict, alarms: dict
+) -> None:
+    """Given the service's EMF metrics, when an alarm reads one, then the namespace, the metric
+    name and the dimensions are exactly those the functions write: service (their
+    POWERTOOLS_SERVICE_NAME) and stack (their TABLE_PREFIX, the stack name). Any difference
+    would leave the alarm reading a metric that never gets data."""
+    read = [m for alarm in alarms.values() for m in watched(alarm) if m["Namespace"] != "AWS/SQS"]
+    emf = [m for m in read if not m["Namespace"].startswith("AWS/")]
+    assert emf
+    assert Settings().metrics_namespace == METRICS_NAMESPACE
+    for function in of_type(template["Resources"], "AWS::Serverless::Function"):
+        variables = environment(template, function)
+        assert variables["METRICS_NAMESPACE"] == METRICS_NAMESPACE, function
+        assert variables["POWERTOOLS_SERVICE_NAME"] == EMF_DIMENSIONS[0]["Value"], function
+        assert variables["TABLE_PREFIX"] == EMF_DIMENSIONS[1]["Value"], function
+    for metric in emf:
+        assert metric["Namespace"] == METRICS_NAMESPACE
+        assert metric["MetricName"] in EMF_METRICS
+        assert metric["Dimensions"] == EMF_DIMENSIONS
+
+
+def test_every_alarm_watches_a_resource_of_this_stack(resources: dict, alarms: dict) -> None:
+    """Given the alarms on AWS metrics, when resolved, then each names a queue or function of the
+    stack by reference, never a literal name of some other deployment."""
+    kinds = {"QueueName": "AWS::SQS::Queue", "FunctionName": "AWS::Serverless::Function"}
+    for name, alarm in alarms.items():
+        for metric in watched(alarm):
+            if not metric["Namespace"].startswith("AWS/"):
+                continue
+            [dimension] = metric["Dimensions"]
+            value = dimension["Value"]
+            target = value["Ref"] if "Ref" in value else value["Fn::GetAtt"][0]
+            assert resources[target]["Type"] == kinds[dimension["Name"]], name
