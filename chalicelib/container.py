@@ -24,6 +24,7 @@ from chalicelib.services.delivery import Sender
 from chalicelib.services.mailings import MailingService
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import Queues
+from chalicelib.services.reports import ReportService
 from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, SettingsError, get_settings
@@ -115,6 +116,7 @@ class Services:
     scheduler: Scheduler
     sender: Sender
     metrics: MetricsWriter
+    reports: ReportService
     verifier: StaticTokenVerifier | OidcVerifier
 
     @classmethod
@@ -128,6 +130,7 @@ class Services:
         rng: random.Random | None = None,
         wait_until: Callable[[datetime], None] = sleep_until,
         write_metrics: Callable[[str], None] | None = None,
+        ses: Any = None,
     ) -> Services:
         """Wire every service for `settings`; nothing touches AWS until a service is used."""
         models = build_models(settings)
@@ -139,6 +142,7 @@ class Services:
             fanout_url=settings.fanout_queue_url,
         )
         clients = ClientDirectory(models, connection, clock)
+        mailings = MailingService(models, clock, queues)
         metrics = MetricsWriter(settings, write_metrics)
         for token in settings.api_tokens:
             logs.add_secret(token)
@@ -147,7 +151,7 @@ class Services:
             settings=settings,
             models=models,
             clients=clients,
-            mailings=MailingService(models, clock, queues),
+            mailings=mailings,
             messages=messages,
             queues=queues,
             scheduler=Scheduler(
@@ -167,6 +171,7 @@ class Services:
                 metrics=metrics,
             ),
             metrics=metrics,
+            reports=ReportService(mailings, settings, clock, ses or _LazyClient("ses", settings)),
             verifier=build_verifier(settings),
         )
 

@@ -49,3 +49,10 @@ class UnsupportedMediaType(DomainError):
 
 class ServiceUnavailable(Exception):
     """Storage is throttling or unreachable: a retryable server-side condition."""
+
+
+class UpstreamFailed(DomainError):
+    """A service we depend on (SES) refused the request: a configuration to fix, not a bug."""
+
+    status = 502
+    code = "upstream_error"

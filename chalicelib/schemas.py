@@ -347,3 +347,26 @@ class ErrorBody(_Response):
 class Health(_Response):
     status: str
     stage: str
+
+
+class ReportMailing(_Response):
+    id: str
+    status: str
+    start_at: datetime
+    end_at: datetime
+    stats: MessageStats
+    success_rate: float | None = Field(
+        description="sent / (sent + failed + expired); null while none has an outcome"
+    )
+
+
+class DailyReportOut(_Response):
+    """The daily statistics report, as e-mailed."""
+
+    since: datetime
+    until: datetime
+    recipients: list[str]
+    ses_message_id: str | None = Field(description="SES's id of the e-mail")
+    mailings: list[ReportMailing]
+    totals: MessageStats
+    success_rate: float | None

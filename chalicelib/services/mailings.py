@@ -187,6 +187,15 @@ class MailingService:
         count = len(ids)
         return count, total, self.list(limit=limit, cursor=cursor)
 
+    def all(self) -> list[Mailing]:
+        """Every mailing with its counters, newest first (reports and /metrics).
+
+        Keys come from the listing index, items from BatchGetItem: the cost grows with the
+        number of mailings, never with their messages."""
+        index = self._models.Mailing.by_created
+        ids = [key.mailing_id for key in index.query(MAILING_LISTING_KEY, scan_index_forward=False)]
+        return [self._to_domain(item) for item in self._load_many(ids)]
+
     # ---------------------------------------------------------------- helpers
 
     def _all_mailings_segment(self) -> Segment:

@@ -74,6 +74,14 @@ class QueueNotConfigured(RuntimeError):
     """A queue URL setting is missing."""
 
 
+_STATES = {
+    "visible": "ApproximateNumberOfMessages",
+    "in_flight": "ApproximateNumberOfMessagesNotVisible",
+    "delayed": "ApproximateNumberOfMessagesDelayed",
+}
+_DEPTHS = list(_STATES.values())
+
+
 class Queues:
     """Sends job batches, dead letters and fan-out kicks to SQS."""
 
@@ -127,6 +135,25 @@ class Queues:
             for n, mailing_id in enumerate(mailing_ids)
         ]
         self._send_batches(url, entries)
+
+    def depths(self) -> dict[str, dict[str, int]]:
+        """Approximate messages per queue ("send", "dead_letter", "fanout") by state
+        ("visible", "in_flight", "delayed"); a queue that cannot be read is left out."""
+        named = {"send": self._send_url, "dead_letter": self._dlq_url, "fanout": self._fanout_url}
+        depths = {}
+        for name, url in named.items():
+            if not url:
+                continue
+            try:
+                answer = self._sqs.get_queue_attributes(QueueUrl=url, AttributeNames=_DEPTHS)
+            except Exception:  # /metrics still answers with what it could read
+                logger.warning("could not read the depth of the %s queue", name, exc_info=True)
+                continue
+            attributes = answer.get("Attributes", {})
+            depths[name] = {
+                state: int(attributes.get(attribute, 0)) for state, attribute in _STATES.items()
+            }
+        return depths
 
     @property
     def can_kick(self) -> bool:

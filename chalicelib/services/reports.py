@@ -1,0 +1,259 @@
+"""The daily statistics e-mail: the mailings active in the last 24 hours, with their figures.
+
+Sent through SES as one MIME message with a plain-text and an HTML part. With
+REPORT_OUTBOX_DIR set (the local stack sets it), each e-mail is also written to that folder as
+an `.eml` file and an `.html` file, so it can be read without any mail server.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+from chalicelib.domain import Clock, Mailing, MailingStatus, MessageCounts
+from chalicelib.errors import Conflict
+from chalicelib.services.mailings import MailingService
+from chalicelib.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_TEXT_PREVIEW = 60
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One mailing's figures."""
+
+    mailing_id: str
+    text: str
+    status: str
+    start_at: datetime
+    end_at: datetime
+    counts: MessageCounts
+
+    @property
+    def success_rate(self) -> float | None:
+        """Sent among the messages that have an outcome (sent, failed, expired); None when
+        none has one yet. Cancelled and pending messages are not counted against it."""
+        decided = self.counts.sent + self.counts.failed + self.counts.expired
+        return self.counts.sent / decided if decided else None
+
+
+@dataclass
+class DailyReport:
+    since: datetime
+    until: datetime
+    rows: list[ReportRow]
+    recipients: tuple[str, ...] = ()
+    message_id: str | None = None
+    outbox_files: list[str] = field(default_factory=list)
+
+    @property
+    def totals(self) -> MessageCounts:
+        total = MessageCounts()
+        for row in self.rows:
+            total = total + row.counts
+        return total
+
+    @property
+    def success_rate(self) -> float | None:
+        counts = self.totals
+        decided = counts.sent + counts.failed + counts.expired
+        return counts.sent / decided if decided else None
+
+    @property
+    def subject(self) -> str:
+        counts = self.totals
+        return (
+            f"SMS campaigns, {self.until:%Y-%m-%d %H:%M} UTC: {len(self.rows)} mailing(s), "
+            f"{counts.sent} sent, {counts.failed} failed, {counts.expired} expired"
+        )
+
+    # ---------------------------------------------------------------- rendering
+
+    def text(self) -> str:
+        lines = [
+            f"Mailings active between {_when(self.since)} and {_when(self.until)} (UTC).",
+            "",
+        ]
+        if not self.rows:
+            lines.append("No mailing was active in this period.")
+            return "\n".join(lines) + "\n"
+        header = (
+            f"{'mailing':36}  {'status':9}  {'sent':>7}  {'failed':>7}  {'expired':>7}  "
+            f"{'pending':>7}  {'cancelled':>9}  {'total':>7}  {'success':>7}"
+        )
+        lines += [header, "-" * len(header)]
+        for row in [*self.rows, None]:
+            counts = row.counts if row else self.totals
+            rate = row.success_rate if row else self.success_rate
+            name = row.mailing_id if row else "TOTAL"
+            status = row.status if row else ""
+            lines.append(
+                f"{name:36}  {status:9}  {counts.sent:>7}  {counts.failed:>7}  "
+                f"{counts.expired:>7}  {counts.pending:>7}  {counts.cancelled:>9}  "
+                f"{counts.total:>7}  {_rate(rate):>7}"
+            )
+        lines.append("")
+        for row in self.rows:
+            lines.append(f"{row.mailing_id}: {_preview(row.text)!r}")
+            lines.append(f"  from {_when(row.start_at)} to {_when(row.end_at)}")
+        return "\n".join(lines) + "\n"
+
+    def html(self) -> str:
+        e = html.escape
+        head = "".join(
+            f"<th>{name}</th>"
+            for name in (
+                "Mailing",
+                "Text",
+                "Status",
+                "Sent",
+                "Failed",
+                "Expired",
+                "Pending",
+                "Cancelled",
+                "Total",
+                "Success rate",
+            )
+        )
+        body = []
+        for row in [*self.rows, None]:
+            counts = row.counts if row else self.totals
+            rate = row.success_rate if row else self.success_rate
+            cells = (
+                [e(row.mailing_id), e(_preview(row.text)), e(row.status)]
+                if row
+                else ["<strong>Total</strong>", "", ""]
+            )
+            numbers = [
+                counts.sent,
+                counts.failed,
+                counts.expired,
+                counts.pending,
+                counts.cancelled,
+                counts.total,
+            ]
+            cells += [str(n) for n in numbers] + [_rate(rate)]
+            tag = "tr" if row else 'tr class="total"'
+            body.append(f"<{tag}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        table = (
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            if self.rows
+            else "<p>No mailing was active in this period.</p>"
+        )
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{e(self.subject)}</title><style>"
+            "body{font-family:sans-serif}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+            "td:nth-child(-n+3),th:nth-child(-n+3){text-align:left}"
+            ".total td{font-weight:bold}</style></head><body>"
+            f"<h1>SMS campaigns: daily statistics</h1><p>Mailings active between "
+            f"{e(_when(self.since))} and {e(_when(self.until))} (UTC).</p>{table}</body></html>"
+        )
+
+    def mime(self, sender: str) -> EmailMessage:
+        message = EmailMessage()
+        message["Subject"] = self.subject
+        message["From"] = sender
+        message["To"] = ", ".join(self.recipients)
+        message["Date"] = formatdate(self.until.timestamp(), usegmt=True)
+        message["Message-ID"] = make_msgid(domain=sender.rsplit("@", 1)[-1])
+        message.set_content(self.text())
+        message.add_alternative(self.html(), subtype="html")
+        return message
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M}"
+
+
+def _rate(rate: float | None) -> str:
+    return "—" if rate is None else f"{rate:.1%}"
+
+
+def _preview(text: str) -> str:
+    one_line = re.sub(r"\s+", " ", text).strip()
+    return one_line if len(one_line) <= _TEXT_PREVIEW else one_line[: _TEXT_PREVIEW - 1] + "…"
+
+
+def was_active(mailing: Mailing, since: datetime, until: datetime) -> bool:
+    """Whether the mailing could send anything between `since` and `until`."""
+    if mailing.start_at > until or mailing.end_at < since:
+        return False
+    # Cancelled before it started and nothing was ever created: nothing was processed.
+    return not (mailing.status is MailingStatus.CANCELLED and mailing.counts.total == 0)
+
+
+class ReportService:
+    """Builds the daily report from the mailings' counters and sends it."""
+
+    def __init__(
+        self, mailings: MailingService, settings: Settings, clock: Clock, ses: Any
+    ) -> None:
+        self._mailings = mailings
+        self._settings = settings
+        self._clock = clock
+        self._ses = ses
+
+    def build(self, until: datetime | None = None) -> DailyReport:
+        until = until or self._clock()
+        since = until - timedelta(hours=self._settings.report_window_hours)
+        rows = [
+            ReportRow(m.id, m.text, m.status.value, m.start_at, m.end_at, m.counts)
+            for m in self._mailings.all()
+            if was_active(m, since, until)
+        ]
+        rows.sort(key=lambda row: (row.start_at, row.mailing_id))
+        return DailyReport(since, until, rows, self._settings.report_recipients)
+
+    def send_daily(self, *, required: bool = False) -> DailyReport:
+        """Build and e-mail the report. Without recipients it is only logged (the scheduled
+        run), or, with `required` (an operator asked for it), refused as a Conflict."""
+        settings = self._settings
+        report = self.build()
+        if not settings.report_recipients or not settings.report_sender:
+            if required:
+                raise Conflict(
+                    "daily reports are not configured: set REPORT_SENDER and REPORT_RECIPIENTS"
+                )
+            logger.warning("daily report not sent: REPORT_RECIPIENTS is not set")
+            return report
+        message = report.mime(settings.report_sender)
+        raw = message.as_bytes()
+        answer = self._ses.send_raw_email(
+            Source=settings.report_sender,
+            Destinations=list(settings.report_recipients),
+            RawMessage={"Data": raw},
+        )
+        report.message_id = answer.get("MessageId")
+        if settings.report_outbox_dir:
+            report.outbox_files = self._write_outbox(report, raw)
+        logger.info(
+            "daily report sent",
+            extra={
+                "ses_message_id": report.message_id,
+                "mailings": len(report.rows),
+                "recipients": len(report.recipients),
+            },
+        )
+        return report
+
+    def _write_outbox(self, report: DailyReport, raw: bytes) -> list[str]:
+        folder = Path(self._settings.report_outbox_dir or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"daily-report-{report.until:%Y%m%dT%H%M%S}-{report.message_id or 'unsent'}"
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem)
+        eml, page = folder / f"{stem}.eml", folder / f"{stem}.html"
+        eml.write_bytes(raw)
+        page.write_text(report.html(), encoding="utf-8")
+        logger.info("daily report written to the outbox: %s", eml)
+        return [str(eml), str(page)]
