@@ -7,6 +7,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -28,9 +29,14 @@ STYLESHEET = ("text/css",)
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def outbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("outbox")
+
+
+@pytest.fixture(scope="module")
+def stack(outbox: Path) -> Iterator[Stack]:
     """The local stack started as `make run` starts it, on a free port, stopped with SIGTERM."""
-    with running_stack() as started:
+    with running_stack(REPORT_OUTBOX_DIR=str(outbox)) as started:
         yield started
 
 
@@ -87,6 +93,33 @@ def test_client_lifecycle_over_http(stack: Stack) -> None:
         # When it is deleted, it is gone
         assert http.delete(f"{stack.url}/clients/{client['id']}", timeout=5).status_code == 204
         assert http.get(f"{stack.url}/clients/{client['id']}", timeout=5).status_code == 404
+
+
+def test_daily_report_is_emailed_through_the_emulators_ses_into_the_outbox(
+    stack: Stack, outbox: Path
+) -> None:
+    # When an operator asks for the daily report on the local stack
+    response = requests.post(f"{stack.url}/reports/daily", headers=stack.auth, timeout=30)
+
+    # Then SES (the embedded emulator) accepted it and a readable copy is in the outbox
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["ses_message_id"]
+    assert report["recipients"] == ["operator@sms-campaigns.local"]
+    copies = sorted(path.suffix for path in outbox.iterdir())
+    assert copies == [".eml", ".html"]
+
+
+def test_metrics_are_prometheus_text_and_requests_carry_a_correlation_id(stack: Stack) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = requests.get(
+        f"{stack.url}/metrics", headers={**stack.auth, "X-Correlation-Id": "e2e-1"}, timeout=10
+    )
+    assert response.status_code == 200
+    assert response.headers["X-Correlation-Id"] == "e2e-1"
+    names = {family.name for family in text_string_to_metric_families(response.text)}
+    assert {"sms_messages", "sms_mailings", "sms_queue_messages"} <= names
 
 
 def test_request_without_token_is_401(stack: Stack) -> None:

@@ -71,6 +71,9 @@ _MAX_VISIBILITY_SECONDS = 43200
 _MAX_SENDER_POLLERS = 32
 _MAX_SQS_BATCH = 10
 SANDBOX_LEDGER_PATH = "/_sandbox/ledger"
+LOCAL_REPORT_SENDER = "reports@sms-campaigns.local"
+LOCAL_REPORT_RECIPIENT = "operator@sms-campaigns.local"
+LOCAL_OUTBOX = PROJECT_DIR / "build" / "outbox"
 
 
 class StackError(RuntimeError):
@@ -202,6 +205,10 @@ def prepare_environment(config: LocalConfig, environ: MutableMapping[str, str]) 
         environ.update(_DUMMY_CREDENTIALS)
         for name in _REAL_CREDENTIAL_VARIABLES:
             environ.pop(name, None)
+    # Daily reports go to a local address and, readable, into the outbox folder.
+    environ["REPORT_SENDER"] = environ.get("REPORT_SENDER") or LOCAL_REPORT_SENDER
+    environ["REPORT_RECIPIENTS"] = environ.get("REPORT_RECIPIENTS") or LOCAL_REPORT_RECIPIENT
+    environ["REPORT_OUTBOX_DIR"] = environ.get("REPORT_OUTBOX_DIR") or str(LOCAL_OUTBOX)
     static_auth = (environ.get("AUTH_MODE") or AuthMode.STATIC) == AuthMode.STATIC
     if static_auth and not (environ.get("API_TOKENS") or "").strip():
         environ["API_TOKENS"] = secrets.token_urlsafe(24)
@@ -568,6 +575,10 @@ class LocalStack:
         from chalicelib import aws
 
         sqs = aws.client("sqs", settings)
+        if self.config.embeds_emulator and settings.report_sender:
+            # SES sends only from a verified address; the embedded emulator starts empty.
+            ses = aws.client("ses", settings)
+            ses.verify_email_identity(EmailAddress=settings.report_sender)
         self.queues = self._install_queues(sqs, settings.table_prefix, send_visibility_timeout)
         if self.config.sandbox_profile is not None:
             self._start_sandbox(self.config.sandbox_profile)
@@ -765,6 +776,11 @@ def banner(stack: LocalStack) -> str:
     ]
     if stack.sandbox_url:
         lines.append(f"  Ledger   {stack.sandbox_url}{SANDBOX_LEDGER_PATH}")
+    if settings.report_outbox_dir:
+        lines.append(
+            f"  Reports  POST {url}/reports/daily e-mails "
+            f"{', '.join(settings.report_recipients)}; copies in {settings.report_outbox_dir}"
+        )
     config = stack.config
     lines.append(
         f"  Workers  scheduler tick every {config.scheduler_interval:g} s; "
