@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -81,11 +82,18 @@ class Settings(BaseModel):
     report_window_hours: int = Field(24, ge=1, le=24 * 31)
     # Also write every report e-mail into this folder (the local stack's outbox).
     report_outbox_dir: str | None = None
+    # Read by chalicelib.logs when the app loads; here so a bad value is refused with the rest.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_namespace: str = Field("SmsCampaigns", pattern=r"^[A-Za-z0-9/_.#:-]{1,255}$")
 
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=6 * 1024 * 1024)
     default_page_size: int = Field(50, ge=1, le=1000)
     max_page_size: int = Field(500, ge=1, le=1000)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("api_tokens", mode="before")
     @classmethod

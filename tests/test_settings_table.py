@@ -1,0 +1,108 @@
+"""The README's settings table is the one list of settings: every variable the code reads is in
+it, nothing else is, and a bad value of any setting is refused with its name."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from chalicelib.local.gateway import _ENV_NAMES as SANDBOX_VARIABLES
+from chalicelib.settings import Settings, SettingsError
+
+ROOT = Path(__file__).resolve().parent.parent
+# Read outside chalicelib.settings: the local stack's own, the region pair, Powertools' and logs'.
+OTHER_VARIABLES = {
+    "PORT",
+    "HOST",
+    "MOTO_PORT",
+    "SCHEDULER_INTERVAL_SECONDS",
+    "SENDER_POLLERS",
+    "SENDER_BATCH_SIZE",
+    "SEND_VISIBILITY_TIMEOUT_SECONDS",
+    "SANDBOX_PORT",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "POWERTOOLS_SERVICE_NAME",
+    "POWERTOOLS_METRICS_DISABLED",
+}
+# Read by libraries or the platform, never a setting of ours.
+NOT_SETTINGS = {"POWERTOOLS_LOG_LEVEL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def documented() -> set[str]:
+    section = (ROOT / "README.md").read_text().split("### Settings\n", 1)[1].split("\n## ", 1)[0]
+    names: set[str] = set()
+    for row in re.findall(r"^\| (.+?) \| ", section, flags=re.MULTILINE):
+        names |= set(re.findall(r"`([A-Z][A-Z0-9_]+)`", row))
+    return names
+
+
+def read_by_the_code() -> set[str]:
+    """Every variable name the code reads from an environment mapping."""
+    pattern = re.compile(
+        r"""(?:environ|env)(?:\.get\(|\[)\s*"([A-Z][A-Z0-9_]+)"|"""
+        r"""_(?:port|seconds|int|number|text)\(\s*environ,\s*"([A-Z][A-Z0-9_]+)\"""",
+    )
+    names: set[str] = set()
+    for path in [*(ROOT / "chalicelib").rglob("*.py"), ROOT / "app.py"]:
+        for match in pattern.finditer(path.read_text()):
+            names.add(match.group(1) or match.group(2))
+    return names - NOT_SETTINGS
+
+
+def all_settings() -> set[str]:
+    return (
+        {name.upper() for name in Settings.model_fields}
+        | set(SANDBOX_VARIABLES.values())
+        | OTHER_VARIABLES
+    )
+
+
+def test_the_table_documents_every_setting_and_nothing_else():
+    assert documented() == all_settings()
+
+
+def test_every_variable_the_code_reads_is_a_documented_setting():
+    assert read_by_the_code(), "the scan found the code's variables"
+    assert read_by_the_code() - all_settings() == set()
+
+
+NUMERIC = [
+    name
+    for name, field in Settings.model_fields.items()
+    if field.annotation in (int, float, "int", "float")
+]
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_a_non_number_is_refused_naming_the_variable(name: str):
+    with pytest.raises(SettingsError, match=name.upper()):
+        Settings.from_env({name.upper(): "lots"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("STAGE", "Prod Stage"),
+        ("TABLE_PREFIX", "x"),
+        ("AUTH_MODE", "magic"),
+        ("API_TOKENS", "short"),
+        ("SENDER_API_URL", "ftp://gateway"),
+        ("SENDER_API_TOKEN_SECRET_ID", "not a secret id"),
+        ("LOG_LEVEL", "chatty"),
+        ("METRICS_NAMESPACE", "no spaces allowed"),
+        ("REPORT_SENDER", "nobody"),
+        ("REPORT_RECIPIENTS", "ops@example.com,not-an-address"),
+        ("MAX_ATTEMPTS", "0"),
+        ("GATEWAY_RATE_PER_SECOND", "-1"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str):
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env({variable: value})
+
+
+def test_the_log_level_is_read_case_insensitively():
+    assert Settings.from_env({"LOG_LEVEL": "debug"}).log_level == "DEBUG"
