@@ -11,9 +11,13 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import botocore.client
 import pytest
 import yaml
 from chalice import Chalice
@@ -22,6 +26,7 @@ from chalicelib import workers
 from chalicelib.models import build_models
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS
 from chalicelib.settings import Settings
+from tests.conftest import API_TOKEN, JSON_HEADERS
 
 pytestmark = pytest.mark.infra
 
@@ -45,8 +50,8 @@ GET, PUT, UPDATE, DELETE = (
     "dynamodb:UpdateItem",
     "dynamodb:DeleteItem",
 )
-QUERY, BATCH_GET, SCAN = "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:Scan"
-SEND = "sqs:SendMessage"
+QUERY, BATCH_GET = "dynamodb:Query", "dynamodb:BatchGetItem"
+SEND, DEPTH = "sqs:SendMessage", "sqs:GetQueueAttributes"
 CONSUME = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"}
 AUDIENCE_INDEXES = {
     "clients/index/by_operator": {QUERY},
@@ -54,13 +59,13 @@ AUDIENCE_INDEXES = {
     "clients/index/by_shard": {QUERY},
 }
 TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
-    # chalicelib/api: client and mailing CRUD, listings, statistics; GET /metrics and
-    # POST /reports/daily scan the mailings of a time window.
+    # chalicelib/api: client and mailing CRUD, listings, statistics, GET /metrics and
+    # POST /reports/daily (mailings: keys from by_created, items by BatchGetItem).
     "APIHandler": {
         "clients": {GET, PUT, DELETE},
         **AUDIENCE_INDEXES,
         "phones": {GET, PUT, DELETE},
-        "mailings": {GET, PUT, UPDATE, DELETE, SCAN},
+        "mailings": {GET, BATCH_GET, PUT, UPDATE, DELETE},
         "mailings/index/by_created": {QUERY},
         "messages": {QUERY, BATCH_GET},
         "messages/index/by_status": {QUERY},
@@ -89,11 +94,15 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "clients": {BATCH_GET},
         "sequences": {GET, PUT, UPDATE},  # the shared gateway limits
     },
-    # The daily report: a paged Scan of the mailings active in its window; it writes nothing.
-    "DailyReport": {"mailings": {SCAN}},
+    # The daily report: every mailing (keys from by_created, then the items); it writes nothing.
+    "DailyReport": {"mailings/index/by_created": {QUERY}, "mailings": {BATCH_GET}},
 }
 QUEUE_ACCESS: dict[str, dict[str, set[str]]] = {
-    "APIHandler": {"FanoutQueue": {SEND}},  # kicks
+    "APIHandler": {
+        "FanoutQueue": {SEND, DEPTH},  # kicks; GET /metrics reads the depths
+        "SendQueue": {DEPTH},
+        "SendDeadLetterQueue": {DEPTH},
+    },
     "SchedulerTick": {"SendQueue": {SEND}, "FanoutQueue": {SEND}},  # jobs, continuations
     "AdvanceMailing": {"FanoutQueue": {*CONSUME, SEND}, "SendQueue": {SEND}},
     "SendMessages": {
@@ -1363,3 +1372,204 @@ def test_every_alarm_watches_a_resource_of_this_stack(resources: dict, alarms: d
             value = dimension["Value"]
             target = value["Ref"] if "Ref" in value else value["Fn::GetAtt"][0]
             assert resources[target]["Type"] == kinds[dimension["Name"]], name
+
+
+# ---------------------------------------------------------------- the code needs no more
+
+
+PREFIX = "sms-infra"
+DYNAMODB_PARTS = {"Put": PUT, "Update": UPDATE, "Delete": DELETE, "ConditionCheck": None}
+
+
+@dataclass
+class Recorded:
+    """What a code path asked AWS for, keyed as the access matrix is."""
+
+    tables: dict[str, set[str]] = field(default_factory=dict)
+    queues: dict[str, set[str]] = field(default_factory=dict)
+    other: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def table(self, name: str, action: str, index: str | None = None) -> None:
+        key = name.removeprefix(f"{PREFIX}-") + (f"/index/{index}" if index else "")
+        self.tables.setdefault(key, set()).add(action)
+
+
+def record(calls: list[tuple[str, str, dict]], queue_ids: dict[str, str]) -> Recorded:
+    """Map botocore calls to IAM actions: a batch or a transaction is authorised part by part,
+    SendMessageBatch as SendMessage (see the IAM note in infra/resources.yaml)."""
+    found = Recorded()
+    for service, operation, params in calls:
+        if service == "dynamodb" and operation == "BatchGetItem":
+            for name in params["RequestItems"]:
+                found.table(name, BATCH_GET)
+        elif service == "dynamodb" and operation == "BatchWriteItem":
+            for name, requests in params["RequestItems"].items():
+                for request in requests:
+                    found.table(name, PUT if "PutRequest" in request else DELETE)
+        elif service == "dynamodb" and operation == "TransactWriteItems":
+            for item in params["TransactItems"]:
+                [(part, body)] = item.items()
+                found.table(
+                    body["TableName"], DYNAMODB_PARTS[part] or "dynamodb:ConditionCheckItem"
+                )
+        elif service == "dynamodb":
+            found.table(params["TableName"], f"dynamodb:{operation}", params.get("IndexName"))
+        elif service == "sqs":
+            action = SEND if operation == "SendMessageBatch" else f"sqs:{operation}"
+            found.queues.setdefault(queue_ids[params["QueueUrl"]], set()).add(action)
+        else:
+            found.other.setdefault(f"{service}:{operation}", []).append(params)
+    return found
+
+
+@pytest.fixture
+def aws_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict]]:
+    """Every AWS call made through botocore (boto3 and PynamoDB alike), once the test clears it."""
+    calls: list[tuple[str, str, dict]] = []
+    original = botocore.client.BaseClient._make_api_call
+
+    def recording(self: Any, operation_name: str, api_params: dict) -> Any:
+        calls.append((self.meta.service_model.service_name, operation_name, api_params))
+        return original(self, operation_name, api_params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", recording)
+    return calls
+
+
+@pytest.fixture
+def world(aws: None, clock: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The real services on moto with the stack's queues, a verified report sender and report
+    recipients; returns queue URL -> the queue's logical id."""
+    import boto3
+
+    from chalicelib.container import Services, use_services
+    from chalicelib.models import create_tables
+
+    sqs = boto3.client("sqs")
+    urls = {
+        logical_id: sqs.create_queue(QueueName=f"{PREFIX}-{name}")["QueueUrl"]
+        for logical_id, name in QUEUE_NAMES.items()
+    }
+    boto3.client("ses").verify_email_identity(EmailAddress=REPORT_SENDER)
+    monkeypatch.setenv("API_TOKENS", API_TOKEN)
+    monkeypatch.delenv("AUTH_MODE", raising=False)
+    settings = Settings(
+        table_prefix=PREFIX,
+        api_tokens=(API_TOKEN,),
+        send_queue_url=urls["SendQueue"],
+        send_dlq_url=urls["SendDeadLetterQueue"],
+        fanout_queue_url=urls["FanoutQueue"],
+        report_sender=REPORT_SENDER,
+        report_recipients=REPORT_RECIPIENTS,
+    )
+    built = Services.build(settings, clock=clock, wait_until=clock.wait_until)
+    create_tables(built.models)
+    use_services(built)
+    yield {url: logical_id for logical_id, url in urls.items()}
+    use_services(None)
+
+
+def missing_grants(resources: dict[str, Any], function: str, needed: Recorded) -> dict:
+    """What `needed` asks for that the function's role in the packaged template does not allow."""
+    statements = statements_by_role(resources).get(function_roles(resources)[function], [])
+    tables, queues = table_access(resources, statements), sqs_grants(statements)
+    missing: dict[str, set[str]] = {}
+    for key, actions in needed.tables.items():
+        missing[key] = actions - tables.get(key, set())
+    for key, actions in needed.queues.items():
+        missing[key] = actions - queues.get(key, set())
+    granted = {a for s in statements for a in as_list(s["Action"])}
+    for action in needed.other:
+        missing[action] = {action} - granted
+    return {key: actions for key, actions in missing.items() if actions}
+
+
+def assert_report_mail_fits_the_ses_grant(needed: Recorded) -> None:
+    """The SES grant's conditions compare exact strings: the From address, and each recipient."""
+    for params in needed.other.get("ses:SendRawEmail", []) + needed.other.get("ses:SendEmail", []):
+        destination = params.get("Destination", {})
+        recipients = params.get("Destinations") or [
+            address
+            for kind in ("ToAddresses", "CcAddresses", "BccAddresses")
+            for address in destination.get(kind, [])
+        ]
+        assert params["Source"] == REPORT_SENDER
+        assert recipients
+        assert set(recipients) <= set(REPORT_RECIPIENTS.split(","))
+
+
+def request(client: Any, method: str, path: str, payload: Any = None) -> Any:
+    body = json.dumps(payload).encode() if payload is not None else b""
+    response = client.http.request(method, path, headers=JSON_HEADERS, body=body)
+    assert response.status_code < 300, (method, path, response.status_code, response.body)
+    if response.headers.get("Content-Type", "").startswith("application/json") and response.body:
+        return json.loads(response.body)
+    return None
+
+
+def mailing_around(clock: Any) -> dict[str, str]:
+    """A mailing that starts in 5 minutes (so creating it kicks the fan-out) and ends in 6 hours."""
+    start, end = clock() + timedelta(minutes=5), clock() + timedelta(hours=6)
+    return {"text": "Winter sale", "start_at": start.isoformat(), "end_at": end.isoformat()}
+
+
+def test_every_route_of_the_api_needs_only_what_its_role_allows(
+    resources: dict, world: dict, aws_calls: list, clock: Any
+) -> None:
+    """Given the API's role in the packaged template, when an operator uses every route once
+    (clients, mailings, statistics, metrics, the report), then each AWS call the code makes is
+    one the role allows: AccessDenied in production would be the first sign otherwise."""
+    from chalice.test import Client
+
+    from app import app
+
+    mailing = mailing_around(clock)
+    aws_calls.clear()
+    with Client(app, stage_name="dev") as client:
+        request(client, "GET", "/health")
+        created = request(client, "POST", "/clients", {"phone": "79001234567", "tag": "vip"})
+        client_path = f"/clients/{created['id']}"
+        for query in ("", "?tag=vip", "?operator_code=900", "?operator_code=900&tag=vip"):
+            request(client, "GET", f"/clients{query}")
+        request(client, "GET", client_path)
+        request(client, "PUT", client_path, {"phone": "79001234568", "tag": "vip"})
+        request(client, "PATCH", client_path, {"tag": "new"})
+        made = request(client, "POST", "/mailings", {**mailing, "filter": {"tags": ["new"]}})
+        mailing_path = f"/mailings/{made['id']}"
+        request(client, "GET", "/mailings")
+        request(client, "GET", mailing_path)
+        request(client, "PUT", mailing_path, mailing)
+        request(client, "PATCH", mailing_path, {"text": "Winter sale, last days"})
+        request(client, "GET", f"{mailing_path}/stats")
+        request(client, "GET", f"{mailing_path}/stats?status=pending")
+        request(client, "GET", "/stats")
+        request(client, "GET", "/metrics")
+        request(client, "POST", "/reports/daily")
+        request(client, "POST", f"{mailing_path}/cancel")
+        request(client, "DELETE", mailing_path)
+        request(client, "DELETE", client_path)
+
+    needed = record(aws_calls, world)
+    assert_report_mail_fits_the_ses_grant(needed)
+    assert missing_grants(resources, "APIHandler", needed) == {}
+
+
+def test_the_scheduled_report_needs_only_what_its_role_allows(
+    resources: dict, world: dict, aws_calls: list, clock: Any
+) -> None:
+    """Given the daily report's role, when the scheduled Lambda runs, then every AWS call it
+    makes is allowed, and the e-mail it sends meets the SES grant's conditions."""
+    from chalice.test import Client
+
+    from app import app
+
+    with Client(app, stage_name="dev") as client:
+        request(client, "POST", "/mailings", mailing_around(clock))
+        aws_calls.clear()
+        event = client.events.generate_cw_event("Scheduled Event", "aws.events", {}, [])
+        client.lambda_.invoke("daily_report", event)
+
+    needed = record(aws_calls, world)
+    assert "ses:SendRawEmail" in needed.other or "ses:SendEmail" in needed.other
+    assert_report_mail_fits_the_ses_grant(needed)
+    assert missing_grants(resources, "DailyReport", needed) == {}
