@@ -23,6 +23,8 @@ import yaml
 from chalice import Chalice
 
 from chalicelib import workers
+from chalicelib.gateway import GatewayResult, Outcome
+from chalicelib.metrics import METRICS, MetricsWriter
 from chalicelib.models import build_models
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS
 from chalicelib.settings import Settings
@@ -1358,6 +1360,45 @@ def test_emf_alarms_read_the_namespace_and_dimensions_the_functions_write(
         assert metric["Namespace"] == METRICS_NAMESPACE
         assert metric["MetricName"] in EMF_METRICS
         assert metric["Dimensions"] == EMF_DIMENSIONS
+
+
+def test_the_gateway_alarm_reads_the_series_the_sender_writes(
+    monkeypatch: pytest.MonkeyPatch, alarms: dict
+) -> None:
+    """Given one send batch with a success and a 5xx, when chalicelib.metrics writes its EMF
+    lines, then the line with the totals has exactly the namespace, dimensions and metric names
+    the gateway error rate alarm reads (the per-class line is another series)."""
+    monkeypatch.delenv("POWERTOOLS_METRICS_DISABLED", raising=False)
+    lines: list[str] = []
+    writer = MetricsWriter(Settings(table_prefix=STACK_NAME), write=lines.append)
+    answers = [
+        GatewayResult(Outcome.SENT, "ok", 200, 0.05),
+        GatewayResult(Outcome.RETRY, "HTTP 503", 503, 0.2),
+    ]
+
+    writer.delivery("mailing-1", ["sent", "retry"], answers)
+
+    totals: dict[str, tuple[str, dict[str, str]]] = {}
+    for line in map(json.loads, lines):
+        [directive] = line["_aws"]["CloudWatchMetrics"]
+        [dimensions] = directive["Dimensions"]
+        if "error_class" in dimensions:
+            continue  # GatewayErrors per class: a series of its own
+        for metric in directive["Metrics"]:
+            totals[metric["Name"]] = (directive["Namespace"], {n: line[n] for n in dimensions})
+    stack_name = {"Ref": "AWS::StackName"}
+    for alarm in alarms.values():
+        for metric in watched(alarm):
+            if metric["Namespace"].startswith("AWS/"):
+                continue
+            assert metric["MetricName"] in METRICS
+            namespace, dimensions = totals[metric["MetricName"]]
+            expected = {
+                d["Name"]: STACK_NAME if d["Value"] == stack_name else d["Value"]
+                for d in metric["Dimensions"]
+            }
+            assert (metric["Namespace"], expected) == (namespace, dimensions)
+    assert set(METRICS) >= EMF_METRICS
 
 
 def test_every_alarm_watches_a_resource_of_this_stack(resources: dict, alarms: dict) -> None:
