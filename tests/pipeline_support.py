@@ -81,6 +81,27 @@ class VirtualSqs:
         return min(times) if times else None
 
 
+def pipeline_settings(gateway_url: str, **overrides: Any) -> Any:
+    """Settings for an in-process pipeline on the virtual queues and a loopback gateway:
+    short timeouts and claims, so retries happen in seconds of the test's clock."""
+    from chalicelib.settings import Settings
+    from tests.conftest import API_TOKEN
+
+    defaults = dict(
+        table_prefix="sms-test",
+        api_tokens=(API_TOKEN,),
+        send_queue_url=SEND_URL,
+        send_dlq_url=DLQ_URL,
+        fanout_queue_url=FANOUT_URL,
+        sender_api_url=gateway_url,
+        gateway_connect_timeout=0.5,
+        gateway_read_timeout=0.5,
+        claim_seconds=5,
+        sender_concurrency=4,
+    )
+    return Settings(**{**defaults, **overrides})
+
+
 class Pipeline:
     """Runs scheduler ticks, kicks and sender batches until nothing is left to do."""
 

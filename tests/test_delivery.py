@@ -17,7 +17,14 @@ import pytest
 from chalicelib.local.gateway import FaultProfile, SandboxGateway
 from chalicelib.services.queues import JobBatch
 from tests.conftest import API_TOKEN, GATEWAY_TOKEN, body
-from tests.pipeline_support import DLQ_URL, FANOUT_URL, SEND_URL, Pipeline, VirtualSqs
+from tests.pipeline_support import (
+    DLQ_URL,
+    FANOUT_URL,
+    SEND_URL,
+    Pipeline,
+    VirtualSqs,
+    pipeline_settings,
+)
 
 
 @pytest.fixture
@@ -27,24 +34,9 @@ def gateway(sandbox):
 
 @pytest.fixture
 def settings(gateway, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
-    from chalicelib.settings import Settings
-
     monkeypatch.setenv("API_TOKENS", API_TOKEN)
     overrides = getattr(request, "param", {})  # indirect parametrisation
-    defaults = dict(
-        table_prefix="sms-test",
-        api_tokens=(API_TOKEN,),
-        send_queue_url=SEND_URL,
-        send_dlq_url=DLQ_URL,
-        fanout_queue_url=FANOUT_URL,
-        sender_api_url=gateway.url,
-        sender_api_token=GATEWAY_TOKEN,
-        gateway_connect_timeout=0.5,
-        gateway_read_timeout=0.5,
-        claim_seconds=5,
-        sender_concurrency=4,
-    )
-    return Settings(**{**defaults, **overrides})
+    return pipeline_settings(gateway.url, sender_api_token=GATEWAY_TOKEN, **overrides)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from chalicelib import logs
 from chalicelib.local.gateway import FaultProfile, SandboxGateway
 from chalicelib.metrics import ERROR_CLASSES, METRICS
 from tests.conftest import API_TOKEN, body
-from tests.pipeline_support import DLQ_URL, FANOUT_URL, SEND_URL, Pipeline, VirtualSqs
+from tests.pipeline_support import Pipeline, VirtualSqs, pipeline_settings
 
 GATEWAY_SECRET = "gw-secret-token-4f9c2e7d"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -93,23 +93,10 @@ def secret_arn(aws) -> str:
 
 @pytest.fixture
 def settings(gateway, secret_arn, monkeypatch: pytest.MonkeyPatch, request):
-    from chalicelib.settings import Settings
-
     monkeypatch.setenv("API_TOKENS", API_TOKEN)
     overrides = getattr(request, "param", {})  # indirect parametrisation
-    return Settings(
-        **overrides,
-        table_prefix="sms-test",
-        api_tokens=(API_TOKEN,),
-        send_queue_url=SEND_URL,
-        send_dlq_url=DLQ_URL,
-        fanout_queue_url=FANOUT_URL,
-        sender_api_url=gateway.url,
-        sender_api_token_secret_id=secret_arn,
-        gateway_connect_timeout=0.5,
-        gateway_read_timeout=0.5,
-        claim_seconds=5,
-        sender_concurrency=2,
+    return pipeline_settings(
+        gateway.url, sender_api_token_secret_id=secret_arn, sender_concurrency=2, **overrides
     )
 
 
