@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -69,7 +70,10 @@ def stack_environment(**overrides: str) -> dict[str, str]:
         for name, value in os.environ.items()
         if name not in _INHERITED_VARIABLES and not name.startswith("SANDBOX_")
     }
-    env.update(PYTHONUNBUFFERED="1", MOTO_PORT="0", **overrides)
+    # Reports a test triggers (the API fuzzer posts to every route) stay out of build/outbox.
+    outbox = tempfile.mkdtemp(prefix="sms-outbox-")
+    env.update(PYTHONUNBUFFERED="1", MOTO_PORT="0", REPORT_OUTBOX_DIR=outbox)
+    env.update(overrides)
     return env
 
 

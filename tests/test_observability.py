@@ -190,6 +190,9 @@ def test_every_stage_of_a_messages_life_is_logged_with_its_three_ids(
         found = next((i for i in range(position, len(stages)) if stages[i].startswith(stage)), None)
         assert found is not None, f"no {stage!r} after line {position}: {stages}"
         position = found + 1
+    # ...each gateway call and claim says which attempt it is
+    calls = [line for line in lines if line["message"] == "gateway request"]
+    assert [line["attempt"] for line in calls] == [1, 2]
     # ...and the gateway lines say what was asked and answered
     responses = [line for line in lines if line["message"].startswith("gateway response")]
     assert [r["http_status"] for r in responses] == [503, 200]

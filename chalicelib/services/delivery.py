@@ -530,7 +530,7 @@ class Sender:
 
 def _with_ids(step: Callable[..., JobResult | None], item: _Job, *args: Any) -> JobResult | None:
     """Run one job's step with its ids on every log line, the gateway client's included."""
-    with logs.bind(**Sender._log(item)):
+    with logs.bind(**Sender._log(item), attempt=item.job.retries + 1):
         return step(item, *args)
 
 
