@@ -183,3 +183,23 @@ def test_bad_pipeline_setting_is_refused_with_exit_code_2(
     assert result.returncode == 2, result.stderr
     assert f"error: {name} {explanation}" in result.stderr
     assert "READY" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LOG_LEVEL", "chatty"),
+        ("REPORT_SENDER", "not-an-address"),
+        ("REPORT_RECIPIENTS", "ops@example.com,nobody"),
+        ("SENDER_API_TOKEN_SECRET_ID", "not a secret id"),
+    ],
+)
+def test_bad_operations_setting_is_refused_by_name_with_exit_code_2(name: str, value: str) -> None:
+    # Given an operations setting the service cannot run with, when the stack starts
+    result = start_refused(**{name: value})
+    # Then it exits with the code of a bad setting, naming it, and never serves
+    assert result.returncode == 2, result.stderr
+    assert "error: invalid settings:" in result.stderr
+    assert name in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "READY" not in result.stdout

@@ -839,7 +839,11 @@ def fault_summary(profile: FaultProfile) -> str:
 def configure_logging() -> None:
     # The same JSON lines as in Lambda (ids, correlation ids, secrets scrubbed), on stderr:
     # stdout carries the READY lines that programs read.
-    logs.configure(stream=sys.stderr)
+    try:
+        logs.configure(stream=sys.stderr)
+    except ValueError:
+        # A bad LOG_LEVEL: the settings check refuses it by name (exit code 2) right after.
+        logs.configure(level="INFO", stream=sys.stderr)
     # werkzeug logs every emulator request (and halves its throughput doing so).
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
