@@ -281,6 +281,40 @@ def test_no_token_ever_reaches_the_logs(
     assert "[redacted]" in text  # the mistaken line was scrubbed, not dropped
 
 
+def test_a_rotated_gateway_token_is_read_again_after_the_gateway_refuses_the_old_one(
+    api, pipeline, clock, gateway, services, secret_arn
+):
+    import boto3
+
+    # Given the token was read (and cached) for a first message
+    body(api.post("/clients", {"phone": "79161234567", "tag": "a"}))
+    first = body(api.post("/mailings", _mailing(clock, "a")))
+    pipeline.settle(limit=timedelta(minutes=5))
+    assert pipeline.statuses(first["id"]) == {"sent": 1}
+    # When the operator rotates it: the secret and the gateway change together
+    rotated = "gw-rotated-token-0a1b2c3d"
+    boto3.client("secretsmanager", region_name="us-east-1").put_secret_value(
+        SecretId=secret_arn, SecretString=rotated
+    )
+    gateway._token = rotated.encode()
+    body(api.post("/clients", {"phone": "79161234568", "tag": "b"}))
+    second = body(api.post("/mailings", _mailing(clock, "b")))
+    pipeline.settle(limit=timedelta(minutes=30))
+
+    # Then the old token's 401 made the sender read the secret again, and the message was sent
+    assert pipeline.statuses(second["id"]) == {"sent": 1}
+    assert [r.outcome for r in gateway.requests()][-2:] == ["401", "ok"]
+
+
+def _mailing(clock, tag: str) -> dict:
+    return {
+        "text": "Hi",
+        "start_at": clock().isoformat(),
+        "end_at": (clock() + timedelta(hours=1)).isoformat(),
+        "filter": {"tags": [tag]},
+    }
+
+
 def test_a_bad_log_level_is_refused_with_its_name():
     with pytest.raises(ValueError, match="LOG_LEVEL"):
         logs.level_from("chatty")

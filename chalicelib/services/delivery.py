@@ -399,10 +399,14 @@ class Sender:
             return self._finish(item, MessageStatus.FAILED, claim, result.detail)
         if result.outcome is Answer.UNAUTHORIZED:
             logger.error(
-                "the SMS gateway refused our credentials; check SENDER_API_TOKEN. "
-                "Messages stay pending and are retried.",
+                "the SMS gateway refused our credentials; check SENDER_API_TOKEN (or the "
+                "secret SENDER_API_TOKEN_SECRET_ID names). Messages stay pending and are retried.",
                 extra=log,
             )
+            # A rotated secret is read again for the retry, with no redeploy.
+            forget = getattr(self._gateway, "cache_clear", None)
+            if forget is not None:
+                forget()
             self._messages.release(item.batch.mailing_id, job.client_id, claim, now, result.detail)
             item.requeue = self._later(item, job, self._settings.auth_retry_seconds)
             return JobResult.CONFIG_ERROR
