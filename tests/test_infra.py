@@ -20,6 +20,7 @@ from typing import Any
 import botocore.client
 import pytest
 import yaml
+from cfnlint.schema import PROVIDER_SCHEMA_MANAGER
 from chalice import Chalice
 
 from chalicelib import workers
@@ -640,16 +641,14 @@ def test_function_can_use_exactly_the_queues_its_code_uses(resources: dict, func
 
 
 def test_the_authorizer_cannot_touch_tables_or_queues(resources: dict) -> None:
-    """Given the token authorizer, when its role is read, then it has no DynamoDB or SQS access."""
+    """Given the token authorizer, when its role is read, then it has no DynamoDB or SQS access:
+    its own policy only lets it write its logs."""
     role = function_roles(resources)[AUTHORIZER]
     statements = statements_by_role(resources).get(role, [])
     assert dynamodb_grants(statements) == {}
     assert sqs_grants(statements) == {}
-    assert not [
-        p
-        for p in of_type(resources, "AWS::IAM::Policy").values()
-        if {"Ref": role} in p["Properties"]["Roles"]
-    ]
+    policy = resources[own_policy(resources, role)]["Properties"]["PolicyDocument"]
+    assert [statement["Sid"] for statement in policy["Statement"]] == ["OwnLogs"]
 
 
 def test_no_dynamodb_or_sqs_grant_has_a_wildcard_resource(resources: dict) -> None:
@@ -662,11 +661,12 @@ def test_no_dynamodb_or_sqs_grant_has_a_wildcard_resource(resources: dict) -> No
 
 
 def test_each_function_has_its_own_access_policy_and_waits_for_it(resources: dict) -> None:
-    """Given a Lambda with grants, when deployed, then one policy of its own carries them and the
-    function (so its SQS event source mapping, which checks the role) is created after it."""
+    """Given a Lambda (every one writes its logs), when deployed, then one policy of its own
+    carries its grants and the function (so its SQS event source mapping, which checks the role,
+    and its first log line) is created after it."""
     policies = of_type(resources, "AWS::IAM::Policy")
     roles = function_roles(resources)
-    for function in TABLE_ACCESS:
+    for function in of_type(resources, "AWS::Serverless::Function"):
         own = [
             name
             for name, policy in policies.items()
@@ -1103,11 +1103,83 @@ def test_only_the_reporters_may_send_e_mail_and_only_the_report(
 
 def test_the_authorizer_can_send_no_e_mail_and_read_no_secret(resources: dict) -> None:
     """Given the token authorizer, when its role is read, then it has no SES, Secrets Manager or
-    KMS access (it has no policy of its own at all)."""
+    KMS access (its own policy holds only its log writes)."""
     role = function_roles(resources)[AUTHORIZER]
     statements = statements_by_role(resources).get(role, [])
     for service in ("ses", "secretsmanager", "kms"):
         assert grants(statements, service) == [], service
+
+
+# ---------------------------------------------------------------- logs
+
+LOG_GROUP_NAME = "/sms-campaigns/${{AWS::StackName}}/{function}"
+WRITE_LOGS = {"logs:CreateLogStream", "logs:PutLogEvents"}
+
+
+def log_groups_of_functions(resources: dict[str, Any]) -> dict[str, str]:
+    """Function logical id -> logical id of the log group its LoggingConfig names."""
+    found = {}
+    for name, function in of_type(resources, "AWS::Serverless::Function").items():
+        config = function["Properties"].get("LoggingConfig", {})
+        assert set(config.get("LogGroup", {})) == {"Ref"}, f"{name} logs to {config}"
+        found[name] = config["LogGroup"]["Ref"]
+    return found
+
+
+def test_every_function_logs_to_a_group_of_its_own_with_retention(resources: dict) -> None:
+    """Given any Lambda of the package (one added to app.py included), when deployed, then it
+    logs to a group of the stack named after it, which keeps LogRetentionDays of logs; no group
+    is shared or left unused.
+
+    The group is named by a !Ref, so CloudFormation creates it before the function, and its name
+    is not /aws/lambda/<function name>: that group may exist already (Lambda made it), and one
+    named after the function could only be created after it, racing Lambda's own."""
+    groups = of_type(resources, "AWS::Logs::LogGroup")
+    used = log_groups_of_functions(resources)
+    assert used
+    assert sorted(used.values()) == sorted(groups), "one group per function, each used"
+    for function, group in used.items():
+        properties = groups[group]["Properties"]
+        assert properties == {
+            "LogGroupName": {"Fn::Sub": LOG_GROUP_NAME.format(function=function)},
+            "RetentionInDays": {"Ref": "LogRetentionDays"},
+        }, function
+
+
+def test_log_groups_outlive_the_stack_but_not_a_failed_first_deploy(resources: dict) -> None:
+    """Given the stack deleted, or a group dropped from the template, then the group and its
+    last LogRetentionDays of logs stay; given the deploy that creates it rolled back, then it is
+    deleted, so the retry does not fail on a group of the same name."""
+    for name, group in of_type(resources, "AWS::Logs::LogGroup").items():
+        assert group["DeletionPolicy"] == "RetainExceptOnCreate", name
+        assert group["UpdateReplacePolicy"] == "Retain", name
+
+
+def test_log_retention_takes_exactly_the_periods_cloudwatch_logs_accepts(template: dict) -> None:
+    """Given LogRetentionDays, when set, then CloudFormation refuses a period CloudWatch Logs
+    would refuse mid-deploy, and offers every one it accepts; 30 days by default."""
+    schema = PROVIDER_SCHEMA_MANAGER.get_resource_schema("us-east-1", "AWS::Logs::LogGroup")
+    accepted = schema.schema["properties"]["RetentionInDays"]["enum"]
+    parameter = template["Parameters"]["LogRetentionDays"]
+    assert parameter["Type"] == "Number"
+    assert parameter["AllowedValues"] == accepted
+    assert parameter["Default"] == 30
+
+
+def test_each_function_may_write_only_to_its_own_log_group(resources: dict) -> None:
+    """Given a Lambda's role, when its own policy is read, then it may write log streams and
+    events to its group and to no other, and may not create a group (which would have no
+    retention)."""
+    roles = function_roles(resources)
+    for function, group in log_groups_of_functions(resources).items():
+        statements = widest(
+            resources[own_policy(resources, roles[function])]["Properties"]["PolicyDocument"][
+                "Statement"
+            ]
+        )
+        [own] = grants(statements, "logs")
+        assert set(own["Action"]) == WRITE_LOGS, function
+        assert own["Resource"] == [{"Fn::GetAtt": [group, "Arn"]}], function
 
 
 # ---------------------------------------------------------------- alarms

@@ -699,7 +699,8 @@ DEPLOY_NEEDS: dict[str, list[tuple[str, str]]] = {
     "AWS::SNS::Topic": [("sns:CreateTopic", arn("sns", f"{STACK_NAME}-AlarmTopic-AbC123"))],
     "AWS::SNS::Subscription": [("sns:Subscribe", arn("sns", f"{STACK_NAME}-AlarmTopic-AbC123"))],
     "AWS::Logs::LogGroup": [
-        ("logs:CreateLogGroup", arn("logs", f"log-group:/aws/lambda/{STACK_NAME}-APIHandler-X")),
+        ("logs:CreateLogGroup", arn("logs", f"log-group:/sms-campaigns/{STACK_NAME}/APIHandler")),
+        ("logs:PutRetentionPolicy", arn("logs", f"log-group:/sms-campaigns/{STACK_NAME}/X:*")),
     ],
 }
 # Chalice's part of the package: functions, their roles and permissions, the API, and what SAM
@@ -736,6 +737,30 @@ def test_the_role_can_deploy_every_kind_of_resource_of_the_stack() -> None:
     assert not refused
 
 
+def test_the_role_manages_the_log_groups_the_stack_names() -> None:
+    """Given the log groups of infra/resources.yaml under the workflow's stack name, when the
+    role deploys the stack, then it may create each, set its retention, tag it, and delete it
+    when the deploy that created it rolls back."""
+    merged = yaml.load((ROOT / "infra" / "resources.yaml").read_text(), Loader=TemplateLoader)
+    names = [
+        body["Properties"]["LogGroupName"]["Fn::Sub"].replace("${AWS::StackName}", STACK_NAME)
+        for body in merged["Resources"].values()
+        if body.get("Type") == "AWS::Logs::LogGroup"
+    ]
+    deployed = Deployed()
+
+    assert names
+    for name in names:
+        for action in (
+            "logs:CreateLogGroup",
+            "logs:PutRetentionPolicy",
+            "logs:TagResource",
+            "logs:DeleteLogGroup",
+        ):
+            assert deployed.allows(action, arn("logs", f"log-group:{name}")), (action, name)
+            assert deployed.allows(action, arn("logs", f"log-group:{name}:*")), (action, name)
+
+
 @pytest.mark.parametrize(
     ("action", "resource"),
     [
@@ -750,6 +775,11 @@ def test_the_role_can_deploy_every_kind_of_resource_of_the_stack() -> None:
         ("sqs:DeleteQueue", arn("sqs", "other-app-jobs")),
         ("s3:PutObject", "arn:aws:s3:::some-other-bucket/key"),
         ("sns:Publish", arn("sns", f"{STACK_NAME}-AlarmTopic-AbC123")),
+        ("logs:DeleteLogGroup", arn("logs", "log-group:/sms-campaigns/other-app-prod/APIHandler")),
+        ("logs:CreateLogGroup", arn("logs", "log-group:/aws/lambda/other-app-Handler")),
+        # Lambda's own groups of the stack's functions: not the stack's, so not the deploy's.
+        ("logs:DeleteLogGroup", arn("logs", f"log-group:/aws/lambda/{STACK_NAME}-APIHandler-X")),
+        ("logs:PutLogEvents", arn("logs", f"log-group:/sms-campaigns/{STACK_NAME}/X:log-stream:s")),
     ],
 )
 def test_the_role_cannot_touch_what_the_stack_does_not_own(action: str, resource: str) -> None:
