@@ -727,6 +727,23 @@ def test_queue_moves_a_message_that_keeps_failing_to_its_dead_letter_queue(
     assert "RedrivePolicy" not in queues[dead_letter_queue]
 
 
+def test_the_sender_counts_dead_letters_at_the_send_queues_max_receive_count(
+    template: dict, queues: dict
+) -> None:
+    """Given a send job failing its last receive, when the sender reports it, then it counts it
+    as a dead letter (DlqArrivals) exactly when SQS moves it: the sender's MAX_RECEIVE_COUNT is
+    the send queue's redrive maxReceiveCount.
+
+    The template gives the sender no MAX_RECEIVE_COUNT, so the settings' default applies; this
+    test keeps the two equal (passing the value in the environment would only be a second
+    literal here, since CloudFormation cannot read the queue's policy back). Should the
+    environment ever set it, that value is the one compared."""
+    variables = environment(template, "SendMessages")
+    given = {name: variables[name] for name in ("MAX_RECEIVE_COUNT",) if name in variables}
+    sender = Settings.from_env(given)
+    assert queues["SendQueue"]["RedrivePolicy"]["maxReceiveCount"] == sender.max_receive_count
+
+
 @pytest.mark.parametrize("queue", sorted(DEAD_LETTER_QUEUES | {"SendQueue"}))
 def test_jobs_and_dead_letters_are_kept_fourteen_days(queues: dict, queue: str) -> None:
     """Given an outage, when jobs or dead letters wait, then SQS keeps them its longest, 14 days.
