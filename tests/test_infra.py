@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import botocore.client
 import pytest
@@ -850,6 +850,20 @@ def test_every_environment_variable_is_a_setting(template: dict) -> None:
     for function in of_type(template["Resources"], "AWS::Serverless::Function"):
         unknown = set(environment(template, function)) - settings - NON_SETTINGS_VARIABLES
         assert not unknown, (function, unknown)
+
+
+def test_every_function_logs_at_the_stacks_log_level(template: dict) -> None:
+    """Given the LogLevel parameter, when deployed, then every Lambda gets it as LOG_LEVEL, and
+    it takes exactly the levels the settings accept, the settings' default by default."""
+    parameter = template["Parameters"]["LogLevel"]
+    levels = get_args(Settings.model_fields["log_level"].annotation)
+    for function in of_type(template["Resources"], "AWS::Serverless::Function"):
+        assert environment(template, function)["LOG_LEVEL"] == {"Ref": "LogLevel"}, function
+    assert parameter["Type"] == "String"
+    assert list(parameter["AllowedValues"]) == list(levels)
+    assert parameter["Default"] == Settings.model_fields["log_level"].default == "INFO"
+    for level in parameter["AllowedValues"]:
+        assert Settings.from_env({"LOG_LEVEL": level}).log_level == level
 
 
 def test_no_function_holds_the_gateway_token_itself(template: dict) -> None:

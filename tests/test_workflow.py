@@ -138,6 +138,7 @@ def deploy_variables(**overrides: str) -> dict[str, str]:
         "REPORT_RECIPIENTS": "",
         "REPORT_SENDER": "",
         "DAILY_REPORT_SCHEDULE": "",
+        "LOG_LEVEL": "",
     }
     return {**values, **overrides}
 
@@ -348,6 +349,7 @@ def test_deploy_passes_the_token_secret_arn_and_only_the_variables_that_are_set(
         GATEWAY_RATE_PER_SECOND="250",
         REPORT_RECIPIENTS="ops@example.com,lead@example.com",
         DAILY_REPORT_SCHEDULE="cron(0 6 * * ? *)",
+        LOG_LEVEL="WARNING",
     )
 
     deployed, calls = run_step(
@@ -360,12 +362,13 @@ def test_deploy_passes_the_token_secret_arn_and_only_the_variables_that_are_set(
         "GatewayRatePerSecond": "250",
         "ReportRecipients": "ops@example.com,lead@example.com",
         "DailyReportSchedule": "cron(0 6 * * ? *)",
+        "LogLevel": "WARNING",
     }
 
 
 def test_every_stack_setting_can_be_set_from_a_variable(tmp_path: Path) -> None:
     """Given every stack setting set as a variable, when the deploy step runs, then each reaches
-    its stack parameter."""
+    its stack parameter, a parameter infra/resources.yaml declares."""
     settings = deploy_variables(
         GATEWAY_TOKEN_KMS_KEY_ARN="arn:aws:kms:eu-west-1:123456789012:key/mrk-0123",
         SENDER_API_URL="https://gateway.example.com",
@@ -375,6 +378,7 @@ def test_every_stack_setting_can_be_set_from_a_variable(tmp_path: Path) -> None:
         REPORT_RECIPIENTS="ops@example.com",
         REPORT_SENDER="reports@example.com",
         DAILY_REPORT_SCHEDULE="cron(0 6 * * ? *)",
+        LOG_LEVEL="DEBUG",
     )
 
     _, calls = run_step(
@@ -391,7 +395,10 @@ def test_every_stack_setting_can_be_set_from_a_variable(tmp_path: Path) -> None:
         "ReportRecipients",
         "ReportSender",
         "DailyReportSchedule",
+        "LogLevel",
     }
+    merged = yaml.load((ROOT / "infra" / "resources.yaml").read_text(), Loader=TemplateLoader)
+    assert set(parameter_overrides(calls[-1])) <= set(merged["Parameters"])
 
 
 def test_deploy_stops_before_aws_when_the_token_secret_arn_is_not_set(tmp_path: Path) -> None:
