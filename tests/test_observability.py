@@ -439,3 +439,20 @@ def test_metrics_can_be_switched_off(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
     MetricsWriter(Settings(), written.append).emit({"MessagesSent": 3})
     assert written == []
+
+
+@pytest.mark.parametrize("count", [None, 7])
+def test_local_queues_redrive_after_the_receive_count_the_sender_counts_dead_letters_by(aws, count):
+    import boto3
+
+    from chalicelib.local.stack import ensure_queues
+    from chalicelib.settings import Settings
+
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    extra = {} if count is None else {"max_receive_count": count}
+    urls = ensure_queues(
+        sqs, "sms-rc", send_visibility_timeout=60, fanout_visibility_timeout=120, **extra
+    )
+    attributes = sqs.get_queue_attributes(QueueUrl=urls.send, AttributeNames=["RedrivePolicy"])
+    policy = json.loads(attributes["Attributes"]["RedrivePolicy"])
+    assert int(policy["maxReceiveCount"]) == (count or Settings().max_receive_count)

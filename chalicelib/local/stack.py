@@ -66,7 +66,8 @@ DEFAULT_SENDER_POLLERS = 2
 # minute. Never below the function's timeout, which Lambda requires of a queue.
 DEFAULT_SEND_VISIBILITY_SECONDS = 60
 FANOUT_VISIBILITY_SECONDS = 120
-MAX_RECEIVE_COUNT = 5
+# The sender counts a job failing its last receive as a DLQ arrival, so it must know the count.
+MAX_RECEIVE_COUNT = Settings.model_fields["max_receive_count"].default
 _MAX_VISIBILITY_SECONDS = 43200
 _MAX_SENDER_POLLERS = 32
 _MAX_SQS_BATCH = 10
@@ -355,7 +356,12 @@ class QueueUrls:
 
 
 def ensure_queues(
-    sqs: Any, prefix: str, *, send_visibility_timeout: int, fanout_visibility_timeout: int
+    sqs: Any,
+    prefix: str,
+    *,
+    send_visibility_timeout: int,
+    fanout_visibility_timeout: int,
+    max_receive_count: int = MAX_RECEIVE_COUNT,
 ) -> QueueUrls:
     """Create the send and fan-out queues and their dead-letter queues where missing.
 
@@ -370,7 +376,7 @@ def ensure_queues(
         f"{prefix}-send",
         {
             "VisibilityTimeout": str(send_visibility_timeout),
-            "RedrivePolicy": _redrive_to(send_dlq_arn),
+            "RedrivePolicy": _redrive_to(send_dlq_arn, max_receive_count),
         },
         created,
     )
@@ -381,7 +387,7 @@ def ensure_queues(
         f"{prefix}-fanout",
         {
             "VisibilityTimeout": str(fanout_visibility_timeout),
-            "RedrivePolicy": _redrive_to(fanout_dlq_arn),
+            "RedrivePolicy": _redrive_to(fanout_dlq_arn, max_receive_count),
         },
         created,
     )
@@ -399,8 +405,8 @@ def ensure_queues(
     )
 
 
-def _redrive_to(dlq_arn: str) -> str:
-    return json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(MAX_RECEIVE_COUNT)})
+def _redrive_to(dlq_arn: str, max_receive_count: int) -> str:
+    return json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)})
 
 
 def _ensure_queue(
@@ -579,7 +585,9 @@ class LocalStack:
             # SES sends only from a verified address; the embedded emulator starts empty.
             ses = aws.client("ses", settings)
             ses.verify_email_identity(EmailAddress=settings.report_sender)
-        self.queues = self._install_queues(sqs, settings.table_prefix, send_visibility_timeout)
+        self.queues = self._install_queues(
+            sqs, settings.table_prefix, send_visibility_timeout, settings.max_receive_count
+        )
         if self.config.sandbox_profile is not None:
             self._start_sandbox(self.config.sandbox_profile)
         # Read again: the queue and gateway addresses exist only now.
@@ -603,11 +611,14 @@ class LocalStack:
             )
         return chosen
 
-    def _install_queues(self, sqs: Any, prefix: str, send_visibility_timeout: int) -> QueueUrls:
+    def _install_queues(
+        self, sqs: Any, prefix: str, send_visibility_timeout: int, max_receive_count: int
+    ) -> QueueUrls:
         try:
             queues = ensure_queues(
                 sqs,
                 prefix,
+                max_receive_count=max_receive_count,
                 send_visibility_timeout=send_visibility_timeout,
                 fanout_visibility_timeout=max(
                     FANOUT_VISIBILITY_SECONDS, math.ceil(self.timeouts[FANOUT_FUNCTION])
