@@ -94,10 +94,12 @@ def secret_arn(aws) -> str:
 @pytest.fixture
 def settings(gateway, secret_arn, monkeypatch: pytest.MonkeyPatch, request):
     monkeypatch.setenv("API_TOKENS", API_TOKEN)
-    overrides = getattr(request, "param", {})  # indirect parametrisation
-    return pipeline_settings(
-        gateway.url, sender_api_token_secret_id=secret_arn, sender_concurrency=2, **overrides
-    )
+    overrides = {  # indirect parametrisation wins
+        "sender_api_token_secret_id": secret_arn,
+        "sender_concurrency": 2,
+        **getattr(request, "param", {}),
+    }
+    return pipeline_settings(gateway.url, **overrides)
 
 
 @pytest.fixture
@@ -456,3 +458,68 @@ def test_local_queues_redrive_after_the_receive_count_the_sender_counts_dead_let
     attributes = sqs.get_queue_attributes(QueueUrl=urls.send, AttributeNames=["RedrivePolicy"])
     policy = json.loads(attributes["Attributes"]["RedrivePolicy"])
     assert int(policy["maxReceiveCount"]) == (count or Settings().max_receive_count)
+
+
+@pytest.mark.parametrize(
+    ("stored", "problem"),
+    [
+        (json.dumps({"value": "x"}), 'needs a string "token" key'),
+        ("{not json", 'needs a string "token" key'),
+        ("   ", "the secret is empty"),
+    ],
+)
+def test_an_unusable_secret_is_a_settings_error_naming_the_variable(aws, stored, problem):
+    import boto3
+
+    from chalicelib.container import gateway_token
+    from chalicelib.settings import Settings, SettingsError
+
+    client = boto3.client("secretsmanager", region_name="us-east-1")
+    arn = client.create_secret(Name="sms-test/bad", SecretString=stored)["ARN"]
+    settings = Settings(sender_api_token_secret_id=arn)
+    with pytest.raises(SettingsError, match=f"SENDER_API_TOKEN_SECRET_ID: .*{re.escape(problem)}"):
+        gateway_token(settings)
+
+
+def test_a_plain_secret_is_the_token(aws):
+    import boto3
+
+    from chalicelib.container import gateway_token
+    from chalicelib.settings import Settings
+
+    client = boto3.client("secretsmanager", region_name="us-east-1")
+    arn = client.create_secret(Name="sms-test/plain", SecretString=" plain-token-1234 \n")["ARN"]
+    token = gateway_token(Settings(sender_api_token_secret_id=arn))
+    assert token is not None
+    assert token.get_secret_value() == "plain-token-1234"
+
+
+@pytest.mark.parametrize(
+    "settings", [{"sender_api_token_secret_id": "sms-test/created-later"}], indirect=True
+)
+def test_an_unreadable_token_keeps_messages_pending_until_the_secret_exists(
+    api, pipeline, clock, gateway, captured_logs
+):
+    import boto3
+
+    # Given the secret the sender is told to read does not exist yet
+    body(api.post("/clients", {"phone": "79161234567", "tag": "a"}))
+    mailing = body(api.post("/mailings", _mailing(clock, "a")))
+    pipeline.settle(limit=timedelta(minutes=2))
+
+    # Then nothing was sent or spent, and the log says why
+    [message] = pipeline.messages(mailing["id"])
+    assert message.status == "pending"
+    assert int(message.attempts) == 0
+    assert gateway.requests() == []
+    assert any(
+        line["message"].startswith("the gateway token cannot be read (")
+        for line in captured_logs.where(mailing_id=mailing["id"])
+    )
+
+    # When an operator creates it, the next retry reads it and sends
+    boto3.client("secretsmanager", region_name="us-east-1").create_secret(
+        Name="sms-test/created-later", SecretString=GATEWAY_SECRET
+    )
+    pipeline.settle(limit=timedelta(minutes=30))
+    assert pipeline.statuses(mailing["id"]) == {"sent": 1}

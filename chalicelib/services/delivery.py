@@ -26,6 +26,7 @@ from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pynamodb.exceptions import DoesNotExist
 
 from chalicelib import logs
@@ -45,7 +46,7 @@ from chalicelib.services.queues import (
     coalesce,
 )
 from chalicelib.services.throttle import GatewayThrottle, Slots
-from chalicelib.settings import Settings
+from chalicelib.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -305,14 +306,24 @@ class Sender:
         timing = self._timing(item, self._clock())
         if timing is not None:
             return timing
-        if self._gateway() is None:
-            logger.error(
-                "SENDER_API_URL / SENDER_API_TOKEN are not set: nothing can be sent",
-                extra=self._log(item),
-            )
+        problem = self._gateway_problem()
+        if problem is not None:
+            logger.error("%s: nothing can be sent; retried later", problem, extra=self._log(item))
             item.requeue = self._later(item, item.job, self._settings.auth_retry_seconds)
             return JobResult.CONFIG_ERROR
         item.ready = True
+        return None
+
+    def _gateway_problem(self) -> str | None:
+        """Why no gateway call can be made (not configured, token unreadable), if so."""
+        try:
+            gateway = self._gateway()
+        except (SettingsError, ClientError, BotoCoreError) as exc:
+            # A missing secret, a denied read, a malformed value: fixed by an operator, after
+            # which the next retry reads it again (failures are not cached).
+            return f"the gateway token cannot be read ({exc})"
+        if gateway is None:
+            return "SENDER_API_URL / SENDER_API_TOKEN (or SENDER_API_TOKEN_SECRET_ID) are not set"
         return None
 
     def _timing(self, item: _Job, now: datetime) -> JobResult | None:
