@@ -706,7 +706,8 @@ class LocalStack:
         from chalicelib.container import Services, use_services
         from chalicelib.models import create_tables
 
-        services = Services.build(settings)
+        # EMF blobs go with the log lines (stderr): stdout carries the lines programs read.
+        services = Services.build(settings, write_metrics=_to_stderr)
         try:
             created = create_tables(services.models)
         except Exception as exc:
@@ -845,6 +846,10 @@ def fault_summary(profile: FaultProfile) -> str:
         f"{name}={value}" for name, value in profile.to_dict().items() if value != defaults[name]
     ]
     return ", ".join(changed) or "none"
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
 
 
 def configure_logging() -> None:
