@@ -1,0 +1,1223 @@
+/* The admin UI: a small single-page app with hash routes, written by hand (no framework, no
+ * build step, no CDN). Every text that comes from the API reaches the page through textContent
+ * or attributes, never through innerHTML. Every API call goes to this page's own origin, with
+ * the operator's token as a bearer token. */
+"use strict";
+
+(() => {
+  const TOKEN_KEY = "smsAdmin.token";
+  const SIGN_IN_KEY = "smsAdmin.signIn";
+  const POLL_MS = 2000;
+  const IMPORT_POLL_MS = 1000;
+  const STATUS_ORDER = ["pending", "sent", "failed", "expired", "cancelled", "skipped"];
+  const PLACEHOLDERS = ["{phone}", "{operator_code}", "{tag}", "{timezone}"];
+
+  const state = {
+    config: { auth_mode: "static", oidc: null },
+    token: sessionStorage.getItem(TOKEN_KEY),
+    timers: new Set(), // cleared whenever the route changes
+    view: 0, // bumped on each route: late answers for an old view are dropped
+  };
+
+  // ------------------------------------------------------------------ DOM helpers
+
+  /** An element with attributes and children; strings become text nodes (never HTML). */
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    setAttrs(el, attrs);
+    appendAll(el, children);
+    return el;
+  }
+
+  function setAttrs(el, attrs) {
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+      else if (key === "class") el.className = value;
+      else if (key === "value") el.value = value;
+      else if (key === "checked") el.checked = Boolean(value);
+      else if (key === "dataset") Object.assign(el.dataset, value);
+      else el.setAttribute(key, value === true ? "" : String(value));
+    }
+  }
+
+  function appendAll(el, children) {
+    for (const child of children.flat(Infinity)) {
+      if (child === null || child === undefined || child === false) continue;
+      el.append(child instanceof Node ? child : String(child));
+    }
+  }
+
+  const SVG = "http://www.w3.org/2000/svg";
+  function svg(tag, attrs, ...children) {
+    const el = document.createElementNS(SVG, tag);
+    for (const [key, value] of Object.entries(attrs || {})) el.setAttribute(key, String(value));
+    appendAll(el, children);
+    return el;
+  }
+
+  function mount(...nodes) {
+    const main = document.getElementById("main");
+    main.replaceChildren(...nodes.flat());
+  }
+
+  let fieldIds = 0;
+  /** A labelled input with a hint and a slot for its API error. */
+  function field(label, input, { name, hint, wide, check } = {}) {
+    const id = input.id || `f${++fieldIds}`;
+    input.id = id;
+    const key = name || input.name;
+    const error = h("p", { class: "field-error", id: `${id}-error` });
+    const hintEl = hint ? h("p", { class: "hint", id: `${id}-hint` }, hint) : null;
+    input.setAttribute("aria-describedby", [hintEl && hintEl.id, error.id].filter(Boolean).join(" "));
+    const labelEl = h("label", { for: id }, label);
+    const classes = ["field", wide ? "wide" : "", check ? "check" : ""].filter(Boolean).join(" ");
+    const parts = check ? [input, labelEl, hintEl, error] : [labelEl, input, hintEl, error];
+    return h("div", { class: classes, dataset: { field: key } }, parts);
+  }
+
+  function formError() {
+    return h("div", { class: "form-error", role: "alert", hidden: true });
+  }
+
+  function clearErrors(form) {
+    for (const el of form.querySelectorAll(".field-error")) el.textContent = "";
+    for (const el of form.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+    const box = form.querySelector(".form-error");
+    if (box) {
+      box.replaceChildren();
+      box.hidden = true;
+    }
+  }
+
+  /** Shows an API error next to the fields it names; the rest above the form. */
+  function showErrors(form, err) {
+    clearErrors(form);
+    const loose = [];
+    for (const detail of err.details || []) {
+      const slot = fieldSlot(form, detail.field);
+      if (slot) {
+        const out = slot.querySelector(".field-error");
+        out.textContent = out.textContent ? `${out.textContent}; ${detail.message}` : detail.message;
+        const input = slot.querySelector("input, textarea, select");
+        if (input) input.setAttribute("aria-invalid", "true");
+      } else {
+        loose.push(detail.field ? `${detail.field}: ${detail.message}` : detail.message);
+      }
+    }
+    const box = form.querySelector(".form-error");
+    if (box) {
+      box.append(h("p", {}, err.message));
+      if (loose.length) box.append(h("ul", {}, loose.map((text) => h("li", {}, text))));
+      box.hidden = false;
+    }
+    const first = form.querySelector("[aria-invalid='true']");
+    if (first) first.focus();
+  }
+
+  /** The field an error's `field` path (`body.filter.tags.0`, `query.tag`) belongs to. */
+  function fieldSlot(form, path) {
+    if (!path) return null;
+    const parts = path.split(".").filter((part) => part !== "body" && part !== "query");
+    for (let n = parts.length; n > 0; n--) {
+      const slot = form.querySelector(`[data-field="${CSS.escape(parts.slice(0, n).join("."))}"]`);
+      if (slot) return slot;
+    }
+    const last = parts.filter((part) => !/^\d+$/.test(part)).pop();
+    return last ? form.querySelector(`[data-field="${CSS.escape(last)}"]`) : null;
+  }
+
+  // ------------------------------------------------------------------ flash messages
+
+  function flash(text, { error = false, sticky = error } = {}) {
+    const area = document.getElementById("flash");
+    const close = h("button", { type: "button", "aria-label": "Dismiss" }, "×");
+    const note = h("div", { class: error ? "flash error" : "flash" }, h("span", {}, text), close);
+    close.addEventListener("click", () => note.remove());
+    area.append(note);
+    while (area.children.length > 3) area.firstElementChild.remove();
+    if (!sticky) setTimeout(() => note.remove(), 6000);
+  }
+
+  function clearFlash() {
+    document.getElementById("flash").replaceChildren();
+  }
+
+  // ------------------------------------------------------------------ formatting
+
+  const dateTime = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
+  const clock = new Intl.DateTimeFormat(undefined, { timeStyle: "medium" });
+
+  function when(iso) {
+    if (!iso) return "—";
+    const date = new Date(iso);
+    return Number.isNaN(date.getTime()) ? iso : dateTime.format(date);
+  }
+
+  function pad(n) {
+    return String(n).padStart(2, "0");
+  }
+
+  /** An ISO timestamp as a datetime-local value in the browser's timezone. */
+  function toLocalInput(iso) {
+    const d = iso ? new Date(iso) : new Date();
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+  }
+
+  function fromLocalInput(value) {
+    if (!value) return undefined;
+    const date = new Date(value);
+    return Number.isNaN(date.getTime()) ? value : date.toISOString();
+  }
+
+  function utcOffset() {
+    const minutes = -new Date().getTimezoneOffset();
+    const sign = minutes >= 0 ? "+" : "-";
+    return `UTC${sign}${pad(Math.floor(Math.abs(minutes) / 60))}:${pad(Math.abs(minutes) % 60)}`;
+  }
+
+  function list(value) {
+    return value
+      .split(/[\s,]+/)
+      .map((part) => part.trim())
+      .filter(Boolean);
+  }
+
+  function cssToken(value) {
+    return String(value).toLowerCase().replace(/[^a-z0-9-]/g, "");
+  }
+
+  function badge(status) {
+    return h("span", { class: `badge badge-${cssToken(status)}`, "data-status": status }, status);
+  }
+
+  function statusKeys(stats) {
+    const extra = Object.keys(stats).filter((k) => k !== "total" && !STATUS_ORDER.includes(k));
+    return [...STATUS_ORDER.filter((k) => k in stats), ...extra.sort()];
+  }
+
+  // ------------------------------------------------------------------ the API
+
+  class ApiError extends Error {
+    constructor(status, body) {
+      super((body && body.message) || `HTTP ${status}`);
+      this.status = status;
+      this.code = (body && body.error) || `http_${status}`;
+      this.details = (body && Array.isArray(body.details) && body.details) || [];
+    }
+  }
+
+  function apiUrl(path, query) {
+    const url = new URL(path, document.baseURI);
+    for (const [key, value] of Object.entries(query || {})) {
+      if (value !== undefined && value !== null && value !== "") url.searchParams.set(key, value);
+    }
+    return url;
+  }
+
+  async function readBody(response) {
+    const text = await response.text();
+    if (!text) return null;
+    try {
+      return JSON.parse(text);
+    } catch {
+      return { error: `http_${response.status}`, message: text.slice(0, 300) };
+    }
+  }
+
+  /** Calls the API with the operator's token; a refused token signs the operator out. */
+  async function api(method, path, { body, query, contentType } = {}) {
+    const headers = { Accept: "application/json" };
+    if (state.token) headers.Authorization = `Bearer ${state.token}`;
+    let payload;
+    if (body !== undefined) {
+      headers["Content-Type"] = contentType || "application/json";
+      payload = contentType ? body : JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(apiUrl(path, query), { method, headers, body: payload });
+    } catch (exc) {
+      throw new ApiError(0, { error: "network", message: `The service cannot be reached (${exc.message}).` });
+    }
+    const data = await readBody(response);
+    if (response.status === 401 || (response.status === 403 && !(await tokenWorks()))) {
+      signOut("Your token was refused. Sign in again.");
+      throw new ApiError(response.status, data);
+    }
+    if (!response.ok) throw new ApiError(response.status, data);
+    return data;
+  }
+
+  /** Whether an error says the route does not exist on this server (an older deployment):
+   * locally a 405 or 404, behind API Gateway a 403 for a token that works elsewhere. */
+  function unavailable(err) {
+    return err.status === 405 || err.status === 403 || (err.status === 404 && err.code !== "not_found");
+  }
+
+  /** Whether the API accepts the stored token (API Gateway also answers 403 for unknown paths). */
+  async function tokenWorks(token = state.token) {
+    if (!token) return false;
+    try {
+      const response = await fetch(apiUrl("clients", { limit: 1 }), {
+        headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
+      });
+      return response.ok;
+    } catch {
+      return true; // the network, not the token: do not sign out
+    }
+  }
+
+  // ------------------------------------------------------------------ sign-in
+
+  function setToken(token) {
+    state.token = token;
+    sessionStorage.setItem(TOKEN_KEY, token);
+  }
+
+  function signOut(message) {
+    state.token = null;
+    sessionStorage.removeItem(TOKEN_KEY);
+    stopTimers();
+    if (message) flash(message, { error: true });
+    if (location.hash !== "#/sign-in") location.hash = "#/sign-in";
+    else route();
+  }
+
+  function base64url(bytes) {
+    let text = "";
+    for (const byte of bytes) text += String.fromCharCode(byte);
+    return btoa(text).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  function randomString(size = 32) {
+    return base64url(crypto.getRandomValues(new Uint8Array(size)));
+  }
+
+  function redirectUri() {
+    return `${location.origin}${location.pathname}`;
+  }
+
+  /** Authorization code with PKCE (RFC 7636, S256): off to the provider's sign-in page. */
+  async function startSingleSignOn() {
+    const sso = state.config.oidc;
+    const verifier = randomString(48);
+    const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(verifier));
+    const pending = {
+      verifier,
+      state: randomString(24),
+      nonce: randomString(24),
+      returnTo: location.hash && location.hash !== "#/sign-in" ? location.hash : "#/mailings",
+    };
+    sessionStorage.setItem(SIGN_IN_KEY, JSON.stringify(pending));
+    const url = new URL(sso.authorization_endpoint);
+    const params = {
+      response_type: "code",
+      client_id: sso.client_id,
+      redirect_uri: redirectUri(),
+      scope: sso.scope,
+      state: pending.state,
+      nonce: pending.nonce,
+      code_challenge: base64url(new Uint8Array(digest)),
+      code_challenge_method: "S256",
+    };
+    for (const [key, value] of Object.entries(params)) url.searchParams.set(key, value);
+    location.assign(url.toString());
+  }
+
+  function jwtClaims(token) {
+    try {
+      const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      return JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), "=")));
+    } catch {
+      return null;
+    }
+  }
+
+  /** Back from the provider with `?code=&state=`: check the state, exchange the code. */
+  async function finishSingleSignOn(params) {
+    const pending = JSON.parse(sessionStorage.getItem(SIGN_IN_KEY) || "null");
+    sessionStorage.removeItem(SIGN_IN_KEY);
+    // The code must not stay in the address bar (or in history).
+    history.replaceState(null, "", `${location.pathname}${(pending && pending.returnTo) || "#/mailings"}`);
+    const sso = state.config.oidc;
+    if (params.get("error")) {
+      flash(`Sign-in failed: ${params.get("error_description") || params.get("error")}`, { error: true });
+      return;
+    }
+    if (!sso || !pending || params.get("state") !== pending.state) {
+      flash("Sign-in failed: the answer does not belong to a sign-in started here. Try again.", {
+        error: true,
+      });
+      return;
+    }
+    let data;
+    try {
+      const response = await fetch(sso.token_endpoint, {
+        method: "POST",
+        headers: { "Content-Type": "application/x-www-form-urlencoded", Accept: "application/json" },
+        body: new URLSearchParams({
+          grant_type: "authorization_code",
+          code: params.get("code") || "",
+          redirect_uri: redirectUri(),
+          client_id: sso.client_id,
+          code_verifier: pending.verifier,
+        }),
+      });
+      data = await readBody(response);
+      if (!response.ok) {
+        const reason = (data && (data.error_description || data.error || data.message)) || response.status;
+        throw new Error(String(reason));
+      }
+    } catch (exc) {
+      flash(`Sign-in failed: the provider did not issue a token (${exc.message}).`, { error: true });
+      return;
+    }
+    const token = (data && (data.id_token || data.access_token)) || "";
+    if (data.id_token) {
+      const claims = jwtClaims(data.id_token);
+      if (!claims || (claims.nonce !== undefined && claims.nonce !== pending.nonce)) {
+        flash("Sign-in failed: the ID token was not issued for this sign-in.", { error: true });
+        return;
+      }
+    }
+    if (!token) {
+      flash("Sign-in failed: the provider's answer holds no token.", { error: true });
+      return;
+    }
+    setToken(token);
+    flash("Signed in.");
+  }
+
+  function signInView() {
+    const sso = state.config.oidc;
+    const input = h("input", {
+      type: "password",
+      name: "token",
+      autocomplete: "off",
+      spellcheck: "false",
+      required: true,
+    });
+    const form = h(
+      "form",
+      { class: "grid", novalidate: true },
+      formError(),
+      field(state.config.auth_mode === "oidc" ? "Access token (JWT)" : "API token", input, {
+        wide: true,
+        hint:
+          state.config.auth_mode === "oidc"
+            ? "A token issued by the identity provider for this service."
+            : "One of the service's API_TOKENS. `make run` prints one.",
+      }),
+      h("div", { class: "form-actions" }, h("button", { type: "submit" }, "Sign in")),
+    );
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const token = input.value.trim();
+      if (!token) {
+        showErrors(form, new ApiError(0, { message: "Enter a token.", details: [{ field: "token", message: "required" }] }));
+        return;
+      }
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      const accepted = await tokenWorks(token);
+      button.disabled = false;
+      if (!accepted) {
+        showErrors(form, new ApiError(403, { message: "This token was refused.", details: [{ field: "token", message: "not accepted by the service" }] }));
+        return;
+      }
+      setToken(token);
+      clearFlash();
+      location.hash = "#/mailings";
+    });
+    const ssoPart = sso
+      ? [
+          h("button", { type: "button", id: "sso", onclick: () => startSingleSignOn() }, "Sign in with SSO"),
+          h("p", { class: "muted" }, "or paste a token:"),
+        ]
+      : [];
+    mount(h("section", { class: "panel narrow", "aria-labelledby": "sign-in-title" },
+      h("h1", { id: "sign-in-title" }, "Sign in"),
+      ssoPart,
+      form,
+    ));
+    input.focus();
+  }
+
+  // ------------------------------------------------------------------ routing
+
+  function stopTimers() {
+    for (const stop of state.timers) stop();
+    state.timers.clear();
+  }
+
+  /** Runs `task` now and then every `ms` after it completes, until the route changes. */
+  function every(ms, task) {
+    let timer = null;
+    let stopped = false;
+    const stop = () => {
+      stopped = true;
+      clearTimeout(timer);
+    };
+    state.timers.add(stop);
+    const tick = async () => {
+      try {
+        await task();
+      } catch (err) {
+        console.error(err);
+      } finally {
+        if (!stopped) timer = setTimeout(tick, ms);
+      }
+    };
+    tick();
+    return stop;
+  }
+
+  function parseHash() {
+    const raw = location.hash.replace(/^#/, "") || "/mailings";
+    const [path, search = ""] = raw.split("?");
+    return { path, query: new URLSearchParams(search) };
+  }
+
+  const ROUTES = [
+    [/^\/clients$/, (m, q) => clientsView(q)],
+    [/^\/clients\/new$/, () => clientFormView(null)],
+    [/^\/clients\/([^/]+)$/, (m) => clientFormView(decodeURIComponent(m[1]))],
+    [/^\/mailings$/, () => mailingsView()],
+    [/^\/mailings\/new$/, () => mailingFormView(null)],
+    [/^\/mailings\/([^/]+)\/edit$/, (m) => mailingFormView(decodeURIComponent(m[1]))],
+    [/^\/mailings\/([^/]+)$/, (m) => statsView(decodeURIComponent(m[1]))],
+  ];
+
+  function route() {
+    stopTimers();
+    state.view += 1;
+    const signedIn = Boolean(state.token);
+    document.getElementById("nav").hidden = !signedIn;
+    document.getElementById("sign-out").hidden = !signedIn;
+    const { path, query } = parseHash();
+    for (const link of document.querySelectorAll("#nav a")) {
+      if (path.startsWith(`/${link.dataset.section}`)) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+    if (!signedIn) {
+      document.title = "Sign in · SMS campaigns admin";
+      signInView();
+      return;
+    }
+    if (path === "/sign-in") {
+      location.hash = "#/mailings";
+      return;
+    }
+    for (const [pattern, view] of ROUTES) {
+      const match = path.match(pattern);
+      if (match) {
+        view(match, query).catch(showLoadError);
+        return;
+      }
+    }
+    mount(h("section", { class: "panel" }, h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/mailings" }, "Go to mailings"))));
+  }
+
+  function showLoadError(err) {
+    if (err instanceof ApiError && (err.status === 401 || err.status === 403)) return;
+    mount(
+      h("section", { class: "panel" },
+        h("h1", {}, err.status === 404 ? "Not found" : "Something went wrong"),
+        h("p", {}, err.message),
+        h("p", {}, h("a", { href: "#/mailings" }, "Back to mailings"))),
+    );
+  }
+
+  /** True while the view that asked is still the one on screen. */
+  function current(view) {
+    return view === state.view;
+  }
+
+  // ------------------------------------------------------------------ clients
+
+  async function clientsView(query) {
+    const view = state.view;
+    document.title = "Clients · SMS campaigns admin";
+    const filters = {
+      phone: query.get("phone") || "",
+      tag: query.get("tag") || "",
+      operator_code: query.get("operator_code") || "",
+    };
+    const cursors = [null];
+
+    const search = h(
+      "form",
+      { class: "grid", role: "search", "aria-label": "Search clients" },
+      formError(),
+      field("Phone", h("input", { name: "phone", inputmode: "numeric", placeholder: "79001234567", value: filters.phone })),
+      field("Tag", h("input", { name: "tag", value: filters.tag })),
+      field("Operator code", h("input", { name: "operator_code", inputmode: "numeric", placeholder: "900", value: filters.operator_code })),
+      h("div", { class: "form-actions" },
+        h("button", { type: "submit" }, "Search"),
+        h("a", { class: "button secondary", href: "#/clients" }, "Clear")),
+    );
+    search.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const params = new URLSearchParams();
+      for (const name of ["phone", "tag", "operator_code"]) {
+        const value = search.elements[name].value.trim();
+        if (value) params.set(name, value);
+      }
+      const target = params.toString() ? `#/clients?${params}` : "#/clients";
+      if (location.hash === target) route();
+      else location.hash = target;
+    });
+
+    const results = h("div", { class: "table-wrap", id: "clients-table" });
+    const pager = h("div", { class: "row pager" });
+
+    async function load() {
+      let page;
+      try {
+        page = await api("GET", "clients", { query: { ...filters, cursor: cursors[cursors.length - 1] } });
+      } catch (err) {
+        if (!current(view)) return;
+        if (err.status === 400) showErrors(search, err);
+        else flash(`Clients could not be loaded: ${err.message}`, { error: true });
+        results.replaceChildren(h("p", { class: "empty" }, "No clients to show."));
+        return;
+      }
+      if (!current(view)) return;
+      results.replaceChildren(clientsTable(page.items, load));
+      pager.replaceChildren(
+        cursors.length > 1
+          ? h("button", { type: "button", class: "secondary", onclick: () => { cursors.pop(); load(); } }, "Previous page")
+          : null,
+        page.next_cursor
+          ? h("button", { type: "button", class: "secondary", onclick: () => { cursors.push(page.next_cursor); load(); } }, "Next page")
+          : null,
+      );
+    }
+
+    mount(
+      h("div", { class: "row spread" },
+        h("h1", {}, "Clients"),
+        h("a", { class: "button", href: "#/clients/new" }, "New client")),
+      h("section", { class: "panel", "aria-label": "Search" }, search),
+      h("section", { class: "panel", "aria-label": "Client list" }, results, pager),
+      importPanel(load),
+    );
+    await load();
+  }
+
+  function clientsTable(clients, reload) {
+    if (!clients.length) return h("p", { class: "empty" }, "No clients match.");
+    const rows = clients.map((client) => {
+      const optedOut = Boolean(client.opted_out);
+      const toggle = h(
+        "button",
+        {
+          type: "button",
+          class: "small secondary",
+          "aria-label": `${optedOut ? "Opt back in" : "Opt out"} ${client.phone}`,
+          onclick: async () => {
+            toggle.disabled = true;
+            try {
+              await api("PATCH", `clients/${encodeURIComponent(client.id)}`, { body: { opted_out: !optedOut } });
+              flash(`${client.phone} ${optedOut ? "opted back in" : "opted out"}.`);
+              await reload();
+            } catch (err) {
+              toggle.disabled = false;
+              flash(`Could not change ${client.phone}: ${err.message}`, { error: true });
+            }
+          },
+        },
+        optedOut ? "Opt in" : "Opt out",
+      );
+      return h("tr", { dataset: { clientId: client.id } },
+        h("td", { "data-label": "Phone" }, client.phone),
+        h("td", { "data-label": "Operator" }, client.operator_code),
+        h("td", { "data-label": "Tag" }, client.tag || "—"),
+        h("td", { "data-label": "Timezone" }, client.timezone),
+        h("td", { "data-label": "Opted out" }, optedOut ? "yes" : "no"),
+        h("td", { "data-label": "Actions" },
+          h("div", { class: "actions" },
+            h("a", { class: "button small secondary", href: `#/clients/${encodeURIComponent(client.id)}`, "aria-label": `Edit ${client.phone}` }, "Edit"),
+            toggle,
+            deleteButton(`clients/${encodeURIComponent(client.id)}`, client.phone, reload))),
+      );
+    });
+    return h("table", { class: "cards" },
+      h("thead", {}, h("tr", {}, ["Phone", "Operator", "Tag", "Timezone", "Opted out", "Actions"].map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, rows));
+  }
+
+  /** A delete button that asks once more inline (no browser dialog) before deleting. */
+  function deleteButton(path, what, after) {
+    let armed = null;
+    const button = h("button", { type: "button", class: "small danger", "aria-label": `Delete ${what}` }, "Delete");
+    button.addEventListener("click", async () => {
+      if (!armed) {
+        button.textContent = "Confirm delete";
+        button.classList.add("confirming");
+        armed = setTimeout(() => {
+          armed = null;
+          button.textContent = "Delete";
+          button.classList.remove("confirming");
+        }, 5000);
+        return;
+      }
+      clearTimeout(armed);
+      button.disabled = true;
+      try {
+        await api("DELETE", path);
+        flash(`Deleted ${what}.`);
+        await after();
+      } catch (err) {
+        button.disabled = false;
+        flash(`Could not delete ${what}: ${err.message}`, { error: true });
+      }
+    });
+    return button;
+  }
+
+  function importPanel(reload) {
+    const file = h("input", { type: "file", name: "file", accept: ".csv,text/csv", required: true });
+    const report = h("div", { id: "import-report", "aria-live": "polite" });
+    const form = h("form", { class: "grid" },
+      formError(),
+      field("CSV file", file, {
+        wide: true,
+        hint: "Header row with phone, and optionally operator_code, tag, timezone, opted_out. Existing phones are updated.",
+      }),
+      h("div", { class: "form-actions" }, h("button", { type: "submit" }, "Import")),
+    );
+    const view = state.view;
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const chosen = file.files && file.files[0];
+      if (!chosen) {
+        showErrors(form, new ApiError(0, { message: "Choose a CSV file.", details: [{ field: "file", message: "required" }] }));
+        return;
+      }
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      try {
+        let job = await api("POST", "clients/import", { body: chosen, contentType: "text/csv" });
+        report.replaceChildren(importReport(job));
+        while (job.status !== "done" && job.status !== "failed") {
+          await new Promise((resolve) => setTimeout(resolve, IMPORT_POLL_MS));
+          if (!current(view)) return;
+          job = await api("GET", `clients/imports/${encodeURIComponent(job.id)}`);
+          report.replaceChildren(importReport(job));
+        }
+        flash(job.status === "done" ? `Import finished: ${job.created} created, ${job.updated} updated.` : "Import failed.", { error: job.status === "failed" });
+        await reload();
+      } catch (err) {
+        if (unavailable(err)) {
+          showErrors(form, new ApiError(404, { message: "CSV import is not available on this server." }));
+        } else {
+          showErrors(form, err);
+        }
+      } finally {
+        button.disabled = false;
+      }
+    });
+    return h("section", { class: "panel", "aria-labelledby": "import-title" },
+      h("h2", { id: "import-title" }, "Import clients from CSV"), form, report);
+  }
+
+  function importReport(job) {
+    const numbers = ["rows", "valid", "invalid", "created", "updated", "unchanged", "failed"];
+    const errors = job.errors || [];
+    return h("div", {},
+      h("p", {}, "Import ", badge(job.status)),
+      h("dl", { class: "counts" },
+        numbers.map((key) => h("div", { class: "count" }, h("dt", {}, key), h("dd", { "data-count": key }, String(job[key] ?? 0))))),
+      errors.length
+        ? h("div", { class: "table-wrap" },
+          h("h3", {}, `Rows with errors (${errors.length})`),
+          h("table", { class: "cards", id: "import-errors" },
+            h("thead", {}, h("tr", {}, ["Row", "Field", "Error"].map((t) => h("th", { scope: "col" }, t)))),
+            h("tbody", {}, errors.map((e) => h("tr", {},
+              h("td", { "data-label": "Row", class: "num" }, String(e.row)),
+              h("td", { "data-label": "Field" }, e.field || "—"),
+              h("td", { "data-label": "Error" }, e.message))))))
+        : null);
+  }
+
+  const COMMON_ZONES = ["UTC", "Europe/Moscow", "Europe/Kaliningrad", "Europe/Samara", "Asia/Yekaterinburg", "Asia/Novosibirsk", "Asia/Vladivostok", "Europe/London", "Europe/Berlin", "America/New_York"];
+
+  async function clientFormView(clientId) {
+    const view = state.view;
+    const editing = clientId !== null;
+    document.title = `${editing ? "Edit client" : "New client"} · SMS campaigns admin`;
+    const client = editing ? await api("GET", `clients/${encodeURIComponent(clientId)}`) : null;
+    if (!current(view)) return;
+    const zones = typeof Intl.supportedValuesOf === "function" ? Intl.supportedValuesOf("timeZone") : COMMON_ZONES;
+    const inputs = {
+      phone: h("input", { name: "phone", required: true, inputmode: "numeric", autocomplete: "off", placeholder: "79001234567", value: client ? client.phone : "" }),
+      operator_code: h("input", { name: "operator_code", inputmode: "numeric", placeholder: "from the phone", value: client ? client.operator_code : "" }),
+      tag: h("input", { name: "tag", value: client ? client.tag : "" }),
+      timezone: h("input", { name: "timezone", list: "timezones", value: client ? client.timezone : "UTC" }),
+      opted_out: h("input", { type: "checkbox", name: "opted_out", checked: client ? client.opted_out : false }),
+    };
+    const form = h("form", { class: "grid", "aria-labelledby": "client-title" },
+      formError(),
+      field("Phone", inputs.phone, { hint: "11 digits starting with 7" }),
+      field("Operator code", inputs.operator_code, { hint: "3 digits; empty: digits 2–4 of the phone" }),
+      field("Tag", inputs.tag),
+      field("Timezone", inputs.timezone, { hint: "IANA name, e.g. Europe/Moscow" }),
+      h("datalist", { id: "timezones" }, ["UTC", ...zones].map((zone) => h("option", { value: zone }))),
+      field("Opted out (never sent to)", inputs.opted_out, { check: true, wide: true }),
+      h("div", { class: "form-actions" },
+        h("button", { type: "submit" }, editing ? "Save client" : "Create client"),
+        h("a", { class: "button secondary", href: "#/clients" }, "Cancel"),
+        editing ? deleteButton(`clients/${encodeURIComponent(clientId)}`, client.phone, async () => { location.hash = "#/clients"; }) : null),
+    );
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      const body = {
+        phone: inputs.phone.value.trim(),
+        tag: inputs.tag.value.trim(),
+        timezone: inputs.timezone.value.trim() || "UTC",
+        opted_out: inputs.opted_out.checked,
+      };
+      const code = inputs.operator_code.value.trim();
+      if (code) body.operator_code = code;
+      if (editing && !client.opted_out && !body.opted_out) delete body.opted_out;
+      if (!editing && !body.opted_out) delete body.opted_out;
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      try {
+        const saved = editing
+          ? await api("PATCH", `clients/${encodeURIComponent(clientId)}`, { body })
+          : await api("POST", "clients", { body });
+        flash(`${editing ? "Saved" : "Created"} client ${saved.phone}.`);
+        location.hash = "#/clients";
+      } catch (err) {
+        showErrors(form, err);
+      } finally {
+        button.disabled = false;
+      }
+    });
+    mount(
+      h("p", {}, h("a", { href: "#/clients" }, "← Clients")),
+      h("section", { class: "panel" }, h("h1", { id: "client-title" }, editing ? `Client ${client.phone}` : "New client"), form),
+    );
+    inputs.phone.focus();
+  }
+
+  // ------------------------------------------------------------------ mailings
+
+  async function mailingsView() {
+    const view = state.view;
+    document.title = "Mailings · SMS campaigns admin";
+    const cursors = [null];
+    const results = h("div", { class: "table-wrap", id: "mailings-table" });
+    const pager = h("div", { class: "row pager" });
+
+    async function load() {
+      const page = await api("GET", "mailings", { query: { cursor: cursors[cursors.length - 1] } });
+      if (!current(view)) return;
+      results.replaceChildren(mailingsTable(page.items, load));
+      pager.replaceChildren(
+        cursors.length > 1 ? h("button", { type: "button", class: "secondary", onclick: () => { cursors.pop(); load().catch(showLoadError); } }, "Previous page") : null,
+        page.next_cursor ? h("button", { type: "button", class: "secondary", onclick: () => { cursors.push(page.next_cursor); load().catch(showLoadError); } }, "Next page") : null,
+      );
+    }
+
+    mount(
+      h("div", { class: "row spread" }, h("h1", {}, "Mailings"), h("a", { class: "button", href: "#/mailings/new" }, "New mailing")),
+      h("section", { class: "panel", "aria-label": "Mailing list" }, results, pager),
+    );
+    await load();
+  }
+
+  function mailingsTable(mailings, reload) {
+    if (!mailings.length) return h("p", { class: "empty" }, "No mailings yet.");
+    const rows = mailings.map((mailing) => {
+      const stats = mailing.stats || {};
+      const done = (stats.total || 0) - (stats.pending || 0);
+      const href = `#/mailings/${encodeURIComponent(mailing.id)}`;
+      return h("tr", { dataset: { mailingId: mailing.id } },
+        h("td", { "data-label": "Text", class: "text" }, h("a", { href }, mailing.text.length > 80 ? `${mailing.text.slice(0, 80)}…` : mailing.text)),
+        h("td", { "data-label": "Status" }, badge(mailing.status)),
+        h("td", { "data-label": "Start" }, when(mailing.start_at)),
+        h("td", { "data-label": "End" }, when(mailing.end_at)),
+        h("td", { "data-label": "Done", class: "num" }, `${done} / ${stats.total || 0}`),
+        h("td", { "data-label": "Actions" },
+          h("div", { class: "actions" },
+            h("a", { class: "button small secondary", href }, "Statistics"),
+            mailingActions(mailing, reload, { small: true }))),
+      );
+    });
+    return h("table", { class: "cards" },
+      h("thead", {}, h("tr", {}, ["Text", "Status", "Start", "End", "Done", "Actions"].map((t) => h("th", { scope: "col", class: t === "Done" ? "num" : null }, t)))),
+      h("tbody", {}, rows));
+  }
+
+  /** Edit, pause, resume and cancel, as the mailing's status allows. */
+  function mailingActions(mailing, after, { small = false } = {}) {
+    const id = encodeURIComponent(mailing.id);
+    const size = small ? "small " : "";
+    const act = (label, path, done) => {
+      const button = h("button", { type: "button", class: `${size}secondary` }, label);
+      button.addEventListener("click", async () => {
+        button.disabled = true;
+        try {
+          const updated = await api("POST", `mailings/${id}/${path}`);
+          flash(`Mailing ${done} (now ${updated.status}).`);
+          await after(updated);
+        } catch (err) {
+          flash(`Could not ${label.toLowerCase()} the mailing: ${err.message}`, { error: true });
+          button.disabled = false;
+        }
+      });
+      return button;
+    };
+    const status = mailing.status;
+    const open = status === "scheduled" || status === "running" || status === "paused";
+    return [
+      open ? h("a", { class: `button ${size}secondary`, href: `#/mailings/${id}/edit` }, "Edit") : null,
+      status === "scheduled" || status === "running" ? act("Pause", "pause", "paused") : null,
+      status === "paused" ? act("Resume", "resume", "resumed") : null,
+      open ? act("Cancel", "cancel", "cancelled") : null,
+    ].filter(Boolean);
+  }
+
+  async function mailingFormView(mailingId) {
+    const view = state.view;
+    const editing = mailingId !== null;
+    document.title = `${editing ? "Edit mailing" : "New mailing"} · SMS campaigns admin`;
+    const mailing = editing ? await api("GET", `mailings/${encodeURIComponent(mailingId)}`) : null;
+    if (!current(view)) return;
+    const now = new Date();
+    const inputs = {
+      text: h("textarea", { name: "text", required: true, maxlength: 1000, rows: 4 }),
+      start_at: h("input", { type: "datetime-local", name: "start_at", required: true, value: toLocalInput(mailing ? mailing.start_at : now.toISOString()) }),
+      end_at: h("input", { type: "datetime-local", name: "end_at", required: true, value: toLocalInput(mailing ? mailing.end_at : new Date(now.getTime() + 86400000).toISOString()) }),
+      operator_codes: h("input", { name: "operator_codes", inputmode: "numeric", placeholder: "any (e.g. 900, 901)", value: mailing ? mailing.filter.operator_codes.join(", ") : "" }),
+      tags: h("input", { name: "tags", placeholder: "any (e.g. vip, new)", value: mailing ? mailing.filter.tags.join(", ") : "" }),
+      windowOn: h("input", { type: "checkbox", name: "window_on", checked: Boolean(mailing && mailing.send_window) }),
+      windowStart: h("input", { type: "time", name: "window_start", value: mailing && mailing.send_window ? mailing.send_window.start : "09:00" }),
+      windowEnd: h("input", { type: "time", name: "window_end", value: mailing && mailing.send_window ? mailing.send_window.end : "21:00" }),
+    };
+    inputs.text.value = mailing ? mailing.text : "";
+    const counter = h("span", { class: "hint", "aria-live": "off" });
+    const countText = () => { counter.textContent = `${inputs.text.value.length} / 1000`; };
+    inputs.text.addEventListener("input", countText);
+    countText();
+
+    const windowTimes = h("div", { class: "window-times" },
+      h("label", { for: "window-start" }, "from"), inputs.windowStart,
+      h("label", { for: "window-end" }, "to"), inputs.windowEnd);
+    inputs.windowStart.id = "window-start";
+    inputs.windowEnd.id = "window-end";
+    const syncWindow = () => {
+      inputs.windowStart.disabled = !inputs.windowOn.checked;
+      inputs.windowEnd.disabled = !inputs.windowOn.checked;
+    };
+    inputs.windowOn.addEventListener("change", syncWindow);
+    syncWindow();
+    const windowError = h("p", { class: "field-error" });
+    const windowSet = h("fieldset", { class: "wide", dataset: { field: "send_window" } },
+      h("legend", {}, "Send window (client's local time)"),
+      h("div", { class: "row" }, inputs.windowOn, h("label", { for: "window-on" }, "Only send between"), windowTimes),
+      h("p", { class: "hint" }, "An end earlier than the start wraps past midnight (22:00–06:00)."),
+      windowError);
+    inputs.windowOn.id = "window-on";
+
+    const preview = h("div", { class: "preview wide", id: "audience-preview", "aria-live": "polite" },
+      h("p", { class: "muted" }, "The audience is previewed here."));
+    const previewButton = h("button", { type: "button", class: "secondary" }, "Preview audience");
+
+    const filter = () => ({ operator_codes: list(inputs.operator_codes.value), tags: list(inputs.tags.value) });
+    let previewSeq = 0;
+    async function runPreview() {
+      const seq = ++previewSeq;
+      preview.replaceChildren(h("p", { class: "muted" }, "Counting the audience…"));
+      try {
+        const answer = await api("POST", "mailings/preview", { body: { filter: filter(), sample_size: 5 } });
+        if (seq !== previewSeq || !current(view)) return;
+        const count = answer.count;
+        preview.replaceChildren(
+          h("p", { class: "count-line", id: "audience-count", "data-count": String(count) },
+            `${count} ${count === 1 ? "client matches" : "clients match"} this filter`),
+          answer.sample && answer.sample.length
+            ? h("div", {}, h("p", { class: "hint" }, "For example:"),
+              h("ul", {}, answer.sample.map((c) => h("li", {}, `${c.phone} · operator ${c.operator_code}${c.tag ? ` · ${c.tag}` : ""}`))))
+            : null,
+        );
+      } catch (err) {
+        if (seq !== previewSeq || !current(view)) return;
+        const text = unavailable(err)
+          ? "Audience preview is not available on this server."
+          : `Preview failed: ${err.message}`;
+        const problems = err.details.map((d) => h("li", {}, `${d.field || ""} ${d.message}`.trim()));
+        preview.replaceChildren(h("p", { class: "field-error" }, text), problems.length ? h("ul", {}, problems) : null);
+      }
+    }
+    previewButton.addEventListener("click", runPreview);
+    let debounce = null;
+    for (const input of [inputs.operator_codes, inputs.tags]) {
+      input.addEventListener("input", () => {
+        clearTimeout(debounce);
+        debounce = setTimeout(runPreview, 400);
+      });
+    }
+
+    const form = h("form", { class: "grid", "aria-labelledby": "mailing-title" },
+      formError(),
+      field("Text", inputs.text, {
+        wide: true,
+        hint: `Up to 1000 characters. Placeholders: ${PLACEHOLDERS.join(", ")} (write {{ and }} for literal braces).`,
+      }),
+      h("div", { class: "wide" }, counter),
+      field("Start", inputs.start_at, { hint: `Your local time (${utcOffset()}); now or earlier starts at once` }),
+      field("End", inputs.end_at, { hint: "Unsent messages expire after it" }),
+      field("Operator codes", inputs.operator_codes, { hint: "Comma-separated; empty: any operator" }),
+      field("Tags", inputs.tags, { hint: "Comma-separated; empty: any tag" }),
+      windowSet,
+      h("div", { class: "form-actions wide" }, previewButton),
+      preview,
+      h("div", { class: "form-actions" },
+        h("button", { type: "submit" }, editing ? "Save mailing" : "Create mailing"),
+        h("a", { class: "button secondary", href: editing ? `#/mailings/${encodeURIComponent(mailingId)}` : "#/mailings" }, "Cancel")),
+    );
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      clearErrors(form);
+      windowError.textContent = "";
+      const body = {
+        text: inputs.text.value,
+        start_at: fromLocalInput(inputs.start_at.value),
+        end_at: fromLocalInput(inputs.end_at.value),
+        filter: filter(),
+        send_window: inputs.windowOn.checked ? { start: inputs.windowStart.value, end: inputs.windowEnd.value } : null,
+      };
+      for (const key of ["start_at", "end_at"]) if (body[key] === undefined) delete body[key];
+      if (!editing && body.send_window === null) delete body.send_window;
+      if (editing) {
+        // Only what changed: a running mailing refuses some changes (its start, its filter).
+        for (const key of Object.keys(body)) {
+          if (JSON.stringify(normalise(key, body[key])) === JSON.stringify(normalise(key, mailing[key]))) delete body[key];
+        }
+        if (!Object.keys(body).length) {
+          location.hash = `#/mailings/${encodeURIComponent(mailingId)}`;
+          return;
+        }
+      }
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      try {
+        const saved = editing
+          ? await api("PATCH", `mailings/${encodeURIComponent(mailingId)}`, { body })
+          : await api("POST", "mailings", { body });
+        flash(editing ? "Mailing saved." : "Mailing created.");
+        location.hash = `#/mailings/${encodeURIComponent(saved.id)}`;
+      } catch (err) {
+        showErrors(form, err);
+      } finally {
+        button.disabled = false;
+      }
+    });
+    mount(
+      h("p", {}, h("a", { href: "#/mailings" }, "← Mailings")),
+      h("section", { class: "panel" }, h("h1", { id: "mailing-title" }, editing ? "Edit mailing" : "New mailing"), form),
+    );
+    inputs.text.focus();
+    runPreview();
+  }
+
+  function normalise(key, value) {
+    if (value && (key === "start_at" || key === "end_at")) return new Date(value).getTime();
+    if (key === "filter" && value) return { operator_codes: [...value.operator_codes].sort(), tags: [...value.tags].sort() };
+    return value ?? null;
+  }
+
+  // ------------------------------------------------------------------ statistics
+
+  async function statsView(mailingId) {
+    const view = state.view;
+    const id = encodeURIComponent(mailingId);
+    document.title = "Mailing statistics · SMS campaigns admin";
+    let mailing = await api("GET", `mailings/${id}`);
+    if (!current(view)) return;
+    const samples = [];
+
+    const title = h("h1", { id: "mailing-heading" }, "Mailing ", h("span", { id: "mailing-status" }, badge(mailing.status)));
+    const text = h("p", { class: "quote", id: "mailing-text" }, mailing.text);
+    const meta = h("dl", { class: "meta" });
+    const actions = h("div", { class: "actions", id: "mailing-actions" });
+    const progressLabel = h("p", { id: "progress-label" });
+    const bar = h("div", { class: "progress-bar" });
+    const progress = h("div", { class: "progress", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": 0, "aria-labelledby": "progress-label" }, bar);
+    const counts = h("dl", { class: "counts", id: "status-counts" });
+    const chart = h("div", { id: "chart" });
+    const failedPart = h("div", { id: "failed-messages" });
+    const retry = h("button", { type: "button", id: "retry-failed", class: "secondary", disabled: true }, "Retry failed");
+    const updated = h("p", { class: "hint", id: "updated", "aria-live": "off" });
+
+    retry.addEventListener("click", async () => {
+      retry.disabled = true;
+      try {
+        const answer = await api("POST", `mailings/${id}/retry-failed`);
+        flash(`Requeued ${answer.requeued} failed ${answer.requeued === 1 ? "message" : "messages"}.`);
+        if (answer.mailing) renderMailing(answer.mailing);
+        lastFailed = -1;
+      } catch (err) {
+        flash(unavailable(err) ? "Retrying failed messages is not available on this server." : `Retry failed: ${err.message}`, { error: true });
+        retry.disabled = false;
+      }
+    });
+
+    function renderMailing(next) {
+      mailing = next;
+      title.replaceChildren("Mailing ", h("span", { id: "mailing-status" }, badge(mailing.status)));
+      text.textContent = mailing.text;
+      const f = mailing.filter || { operator_codes: [], tags: [] };
+      meta.replaceChildren(
+        h("dt", {}, "Start"), h("dd", {}, when(mailing.start_at)),
+        h("dt", {}, "End"), h("dd", {}, when(mailing.end_at)),
+        h("dt", {}, "Operator codes"), h("dd", {}, f.operator_codes.length ? f.operator_codes.join(", ") : "any"),
+        h("dt", {}, "Tags"), h("dd", {}, f.tags.length ? f.tags.join(", ") : "any"),
+        h("dt", {}, "Send window"), h("dd", {}, mailing.send_window ? `${mailing.send_window.start}–${mailing.send_window.end} local time` : "any time"),
+        h("dt", {}, "Id"), h("dd", {}, h("code", {}, mailing.id)),
+      );
+      actions.replaceChildren(...mailingActions(mailing, async (m) => { renderMailing(m); await poll(); }), retry);
+    }
+
+    function renderStats(status, stats) {
+      if (status !== mailing.status) renderMailing({ ...mailing, status });
+      const total = stats.total || 0;
+      const done = total - (stats.pending || 0);
+      const percent = total ? Math.round((done / total) * 100) : 0;
+      bar.style.width = `${percent}%`;
+      progress.setAttribute("aria-valuenow", String(percent));
+      progressLabel.textContent = total
+        ? `${done} of ${total} messages done (${percent}%)`
+        : status === "scheduled" ? "Not started yet" : "No messages";
+      counts.replaceChildren(
+        h("div", { class: "count s-total" }, h("dt", {}, "total"), h("dd", { "data-count": "total" }, String(total))),
+        statusKeys(stats).map((key) => h("div", { class: `count s-${cssToken(key)}` }, h("dt", {}, key), h("dd", { "data-count": key }, String(stats[key])))),
+      );
+      retry.disabled = !(stats.failed > 0);
+    }
+
+    let lastFailed = -1;
+    async function loadFailed(failed) {
+      if (failed === lastFailed) return;
+      lastFailed = failed;
+      if (!failed) {
+        failedPart.replaceChildren(h("p", { class: "muted" }, "No failed messages."));
+        return;
+      }
+      const page = await api("GET", `mailings/${id}/stats`, { query: { status: "failed", limit: 100 } });
+      if (!current(view)) return;
+      failedPart.replaceChildren(
+        h("table", { class: "cards", id: "failed-table" },
+          h("thead", {}, h("tr", {}, ["Message", "Phone", "Attempts", "Last error"].map((t) => h("th", { scope: "col" }, t)))),
+          h("tbody", {}, page.messages.map((m) => h("tr", {},
+            h("td", { "data-label": "Message" }, String(m.id)),
+            h("td", { "data-label": "Phone" }, m.phone),
+            h("td", { "data-label": "Attempts", class: "num" }, String(m.attempts)),
+            h("td", { "data-label": "Last error", class: "text" }, m.last_error || "—"))))),
+        page.next_cursor ? h("p", { class: "hint" }, `Showing the first ${page.messages.length} failed messages.`) : null,
+      );
+    }
+
+    async function poll() {
+      let answer;
+      try {
+        answer = await api("GET", `mailings/${id}/stats`, { query: { limit: 1 } });
+      } catch (err) {
+        if (current(view)) updated.textContent = `Update failed (${err.message}); retrying…`;
+        return;
+      }
+      if (!current(view)) return;
+      samples.push({ at: Date.now(), stats: answer.stats });
+      if (samples.length > 900) samples.splice(0, samples.length - 900);
+      renderStats(answer.status, answer.stats);
+      chart.replaceChildren(drawChart(samples));
+      updated.textContent = `Updated ${clock.format(new Date())}; refreshes every ${POLL_MS / 1000} s.`;
+      await loadFailed(answer.stats.failed || 0).catch(() => {});
+    }
+
+    renderMailing(mailing);
+    mount(
+      h("p", {}, h("a", { href: "#/mailings" }, "← Mailings")),
+      h("section", { class: "panel", "aria-labelledby": "mailing-heading" }, title, text, meta, actions),
+      h("section", { class: "panel", "aria-labelledby": "progress-title" },
+        h("h2", { id: "progress-title" }, "Progress"), progressLabel, progress, counts, updated),
+      h("section", { class: "panel", "aria-labelledby": "chart-title" },
+        h("h2", { id: "chart-title" }, "Over time"),
+        h("p", { class: "hint" }, "Counts sampled while this page is open."), chart),
+      h("section", { class: "panel", "aria-labelledby": "failed-title" },
+        h("h2", { id: "failed-title" }, "Failed messages"), failedPart),
+    );
+    every(POLL_MS, poll);
+  }
+
+  /** A line per status over the samples taken while the page is open, as inline SVG. */
+  function drawChart(samples) {
+    const width = 640;
+    const height = 220;
+    const left = 44;
+    const right = 12;
+    const top = 12;
+    const bottom = 28;
+    const keys = statusKeys(samples[samples.length - 1].stats).filter((key) =>
+      samples.some((s) => (s.stats[key] || 0) > 0) || key === "sent" || key === "pending");
+    const start = samples[0].at;
+    const span = Math.max(samples[samples.length - 1].at - start, 1);
+    const max = Math.max(1, ...samples.flatMap((s) => keys.map((k) => s.stats[k] || 0)));
+    const x = (at) => left + ((at - start) / span) * (width - left - right);
+    const y = (value) => top + (1 - value / max) * (height - top - bottom);
+    const plot = svg("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, role: "img", "aria-labelledby": "chart-desc" });
+    const last = samples[samples.length - 1].stats;
+    plot.append(svg("title", { id: "chart-desc" },
+      `Messages by status over ${Math.round(span / 1000)} s: ${keys.map((k) => `${k} ${last[k] || 0}`).join(", ")}`));
+    plot.append(
+      svg("line", { class: "axis", x1: left, y1: top, x2: left, y2: height - bottom }),
+      svg("line", { class: "axis", x1: left, y1: height - bottom, x2: width - right, y2: height - bottom }),
+      svg("text", { class: "label", x: left - 6, y: top + 4, "text-anchor": "end" }, String(max)),
+      svg("text", { class: "label", x: left - 6, y: height - bottom + 4, "text-anchor": "end" }, "0"),
+      svg("text", { class: "label", x: left, y: height - 8 }, clock.format(new Date(start))),
+      svg("text", { class: "label", x: width - right, y: height - 8, "text-anchor": "end" }, clock.format(new Date(samples[samples.length - 1].at))),
+    );
+    for (const key of keys) {
+      const token = cssToken(key);
+      if (samples.length === 1) {
+        plot.append(svg("circle", { class: `dot s-${token}`, cx: x(samples[0].at), cy: y(samples[0].stats[key] || 0), r: 3 }));
+      } else {
+        const points = samples.map((s) => `${x(s.at).toFixed(1)},${y(s.stats[key] || 0).toFixed(1)}`).join(" ");
+        plot.append(svg("polyline", { class: `line s-${token}`, points }));
+      }
+    }
+    const legend = h("p", { class: "legend" }, keys.map((key) =>
+      h("span", {}, h("span", { class: `swatch s-${cssToken(key)}` }), `${key} ${last[key] || 0}`)));
+    return h("div", {}, plot, legend);
+  }
+
+  // ------------------------------------------------------------------ start
+
+  async function boot() {
+    document.getElementById("sign-out").addEventListener("click", () => {
+      signOut(null);
+      flash("Signed out.");
+    });
+    window.addEventListener("hashchange", route);
+    try {
+      const response = await fetch(apiUrl("admin/config.json"), { headers: { Accept: "application/json" } });
+      if (response.ok) state.config = await response.json();
+    } catch {
+      // Without the configuration, token sign-in still works.
+    }
+    const params = new URLSearchParams(location.search);
+    if (params.has("state") && (params.has("code") || params.has("error"))) {
+      await finishSingleSignOn(params);
+    }
+    route();
+  }
+
+  boot();
+})();
