@@ -370,3 +370,34 @@ class DailyReportOut(_Response):
     mailings: list[ReportMailing]
     totals: MessageStats
     success_rate: float | None
+
+
+# ---------------------------------------------------------------- admin UI
+
+
+class AdminSingleSignOn(_Response):
+    """Where the admin UI signs in: OAuth 2.0 authorization code with PKCE, a public client."""
+
+    authorization_endpoint: str
+    token_endpoint: str
+    client_id: str
+    scope: str
+
+
+class AdminConfig(_Response):
+    """What the admin UI needs to know before anyone signs in."""
+
+    auth_mode: str = Field(description="`static` (API tokens) or `oidc` (JWTs)")
+    oidc: AdminSingleSignOn | None = Field(
+        description="Single sign-on through the OIDC provider; null: sign in with a token"
+    )
+
+
+class AdminAssetQuery(_Request):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    v: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{1,64}$",
+        description="The asset's content hash, as the admin page links it (cache busting)",
+    )

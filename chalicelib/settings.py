@@ -20,11 +20,16 @@ from pydantic import (
 )
 
 _EMAIL = r"^[^@\s,<>]+@[^@\s,<>]+\.[^@\s,<>]+$"
+_URL = r"^https?://[^\s\"'<>]+$"
 
 
 class AuthMode(StrEnum):
     STATIC = "static"
     OIDC = "oidc"
+
+
+# What the admin UI needs for single sign-on; required together.
+_SIGN_IN_SETTINGS = ("oidc_client_id", "oidc_authorization_url", "oidc_token_url")
 
 
 class SettingsError(ValueError):
@@ -46,6 +51,11 @@ class Settings(BaseModel):
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
     oidc_jwks_url: str | None = None
+    # The admin UI's single sign-on (authorization code + PKCE, a public client): all three or none.
+    oidc_client_id: str | None = Field(None, pattern=r"^[\x21-\x7e]{1,256}$")
+    oidc_authorization_url: str | None = Field(None, pattern=_URL)
+    oidc_token_url: str | None = Field(None, pattern=_URL)
+    oidc_scope: str = Field("openid", pattern=r"^[\x21-\x7e]+( [\x21-\x7e]+)*$", max_length=1024)
 
     # Delivery pipeline: queues (URLs, as SQS addresses them) and the SMS gateway.
     send_queue_url: str | None = None
@@ -139,6 +149,7 @@ class Settings(BaseModel):
             if missing:
                 names = ", ".join(name.upper() for name in missing)
                 raise ValueError(f"AUTH_MODE=oidc needs {names}")
+        self._sign_in_is_complete()
         if self.claim_seconds <= self.gateway_connect_timeout + self.gateway_read_timeout:
             raise ValueError("CLAIM_SECONDS must exceed the gateway's connect + read timeouts")
         if self.gateway_max_pause_seconds < self.gateway_pause_seconds:
@@ -148,6 +159,22 @@ class Settings(BaseModel):
         if self.default_page_size > self.max_page_size:
             raise ValueError("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
         return self
+
+    def _sign_in_is_complete(self) -> None:
+        given = [name for name in _SIGN_IN_SETTINGS if getattr(self, name)]
+        if not given:
+            return
+        missing = [name.upper() for name in _SIGN_IN_SETTINGS if name not in given]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} must be set with {given[0].upper()}")
+        if self.auth_mode is not AuthMode.OIDC:
+            # The API would refuse every token the sign-in brings back.
+            raise ValueError("OIDC_CLIENT_ID and the sign-in URLs need AUTH_MODE=oidc")
+
+    @property
+    def single_sign_on(self) -> bool:
+        """Whether the admin UI offers sign-in through the OIDC provider."""
+        return self.oidc_client_id is not None
 
     def table_name(self, kind: str) -> str:
         """The DynamoDB table name of one kind of record in this stage."""

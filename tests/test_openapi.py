@@ -43,6 +43,7 @@ def test_document_is_generated_from_the_pydantic_models(spec):
 def test_protected_routes_declare_bearer_auth_and_public_ones_do_not(spec):
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     public = {"/health", "/docs", "/openapi.json", "/docs/assets/{name}"}
+    public |= {"/admin", "/admin/assets/{name}", "/admin/config.json"}
     for path, operations in spec["paths"].items():
         for operation in operations.values():
             if path in public:
