@@ -142,11 +142,11 @@ class Services:
             fanout_url=settings.fanout_queue_url,
         )
         clients = ClientDirectory(models, connection, clock)
-        mailings = MailingService(models, clock, queues)
+        messages = MessageStore(models, connection)
+        mailings = MailingService(models, clock, queues, messages)
         metrics = MetricsWriter(settings, write_metrics)
         for token in settings.api_tokens:
             logs.add_secret(token)
-        messages = MessageStore(models, connection)
         return cls(
             settings=settings,
             models=models,

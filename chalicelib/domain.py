@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
@@ -18,11 +19,13 @@ class MessageStatus(StrEnum):
     FAILED = "failed"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # the client opted out: never sent
 
 
 class MailingStatus(StrEnum):
     SCHEDULED = "scheduled"
     RUNNING = "running"
+    PAUSED = "paused"
     FINISHED = "finished"
     CANCELLED = "cancelled"
 
@@ -41,6 +44,7 @@ class Client:
     timezone: str
     created_at: datetime
     updated_at: datetime
+    opted_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,19 +111,51 @@ class MessageCounts:
     failed: int = 0
     expired: int = 0
     cancelled: int = 0
+    skipped: int = 0
 
     @property
     def total(self) -> int:
-        return self.pending + self.sent + self.failed + self.expired + self.cancelled
+        return sum(getattr(self, status.value) for status in MessageStatus)
 
     def __add__(self, other: MessageCounts) -> MessageCounts:
         return MessageCounts(
-            pending=self.pending + other.pending,
-            sent=self.sent + other.sent,
-            failed=self.failed + other.failed,
-            expired=self.expired + other.expired,
-            cancelled=self.cancelled + other.cancelled,
+            **{
+                status.value: getattr(self, status.value) + getattr(other, status.value)
+                for status in MessageStatus
+            }
         )
+
+
+# Personalisation: the client fields a mailing's text may name, as `{tag}`.
+PLACEHOLDERS = ("phone", "operator_code", "tag", "timezone")
+
+
+def template_problems(text: str) -> list[str]:
+    """What makes `text` unusable as a template (unknown or malformed placeholders)."""
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        return [f"malformed placeholder ({exc}); write {{{{ and }}}} for literal braces"]
+    known = ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
+    problems = []
+    for _, field_name, spec, conversion in parts:
+        if field_name is None:
+            continue
+        if field_name not in PLACEHOLDERS:
+            problems.append(f"unknown placeholder {{{field_name}}}; use {known}")
+        elif spec or conversion:
+            problems.append(f"placeholder {{{field_name}}} takes no format or conversion")
+    return problems
+
+
+def render(text: str, values: dict[str, str]) -> str:
+    """The text a client receives: placeholders replaced by the client's fields. A text that
+    is not a valid template (stored before templates existed) is sent as it is."""
+    if "{" not in text and "}" not in text:
+        return text
+    if template_problems(text):
+        return text
+    return text.format_map(values)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ Tables (one per kind of record; see README "Storage"):
 - messages:  one item per (mailing, client); GSI by_status (keys only) lists a mailing's
              messages by status; a TTL removes them long after the mailing's end.
 - sequences: named counters that hand out blocks of int64 message ids.
+- imports:   CSV imports of clients, several items per import (see `ClientImport`). GSI
+             by_created (sparse, keys only: the import's "job" item) lists them newest first.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from functools import cache
 from pynamodb.attributes import (
     BooleanAttribute,
     ListAttribute,
+    MapAttribute,
     NumberAttribute,
+    NumberSetAttribute,
     TTLAttribute,
     UnicodeAttribute,
     UTCDateTimeAttribute,
@@ -43,6 +47,17 @@ CLIENT_SHARDS = 16
 MAILING_LISTING_KEY = "mailing"
 DUE_KEY = "due"
 MESSAGE_ID_SEQUENCE = "message_id"
+# The parts of a client import (the sort key of the imports table).
+IMPORT_JOB = "job"
+IMPORT_LISTING_KEY = "import"
+
+
+def import_chunk_part(chunk: int) -> str:
+    return f"chunk#{chunk:05d}"
+
+
+def import_invalid_part(page: int) -> str:
+    return f"invalid#{page:03d}"
 
 
 def tag_sort_key(tag: str, client_id: str) -> str:
@@ -71,9 +86,25 @@ class Models:
     Mailing: type[Model]
     Message: type[Model]
     Sequence: type[Model]
+    ClientImport: type[Model]
 
     def all(self) -> tuple[type[Model], ...]:
-        return (self.Client, self.Phone, self.Mailing, self.Message, self.Sequence)
+        return (
+            self.Client,
+            self.Phone,
+            self.Mailing,
+            self.Message,
+            self.Sequence,
+            self.ClientImport,
+        )
+
+
+class RowError(MapAttribute):
+    """One problem with one row of an imported file (row 1 is the first after the header)."""
+
+    row = NumberAttribute()
+    field = UnicodeAttribute(null=True)
+    message = UnicodeAttribute()
 
 
 @cache
@@ -123,6 +154,8 @@ def build_models(settings: Settings) -> Models:
         shard = NumberAttribute()
         tag_sort = UnicodeAttribute()
         tag_key = UnicodeAttribute()
+        # An opted-out client is never sent to: its messages become `skipped`.
+        opted_out = BooleanAttribute(default=False, null=True)
         version = VersionAttribute()
 
         by_operator = ClientByOperator()
@@ -182,6 +215,7 @@ def build_models(settings: Settings) -> Models:
         count_failed = NumberAttribute(default=0)
         count_expired = NumberAttribute(default=0)
         count_cancelled = NumberAttribute(default=0)
+        count_skipped = NumberAttribute(default=0)
 
         due = MailingDue()
         by_created = MailingByCreated()
@@ -225,7 +259,59 @@ def build_models(settings: Settings) -> Models:
         name = UnicodeAttribute(hash_key=True)
         value = NumberAttribute(default=0)
 
-    return Models(Client=Client, Phone=Phone, Mailing=Mailing, Message=Message, Sequence=Sequence)
+    class ImportByCreated(GlobalSecondaryIndex):
+        class Meta:
+            index_name = "by_created"
+            projection = KeysOnlyProjection()
+
+        listing_key = UnicodeAttribute(hash_key=True)
+        created_at = UTCDateTimeAttribute(range_key=True)
+
+    class ClientImport(Model):
+        """One item of a CSV import of clients; `part` says which:
+
+        - "job": the status, the file's counts and the totals of the chunks settled so far
+          (`settled_chunks` makes each chunk's totals count once);
+        - "invalid#NNN": a page of the file's invalid rows, written with the job;
+        - "chunk#NNNNN": one chunk's progress (`done_parts`, each part's writes and totals in one
+          transaction), its totals and its write-time errors, `finished` once all are in.
+        """
+
+        class Meta(_Meta):
+            table_name = settings.table_name("imports")
+
+        import_id = UnicodeAttribute(hash_key=True)
+        part = UnicodeAttribute(range_key=True)
+        status = UnicodeAttribute(null=True)
+        created_at = UTCDateTimeAttribute(null=True)
+        updated_at = UTCDateTimeAttribute(null=True)
+        listing_key = UnicodeAttribute(null=True)
+        rows = NumberAttribute(null=True)
+        valid = NumberAttribute(null=True)
+        invalid = NumberAttribute(null=True)
+        chunks = NumberAttribute(null=True)
+        settled_chunks = NumberSetAttribute(null=True)
+        abandoned_chunks = NumberAttribute(null=True)
+        done_parts = NumberSetAttribute(null=True)
+        finished = BooleanAttribute(null=True)
+        created = NumberAttribute(null=True)
+        updated = NumberAttribute(null=True)
+        unchanged = NumberAttribute(null=True)
+        failed = NumberAttribute(null=True)
+        errors = ListAttribute(of=RowError, null=True)
+        errors_omitted = NumberAttribute(null=True)
+        expires_at = TTLAttribute(null=True)
+
+        by_created = ImportByCreated()
+
+    return Models(
+        Client=Client,
+        Phone=Phone,
+        Mailing=Mailing,
+        Message=Message,
+        Sequence=Sequence,
+        ClientImport=ClientImport,
+    )
 
 
 def create_tables(models: Models) -> list[str]:

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from chalicelib.domain import MailingStatus, MessageStatus
+from chalicelib.domain import MailingStatus, MessageStatus, template_problems
 
 TEXT_MAX_LENGTH = 1000
 FILTER_MAX_VALUES = 100
@@ -74,11 +74,27 @@ ClockTime = Annotated[
     StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$"),
     Field(description="Local time HH:MM (24-hour)", examples=["09:00"]),
 ]
+
+
+def _template(value: str) -> str:
+    problems = template_problems(value)
+    if problems:
+        _raise("; ".join(problems))
+    return value
+
+
 MailingText = Annotated[
     str,
     StringConstraints(min_length=1, max_length=TEXT_MAX_LENGTH),
     AfterValidator(lambda v: v if v.strip() else _raise("must not be blank")),
-    Field(description=f"Message text, 1 to {TEXT_MAX_LENGTH} characters"),
+    AfterValidator(_template),
+    Field(
+        description=(
+            f"Message text, 1 to {TEXT_MAX_LENGTH} characters. It may name the client's fields "
+            "as placeholders: {phone}, {operator_code}, {tag}, {timezone} (write {{ and }} for "
+            "literal braces); any other placeholder is refused."
+        )
+    ),
 ]
 Timestamp = Annotated[
     AwareDatetime,
@@ -156,6 +172,7 @@ class ClientCreate(_Request):
     )
     tag: Tag = ""
     timezone: Timezone = "UTC"
+    opted_out: bool = Field(False, description="Opted out clients are never sent to")
 
 
 class ClientPatch(_Patch):
@@ -165,6 +182,7 @@ class ClientPatch(_Patch):
     operator_code: OperatorCode | None = None
     tag: Tag | None = None
     timezone: Timezone | None = None
+    opted_out: bool | None = None
 
 
 class ClientOut(_Response):
@@ -173,6 +191,7 @@ class ClientOut(_Response):
     operator_code: str
     tag: str
     timezone: str
+    opted_out: bool
     created_at: datetime
     updated_at: datetime
 
@@ -261,6 +280,7 @@ class MessageStats(_Response):
     failed: int
     expired: int
     cancelled: int
+    skipped: int = Field(description="Not sent: the client opted out")
 
 
 class MailingOut(_Response):
@@ -401,3 +421,28 @@ class AdminAssetQuery(_Request):
         pattern=r"^[0-9a-f]{1,64}$",
         description="The asset's content hash, as the admin page links it (cache busting)",
     )
+
+
+class AudiencePreviewIn(_Request):
+    """The audience a mailing with this filter would have, counted without creating anything."""
+
+    filter: AudienceFilter = Field(default_factory=AudienceFilter)
+    sample_size: int = Field(10, ge=0, le=50, description="How many matching clients to return")
+
+
+class AudiencePreviewOut(_Response):
+    count: int = Field(description="Clients the filter selects")
+    opted_out: int = Field(description="Of those, clients who opted out (they will be skipped)")
+    sample: list[ClientOut] = Field(description="The first `sample_size` of them")
+
+
+class RetryFailedOut(_Response):
+    requeued: int = Field(description="Failed messages queued again, with their message ids")
+    more: bool = Field(description="Failed messages are left (the request ran out of time)")
+    mailing: MailingOut
+
+
+class OptOutIn(_Request):
+    """An opt-out, e.g. from a STOP reply: the client with this phone is never sent to again."""
+
+    phone: Phone

@@ -43,6 +43,7 @@ def test_created_mailing_is_scheduled_with_zero_counts_and_reads_back(api):
         "failed": 0,
         "expired": 0,
         "cancelled": 0,
+        "skipped": 0,
     }
     assert created["filter"] == {"operator_codes": ["900", "916"], "tags": ["vip"]}
     assert created["send_window"] == {"start": "09:00", "end": "21:00"}

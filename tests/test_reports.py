@@ -158,24 +158,27 @@ def test_daily_report_email_figures_equal_the_stored_data(api, ses, mailings, se
         stored = services.models.Mailing.get(mailing_id)
         expected = {
             s: int(getattr(stored, f"count_{s}") or 0)
-            for s in ("sent", "failed", "expired", "pending", "cancelled")
+            for s in ("sent", "failed", "expired", "pending", "cancelled", "skipped")
         }
-        _, status, sent, failed, expired, pending, cancelled, total, rate = row_of(text, mailing_id)
+        row = row_of(text, mailing_id)
+        _, status, sent, failed, expired, pending, cancelled, skipped, total, rate = row
         assert status == stored.status
-        assert (int(sent), int(failed), int(expired), int(pending), int(cancelled)) == (
+        figures = (sent, failed, expired, pending, cancelled, skipped)
+        assert tuple(int(n) for n in figures) == (
             expected["sent"],
             expected["failed"],
             expected["expired"],
             expected["pending"],
             expected["cancelled"],
+            expected["skipped"],
         )
         assert int(total) == sum(expected.values())
         decided = expected["sent"] + expected["failed"] + expected["expired"]
         assert rate == f"{expected['sent'] / decided:.1%}"
         cells = re.search(rf"<tr><td>{mailing_id}</td>(.*?)</tr>", html).group(1)
         numbers = re.findall(r"<td>(\d+)</td>", cells)
-        assert numbers == [str(n) for n in (sent, failed, expired, pending, cancelled, total)]
-    assert row_of(text, "TOTAL")[1:7] == ["100", "8", "4", "30", "0", "142"]
+        assert numbers == [*figures, total]
+    assert row_of(text, "TOTAL")[1:8] == ["100", "8", "4", "30", "0", "0", "142"]
     assert report["totals"]["total"] == 142
     assert report["success_rate"] == pytest.approx(100 / 112)
     subject = " ".join(message["Subject"].split())  # unfolded
@@ -269,7 +272,14 @@ def test_metrics_endpoint_is_prometheus_text_with_the_stored_counters(api, maili
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     parsed = families(response.body.decode())
     messages = {s.labels["status"]: s.value for s in parsed["sms_messages"]}
-    assert messages == {"pending": 30, "sent": 600, "failed": 8, "expired": 4, "cancelled": 0}
+    assert messages == {
+        "pending": 30,
+        "sent": 600,
+        "failed": 8,
+        "expired": 4,
+        "cancelled": 0,
+        "skipped": 0,
+    }
     statuses = {s.labels["status"]: s.value for s in parsed["sms_mailings"]}
     assert sum(statuses.values()) == 4
     assert statuses["scheduled"] == 4  # no scheduler ran in this test

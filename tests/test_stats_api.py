@@ -68,6 +68,7 @@ def test_mailing_stats_report_counts_and_messages(api, services, clock):
         "failed": 1,
         "expired": 1,
         "cancelled": 0,
+        "skipped": 0,
     }
     assert len(stats["messages"]) == 5
     failed = next(m for m in stats["messages"] if m["status"] == "failed")
@@ -132,6 +133,7 @@ def test_overall_stats_add_up_every_mailing(api, services, clock):
         "failed": 1,
         "expired": 1,
         "cancelled": 1,
+        "skipped": 0,
     }
     per_mailing = {m["mailing_id"]: m["stats"]["total"] for m in overall["per_mailing"]}
     assert per_mailing == {first: 3, second: 4}

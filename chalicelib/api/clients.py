@@ -6,7 +6,14 @@ from chalicelib.api.http import ApiBlueprint
 from chalicelib.api.mapping import client_fields, client_out, page_limit
 from chalicelib.api.security import bearer_auth
 from chalicelib.container import services
-from chalicelib.schemas import ClientCreate, ClientListQuery, ClientOut, ClientPage, ClientPatch
+from chalicelib.schemas import (
+    ClientCreate,
+    ClientListQuery,
+    ClientOut,
+    ClientPage,
+    ClientPatch,
+    OptOutIn,
+)
 
 api = ApiBlueprint(__name__, "clients", authorizer=bearer_auth)
 
@@ -81,3 +88,18 @@ def patch_client(client_id: str, body: ClientPatch) -> ClientOut:
 def delete_client(client_id: str) -> None:
     """Delete a client; it is never sent to again and its phone number becomes free."""
     services().clients.delete(client_id)
+
+
+@api.route(
+    "/opt-outs",
+    "POST",
+    summary="Opt a client out by phone number",
+    body=OptOutIn,
+    response=ClientOut,
+    errors=(400, 404, 409, 413, 415, 422),
+)
+def opt_out(body: OptOutIn) -> ClientOut:
+    """For a STOP reply webhook: the client with this phone is never sent to again (its
+    messages become `skipped`). Idempotent; `PATCH /clients/{id}` with `opted_out: false`
+    opts back in. 404 when no client has the number."""
+    return client_out(services().clients.opt_out(body.phone))

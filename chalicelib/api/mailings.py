@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from chalicelib.api.http import ApiBlueprint
 from chalicelib.api.mapping import (
+    audience,
+    client_out,
     mailing_changes,
     mailing_fields,
     mailing_out,
@@ -14,6 +16,8 @@ from chalicelib.api.mapping import (
 from chalicelib.api.security import bearer_auth
 from chalicelib.container import services
 from chalicelib.schemas import (
+    AudiencePreviewIn,
+    AudiencePreviewOut,
     MailingCreate,
     MailingOut,
     MailingPage,
@@ -21,6 +25,7 @@ from chalicelib.schemas import (
     MailingStatsOut,
     MessageListQuery,
     PageQuery,
+    RetryFailedOut,
 )
 
 api = ApiBlueprint(__name__, "mailings", authorizer=bearer_auth)
@@ -105,6 +110,67 @@ def delete_mailing(mailing_id: str) -> None:
 def cancel_mailing(mailing_id: str) -> MailingOut:
     """Stop sending at once; messages not yet sent become `cancelled`, statistics stay."""
     return mailing_out(services().mailings.cancel(mailing_id))
+
+
+@api.route(
+    "/mailings/preview",
+    "POST",
+    summary="Count the audience of a filter",
+    body=AudiencePreviewIn,
+    response=AudiencePreviewOut,
+    errors=(400, 413, 415, 422),
+)
+def preview_audience(body: AudiencePreviewIn) -> AudiencePreviewOut:
+    """How many clients a mailing with this filter would reach, how many of them opted out,
+    and a sample; nothing is created. It reads the audience's index entries once."""
+    count, opted_out, sample = services().clients.preview(audience(body.filter), body.sample_size)
+    return AudiencePreviewOut(
+        count=count, opted_out=opted_out, sample=[client_out(c) for c in sample]
+    )
+
+
+@api.route(
+    "/mailings/{mailing_id}/pause",
+    "POST",
+    summary="Pause a mailing",
+    response=MailingOut,
+    errors=(404, 409),
+)
+def pause_mailing(mailing_id: str) -> MailingOut:
+    """Stop sending within seconds: calls in progress finish, every other message waits (no
+    attempt spent). The end still applies: messages not sent by then expire."""
+    return mailing_out(services().mailings.pause(mailing_id))
+
+
+@api.route(
+    "/mailings/{mailing_id}/resume",
+    "POST",
+    summary="Resume a paused mailing",
+    response=MailingOut,
+    errors=(404, 409),
+)
+def resume_mailing(mailing_id: str) -> MailingOut:
+    """Continue where the mailing stopped, without duplicates; waiting messages go out within
+    about 15 seconds."""
+    return mailing_out(services().mailings.resume(mailing_id))
+
+
+@api.route(
+    "/mailings/{mailing_id}/retry-failed",
+    "POST",
+    summary="Send the failed messages again",
+    response=RetryFailedOut,
+    errors=(404, 409),
+)
+def retry_failed(mailing_id: str) -> RetryFailedOut:
+    """Queue the mailing's `failed` messages again, with the same message ids, before its end.
+    A finished mailing runs again until they are done. With very many failed messages the
+    request stops after about 20 seconds with `more: true`: call it again."""
+    current = services()
+    requeued, more = current.mailings.retry_failed(mailing_id)
+    return RetryFailedOut(
+        requeued=requeued, more=more, mailing=mailing_out(current.mailings.get(mailing_id))
+    )
 
 
 @api.route(

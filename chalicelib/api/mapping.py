@@ -6,6 +6,7 @@ from typing import Any
 
 from chalicelib import domain
 from chalicelib.container import services
+from chalicelib.domain import MessageStatus
 from chalicelib.schemas import (
     AudienceFilter,
     ClientCreate,
@@ -29,7 +30,11 @@ def page_limit(requested: int | None) -> int:
 
 def client_fields(body: ClientCreate) -> ClientFields:
     return ClientFields(
-        phone=body.phone, operator_code=body.operator_code, tag=body.tag, timezone=body.timezone
+        phone=body.phone,
+        operator_code=body.operator_code,
+        tag=body.tag,
+        timezone=body.timezone,
+        opted_out=body.opted_out,
     )
 
 
@@ -40,6 +45,7 @@ def client_out(client: domain.Client) -> ClientOut:
         operator_code=client.operator_code,
         tag=client.tag,
         timezone=client.timezone,
+        opted_out=client.opted_out,
         created_at=client.created_at,
         updated_at=client.updated_at,
     )
@@ -84,11 +90,7 @@ def mailing_changes(patch: Any) -> dict[str, Any]:
 def stats_out(counts: domain.MessageCounts) -> MessageStats:
     return MessageStats(
         total=counts.total,
-        pending=counts.pending,
-        sent=counts.sent,
-        failed=counts.failed,
-        expired=counts.expired,
-        cancelled=counts.cancelled,
+        **{status.value: getattr(counts, status.value) for status in MessageStatus},
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pynamodb.connection import Connection
-from pynamodb.exceptions import DoesNotExist, PutError, TransactWriteError
+from pynamodb.exceptions import DoesNotExist, PutError, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import AudienceFilter, Client, Clock, PageOf, default_operator_code
@@ -25,10 +25,19 @@ from chalicelib.models import (
     tag_prefix,
     tag_sort_key,
 )
-from chalicelib.pagination import Segment, fingerprint, index_query, paginate
+from chalicelib.pagination import (
+    Position,
+    Segment,
+    fingerprint,
+    index_query,
+    paginate,
+    read_page,
+)
 from chalicelib.services.storage import is_conditional_failure, looks_like_id
 
 logger = logging.getLogger(__name__)
+
+PREVIEW_PAGE = 500
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class ClientFields:
     operator_code: str | None
     tag: str
     timezone: str
+    opted_out: bool = False
 
 
 def _shard_of(client_id: str) -> int:
@@ -129,6 +139,48 @@ class ClientDirectory:
         scope = fingerprint("clients", audience.operator_codes, audience.tags)
         return PageOf(*paginate(segments, scope, cursor, limit, self._to_domain))
 
+    def preview(self, audience: AudienceFilter, sample_size: int) -> tuple[int, int, list[Client]]:
+        """How many clients `audience` selects, how many of those opted out, and the first
+        `sample_size` of them, without creating anything. Reads the audience's index entries
+        once (two attributes each), as the fan-out would."""
+        segments = self.audience_segments(audience, attributes=("client_id", "opted_out"))
+        count = opted_out = 0
+        sample_ids: list[str] = []
+        position: Position | None = Position()
+        while position is not None:
+            page = read_page(segments, position, PREVIEW_PAGE)
+            for item in page.items:
+                count += 1
+                opted_out += bool(item.opted_out)
+                if len(sample_ids) < sample_size:
+                    sample_ids.append(item.client_id)
+            position = page.next
+        found, _ = self.find_many(sample_ids)
+        return count, opted_out, [found[i] for i in sample_ids if i in found]
+
+    def opt_out(self, phone: str) -> Client:
+        """Mark the client with this phone as opted out (a STOP reply); idempotent."""
+        client_id = self._phone_owner(phone)
+        if client_id is None:
+            raise NotFound(f"no client has the phone number {phone}")
+        item = self._load(client_id)
+        if item.opted_out:
+            return self._to_domain(item)
+        Client = self._models.Client
+        try:
+            item.update(
+                actions=[Client.opted_out.set(True), Client.updated_at.set(self._clock())],
+                condition=Client.phone == phone,
+            )
+        except UpdateError as exc:
+            if is_conditional_failure(exc):
+                raise Conflict(
+                    f"client {client_id} was changed by another request; retry"
+                ) from None
+            raise
+        logger.info("client opted out", extra={"client_id": client_id})
+        return self._to_domain(item)
+
     def audience_segments(
         self, audience: AudienceFilter, *, attributes: Sequence[str] | None = None
     ) -> list[Segment]:
@@ -203,6 +255,7 @@ class ClientDirectory:
             operator_code=changes.get("operator_code", item.operator_code),
             tag=changes.get("tag", item.tag),
             timezone=changes.get("timezone", item.timezone),
+            opted_out=changes.get("opted_out", bool(item.opted_out)),
         )
         client = self._save(item, fields)
         logger.info(
@@ -263,6 +316,7 @@ class ClientDirectory:
         item.operator_code = fields.operator_code or default_operator_code(fields.phone)
         item.tag = fields.tag
         item.timezone = fields.timezone
+        item.opted_out = fields.opted_out
         item.updated_at = now
         item.shard = _shard_of(item.client_id)
         item.tag_sort = tag_sort_key(fields.tag, item.client_id)
@@ -299,4 +353,5 @@ class ClientDirectory:
             timezone=item.timezone,
             created_at=item.created_at,
             updated_at=item.updated_at,
+            opted_out=bool(item.opted_out),
         )

@@ -30,7 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pynamodb.exceptions import DoesNotExist
 
 from chalicelib import logs
-from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow
+from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow, render
 from chalicelib.gateway import GatewayClient, GatewayResult
 from chalicelib.gateway import Outcome as Answer
 from chalicelib.metrics import MetricsWriter
@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 UNCOMMITTED_GRACE = timedelta(minutes=2)
 UNCOMMITTED_RETRY_SECONDS = 2
 THROTTLED_SPREAD_SECONDS = 5.0
+# How soon a job of a paused mailing looks again (a resume takes effect within this).
+PAUSED_RECHECK_SECONDS = 10
 
 
 class JobResult(StrEnum):
@@ -67,6 +69,7 @@ class JobResult(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     CONFIG_ERROR = "config_error"
     SKIPPED = "skipped"  # nothing to do: already done, claimed elsewhere, or stale
+    OPTED_OUT = "opted_out"  # the client opted out: the message is `skipped`, never sent
 
 
 _TERMINAL = frozenset(
@@ -76,8 +79,14 @@ _TERMINAL = frozenset(
         JobResult.EXPIRED,
         JobResult.CANCELLED,
         JobResult.DEAD_LETTERED,
+        JobResult.OPTED_OUT,
     }
 )
+
+
+def _result_of(status: MessageStatus) -> JobResult:
+    """What finishing a message with `status` means for its job."""
+    return JobResult.OPTED_OUT if status is MessageStatus.SKIPPED else JobResult(status.value)
 
 
 @dataclass
@@ -265,6 +274,13 @@ class Sender:
         self._unclaim(item)
         return self._timing(item, at) or self._throttled(item)
 
+    def _paused(self, item: _Job) -> JobResult:
+        """The mailing is paused: no claim, no call, no attempt; the job looks again shortly,
+        so a resume takes effect within PAUSED_RECHECK_SECONDS (plus a spread)."""
+        spread = self._rng.uniform(0, PAUSED_RECHECK_SECONDS / 3)
+        item.requeue = self._later(item, item.job, PAUSED_RECHECK_SECONDS + spread)
+        return JobResult.DEFERRED
+
     def _throttled(self, item: _Job, wait: float = 0.0) -> JobResult:
         """Over the shared rate or paused by back-pressure: back later, no attempt spent."""
         # Spread (up to 5 s) so deferred jobs do not all come back in the same second.
@@ -303,6 +319,10 @@ class Sender:
                 return ended
             logger.warning("message failed: %s", item.problem, extra=self._log(item))
             return self._finish(item, MessageStatus.FAILED, None, item.problem)
+        if client.opted_out:
+            return self._finish(item, MessageStatus.SKIPPED, None, "client opted out")
+        if mailing.status == MailingStatus.PAUSED.value:
+            return self._expire_if_ended(item, self._clock()) or self._paused(item)
         timing = self._timing(item, self._clock())
         if timing is not None:
             return timing
@@ -393,7 +413,7 @@ class Sender:
                 gateway = self._gateway()
                 assert gateway is not None  # checked by _prepare
                 item.called_gateway = True
-                result = gateway.send(job.message_id, item.client.phone, item.mailing.text)
+                result = gateway.send(job.message_id, item.client.phone, _text_for(item))
             finally:
                 if extra is not None:
                     self._throttle.release(extra)
@@ -464,7 +484,7 @@ class Sender:
         if claim is not None:
             # Recorded after the batch's calls, with the others (see _record_outcomes).
             item.outcome = Outcome(item.job.client_id, status, claim, error, item.job.message_id)
-            return JobResult(status.value)
+            return _result_of(status)
         done = self._messages.finish(
             item.batch.mailing_id,
             item.job.client_id,
@@ -474,7 +494,7 @@ class Sender:
             error=error,
             message_id=item.job.message_id,
         )
-        return JobResult(status.value) if done else JobResult.SKIPPED
+        return _result_of(status) if done else JobResult.SKIPPED
 
     @staticmethod
     def _log(item: _Job) -> dict[str, Any]:
@@ -541,6 +561,18 @@ class Sender:
             item.batch.mailing_id, item.job.client_id, item.problem or "", now
         )
         return JobResult.FAILED if failed else JobResult.SKIPPED
+
+
+def _text_for(item: _Job) -> str:
+    """The mailing's text with the client's fields in its placeholders."""
+    client = item.client
+    values = {
+        "phone": client.phone,
+        "operator_code": client.operator_code,
+        "tag": client.tag,
+        "timezone": client.timezone,
+    }
+    return render(item.mailing.text, values)
 
 
 def _with_ids(step: Callable[..., JobResult | None], item: _Job, *args: Any) -> JobResult | None:

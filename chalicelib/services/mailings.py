@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -25,19 +26,17 @@ from chalicelib.domain import (
 from chalicelib.errors import Conflict, NotFound, ValidationFailed
 from chalicelib.models import DUE_KEY, MAILING_LISTING_KEY, Models, status_key
 from chalicelib.pagination import Segment, fingerprint, index_query, paginate
-from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues
+from chalicelib.services.messages import MessageStore
+from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Delayed, JobBatch, Queues, SendJob
 from chalicelib.services.storage import is_conditional_failure, looks_like_id
 
 logger = logging.getLogger(__name__)
 
-_COUNTER_ATTRIBUTES = [
-    "mailing_id",
-    "count_pending",
-    "count_sent",
-    "count_failed",
-    "count_expired",
-    "count_cancelled",
-]
+# Failed messages queued again per transaction (DynamoDB allows 100 items with the mailing).
+RETRY_PAGE = 99
+# Jobs of retried messages arrive after their page is committed (see retry_failed).
+RETRY_JOB_DELAY_SECONDS = 3
+_COUNTER_ATTRIBUTES = ["mailing_id", *(f"count_{status.value}" for status in MessageStatus)]
 _MAILING_LISTING_KEYS = ("listing_key", "created_at", "mailing_id")
 
 
@@ -55,10 +54,13 @@ class MailingFields:
 class MailingService:
     """Mailings and their message statistics."""
 
-    def __init__(self, models: Models, clock: Clock, queues: Queues) -> None:
+    def __init__(
+        self, models: Models, clock: Clock, queues: Queues, messages: MessageStore
+    ) -> None:
         self._models = models
         self._clock = clock
         self._queues = queues
+        self._messages = messages
 
     # ---------------------------------------------------------------- writes
 
@@ -116,7 +118,7 @@ class MailingService:
             Mailing.status.set(MailingStatus.CANCELLED.value),
             Mailing.updated_at.set(self._clock()),
         ]
-        started = item.status == MailingStatus.RUNNING.value
+        started = item.status in (MailingStatus.RUNNING.value, MailingStatus.PAUSED.value)
         if not started:
             # Nothing was created yet: no sweep needed, and it never needs the scheduler again.
             actions.append(Mailing.due_key.remove())
@@ -130,6 +132,86 @@ class MailingService:
         if started:
             self._kick(item.mailing_id, 0)
         return self._to_domain(item)
+
+    def pause(self, mailing_id: str) -> Mailing:
+        """Stop sending (jobs wait, no attempt spent) until `resume`; idempotent."""
+        item = self._load(mailing_id)
+        status = MailingStatus(item.status)
+        if status is MailingStatus.PAUSED:
+            return self._to_domain(item)
+        if status not in (MailingStatus.SCHEDULED, MailingStatus.RUNNING):
+            raise Conflict(f"mailing {mailing_id} is {status.value}; there is nothing to pause")
+        self._set_status(item, status, MailingStatus.PAUSED)
+        logger.info("mailing paused", extra={"mailing_id": mailing_id})
+        return self._to_domain(item)
+
+    def resume(self, mailing_id: str) -> Mailing:
+        """Continue a paused mailing where it stopped; jobs waiting come back within seconds."""
+        item = self._load(mailing_id)
+        status = MailingStatus(item.status)
+        if status is not MailingStatus.PAUSED:
+            raise Conflict(f"mailing {mailing_id} is {status.value}, not paused")
+        started = item.start_at <= self._clock()
+        target = MailingStatus.RUNNING if started else MailingStatus.SCHEDULED
+        self._set_status(item, status, target)
+        logger.info("mailing resumed", extra={"mailing_id": mailing_id})
+        if started:
+            self._kick(item.mailing_id, 0)  # continue the fan-out now, not at the next tick
+        else:
+            self._kick_if_starting_soon(item)
+        return self._to_domain(item)
+
+    def retry_failed(self, mailing_id: str, budget_seconds: float = 20.0) -> tuple[int, bool]:
+        """Queue the mailing's failed messages again, with the same message ids; the number
+        queued, and whether failed messages are left (the time budget ran out: call again).
+
+        Jobs go out first, a few seconds delayed, then the messages turn pending in one
+        transaction per page; a job that arrives before its page is committed finds the
+        message still failed and is dropped, so the delay is what keeps them in order."""
+        item = self._load(mailing_id)
+        status = MailingStatus(item.status)
+        if status is MailingStatus.CANCELLED:
+            raise Conflict(f"mailing {mailing_id} is cancelled; nothing is sent any more")
+        if self._clock() >= item.end_at:
+            raise Conflict(f"mailing {mailing_id} has ended; failed messages can no longer go")
+        started, queued, after = time.monotonic(), 0, None
+        reopen = status is MailingStatus.FINISHED
+        while time.monotonic() - started < budget_seconds:
+            page = self._messages.with_status(
+                mailing_id, MessageStatus.FAILED, RETRY_PAGE, after=after
+            )
+            if not page:
+                return queued, False
+            now = self._clock()
+            self._queues.enqueue([self._jobs(mailing_id, page, now)])
+            if not self._messages.requeue_failed(mailing_id, page, now, reopen=reopen):
+                raise Conflict(f"mailing {mailing_id} changed meanwhile; retry the request")
+            queued, reopen, after = queued + len(page), False, page[-1][1]
+        left = self._messages.with_status(mailing_id, MessageStatus.FAILED, 1, after=after)
+        return queued, bool(left)
+
+    @staticmethod
+    def _jobs(mailing_id: str, page: list[tuple[str, int]], now: datetime) -> Delayed:
+        batch = JobBatch(
+            mailing_id=mailing_id,
+            jobs=[SendJob(client_id=client, message_id=message) for client, message in page],
+            enqueued_at=now,
+        )
+        return Delayed(batch, RETRY_JOB_DELAY_SECONDS)
+
+    def _set_status(self, item: Any, current: MailingStatus, target: MailingStatus) -> None:
+        Mailing = self._models.Mailing
+        try:
+            item.update(
+                actions=[Mailing.status.set(target.value), Mailing.updated_at.set(self._clock())],
+                condition=Mailing.status == current.value,
+            )
+        except UpdateError as exc:
+            if is_conditional_failure(exc):
+                raise Conflict(
+                    f"mailing {item.mailing_id} changed meanwhile; read it again and retry"
+                ) from None
+            raise
 
     def delete(self, mailing_id: str) -> None:
         """Remove a mailing; every send of it stops, in-flight jobs included."""
@@ -259,7 +341,9 @@ class MailingService:
         status = MailingStatus(item.status)
         if status in (MailingStatus.FINISHED, MailingStatus.CANCELLED):
             raise Conflict(f"mailing {item.mailing_id} is {status.value}; it can no longer change")
-        if status is MailingStatus.RUNNING:
+        if status is MailingStatus.RUNNING or (
+            status is MailingStatus.PAUSED and item.start_at <= self._clock()
+        ):
             current = self._fields_of(item)
             frozen = [
                 name
@@ -356,11 +440,7 @@ def _mailing_id(key: Any) -> str:
 
 def _counts_of(item: Any) -> MessageCounts:
     return MessageCounts(
-        pending=int(item.count_pending or 0),
-        sent=int(item.count_sent or 0),
-        failed=int(item.count_failed or 0),
-        expired=int(item.count_expired or 0),
-        cancelled=int(item.count_cancelled or 0),
+        **{s.value: int(getattr(item, f"count_{s.value}") or 0) for s in MessageStatus}
     )
 
 

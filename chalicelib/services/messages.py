@@ -18,8 +18,8 @@ from pynamodb.connection import Connection
 from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.domain import MessageStatus
-from chalicelib.models import Models, status_key
+from chalicelib.domain import MailingStatus, MessageStatus
+from chalicelib.models import DUE_KEY, Models, status_key
 from chalicelib.services.storage import is_conditional_failure
 
 logger = logging.getLogger(__name__)
@@ -242,9 +242,65 @@ class MessageStore:
 
     def pending(self, mailing_id: str, limit: int) -> list[tuple[str, int]]:
         """Up to `limit` (client id, message id) pairs whose message is still pending."""
-        index = self._models.Message.by_status
-        key = status_key(mailing_id, MessageStatus.PENDING.value)
+        return self.with_status(mailing_id, MessageStatus.PENDING, limit)
+
+    def with_status(
+        self, mailing_id: str, status: MessageStatus, limit: int, after: int | None = None
+    ) -> list[tuple[str, int]]:
+        """Up to `limit` (client id, message id) pairs with `status`, by message id (after
+        `after`, when given)."""
+        Message = self._models.Message
+        key = status_key(mailing_id, status.value)
+        condition = None if after is None else Message.message_id > after
         return [
             (item.client_id, int(item.message_id))
-            for item in index.query(key, limit=limit, page_size=limit)
+            for item in Message.by_status.query(key, condition, limit=limit, page_size=limit)
         ]
+
+    def requeue_failed(
+        self, mailing_id: str, messages: list[tuple[str, int]], now: datetime, *, reopen: bool
+    ) -> bool:
+        """Make these failed messages pending again (same ids), with the mailing's counters,
+        in one transaction; with `reopen`, a finished mailing runs again. False when any of
+        them is no longer failed or the mailing was cancelled or deleted meanwhile."""
+        models = self._models
+        Message, Mailing = models.Message, models.Mailing
+        pending = MessageStatus.PENDING.value
+        mailing_actions = [
+            counter(models, MessageStatus.FAILED).add(-len(messages)),
+            counter(models, MessageStatus.PENDING).add(len(messages)),
+            Mailing.updated_at.set(now),
+        ]
+        if reopen:
+            mailing_actions += [
+                Mailing.status.set(MailingStatus.RUNNING.value),
+                Mailing.due_key.set(DUE_KEY),
+            ]
+        try:
+            with TransactWrite(connection=self._connection) as tx:
+                for client_id, _ in messages:
+                    tx.update(
+                        Message(mailing_id, client_id),
+                        actions=[
+                            Message.status.set(pending),
+                            Message.status_key.set(status_key(mailing_id, pending)),
+                            Message.updated_at.set(now),
+                        ],
+                        condition=Message.status == MessageStatus.FAILED.value,
+                    )
+                tx.update(
+                    Mailing(mailing_id),
+                    actions=mailing_actions,
+                    condition=Mailing.mailing_id.exists()
+                    & (Mailing.status != MailingStatus.CANCELLED.value),
+                )
+        except TransactWriteError as exc:
+            if is_conditional_failure(exc):
+                return False
+            raise
+        for client_id, message_id in messages:
+            logger.info(
+                "failed message queued again, pending",
+                extra=_ids(mailing_id, client_id, message_id, status=pending),
+            )
+        return True

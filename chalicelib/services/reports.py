@@ -41,7 +41,8 @@ class ReportRow:
     @property
     def success_rate(self) -> float | None:
         """Sent among the messages that have an outcome (sent, failed, expired); None when
-        none has one yet. Cancelled and pending messages are not counted against it."""
+        none has one yet. Cancelled, skipped (opted out) and pending messages are not counted
+        against it."""
         decided = self.counts.sent + self.counts.failed + self.counts.expired
         return self.counts.sent / decided if decided else None
 
@@ -88,7 +89,7 @@ class DailyReport:
             return "\n".join(lines) + "\n"
         header = (
             f"{'mailing':36}  {'status':9}  {'sent':>7}  {'failed':>7}  {'expired':>7}  "
-            f"{'pending':>7}  {'cancelled':>9}  {'total':>7}  {'success':>7}"
+            f"{'pending':>7}  {'cancelled':>9}  {'skipped':>7}  {'total':>7}  {'success':>7}"
         )
         lines += [header, "-" * len(header)]
         for row in [*self.rows, None]:
@@ -99,7 +100,7 @@ class DailyReport:
             lines.append(
                 f"{name:36}  {status:9}  {counts.sent:>7}  {counts.failed:>7}  "
                 f"{counts.expired:>7}  {counts.pending:>7}  {counts.cancelled:>9}  "
-                f"{counts.total:>7}  {_rate(rate):>7}"
+                f"{counts.skipped:>7}  {counts.total:>7}  {_rate(rate):>7}"
             )
         lines.append("")
         for row in self.rows:
@@ -120,6 +121,7 @@ class DailyReport:
                 "Expired",
                 "Pending",
                 "Cancelled",
+                "Skipped",
                 "Total",
                 "Success rate",
             )
@@ -139,6 +141,7 @@ class DailyReport:
                 counts.expired,
                 counts.pending,
                 counts.cancelled,
+                counts.skipped,
                 counts.total,
             ]
             cells += [str(n) for n in numbers] + [_rate(rate)]

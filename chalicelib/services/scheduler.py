@@ -174,6 +174,8 @@ class Scheduler:
                     if self._clock() >= item.end_at:
                         # The end came before the audience was walked: nobody else is added.
                         self._mark_fanout_done(item, owner)
+                    elif item.status == MailingStatus.PAUSED.value:
+                        return progress  # resume kicks it; the end is still watched by ticks
                     elif not self._timed_fan_out(item, owner, remaining, progress):
                         progress.continued.append(item.mailing_id)
                         return progress
@@ -194,14 +196,15 @@ class Scheduler:
             Mailing.lease_until.set(now + timedelta(seconds=self._settings.lease_seconds)),
         ]
         starting = item.status == MailingStatus.SCHEDULED.value
+        condition = Mailing.due_key.exists() & (
+            Mailing.lease_until.does_not_exist() | (Mailing.lease_until < now)
+        )
         if starting:
             actions.append(Mailing.status.set(MailingStatus.RUNNING.value))
+            # A pause or cancel that lands meanwhile wins; the next tick sees it.
+            condition &= Mailing.status == MailingStatus.SCHEDULED.value
         try:
-            item.update(
-                actions=actions,
-                condition=Mailing.due_key.exists()
-                & (Mailing.lease_until.does_not_exist() | (Mailing.lease_until < now)),
-            )
+            item.update(actions=actions, condition=condition)
         except UpdateError as exc:
             if is_conditional_failure(exc):
                 return False
