@@ -24,6 +24,7 @@ from cfnlint.schema import PROVIDER_SCHEMA_MANAGER
 from chalice import Chalice
 
 from chalicelib import workers
+from chalicelib.domain import AudienceFilter
 from chalicelib.gateway import GatewayResult, Outcome
 from chalicelib.metrics import METRICS, MetricsWriter
 from chalicelib.models import build_models
@@ -63,14 +64,15 @@ AUDIENCE_INDEXES = {
 }
 TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
     # chalicelib/api: client and mailing CRUD, listings, statistics, GET /metrics and
-    # POST /reports/daily (mailings: keys from by_created, items by BatchGetItem).
+    # POST /reports/daily (mailings: keys from by_created, items by BatchGetItem); opt-outs
+    # and the preview's sample (clients); retry-failed (messages back to pending).
     "APIHandler": {
-        "clients": {GET, PUT, DELETE},
+        "clients": {GET, BATCH_GET, PUT, UPDATE, DELETE},
         **AUDIENCE_INDEXES,
         "phones": {GET, PUT, DELETE},
         "mailings": {GET, BATCH_GET, PUT, UPDATE, DELETE},
         "mailings/index/by_created": {QUERY},
-        "messages": {QUERY, BATCH_GET},
+        "messages": {QUERY, BATCH_GET, UPDATE},
         "messages/index/by_status": {QUERY},
     },
     # Scheduler.tick: due mailings, leases, fan-out pages, sweeps, finish.
@@ -103,7 +105,7 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
 QUEUE_ACCESS: dict[str, dict[str, set[str]]] = {
     "APIHandler": {
         "FanoutQueue": {SEND, DEPTH},  # kicks; GET /metrics reads the depths
-        "SendQueue": {DEPTH},
+        "SendQueue": {SEND, DEPTH},  # jobs of retried messages
         "SendDeadLetterQueue": {DEPTH},
     },
     "SchedulerTick": {"SendQueue": {SEND}, "FanoutQueue": {SEND}},  # jobs, continuations
@@ -1657,6 +1659,38 @@ def mailing_around(clock: Any) -> dict[str, str]:
     return {"text": "Winter sale", "start_at": start.isoformat(), "end_at": end.isoformat()}
 
 
+def mailing_with_a_failed_message(clock: Any) -> str:
+    """Given (written straight to storage): a running mailing with one failed message."""
+    from chalicelib.container import services
+    from chalicelib.models import status_key
+    from chalicelib.services.mailings import MailingFields
+
+    current = services()
+    Mailing, Message = current.models.Mailing, current.models.Message
+    made = current.mailings.create(
+        MailingFields(
+            text="Hi",
+            start_at=clock(),
+            end_at=clock() + timedelta(hours=1),
+            audience=AudienceFilter(),
+            send_window=None,
+        )
+    )
+    Message(
+        made.id,
+        "client-1",
+        message_id=1,
+        phone="79001234569",
+        status="failed",
+        status_key=status_key(made.id, "failed"),
+        created_at=clock(),
+        updated_at=clock(),
+        attempts=1,
+    ).save()
+    Mailing(made.id).update(actions=[Mailing.count_failed.add(1)])
+    return made.id
+
+
 def test_every_route_of_the_api_needs_only_what_its_role_allows(
     resources: dict, world: dict, aws_calls: list, clock: Any
 ) -> None:
@@ -1668,6 +1702,7 @@ def test_every_route_of_the_api_needs_only_what_its_role_allows(
     from app import app
 
     mailing = mailing_around(clock)
+    failed_mailing = mailing_with_a_failed_message(clock)
     aws_calls.clear()
     with Client(app, stage_name="dev") as client:
         request(client, "GET", "/health")
@@ -1689,6 +1724,11 @@ def test_every_route_of_the_api_needs_only_what_its_role_allows(
         request(client, "GET", "/stats")
         request(client, "GET", "/metrics")
         request(client, "POST", "/reports/daily")
+        request(client, "POST", "/mailings/preview", {"filter": {"tags": ["new"]}})
+        request(client, "POST", f"{mailing_path}/pause")
+        request(client, "POST", f"{mailing_path}/resume")
+        request(client, "POST", f"/mailings/{failed_mailing}/retry-failed")
+        request(client, "POST", "/opt-outs", {"phone": "79001234568"})
         request(client, "POST", f"{mailing_path}/cancel")
         request(client, "DELETE", mailing_path)
         request(client, "DELETE", client_path)
