@@ -95,7 +95,7 @@ def test_pause_stops_sends_and_resume_sends_the_rest_exactly_once(
     assert paused.status_code == 200
     assert body(paused)["status"] == "paused"
     assert body(api.post(f"/mailings/{mailing['id']}/pause"))["status"] == "paused"  # idempotent
-    pipeline.run(until=clock() + timedelta(minutes=10))
+    pipeline.run(until=clock() + timedelta(minutes=1), step=timedelta(seconds=5))
 
     # Then nothing more is sent, nothing is spent, and it stays paused
     assert len(gateway.accepted()) == 10
@@ -116,6 +116,31 @@ def test_pause_stops_sends_and_resume_sends_the_rest_exactly_once(
     assert pipeline.statuses(mailing["id"]) == {"sent": 30}
     assert pipeline.counters(mailing["id"]) == pipeline.statuses(mailing["id"])
     assert pipeline.mailing_status(mailing["id"]) == "finished"
+
+
+def test_a_long_pause_costs_few_queue_trips_and_a_resume_still_sends_everything(
+    api, pipeline, clock, gateway, sqs
+):
+    # Given a mailing paused right after its fan-out, for two hours
+    for n in range(10):
+        add_client(api, f"791600000{n:02d}")
+    mailing = create_mailing(api, clock, end=timedelta(hours=4))
+    pipeline.tick()
+    pipeline.kicks()
+    api.post(f"/mailings/{mailing['id']}/pause")
+    before = sqs.calls["SendMessageBatch"]
+    pipeline.run(until=clock() + timedelta(hours=2), step=timedelta(seconds=5))
+
+    # Then its one SQS message of jobs came back rarely, not every ten seconds (720 times)
+    trips = sqs.calls["SendMessageBatch"] - before
+    assert 5 <= trips <= 60, trips
+    assert gateway.accepted() == []
+
+    # When it is resumed, everything is sent within the longest recheck interval
+    api.post(f"/mailings/{mailing['id']}/resume")
+    pipeline.run(until=clock() + timedelta(minutes=7), step=timedelta(seconds=5))
+    assert len(gateway.accepted()) == 10
+    assert max(sent_ids(gateway).values()) == 1
 
 
 def test_a_mailing_paused_before_its_start_starts_only_when_resumed(api, pipeline, clock, gateway):

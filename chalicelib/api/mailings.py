@@ -150,8 +150,9 @@ def pause_mailing(mailing_id: str) -> MailingOut:
     errors=(404, 409),
 )
 def resume_mailing(mailing_id: str) -> MailingOut:
-    """Continue where the mailing stopped, without duplicates; waiting messages go out within
-    about 15 seconds."""
+    """Continue where the mailing stopped, without duplicates. Waiting messages go out within
+    10 seconds of a short pause's end, or a sixth of a longer pause's length (5 minutes at most).
+    """
     return mailing_out(services().mailings.resume(mailing_id))
 
 

@@ -56,6 +56,7 @@ UNCOMMITTED_RETRY_SECONDS = 2
 THROTTLED_SPREAD_SECONDS = 5.0
 # How soon a job of a paused mailing looks again (a resume takes effect within this).
 PAUSED_RECHECK_SECONDS = 10
+PAUSED_MAX_RECHECK_SECONDS = 300
 
 
 class JobResult(StrEnum):
@@ -275,10 +276,17 @@ class Sender:
         return self._timing(item, at) or self._throttled(item)
 
     def _paused(self, item: _Job) -> JobResult:
-        """The mailing is paused: no claim, no call, no attempt; the job looks again shortly,
-        so a resume takes effect within PAUSED_RECHECK_SECONDS (plus a spread)."""
-        spread = self._rng.uniform(0, PAUSED_RECHECK_SECONDS / 3)
-        item.requeue = self._later(item, item.job, PAUSED_RECHECK_SECONDS + spread)
+        """The mailing is paused: no claim, no call, no attempt; the job looks again later.
+
+        Soon at first (a short pause ends within PAUSED_RECHECK_SECONDS of the resume), then
+        less often the longer the pause lasts (a sixth of it, at most PAUSED_MAX_RECHECK_SECONDS),
+        so a mailing paused for a day does not bounce every job through SQS every few seconds.
+        """
+        since = getattr(item.mailing, "updated_at", None)  # set by the pause
+        paused_for = (self._clock() - since).total_seconds() if isinstance(since, datetime) else 0
+        wait = min(PAUSED_MAX_RECHECK_SECONDS, max(PAUSED_RECHECK_SECONDS, paused_for / 6))
+        # No random spread: the batch's jobs keep one delay, so they travel in one SQS message.
+        item.requeue = self._later(item, item.job, wait)
         return JobResult.DEFERRED
 
     def _throttled(self, item: _Job, wait: float = 0.0) -> JobResult:
