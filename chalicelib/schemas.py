@@ -212,6 +212,9 @@ class ClientListQuery(_Request):
     )
     operator_code: OperatorCode | None = None
     tag: Tag | None = None
+    phone: Phone | None = Field(
+        None, description="Only the client with this phone number: a page of one, or none"
+    )
 
 
 # ---------------------------------------------------------------- mailings

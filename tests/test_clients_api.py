@@ -231,6 +231,28 @@ def test_listing_filters_by_operator_code_and_tag(api):
     assert ids("") == {a["id"], b["id"], c["id"]}
 
 
+def test_listing_by_phone_finds_the_one_client_with_that_number(api):
+    # Given two clients
+    wanted = create(api, phone="79001000001", tag="vip")
+    create(api, phone="79001000002", tag="vip")
+
+    def phones(query: str) -> list[str]:
+        page = body(api.get(f"/clients?{query}"))
+        assert page["next_cursor"] is None
+        return [item["phone"] for item in page["items"]]
+
+    # When the list is searched by a phone number, alone or with filters it meets
+    assert phones("phone=79001000001") == [wanted["phone"]]
+    assert phones("phone=79001000001&tag=vip&operator_code=900") == [wanted["phone"]]
+    # Then a filter it does not meet, or a number nobody has, finds nothing
+    assert phones("phone=79001000001&tag=new") == []
+    assert phones("phone=79009999999") == []
+    # And a malformed number is refused by name
+    response = api.get("/clients?phone=8900")
+    assert response.status_code == 400
+    assert body(response)["details"][0]["field"] == "query.phone"
+
+
 def test_empty_tag_filter_finds_clients_without_tag(api):
     untagged = create(api, phone="79001000001")
     create(api, phone="79001000002", tag="vip")

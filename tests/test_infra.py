@@ -1710,6 +1710,8 @@ def test_every_route_of_the_api_needs_only_what_its_role_allows(
         client_path = f"/clients/{created['id']}"
         for query in ("", "?tag=vip", "?operator_code=900", "?operator_code=900&tag=vip"):
             request(client, "GET", f"/clients{query}")
+        for query in ("?phone=79001234567", "?phone=79001234567&tag=vip"):
+            request(client, "GET", f"/clients{query}")
         request(client, "GET", client_path)
         request(client, "PUT", client_path, {"phone": "79001234568", "tag": "vip"})
         request(client, "PATCH", client_path, {"tag": "new"})

@@ -41,12 +41,14 @@ def create_client(body: ClientCreate) -> ClientOut:
     errors=(400,),
 )
 def list_clients(query: ClientListQuery) -> ClientPage:
-    """Clients a page at a time, optionally only those with an operator code and/or tag."""
+    """Clients a page at a time, optionally only those with an operator code and/or tag, or
+    the one with a phone number."""
     page = services().clients.list(
         limit=page_limit(query.limit),
         cursor=query.cursor,
         operator_code=query.operator_code,
         tag=query.tag,
+        phone=query.phone,
     )
     return ClientPage(items=[client_out(c) for c in page.items], next_cursor=page.next_cursor)
 

@@ -129,12 +129,16 @@ class ClientDirectory:
         cursor: str | None,
         operator_code: str | None = None,
         tag: str | None = None,
+        phone: str | None = None,
     ) -> PageOf:
-        """One page of clients, optionally only those with this operator code and/or tag."""
+        """One page of clients, optionally only those with this operator code and/or tag; with
+        a phone number, the one client that has it (if it matches the others), in one page."""
         audience = AudienceFilter(
             operator_codes=(operator_code,) if operator_code is not None else (),
             tags=(tag,) if tag is not None else (),
         )
+        if phone is not None:
+            return self._with_phone(phone, audience)
         segments = self.audience_segments(audience)
         scope = fingerprint("clients", audience.operator_codes, audience.tags)
         return PageOf(*paginate(segments, scope, cursor, limit, self._to_domain))
@@ -329,6 +333,17 @@ class ClientDirectory:
             return self._models.Client.get(client_id, consistent_read=True)
         except DoesNotExist:
             raise NotFound(f"client {client_id} not found") from None
+
+    def _with_phone(self, phone: str, audience: AudienceFilter) -> PageOf:
+        # Phones are unique: their claim names the one client, with no index to page through.
+        owner = self._phone_owner(phone)
+        try:
+            client = self.get(owner) if owner is not None else None
+        except NotFound:  # deleted between the two reads
+            client = None
+        if client is None or not audience.matches(client.operator_code, client.tag):
+            return PageOf([], None)
+        return PageOf([client], None)
 
     def _phone_owner(self, phone: str) -> str | None:
         try:
