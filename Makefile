@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 STAGE ?= prod
 PACKAGE_DIR ?= build/package
 
-.PHONY: install run demo test lint format package bench clean
+.PHONY: install browser run demo test lint format package bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 run: $(STAMP)
 	$(BIN)/python -m chalicelib.local
@@ -30,11 +30,34 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The admin UI's browser test drives the system's Chromium, not Playwright's own download (a CDN
+# that CI and offline machines may not reach). Installed with apt when missing; sudo unless root.
+CHROMIUM_PATH ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+# Without recommends (upower, udev, a print dialog...), but with fonts for readable screenshots.
+BROWSER_PACKAGES := chromium fonts-liberation
+
+browser:
+	@if [ -x "$(CHROMIUM_PATH)" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "Chromium is not at $(CHROMIUM_PATH) and apt-get is not available to install it:" >&2; \
+		echo "install Chromium yourself and run with CHROMIUM_PATH=/path/to/chromium." >&2; \
+		exit 1; \
+	fi; \
+	echo "Installing Chromium with apt-get (for the admin UI's browser test)"; \
+	$(APT_INSTALL) $(BROWSER_PACKAGES) \
+		|| { $(SUDO) apt-get update && $(APT_INSTALL) $(BROWSER_PACKAGES); }; \
+	if [ ! -x "$(CHROMIUM_PATH)" ]; then \
+		echo "apt-get installed chromium, but not at $(CHROMIUM_PATH); set CHROMIUM_PATH." >&2; \
+		exit 1; \
+	fi
+
 # Two workers: the end-to-end suites spend much of their time waiting on the stack they drive.
 TEST_WORKERS ?= 2
 
-test: lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+test: lint browser
+	CHROMIUM_PATH=$(CHROMIUM_PATH) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 package: $(STAMP)
 	rm -rf $(PACKAGE_DIR)

@@ -17,6 +17,7 @@
     token: sessionStorage.getItem(TOKEN_KEY),
     timers: new Set(), // cleared whenever the route changes
     view: 0, // bumped on each route: late answers for an old view are dropped
+    afterSignIn: null, // the route asked for before signing in
   };
 
   // ------------------------------------------------------------------ DOM helpers
@@ -48,6 +49,13 @@
     }
   }
 
+  /** Replaces an element's children (flattening lists, dropping null and false). */
+  function fill(el, ...children) {
+    el.replaceChildren();
+    appendAll(el, children);
+    return el;
+  }
+
   const SVG = "http://www.w3.org/2000/svg";
   function svg(tag, attrs, ...children) {
     const el = document.createElementNS(SVG, tag);
@@ -57,8 +65,7 @@
   }
 
   function mount(...nodes) {
-    const main = document.getElementById("main");
-    main.replaceChildren(...nodes.flat());
+    fill(document.getElementById("main"), nodes);
   }
 
   let fieldIds = 0;
@@ -85,7 +92,7 @@
     for (const el of form.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
     const box = form.querySelector(".form-error");
     if (box) {
-      box.replaceChildren();
+      fill(box);
       box.hidden = true;
     }
   }
@@ -132,15 +139,22 @@
   function flash(text, { error = false, sticky = error } = {}) {
     const area = document.getElementById("flash");
     const close = h("button", { type: "button", "aria-label": "Dismiss" }, "×");
-    const note = h("div", { class: error ? "flash error" : "flash" }, h("span", {}, text), close);
+    const note = h("div", { class: error ? "flash error" : "flash", dataset: { at: String(Date.now()) } }, h("span", {}, text), close);
     close.addEventListener("click", () => note.remove());
     area.append(note);
     while (area.children.length > 3) area.firstElementChild.remove();
     if (!sticky) setTimeout(() => note.remove(), 6000);
   }
 
+  /** On a new page, old news goes: what was said just before navigating (saved, created) stays. */
+  function ageFlash() {
+    for (const note of document.querySelectorAll("#flash .flash:not(.error)")) {
+      if (Date.now() - Number(note.dataset.at) > 1500) note.remove();
+    }
+  }
+
   function clearFlash() {
-    document.getElementById("flash").replaceChildren();
+    fill(document.getElementById("flash"));
   }
 
   // ------------------------------------------------------------------ formatting
@@ -428,7 +442,10 @@
       }
       setToken(token);
       clearFlash();
-      location.hash = "#/mailings";
+      const target = state.afterSignIn || "#/mailings";
+      state.afterSignIn = null;
+      if (location.hash === target) route();
+      else location.hash = target;
     });
     const ssoPart = sso
       ? [
@@ -491,6 +508,7 @@
 
   function route() {
     stopTimers();
+    ageFlash();
     state.view += 1;
     const signedIn = Boolean(state.token);
     document.getElementById("nav").hidden = !signedIn;
@@ -501,6 +519,8 @@
       else link.removeAttribute("aria-current");
     }
     if (!signedIn) {
+      // After signing in, go where the operator was going (a bookmarked mailing, say).
+      if (path !== "/sign-in") state.afterSignIn = location.hash;
       document.title = "Sign in · SMS campaigns admin";
       signInView();
       return;
@@ -550,7 +570,7 @@
       "form",
       { class: "grid", role: "search", "aria-label": "Search clients" },
       formError(),
-      field("Phone", h("input", { name: "phone", inputmode: "numeric", placeholder: "79001234567", value: filters.phone })),
+      field("Phone", h("input", { name: "phone", inputmode: "numeric", placeholder: "79001234567", value: filters.phone }), { hint: "The whole number" }),
       field("Tag", h("input", { name: "tag", value: filters.tag })),
       field("Operator code", h("input", { name: "operator_code", inputmode: "numeric", placeholder: "900", value: filters.operator_code })),
       h("div", { class: "form-actions" },
@@ -580,12 +600,12 @@
         if (!current(view)) return;
         if (err.status === 400) showErrors(search, err);
         else flash(`Clients could not be loaded: ${err.message}`, { error: true });
-        results.replaceChildren(h("p", { class: "empty" }, "No clients to show."));
+        fill(results, h("p", { class: "empty" }, "No clients to show."));
         return;
       }
       if (!current(view)) return;
-      results.replaceChildren(clientsTable(page.items, load));
-      pager.replaceChildren(
+      fill(results, clientsTable(page.items, load));
+      fill(pager,
         cursors.length > 1
           ? h("button", { type: "button", class: "secondary", onclick: () => { cursors.pop(); load(); } }, "Previous page")
           : null,
@@ -684,7 +704,7 @@
       formError(),
       field("CSV file", file, {
         wide: true,
-        hint: "Header row with phone, and optionally operator_code, tag, timezone, opted_out. Existing phones are updated.",
+        hint: "UTF-8, first line naming the columns: phone, and any of operator_code, tag, timezone. A known phone is updated.",
       }),
       h("div", { class: "form-actions" }, h("button", { type: "submit" }, "Import")),
     );
@@ -701,12 +721,12 @@
       button.disabled = true;
       try {
         let job = await api("POST", "clients/import", { body: chosen, contentType: "text/csv" });
-        report.replaceChildren(importReport(job));
+        fill(report, importReport(job));
         while (job.status !== "done" && job.status !== "failed") {
           await new Promise((resolve) => setTimeout(resolve, IMPORT_POLL_MS));
           if (!current(view)) return;
           job = await api("GET", `clients/imports/${encodeURIComponent(job.id)}`);
-          report.replaceChildren(importReport(job));
+          fill(report, importReport(job));
         }
         flash(job.status === "done" ? `Import finished: ${job.created} created, ${job.updated} updated.` : "Import failed.", { error: job.status === "failed" });
         await reload();
@@ -740,7 +760,8 @@
               h("td", { "data-label": "Row", class: "num" }, String(e.row)),
               h("td", { "data-label": "Field" }, e.field || "—"),
               h("td", { "data-label": "Error" }, e.message))))))
-        : null);
+        : null,
+      job.errors_omitted ? h("p", { class: "hint" }, `${job.errors_omitted} more rows with errors are not listed.`) : null);
   }
 
   const COMMON_ZONES = ["UTC", "Europe/Moscow", "Europe/Kaliningrad", "Europe/Samara", "Asia/Yekaterinburg", "Asia/Novosibirsk", "Asia/Vladivostok", "Europe/London", "Europe/Berlin", "America/New_York"];
@@ -818,8 +839,8 @@
     async function load() {
       const page = await api("GET", "mailings", { query: { cursor: cursors[cursors.length - 1] } });
       if (!current(view)) return;
-      results.replaceChildren(mailingsTable(page.items, load));
-      pager.replaceChildren(
+      fill(results, mailingsTable(page.items, load));
+      fill(pager,
         cursors.length > 1 ? h("button", { type: "button", class: "secondary", onclick: () => { cursors.pop(); load().catch(showLoadError); } }, "Previous page") : null,
         page.next_cursor ? h("button", { type: "button", class: "secondary", onclick: () => { cursors.push(page.next_cursor); load().catch(showLoadError); } }, "Next page") : null,
       );
@@ -868,7 +889,8 @@
           flash(`Mailing ${done} (now ${updated.status}).`);
           await after(updated);
         } catch (err) {
-          flash(`Could not ${label.toLowerCase()} the mailing: ${err.message}`, { error: true });
+          const reason = unavailable(err) ? "this server does not support it" : err.message;
+          flash(`Could not ${label.toLowerCase()} the mailing: ${reason}`, { error: true });
           button.disabled = false;
         }
       });
@@ -934,12 +956,12 @@
     let previewSeq = 0;
     async function runPreview() {
       const seq = ++previewSeq;
-      preview.replaceChildren(h("p", { class: "muted" }, "Counting the audience…"));
+      fill(preview, h("p", { class: "muted" }, "Counting the audience…"));
       try {
         const answer = await api("POST", "mailings/preview", { body: { filter: filter(), sample_size: 5 } });
         if (seq !== previewSeq || !current(view)) return;
         const count = answer.count;
-        preview.replaceChildren(
+        fill(preview,
           h("p", { class: "count-line", id: "audience-count", "data-count": String(count) },
             `${count} ${count === 1 ? "client matches" : "clients match"} this filter`),
           answer.sample && answer.sample.length
@@ -953,7 +975,7 @@
           ? "Audience preview is not available on this server."
           : `Preview failed: ${err.message}`;
         const problems = err.details.map((d) => h("li", {}, `${d.field || ""} ${d.message}`.trim()));
-        preview.replaceChildren(h("p", { class: "field-error" }, text), problems.length ? h("ul", {}, problems) : null);
+        fill(preview, h("p", { class: "field-error" }, text), problems.length ? h("ul", {}, problems) : null);
       }
     }
     previewButton.addEventListener("click", runPreview);
@@ -1072,10 +1094,10 @@
 
     function renderMailing(next) {
       mailing = next;
-      title.replaceChildren("Mailing ", h("span", { id: "mailing-status" }, badge(mailing.status)));
+      fill(title, "Mailing ", h("span", { id: "mailing-status" }, badge(mailing.status)));
       text.textContent = mailing.text;
       const f = mailing.filter || { operator_codes: [], tags: [] };
-      meta.replaceChildren(
+      fill(meta,
         h("dt", {}, "Start"), h("dd", {}, when(mailing.start_at)),
         h("dt", {}, "End"), h("dd", {}, when(mailing.end_at)),
         h("dt", {}, "Operator codes"), h("dd", {}, f.operator_codes.length ? f.operator_codes.join(", ") : "any"),
@@ -1083,7 +1105,7 @@
         h("dt", {}, "Send window"), h("dd", {}, mailing.send_window ? `${mailing.send_window.start}–${mailing.send_window.end} local time` : "any time"),
         h("dt", {}, "Id"), h("dd", {}, h("code", {}, mailing.id)),
       );
-      actions.replaceChildren(...mailingActions(mailing, async (m) => { renderMailing(m); await poll(); }), retry);
+      fill(actions, ...mailingActions(mailing, async (m) => { renderMailing(m); await poll(); }), retry);
     }
 
     function renderStats(status, stats) {
@@ -1096,7 +1118,7 @@
       progressLabel.textContent = total
         ? `${done} of ${total} messages done (${percent}%)`
         : status === "scheduled" ? "Not started yet" : "No messages";
-      counts.replaceChildren(
+      fill(counts,
         h("div", { class: "count s-total" }, h("dt", {}, "total"), h("dd", { "data-count": "total" }, String(total))),
         statusKeys(stats).map((key) => h("div", { class: `count s-${cssToken(key)}` }, h("dt", {}, key), h("dd", { "data-count": key }, String(stats[key])))),
       );
@@ -1108,12 +1130,12 @@
       if (failed === lastFailed) return;
       lastFailed = failed;
       if (!failed) {
-        failedPart.replaceChildren(h("p", { class: "muted" }, "No failed messages."));
+        fill(failedPart, h("p", { class: "muted" }, "No failed messages."));
         return;
       }
       const page = await api("GET", `mailings/${id}/stats`, { query: { status: "failed", limit: 100 } });
       if (!current(view)) return;
-      failedPart.replaceChildren(
+      fill(failedPart,
         h("table", { class: "cards", id: "failed-table" },
           h("thead", {}, h("tr", {}, ["Message", "Phone", "Attempts", "Last error"].map((t) => h("th", { scope: "col" }, t)))),
           h("tbody", {}, page.messages.map((m) => h("tr", {},
@@ -1137,7 +1159,7 @@
       samples.push({ at: Date.now(), stats: answer.stats });
       if (samples.length > 900) samples.splice(0, samples.length - 900);
       renderStats(answer.status, answer.stats);
-      chart.replaceChildren(drawChart(samples));
+      fill(chart, drawChart(samples, chart.clientWidth));
       updated.textContent = `Updated ${clock.format(new Date())}; refreshes every ${POLL_MS / 1000} s.`;
       await loadFailed(answer.stats.failed || 0).catch(() => {});
     }
@@ -1158,9 +1180,10 @@
   }
 
   /** A line per status over the samples taken while the page is open, as inline SVG. */
-  function drawChart(samples) {
-    const width = 640;
-    const height = 220;
+  function drawChart(samples, available) {
+    // Drawn at the size it is shown, so its labels stay readable on a phone.
+    const width = Math.max(280, Math.min(1000, Math.round(available || 640)));
+    const height = width < 500 ? 180 : 220;
     const left = 44;
     const right = 12;
     const top = 12;

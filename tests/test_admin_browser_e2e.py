@@ -1,0 +1,443 @@
+"""The admin UI end to end: Debian's Chromium, headless, driven by Playwright against the local
+stack as `make run` starts it. An operator signs in, adds clients, creates a mailing after
+previewing its audience, and watches it finish; screenshots of each step are kept in
+build/test-artifacts/admin/.
+
+Chromium comes from the system (`make browser` installs Debian's `chromium`; CHROMIUM_PATH points
+elsewhere). Without it this suite fails rather than skips: it is part of `make test`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.local_stack_support import REPO_ROOT, TOKEN, Stack, running_stack
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+# Headless and quiet: on a closed network Chromium stalls on its background fetches otherwise.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = REPO_ROOT / "build" / "test-artifacts" / "admin"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+# The sandbox gateway refuses phones ending in these digits (400): their messages fail.
+REJECTED_SUFFIX = "4044"
+FINISH_TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    # A scheduler tick every second: a mailing starting now is sent within a few seconds.
+    with running_stack(
+        SCHEDULER_INTERVAL_SECONDS="1", SANDBOX_REJECT_SUFFIXES=REJECTED_SUFFIX
+    ) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium) or set "
+            "CHROMIUM_PATH to a Chromium or Chrome binary"
+        )
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        # Playwright gives each launch a fresh temporary profile (user data dir).
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh browser context (nothing signed in) at desktop size; the page's script errors
+    fail the test. On failure a screenshot is kept for the post-mortem."""
+    context = browser.new_context(viewport=DESKTOP, locale="en-GB", timezone_id="UTC")
+    context.set_default_timeout(15_000)
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    opened.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    failures = request.session.testsfailed
+    yield opened
+    if request.session.testsfailed > failures:
+        opened.screenshot(path=str(ARTIFACTS / f"failed-{request.node.name}.png"), full_page=True)
+    context.close()
+    # A refused API call logs a console error by design; script errors never happen.
+    assert [e for e in errors if "Failed to load resource" not in e] == []
+
+
+def shot(page: Any, name: str, *, full_page: bool = True) -> Path:
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page, animations="disabled")
+    return path
+
+
+def expect(target: Any) -> Any:
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(target)
+
+
+def sign_in(page: Any, stack: Stack, route: str = "") -> None:
+    page.goto(f"{stack.url}/admin{route}")
+    page.get_by_label("API token", exact=True).fill(TOKEN)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+
+
+def add_client(page: Any, phone: str, tag: str, *, operator_code: str = "") -> None:
+    page.get_by_role("link", name="Clients", exact=True).click()
+    page.get_by_role("link", name="New client").click()
+    page.get_by_label("Phone", exact=True).fill(phone)
+    if operator_code:
+        page.get_by_label("Operator code", exact=True).fill(operator_code)
+    page.get_by_label("Tag", exact=True).fill(tag)
+    page.get_by_label("Timezone", exact=True).fill("Europe/Moscow")
+    page.get_by_role("button", name="Create client").click()
+    expect(page.get_by_text(f"Created client {phone}.")).to_be_visible()
+
+
+def search_clients(page: Any, **fields: str) -> None:
+    page.get_by_role("link", name="Clients", exact=True).click()
+    search = page.get_by_role("search")
+    for label, value in fields.items():
+        search.get_by_label(label.replace("_", " ").capitalize(), exact=True).fill(value)
+    search.get_by_role("button", name="Search").click()
+
+
+def client_rows(page: Any) -> Any:
+    return page.locator("#clients-table tbody tr")
+
+
+def local_input(moment: datetime) -> str:
+    """A datetime-local value (the browser runs in UTC)."""
+    return moment.strftime("%Y-%m-%dT%H:%M")
+
+
+def fill_mailing(page: Any, text: str, *, tags: str, start: datetime | None = None) -> None:
+    page.get_by_role("link", name="Mailings", exact=True).click()
+    page.get_by_role("link", name="New mailing").click()
+    page.get_by_label("Text", exact=True).fill(text)
+    if start is not None:
+        page.get_by_label("Start", exact=True).fill(local_input(start))
+        page.get_by_label("End", exact=True).fill(local_input(start + timedelta(days=1)))
+    page.get_by_label("Tags", exact=True).fill(tags)
+    page.get_by_role("button", name="Preview audience").click()
+
+
+def status_badge(page: Any) -> Any:
+    return page.locator("#mailing-status [data-status]")
+
+
+def count(page: Any, status: str) -> Any:
+    return page.locator(f'#status-counts [data-count="{status}"]')
+
+
+def sandbox_ledger(stack: Stack) -> dict[str, Any]:
+    response = requests.get(f"{stack.sandbox_url}/_sandbox/ledger", timeout=5)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def gateway_calls(stack: Stack, message_id: int) -> int:
+    """How many times the sandbox gateway was asked to send this message."""
+    return sum(1 for r in sandbox_ledger(stack)["requests"] if r["msg_id"] == message_id)
+
+
+def unique_phone(suffix: str = "") -> str:
+    digits = f"{uuid.uuid4().int % 10**10:010d}"
+    return "7" + (digits[: 10 - len(suffix)] + suffix)
+
+
+# ---------------------------------------------------------------- the operator's path
+
+
+def test_an_operator_signs_in_adds_clients_and_watches_a_mailing_finish(
+    page: Any, stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    tag = f"ui-{uuid.uuid4().hex[:8]}"
+    phones = [unique_phone() for _ in range(3)]
+
+    # Given the admin page, opened by someone not signed in
+    page.goto(f"{stack.url}/admin")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    shot(page, "01-sign-in")
+    # When a wrong token is tried, it is refused on the spot
+    page.get_by_label("API token", exact=True).fill("not-the-token-at-all-0000")
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.get_by_text("This token was refused.")).to_be_visible()
+    # And with the right one the operator is in, on the mailings page
+    page.get_by_label("API token", exact=True).fill(TOKEN)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.get_by_role("heading", name="Mailings", exact=True)).to_be_visible()
+
+    # When three clients are added through the forms
+    for phone in phones:
+        add_client(page, phone, tag)
+    # Then the client list, searched by their tag, shows exactly them
+    search_clients(page, tag=tag)
+    expect(client_rows(page)).to_have_count(3)
+    for phone in phones:
+        expect(page.locator("#clients-table")).to_contain_text(phone)
+    shot(page, "02-clients")
+    # And a search by phone number finds just that client
+    search_clients(page, tag="", phone=phones[1])
+    expect(client_rows(page)).to_have_count(1)
+    expect(client_rows(page)).to_contain_text(phones[1])
+
+    # When a mailing to that tag is written, its audience preview counts the three
+    fill_mailing(page, "Hello from the admin UI, {tag}!", tags=tag)
+    expect(page.locator("#audience-count")).to_have_text("3 clients match this filter")
+    expect(page.locator("#audience-preview li")).to_have_count(3)
+    shot(page, "03-new-mailing-preview")
+    # And it is created, starting now
+    page.get_by_role("button", name="Create mailing").click()
+    expect(page.get_by_text("Mailing created.")).to_be_visible()
+
+    # Then its statistics page shows it finish in the local stack, every message sent
+    expect(page.locator("#mailing-text")).to_have_text("Hello from the admin UI, {tag}!")
+    expect(status_badge(page)).to_have_text("finished", timeout=FINISH_TIMEOUT_MS)
+    expect(count(page, "sent")).to_have_text("3")
+    expect(count(page, "total")).to_have_text("3")
+    expect(count(page, "pending")).to_have_text("0")
+    expect(page.locator("#progress-label")).to_have_text("3 of 3 messages done (100%)")
+    expect(page.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
+    expect(page.locator("#failed-messages")).to_have_text("No failed messages.")
+    # And the chart has drawn the sent line from its samples
+    expect(page.locator("#chart svg polyline.s-sent")).to_have_count(1)
+    expect(page.locator("#chart .legend")).to_contain_text("sent 3")
+    shot(page, "04-statistics-finished")
+    elapsed = time.monotonic() - started
+
+    # And the API agrees with what the page shows
+    mailing_id = page.url.rsplit("/", 1)[1]
+    stats = requests.get(f"{stack.url}/mailings/{mailing_id}", headers=stack.auth, timeout=5)
+    assert stats.json()["status"] == "finished"
+    assert stats.json()["stats"]["sent"] == 3
+
+    # And each client got the text with its own tag in place of {tag}
+    accepted = [s for s in sandbox_ledger(stack)["accepted"] if str(s["phone"]) in phones]
+    assert sorted(str(s["phone"]) for s in accepted) == sorted(phones)
+    assert {s["text"] for s in accepted} == {f"Hello from the admin UI, {tag}!"}
+
+    # And the mailing list shows it finished
+    page.get_by_role("link", name="Mailings", exact=True).click()
+    row = page.locator(f'#mailings-table tr[data-mailing-id="{mailing_id}"]')
+    expect(row).to_contain_text("finished")
+    expect(row).to_contain_text("3 / 3")
+    shot(page, "05-mailings")
+    with capsys.disabled():
+        print(f"\nadmin UI: sign-in to a finished mailing in {elapsed:.1f} s")
+
+
+def test_failed_messages_are_listed_with_their_error_and_can_be_retried(
+    page: Any, stack: Stack
+) -> None:
+    tag = f"ui-fail-{uuid.uuid4().hex[:6]}"
+    refused, accepted = unique_phone(REJECTED_SUFFIX), unique_phone()
+    # Given one client the gateway refuses and one it accepts, and a mailing to both
+    sign_in(page, stack)
+    add_client(page, refused, tag)
+    add_client(page, accepted, tag)
+    fill_mailing(page, "You may not get this", tags=tag)
+    expect(page.locator("#audience-count")).to_have_text("2 clients match this filter")
+    page.get_by_role("button", name="Create mailing").click()
+
+    # When it has finished
+    expect(status_badge(page)).to_have_text("finished", timeout=FINISH_TIMEOUT_MS)
+    # Then the statistics show one sent, one failed, and the failed one with its error
+    expect(count(page, "sent")).to_have_text("1")
+    expect(count(page, "failed")).to_have_text("1")
+    failed = page.locator("#failed-table tbody tr")
+    expect(failed).to_have_count(1)
+    expect(failed).to_contain_text(refused)
+    expect(failed.locator("td").nth(3)).not_to_have_text("—")
+    shot(page, "06-statistics-failed")
+
+    message_id = int(failed.locator("td").first.inner_text())
+    assert gateway_calls(stack, message_id) == 1
+
+    # When the operator retries the failed messages
+    retry = page.get_by_role("button", name="Retry failed")
+    expect(retry).to_be_enabled()
+    retry.click()
+    # Then the one failed message is requeued and sent to the gateway again, which refuses it
+    # again, so it ends failed again
+    expect(page.get_by_text("Requeued 1 failed message.")).to_be_visible()
+    deadline = time.monotonic() + FINISH_TIMEOUT_MS / 1000
+    while gateway_calls(stack, message_id) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert gateway_calls(stack, message_id) == 2
+    expect(status_badge(page)).to_have_text("finished", timeout=FINISH_TIMEOUT_MS)
+    expect(count(page, "failed")).to_have_text("1", timeout=FINISH_TIMEOUT_MS)
+    expect(count(page, "sent")).to_have_text("1")
+
+
+def test_a_scheduled_mailing_is_paused_and_resumed_from_its_page(page: Any, stack: Stack) -> None:
+    tag = f"ui-later-{uuid.uuid4().hex[:6]}"
+    # Given a mailing that starts in an hour
+    sign_in(page, stack)
+    fill_mailing(page, "Later", tags=tag, start=datetime.now(UTC) + timedelta(hours=1))
+    page.get_by_role("button", name="Create mailing").click()
+    expect(status_badge(page)).to_have_text("scheduled")
+    # When the operator pauses it
+    page.get_by_role("button", name="Pause").click()
+    # Then it is paused, and can only be resumed or cancelled
+    expect(status_badge(page)).to_have_text("paused")
+    expect(page.get_by_role("button", name="Pause")).to_have_count(0)
+    shot(page, "07-statistics-paused")
+    # When it is resumed, it is scheduled again
+    page.get_by_role("button", name="Resume").click()
+    expect(status_badge(page)).to_have_text("scheduled")
+    # And when it is cancelled, it is over
+    page.get_by_role("button", name="Cancel").click()
+    expect(status_badge(page)).to_have_text("cancelled")
+    expect(page.get_by_role("button", name="Resume")).to_have_count(0)
+
+
+def test_client_forms_show_the_apis_errors_next_to_their_fields(page: Any, stack: Stack) -> None:
+    phone = unique_phone()
+    sign_in(page, stack)
+    add_client(page, phone, "dupe")
+    # When a second client with the same phone is submitted
+    page.get_by_role("link", name="New client").click()
+    page.get_by_label("Phone", exact=True).fill(phone)
+    page.get_by_label("Timezone", exact=True).fill("Mars/Olympus")
+    page.get_by_role("button", name="Create client").click()
+    # Then the refusal is shown by the field it concerns, and nothing is created
+    expect(page.locator('[data-field="timezone"] .field-error')).to_contain_text(
+        "unknown IANA timezone"
+    )
+    page.get_by_label("Timezone", exact=True).fill("UTC")
+    page.get_by_role("button", name="Create client").click()
+    expect(page.locator('[data-field="phone"] .field-error')).to_have_text("already in use")
+    expect(page.get_by_label("Phone", exact=True)).to_have_attribute("aria-invalid", "true")
+
+
+def test_a_mailing_with_an_unknown_placeholder_is_refused_beside_its_text(
+    page: Any, stack: Stack
+) -> None:
+    sign_in(page, stack)
+    fill_mailing(page, "Hello {name}", tags="nobody")
+    page.get_by_role("button", name="Create mailing").click()
+    expect(page.locator('[data-field="text"] .field-error')).to_contain_text(
+        "unknown placeholder {name}"
+    )
+    expect(page.get_by_role("heading", name="New mailing")).to_be_visible()
+
+
+def test_a_client_is_opted_out_edited_and_deleted_from_the_list(page: Any, stack: Stack) -> None:
+    tag = f"ui-edit-{uuid.uuid4().hex[:6]}"
+    phone = unique_phone()
+    sign_in(page, stack)
+    add_client(page, phone, tag)
+    search_clients(page, tag=tag)
+    row = client_rows(page).filter(has_text=phone)
+    # When the operator opts the client out
+    row.get_by_role("button", name=f"Opt out {phone}").click()
+    expect(page.get_by_text(f"{phone} opted out.")).to_be_visible()
+    expect(client_rows(page).filter(has_text=phone)).to_contain_text("yes")
+    # And moves it to another operator through the edit form
+    client_rows(page).filter(has_text=phone).get_by_role("link", name=f"Edit {phone}").click()
+    expect(page.get_by_label("Opted out (never sent to)", exact=True)).to_be_checked()
+    page.get_by_label("Operator code", exact=True).fill("999")
+    page.get_by_role("button", name="Save client").click()
+    expect(page.get_by_text(f"Saved client {phone}.")).to_be_visible()
+    # Then a search by operator code and tag finds it changed
+    search_clients(page, operator_code="999", tag=tag)
+    expect(client_rows(page)).to_have_count(1)
+    expect(client_rows(page)).to_contain_text("999")
+    # When it is deleted (the button asks once more)
+    delete = client_rows(page).get_by_role("button", name=f"Delete {phone}")
+    delete.click()
+    expect(delete).to_have_text("Confirm delete")
+    delete.click()
+    # Then it is gone
+    expect(page.get_by_text(f"Deleted {phone}.")).to_be_visible()
+    expect(page.get_by_text("No clients match.")).to_be_visible()
+
+
+def test_clients_are_imported_from_a_csv_file_with_a_report_of_bad_rows(
+    page: Any, stack: Stack
+) -> None:
+    probe = requests.post(
+        f"{stack.url}/clients/import",
+        data=b"phone\n",
+        headers={**stack.auth, "Content-Type": "text/csv"},
+        timeout=10,
+    )
+    if probe.status_code in (404, 405):
+        pytest.skip(f"POST /clients/import is not in this build (it answers {probe.status_code})")
+    tag = f"ui-csv-{uuid.uuid4().hex[:6]}"
+    good = [unique_phone(), unique_phone()]
+    csv = f"phone,tag\n{good[0]},{tag}\nnot-a-phone,{tag}\n{good[1]},{tag}\n".encode()
+    sign_in(page, stack)
+    page.get_by_role("link", name="Clients", exact=True).click()
+    # When a CSV with two good rows and a bad one is uploaded
+    page.get_by_label("CSV file", exact=True).set_input_files(
+        files=[{"name": "clients.csv", "mimeType": "text/csv", "buffer": csv}]
+    )
+    page.get_by_role("button", name="Import", exact=True).click()
+    # Then the report counts them and names the bad row's problem
+    report = page.locator("#import-report")
+    expect(report.locator("[data-status]")).to_have_text("done", timeout=30_000)
+    expect(report.locator('[data-count="rows"]')).to_have_text("3")
+    expect(report.locator('[data-count="created"]')).to_have_text("2")
+    expect(report.locator('[data-count="invalid"]')).to_have_text("1")
+    expect(page.locator("#import-errors tbody tr")).to_have_count(1)
+    expect(page.locator("#import-errors tbody tr")).to_contain_text("phone")
+    shot(page, "08-csv-import")
+    # And the imported clients are in the directory
+    search_clients(page, tag=tag)
+    expect(client_rows(page)).to_have_count(2)
+
+
+def test_at_phone_width_every_page_fits_the_screen(page: Any, stack: Stack) -> None:
+    tag = f"ui-narrow-{uuid.uuid4().hex[:6]}"
+    page.set_viewport_size(PHONE)
+    sign_in(page, stack)
+    add_client(page, unique_phone(), tag)
+    fill_mailing(page, "Small screens too", tags=tag)
+    expect(page.locator("#audience-count")).to_have_text("1 client matches this filter")
+    fits = "document.documentElement.scrollWidth <= window.innerWidth"
+    assert page.evaluate(fits), "the mailing form scrolls sideways"
+    page.get_by_role("button", name="Create mailing").click()
+    expect(status_badge(page)).to_have_text("finished", timeout=FINISH_TIMEOUT_MS)
+    expect(count(page, "sent")).to_have_text("1")
+    # Then the statistics, the mailing list and the client list fit 390 px without sideways
+    # scrolling, and the tables are cards whose cells carry their column's name
+    assert page.evaluate(fits), "the statistics page scrolls sideways"
+    shot(page, "09-statistics-narrow")
+    page.get_by_role("link", name="Mailings", exact=True).click()
+    expect(page.locator("#mailings-table tbody tr").first).to_be_visible()
+    assert page.evaluate(fits), "the mailing list scrolls sideways"
+    shot(page, "10-mailings-narrow", full_page=False)
+    search_clients(page, tag=tag)
+    expect(client_rows(page)).to_have_count(1)
+    assert page.evaluate(fits), "the client list scrolls sideways"
+    expect(page.locator("#clients-table thead")).not_to_be_in_viewport()
+    shot(page, "11-clients-narrow")
