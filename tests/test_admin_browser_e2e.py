@@ -9,18 +9,27 @@ elsewhere). Without it this suite fails rather than skips: it is part of `make t
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
+import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import requests
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.local_stack_support import REPO_ROOT, TOKEN, Stack, running_stack
+from tests.oidc_support import ISSUER, KID, claims_at, public_jwk, sign
 
 pytestmark = pytest.mark.e2e
 
@@ -441,3 +450,174 @@ def test_at_phone_width_every_page_fits_the_screen(page: Any, stack: Stack) -> N
     assert page.evaluate(fits), "the client list scrolls sideways"
     expect(page.locator("#clients-table thead")).not_to_be_in_viewport()
     shot(page, "11-clients-narrow")
+
+
+# ---------------------------------------------------------------- single sign-on
+
+CLIENT_ID = "sms-admin-ui"
+
+
+class IdentityProvider:
+    """An OIDC provider on loopback for the authorization code flow with PKCE: /authorize
+    approves at once and redirects back with a code; /token gives an ID token for that code only
+    to the client that proves the PKCE verifier (S256); /jwks.json publishes the key."""
+
+    def __init__(self, key: rsa.RSAPrivateKey) -> None:
+        self.key = key
+        self.authorizations: list[dict[str, str]] = []
+        self.exchanges: list[dict[str, str]] = []
+        self._codes: dict[str, dict[str, str]] = {}
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                if url.path == "/jwks.json":
+                    self.reply(200, {"keys": [public_jwk(provider.key, KID)]})
+                elif url.path == "/authorize":
+                    self.redirect(provider.authorize(flat(parse_qs(url.query))))
+                else:
+                    self.reply(404, {"error": "not_found"})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                form = flat(parse_qs(self.rfile.read(length).decode()))
+                status, body = provider.token(form)
+                self.reply(status, body, cors=self.headers.get("Origin"))
+
+            def reply(self, status: int, body: Any, cors: str | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
+                if cors:  # real providers allow browser apps to call the token endpoint
+                    self.send_header("Access-Control-Allow-Origin", cors)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def redirect(self, location: str) -> None:
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def authorize(self, query: dict[str, str]) -> str:
+        self.authorizations.append(query)
+        code = secrets.token_urlsafe(16)
+        self._codes[code] = query
+        answer = {"code": code, "state": query.get("state", "")}
+        return f"{query['redirect_uri']}?{urlencode(answer)}"
+
+    def token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        self.exchanges.append(form)
+        asked = self._codes.pop(form.get("code", ""), None)  # a code works once
+        if asked is None or form.get("grant_type") != "authorization_code":
+            return 400, {"error": "invalid_grant"}
+        if (
+            form.get("client_id") != asked["client_id"]
+            or form.get("redirect_uri") != asked["redirect_uri"]
+        ):
+            return 400, {"error": "invalid_grant", "error_description": "client or redirect"}
+        digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
+        challenge = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        if asked.get("code_challenge_method") != "S256" or challenge != asked["code_challenge"]:
+            return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
+        claims = claims_at(int(time.time()), aud=CLIENT_ID, nonce=asked.get("nonce"))
+        return 200, {
+            "id_token": sign(self.key, claims),
+            "access_token": secrets.token_urlsafe(24),
+            "token_type": "Bearer",
+            "expires_in": 300,
+        }
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def flat(query: dict[str, list[str]]) -> dict[str, str]:
+    return {name: values[0] for name, values in query.items()}
+
+
+@pytest.fixture(scope="module")
+def provider(signing_key: rsa.RSAPrivateKey) -> Iterator[IdentityProvider]:
+    started = IdentityProvider(signing_key)
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def sso_stack(provider: IdentityProvider) -> Iterator[Stack]:
+    """The local stack accepting only the provider's ID tokens, its admin UI offering SSO."""
+    with running_stack(
+        AUTH_MODE="oidc",
+        OIDC_ISSUER=ISSUER,
+        OIDC_AUDIENCE=CLIENT_ID,
+        OIDC_JWKS_URL=f"{provider.url}/jwks.json",
+        OIDC_CLIENT_ID=CLIENT_ID,
+        OIDC_AUTHORIZATION_URL=f"{provider.url}/authorize",
+        OIDC_TOKEN_URL=f"{provider.url}/token",
+        OIDC_SCOPE="openid email",
+        NO_PROXY="127.0.0.1,localhost",
+    ) as started:
+        yield started
+
+
+def test_single_sign_on_uses_the_authorization_code_with_pkce(
+    page: Any, sso_stack: Stack, provider: IdentityProvider
+) -> None:
+    # Given the admin UI of a stack that trusts the identity provider, opened at the clients
+    page.goto(f"{sso_stack.url}/admin#/clients")
+    sso = page.get_by_role("button", name="Sign in with SSO")
+    expect(sso).to_be_visible()
+    shot(page, "12-sign-in-sso")
+    # When the operator signs in with SSO
+    sso.click()
+    # Then they are back on the page they asked for, signed in, the code gone from the address
+    expect(page.get_by_role("heading", name="Clients", exact=True)).to_be_visible()
+    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+    assert "code=" not in page.url
+    assert page.url.endswith("/admin#/clients")
+    # And the provider was asked for a code with an S256 challenge, a state and a nonce
+    asked = provider.authorizations[-1]
+    assert asked["response_type"] == "code"
+    assert asked["client_id"] == CLIENT_ID
+    assert asked["redirect_uri"] == f"{sso_stack.url}/admin"
+    assert asked["scope"] == "openid email"
+    assert asked["code_challenge_method"] == "S256"
+    assert len(asked["state"]) >= 20
+    assert len(asked["nonce"]) >= 20
+    # And the code was exchanged with the verifier (the provider refuses it otherwise)
+    assert provider.exchanges[-1]["code_verifier"]
+    # And the ID token is what the API is called with: the client list loaded
+    expect(page.locator("#clients-table")).to_contain_text("No clients match.")
+    token = page.evaluate("sessionStorage.getItem('smsAdmin.token')")
+    assert token.count(".") == 2
+    assert requests.get(
+        f"{sso_stack.url}/clients", headers={"Authorization": f"Bearer {token}"}, timeout=5
+    ).ok
+    # When the operator signs out, the token is forgotten
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('smsAdmin.token')") is None
+
+
+def test_an_answer_to_a_sign_in_not_started_here_is_refused(
+    page: Any, sso_stack: Stack, provider: IdentityProvider
+) -> None:
+    exchanges = len(provider.exchanges)
+    # When the page is opened with a code and a state it did not ask for (a forged callback)
+    page.goto(f"{sso_stack.url}/admin?code=stolen&state=forged#/mailings")
+    # Then nobody is signed in, the code is never sent to the provider, and the URL is cleaned
+    expect(page.get_by_text("does not belong to a sign-in started here")).to_be_visible()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert len(provider.exchanges) == exchanges
+    assert "code=" not in page.url
