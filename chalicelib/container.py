@@ -21,6 +21,7 @@ from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models, build_models
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.delivery import Sender
+from chalicelib.services.imports import ClientImports
 from chalicelib.services.mailings import MailingService
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import Queues
@@ -110,6 +111,7 @@ class Services:
     settings: Settings
     models: Models
     clients: ClientDirectory
+    imports: ClientImports
     mailings: MailingService
     messages: MessageStore
     queues: Queues
@@ -140,6 +142,7 @@ class Services:
             send_url=settings.send_queue_url,
             dlq_url=settings.send_dlq_url,
             fanout_url=settings.fanout_queue_url,
+            import_url=settings.import_queue_url,
         )
         clients = ClientDirectory(models, connection, clock)
         messages = MessageStore(models, connection)
@@ -151,6 +154,14 @@ class Services:
             settings=settings,
             models=models,
             clients=clients,
+            imports=ClientImports(
+                models,
+                connection,
+                clients,
+                queues,
+                clock,
+                retention_days=settings.import_retention_days,
+            ),
             mailings=mailings,
             messages=messages,
             queues=queues,

@@ -30,6 +30,13 @@ class MailingStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class ImportStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
 def default_operator_code(phone: str) -> str:
     """Digits 2-4 of a 7XXXXXXXXXX number: the operator code when none is given."""
     return phone[1:4]
@@ -183,6 +190,35 @@ class Message:
     sent_at: datetime | None
     attempts: int
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """What is wrong with one row of an imported file; `field` None: the row as a whole."""
+
+    row: int
+    field: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class ClientImport:
+    """A CSV import of clients: the file's counts, the outcome of its valid rows so far, and
+    the problems found (the first `errors` of them, in row order; `errors_omitted` more)."""
+
+    id: str
+    status: ImportStatus
+    rows: int
+    valid: int
+    invalid: int
+    created: int
+    updated: int
+    unchanged: int
+    failed: int
+    errors: tuple[RowProblem, ...]
+    errors_omitted: int
+    created_at: datetime
+    updated_at: datetime
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from chalicelib.domain import MailingStatus, MessageStatus, template_problems
+from chalicelib.domain import ImportStatus, MailingStatus, MessageStatus, template_problems
 
 TEXT_MAX_LENGTH = 1000
 FILTER_MAX_VALUES = 100
@@ -215,6 +215,50 @@ class ClientListQuery(_Request):
     phone: Phone | None = Field(
         None, description="Only the client with this phone number: a page of one, or none"
     )
+
+
+# ---------------------------------------------------------------- client imports
+
+
+class ImportRowError(_Response):
+    row: int = Field(description="Data row of the file, from 1 (the header is row 0)")
+    field: str | None = Field(description="The column at fault; null: the row as a whole")
+    message: str
+
+
+class ClientImportSummary(_Response):
+    """A CSV import's status and counts."""
+
+    id: str
+    status: ImportStatus = Field(
+        description="queued, running (the valid rows are being written), done (every valid "
+        "row was written, left alone or failed), failed (the import could not be completed: "
+        "see `failed` and `errors`)"
+    )
+    rows: int = Field(description="Data rows in the file (blank lines not counted)")
+    valid: int = Field(description="Rows that pass the same validation as POST /clients")
+    invalid: int = Field(description="Rows that do not, and duplicates of an earlier phone")
+    created: int = Field(description="New clients (a phone no client had)")
+    updated: int = Field(description="Clients whose fields the row changed (PATCH)")
+    unchanged: int = Field(description="Clients that already had the row's fields")
+    failed: int = Field(description="Valid rows that could not be written")
+    created_at: datetime
+    updated_at: datetime
+
+
+class ClientImportOut(ClientImportSummary):
+    """A CSV import: counts so far and the rows at fault."""
+
+    errors: list[ImportRowError] = Field(
+        description="Invalid rows (all known when the import is accepted) and rows that failed "
+        "to be written (added as the import runs), in row order: the first 1,000"
+    )
+    errors_omitted: int = Field(description="Errors beyond those listed")
+
+
+class ClientImportPage(_Response):
+    items: list[ClientImportSummary] = Field(description="Imports, newest first, without errors")
+    next_cursor: str | None
 
 
 # ---------------------------------------------------------------- mailings

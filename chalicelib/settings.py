@@ -61,6 +61,8 @@ class Settings(BaseModel):
     send_queue_url: str | None = None
     send_dlq_url: str | None = None
     fanout_queue_url: str | None = None
+    # CSV imports of clients: the API queues the valid rows in chunks, a worker writes them.
+    import_queue_url: str | None = None
     sender_api_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
     sender_api_token: SecretStr | None = None
     # In AWS the token lives in Secrets Manager: the sender reads it once per cold start.
@@ -97,6 +99,12 @@ class Settings(BaseModel):
     metrics_namespace: str = Field("SmsCampaigns", pattern=r"^[A-Za-z0-9/_.#:-]{1,255}$")
 
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=6 * 1024 * 1024)
+    # POST /clients/import: the CSV file's size and rows. Lambda takes at most 6 MB of request
+    # payload, the event's envelope included, so the body limit stays below that.
+    import_max_bytes: int = Field(5 * 1024 * 1024, ge=1024, le=6_000_000)
+    import_max_rows: int = Field(100_000, ge=1, le=1_000_000)
+    # An import job's record (its status and per-row report) is deleted this long after it.
+    import_retention_days: int = Field(30, ge=1, le=3650)
     default_page_size: int = Field(50, ge=1, le=1000)
     max_page_size: int = Field(500, ge=1, le=1000)
 

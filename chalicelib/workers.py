@@ -1,4 +1,4 @@
-"""The event-driven Lambdas: the scheduler tick, the fan-out worker and the sender.
+"""The event-driven Lambdas: the scheduler tick, the fan-out worker, the sender and the import.
 
 Handlers only parse their event and call into the services. Queue ARNs are placeholders here:
 `infra/resources.yaml` replaces them with the stack's queues (Chalice cannot reference a queue
@@ -22,7 +22,7 @@ from chalice import Blueprint, Cron, Rate
 from pydantic import ValidationError
 
 from chalicelib.container import services
-from chalicelib.services.queues import JobBatch
+from chalicelib.services.queues import ImportChunk, JobBatch
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ blueprint = Blueprint(__name__)
 
 SEND_QUEUE_ARN = "arn:aws:sqs:us-east-1:000000000000:sms-campaigns-send-placeholder"
 FANOUT_QUEUE_ARN = "arn:aws:sqs:us-east-1:000000000000:sms-campaigns-fanout-placeholder"
+IMPORT_QUEUE_ARN = "arn:aws:sqs:us-east-1:000000000000:sms-campaigns-import-placeholder"
 # Read when the app is loaded (chalice package applies the stage's environment first).
 SENDER_BATCH_SIZE = int(os.environ.get("SENDER_BATCH_SIZE", "10"))
 
@@ -68,6 +69,27 @@ def advance_mailing(event: Any) -> None:
             logger.error("malformed fan-out kick dropped")
             continue
         services().scheduler.advance(str(mailing_id), _remaining(event.context))
+
+
+@blueprint.on_sqs_message(queue_arn=IMPORT_QUEUE_ARN, batch_size=1, name="import_clients")
+def import_clients(event: Any) -> None:
+    """A chunk of a CSV import of clients: write its rows and add them to the import's counts.
+
+    Batch size 1: a chunk that fails comes back alone. On its last receive it is given up, so
+    the import ends (`failed`) rather than running forever; SQS moves it to the dead-letter queue.
+    """
+    current = services()
+    for record in event:
+        raw = record.to_dict()
+        try:
+            chunk = ImportChunk.model_validate_json(record.body)
+        except ValidationError:
+            logger.error(
+                "malformed import chunk dropped", extra={"sqs_message_id": raw.get("messageId")}
+            )
+            continue
+        receives = int(raw.get("attributes", {}).get("ApproximateReceiveCount", 1))
+        current.imports.process(chunk, last_attempt=receives >= current.settings.max_receive_count)
 
 
 def _send_record(record: SQSRecord) -> None:

@@ -74,6 +74,9 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "mailings/index/by_created": {QUERY},
         "messages": {QUERY, BATCH_GET, UPDATE},
         "messages/index/by_status": {QUERY},
+        # CSV imports: the job and its invalid rows (a batch write), reads, the listing.
+        "imports": {PUT, UPDATE, QUERY, BATCH_GET},
+        "imports/index/by_created": {QUERY},
     },
     # Scheduler.tick: due mailings, leases, fan-out pages, sweeps, finish.
     "SchedulerTick": {
@@ -101,12 +104,20 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
     },
     # The daily report: every mailing (keys from by_created, then the items); it writes nothing.
     "DailyReport": {"mailings/index/by_created": {QUERY}, "mailings": {BATCH_GET}},
+    # ClientImports.process: the job and the chunk's record, the phones' owners and those
+    # clients (batch gets), new clients, claims and changes (transaction puts), the counts.
+    "ImportClients": {
+        "imports": {BATCH_GET, GET, UPDATE},
+        "clients": {BATCH_GET, GET, PUT},
+        "phones": {BATCH_GET, PUT},
+    },
 }
 QUEUE_ACCESS: dict[str, dict[str, set[str]]] = {
     "APIHandler": {
         "FanoutQueue": {SEND, DEPTH},  # kicks; GET /metrics reads the depths
         "SendQueue": {SEND, DEPTH},  # jobs of retried messages
         "SendDeadLetterQueue": {DEPTH},
+        "ImportQueue": {SEND},  # the chunks of a CSV import
     },
     "SchedulerTick": {"SendQueue": {SEND}, "FanoutQueue": {SEND}},  # jobs, continuations
     "AdvanceMailing": {"FanoutQueue": {*CONSUME, SEND}, "SendQueue": {SEND}},
@@ -116,6 +127,7 @@ QUEUE_ACCESS: dict[str, dict[str, set[str]]] = {
         "FanoutQueue": {SEND},  # kick when a mailing's last message is out
     },
     "DailyReport": {},
+    "ImportClients": {"ImportQueue": CONSUME},
 }
 AUTHORIZER = "BearerAuth"
 # Functions that e-mail the daily report through SES (and so get its addresses).
@@ -128,13 +140,16 @@ REPORT_RECIPIENTS = "ops@example.com,owner@example.org"
 QUEUES = {
     "SendQueue": ("SendDeadLetterQueue", "SendMessages"),
     "FanoutQueue": ("FanoutDeadLetterQueue", "AdvanceMailing"),
+    "ImportQueue": ("ImportDeadLetterQueue", "ImportClients"),
 }
-DEAD_LETTER_QUEUES = {"SendDeadLetterQueue", "FanoutDeadLetterQueue"}
+DEAD_LETTER_QUEUES = {"SendDeadLetterQueue", "FanoutDeadLetterQueue", "ImportDeadLetterQueue"}
 QUEUE_NAMES = {
     "SendQueue": "send",
     "SendDeadLetterQueue": "send-dlq",
     "FanoutQueue": "fanout",
     "FanoutDeadLetterQueue": "fanout-dlq",
+    "ImportQueue": "import",
+    "ImportDeadLetterQueue": "import-dlq",
 }
 MAX_RECEIVE_COUNT = 5
 FOURTEEN_DAYS = 14 * 24 * 3600
@@ -524,10 +539,12 @@ def test_table_indexes_match_the_model(resources: dict, kind: str) -> None:
     assert in_template == in_model
 
 
-def test_message_records_expire_by_the_models_ttl_attribute(resources: dict) -> None:
-    """Given messages outlive their mailing, DynamoDB's TTL removes them on the model's field."""
-    _, table = tables_by_kind(resources)["messages"]
-    ttl = model_for("messages")._ttl_attribute()
+@pytest.mark.parametrize("kind", ["messages", "imports"])
+def test_message_records_expire_by_the_models_ttl_attribute(resources: dict, kind: str) -> None:
+    """Given messages outlive their mailing, DynamoDB's TTL removes them on the model's field
+    (and the records of a CSV import likewise)."""
+    _, table = tables_by_kind(resources)[kind]
+    ttl = model_for(kind)._ttl_attribute()
     assert table["TimeToLiveSpecification"] == {"AttributeName": ttl.attr_name, "Enabled": True}
 
 
@@ -746,7 +763,7 @@ def test_the_sender_counts_dead_letters_at_the_send_queues_max_receive_count(
     assert queues["SendQueue"]["RedrivePolicy"]["maxReceiveCount"] == sender.max_receive_count
 
 
-@pytest.mark.parametrize("queue", sorted(DEAD_LETTER_QUEUES | {"SendQueue"}))
+@pytest.mark.parametrize("queue", sorted(DEAD_LETTER_QUEUES | {"SendQueue", "ImportQueue"}))
 def test_jobs_and_dead_letters_are_kept_fourteen_days(queues: dict, queue: str) -> None:
     """Given an outage, when jobs or dead letters wait, then SQS keeps them its longest, 14 days.
 
@@ -777,10 +794,21 @@ def test_fan_out_kicks_feed_advance_mailing(event_sources: dict) -> None:
     assert "FunctionResponseTypes" not in source
 
 
+def test_import_chunks_feed_import_clients_a_few_at_a_time(event_sources: dict) -> None:
+    """Given the chunks of a CSV import, when delivered, then import_clients gets each alone
+    (it returns no batchItemFailures) and at most a few run at once, so an import of 100,000
+    rows neither takes the account's Lambda concurrency nor bursts the tables."""
+    source = event_sources["ImportClients"]
+    assert source["Queue"] == {"Fn::GetAtt": ["ImportQueue", "Arn"]}
+    assert source["BatchSize"] == 1
+    assert "FunctionResponseTypes" not in source
+    assert 2 <= source["ScalingConfig"]["MaximumConcurrency"] <= 10
+
+
 def test_no_placeholder_queue_arn_is_left_in_the_template(template_path: Path) -> None:
     """Given the placeholder ARNs in chalicelib/workers.py, when packaged, none is deployed."""
     text = template_path.read_text()
-    for placeholder in (workers.SEND_QUEUE_ARN, workers.FANOUT_QUEUE_ARN):
+    for placeholder in (workers.SEND_QUEUE_ARN, workers.FANOUT_QUEUE_ARN, workers.IMPORT_QUEUE_ARN):
         assert placeholder not in text
     assert "placeholder" not in text
     # Queues are referenced by GetAtt, never as a literal ARN of some account.
@@ -843,6 +871,7 @@ def test_every_function_finds_the_queues(template: dict) -> None:
         assert variables["SEND_QUEUE_URL"] == {"Ref": "SendQueue"}, function
         assert variables["SEND_DLQ_URL"] == {"Ref": "SendDeadLetterQueue"}, function
         assert variables["FANOUT_QUEUE_URL"] == {"Ref": "FanoutQueue"}, function
+        assert variables["IMPORT_QUEUE_URL"] == {"Ref": "ImportQueue"}, function
 
 
 def test_every_environment_variable_is_a_setting(template: dict) -> None:
@@ -1246,6 +1275,7 @@ ERRORS_MISSING_DATA = {
     "AdvanceMailing": "notBreaching",
     "SendMessages": "notBreaching",
     "DailyReport": "ignore",
+    "ImportClients": "notBreaching",
 }
 
 
@@ -1605,6 +1635,7 @@ def world(aws: None, clock: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[di
         send_queue_url=urls["SendQueue"],
         send_dlq_url=urls["SendDeadLetterQueue"],
         fanout_queue_url=urls["FanoutQueue"],
+        import_queue_url=urls["ImportQueue"],
         report_sender=REPORT_SENDER,
         report_recipients=REPORT_RECIPIENTS,
     )
@@ -1731,6 +1762,9 @@ def test_every_route_of_the_api_needs_only_what_its_role_allows(
         request(client, "POST", f"{mailing_path}/resume")
         request(client, "POST", f"/mailings/{failed_mailing}/retry-failed")
         request(client, "POST", "/opt-outs", {"phone": "79001234568"})
+        imported = import_csv(client, "phone,tag\n79001234567,vip\n79001234570,new\nbad,\n")
+        request(client, "GET", f"/clients/imports/{imported['id']}")
+        request(client, "GET", "/clients/imports")
         request(client, "POST", f"{mailing_path}/cancel")
         request(client, "DELETE", mailing_path)
         request(client, "DELETE", client_path)
@@ -1738,6 +1772,41 @@ def test_every_route_of_the_api_needs_only_what_its_role_allows(
     needed = record(aws_calls, world)
     assert_report_mail_fits_the_ses_grant(needed)
     assert missing_grants(resources, "APIHandler", needed) == {}
+
+
+def import_csv(client: Any, text: str) -> dict[str, Any]:
+    headers = {**JSON_HEADERS, "Content-Type": "text/csv"}
+    response = client.http.request("POST", "/clients/import", headers=headers, body=text.encode())
+    assert response.status_code == 202, response.body
+    return json.loads(response.body)
+
+
+def test_the_import_worker_needs_only_what_its_role_allows(
+    resources: dict, world: dict, aws_calls: list
+) -> None:
+    """Given the import worker's role, when it writes a chunk that creates a client, changes
+    one and leaves one alone, and then gets the same chunk again, then every AWS call it makes
+    is allowed."""
+    import boto3
+    from chalice.test import Client
+
+    from app import app
+
+    sqs = boto3.client("sqs")
+    [queue] = [url for url, logical_id in world.items() if logical_id == "ImportQueue"]
+    with Client(app, stage_name="dev") as client:
+        for phone, tag in (("79001234567", "vip"), ("79001234568", "new")):
+            request(client, "POST", "/clients", {"phone": phone, "tag": tag})
+        import_csv(client, "phone,tag\n79001234567,vip\n79001234568,old\n79001234569,\n")
+        [message] = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+        aws_calls.clear()
+        event = client.events.generate_sqs_event([message["Body"]], queue_name=f"{PREFIX}-import")
+        for _ in range(2):
+            client.lambda_.invoke("import_clients", event)
+
+    needed = record(aws_calls, world)
+    assert {"phones", "clients", "imports"} <= set(needed.tables)
+    assert missing_grants(resources, "ImportClients", needed) == {}
 
 
 def test_the_scheduled_report_needs_only_what_its_role_allows(

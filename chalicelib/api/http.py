@@ -63,6 +63,8 @@ class Operation:
     public: bool = False
     errors: tuple[int, ...] = ()
     produces: str = JSON
+    # A body that is not a JSON model (a CSV file): its media type; the handler reads it.
+    consumes: str | None = None
     path_params: list[str] = field(default_factory=list)
 
 
@@ -207,6 +209,7 @@ class ApiBlueprint:
         public: bool = False,
         errors: tuple[int, ...] = (),
         produces: str = JSON,
+        consumes: str | None = None,
         description: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a handler `fn(**path_params, body=?, query=?)` returning a model or Response."""
@@ -226,6 +229,7 @@ class ApiBlueprint:
                 public=public,
                 errors=errors,
                 produces=produces,
+                consumes=consumes,
                 path_params=re.findall(r"{(\w+)}", path),
             )
             OPERATIONS.append(operation)

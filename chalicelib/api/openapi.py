@@ -97,6 +97,11 @@ def build_spec(operations: Iterable[Operation] | None = None) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": refs[(op.body, "validation")]}},
             }
+        elif op.consumes is not None:
+            entry["requestBody"] = {
+                "required": True,
+                "content": {op.consumes: {"schema": {"type": "string"}}},
+            }
         responses: dict[str, Any] = {}
         if op.response is not None:
             responses[str(op.status)] = {
@@ -118,7 +123,10 @@ def build_spec(operations: Iterable[Operation] | None = None) -> dict[str, Any]:
             if status in _AUTH_ERRORS:
                 # API Gateway writes these before our code runs; the body is not ours everywhere.
                 content = {"application/json": {"schema": {"type": "object"}}}
-            responses[str(status)] = {"description": _error_description(status), "content": content}
+            description = _error_description(status)
+            if status == 415 and op.consumes is not None:
+                description = f"Request body is not {op.consumes}"
+            responses[str(status)] = {"description": description, "content": content}
         entry["responses"] = responses
         if op.public:
             entry["security"] = []

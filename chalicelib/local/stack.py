@@ -3,7 +3,7 @@
 An embedded AWS emulator (or the endpoint in AWS_ENDPOINT_URL) holds the tables and queues; a
 sandbox SMS gateway stands in for the real one (unless SENDER_API_URL names a gateway); the
 Chalice app is served over HTTP, and its Lambdas run as they would in AWS: the scheduler tick
-on a timer, the fan-out worker and the sender behind SQS pollers.
+on a timer, the fan-out worker, the sender and the CSV import worker behind SQS pollers.
 
 Everything is configured from the environment (see `LocalConfig`). The stack is a list of
 components started in order and stopped in reverse.
@@ -58,6 +58,9 @@ _NOISY_LOGGERS = ("werkzeug", "botocore", "boto3", "urllib3", "moto", "pynamodb"
 SCHEDULE_FUNCTION = "scheduler_tick"
 FANOUT_FUNCTION = "advance_mailing"
 SEND_FUNCTION = "send_messages"
+IMPORT_FUNCTION = "import_clients"
+# Chunks of a CSV import written at once (in AWS the event source's MaximumConcurrency is 4).
+IMPORT_POLLERS = 2
 _CHALICE_DEFAULT_TIMEOUT_SECONDS = 60  # when config.json sets none
 DEFAULT_SCHEDULER_INTERVAL_SECONDS = 10.0
 DEFAULT_SENDER_BATCH_SIZE = 10
@@ -350,6 +353,8 @@ class QueueUrls:
     send_dlq: str
     fanout: str
     fanout_dlq: str
+    import_: str
+    import_dlq: str
     account: str
     # As the send queue has it, which may not be what this run asked for if it existed.
     send_visibility_timeout: int
@@ -361,9 +366,10 @@ def ensure_queues(
     *,
     send_visibility_timeout: int,
     fanout_visibility_timeout: int,
+    import_visibility_timeout: int = FANOUT_VISIBILITY_SECONDS,
     max_receive_count: int = MAX_RECEIVE_COUNT,
 ) -> QueueUrls:
-    """Create the send and fan-out queues and their dead-letter queues where missing.
+    """Create the send, fan-out and import queues and their dead-letter queues where missing.
 
     A queue that exists is used as it is: on a shared endpoint someone may have tuned it, and
     SQS refuses to "create" an existing queue with other attributes.
@@ -391,6 +397,16 @@ def ensure_queues(
         },
         created,
     )
+    import_dlq, import_dlq_attributes = _ensure_queue(sqs, f"{prefix}-import-dlq", {}, created)
+    import_, _ = _ensure_queue(
+        sqs,
+        f"{prefix}-import",
+        {
+            "VisibilityTimeout": str(import_visibility_timeout),
+            "RedrivePolicy": _redrive_to(import_dlq_attributes["QueueArn"], max_receive_count),
+        },
+        created,
+    )
     if created:
         logger.info("created queues: %s", ", ".join(created))
     else:
@@ -400,6 +416,8 @@ def ensure_queues(
         send_dlq,
         fanout,
         fanout_dlq,
+        import_,
+        import_dlq,
         account=send_dlq_arn.split(":")[4],
         send_visibility_timeout=int(send_attributes["VisibilityTimeout"]),
     )
@@ -560,7 +578,7 @@ class LocalStack:
         # Validated before anything starts, so a bad setting fails in a fraction of a second.
         settings = Settings.from_env(self.environ)
         app = chalice_config.chalice_app
-        functions = (SCHEDULE_FUNCTION, FANOUT_FUNCTION, SEND_FUNCTION)
+        functions = (SCHEDULE_FUNCTION, FANOUT_FUNCTION, SEND_FUNCTION, IMPORT_FUNCTION)
         handlers = {name: _lambda_handler(app, name) for name in functions}
         self.timeouts = {name: _function_timeout(chalice_config, name) for name in functions}
         send_visibility_timeout = self._send_visibility_timeout()
@@ -623,6 +641,7 @@ class LocalStack:
                 fanout_visibility_timeout=max(
                     FANOUT_VISIBILITY_SECONDS, math.ceil(self.timeouts[FANOUT_FUNCTION])
                 ),
+                import_visibility_timeout=math.ceil(self.timeouts[IMPORT_FUNCTION]),
             )
         except Exception as exc:
             raise StackError(
@@ -632,6 +651,7 @@ class LocalStack:
             ("SEND_QUEUE_URL", queues.send),
             ("SEND_DLQ_URL", queues.send_dlq),
             ("FANOUT_QUEUE_URL", queues.fanout),
+            ("IMPORT_QUEUE_URL", queues.import_),
         ):
             # `or`: an empty variable means unset, as everywhere in the local stack.
             self.environ[name] = self.environ.get(name) or url
@@ -686,6 +706,20 @@ class LocalStack:
                 # Chalice declares no partial batch failures for it; with batch 1 none are needed.
                 report_batch_item_failures=False,
                 function_timeout=self.timeouts[FANOUT_FUNCTION],
+                region=region,
+                account=account,
+            )
+        )
+        self._add(
+            SqsPoller(
+                IMPORT_FUNCTION,
+                sqs,
+                settings.import_queue_url or self.queues.import_,
+                handlers[IMPORT_FUNCTION],
+                batch_size=1,
+                concurrency=IMPORT_POLLERS,
+                report_batch_item_failures=False,
+                function_timeout=self.timeouts[IMPORT_FUNCTION],
                 region=region,
                 account=account,
             )
@@ -796,7 +830,8 @@ def banner(stack: LocalStack) -> str:
     config = stack.config
     lines.append(
         f"  Workers  scheduler tick every {config.scheduler_interval:g} s; "
-        f"{config.sender_pollers} sender(s) x batch {config.sender_batch_size}; 1 fan-out worker"
+        f"{config.sender_pollers} sender(s) x batch {config.sender_batch_size}; 1 fan-out worker; "
+        f"{IMPORT_POLLERS} import workers"
     )
     if settings.auth_mode is AuthMode.STATIC and settings.api_tokens:
         token = settings.api_tokens[0]
@@ -826,9 +861,10 @@ def _queue_summary(stack: LocalStack, settings: Settings) -> str:
         send,
         queue_name(settings.send_dlq_url),
         queue_name(settings.fanout_queue_url),
+        queue_name(settings.import_queue_url),
     ]
     if stack.queues is not None:
-        names.append(queue_name(stack.queues.fanout_dlq))
+        names += [queue_name(stack.queues.fanout_dlq), queue_name(stack.queues.import_dlq)]
     return ", ".join(names)
 
 

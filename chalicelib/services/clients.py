@@ -326,6 +326,22 @@ class ClientDirectory:
         item.tag_sort = tag_sort_key(fields.tag, item.client_id)
         item.tag_key = tag_key(fields.tag)
 
+    def apply_fields(self, item: Any, fields: ClientFields, now: datetime) -> None:
+        """Set a client item's fields and what derives from them (index keys, shard) in memory,
+        for a writer that batches its own writes (the CSV import)."""
+        self._apply(item, fields, now)
+
+    @staticmethod
+    def fields_of(item: Any) -> ClientFields:
+        """A stored client's fields as they are: what a PATCH starts from."""
+        return ClientFields(
+            phone=item.phone,
+            operator_code=item.operator_code,
+            tag=item.tag,
+            timezone=item.timezone,
+            opted_out=bool(item.opted_out),
+        )
+
     def _load(self, client_id: str) -> Any:
         if not looks_like_id(client_id):
             raise NotFound(f"client {client_id} not found")

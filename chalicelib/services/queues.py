@@ -3,6 +3,8 @@
 A send job names one message: (mailing, client, message id). Several jobs of one mailing travel in
 one SQS message (`JobBatch`), which divides SQS requests and Lambda invocations per delivered
 message by the batch size. A fan-out kick asks the scheduler worker to advance one mailing now.
+An import chunk carries up to 1,000 validated rows of a CSV import of clients to the worker that
+writes them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 logger = logging.getLogger(__name__)
 
 SQS_MAX_DELAY_SECONDS = 900
+# SendMessageBatch takes at most 10 messages and 256 KiB (all bodies together).
 _SQS_BATCH = 10
+SQS_MAX_BATCH_BYTES = 256 * 1024
+IMPORT_CHUNK_MAX_ROWS = 1000
 
 
 class SendJob(BaseModel):
@@ -43,6 +48,21 @@ class JobBatch(BaseModel):
     # When the first of these jobs was enqueued: lets a sender tell "not committed yet" from
     # "never will be" when a job arrives for a message it cannot find.
     enqueued_at: datetime
+
+
+# (row number in the file, phone, operator code, tag, timezone); None: the file left it out.
+ImportRow = tuple[int, str, str | None, str | None, str | None]
+
+
+class ImportChunk(BaseModel):
+    """The body of one import-queue message: valid rows of one import, in file order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: int = 1
+    import_id: str = Field(min_length=1, max_length=64)
+    chunk: int = Field(ge=0, le=99_999)
+    rows: list[ImportRow] = Field(min_length=1, max_length=IMPORT_CHUNK_MAX_ROWS)
 
 
 @dataclass(frozen=True)
@@ -92,11 +112,13 @@ class Queues:
         send_url: str | None,
         dlq_url: str | None,
         fanout_url: str | None,
+        import_url: str | None = None,
     ) -> None:
         self._sqs = sqs
         self._send_url = send_url
         self._dlq_url = dlq_url
         self._fanout_url = fanout_url
+        self._import_url = import_url
 
     def enqueue(self, items: Sequence[Delayed]) -> None:
         """Send job batches, ten SQS messages per request; raises if any is not accepted."""
@@ -135,6 +157,23 @@ class Queues:
             for n, mailing_id in enumerate(mailing_ids)
         ]
         self._send_batches(url, entries)
+
+    def enqueue_import(self, chunks: Sequence[ImportChunk]) -> None:
+        """Send import chunks in as few requests as SQS's limits allow; raises if any is not
+        accepted."""
+        url = self._require(self._import_url, "IMPORT_QUEUE_URL")
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for n, chunk in enumerate(chunks):
+            body = chunk.model_dump_json()
+            length = len(body.encode())
+            if batch and (len(batch) == _SQS_BATCH or size + length > SQS_MAX_BATCH_BYTES):
+                self._send_batches(url, batch)
+                batch, size = [], 0
+            batch.append({"Id": str(n), "MessageBody": body})
+            size += length
+        if batch:
+            self._send_batches(url, batch)
 
     def depths(self) -> dict[str, dict[str, int]]:
         """Approximate messages per queue ("send", "dead_letter", "fanout") by state
