@@ -815,6 +815,7 @@ def banner(stack: LocalStack) -> str:
         f"SMS campaign service - local stack (stage {settings.stage})",
         f"  API      {url}",
         f"  Docs     {url}/docs",
+        f"  Admin    {url}/admin",
         f"  Health   {url}/health",
         f"  AWS      {stack.aws_endpoint_url} ({emulator}; tables {settings.table_prefix}-*)",
         f"  Queues   {_queue_summary(stack, settings)}",
