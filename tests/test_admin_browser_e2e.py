@@ -316,6 +316,14 @@ def test_a_scheduled_mailing_is_paused_and_resumed_from_its_page(page: Any, stac
     fill_mailing(page, "Later", tags=tag, start=datetime.now(UTC) + timedelta(hours=1))
     page.get_by_role("button", name="Create mailing").click()
     expect(status_badge(page)).to_have_text("scheduled")
+    expect(page.locator("#progress-label")).to_have_text("Not started yet")
+    # When its text is edited, the form comes back filled in and only the change is saved
+    page.get_by_role("link", name="Edit").click()
+    expect(page.get_by_label("Tags", exact=True)).to_have_value(tag)
+    page.get_by_label("Text", exact=True).fill("Later, {phone}")
+    page.get_by_role("button", name="Save mailing").click()
+    expect(page.get_by_text("Mailing saved.")).to_be_visible()
+    expect(page.locator("#mailing-text")).to_have_text("Later, {phone}")
     # When the operator pauses it
     page.get_by_role("button", name="Pause").click()
     # Then it is paused, and can only be resumed or cancelled
