@@ -88,6 +88,70 @@ class StaticTokenVerifier:
         return Principal(subject=f"static:{candidate.hex()[:8]}", mode="static")
 
 
+class LoadedTokenVerifier:
+    """Static tokens loaded on first use (in AWS from Secrets Manager), then kept for the life of
+    the process: one read per cold start.
+
+    A load that fails (a missing secret, a denied read, a bad value) denies every request and
+    logs why, never a token. It is tried again at most every `retry_seconds`, so a secret
+    created or fixed after the deployment is picked up without one, and a broken secret does not
+    turn every request into a Secrets Manager call.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], Sequence[str]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        retry_seconds: float = _MIN_REFETCH_SECONDS,
+    ) -> None:
+        self._load = load
+        self._clock = clock
+        self._retry_seconds = retry_seconds
+        self._verifier: StaticTokenVerifier | None = None
+        self._failed_at: float | None = None
+        self._lock = threading.Lock()
+
+    def verify(self, token: str) -> Principal:
+        """Return the principal for a loaded token, else raise AuthError."""
+        return self._loaded().verify(token)
+
+    def _loaded(self) -> StaticTokenVerifier:
+        with self._lock:
+            if self._verifier is None:
+                self._try_load()
+            if self._verifier is None:
+                raise AuthError("API tokens are unavailable")
+            return self._verifier
+
+    def _try_load(self) -> None:
+        now = self._clock()
+        if self._failed_at is not None and now - self._failed_at < self._retry_seconds:
+            return
+        try:
+            tokens = tuple(self._load())
+            if not tokens:
+                raise SettingsError("no API token was loaded")
+        except SettingsError as exc:
+            # Our own messages: they name the setting and the rule, never a token.
+            self._failed(now, str(exc))
+            return
+        except Exception as exc:  # an injected loader may fail in any way; callers get a 403
+            self._failed(now, type(exc).__name__)
+            return
+        self._verifier = StaticTokenVerifier(tokens)
+        self._failed_at = None
+        logger.info("API tokens loaded", extra={"token_count": len(tokens)})
+
+    def _failed(self, now: float, reason: str) -> None:
+        self._failed_at = now
+        logger.error(
+            "API tokens cannot be loaded; every request is denied until they can be: %s",
+            reason,
+            extra={"retry_seconds": self._retry_seconds},
+        )
+
+
 def fetch_jwks_over_http(url: str, timeout_seconds: float) -> dict[str, Any]:
     """Download a JWKS document; any network or format problem raises AuthError."""
     try:
@@ -267,10 +331,20 @@ class OidcVerifier:
         self._fetched_at = now
 
 
-def build_verifier(settings: Settings) -> StaticTokenVerifier | OidcVerifier:
-    """The verifier that settings.auth_mode asks for."""
+Verifier = StaticTokenVerifier | LoadedTokenVerifier | OidcVerifier
+
+
+def build_verifier(
+    settings: Settings, load_tokens: Callable[[], Sequence[str]] | None = None
+) -> Verifier:
+    """The verifier that settings.auth_mode asks for. Static tokens are API_TOKENS; without them,
+    those that `load_tokens` reads from the secret API_TOKENS_SECRET_ID names, on first use."""
     if settings.auth_mode is AuthMode.OIDC:
         if not (settings.oidc_issuer and settings.oidc_audience and settings.oidc_jwks_url):
             raise SettingsError("AUTH_MODE=oidc needs OIDC_ISSUER, OIDC_AUDIENCE, OIDC_JWKS_URL")
         return OidcVerifier(settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url)
-    return StaticTokenVerifier(settings.api_tokens)
+    if settings.api_tokens or not settings.api_tokens_secret_id:
+        return StaticTokenVerifier(settings.api_tokens)
+    if load_tokens is None:
+        raise SettingsError("API_TOKENS_SECRET_ID is set, but nothing reads the secret")
+    return LoadedTokenVerifier(load_tokens)

@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import SecretStr
 from pynamodb.connection import Connection
 
 from chalicelib import aws, logs
-from chalicelib.auth import OidcVerifier, StaticTokenVerifier, build_verifier
+from chalicelib.auth import Verifier, build_verifier
 from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models, build_models
@@ -28,7 +29,7 @@ from chalicelib.services.queues import Queues
 from chalicelib.services.reports import ReportService
 from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
-from chalicelib.settings import Settings, SettingsError, get_settings
+from chalicelib.settings import Settings, SettingsError, check_api_tokens, get_settings
 
 
 def utc_now() -> datetime:
@@ -87,6 +88,46 @@ def _token_from_secret(value: str) -> str:
     return text
 
 
+def api_tokens_from_secret(settings: Settings, secrets: Any = None) -> tuple[str, ...]:
+    """The static API tokens in the secret API_TOKENS_SECRET_ID names: its SecretString is the
+    tokens separated by commas, or JSON {"tokens": [...]}; each is held to API_TOKENS' rules.
+    Every problem is a SettingsError that names the setting and never holds a token."""
+    client = secrets or aws.client("secretsmanager", settings)
+    try:
+        answer = client.get_secret_value(SecretId=settings.api_tokens_secret_id)
+    except (ClientError, BotoCoreError) as exc:
+        # botocore's text names the error code and the secret, never its value.
+        raise SettingsError(f"API_TOKENS_SECRET_ID: the secret cannot be read ({exc})") from None
+    return _api_tokens_from_secret(answer.get("SecretString") or "")
+
+
+def _api_tokens_from_secret(value: str) -> tuple[str, ...]:
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        listed = parsed.get("tokens") if isinstance(parsed, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
+            raise SettingsError(
+                'API_TOKENS_SECRET_ID: a JSON secret needs a "tokens" key holding a list of strings'
+            )
+        candidates = listed
+    else:
+        candidates = text.split(",")
+    tokens = tuple(token.strip() for token in candidates if token.strip())
+    # Before any check: whatever is read from the secret never reaches a log line.
+    for token in tokens:
+        logs.add_secret(token)
+    if not tokens:
+        raise SettingsError("API_TOKENS_SECRET_ID: the secret holds no token")
+    try:
+        return check_api_tokens(tokens)
+    except ValueError as exc:
+        raise SettingsError(f"API_TOKENS_SECRET_ID: {exc}") from None
+
+
 def gateway_factory(settings: Settings) -> Callable[[], GatewayClient | None]:
     """The gateway client, made on first use; None while the gateway is not configured."""
 
@@ -119,7 +160,7 @@ class Services:
     sender: Sender
     metrics: MetricsWriter
     reports: ReportService
-    verifier: StaticTokenVerifier | OidcVerifier
+    verifier: Verifier
 
     @classmethod
     def build(
@@ -183,7 +224,8 @@ class Services:
             ),
             metrics=metrics,
             reports=ReportService(mailings, settings, clock, ses or _LazyClient("ses", settings)),
-            verifier=build_verifier(settings),
+            # The authorizer reads the tokens' secret (if any) at its first request, not here.
+            verifier=build_verifier(settings, load_tokens=lambda: api_tokens_from_secret(settings)),
         )
 
 

@@ -30,6 +30,24 @@ class AuthMode(StrEnum):
 
 # What the admin UI needs for single sign-on; required together.
 _SIGN_IN_SETTINGS = ("oidc_client_id", "oidc_authorization_url", "oidc_token_url")
+# A static API token: long enough not to be guessed, and only characters a bearer header carries
+# (auth.parse_bearer), so a token with a space or a newline is refused, not silently unusable.
+MIN_API_TOKEN_CHARS = 16
+_API_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+def check_api_tokens(tokens: tuple[str, ...]) -> tuple[str, ...]:
+    """`tokens` if each can protect the API, else ValueError; the message never holds a token."""
+    for token in tokens:
+        if len(token) < MIN_API_TOKEN_CHARS:
+            raise ValueError(
+                f"every API token must be at least {MIN_API_TOKEN_CHARS} characters long"
+            )
+        if not _API_TOKEN.fullmatch(token):
+            raise ValueError(
+                "an API token may hold only visible ASCII characters (no spaces or line breaks)"
+            )
+    return tokens
 
 
 class SettingsError(ValueError):
@@ -48,6 +66,9 @@ class Settings(BaseModel):
 
     auth_mode: AuthMode = AuthMode.STATIC
     api_tokens: tuple[str, ...] = Field((), repr=False)
+    # In AWS the static tokens live in Secrets Manager: the authorizer reads them once per cold
+    # start when API_TOKENS is unset (auth.LoadedTokenVerifier, container.api_tokens_from_secret).
+    api_tokens_secret_id: str | None = Field(None, pattern=r"^[A-Za-z0-9/_+=.@:-]{1,2048}$")
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
     oidc_jwks_url: str | None = None
@@ -139,12 +160,9 @@ class Settings(BaseModel):
 
     @field_validator("api_tokens")
     @classmethod
-    def _tokens_are_long_enough(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _tokens_are_usable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         # A short static token can be guessed; refuse it before it protects anything.
-        for token in value:
-            if len(token) < 16:
-                raise ValueError("every API token must be at least 16 characters long")
-        return value
+        return check_api_tokens(value)
 
     @model_validator(mode="after")
     def _oidc_is_complete(self) -> Settings:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,8 +17,10 @@ from chalice.test import Client
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from app import app
+from chalicelib import logs
 from chalicelib.api.http import OPERATIONS, Operation
-from chalicelib.container import Services, use_services
+from chalicelib.auth import LoadedTokenVerifier
+from chalicelib.container import Services, api_tokens_from_secret, use_services
 from chalicelib.models import create_tables
 from chalicelib.settings import Settings, get_settings
 from tests.conftest import API_TOKEN, AUTH, Api, FakeClock
@@ -182,6 +186,253 @@ def test_the_configured_token_reaches_the_route(api: Api) -> None:
     # Then the route answers with its content
     assert response.status_code == 200
     assert json.loads(response.body)["items"] == []
+
+
+# --- static tokens from Secrets Manager (how AWS configures them) --------------------------------
+
+SECRET_TOKEN = "secret-token-0123456789abcdef"
+OTHER_SECRET_TOKEN = "other-secret-token-fedcba9876543210"
+
+
+def stored_secret(value: str, name: str = "sms-test/api-tokens") -> str:
+    """Given: the API tokens stored in (moto's) Secrets Manager; returns the secret's ARN."""
+    import boto3
+
+    client = boto3.client("secretsmanager", region_name="us-east-1")
+    return client.create_secret(Name=name, SecretString=value)["ARN"]
+
+
+def secret_settings(secret_id: str) -> Settings:
+    """What the stack gives the authorizer: no API_TOKENS, only the secret's ARN."""
+    return Settings(table_prefix="sms-test", auth_mode="static", api_tokens_secret_id=secret_id)
+
+
+@pytest.fixture
+def secret_reads(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The parameters of every GetSecretValue call made through botocore."""
+    import botocore.client
+
+    reads: list[dict[str, Any]] = []
+    original = botocore.client.BaseClient._make_api_call
+
+    def recording(self: Any, operation_name: str, api_params: dict) -> Any:
+        if operation_name == "GetSecretValue":
+            reads.append(api_params)
+        return original(self, operation_name, api_params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", recording)
+    return reads
+
+
+@pytest.fixture
+def service_logs(caplog: pytest.LogCaptureFixture) -> Iterator[tuple[io.StringIO, Any]]:
+    """The JSON lines the service writes (redacted, as in Lambda) and the raw records."""
+    stream = io.StringIO()
+    logs.configure(level="INFO", stream=stream)
+    caplog.set_level(logging.INFO)
+    yield stream, caplog
+    logs.reset()
+
+
+def raw_log_text(caplog: pytest.LogCaptureFixture) -> str:
+    """Every record as the code logged it, before any redaction."""
+    return "\n".join(
+        f"{record.getMessage()} {json.dumps(record.__dict__, default=str)}"
+        for record in caplog.records
+    )
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        f"{SECRET_TOKEN},{OTHER_SECRET_TOKEN}",
+        f" {SECRET_TOKEN} ,\n{OTHER_SECRET_TOKEN}\n",
+        json.dumps({"tokens": [SECRET_TOKEN, OTHER_SECRET_TOKEN]}),
+    ],
+    ids=["comma-separated", "spaces-and-line-breaks-around", "json"],
+)
+def test_tokens_stored_in_secrets_manager_reach_the_route(
+    aws: None, clock: FakeClock, stored: str
+) -> None:
+    # Given the authorizer configured as the stack does: only the ARN of a secret with two tokens
+    settings = secret_settings(stored_secret(stored))
+
+    with running_app(Services.build(settings, clock=clock)) as http:
+        # When a protected route is called with each stored token, and with a wrong one
+        answers = [
+            http.request("GET", "/clients", headers=bearer(token), body=b"").status_code
+            for token in (SECRET_TOKEN, OTHER_SECRET_TOKEN, WRONG_TOKEN)
+        ]
+
+    # Then both stored tokens are let through and the wrong one is refused
+    assert answers == [200, 200, 403]
+
+
+def test_the_secret_is_read_once_per_cold_start(
+    aws: None, clock: FakeClock, secret_reads: list[dict[str, Any]]
+) -> None:
+    # Given the authorizer reading its tokens from a secret
+    arn = stored_secret(SECRET_TOKEN)
+    settings = secret_settings(arn)
+    services = Services.build(settings, clock=clock)
+    assert secret_reads == []  # building the services reads nothing
+
+    with running_app(services) as http:
+        # When several requests arrive, and the secret changes meanwhile
+        first = [
+            http.request("GET", "/clients", headers=bearer(SECRET_TOKEN), body=b"").status_code
+            for _ in range(3)
+        ]
+        import boto3
+
+        boto3.client("secretsmanager", region_name="us-east-1").put_secret_value(
+            SecretId=arn, SecretString=OTHER_SECRET_TOKEN
+        )
+        later = http.request("GET", "/clients", headers=bearer(SECRET_TOKEN), body=b"")
+
+    # Then the secret was read once, at the first request, and its value kept
+    assert first == [200, 200, 200]
+    assert later.status_code == 200
+    assert secret_reads == [{"SecretId": arn}]
+
+    # And the next cold start reads the new value: the old token is refused, the new one passes
+    with running_app(Services.build(settings, clock=clock)) as http:
+        old = http.request("GET", "/clients", headers=bearer(SECRET_TOKEN), body=b"")
+        new = http.request("GET", "/clients", headers=bearer(OTHER_SECRET_TOKEN), body=b"")
+    assert (old.status_code, new.status_code) == (403, 200)
+    assert len(secret_reads) == 2
+
+
+def test_api_tokens_win_over_the_secret(
+    aws: None, clock: FakeClock, secret_reads: list[dict[str, Any]]
+) -> None:
+    # Given API_TOKENS set beside API_TOKENS_SECRET_ID
+    settings = secret_settings(stored_secret(SECRET_TOKEN)).model_copy(
+        update={"api_tokens": (API_TOKEN,)}
+    )
+
+    with running_app(Services.build(settings, clock=clock)) as http:
+        # When a protected route is called with each token
+        answers = [
+            http.request("GET", "/clients", headers=bearer(token), body=b"").status_code
+            for token in (API_TOKEN, SECRET_TOKEN)
+        ]
+
+    # Then only API_TOKENS count, and the secret is never read
+    assert answers == [200, 403]
+    assert secret_reads == []
+
+
+@pytest.mark.parametrize(
+    ("stored", "reason"),
+    [
+        (None, "the secret cannot be read (An error occurred (ResourceNotFoundException)"),
+        ("  \n", "the secret holds no token"),
+        (" , ,", "the secret holds no token"),
+        (f"{SECRET_TOKEN},short-token", "at least 16 characters"),
+        (f"{SECRET_TOKEN} {OTHER_SECRET_TOKEN}", "only visible ASCII characters"),
+        (json.dumps({"token": SECRET_TOKEN}), 'needs a "tokens" key holding a list of strings'),
+        (json.dumps({"tokens": SECRET_TOKEN}), 'needs a "tokens" key holding a list of strings'),
+        ("{" + SECRET_TOKEN, 'needs a "tokens" key holding a list of strings'),
+    ],
+    ids=[
+        "missing",
+        "blank",
+        "only-commas",
+        "a-short-token",
+        "a-space-inside",
+        "json-without-tokens",
+        "json-tokens-not-a-list",
+        "broken-json",
+    ],
+)
+def test_an_unusable_secret_denies_every_request_and_logs_why_without_a_token(
+    aws: None,
+    clock: FakeClock,
+    service_logs: tuple[io.StringIO, Any],
+    stored: str | None,
+    reason: str,
+) -> None:
+    # Given the authorizer pointed at a secret that is missing or holds no usable token list
+    arn = (
+        stored_secret(stored)
+        if stored is not None
+        else "arn:aws:secretsmanager:us-east-1:123456789012:secret:sms-test/none-AbC123"
+    )
+    stream, caplog = service_logs
+
+    with running_app(Services.build(secret_settings(arn), clock=clock)) as http:
+        # When protected routes are called, with tokens that are (or look like) the stored ones
+        answers = [
+            http.request("GET", "/clients", headers=bearer(token), body=b"").status_code
+            for token in (SECRET_TOKEN, OTHER_SECRET_TOKEN, API_TOKEN)
+        ]
+
+    # Then every request is refused (403, never a 5xx)
+    assert answers == [403, 403, 403]
+    # And the log says why, naming the setting, and holds no token, not even before redaction
+    [line] = [
+        json.loads(text)
+        for text in stream.getvalue().splitlines()
+        if "API tokens cannot be loaded" in text
+    ]
+    assert line["level"] == "ERROR"
+    assert "API_TOKENS_SECRET_ID: " in line["message"]
+    assert reason in line["message"]
+    for token in (SECRET_TOKEN, OTHER_SECRET_TOKEN, "short-token"):
+        assert token not in stream.getvalue()
+        assert token not in raw_log_text(caplog)
+
+
+def test_the_tokens_read_from_the_secret_are_never_logged(
+    aws: None, clock: FakeClock, service_logs: tuple[io.StringIO, Any]
+) -> None:
+    # Given the authorizer has read its tokens from the secret
+    settings = secret_settings(stored_secret(f"{SECRET_TOKEN},{OTHER_SECRET_TOKEN}"))
+    stream, _ = service_logs
+    with running_app(Services.build(settings, clock=clock)) as http:
+        response = http.request("GET", "/clients", headers=bearer(SECRET_TOKEN), body=b"")
+    assert response.status_code == 200
+
+    # When any code later logs a text holding one of them
+    logging.getLogger("chalicelib.test").warning("header was Token %s", OTHER_SECRET_TOKEN)
+
+    # Then the line carries no token: each was registered as a secret when it was read
+    assert OTHER_SECRET_TOKEN not in stream.getvalue()
+    assert SECRET_TOKEN not in stream.getvalue()
+    assert logs.REDACTED in stream.getvalue()
+
+
+def test_a_secret_created_after_the_deploy_is_picked_up_without_a_cold_start(
+    aws: None, clock: FakeClock, secret_reads: list[dict[str, Any]]
+) -> None:
+    # Given the authorizer deployed before its secret exists, its retries timed by a test clock
+    name = "sms-test/created-later"
+    settings = secret_settings(name)
+    seconds = [0.0]
+    verifier = LoadedTokenVerifier(
+        lambda: api_tokens_from_secret(settings), clock=lambda: seconds[0], retry_seconds=30
+    )
+    services = replace(Services.build(settings, clock=clock), verifier=verifier)
+
+    def status() -> int:
+        return http.request("GET", "/clients", headers=bearer(SECRET_TOKEN), body=b"").status_code
+
+    with running_app(services) as http:
+        # When requests arrive before the secret exists, it is created, and requests go on
+        missing = [status(), status()]
+        stored_secret(SECRET_TOKEN, name=name)
+        seconds[0] = 29.0
+        too_soon = status()
+        seconds[0] = 30.0
+        after = [status(), status()]
+
+    # Then requests are refused while it is missing, with one read per 30 s at most, and once
+    # it exists the next attempt reads it and lets the token through
+    assert missing == [403, 403]
+    assert too_soon == 403
+    assert after == [200, 200]
+    assert len(secret_reads) == 2
 
 
 # --- OIDC tokens ---------------------------------------------------------------------------------

@@ -12,13 +12,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib.auth import (
     AuthError,
+    LoadedTokenVerifier,
     OidcVerifier,
     Principal,
     StaticTokenVerifier,
     build_verifier,
     parse_bearer,
 )
-from chalicelib.settings import AuthMode, Settings
+from chalicelib.settings import AuthMode, Settings, SettingsError
 from tests.oidc_support import (
     AUDIENCE,
     ISSUER,
@@ -523,6 +524,75 @@ def test_static_mode_builds_a_verifier_that_accepts_the_configured_tokens() -> N
 
     # Then it accepts that token
     assert verifier.verify(STATIC_TOKEN).mode == "static"
+
+
+def test_a_token_secret_builds_a_verifier_that_loads_the_tokens_at_its_first_use() -> None:
+    # Given static-mode settings naming a secret instead of tokens, and a loader for it
+    settings = Settings(auth_mode=AuthMode.STATIC, api_tokens_secret_id="sms/prod/api-tokens")
+    loads: list[str] = []
+
+    def load() -> list[str]:
+        loads.append(settings.api_tokens_secret_id or "")
+        return [STATIC_TOKEN]
+
+    # When the verifier is built, then used twice
+    verifier = build_verifier(settings, load_tokens=load)
+    built_loads = len(loads)
+    principals = [verifier.verify(STATIC_TOKEN), verifier.verify(STATIC_TOKEN)]
+
+    # Then building read nothing, the first use read the secret once, and the token is accepted
+    assert isinstance(verifier, LoadedTokenVerifier)
+    assert built_loads == 0
+    assert loads == ["sms/prod/api-tokens"]
+    assert {principal.mode for principal in principals} == {"static"}
+    # A secret is named but nothing can read it: refused while building, not at a request
+    with pytest.raises(SettingsError, match="API_TOKENS_SECRET_ID"):
+        build_verifier(settings)
+
+
+def test_a_loader_failing_unexpectedly_denies_and_logs_only_the_kind_of_failure(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a token loader that fails in a way nobody planned for, with a token in its message
+    def load() -> list[str]:
+        raise RuntimeError(f"could not parse {STATIC_TOKEN}")
+
+    verifier = LoadedTokenVerifier(load, clock=clock, retry_seconds=30)
+
+    # When a token is presented
+    with pytest.raises(AuthError, match="API tokens are unavailable"):
+        verifier.verify(STATIC_TOKEN)
+
+    # Then the request is denied and the log names the failure's type, not its text
+    assert "RuntimeError" in caplog.text
+    assert STATIC_TOKEN not in caplog.text
+
+
+def test_a_failed_load_is_retried_only_after_the_retry_interval(clock: FakeClock) -> None:
+    # Given a loader that fails once, then succeeds
+    answers: list[Any] = [SettingsError("API_TOKENS_SECRET_ID: the secret holds no token")]
+
+    def load() -> list[str]:
+        calls.append(clock())
+        if answers:
+            raise answers.pop()
+        return [STATIC_TOKEN]
+
+    calls: list[float] = []
+    verifier = LoadedTokenVerifier(load, clock=clock, retry_seconds=30)
+
+    # When tokens are presented now, 29 s later and 30 s later
+    outcomes = []
+    for step in (0, 29, 1):
+        clock.advance(step)
+        try:
+            outcomes.append(verifier.verify(STATIC_TOKEN).mode)
+        except AuthError:
+            outcomes.append("denied")
+
+    # Then the failure is not retried before 30 s, and the retry then lets the token through
+    assert outcomes == ["denied", "denied", "static"]
+    assert calls == [NOW, NOW + 30]
 
 
 def test_oidc_mode_builds_a_verifier_that_checks_the_issuer_jwks(

@@ -89,6 +89,8 @@ def test_a_non_number_is_refused_naming_the_variable(name: str):
         ("TABLE_PREFIX", "x"),
         ("AUTH_MODE", "magic"),
         ("API_TOKENS", "short"),
+        ("API_TOKENS", "a-long-enough-token with-a-space"),
+        ("API_TOKENS_SECRET_ID", "not a secret id"),
         ("SENDER_API_URL", "ftp://gateway"),
         ("SENDER_API_TOKEN_SECRET_ID", "not a secret id"),
         ("LOG_LEVEL", "chatty"),
