@@ -315,10 +315,13 @@ class ClientImports:
                 condition=Import.status == ImportStatus.QUEUED.value,
             )
         except UpdateError as exc:
+            # A failed condition: another chunk moved the import on already.
             if not _conditional(exc):
-                raise  # another chunk got there first otherwise
+                raise
 
-    def _existing(self, rows: Sequence[ImportRow]) -> tuple[dict[str, str], dict[str, Any], set]:
+    def _existing(
+        self, rows: Sequence[ImportRow]
+    ) -> tuple[dict[str, str], dict[str, Any], set[str]]:
         """Who owns each phone (the claims), those clients, and those that cannot be read."""
         Phone, Client = self._models.Phone, self._models.Client
         phones = [row[1] for row in rows]
