@@ -13,11 +13,14 @@ from chalicelib.api import (
     stats,
     system,
 )
+from chalicelib.container import services
 
 # JSON log lines for CloudWatch (the local stack and tests configure their own first).
 logs.ensure_configured()
 app = Chalice(app_name="sms-campaigns")
 app.register_blueprint(security.blueprint)
 for module in (system, clients, imports, mailings, stats, operations, admin):
+    # JSON bodies above MAX_BODY_BYTES get a 413 (read at request time, from the settings).
+    module.api.limit_bodies(lambda: services().settings.max_body_bytes)
     app.register_blueprint(module.api.blueprint)
 app.register_blueprint(workers.blueprint)

@@ -146,6 +146,20 @@ def test_oversized_body_is_413_and_nothing_is_stored(api):
     assert all_clients(api) == []
 
 
+def test_the_body_limit_is_the_max_body_bytes_setting(api, services):
+    from chalicelib.container import Services, use_services
+
+    # Given an operator who lowered MAX_BODY_BYTES to 2 KiB
+    settings = services.settings.model_copy(update={"max_body_bytes": 2048})
+    use_services(Services.build(settings))
+    # When a 3 KiB client arrives, it is refused; a small one still passes
+    payload = json.dumps({"phone": "79001234567", "tag": "x" * 60, "pad": "y" * 3000})
+    refused = api.post("/clients", payload)
+    assert refused.status_code == 413
+    assert "at most 2048 are accepted" in body(refused)["message"]
+    assert api.post("/clients", {"phone": "79001234567"}).status_code == 201
+
+
 # ---------------------------------------------------------------- edit
 
 
