@@ -7,7 +7,7 @@ import logging
 import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -254,14 +254,7 @@ class ClientDirectory:
     def update(self, client_id: str, changes: dict[str, Any]) -> Client:
         """Change only the given fields (PATCH); the operator code is kept unless given."""
         item = self._load(client_id)
-        fields = ClientFields(
-            phone=changes.get("phone", item.phone),
-            operator_code=changes.get("operator_code", item.operator_code),
-            tag=changes.get("tag", item.tag),
-            timezone=changes.get("timezone", item.timezone),
-            opted_out=changes.get("opted_out", bool(item.opted_out)),
-        )
-        client = self._save(item, fields)
+        client = self._save(item, replace(self.fields_of(item), **changes))
         logger.info(
             "client updated: %s", ", ".join(sorted(changes)), extra={"client_id": client_id}
         )
