@@ -24,12 +24,13 @@ from cfnlint.schema import PROVIDER_SCHEMA_MANAGER
 from chalice import Chalice
 
 from chalicelib import workers
+from chalicelib.auth import LoadedTokenVerifier, OidcVerifier, build_verifier
 from chalicelib.domain import AudienceFilter
 from chalicelib.gateway import GatewayResult, Outcome
 from chalicelib.metrics import METRICS, MetricsWriter
 from chalicelib.models import build_models
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS
-from chalicelib.settings import Settings
+from chalicelib.settings import AuthMode, Settings
 from tests.conftest import API_TOKEN, JSON_HEADERS
 
 pytestmark = pytest.mark.infra
@@ -661,13 +662,17 @@ def test_function_can_use_exactly_the_queues_its_code_uses(resources: dict, func
 
 def test_the_authorizer_cannot_touch_tables_or_queues(resources: dict) -> None:
     """Given the token authorizer, when its role is read, then it has no DynamoDB or SQS access:
-    its own policy only lets it write its logs."""
+    its own policy only lets it write its logs and, with static tokens, read their secret."""
     role = function_roles(resources)[AUTHORIZER]
     statements = statements_by_role(resources).get(role, [])
     assert dynamodb_grants(statements) == {}
     assert sqs_grants(statements) == {}
     policy = resources[own_policy(resources, role)]["Properties"]["PolicyDocument"]
-    assert [statement["Sid"] for statement in policy["Statement"]] == ["OwnLogs"]
+    assert [statement["Sid"] for statement in widest(policy["Statement"])] == [
+        "OwnLogs",
+        "ApiTokens",
+        "ApiTokensKey",
+    ]
 
 
 def test_no_dynamodb_or_sqs_grant_has_a_wildcard_resource(resources: dict) -> None:
@@ -919,41 +924,78 @@ def test_no_function_holds_the_gateway_token_itself(template: dict) -> None:
     assert "SecretsNote" not in template.get("Metadata", {})
 
 
-def test_only_the_sender_can_read_the_gateway_token_secret(resources: dict) -> None:
-    """Given the token's secret, when any role asks Secrets Manager, then only the sender's role
-    may, only GetSecretValue, and only on that one secret."""
-    sender = function_roles(resources)["SendMessages"]
+# Function -> (the parameter naming the one secret it may read, the parameter naming that
+# secret's customer managed key). No other function may read a secret.
+SECRET_READERS = {
+    "SendMessages": ("GatewayTokenSecretArn", "GatewayTokenKmsKeyArn"),
+    AUTHORIZER: ("ApiTokensSecretArn", "ApiTokensKmsKeyArn"),
+}
+
+
+def test_only_the_sender_and_the_authorizer_read_a_secret_each_its_own(resources: dict) -> None:
+    """Given the gateway token's and the API tokens' secrets, when any role asks Secrets Manager,
+    then only the sender's and the authorizer's roles may, only GetSecretValue, and each only on
+    its own secret."""
+    roles = function_roles(resources)
     by_role = roles_granted(resources, "secretsmanager")
-    assert set(by_role) == {sender}
-    [statement] = by_role[sender]
-    assert as_list(statement["Action"]) == ["secretsmanager:GetSecretValue"]
-    assert as_list(statement["Resource"]) == [{"Ref": "GatewayTokenSecretArn"}]
-    assert "Condition" not in statement
+    assert set(by_role) == {roles[function] for function in SECRET_READERS}
+    for function, (secret, _) in SECRET_READERS.items():
+        [statement] = by_role[roles[function]]
+        assert as_list(statement["Action"]) == ["secretsmanager:GetSecretValue"], function
+        assert as_list(statement["Resource"]) == [{"Ref": secret}], function
+        assert "Condition" not in statement, function
 
 
-def test_the_senders_key_grant_exists_only_for_a_customer_key(
+def test_the_authorizer_reads_the_tokens_secret_only_with_static_tokens(
     template: dict, resources: dict
 ) -> None:
-    """Given a token secret under a customer managed key, when the sender reads it, then it may
+    """Given AuthMode oidc, which reads no secret, when the stack deploys, then the authorizer's
+    grant on the tokens' secret (and its key) is not there; with static it is."""
+    conditions = conditional_statements(resources, "BearerAuthAccessPolicy")
+    assert set(conditions) == {"ApiTokens", "ApiTokensKey"}
+    key = {"ApiTokensKmsKeyArn": KEY_ARN}
+    for parameters, present in (
+        (STATIC_STACK, {"ApiTokens"}),
+        ({**STATIC_STACK, **key}, {"ApiTokens", "ApiTokensKey"}),
+        ({**STATIC_STACK, **key, "AuthMode": "oidc"}, set()),
+    ):
+        enabled = {
+            sid
+            for sid, condition in conditions.items()
+            if evaluate(template, {"Condition": condition}, parameters)
+        }
+        assert enabled == present, parameters
+
+
+@pytest.mark.parametrize("function", sorted(SECRET_READERS))
+def test_a_secrets_key_grant_exists_only_for_a_customer_key(
+    template: dict, resources: dict, function: str
+) -> None:
+    """Given a secret under a customer managed key, when its reader reads it, then it may
     decrypt with that key only through Secrets Manager and only for this secret; with the default
     aws/secretsmanager key (parameter left empty) the grant is not there at all."""
-    sender = function_roles(resources)["SendMessages"]
+    secret, key = SECRET_READERS[function]
+    roles = function_roles(resources)
     by_role = roles_granted(resources, "kms")
-    assert set(by_role) == {sender}
-    [statement] = by_role[sender]
+    assert set(by_role) == {roles[reader] for reader in SECRET_READERS}
+    [statement] = by_role[roles[function]]
     assert as_list(statement["Action"]) == ["kms:Decrypt"]
-    assert as_list(statement["Resource"]) == [{"Ref": "GatewayTokenKmsKeyArn"}]
+    assert as_list(statement["Resource"]) == [{"Ref": key}]
     assert statement["Condition"] == {
         "StringEquals": {
             "kms:ViaService": {"Fn::Sub": "secretsmanager.${AWS::Region}.amazonaws.com"},
-            "kms:EncryptionContext:SecretARN": {"Ref": "GatewayTokenSecretArn"},
+            "kms:EncryptionContext:SecretARN": {"Ref": secret},
         }
     }
-    condition = conditional_statements(resources, "SendMessagesAccessPolicy")[statement["Sid"]]
-    assert template["Conditions"][condition] == {
-        "Fn::Not": [{"Fn::Equals": [{"Ref": "GatewayTokenKmsKeyArn"}, ""]}]
-    }
-    assert template["Parameters"]["GatewayTokenKmsKeyArn"]["Default"] == ""
+    policy = own_policy(resources, roles[function])
+    condition = {"Condition": conditional_statements(resources, policy)[statement["Sid"]]}
+    assert evaluate(template, condition, STATIC_STACK) is False
+    assert evaluate(template, condition, {**STATIC_STACK, key: KEY_ARN}) is True
+    assert template["Parameters"][key]["Default"] == ""
+    assert (
+        template["Parameters"][key]["AllowedPattern"]
+        == (template["Parameters"]["GatewayTokenKmsKeyArn"]["AllowedPattern"])
+    )
 
 
 SECRET_ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:sms/gateway-token-AbC123"
@@ -1011,6 +1053,216 @@ def test_gateway_url_defaults_to_the_public_gateway_and_settings_accept_it(templ
     assert re.fullmatch(parameter["AllowedPattern"], parameter["Default"])
     assert not re.fullmatch(parameter["AllowedPattern"], "ftp://probe.fbrq.cloud")
     assert Settings(sender_api_url=parameter["Default"]).sender_api_url == parameter["Default"]
+
+
+# ---------------------------------------------------------------- authentication
+
+TOKENS_SECRET_ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:sms/prod/tokens-XyZ789"
+IDP = "https://id.example.com/realms/sms/protocol/openid-connect"
+OIDC = {
+    "OidcIssuer": "https://id.example.com/realms/sms",
+    "OidcAudience": "sms-admin",
+    "OidcJwksUrl": f"{IDP}/certs",
+}
+SIGN_ON = {
+    "OidcClientId": "sms-admin",
+    "OidcAuthorizationUrl": f"{IDP}/auth",
+    "OidcTokenUrl": f"{IDP}/token",
+    "OidcScope": "openid profile",
+}
+STATIC_STACK = {"AuthMode": "static", "ApiTokensSecretArn": TOKENS_SECRET_ARN}
+OIDC_STACK = {"AuthMode": "oidc", **OIDC, **SIGN_ON}
+# Every deployment gives the parameters without a default.
+REQUIRED = {"GatewayTokenSecretArn": SECRET_ARN}
+# The settings chalicelib.auth and the admin UI read, and the functions that read them.
+AUTH_VARIABLES = {
+    "AUTH_MODE",
+    "API_TOKENS",
+    "API_TOKENS_SECRET_ID",
+    "OIDC_ISSUER",
+    "OIDC_AUDIENCE",
+    "OIDC_JWKS_URL",
+    "OIDC_CLIENT_ID",
+    "OIDC_AUTHORIZATION_URL",
+    "OIDC_TOKEN_URL",
+    "OIDC_SCOPE",
+}
+AUTHENTICATING = {AUTHORIZER, "APIHandler"}
+
+
+def expected_auth_environment(function: str, parameters: dict[str, str]) -> dict[str, str]:
+    """The auth variables `function` should run with for these parameter values: the authorizer
+    what it checks tokens with, the API what its settings and the admin UI's sign-in need."""
+    if function not in AUTHENTICATING:
+        return {}
+    mode = parameters.get("AuthMode", "static")
+    found = {"AUTH_MODE": mode}
+    if mode == "static":
+        if function == AUTHORIZER:
+            found["API_TOKENS_SECRET_ID"] = parameters["ApiTokensSecretArn"]
+        return found
+    found |= {
+        "OIDC_ISSUER": parameters["OidcIssuer"],
+        "OIDC_AUDIENCE": parameters["OidcAudience"],
+        "OIDC_JWKS_URL": parameters["OidcJwksUrl"],
+    }
+    if function == "APIHandler" and parameters.get("OidcClientId"):
+        found |= {
+            "OIDC_CLIENT_ID": parameters["OidcClientId"],
+            "OIDC_AUTHORIZATION_URL": parameters["OidcAuthorizationUrl"],
+            "OIDC_TOKEN_URL": parameters["OidcTokenUrl"],
+        }
+        if parameters.get("OidcScope"):
+            found["OIDC_SCOPE"] = parameters["OidcScope"]
+    return found
+
+
+def without(parameters: dict[str, str], *names: str) -> dict[str, str]:
+    return {name: value for name, value in parameters.items() if name not in names}
+
+
+@pytest.mark.parametrize(
+    ("parameters", "accepted"),
+    [
+        pytest.param({}, False, id="static-by-default-without-a-secret"),
+        pytest.param(STATIC_STACK, True, id="static"),
+        pytest.param({**STATIC_STACK, **OIDC, **SIGN_ON}, True, id="static-ignores-oidc"),
+        pytest.param({"AuthMode": "oidc"}, False, id="oidc-without-an-issuer"),
+        pytest.param({"AuthMode": "oidc", **OIDC}, True, id="oidc"),
+        pytest.param(OIDC_STACK, True, id="oidc-with-sign-on"),
+        pytest.param(without(OIDC_STACK, "OidcScope"), True, id="oidc-sign-on-default-scope"),
+        pytest.param({"AuthMode": "oidc", **without(OIDC, "OidcIssuer")}, False, id="no-issuer"),
+        pytest.param(
+            {"AuthMode": "oidc", **without(OIDC, "OidcAudience")}, False, id="no-audience"
+        ),
+        pytest.param({"AuthMode": "oidc", **without(OIDC, "OidcJwksUrl")}, False, id="no-jwks"),
+        pytest.param(without(OIDC_STACK, "OidcClientId"), False, id="sign-on-without-client"),
+        pytest.param(without(OIDC_STACK, "OidcTokenUrl"), False, id="sign-on-without-token-url"),
+        pytest.param(
+            without(OIDC_STACK, "OidcAuthorizationUrl"), False, id="sign-on-without-auth-url"
+        ),
+    ],
+)
+def test_each_auth_mode_is_deployed_only_with_what_it_needs(
+    template: dict, parameters: dict[str, str], accepted: bool
+) -> None:
+    """Given the authentication parameters, when deploying, then CloudFormation's rules refuse
+    what chalicelib.settings would refuse: static tokens without their secret, OIDC without the
+    issuer, audience and JWKS URL, a sign-on without its client id and both endpoints. Values of
+    the other mode are ignored, so switching modes needs no clean-up."""
+    assert rules_accept(template, {**REQUIRED, **parameters}) is accepted
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        pytest.param(STATIC_STACK, id="static"),
+        pytest.param({**STATIC_STACK, **OIDC, **SIGN_ON}, id="static-ignores-oidc"),
+        pytest.param({"AuthMode": "oidc", **OIDC}, id="oidc"),
+        pytest.param(OIDC_STACK, id="oidc-with-sign-on"),
+        pytest.param(without(OIDC_STACK, "OidcScope"), id="oidc-sign-on-default-scope"),
+        pytest.param({**OIDC_STACK, "ApiTokensSecretArn": TOKENS_SECRET_ARN}, id="oidc-ignores"),
+    ],
+)
+def test_every_function_starts_with_the_auth_settings_of_either_mode(
+    template: dict, parameters: dict[str, str]
+) -> None:
+    """Given a deployment the rules accept, in either mode, when each Lambda starts, then its
+    packaged environment passes Settings.from_env; only the authorizer and the API get auth
+    settings (the authorizer what checks tokens, the API what its settings and the admin UI's
+    sign-in need), nothing of the mode not in use, and never a token itself."""
+    given = {**REQUIRED, **parameters}
+    assert rules_accept(template, given)
+    shared = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert not AUTH_VARIABLES & set(shared)
+    for function in of_type(template["Resources"], "AWS::Serverless::Function"):
+        variables = deployed_environment(template, function, given)
+        auth = {name: value for name, value in variables.items() if name in AUTH_VARIABLES}
+        assert auth == expected_auth_environment(function, given), function
+        settings = Settings.from_env(variables)
+        assert settings.api_tokens == (), function
+        if function in AUTHENTICATING:
+            assert settings.auth_mode == AuthMode(given["AuthMode"]), function
+
+    authorizer = Settings.from_env(deployed_environment(template, AUTHORIZER, given))
+    verifier = build_verifier(authorizer, load_tokens=lambda: ["a-token-of-16-chars-or-more"])
+    static = given["AuthMode"] == "static"
+    assert isinstance(verifier, LoadedTokenVerifier if static else OidcVerifier)
+    api = Settings.from_env(deployed_environment(template, "APIHandler", given))
+    assert api.single_sign_on is (not static and "OidcClientId" in given)
+    if api.single_sign_on:
+        assert api.oidc_scope == given.get("OidcScope", "openid")
+
+
+def test_the_auth_mode_parameter_takes_the_modes_the_settings_know(template: dict) -> None:
+    """Given AuthMode, when left alone, then it is the settings' default (static); it takes
+    exactly the modes chalicelib.settings accepts."""
+    parameter = template["Parameters"]["AuthMode"]
+    assert parameter["AllowedValues"] == [mode.value for mode in AuthMode]
+    assert parameter["Default"] == Settings().auth_mode.value == "static"
+
+
+def test_the_tokens_secret_parameter_takes_a_full_secret_arn_or_nothing(template: dict) -> None:
+    """Given ApiTokensSecretArn, when deploying, then it takes what GatewayTokenSecretArn takes
+    (a full ARN, which the IAM grant matches exactly) or nothing (AuthMode oidc; the rules
+    require it with static), and the settings accept what it takes."""
+    tokens = template["Parameters"]["ApiTokensSecretArn"]
+    gateway = template["Parameters"]["GatewayTokenSecretArn"]
+    assert tokens["AllowedPattern"] == "^$|" + gateway["AllowedPattern"]
+    assert tokens["Default"] == ""
+    assert re.fullmatch(tokens["AllowedPattern"], TOKENS_SECRET_ARN)
+    assert not re.fullmatch(tokens["AllowedPattern"], "sms/prod/tokens")
+    assert not re.fullmatch(tokens["AllowedPattern"], TOKENS_SECRET_ARN.removesuffix("-XyZ789"))
+    settings = Settings.from_env({"API_TOKENS_SECRET_ID": TOKENS_SECRET_ARN})
+    assert settings.api_tokens_secret_id == TOKENS_SECRET_ARN
+
+
+@pytest.mark.parametrize(
+    ("parameter", "value", "accepted"),
+    [
+        ("OidcIssuer", OIDC["OidcIssuer"], True),
+        ("OidcIssuer", "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC", True),
+        ("OidcIssuer", "http://id.example.com/realms/sms", False),
+        ("OidcIssuer", "id.example.com", False),
+        ("OidcAudience", "sms-admin", True),
+        ("OidcAudience", "api://sms-campaigns", True),
+        ("OidcAudience", "two words", False),
+        ("OidcJwksUrl", OIDC["OidcJwksUrl"], True),
+        ("OidcJwksUrl", "http://id.example.com/certs", False),
+        ("OidcClientId", "4f1c2e7d9a", True),
+        ("OidcClientId", "x" * 257, False),
+        ("OidcClientId", "with space", False),
+        ("OidcAuthorizationUrl", SIGN_ON["OidcAuthorizationUrl"], True),
+        ("OidcAuthorizationUrl", "http://id.example.com/auth", False),
+        ("OidcAuthorizationUrl", 'https://id.example.com/auth"><script>', False),
+        ("OidcTokenUrl", SIGN_ON["OidcTokenUrl"], True),
+        ("OidcTokenUrl", "https://id.example.com/to ken", False),
+        ("OidcScope", "openid profile email", True),
+        ("OidcScope", "openid  profile", False),
+        ("OidcScope", " openid", False),
+        ("OidcScope", "openid " + "s" * 1017, True),
+        ("OidcScope", "openid " + "s" * 1018, False),
+    ],
+)
+def test_oidc_parameters_take_only_values_the_functions_settings_accept(
+    template: dict, parameter: str, value: str, accepted: bool
+) -> None:
+    """Given an OIDC parameter, when CloudFormation checks a value, then it takes https URLs only
+    (the keys and tokens must not travel over plain HTTP) and what the settings' rules allow;
+    whatever it takes, the authorizer and the API start with. Empty is always taken: unused."""
+    spec = template["Parameters"][parameter]
+    assert spec["Default"] == ""
+    assert re.fullmatch(spec["AllowedPattern"], "")
+
+    def taken(text: str) -> bool:
+        fits = len(text) <= spec.get("MaxLength", len(text))
+        return bool(re.fullmatch(spec["AllowedPattern"], text)) and fits
+
+    assert taken(value) is accepted
+    if accepted:
+        given = {**REQUIRED, **OIDC_STACK, parameter: value}
+        for function in AUTHENTICATING:
+            Settings.from_env(deployed_environment(template, function, given))
 
 
 # ---------------------------------------------------------------- API Gateway's own errors
@@ -1078,7 +1330,7 @@ def test_report_addresses_reach_the_reporters_both_or_neither(
 ) -> None:
     """Given the report parameters, when deploying, then CloudFormation takes both or neither,
     and what it takes reaches the two reporting functions as settings they accept."""
-    parameters = {"ReportSender": sender, "ReportRecipients": recipients}
+    parameters = {**STATIC_STACK, "ReportSender": sender, "ReportRecipients": recipients}
     both_or_neither = bool(sender) == bool(recipients)
 
     assert rules_accept(template, parameters) is both_or_neither
@@ -1163,13 +1415,22 @@ def test_only_the_reporters_may_send_e_mail_and_only_the_report(
         assert evaluate(template, {"Condition": condition}, enabled) is True
 
 
-def test_the_authorizer_can_send_no_e_mail_and_read_no_secret(resources: dict) -> None:
-    """Given the token authorizer, when its role is read, then it has no SES, Secrets Manager or
-    KMS access (its own policy holds only its log writes)."""
+def test_the_authorizer_can_send_no_e_mail_and_read_only_the_tokens_secret(
+    resources: dict,
+) -> None:
+    """Given the token authorizer, when its role is read, then it has no SES access, and reads
+    (and decrypts) nothing in Secrets Manager but the API tokens' secret."""
     role = function_roles(resources)[AUTHORIZER]
     statements = statements_by_role(resources).get(role, [])
-    for service in ("ses", "secretsmanager", "kms"):
-        assert grants(statements, service) == [], service
+    assert grants(statements, "ses") == []
+    resources_of = {
+        service: [r for s in grants(statements, service) for r in as_list(s["Resource"])]
+        for service in ("secretsmanager", "kms")
+    }
+    assert resources_of == {
+        "secretsmanager": [{"Ref": "ApiTokensSecretArn"}],
+        "kms": [{"Ref": "ApiTokensKmsKeyArn"}],
+    }
 
 
 # ---------------------------------------------------------------- logs
@@ -1807,6 +2068,54 @@ def test_the_import_worker_needs_only_what_its_role_allows(
     needed = record(aws_calls, world)
     assert {"phones", "clients", "imports"} <= set(needed.tables)
     assert missing_grants(resources, "ImportClients", needed) == {}
+
+
+def test_the_authorizer_needs_only_what_its_role_allows(
+    template: dict, resources: dict, aws: None, clock: Any, aws_calls: list
+) -> None:
+    """Given the authorizer configured as the stack does with static tokens (the secret's ARN in
+    API_TOKENS_SECRET_ID), when API Gateway invokes it twice, then its only AWS call is one
+    GetSecretValue on exactly the secret its role may read, and the token is let through."""
+    import boto3
+    from chalice.test import Client
+
+    from app import app
+    from chalicelib.container import Services, use_services
+
+    created = boto3.client("secretsmanager").create_secret(
+        Name="sms-prod/api-tokens", SecretString=f"{API_TOKEN},another-token-0123456789"
+    )
+    arn = created["ARN"]
+    # What Secrets Manager calls the secret is what the parameter takes and the grant names.
+    assert re.fullmatch(template["Parameters"]["ApiTokensSecretArn"]["AllowedPattern"], arn)
+    given = {**REQUIRED, "AuthMode": "static", "ApiTokensSecretArn": arn}
+    settings = Settings.from_env(deployed_environment(template, AUTHORIZER, given))
+    use_services(Services.build(settings, clock=clock))
+    event = {
+        "type": "TOKEN",
+        "authorizationToken": f"Bearer {API_TOKEN}",
+        "methodArn": "arn:aws:execute-api:us-east-1:123456789012:abc123/api/GET/clients",
+    }
+    try:
+        aws_calls.clear()
+        with Client(app, stage_name="dev") as client:
+            answers = [client.lambda_.invoke("bearer_auth", event).payload for _ in range(2)]
+    finally:
+        use_services(None)
+
+    for answer in answers:
+        [statement] = answer["policyDocument"]["Statement"]
+        assert statement["Effect"] == "Allow"
+    assert [(service, operation) for service, operation, _ in aws_calls] == [
+        ("secretsmanager", "GetSecretValue")
+    ]
+    [(_, _, params)] = aws_calls
+    role = function_roles(resources)[AUTHORIZER]
+    [grant] = grants(statements_by_role(resources)[role], "secretsmanager")
+    assert [evaluate(template, r, given) for r in as_list(grant["Resource"])] == [
+        params["SecretId"]
+    ]
+    assert "secretsmanager:GetSecretValue" in as_list(grant["Action"])
 
 
 def test_the_scheduled_report_needs_only_what_its_role_allows(
