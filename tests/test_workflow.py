@@ -27,6 +27,9 @@ STACK_NAME = "sms-campaigns-prod"
 SECRET_ARN = (
     "arn:aws:secretsmanager:eu-west-1:123456789012:secret:sms-campaigns/prod/gateway-token-AbCdEf"
 )
+TOKENS_SECRET_ARN = (
+    "arn:aws:secretsmanager:eu-west-1:123456789012:secret:sms-campaigns/prod/api-tokens-XyZ789"
+)
 ENDPOINT_URL = "https://abc123.execute-api.eu-west-1.amazonaws.com/api/"
 
 
@@ -131,6 +134,16 @@ def deploy_variables(**overrides: str) -> dict[str, str]:
         "ARTIFACT_BUCKET": "ci-artifacts",
         "GATEWAY_TOKEN_SECRET_ARN": SECRET_ARN,
         "GATEWAY_TOKEN_KMS_KEY_ARN": "",
+        "AUTH_MODE": "",
+        "API_TOKENS_SECRET_ARN": TOKENS_SECRET_ARN,
+        "API_TOKENS_KMS_KEY_ARN": "",
+        "OIDC_ISSUER": "",
+        "OIDC_AUDIENCE": "",
+        "OIDC_JWKS_URL": "",
+        "OIDC_CLIENT_ID": "",
+        "OIDC_AUTHORIZATION_URL": "",
+        "OIDC_TOKEN_URL": "",
+        "OIDC_SCOPE": "",
         "SENDER_API_URL": "",
         "GATEWAY_RATE_PER_SECOND": "",
         "GATEWAY_CONCURRENCY": "",
@@ -224,6 +237,42 @@ def test_pull_requests_are_linted_tested_and_packaged() -> None:
     assert "make lint" in ran
     assert "make test" in ran
     assert "make package STAGE=prod" in ran
+
+
+def test_the_browser_test_runs_on_the_runners_chrome_without_apt(tmp_path: Path) -> None:
+    """Given the test job on an ubuntu-24.04 runner, where apt's chromium is a stub for the snap,
+    when `make test` makes sure a browser is there, then it takes the preinstalled Google Chrome
+    from the job's CHROMIUM_PATH and never calls apt-get."""
+    test_job = job("test")
+    chrome = test_job["env"]["CHROMIUM_PATH"]
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "apt-get-calls"
+    for name in ("apt-get", "sudo"):
+        (fake_bin / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\nexit 1\n')
+        (fake_bin / name).chmod(0o755)
+    stand_in = tmp_path / "google-chrome"  # the runner's binary, as far as `make browser` asks
+    stand_in.write_text("#!/bin/sh\n")
+    stand_in.chmod(0o755)
+
+    result = subprocess.run(
+        ["make", "--no-print-directory", "browser"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+            "CHROMIUM_PATH": str(stand_in),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert chrome == "/usr/bin/google-chrome"
+    assert test_job["runs-on"] == "ubuntu-24.04"
+    assert "make test" in commands(test_job)
+    assert result.returncode == 0, result.stderr
+    assert not calls.exists()
 
 
 def test_make_package_runs_cfn_lint_on_the_template() -> None:
@@ -359,6 +408,7 @@ def test_deploy_passes_the_token_secret_arn_and_only_the_variables_that_are_set(
     assert deployed.returncode == 0, deployed.stderr
     assert parameter_overrides(calls[-1]) == {
         "GatewayTokenSecretArn": SECRET_ARN,
+        "ApiTokensSecretArn": TOKENS_SECRET_ARN,
         "GatewayRatePerSecond": "250",
         "ReportRecipients": "ops@example.com,lead@example.com",
         "DailyReportSchedule": "cron(0 6 * * ? *)",
@@ -371,6 +421,15 @@ def test_every_stack_setting_can_be_set_from_a_variable(tmp_path: Path) -> None:
     its stack parameter, a parameter infra/resources.yaml declares."""
     settings = deploy_variables(
         GATEWAY_TOKEN_KMS_KEY_ARN="arn:aws:kms:eu-west-1:123456789012:key/mrk-0123",
+        AUTH_MODE="oidc",
+        API_TOKENS_KMS_KEY_ARN="arn:aws:kms:eu-west-1:123456789012:key/mrk-4567",
+        OIDC_ISSUER="https://id.example.com/realms/sms",
+        OIDC_AUDIENCE="sms-admin",
+        OIDC_JWKS_URL="https://id.example.com/realms/sms/protocol/openid-connect/certs",
+        OIDC_CLIENT_ID="sms-admin",
+        OIDC_AUTHORIZATION_URL="https://id.example.com/realms/sms/protocol/openid-connect/auth",
+        OIDC_TOKEN_URL="https://id.example.com/realms/sms/protocol/openid-connect/token",
+        OIDC_SCOPE="openid profile",
         SENDER_API_URL="https://gateway.example.com",
         GATEWAY_RATE_PER_SECOND="100",
         GATEWAY_CONCURRENCY="40",
@@ -388,6 +447,16 @@ def test_every_stack_setting_can_be_set_from_a_variable(tmp_path: Path) -> None:
     assert set(parameter_overrides(calls[-1])) == {
         "GatewayTokenSecretArn",
         "GatewayTokenKmsKeyArn",
+        "AuthMode",
+        "ApiTokensSecretArn",
+        "ApiTokensKmsKeyArn",
+        "OidcIssuer",
+        "OidcAudience",
+        "OidcJwksUrl",
+        "OidcClientId",
+        "OidcAuthorizationUrl",
+        "OidcTokenUrl",
+        "OidcScope",
         "SenderApiUrl",
         "GatewayRatePerSecond",
         "GatewayConcurrency",
@@ -414,6 +483,53 @@ def test_deploy_stops_before_aws_when_the_token_secret_arn_is_not_set(tmp_path: 
     assert deployed.returncode != 0
     assert "GATEWAY_TOKEN_SECRET_ARN" in deployed.stderr
     assert calls == []
+
+
+@pytest.mark.parametrize("mode", ["", "static"], ids=["mode-unset", "static"])
+def test_deploy_stops_before_aws_when_static_tokens_have_no_secret_arn(
+    tmp_path: Path, mode: str
+) -> None:
+    """Given static tokens (AUTH_MODE unset keeps the default, static) and no
+    API_TOKENS_SECRET_ARN, when the deploy step runs, then it fails naming the variable before
+    calling CloudFormation, whose rules would refuse the stack anyway."""
+    deployed, calls = run_step(
+        step_named("deploy", "aws cloudformation deploy"),
+        tmp_path,
+        deploy_variables(AUTH_MODE=mode, API_TOKENS_SECRET_ARN=""),
+        {"aws": "exit 0"},
+    )
+
+    assert deployed.returncode != 0
+    assert "API_TOKENS_SECRET_ARN" in deployed.stderr
+    assert calls == []
+
+
+def test_an_oidc_deploy_needs_no_tokens_secret_and_passes_the_oidc_variables(
+    tmp_path: Path,
+) -> None:
+    """Given AUTH_MODE=oidc with the issuer's variables and no API_TOKENS_SECRET_ARN, when the
+    deploy step runs, then the stack gets the mode and the issuer, and no tokens secret."""
+    issuer = "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC"
+    settings = deploy_variables(
+        AUTH_MODE="oidc",
+        API_TOKENS_SECRET_ARN="",
+        OIDC_ISSUER=issuer,
+        OIDC_AUDIENCE="4f1c2e7d9a",
+        OIDC_JWKS_URL=f"{issuer}/.well-known/jwks.json",
+    )
+
+    deployed, calls = run_step(
+        step_named("deploy", "aws cloudformation deploy"), tmp_path, settings, {"aws": "exit 0"}
+    )
+
+    assert deployed.returncode == 0, deployed.stderr
+    assert parameter_overrides(calls[-1]) == {
+        "GatewayTokenSecretArn": SECRET_ARN,
+        "AuthMode": "oidc",
+        "OidcIssuer": issuer,
+        "OidcAudience": "4f1c2e7d9a",
+        "OidcJwksUrl": f"{issuer}/.well-known/jwks.json",
+    }
 
 
 def smoke_fakes(health: str) -> dict[str, str]:
