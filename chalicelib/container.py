@@ -71,18 +71,23 @@ def gateway_token(settings: Settings, secrets: Any = None) -> SecretStr | None:
     return token
 
 
+def _json_secret_field(text: str, key: str, usable: Callable[[Any], bool], problem: str) -> Any:
+    """The `key` of a JSON secret; SettingsError(`problem`) unless it is there and usable."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    value = parsed.get(key) if isinstance(parsed, dict) else None
+    if value is None or not usable(value):
+        raise SettingsError(problem)
+    return value
+
+
 def _token_from_secret(value: str) -> str:
     text = value.strip()
     if text.startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict) or not isinstance(parsed.get("token"), str):
-            raise SettingsError(
-                'SENDER_API_TOKEN_SECRET_ID: a JSON secret needs a string "token" key'
-            )
-        text = parsed["token"].strip()
+        problem = 'SENDER_API_TOKEN_SECRET_ID: a JSON secret needs a string "token" key'
+        text = _json_secret_field(text, "token", lambda v: isinstance(v, str), problem).strip()
     if not text:
         raise SettingsError("SENDER_API_TOKEN_SECRET_ID: the secret is empty")
     return text
@@ -104,16 +109,12 @@ def api_tokens_from_secret(settings: Settings, secrets: Any = None) -> tuple[str
 def _api_tokens_from_secret(value: str) -> tuple[str, ...]:
     text = value.strip()
     if text.startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        listed = parsed.get("tokens") if isinstance(parsed, dict) else None
-        if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
-            raise SettingsError(
-                'API_TOKENS_SECRET_ID: a JSON secret needs a "tokens" key holding a list of strings'
-            )
-        candidates = listed
+        candidates = _json_secret_field(
+            text,
+            "tokens",
+            lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
+            'API_TOKENS_SECRET_ID: a JSON secret needs a "tokens" key holding a list of strings',
+        )
     else:
         candidates = text.split(",")
     tokens = tuple(token.strip() for token in candidates if token.strip())
