@@ -493,3 +493,17 @@ class OptOutIn(_Request):
     """An opt-out, e.g. from a STOP reply: the client with this phone is never sent to again."""
 
     phone: Phone
+
+
+class TimelinePoint(_Response):
+    at: datetime
+    stats: MessageStats
+
+
+class TimelineOut(_Response):
+    mailing_id: str
+    status: MailingStatus
+    points: list[TimelinePoint] = Field(
+        description="Counts by status as they stood at each moment, oldest first (≤ 120)"
+    )
+    truncated: bool = Field(description="Rebuilt from the first 50,000 messages only")

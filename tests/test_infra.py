@@ -2015,6 +2015,7 @@ def test_every_route_of_the_api_needs_only_what_its_role_allows(
         request(client, "PATCH", mailing_path, {"text": "Winter sale, last days"})
         request(client, "GET", f"{mailing_path}/stats")
         request(client, "GET", f"{mailing_path}/stats?status=pending")
+        request(client, "GET", f"/mailings/{failed_mailing}/timeline")
         request(client, "GET", "/stats")
         request(client, "GET", "/metrics")
         request(client, "POST", "/reports/daily")

@@ -4,6 +4,7 @@ the test's clock)."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from datetime import timedelta
 
@@ -358,3 +359,56 @@ def test_an_unusable_placeholder_is_refused_at_creation_and_on_edit(
     edited = api.patch(f"/mailings/{mailing['id']}", {"text": text})
     assert edited.status_code == 422
     assert body(api.get(f"/mailings/{mailing['id']}"))["text"] == "Hello"
+
+
+# ---------------------------------------------------------------- timeline
+
+
+def test_the_timeline_rebuilds_the_counts_over_time_from_the_messages(
+    api, pipeline, clock, gateway
+):
+    # Given a mailing whose messages were sent over several minutes, some rejected
+    for n in range(12):
+        add_client(api, f"7916{n:06d}" + ("0" if n % 4 else "7"))
+    gateway.set_profile(FaultProfile(reject_phone_suffixes=("7",)))
+    mailing = create_mailing(api, clock, end=timedelta(hours=2))
+    pipeline.tick()
+    pipeline.kicks()
+    for _ in range(2):  # one SQS message of 10 jobs, then the rest three minutes later
+        ready = pipeline.sqs.take_ready(SEND_URL, 1)
+        for message in ready:
+            from chalicelib.services.queues import JobBatch
+
+            pipeline.services.sender.deliver(JobBatch.model_validate_json(message.body))
+        clock.advance(minutes=3)
+    pipeline.settle()
+
+    # When the operator opens its timeline
+    response = api.get(f"/mailings/{mailing['id']}/timeline")
+
+    # Then it starts with everything pending and ends with the counts of the records
+    assert response.status_code == 200, response.body
+    timeline = body(response)
+    points = timeline["points"]
+    assert timeline["truncated"] is False
+    assert 2 <= len(points) <= 120
+    assert points[0]["stats"]["pending"] == 12
+    assert points[0]["stats"]["sent"] == 0
+    final = body(api.get(f"/mailings/{mailing['id']}/stats"))["stats"]
+    assert points[-1]["stats"] == final
+    assert final["failed"] == 3
+    # ...and in between the counts only grow, and something was already sent before the end
+    for earlier, later in itertools.pairwise(points):
+        assert earlier["at"] < later["at"]
+        for status in ("sent", "failed", "expired", "cancelled", "skipped"):
+            assert earlier["stats"][status] <= later["stats"][status]
+    assert any(0 < p["stats"]["sent"] < final["sent"] for p in points)
+
+
+def test_the_timeline_of_a_mailing_without_messages_is_empty_and_unknown_ones_are_404(
+    api, services, clock
+):
+    mailing = create_mailing(api, clock, start=timedelta(hours=1))
+    assert body(api.get(f"/mailings/{mailing['id']}/timeline"))["points"] == []
+    missing = api.get("/mailings/00000000-0000-4000-8000-000000000000/timeline")
+    assert missing.status_code == 404

@@ -1164,6 +1164,15 @@
       await loadFailed(answer.stats.failed || 0).catch(() => {});
     }
 
+    // The history so far (rebuilt on the server from the messages); live samples follow it.
+    try {
+      const history = await api("GET", `mailings/${id}/timeline`);
+      if (!current(view)) return;
+      for (const point of history.points) samples.push({ at: Date.parse(point.at), stats: point.stats });
+    } catch (err) {
+      // An older server without the timeline: the chart starts with the live samples.
+    }
+
     renderMailing(mailing);
     mount(
       h("p", {}, h("a", { href: "#/mailings" }, "← Mailings")),
@@ -1172,7 +1181,7 @@
         h("h2", { id: "progress-title" }, "Progress"), progressLabel, progress, counts, updated),
       h("section", { class: "panel", "aria-labelledby": "chart-title" },
         h("h2", { id: "chart-title" }, "Over time"),
-        h("p", { class: "hint" }, "Counts sampled while this page is open."), chart),
+        h("p", { class: "hint" }, "The history rebuilt from the message records, then live every few seconds."), chart),
       h("section", { class: "panel", "aria-labelledby": "failed-title" },
         h("h2", { id: "failed-title" }, "Failed messages"), failedPart),
     );

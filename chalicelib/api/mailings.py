@@ -26,6 +26,8 @@ from chalicelib.schemas import (
     MessageListQuery,
     PageQuery,
     RetryFailedOut,
+    TimelineOut,
+    TimelinePoint,
 )
 
 api = ApiBlueprint(__name__, "mailings", authorizer=bearer_auth)
@@ -193,4 +195,23 @@ def mailing_stats(mailing_id: str, query: MessageListQuery) -> MailingStatsOut:
         stats=stats_out(mailing.counts),
         messages=[message_out(m) for m in page.items],
         next_cursor=page.next_cursor,
+    )
+
+
+@api.route(
+    "/mailings/{mailing_id}/timeline",
+    "GET",
+    summary="A mailing's counts over time",
+    response=TimelineOut,
+    errors=(404,),
+)
+def mailing_timeline(mailing_id: str) -> TimelineOut:
+    """Counts by status at up to 120 moments from the first message to the last change,
+    rebuilt from the message records (when each was created, sent or otherwise finished)."""
+    mailing, series, truncated = services().mailings.timeline(mailing_id)
+    return TimelineOut(
+        mailing_id=mailing.id,
+        status=mailing.status,
+        points=[TimelinePoint(at=at, stats=stats_out(counts)) for at, counts in series],
+        truncated=truncated,
     )

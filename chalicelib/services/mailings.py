@@ -6,6 +6,7 @@ import logging
 import math
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +33,9 @@ from chalicelib.services.storage import is_conditional_failure, looks_like_id
 
 logger = logging.getLogger(__name__)
 
+# The timeline: at most this many points, rebuilt from at most this many message records.
+TIMELINE_POINTS = 120
+TIMELINE_MAX_MESSAGES = 50_000
 # Failed messages queued again per transaction (DynamoDB allows 100 items with the mailing).
 RETRY_PAGE = 99
 # Jobs of retried messages arrive after their page is committed (see retry_failed).
@@ -250,6 +254,51 @@ class MailingService:
         # A message may change status between the two reads; list it as it is now.
         items = [_message_to_domain(found[c]) for c in keys if c in found]
         return mailing, PageOf(items, next_cursor)
+
+    def timeline(
+        self, mailing_id: str, *, points: int = TIMELINE_POINTS
+    ) -> tuple[Mailing, list[tuple[datetime, MessageCounts]], bool]:
+        """The mailing's message counts by status over time, rebuilt from its message records:
+        up to `points` moments from its first message to its last change (or now), each with
+        the counts as they stood then. Reads at most TIMELINE_MAX_MESSAGES records (a few
+        attributes each); True as the third value when the mailing has more."""
+        mailing = self.get(mailing_id)
+        Message = self._models.Message
+        events: list[tuple[datetime, str]] = []  # (created_at, "created"), (changed at, status)
+        records = Message.query(
+            mailing_id,
+            attributes_to_get=["client_id", "status", "created_at", "updated_at", "sent_at"],
+            page_size=1000,
+        )
+        truncated = False
+        for number, record in enumerate(records):
+            if number >= TIMELINE_MAX_MESSAGES:
+                truncated = True
+                break
+            events.append((record.created_at, "created"))
+            if record.status != MessageStatus.PENDING.value:
+                events.append((record.sent_at or record.updated_at, record.status))
+        if not events:
+            return mailing, [], False
+        events.sort(key=lambda event: event[0])
+        first = events[0][0]
+        last = events[-1][0] if mailing.counts.pending == 0 else max(events[-1][0], self._clock())
+        # At most `points` moments, at least a second apart, the first and the last included.
+        count = max(2, min(points, int((last - first).total_seconds()) + 1))
+        moments = (
+            [first + (last - first) * i / (count - 1) for i in range(count)]
+            if last > first
+            else [first]
+        )
+        series, seen, index = [], Counter[str](), 0
+        for moment in moments:
+            while index < len(events) and events[index][0] <= moment:
+                seen[events[index][1]] += 1
+                index += 1
+            done = {s.value: seen[s.value] for s in MessageStatus if s is not MessageStatus.PENDING}
+            pending = seen["created"] - sum(done.values())
+            series.append((moment, MessageCounts(pending=max(pending, 0), **done)))
+        return mailing, series, truncated
 
     def due(self, now: datetime, *, limit: int = 100) -> list[Mailing]:
         """Mailings whose start has come and whose audience is not fully enqueued yet."""
