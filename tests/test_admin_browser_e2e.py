@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -127,6 +128,10 @@ def add_client(page: Any, phone: str, tag: str, *, operator_code: str = "") -> N
     page.get_by_label("Timezone", exact=True).fill("Europe/Moscow")
     page.get_by_role("button", name="Create client").click()
     expect(page.get_by_text(f"Created client {phone}.")).to_be_visible()
+    # The app then goes back to the list; wait until it shows, so the next click on "New
+    # client" is not overtaken by that navigation (the form would render twice, half-filled).
+    expect(page).to_have_url(re.compile(r"#/clients$"))
+    expect(page.get_by_role("link", name="New client")).to_be_visible()
 
 
 def search_clients(page: Any, **fields: str) -> None:

@@ -374,6 +374,7 @@ def test_the_timeline_rebuilds_the_counts_over_time_from_the_messages(
     mailing = create_mailing(api, clock, end=timedelta(hours=2))
     pipeline.tick()
     pipeline.kicks()
+    clock.advance(minutes=1)  # messages created now; the first are sent a minute later
     for _ in range(2):  # one SQS message of 10 jobs, then the rest three minutes later
         ready = pipeline.sqs.take_ready(SEND_URL, 1)
         for message in ready:
@@ -397,12 +398,12 @@ def test_the_timeline_rebuilds_the_counts_over_time_from_the_messages(
     final = body(api.get(f"/mailings/{mailing['id']}/stats"))["stats"]
     assert points[-1]["stats"] == final
     assert final["failed"] == 3
-    # ...and in between the counts only grow, and something was already sent before the end
+    # ...and in between the counts only grow, and the first batch shows before the second
     for earlier, later in itertools.pairwise(points):
         assert earlier["at"] < later["at"]
         for status in ("sent", "failed", "expired", "cancelled", "skipped"):
             assert earlier["stats"][status] <= later["stats"][status]
-    assert any(0 < p["stats"]["sent"] < final["sent"] for p in points)
+    assert any(p["stats"]["pending"] == 2 for p in points)  # between the two batches
 
 
 def test_the_timeline_of_a_mailing_without_messages_is_empty_and_unknown_ones_are_404(
