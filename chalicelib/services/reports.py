@@ -25,6 +25,8 @@ from chalicelib.settings import Settings
 logger = logging.getLogger(__name__)
 
 _TEXT_PREVIEW = 60
+# The figures of each row, in the order the text and HTML tables show them.
+FIGURES = ("sent", "failed", "expired", "pending", "cancelled", "skipped", "total")
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,7 @@ class ReportRow:
 
     @property
     def success_rate(self) -> float | None:
-        """Sent among the messages that have an outcome (sent, failed, expired); None when
-        none has one yet. Cancelled, skipped (opted out) and pending messages are not counted
-        against it."""
-        decided = self.counts.sent + self.counts.failed + self.counts.expired
-        return self.counts.sent / decided if decided else None
+        return success_rate(self.counts)
 
 
 @dataclass
@@ -65,9 +63,15 @@ class DailyReport:
 
     @property
     def success_rate(self) -> float | None:
-        counts = self.totals
-        decided = counts.sent + counts.failed + counts.expired
-        return counts.sent / decided if decided else None
+        return success_rate(self.totals)
+
+    def _table(self) -> list[tuple[ReportRow | None, list[int], float | None]]:
+        """Each mailing's row, then the total (None): its FIGURES and success rate."""
+        rows = [(row, row.counts) for row in self.rows] + [(None, self.totals)]
+        return [
+            (row, [getattr(counts, name) for name in FIGURES], success_rate(counts))
+            for row, counts in rows
+        ]
 
     @property
     def subject(self) -> str:
@@ -87,21 +91,16 @@ class DailyReport:
         if not self.rows:
             lines.append("No mailing was active in this period.")
             return "\n".join(lines) + "\n"
-        header = (
-            f"{'mailing':36}  {'status':9}  {'sent':>7}  {'failed':>7}  {'expired':>7}  "
-            f"{'pending':>7}  {'cancelled':>9}  {'skipped':>7}  {'total':>7}  {'success':>7}"
+        widths = [max(7, len(name)) for name in FIGURES]
+        header = f"{'mailing':36}  {'status':9}  " + "  ".join(
+            f"{name:>{width}}"
+            for name, width in zip((*FIGURES, "success"), [*widths, 7], strict=True)
         )
         lines += [header, "-" * len(header)]
-        for row in [*self.rows, None]:
-            counts = row.counts if row else self.totals
-            rate = row.success_rate if row else self.success_rate
-            name = row.mailing_id if row else "TOTAL"
-            status = row.status if row else ""
-            lines.append(
-                f"{name:36}  {status:9}  {counts.sent:>7}  {counts.failed:>7}  "
-                f"{counts.expired:>7}  {counts.pending:>7}  {counts.cancelled:>9}  "
-                f"{counts.skipped:>7}  {counts.total:>7}  {_rate(rate):>7}"
-            )
+        for row, figures, rate in self._table():
+            name, status = (row.mailing_id, row.status) if row else ("TOTAL", "")
+            cells = [f"{n:>{width}}" for n, width in zip(figures, widths, strict=True)]
+            lines.append(f"{name:36}  {status:9}  " + "  ".join([*cells, f"{_rate(rate):>7}"]))
         lines.append("")
         for row in self.rows:
             lines.append(f"{row.mailing_id}: {_preview(row.text)!r}")
@@ -110,41 +109,16 @@ class DailyReport:
 
     def html(self) -> str:
         e = html.escape
-        head = "".join(
-            f"<th>{name}</th>"
-            for name in (
-                "Mailing",
-                "Text",
-                "Status",
-                "Sent",
-                "Failed",
-                "Expired",
-                "Pending",
-                "Cancelled",
-                "Skipped",
-                "Total",
-                "Success rate",
-            )
-        )
+        titles = ("Mailing", "Text", "Status", *(n.capitalize() for n in FIGURES), "Success rate")
+        head = "".join(f"<th>{title}</th>" for title in titles)
         body = []
-        for row in [*self.rows, None]:
-            counts = row.counts if row else self.totals
-            rate = row.success_rate if row else self.success_rate
+        for row, figures, rate in self._table():
             cells = (
                 [e(row.mailing_id), e(_preview(row.text)), e(row.status)]
                 if row
                 else ["<strong>Total</strong>", "", ""]
             )
-            numbers = [
-                counts.sent,
-                counts.failed,
-                counts.expired,
-                counts.pending,
-                counts.cancelled,
-                counts.skipped,
-                counts.total,
-            ]
-            cells += [str(n) for n in numbers] + [_rate(rate)]
+            cells += [str(n) for n in figures] + [_rate(rate)]
             tag = "tr" if row else 'tr class="total"'
             body.append(f"<{tag}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         table = (
@@ -173,6 +147,14 @@ class DailyReport:
         message.set_content(self.text())
         message.add_alternative(self.html(), subtype="html")
         return message
+
+
+def success_rate(counts: MessageCounts) -> float | None:
+    """Sent among the messages that have an outcome (sent, failed, expired); None when none
+    has one yet. Cancelled, skipped (opted out) and pending messages are not counted against
+    it."""
+    decided = counts.sent + counts.failed + counts.expired
+    return counts.sent / decided if decided else None
 
 
 def _when(moment: datetime) -> str:
