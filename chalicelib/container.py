@@ -188,7 +188,7 @@ class Services:
         )
         clients = ClientDirectory(models, connection, clock)
         messages = MessageStore(models, connection)
-        mailings = MailingService(models, clock, queues, messages)
+        mailings = MailingService(models, clock, queues, messages, settings.jobs_per_message)
         metrics = MetricsWriter(settings, write_metrics)
         for token in settings.api_tokens:
             logs.add_secret(token)

@@ -237,6 +237,28 @@ def test_retry_failed_sends_the_failed_messages_again_with_the_same_ids(
     assert body(api.post(f"/mailings/{mailing['id']}/retry-failed"))["requeued"] == 0
 
 
+def test_retry_failed_queues_more_failed_messages_than_one_sqs_message_holds(
+    api, pipeline, clock, gateway
+):
+    # Given 60 failed messages (one SQS message holds at most 50 jobs)
+    for n in range(60):
+        add_client(api, f"7916{n:06d}7")
+    gateway.set_profile(FaultProfile(reject_phone_suffixes=("7",)))
+    mailing = create_mailing(api, clock, end=timedelta(hours=2))
+    pipeline.settle()
+    assert pipeline.statuses(mailing["id"]) == {"failed": 60}
+
+    # When they are retried against a gateway that accepts them
+    gateway.set_profile(FaultProfile())
+    result = body(api.post(f"/mailings/{mailing['id']}/retry-failed"))
+
+    # Then all 60 go out, once each
+    assert result["requeued"] == 60
+    pipeline.settle()
+    assert pipeline.statuses(mailing["id"]) == {"sent": 60}
+    assert max(sent_ids(gateway).values()) == 1
+
+
 def test_retry_failed_is_refused_after_the_end_and_for_a_cancelled_mailing(
     api, pipeline, clock, gateway
 ):

@@ -28,7 +28,7 @@ from chalicelib.errors import Conflict, NotFound, ValidationFailed
 from chalicelib.models import DUE_KEY, MAILING_LISTING_KEY, Models, status_key
 from chalicelib.pagination import Segment, fingerprint, index_query, paginate
 from chalicelib.services.messages import MessageStore
-from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Delayed, JobBatch, Queues, SendJob
+from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
 from chalicelib.services.storage import is_conditional_failure, looks_like_id
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,15 @@ class MailingService:
     """Mailings and their message statistics."""
 
     def __init__(
-        self, models: Models, clock: Clock, queues: Queues, messages: MessageStore
+        self,
+        models: Models,
+        clock: Clock,
+        queues: Queues,
+        messages: MessageStore,
+        jobs_per_message: int,
     ) -> None:
         self._models = models
+        self._jobs_per_message = jobs_per_message
         self._clock = clock
         self._queues = queues
         self._messages = messages
@@ -187,21 +193,13 @@ class MailingService:
             if not page:
                 return queued, False
             now = self._clock()
-            self._queues.enqueue([self._jobs(mailing_id, page, now)])
+            size, delay = self._jobs_per_message, RETRY_JOB_DELAY_SECONDS
+            self._queues.enqueue(job_batches(mailing_id, page, now, size, delay))
             if not self._messages.requeue_failed(mailing_id, page, now, reopen=reopen):
                 raise Conflict(f"mailing {mailing_id} changed meanwhile; retry the request")
             queued, reopen, after = queued + len(page), False, page[-1][1]
         left = self._messages.with_status(mailing_id, MessageStatus.FAILED, 1, after=after)
         return queued, bool(left)
-
-    @staticmethod
-    def _jobs(mailing_id: str, page: list[tuple[str, int]], now: datetime) -> Delayed:
-        batch = JobBatch(
-            mailing_id=mailing_id,
-            jobs=[SendJob(client_id=client, message_id=message) for client, message in page],
-            enqueued_at=now,
-        )
-        return Delayed(batch, RETRY_JOB_DELAY_SECONDS)
 
     def _set_status(self, item: Any, current: MailingStatus, target: MailingStatus) -> None:
         Mailing = self._models.Mailing
@@ -311,7 +309,7 @@ class MailingService:
     def overview(self, *, limit: int, cursor: str | None) -> tuple[int, MessageCounts, PageOf]:
         """Number of mailings, counts over all of them, and one page of per-mailing counts."""
         total = MessageCounts()
-        ids = [key.mailing_id for key in self._models.Mailing.by_created.query(MAILING_LISTING_KEY)]
+        ids = self._all_ids()
         # Counters live on the mailing items: the cost grows with mailings, never with messages.
         for item in self._load_many(ids, attributes=_COUNTER_ATTRIBUTES):
             total = total + _counts_of(item)
@@ -323,11 +321,16 @@ class MailingService:
 
         Keys come from the listing index, items from BatchGetItem: the cost grows with the
         number of mailings, never with their messages."""
-        index = self._models.Mailing.by_created
-        ids = [key.mailing_id for key in index.query(MAILING_LISTING_KEY, scan_index_forward=False)]
-        return [self._to_domain(item) for item in self._load_many(ids)]
+        return [self._to_domain(item) for item in self._load_many(self._all_ids())]
 
     # ---------------------------------------------------------------- helpers
+
+    def _all_ids(self) -> list[str]:
+        """Every mailing's id, newest first, from the keys-only listing index."""
+        index = self._models.Mailing.by_created
+        return [
+            key.mailing_id for key in index.query(MAILING_LISTING_KEY, scan_index_forward=False)
+        ]
 
     def _all_mailings_segment(self) -> Segment:
         query = index_query(

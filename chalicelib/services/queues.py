@@ -73,6 +73,30 @@ class Delayed:
     delay_seconds: int = 0
 
 
+def job_batches(
+    mailing_id: str,
+    messages: Sequence[tuple[str, int]],
+    now: datetime,
+    size: int,
+    delay_seconds: int = 0,
+) -> list[Delayed]:
+    """Send jobs for (client id, message id) pairs, `size` to an SQS message."""
+    return [
+        Delayed(
+            JobBatch(
+                mailing_id=mailing_id,
+                jobs=[
+                    SendJob(client_id=client, message_id=message)
+                    for client, message in messages[start : start + size]
+                ],
+                enqueued_at=now,
+            ),
+            delay_seconds,
+        )
+        for start in range(0, len(messages), size)
+    ]
+
+
 def coalesce(items: Sequence[Delayed], max_jobs: int) -> list[Delayed]:
     """Merge the jobs of one mailing that come back after the same delay into shared batches:
     retries and deferrals then cost as few SQS messages (and sender invocations) as fan-out."""

@@ -30,7 +30,7 @@ from chalicelib.models import DUE_KEY, MESSAGE_ID_SEQUENCE, Models, status_key
 from chalicelib.pagination import Position, decode_cursor, encode_cursor, fingerprint, read_page
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
-from chalicelib.services.queues import Delayed, JobBatch, Queues, SendJob
+from chalicelib.services.queues import Queues, job_batches
 from chalicelib.services.storage import is_conditional_failure
 from chalicelib.settings import Settings
 
@@ -351,20 +351,8 @@ class Scheduler:
         return int(sequence.value) - count + 1
 
     def _enqueue_jobs(self, mailing_id: str, messages: list[Any], now: datetime) -> None:
-        size = self._settings.jobs_per_message
-        batches = [
-            Delayed(
-                JobBatch(
-                    mailing_id=mailing_id,
-                    jobs=[
-                        SendJob(client_id=m.client_id, message_id=m.message_id)
-                        for m in messages[start : start + size]
-                    ],
-                    enqueued_at=now,
-                )
-            )
-            for start in range(0, len(messages), size)
-        ]
+        pairs = [(m.client_id, m.message_id) for m in messages]
+        batches = job_batches(mailing_id, pairs, now, self._settings.jobs_per_message)
         if batches:
             self._queues.enqueue(batches)
 
