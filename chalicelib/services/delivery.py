@@ -14,6 +14,7 @@ a job delivered twice, or two senders racing, meet at the claim.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import random
@@ -207,7 +208,12 @@ class Sender:
         pool: ThreadPoolExecutor, step: Callable[..., JobResult | None], items: list, *args: Any
     ) -> list[Exception]:
         """Run `step` for every item in parallel; siblings of a failing one still finish."""
-        futures = [pool.submit(_with_ids, step, item, *args) for item in items]
+        # Each thread runs in a copy of the caller's context: its log ids, and whatever the
+        # runtime tagged the invocation with.
+        futures = [
+            pool.submit(contextvars.copy_context().run, _with_ids, step, item, *args)
+            for item in items
+        ]
         errors = []
         for item, future in zip(items, futures, strict=True):
             try:

@@ -11,6 +11,7 @@ that never committed name message ids that do not exist and are dropped by the s
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 import uuid
@@ -252,14 +253,18 @@ class Scheduler:
         size = self._settings.fanout_page_size
         ids = IdBlock(self._allocate_ids, size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audience") as reader:
-            upcoming = reader.submit(read_page, segments, position, size)
+            upcoming = reader.submit(
+                contextvars.copy_context().run, read_page, segments, position, size
+            )
             while True:
                 if remaining() < SAFETY_SECONDS:
                     upcoming.cancel()
                     return False
                 page = upcoming.result()
                 if page.next is not None:
-                    upcoming = reader.submit(read_page, segments, page.next, size)
+                    upcoming = reader.submit(
+                        contextvars.copy_context().run, read_page, segments, page.next, size
+                    )
                 next_cursor = encode_cursor(page.next, scope)
                 created = self._commit_page(item, owner, cursor, next_cursor, page.items, ids)
                 if created is None:
