@@ -31,19 +31,13 @@ from chalicelib.errors import (
     ValidationFailed,
 )
 from chalicelib.schemas import ErrorBody
+from chalicelib.services.storage import error_code, is_transient
 
 logger = logging.getLogger(__name__)
 
 JSON = "application/json"
 # Accept every content type at the Chalice layer so a wrong one gets our 415 body, not Chalice's.
 _ANY_CONTENT_TYPE = ["*/*"]
-_RETRYABLE_AWS_CODES = {
-    "ProvisionedThroughputExceededException",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "InternalServerError",
-    "ServiceUnavailable",
-}
 
 
 @dataclass
@@ -296,9 +290,8 @@ def parse_query(model: type[BaseModel], params: dict[str, str] | None) -> BaseMo
 
 def unexpected_error(exc: Exception, method: str, path: str) -> Response:
     """Storage trouble is a 503 the caller may retry; anything else is logged as a bug."""
-    code = getattr(exc, "cause_response_code", None)
-    if isinstance(exc, PynamoDBException) and code in _RETRYABLE_AWS_CODES:
-        logger.warning("storage busy during %s %s: %s", method, path, code)
+    if isinstance(exc, PynamoDBException) and is_transient(exc):
+        logger.warning("storage busy during %s %s: %s", method, path, error_code(exc))
         return error_response(503, "unavailable", "storage is busy; retry shortly")
     logger.exception("unhandled error during %s %s", method, path)
     return error_response(500, "internal_error", "an internal error occurred; it has been logged")
