@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
+from chalicelib.local import invocation
+
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any], Any], Any]
@@ -333,7 +335,8 @@ class SqsPoller:
         """The message ids to leave for redelivery; None when the whole batch failed."""
         started = time.monotonic()
         try:
-            response = self._handler(event, context)
+            with invocation.running(self.name, self._invocation_budget):
+                response = self._handler(event, context)
             # The runtime serialises the response; one that cannot be is an invocation error.
             _marshal(response)
         except Exception:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from chalicelib import logs
+from chalicelib.local import invocation
 from chalicelib.local.gateway import FaultProfile, SandboxGateway
 from chalicelib.local.poller import LambdaContext, SqsPoller
 from chalicelib.settings import AuthMode, Settings, SettingsError
@@ -532,7 +533,8 @@ class ScheduleTrigger:
         )
         self.invocations += 1
         try:
-            self._handler(self.scheduled_event(), context)
+            with invocation.running(self._function_name, self._function_timeout):
+                self._handler(self.scheduled_event(), context)
         except Exception:
             self.errors += 1
             logger.exception("%s: the scheduled invocation failed", self._function_name)
