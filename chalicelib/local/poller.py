@@ -3,7 +3,9 @@
 It receives batches, hands them to a Lambda-style `handler(event, context)` in exactly the
 shape Lambda would, and deletes records by Lambda's rules, so the handler that runs in AWS
 runs unchanged here. Redelivery and the dead-letter queue are left to the queue itself
-(its visibility timeout and redrive policy), as they are in AWS.
+(its visibility timeout and redrive policy), as they are in AWS. A handler that runs past its
+function's timeout is stopped as Lambda stops it (see `invoke`): its batch is not deleted, and
+nothing it does afterwards takes effect.
 """
 
 from __future__ import annotations
