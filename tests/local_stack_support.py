@@ -2,10 +2,13 @@
 
 `running_stack(**env)` starts it on a free port with a known API token, waits for its READY
 line, and stops it with SIGTERM afterwards, failing the test if it does not exit cleanly.
+`running_stack(AWS_FAULTS="conflict=0.15,seed=7")` turns on AWS faults; once it has stopped,
+`aws_faults_injected(stack)` reads how many of each kind were injected.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -45,6 +48,7 @@ _INHERITED_VARIABLES = (
     "SENDER_BATCH_SIZE",
     "SENDER_POLLERS",
     "SEND_VISIBILITY_TIMEOUT_SECONDS",
+    "AWS_FAULTS",
 )
 
 
@@ -169,6 +173,16 @@ def running_stack(**env: str) -> Iterator[Stack]:
         if running.process.poll() is None:
             os.killpg(running.process.pid, signal.SIGKILL)
             running.process.wait()
+
+
+def aws_faults_injected(stack: Stack) -> dict[str, int]:
+    """The AWS faults a stopped stack injected, by kind (it prints them when AWS_FAULTS is set)."""
+    for line in stack.running.lines:
+        if line.startswith("AWS_FAULTS_INJECTED "):
+            return json.loads(line.split(" ", 1)[1])
+    raise AssertionError(
+        f"no AWS_FAULTS_INJECTED line (is AWS_FAULTS set?):\n{stack.running.output}"
+    )
 
 
 def messages_with_status(

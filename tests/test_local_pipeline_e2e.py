@@ -19,7 +19,12 @@ import pytest
 import requests
 
 from chalicelib.services.delivery import UNCOMMITTED_RETRY_SECONDS
-from tests.local_stack_support import Stack, messages_with_status, running_stack
+from tests.local_stack_support import (
+    Stack,
+    aws_faults_injected,
+    messages_with_status,
+    running_stack,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -235,3 +240,34 @@ def test_failing_gateway_is_retried_until_all_are_sent_once(
     counts = stats(http, stack.url, mailing["id"])["stats"]
     assert listed == {status: counts[status] for status in STATUSES}
     assert counts["total"] == sum(listed.values()) == len(clients)
+
+
+def test_aws_faults_the_sdk_absorbs_leave_every_message_sent_once() -> None:
+    # Given a stack whose service's DynamoDB calls are throttled now and then (with seed 7,
+    # the 9th attempt is the first throttled: any mailing makes more)
+    faults = "throttle=0.05,seed=7"
+    with running_stack(
+        SCHEDULER_INTERVAL_SECONDS="1", RETRY_BASE_SECONDS="1", AWS_FAULTS=faults
+    ) as faulty:
+        assert f"faults: {faults})" in faulty.running.output
+        with requests.Session() as http:
+            http.headers.update(faulty.auth)
+            tag = f"faults-{uuid.uuid4().hex[:6]}"
+            clients = create_clients(http, faulty.url, 12, (tag,))
+
+            # When a mailing to them starts now
+            mailing = create_mailing(http, faulty.url, datetime.now(UTC), {"tags": [tag]})
+            delivered = wait_until_delivered(
+                http, faulty.url, mailing["id"], len(clients), DELIVERY_TIMEOUT_SECONDS
+            )
+
+            # Then every client got exactly one message
+            assert delivered["stats"]["sent"] == len(clients)
+            sends = accepted_for(faulty, clients)
+            assert sorted(send["phone"] for send in sends) == sorted(
+                int(client["phone"]) for client in clients
+            )
+            assert ledger(faulty)["duplicates"] == []
+
+    # And faults were injected, as the stack reports when it stops
+    assert aws_faults_injected(faulty).get("throttle", 0) > 0

@@ -203,3 +203,12 @@ def test_bad_operations_setting_is_refused_by_name_with_exit_code_2(name: str, v
     assert name in result.stderr
     assert "Traceback" not in result.stderr
     assert "READY" not in result.stdout
+
+
+def test_a_bad_aws_faults_value_is_refused_with_exit_code_2() -> None:
+    # Given AWS_FAULTS naming a fault that does not exist, when the stack starts
+    result = start_refused(AWS_FAULTS="conflicts=0.1")
+    # Then it exits with the code of a bad setting, naming it and what is wrong
+    assert result.returncode == 2, result.stderr
+    assert "error: AWS_FAULTS: unknown fault 'conflicts'" in result.stderr
+    assert "READY" not in result.stdout

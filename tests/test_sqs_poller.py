@@ -287,6 +287,7 @@ def test_a_reported_failure_is_retried_then_dead_lettered_and_its_siblings_delet
         "records_deleted": 9,
         "records_failed": 2,
         "handler_errors": 0,
+        "timeouts": 0,
         "poll_errors": 0,
     }
 
@@ -558,3 +559,176 @@ def test_a_chalice_sqs_handler_with_powertools_partial_failures_runs_unchanged(
     assert stats["records_failed"] == 1
     assert stats["handler_errors"] == 0
     assert queue_depth(sqs, queues) == 1
+
+
+# -- Lambda's timeout: an invocation past it is stopped, and writes nothing more -------------
+
+
+@pytest.fixture(scope="module")
+def dynamodb(sqs_endpoint: str) -> Any:
+    return boto3.client(
+        "dynamodb",
+        endpoint_url=sqs_endpoint,
+        region_name=REGION,
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
+
+
+@pytest.fixture
+def outcomes(dynamodb: Any) -> str:
+    """A table the handlers write their outcomes to, one item per record body."""
+    name = f"outcomes-{uuid.uuid4().hex[:12]}"
+    dynamodb.create_table(
+        TableName=name,
+        KeySchema=[{"AttributeName": "body", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "body", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    return name
+
+
+def written(dynamodb: Any, table: str) -> set[str]:
+    return {item["body"]["S"] for item in dynamodb.scan(TableName=table)["Items"]}
+
+
+def test_a_handler_past_its_timeout_writes_nothing_and_its_batch_comes_back(
+    sqs: Any,
+    queues: Queues,
+    dynamodb: Any,
+    outcomes: str,
+    start_poller: Callable[..., SqsPoller],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a handler whose first invocation for "slow" outlives a 0.3 s timeout before it
+    # writes its outcome, and a second message behind it
+    late_write: list[BaseException] = []
+    zombie_done = threading.Event()
+
+    def respond(event: dict[str, Any], call: int) -> None:
+        for record in event["Records"]:
+            if record["body"] == "slow" and call == 1:
+                time.sleep(0.6)
+                try:
+                    dynamodb.put_item(TableName=outcomes, Item={"body": {"S": "late"}})
+                except BaseException as exc:
+                    late_write.append(exc)
+                    raise
+                finally:
+                    zombie_done.set()
+            dynamodb.put_item(TableName=outcomes, Item={"body": {"S": record["body"]}})
+
+    handler = Recorder(respond)
+    send(sqs, queues, "slow")
+    send(sqs, queues, "fast")
+
+    # When one poller runs it, a record at a time
+    poller = start_poller(handler, function_timeout=0.3, batch_size=1)
+    assert poller.wait_idle(timeout=8)
+    assert zombie_done.wait(2)
+
+    # Then the write after the deadline was refused and wrote nothing...
+    assert [type(exc).__name__ for exc in late_write] == ["InvocationAbandoned"]
+    assert written(dynamodb, outcomes) == {"slow", "fast"}
+    # ...the batch came back after the visibility timeout and the poller kept serving
+    assert handler.deliveries() == {"slow": 2, "fast": 1}
+    assert poller.stats()["timeouts"] == 1
+    # ...and the log says so in one line, with no traceback
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage().split(";")[0] for r in errors] == [
+        "delivery-worker: 1 records from " + queues.name + ": timed out after 0.3 s"
+    ]
+    assert "Lambda would have stopped it" in errors[0].getMessage()
+    assert errors[0].exc_info is None
+
+
+def test_a_handler_that_finishes_in_time_writes_and_its_records_are_deleted(
+    sqs: Any,
+    queues: Queues,
+    dynamodb: Any,
+    outcomes: str,
+    start_poller: Callable[..., SqsPoller],
+) -> None:
+    # Given a handler that writes its outcome well within its timeout
+    def respond(event: dict[str, Any], _call: int) -> None:
+        time.sleep(0.1)
+        for record in event["Records"]:
+            dynamodb.put_item(TableName=outcomes, Item={"body": {"S": record["body"]}})
+
+    handler = Recorder(respond)
+    send(sqs, queues, "a", "b")
+
+    # When the poller runs it
+    poller = start_poller(handler, function_timeout=2)
+    assert poller.wait_idle(timeout=5)
+
+    # Then every outcome is written and each record was delivered once
+    assert written(dynamodb, outcomes) == {"a", "b"}
+    assert handler.deliveries() == {"a": 1, "b": 1}
+    assert poller.stats()["timeouts"] == 0
+
+
+def test_the_remaining_time_counts_down_during_an_invocation(
+    sqs: Any, queues: Queues, start_poller: Callable[..., SqsPoller]
+) -> None:
+    # Given a handler that reads its remaining time twice, 0.3 s apart
+    readings: list[int] = []
+
+    def respond(_event: dict[str, Any], _call: int) -> None:
+        context = handler.contexts[-1]
+        readings.append(context.get_remaining_time_in_millis())
+        time.sleep(0.3)
+        readings.append(context.get_remaining_time_in_millis())
+
+    handler = Recorder(respond)
+    send(sqs, queues, "x")
+
+    # When it runs with a 2 s timeout
+    poller = start_poller(handler, function_timeout=2)
+    assert poller.wait_idle(timeout=5)
+
+    # Then it had at most 2 s, and 0.3 s later about 0.3 s less
+    first, second = readings
+    assert first <= 2000
+    assert 250 <= first - second <= 600
+
+
+def test_a_schedule_tick_past_its_timeout_is_stopped_and_writes_nothing(
+    dynamodb: Any, outcomes: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from chalicelib.local.stack import ScheduleTrigger
+
+    # Given a scheduled function that writes after its 0.3 s timeout
+    done = threading.Event()
+
+    def tick(_event: dict[str, Any], _context: Any) -> None:
+        try:
+            time.sleep(0.6)
+            dynamodb.put_item(TableName=outcomes, Item={"body": {"S": "tick"}})
+        finally:
+            done.set()
+
+    trigger = ScheduleTrigger(
+        tick,
+        "scheduler_tick",
+        60,
+        rule_name="tick",
+        region=REGION,
+        account=ACCOUNT,
+        function_timeout=0.3,
+    )
+
+    # When the schedule invokes it
+    started = time.monotonic()
+    trigger.invoke()
+
+    # Then the schedule moved on at the timeout, the late write was refused, one line logged
+    assert time.monotonic() - started < 0.55
+    assert done.wait(2)
+    assert written(dynamodb, outcomes) == set()
+    assert trigger.timeouts == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "scheduler_tick: the scheduled invocation timed out after 0.3 s; "
+        "Lambda would have stopped it"
+    ]

@@ -35,8 +35,14 @@ gateway:
                                    sandbox faults (see chalicelib/local/gateway.py); change
                                    them at runtime with POST <sandbox>/_sandbox/profile
 
+AWS faults (the service's own AWS calls fail as AWS's do under contention and failure):
+  AWS_FAULTS                       e.g. conflict=0.15,throttle=0.03,ddb500=0.01,sqs500=0.02,
+                                   sqstimeout=0.01,secrets=0.05,seed=7 (default: none; see
+                                   chalicelib/local/faults.py)
+
 Prints "SANDBOX <gateway_url>" (with the sandbox) and then "READY <api_url>" once it serves;
-stops cleanly on Ctrl+C or SIGTERM. Exit codes: 2 for a bad setting, 1 for other failures.
+stops cleanly on Ctrl+C or SIGTERM, printing "AWS_FAULTS_INJECTED <json counts by kind>"
+when AWS_FAULTS is set. Exit codes: 2 for a bad setting, 1 for other failures.
 """
 
 

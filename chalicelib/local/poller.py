@@ -3,12 +3,15 @@
 It receives batches, hands them to a Lambda-style `handler(event, context)` in exactly the
 shape Lambda would, and deletes records by Lambda's rules, so the handler that runs in AWS
 runs unchanged here. Redelivery and the dead-letter queue are left to the queue itself
-(its visibility timeout and redrive policy), as they are in AWS.
+(its visibility timeout and redrive policy), as they are in AWS. A handler that runs past its
+function's timeout is stopped as Lambda stops it (see `invoke`): its batch is not deleted, and
+nothing it does afterwards takes effect.
 """
 
 from __future__ import annotations
 
 import base64
+import contextvars
 import decimal
 import json
 import logging
@@ -21,7 +24,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
-from chalicelib.local import invocation
+from chalicelib.local import faults, invocation
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,63 @@ class PollerStats:
     records_deleted: int = 0
     records_failed: int = 0
     handler_errors: int = 0
+    timeouts: int = 0
     poll_errors: int = 0
+
+
+class InvocationTimedOut(Exception):
+    """The handler ran past its function's timeout, and Lambda would have stopped it."""
+
+    def __init__(self, function: str, timeout_seconds: float) -> None:
+        super().__init__(f"timed out after {timeout_seconds:g} s")
+        self.function = function
+        self.timeout_seconds = timeout_seconds
+
+
+def invoke(function: str, timeout_seconds: float, call: Callable[[], Any]) -> Any:
+    """Run `call` as one invocation of `function`, stopped as Lambda stops it at its timeout.
+
+    It runs in a thread of its own, so the caller can walk away at the deadline as Lambda
+    does: then the invocation is abandoned (from its deadline on every AWS and gateway call it
+    makes fails, see faults.py, so it writes nothing more) and InvocationTimedOut is raised,
+    while the thread may still run to its next call. Otherwise what `call` returns is returned
+    and what it raises is raised.
+    """
+    faults.install_call_hooks()
+    started = threading.Event()
+    finished = threading.Event()
+    tagged: list[invocation.Invocation] = []
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        with invocation.running(function, timeout_seconds) as current:
+            tagged.append(current)
+            started.set()
+            try:
+                outcome.append((True, call()))
+            except BaseException as exc:  # handed to the caller, or dropped once abandoned
+                outcome.append((False, exc))
+            finally:
+                finished.set()
+
+    # The caller's context (log fields bound to it, say) goes with the call, as before.
+    context = contextvars.copy_context()
+    thread = threading.Thread(
+        target=context.run, args=(run,), name=f"{function}-invocation", daemon=True
+    )
+    thread.start()
+    started.wait()
+    current = tagged[0]
+    if not finished.wait(current.remaining_seconds()):
+        current.abandon()
+        raise InvocationTimedOut(function, timeout_seconds)
+    returned, value = outcome[0]
+    if returned:
+        return value
+    if isinstance(value, invocation.InvocationAbandoned):
+        # A call refused at the deadline ended it: the same timeout, seen from inside.
+        raise InvocationTimedOut(function, timeout_seconds) from None
+    raise value
 
 
 class _WholeBatchFailed(Exception):
@@ -333,33 +392,33 @@ class SqsPoller:
         self, event: dict[str, Any], context: LambdaContext, ids: list[str]
     ) -> set[str] | None:
         """The message ids to leave for redelivery; None when the whole batch failed."""
-        started = time.monotonic()
         try:
-            with invocation.running(self.name, self._invocation_budget):
-                response = self._handler(event, context)
+            response = invoke(
+                self.name, self._invocation_budget, lambda: self._handler(event, context)
+            )
             # The runtime serialises the response; one that cannot be is an invocation error.
             _marshal(response)
+        except InvocationTimedOut as exc:
+            with self._lock:
+                self._stats.handler_errors += 1
+                self._stats.timeouts += 1
+            # One line, no traceback: the handler did nothing wrong but run long.
+            logger.error(
+                "%s: %d records from %s: %s; Lambda would have stopped it; the batch will be "
+                "retried after the visibility timeout: %s",
+                self.name,
+                len(ids),
+                self.queue_name,
+                exc,
+                ", ".join(ids),
+                extra={"queue": self.queue_name, "sqs_message_ids": ids},
+            )
+            return None
         except Exception:
             self._count_handler_error()
             logger.exception(
                 "%s: handler failed on %d records from %s; the batch will be retried: %s",
                 self.name,
-                len(ids),
-                self.queue_name,
-                ", ".join(ids),
-                extra={"queue": self.queue_name, "sqs_message_ids": ids},
-            )
-            return None
-        elapsed = time.monotonic() - started
-        if elapsed > self._invocation_budget:
-            # Lambda would have stopped the function; nothing it returned would count.
-            self._count_handler_error()
-            logger.error(
-                "%s: handler timed out (%.1f s > %.1f s) on %d records from %s; "
-                "the batch will be retried: %s",
-                self.name,
-                elapsed,
-                self._invocation_budget,
                 len(ids),
                 self.queue_name,
                 ", ".join(ids),

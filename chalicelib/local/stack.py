@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from chalicelib import logs
-from chalicelib.local import invocation
+from chalicelib.local import faults
+from chalicelib.local.faults import AwsFaults
 from chalicelib.local.gateway import FaultProfile, SandboxGateway
-from chalicelib.local.poller import LambdaContext, SqsPoller
+from chalicelib.local.poller import InvocationTimedOut, LambdaContext, SqsPoller, invoke
 from chalicelib.settings import AuthMode, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class LocalConfig:
     sandbox_port: int = 0
     # None: SENDER_API_URL names the gateway to talk to, and no sandbox runs.
     sandbox_profile: FaultProfile | None = field(default_factory=FaultProfile)
+    # Faults injected into the service's own AWS calls (AWS_FAULTS); none by default.
+    aws_faults: AwsFaults = field(default_factory=AwsFaults)
 
     @property
     def embeds_emulator(self) -> bool:
@@ -138,6 +141,10 @@ class LocalConfig:
                 profile = FaultProfile.from_env(environ)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        try:
+            aws_faults = AwsFaults.from_env(environ)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             host=environ.get("HOST") or DEFAULT_HOST,
             port=_port(environ, "PORT", DEFAULT_PORT),
@@ -157,6 +164,7 @@ class LocalConfig:
             ),
             sandbox_port=_port(environ, "SANDBOX_PORT", 0),
             sandbox_profile=profile,
+            aws_faults=aws_faults,
         )
 
 
@@ -481,6 +489,7 @@ class ScheduleTrigger:
         self._thread: threading.Thread | None = None
         self.invocations = 0
         self.errors = 0
+        self.timeouts = 0
 
     def start(self) -> None:
         self._stopping = threading.Event()
@@ -532,9 +541,20 @@ class ScheduleTrigger:
             timeout_seconds=self._function_timeout,
         )
         self.invocations += 1
+        event = self.scheduled_event()
         try:
-            with invocation.running(self._function_name, self._function_timeout):
-                self._handler(self.scheduled_event(), context)
+            invoke(
+                self._function_name, self._function_timeout, lambda: self._handler(event, context)
+            )
+        except InvocationTimedOut as exc:
+            self.errors += 1
+            self.timeouts += 1
+            # One line, no traceback: the tick did nothing wrong but run long.
+            logger.error(
+                "%s: the scheduled invocation %s; Lambda would have stopped it",
+                self._function_name,
+                exc,
+            )
         except Exception:
             self.errors += 1
             logger.exception("%s: the scheduled invocation failed", self._function_name)
@@ -557,6 +577,8 @@ class LocalStack:
     sandbox: SandboxGateway | None = None
     # Each Lambda's timeout in seconds, from .chalice/config.json.
     timeouts: dict[str, float] = field(default_factory=dict)
+    # The AWS faults injected by kind, once the stack has stopped (see faults.py).
+    aws_faults_injected: dict[str, int] = field(default_factory=dict)
 
     def start(self) -> None:
         """Start everything; on failure stop what was started and raise StackError."""
@@ -614,6 +636,8 @@ class LocalStack:
         self.settings = Settings.from_env(self.environ)
 
         self._install_services(self.settings)
+        # From here on the service's own calls (inside invocations) may fail as AWS's do.
+        faults.inject_aws_faults(self.config.aws_faults)
         self.api = ApiServer(chalice_config, self.config.host, self.config.port)
         self._add(self.api)
         self._start_workers(sqs, handlers, app.app_name)
@@ -770,6 +794,14 @@ class LocalStack:
                 component.stop()
             except Exception:
                 logger.exception("%s did not stop cleanly", component.name)
+        if self.config.aws_faults.active:
+            self.aws_faults_injected = faults.injected_aws_faults()
+            logger.info(
+                "AWS faults injected: %s",
+                ", ".join(f"{kind}={n}" for kind, n in self.aws_faults_injected.items()) or "none",
+                extra={"aws_faults_injected": self.aws_faults_injected},
+            )
+        faults.inject_aws_faults(None)
         from chalicelib.container import use_services
 
         use_services(None)
@@ -819,7 +851,8 @@ def banner(stack: LocalStack) -> str:
         f"  Docs     {url}/docs",
         f"  Admin    {url}/admin",
         f"  Health   {url}/health",
-        f"  AWS      {stack.aws_endpoint_url} ({emulator}; tables {settings.table_prefix}-*)",
+        f"  AWS      {stack.aws_endpoint_url} ({emulator}; tables {settings.table_prefix}-*; "
+        f"faults: {stack.config.aws_faults.summary()})",
         f"  Queues   {_queue_summary(stack, settings)}",
         f"  Gateway  {_gateway_summary(stack, settings)}",
     ]
@@ -944,6 +977,9 @@ def run(out: TextIO | None = None, *, demo: bool = False) -> int:
             break
     logger.info("stopping the local stack")
     stack.stop()
+    if stack.config.aws_faults.active:
+        # For programs (tests): the faults injected into the service's AWS calls, by kind.
+        print(f"AWS_FAULTS_INJECTED {json.dumps(stack.aws_faults_injected)}", file=out, flush=True)
     logger.info("stopped")
     return exit_code
 
