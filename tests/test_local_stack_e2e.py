@@ -212,3 +212,23 @@ def test_a_bad_aws_faults_value_is_refused_with_exit_code_2() -> None:
     assert result.returncode == 2, result.stderr
     assert "error: AWS_FAULTS: unknown fault 'conflicts'" in result.stderr
     assert "READY" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [
+        ("send_messages=0.5", "'send_messages=0.5' is not function=seconds"),
+        ("send_messages", "'send_messages' is not function=seconds"),
+        ("send_messages=fast", "'send_messages=fast' is not function=seconds"),
+        ("sender=5", "LAMBDA_TIMEOUTS names sender; the local stack's functions are"),
+    ],
+)
+def test_a_bad_lambda_timeouts_value_is_refused_with_exit_code_2(
+    value: str, complaint: str
+) -> None:
+    # Given LAMBDA_TIMEOUTS with a bad entry, when the stack starts
+    result = start_refused(LAMBDA_TIMEOUTS=value)
+    # Then it exits with the code of a bad setting, saying what is wrong, and never serves
+    assert result.returncode == 2, result.stderr
+    assert complaint in result.stderr
+    assert "READY" not in result.stdout

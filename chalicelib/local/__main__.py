@@ -39,6 +39,8 @@ AWS faults (the service's own AWS calls fail as AWS's do under contention and fa
   AWS_FAULTS                       e.g. conflict=0.15,throttle=0.03,ddb500=0.01,sqs500=0.02,
                                    sqstimeout=0.01,secrets=0.05,seed=7 (default: none; see
                                    chalicelib/local/faults.py)
+  LAMBDA_TIMEOUTS                  function=seconds,... replacing .chalice/config.json's
+                                   timeouts here, e.g. send_messages=5 (default: none)
 
 Prints "SANDBOX <gateway_url>" (with the sandbox) and then "READY <api_url>" once it serves;
 stops cleanly on Ctrl+C or SIGTERM, printing "AWS_FAULTS_INJECTED <json counts by kind>"

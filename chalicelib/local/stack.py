@@ -76,6 +76,8 @@ MAX_RECEIVE_COUNT = Settings.model_fields["max_receive_count"].default
 _MAX_VISIBILITY_SECONDS = 43200
 _MAX_SENDER_POLLERS = 32
 _MAX_SQS_BATCH = 10
+# Lambda allows a function at most 15 minutes.
+_MAX_LAMBDA_TIMEOUT_SECONDS = 900
 SANDBOX_LEDGER_PATH = "/_sandbox/ledger"
 LOCAL_REPORT_SENDER = "reports@sms-campaigns.local"
 LOCAL_REPORT_RECIPIENT = "operator@sms-campaigns.local"
@@ -121,6 +123,8 @@ class LocalConfig:
     sandbox_profile: FaultProfile | None = field(default_factory=FaultProfile)
     # Faults injected into the service's own AWS calls (AWS_FAULTS); none by default.
     aws_faults: AwsFaults = field(default_factory=AwsFaults)
+    # Functions whose timeout differs from .chalice/config.json here (LAMBDA_TIMEOUTS).
+    lambda_timeouts: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def embeds_emulator(self) -> bool:
@@ -165,7 +169,28 @@ class LocalConfig:
             sandbox_port=_port(environ, "SANDBOX_PORT", 0),
             sandbox_profile=profile,
             aws_faults=aws_faults,
+            lambda_timeouts=_lambda_timeouts(environ.get("LAMBDA_TIMEOUTS") or ""),
         )
+
+
+def _lambda_timeouts(text: str) -> dict[str, float]:
+    """`function=seconds,...`: timeouts that replace the deployed ones in this local run."""
+    timeouts: dict[str, float] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, sep, raw = (piece.strip() for piece in entry.partition("="))
+        try:
+            seconds = float(raw) if sep else math.nan
+        except ValueError:
+            seconds = math.nan
+        if not name or not (1 <= seconds <= _MAX_LAMBDA_TIMEOUT_SECONDS):
+            raise ConfigError(
+                f"LAMBDA_TIMEOUTS: {entry!r} is not function=seconds with seconds from 1 to "
+                f"{_MAX_LAMBDA_TIMEOUT_SECONDS} (e.g. send_messages=5)"
+            )
+        timeouts[name] = seconds
+    return timeouts
 
 
 def _port(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -604,7 +629,16 @@ class LocalStack:
         app = chalice_config.chalice_app
         functions = (SCHEDULE_FUNCTION, FANOUT_FUNCTION, SEND_FUNCTION, IMPORT_FUNCTION)
         handlers = {name: _lambda_handler(app, name) for name in functions}
-        self.timeouts = {name: _function_timeout(chalice_config, name) for name in functions}
+        unknown = sorted(set(self.config.lambda_timeouts) - set(functions))
+        if unknown:
+            raise ConfigError(
+                f"LAMBDA_TIMEOUTS names {', '.join(unknown)}; the local stack's functions are "
+                + ", ".join(functions)
+            )
+        self.timeouts = {
+            name: self.config.lambda_timeouts.get(name) or _function_timeout(chalice_config, name)
+            for name in functions
+        }
         send_visibility_timeout = self._send_visibility_timeout()
         if self.config.port:
             # Checked again by the real bind; this only spares starting the emulator in vain.
