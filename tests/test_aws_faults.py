@@ -70,7 +70,7 @@ def test_a_conflict_reaches_transact_write_as_a_transient_cancellation_and_write
     assert error_code(raised.value) == "TransactionCanceledException"
     assert is_transient(raised.value)
     assert not is_conditional_failure(raised.value)
-    assert injected_aws_faults() == {"conflict": 1}
+    assert injected_aws_faults() == {"conflict": 1, "transactions": 1}
     # ...and nothing was written
     assert list(Sequence.batch_get(["a", "b"])) == []
 

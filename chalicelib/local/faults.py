@@ -41,6 +41,8 @@ SETTING = "AWS_FAULTS"
 
 _DYNAMODB = "dynamodb"
 _SQS = "sqs"
+# Not a fault: how many DynamoDB transactions were attempted while faults were on.
+TRANSACTIONS = "transactions"
 _SECRETS = "secrets-manager"
 _DYNAMODB_ERROR_PREFIX = "com.amazonaws.dynamodb.v20120810#"
 
@@ -174,6 +176,9 @@ class _Injector:
         """The error to answer with, "timeout" for a read timeout, or None to let it through."""
         faults = self.faults
         with self.lock:
+            if service == _DYNAMODB and operation == "TransactWriteItems":
+                # The base of the conflict rate: every transaction attempt, faulted or not.
+                self.counts[TRANSACTIONS] += 1
             if service == _DYNAMODB:
                 if self._hit(faults.ddb500):
                     return self._count("ddb500", _dynamodb_500())
@@ -276,12 +281,15 @@ def inject_aws_faults(faults: AwsFaults | None) -> None:
 
 
 def injected_aws_faults() -> dict[str, int]:
-    """How many faults of each kind were injected since `inject_aws_faults`."""
+    """How many faults of each kind were injected since `inject_aws_faults`, and how many
+    transactions were attempted meanwhile (`transactions`)."""
     injector = _injector
     if injector is None:
         return {}
     with injector.lock:
-        return {name: injector.counts[name] for name in _RATES if injector.counts[name]}
+        return {
+            name: injector.counts[name] for name in (*_RATES, TRANSACTIONS) if injector.counts[name]
+        }
 
 
 def install_call_hooks() -> None:
