@@ -643,3 +643,37 @@ def test_the_fan_out_worker_and_the_daily_report_run_under_their_roles(
     world.invoke("daily_report", world.scheduled_event())
 
     assert denials(caplog) == []
+
+
+def test_each_api_request_runs_as_the_api_handler_and_its_authorizer_as_itself() -> None:
+    """Given chalice local's gateway as the local stack serves it, when a request reaches a
+    route behind an authorizer, then the authorizer runs as its own function and the route as
+    api_handler, so each call is checked against the right role."""
+    from chalice import AuthResponse, Chalice
+    from chalice.config import Config
+
+    from chalicelib.local.api import TaggedGateway
+
+    app = Chalice(app_name="tagging")
+    seen: list[tuple[str, str | None]] = []
+
+    def running_as() -> str | None:
+        current = invocation.current()
+        return current.function if current is not None else None
+
+    @app.authorizer()
+    def gatekeeper(auth_request: Any) -> AuthResponse:
+        seen.append(("authorizer", running_as()))
+        return AuthResponse(routes=["*"], principal_id="someone")
+
+    @app.route("/", authorizer=gatekeeper)
+    def index() -> dict[str, str]:
+        seen.append(("route", running_as()))
+        return {}
+
+    gateway = TaggedGateway(app, Config.create(chalice_app=app, lambda_timeout=30))
+    answer = gateway.handle_request("GET", "/", {"authorization": "Bearer x"}, b"")
+
+    assert answer["statusCode"] == 200
+    assert seen == [("authorizer", "gatekeeper"), ("route", "api_handler")]
+    assert invocation.current() is None

@@ -6,6 +6,7 @@ infra/resources.yaml with one action taken out of the sender's grant on the mess
 
 from __future__ import annotations
 
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +15,16 @@ from typing import Any
 import pytest
 import requests
 
-from tests.local_stack_support import Stack, iam_denials, running_stack
+from tests.local_stack_support import (
+    READY_TIMEOUT_SECONDS,
+    REPO_ROOT,
+    Stack,
+    free_port,
+    iam_denials,
+    running_stack,
+    stack_command,
+    stack_environment,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -114,3 +124,32 @@ def test_the_unchanged_roles_deliver_the_same_mailing() -> None:
             time.sleep(POLL_SECONDS)
         # Then both SMS went out once, and (running_stack checks) nothing was denied
         assert sorted(str(send["phone"]) for send in accepted(stack)) == sorted(PHONES)
+        # And the banner says IAM was enforced, and with which template
+        assert "IAM      enforced: each function under its role in" in stack.running.output
+
+
+def test_a_policy_the_stack_cannot_evaluate_stops_it_at_start_up(tmp_path: Path) -> None:
+    # Given a template whose sender grant names a value the checker cannot resolve
+    text = (ROOT / "infra" / "resources.yaml").read_text()
+    broken = tmp_path / "resources.yaml"
+    broken.write_text(
+        text.replace(
+            "              - !GetAtt SendDeadLetterQueue.Arn\n",
+            "              - !ImportValue shared-dead-letters\n",
+            1,
+        )
+    )
+    # When the stack starts with it
+    result = subprocess.run(
+        stack_command(),
+        cwd=REPO_ROOT,
+        env=stack_environment(PORT=str(free_port()), LOCAL_IAM_TEMPLATE=str(broken)),
+        capture_output=True,
+        text=True,
+        timeout=READY_TIMEOUT_SECONDS,
+        start_new_session=True,
+    )
+    # Then it refuses to run unchecked: exit code 2, naming the template and the intrinsic
+    assert result.returncode == 2, result.stderr
+    assert f"error: LOCAL_IAM: {broken}: cannot evaluate Fn::ImportValue" in result.stderr
+    assert "READY" not in result.stdout

@@ -19,6 +19,7 @@ start-up), and the request context keys listed in `requests_for`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -270,6 +271,7 @@ _STRING_OPERATORS: dict[str, Callable[[str, str], bool]] = {
 _NEGATED = {name for name in _STRING_OPERATORS if "Not" in name}
 
 
+@functools.lru_cache(maxsize=4096)
 def _wildcard(pattern: str) -> re.Pattern[str]:
     """IAM's wildcards: * any run of characters, ? one character; nothing else is special."""
     return re.compile(
@@ -444,6 +446,10 @@ def load_roles(
     found = {}
     for function in functions:
         role = role_of(function)
+        merged = template["Resources"].get(role, {}).get("Properties", {})
+        if {"Policies", "ManagedPolicyArns", "PermissionsBoundary"} & set(merged):
+            # Merged onto Chalice's role they would replace or limit its policies: not modelled.
+            raise IamConfigError(f"{role} in {template_path.name}: only AWS::IAM::Policy is read")
         if role not in attached:
             raise IamConfigError(
                 f"no policy in {template_path.name} is attached to {role}, the role of "
