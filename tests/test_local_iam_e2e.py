@@ -153,3 +153,19 @@ def test_a_policy_the_stack_cannot_evaluate_stops_it_at_start_up(tmp_path: Path)
     assert result.returncode == 2, result.stderr
     assert f"error: LOCAL_IAM: {broken}: cannot evaluate Fn::ImportValue" in result.stderr
     assert "READY" not in result.stdout
+
+
+def test_with_local_iam_off_every_call_is_allowed_as_by_the_bare_emulator(tmp_path: Path) -> None:
+    # Given the stack with IAM off, and a template whose sender could not claim a message
+    template = template_without(tmp_path, "dynamodb:UpdateItem")
+    with running_stack(
+        LOCAL_IAM="off", LOCAL_IAM_TEMPLATE=str(template), SCHEDULER_INTERVAL_SECONDS="1"
+    ) as stack:
+        # When a mailing starts
+        http, mailing_id = start_mailing(stack)
+        deadline = time.monotonic() + TIMEOUT_SECONDS
+        while counts(http, stack, mailing_id)["sent"] < len(PHONES):
+            assert time.monotonic() < deadline, counts(http, stack, mailing_id)
+            time.sleep(POLL_SECONDS)
+        # Then it is delivered (nothing is checked), and the banner says so
+        assert "IAM      off (LOCAL_IAM=off)" in stack.running.output
