@@ -677,3 +677,52 @@ def test_each_api_request_runs_as_the_api_handler_and_its_authorizer_as_itself()
     assert answer["statusCode"] == 200
     assert seen == [("authorizer", "gatekeeper"), ("route", "api_handler")]
     assert invocation.current() is None
+
+
+def test_the_authorizer_reads_its_tokens_secret_by_name_under_its_role(
+    aws: None, clock: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given static tokens in a secret the settings name by its name (the grant names the full
+    ARN), when the authorizer checks a token, then it reads the secret under its own role and
+    lets the token through; the API's role may not read it."""
+    import boto3
+
+    from app import app
+    from chalicelib.container import Services, use_services
+    from chalicelib.local.poller import LambdaContext
+    from chalicelib.settings import Settings
+
+    secrets = boto3.client("secretsmanager", region_name=REGION)
+    secrets.create_secret(Name="sms-iam/api-tokens", SecretString=API_TOKEN)
+    monkeypatch.delenv("API_TOKENS", raising=False)
+    monkeypatch.delenv("AUTH_MODE", raising=False)
+    settings = Settings(table_prefix=PREFIX, api_tokens_secret_id="sms-iam/api-tokens")
+    use_services(Services.build(settings, clock=clock))
+    enforcer = iam.for_local_stack(
+        app, settings, account=ACCOUNT, queue_urls={}, secrets_client=secrets
+    )
+    iam.enforce(enforcer)
+    event = {
+        "type": "TOKEN",
+        "authorizationToken": f"Bearer {API_TOKEN}",
+        "methodArn": f"arn:aws:execute-api:{REGION}:{ACCOUNT}:abc123/api/GET/clients",
+    }
+    context = LambdaContext(
+        function_name="bearer_auth",
+        invoked_function_arn=f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:bearer_auth",
+        log_stream_name="test",
+        timeout_seconds=30,
+    )
+    try:
+        with invocation.running("bearer_auth"):
+            answer = app.handler_map["bearer_auth"](event, context)
+        with invocation.running(iam.API_FUNCTION), pytest.raises(ClientError) as denied:
+            secrets.get_secret_value(SecretId="sms-iam/api-tokens")
+    finally:
+        iam.enforce(None)
+        use_services(None)
+
+    [statement] = answer["policyDocument"]["Statement"]
+    assert statement["Effect"] == "Allow"
+    assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert [m for m in denials(caplog) if "bearer_auth" in m] == []
