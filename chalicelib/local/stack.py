@@ -899,7 +899,7 @@ def banner(stack: LocalStack) -> str:
             f"{', '.join(settings.report_recipients)}; copies in {settings.report_outbox_dir}"
         )
     iam = (
-        f"enforced: each function under its role in {stack.iam_template} (LOCAL_IAM=off)"
+        f"enforced: each function under its role in {stack.iam_template} (LOCAL_IAM=off disables)"
         if stack.iam_template is not None
         else "off (LOCAL_IAM=off): every AWS call is allowed"
     )
