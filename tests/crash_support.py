@@ -29,6 +29,7 @@ from tests.local_stack_support import (
     TOKEN,
     RunningStack,
     free_port,
+    iam_denials,
     spawn,
     stack_environment,
 )
@@ -147,6 +148,7 @@ class RestartableStack:
         os.killpg(running.process.pid, signal.SIGKILL)
         running.process.wait()
         self.outputs.append(running.output)
+        _refuse_iam_denials(running.output)
         return killed_at
 
     def stop(self) -> None:
@@ -162,6 +164,7 @@ class RestartableStack:
             pytest.fail(f"still running {STOP_TIMEOUT_SECONDS} s after SIGTERM:\n{running.output}")
         self.outputs.append(running.output)
         assert exit_code == 0, running.output
+        _refuse_iam_denials(running.output)
 
     def close(self) -> None:
         """Make sure no stack process is left behind, however the suite ended."""
@@ -174,6 +177,12 @@ class RestartableStack:
             os.killpg(running.process.pid, signal.SIGKILL)
             running.process.wait()
         self.outputs.append(running.output)
+
+
+def _refuse_iam_denials(output: str) -> None:
+    """IAM is enforced (LOCAL_IAM): a call a role denied would fail the same way on AWS."""
+    denied = iam_denials(output)
+    assert not denied, "a role lacks a grant the code needs:\n" + "\n".join(denied)
 
 
 # ---------------------------------------------------------------- the sandbox process

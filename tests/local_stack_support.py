@@ -50,6 +50,9 @@ _INHERITED_VARIABLES = (
     "SEND_VISIBILITY_TIMEOUT_SECONDS",
     "AWS_FAULTS",
     "LAMBDA_TIMEOUTS",
+    # Every e2e run checks each function's AWS calls against its role, as AWS would.
+    "LOCAL_IAM",
+    "LOCAL_IAM_TEMPLATE",
 )
 
 
@@ -139,11 +142,22 @@ class Stack:
     sandbox_url: str | None = None
 
 
+# What the local stack logs for each AWS call a function's role does not allow.
+IAM_DENIAL = "IAM denied"
+
+
+def iam_denials(output: str) -> list[str]:
+    """The stack's log lines of AWS calls denied by a function's role."""
+    return [line for line in output.splitlines() if IAM_DENIAL in line]
+
+
 @contextmanager
-def running_stack(**env: str) -> Iterator[Stack]:
+def running_stack(*, iam_denials_expected: bool = False, **env: str) -> Iterator[Stack]:
     """The local stack started as `make run` starts it, on a free port, stopped with SIGTERM.
 
-    `env` adds to (or overrides) its environment; API_TOKENS defaults to TOKEN.
+    `env` adds to (or overrides) its environment; API_TOKENS defaults to TOKEN. IAM is enforced
+    (LOCAL_IAM), and a call some function's role denied fails the test unless it expects them:
+    on AWS that call would fail the same way.
     """
     port = free_port()
     env.setdefault("API_TOKENS", TOKEN)
@@ -170,6 +184,9 @@ def running_stack(**env: str) -> Iterator[Stack]:
         except subprocess.TimeoutExpired:
             pytest.fail(f"still running {STOP_TIMEOUT_SECONDS} s after SIGTERM:\n{running.output}")
         assert exit_code == 0, running.output
+        denied = iam_denials(running.output)
+        if not iam_denials_expected:
+            assert not denied, "a role lacks a grant the code needs:\n" + "\n".join(denied)
     finally:
         if running.process.poll() is None:
             os.killpg(running.process.pid, signal.SIGKILL)

@@ -27,6 +27,7 @@ from chalicelib import workers
 from chalicelib.auth import LoadedTokenVerifier, OidcVerifier, build_verifier
 from chalicelib.domain import AudienceFilter
 from chalicelib.gateway import GatewayResult, Outcome
+from chalicelib.local import iam
 from chalicelib.metrics import METRICS, MetricsWriter
 from chalicelib.models import build_models
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS
@@ -75,7 +76,7 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "mailings/index/by_created": {QUERY},
         "messages": {QUERY, BATCH_GET, UPDATE},
         "messages/index/by_status": {QUERY},
-        # CSV imports: the job and its invalid rows (a batch write), reads, the listing.
+        # CSV imports: the job and its invalid rows (a put per page), reads, the listing.
         "imports": {PUT, UPDATE, QUERY, BATCH_GET},
         "imports/index/by_created": {QUERY},
     },
@@ -96,11 +97,12 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         **AUDIENCE_INDEXES,
         "sequences": {UPDATE},
     },
-    # Sender.deliver: one read of the batch's mailing, messages and clients; claims, outcomes.
+    # Sender.deliver: one read of the batch's mailing, messages and clients; claims, outcomes;
+    # a message read after a lost claim; clients one by one when a record does not deserialise.
     "SendMessages": {
         "mailings": {GET, UPDATE},
-        "messages": {BATCH_GET, UPDATE},
-        "clients": {BATCH_GET},
+        "messages": {BATCH_GET, GET, UPDATE},
+        "clients": {BATCH_GET, GET},
         "sequences": {GET, PUT, UPDATE},  # the shared gateway limits
     },
     # The daily report: every mailing (keys from by_created, then the items); it writes nothing.
@@ -1815,7 +1817,7 @@ def test_every_alarm_watches_a_resource_of_this_stack(resources: dict, alarms: d
 
 
 PREFIX = "sms-infra"
-DYNAMODB_PARTS = {"Put": PUT, "Update": UPDATE, "Delete": DELETE, "ConditionCheck": None}
+ACCOUNT, REGION = "123456789012", "us-east-1"  # moto's
 
 
 @dataclass
@@ -1826,36 +1828,24 @@ class Recorded:
     queues: dict[str, set[str]] = field(default_factory=dict)
     other: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
-    def table(self, name: str, action: str, index: str | None = None) -> None:
-        key = name.removeprefix(f"{PREFIX}-") + (f"/index/{index}" if index else "")
-        self.tables.setdefault(key, set()).add(action)
-
 
 def record(calls: list[tuple[str, str, dict]], queue_ids: dict[str, str]) -> Recorded:
-    """Map botocore calls to IAM actions: a batch or a transaction is authorised part by part,
-    SendMessageBatch as SendMessage (see the IAM note in infra/resources.yaml)."""
+    """Map botocore calls to what IAM authorises, as the local stack's IAM does: a transaction
+    part by part, a batch as its own action, SendMessageBatch as SendMessage (see the IAM note
+    in infra/resources.yaml)."""
+    scope = iam.CallScope(REGION, ACCOUNT)
+    queue_of = {iam.queue_arn(url, REGION): logical_id for url, logical_id in queue_ids.items()}
+    table_arns = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{PREFIX}-"
     found = Recorded()
     for service, operation, params in calls:
-        if service == "dynamodb" and operation == "BatchGetItem":
-            for name in params["RequestItems"]:
-                found.table(name, BATCH_GET)
-        elif service == "dynamodb" and operation == "BatchWriteItem":
-            for name, requests in params["RequestItems"].items():
-                for request in requests:
-                    found.table(name, PUT if "PutRequest" in request else DELETE)
-        elif service == "dynamodb" and operation == "TransactWriteItems":
-            for item in params["TransactItems"]:
-                [(part, body)] = item.items()
-                found.table(
-                    body["TableName"], DYNAMODB_PARTS[part] or "dynamodb:ConditionCheckItem"
-                )
-        elif service == "dynamodb":
-            found.table(params["TableName"], f"dynamodb:{operation}", params.get("IndexName"))
-        elif service == "sqs":
-            action = SEND if operation == "SendMessageBatch" else f"sqs:{operation}"
-            found.queues.setdefault(queue_ids[params["QueueUrl"]], set()).add(action)
-        else:
-            found.other.setdefault(f"{service}:{operation}", []).append(params)
+        for request in iam.requests_for(service, operation, params, scope):
+            if service == "dynamodb":
+                key = request.resource.removeprefix(table_arns)
+                found.tables.setdefault(key, set()).add(request.action)
+            elif service == "sqs":
+                found.queues.setdefault(queue_of[request.resource], set()).add(request.action)
+            else:
+                found.other.setdefault(request.action, []).append(params)
     return found
 
 

@@ -172,6 +172,8 @@ def test_too_short_token_is_refused_before_anything_starts() -> None:
     [
         ("SANDBOX_ERROR_RATE", "1.5", "must be between 0 and 1"),
         ("SCHEDULER_INTERVAL_SECONDS", "0", "must be a positive number of seconds"),
+        ("LOCAL_IAM", "maybe", "must be enforce or off"),
+        ("LOCAL_IAM_TEMPLATE", "infra/missing.yaml", "must name an existing file"),
     ],
 )
 def test_bad_pipeline_setting_is_refused_with_exit_code_2(

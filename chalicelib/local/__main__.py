@@ -27,6 +27,11 @@ delivery pipeline:
                                    use these queues (default: <TABLE_PREFIX>-send etc.,
                                    created if missing)
 
+IAM:
+  LOCAL_IAM                        enforce (default): each function's AWS calls are checked
+                                   against its role in the template; off: all allowed
+  LOCAL_IAM_TEMPLATE               the template of those roles (default infra/resources.yaml)
+
 gateway:
   SENDER_API_URL, SENDER_API_TOKEN  talk to this SMS gateway (both or neither); without
                                    them a sandbox gateway runs on 127.0.0.1

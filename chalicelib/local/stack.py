@@ -32,6 +32,7 @@ from typing import Any, Protocol, TextIO
 
 from chalicelib import logs
 from chalicelib.local import faults
+from chalicelib.local.api import tag_requests
 from chalicelib.local.faults import AwsFaults
 from chalicelib.local.gateway import FaultProfile, SandboxGateway
 from chalicelib.local.poller import InvocationTimedOut, LambdaContext, SqsPoller, invoke
@@ -125,6 +126,9 @@ class LocalConfig:
     aws_faults: AwsFaults = field(default_factory=AwsFaults)
     # Functions whose timeout differs from .chalice/config.json here (LAMBDA_TIMEOUTS).
     lambda_timeouts: Mapping[str, float] = field(default_factory=dict)
+    # LOCAL_IAM: each function's AWS calls checked against its role (see chalicelib/local/iam.py).
+    iam_enforced: bool = True
+    iam_template: Path | None = None  # LOCAL_IAM_TEMPLATE; None: infra/resources.yaml
 
     @property
     def embeds_emulator(self) -> bool:
@@ -170,6 +174,8 @@ class LocalConfig:
             sandbox_profile=profile,
             aws_faults=aws_faults,
             lambda_timeouts=_lambda_timeouts(environ.get("LAMBDA_TIMEOUTS") or ""),
+            iam_enforced=_iam_enforced(environ),
+            iam_template=_existing_file(environ, "LOCAL_IAM_TEMPLATE"),
         )
 
 
@@ -191,6 +197,23 @@ def _lambda_timeouts(text: str) -> dict[str, float]:
             )
         timeouts[name] = seconds
     return timeouts
+
+
+def _iam_enforced(environ: Mapping[str, str]) -> bool:
+    raw = (environ.get("LOCAL_IAM") or "enforce").strip().lower()
+    if raw not in ("enforce", "off"):
+        raise ConfigError(f"LOCAL_IAM must be enforce or off, got {raw!r}")
+    return raw == "enforce"
+
+
+def _existing_file(environ: Mapping[str, str], name: str) -> Path | None:
+    raw = (environ.get(name) or "").strip()
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(f"{name} must name an existing file, got {raw!r}")
+    return path
 
 
 def _port(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -358,6 +381,8 @@ class ApiServer:
                 f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}; "
                 "set PORT to a free port (or HOST to another address)"
             ) from None
+        # Each request's route runs as the API handler's invocation, its authorizer as its own.
+        tag_requests(self._server, app, self._config)
         self._thread = threading.Thread(
             target=self._server.server.serve_forever,
             kwargs={"poll_interval": 0.2},
@@ -604,6 +629,8 @@ class LocalStack:
     timeouts: dict[str, float] = field(default_factory=dict)
     # The AWS faults injected by kind, once the stack has stopped (see faults.py).
     aws_faults_injected: dict[str, int] = field(default_factory=dict)
+    # The template whose roles the functions run under; None: IAM is not enforced.
+    iam_template: Path | None = None
 
     def start(self) -> None:
         """Start everything; on failure stop what was started and raise StackError."""
@@ -668,6 +695,8 @@ class LocalStack:
             self._start_sandbox(self.config.sandbox_profile)
         # Read again: the queue and gateway addresses exist only now.
         self.settings = Settings.from_env(self.environ)
+        if self.config.iam_enforced:
+            self._enforce_iam(app, self.settings)
 
         self._install_services(self.settings)
         # From here on the service's own calls (inside invocations) may fail as AWS's do.
@@ -716,6 +745,40 @@ class LocalStack:
             # `or`: an empty variable means unset, as everywhere in the local stack.
             self.environ[name] = self.environ.get(name) or url
         return queues
+
+    def _enforce_iam(self, app: Any, settings: Settings) -> None:
+        """From here on, each function's AWS calls run under its role in the template."""
+        from chalicelib import aws
+        from chalicelib.local import iam
+
+        if self.queues is None:
+            raise RuntimeError("IAM needs the queues")
+        template = self.config.iam_template or iam.DEFAULT_TEMPLATE
+        queues = self.queues
+        by_logical_id = {
+            "SendQueue": settings.send_queue_url or queues.send,
+            "SendDeadLetterQueue": settings.send_dlq_url or queues.send_dlq,
+            "FanoutQueue": settings.fanout_queue_url or queues.fanout,
+            "FanoutDeadLetterQueue": queues.fanout_dlq,
+            "ImportQueue": settings.import_queue_url or queues.import_,
+            "ImportDeadLetterQueue": queues.import_dlq,
+        }
+        needs_secrets = settings.api_tokens_secret_id or settings.sender_api_token_secret_id
+        try:
+            enforcer = iam.for_local_stack(
+                app,
+                settings,
+                account=queues.account,
+                queue_urls=by_logical_id,
+                template_path=template,
+                secrets_client=aws.client("secretsmanager", settings) if needs_secrets else None,
+            )
+        except iam.IamConfigError as exc:
+            message = f"LOCAL_IAM: {template}: {exc} (LOCAL_IAM=off runs without)"
+            raise ConfigError(message) from None
+        iam.enforce(enforcer)
+        self.iam_template = template
+        logger.info("IAM enforced: each function runs under its role in %s", template)
 
     def _start_sandbox(self, profile: FaultProfile) -> None:
         if self.environ.get("SENDER_API_TOKEN"):
@@ -836,6 +899,11 @@ class LocalStack:
                 extra={"aws_faults_injected": self.aws_faults_injected},
             )
         faults.inject_aws_faults(None)
+        if self.iam_template is not None:
+            from chalicelib.local import iam
+
+            iam.enforce(None)
+            self.iam_template = None
         from chalicelib.container import use_services
 
         use_services(None)
@@ -897,6 +965,12 @@ def banner(stack: LocalStack) -> str:
             f"  Reports  POST {url}/reports/daily e-mails "
             f"{', '.join(settings.report_recipients)}; copies in {settings.report_outbox_dir}"
         )
+    iam = (
+        f"enforced: each function under its role in {stack.iam_template} (LOCAL_IAM=off disables)"
+        if stack.iam_template is not None
+        else "off (LOCAL_IAM=off): every AWS call is allowed"
+    )
+    lines.append(f"  IAM      {iam}")
     config = stack.config
     lines.append(
         f"  Workers  scheduler tick every {config.scheduler_interval:g} s; "

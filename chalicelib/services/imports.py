@@ -187,9 +187,10 @@ class ClientImports:
             )
             for n, start in enumerate(range(0, len(problems), PROBLEMS_PER_PAGE))
         ]
-        with Import.batch_write() as batch:
-            for page in pages:
-                batch.save(page)
+        # One put per page (four at most: the API keeps 1,000 problems), not a batch write: the
+        # API's role may put items in the imports table; BatchWriteItem is an action of its own.
+        for page in pages:
+            page.save()
         job.save(condition=Import.import_id.does_not_exist())
         log = {
             "import_id": import_id,
