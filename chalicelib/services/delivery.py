@@ -130,7 +130,7 @@ class _Outcomes:
     def __init__(self, write: Callable[[list[Outcome]], set[str]]) -> None:
         self._write = write
         self._waiting: list[Outcome] = []
-        self._written: dict[Outcome, bool | Exception] = {}
+        self._written: dict[Outcome, bool | BaseException] = {}
         self._lock = threading.Lock()
         self._writing = threading.Lock()
 
@@ -144,12 +144,13 @@ class _Outcomes:
             if group:
                 try:
                     done = self._write(group)
-                except Exception as exc:  # every outcome of the group failed with it
+                except BaseException as exc:  # every outcome of the group failed with it
                     self._written.update(dict.fromkeys(group, exc))
+                    raise
                 else:
                     self._written.update({o: o.client_id in done for o in group})
         written = self._written[outcome]
-        if isinstance(written, Exception):
+        if isinstance(written, BaseException):
             raise written
         return written
 
