@@ -50,6 +50,12 @@ def check_api_tokens(tokens: tuple[str, ...]) -> tuple[str, ...]:
     return tokens
 
 
+# Time the sender keeps, after a gateway call's connect + read timeouts, to write the call's
+# outcome (retrying through conflicts and throttles) and send unstarted jobs back to SQS. A call
+# starts only when this much is left of both the invocation and the message's claim.
+OUTCOME_WRITE_SECONDS = 2.0
+
+
 class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
 
@@ -176,8 +182,12 @@ class Settings(BaseModel):
                 names = ", ".join(name.upper() for name in missing)
                 raise ValueError(f"AUTH_MODE=oidc needs {names}")
         self._sign_in_is_complete()
-        if self.claim_seconds <= self.gateway_connect_timeout + self.gateway_read_timeout:
-            raise ValueError("CLAIM_SECONDS must exceed the gateway's connect + read timeouts")
+        if self.claim_seconds <= self.gateway_call_seconds + OUTCOME_WRITE_SECONDS:
+            # A claim must outlast any call the sender starts under it, and the outcome's write.
+            raise ValueError(
+                "CLAIM_SECONDS must exceed the gateway's connect + read timeouts by "
+                f"{OUTCOME_WRITE_SECONDS:g} s (the time to record a call's outcome)"
+            )
         if self.gateway_max_pause_seconds < self.gateway_pause_seconds:
             raise ValueError("GATEWAY_MAX_PAUSE_SECONDS must not be below GATEWAY_PAUSE_SECONDS")
         if self.report_recipients and not self.report_sender:
@@ -196,6 +206,11 @@ class Settings(BaseModel):
         if self.auth_mode is not AuthMode.OIDC:
             # The API would refuse every token the sign-in brings back.
             raise ValueError("OIDC_CLIENT_ID and the sign-in URLs need AUTH_MODE=oidc")
+
+    @property
+    def gateway_call_seconds(self) -> float:
+        """The longest one gateway call can take: its connect and read timeouts."""
+        return self.gateway_connect_timeout + self.gateway_read_timeout
 
     @property
     def single_sign_on(self) -> bool:

@@ -92,14 +92,16 @@ def import_clients(event: Any) -> None:
         current.imports.process(chunk, last_attempt=receives >= current.settings.max_receive_count)
 
 
-def _send_record(record: SQSRecord) -> None:
+def _send_record(record: SQSRecord, lambda_context: Any = None) -> None:
     try:
         batch = JobBatch.model_validate_json(record.body)
     except ValidationError:
         # It can never succeed; retrying would only end in the DLQ after maxReceiveCount.
         logger.error("malformed send job dropped", extra={"sqs_message_id": record.message_id})
         return
-    services().sender.deliver(batch)
+    # Each record gets what is left of the invocation when its turn comes.
+    remaining = _remaining(lambda_context) if lambda_context is not None else None
+    services().sender.deliver(batch, remaining)
 
 
 @blueprint.on_sqs_message(

@@ -5,11 +5,14 @@ DynamoDB is moto's, the gateway is the real sandbox HTTP server, time is the tes
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import random
 import threading
 from collections import Counter
 from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -647,13 +650,31 @@ def sqs_event(bodies: list[str]) -> dict:
     }
 
 
+@pytest.fixture
+def send_lambda(services, monkeypatch: pytest.MonkeyPatch):
+    """Chalice's test client, its Lambda contexts counting down from the sender's configured
+    timeout as Lambda's do (Chalice's own test contexts give every function 3 s)."""
+    import chalice.test
+    from chalice.local import LambdaContext
+    from chalice.test import Client
+
+    from app import app
+
+    config = json.loads((Path(__file__).parents[1] / ".chalice" / "config.json").read_text())
+    timeout_ms = config["lambda_functions"]["send_messages"]["lambda_timeout"] * 1000
+    context = functools.partial(LambdaContext, max_runtime_ms=timeout_ms)
+    monkeypatch.setattr(chalice.test, "LambdaContext", context)
+    with Client(app) as client:
+        yield client.lambda_
+
+
 def queued_batches(pipeline: Pipeline) -> list[str]:
     pipeline.kicks()
     return [m.body for m in pipeline.sqs.take_ready(SEND_URL, 100)]
 
 
 def test_one_failing_record_is_reported_alone_and_its_siblings_are_not_sent_again(
-    api, pipeline, services, clock, gateway, monkeypatch
+    api, pipeline, services, clock, gateway, monkeypatch, send_lambda
 ):
     # Given three SQS messages of jobs, the second of which hits a storage error
     object.__setattr__(services.settings, "jobs_per_message", 2)
@@ -665,48 +686,36 @@ def test_one_failing_record_is_reported_alone_and_its_siblings_are_not_sent_agai
     broken = JobBatch.model_validate_json(bodies[1]).jobs[0].client_id
     original = services.clients.find_many
 
-    def flaky(client_ids):
+    def flaky(client_ids, **kwargs):
         if broken in client_ids:
             raise RuntimeError("DynamoDB hiccup")
-        return original(client_ids)
+        return original(client_ids, **kwargs)
 
     monkeypatch.setattr(services.clients, "find_many", flaky)
 
     # When the send Lambda handles the batch
-    from chalice.test import Client
-
-    from app import app
-
-    with Client(app) as client:
-        response = client.lambda_.invoke("send_messages", sqs_event(bodies))
+    response = send_lambda.invoke("send_messages", sqs_event(bodies))
 
     # Then only the failing record is reported, so SQS re-delivers only it
     assert response.payload == {"batchItemFailures": [{"itemIdentifier": "record-1"}]}
     assert len(gateway.accepted()) == 4
     # And when SQS re-delivers it (the storage is fine again), only its jobs are sent
     monkeypatch.setattr(services.clients, "find_many", original)
-    with Client(app) as client:
-        again = client.lambda_.invoke("send_messages", sqs_event([bodies[1]]))
+    again = send_lambda.invoke("send_messages", sqs_event([bodies[1]]))
     assert again.payload == {"batchItemFailures": []}
     assert sorted(gateway.accepted_ids().values()) == [1] * 6
     # Even a full re-delivery of every record would send nothing twice
-    with Client(app) as client:
-        client.lambda_.invoke("send_messages", sqs_event(bodies))
+    send_lambda.invoke("send_messages", sqs_event(bodies))
     assert sorted(gateway.accepted_ids().values()) == [1] * 6
 
 
-def test_malformed_job_is_dropped_without_failing_its_batch(api, pipeline, clock, gateway):
+def test_malformed_job_is_dropped_without_failing_its_batch(
+    api, pipeline, clock, gateway, send_lambda
+):
     add_client(api, "79000000001")
     create_mailing(api, clock)
     bodies = queued_batches(pipeline)
-    from chalice.test import Client
-
-    from app import app
-
-    with Client(app) as client:
-        response = client.lambda_.invoke(
-            "send_messages", sqs_event(['{"jobs": "garbage"}', *bodies])
-        )
+    response = send_lambda.invoke("send_messages", sqs_event(['{"jobs": "garbage"}', *bodies]))
     assert response.payload == {"batchItemFailures": []}
     assert len(gateway.accepted()) == 1
 
@@ -962,6 +971,8 @@ def test_jobs_of_a_deleted_mailing_leave_their_messages_failed_with_the_reason(
     assert gateway.accepted() == []
 
 
+# Claims that outlast five slow claims and then a call and its outcome's write.
+@pytest.mark.parametrize("settings", [{"claim_seconds": 10}], indirect=True)
 def test_slow_claims_cost_no_trip_through_the_queue(
     api, pipeline, services, clock, gateway, monkeypatch
 ):

@@ -33,11 +33,14 @@ from chalicelib.pagination import (
     paginate,
     read_page,
 )
-from chalicelib.services.storage import is_conditional_failure, looks_like_id
+from chalicelib.services.storage import Retry, TryAgain, is_conditional_failure, looks_like_id
 
 logger = logging.getLogger(__name__)
 
 PREVIEW_PAGE = 500
+BATCH_GET_KEYS = 100  # DynamoDB's limit for one BatchGetItem
+# A batch read's unprocessed keys or throttles, asked for again a few times before giving up.
+BATCH_READ_RETRY = Retry(attempts=5)
 
 
 @dataclass(frozen=True)
@@ -89,38 +92,56 @@ class ClientDirectory:
         """The client, or NotFound."""
         return self._to_domain(self._load(client_id))
 
-    def find_many(self, client_ids: list[str]) -> tuple[dict[str, Client], dict[str, str]]:
+    def find_many(
+        self, client_ids: list[str], *, retry: Retry = BATCH_READ_RETRY
+    ) -> tuple[dict[str, Client], dict[str, str]]:
         """The usable clients among `client_ids`, by id, and what is wrong with the others.
 
         A record that is corrupt or from an older schema is reported, never raised: one bad
-        record must not stop the work on the good ones.
+        record must not stop the work on the good ones. A read that keeps failing transiently
+        (after `retry`) is raised: it says nothing about the records.
         """
         wanted = [c for c in dict.fromkeys(client_ids) if looks_like_id(c)]
-        try:
-            items = list(self._models.Client.batch_get(wanted, consistent_read=True))
-        except Exception:  # a record that does not even deserialise: read them one by one
-            items = []
-            problems: dict[str, str] = {}
-            for client_id in wanted:
-                try:
-                    items.append(self._models.Client.get(client_id, consistent_read=True))
-                except DoesNotExist:
-                    continue
-                except Exception as exc:
-                    problems[client_id] = f"client record is unreadable: {type(exc).__name__}"
-        else:
-            problems = {}
         found: dict[str, Client] = {}
-        for item in items:
+        problems: dict[str, str] = {}
+        for raw in self._read_raw(wanted, retry):
+            client_id = raw.get("client_id", {}).get("S", "")
+            try:
+                item = self._models.Client.from_raw_data(raw)
+            except Exception as exc:  # a record that does not even deserialise
+                problems[client_id] = f"client record is unreadable: {type(exc).__name__}"
+                continue
             problem = client_record_problem(item)
             if problem:
-                problems[item.client_id] = problem
+                problems[client_id] = problem
             else:
-                found[item.client_id] = self._to_domain(item)
+                found[client_id] = self._to_domain(item)
         for client_id in client_ids:
             if client_id not in found and client_id not in problems:
                 problems[client_id] = "client record is missing (the client was deleted)"
         return found, problems
+
+    def _read_raw(self, client_ids: list[str], retry: Retry) -> list[dict]:
+        """The stored clients as DynamoDB returned them (BatchGetItem), each deserialised
+        separately by the caller, so one bad record spoils only itself."""
+        table = self._models.Client.Meta.table_name
+        items: list[dict] = []
+        for start in range(0, len(client_ids), BATCH_GET_KEYS):
+            keys = [{"client_id": {"S": c}} for c in client_ids[start : start + BATCH_GET_KEYS]]
+
+            def page() -> None:
+                nonlocal keys
+                answer = self._connection.dispatch(
+                    "BatchGetItem",
+                    {"RequestItems": {table: {"Keys": keys, "ConsistentRead": True}}},
+                )
+                items.extend(answer.get("Responses", {}).get(table, []))
+                keys = answer.get("UnprocessedKeys", {}).get(table, {}).get("Keys") or []
+                if keys:  # DynamoDB was too busy for some: those are asked for again
+                    raise TryAgain(f"{len(keys)} clients not read yet")
+
+            retry(page)
+        return items
 
     def list(
         self,

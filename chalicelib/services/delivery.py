@@ -3,8 +3,13 @@
 Right before each call it re-checks everything that may have changed since the job was queued:
 the message is still pending, the mailing exists and is not cancelled, the end has not passed,
 the client exists, and it is inside the client's local send window. Then it *claims* the message
-(a conditional write only one sender can win) and calls the gateway. When the batch's calls are
-done, their outcomes are written with the mailing's counters in one transaction.
+(a conditional write only one sender can win) and calls the gateway. Each outcome is written as
+soon as its call returns, with the mailing's counters, in one transaction with whatever other
+outcomes of the batch are waiting by then.
+
+Right before each call it looks again: enough of the invocation and of the claim is left for the
+call and its outcome's write, and the mailing (as read at most a second ago) is still running. A
+conflict or a throttle from DynamoDB is retried with backoff, never read as "already done".
 
 The one window for a double send: a sender dies (or its write fails) after the gateway accepted a
 message and before the outcome is written. The claim then expires, SQS delivers the job again, and
@@ -19,6 +24,7 @@ import logging
 import math
 import random
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,8 +52,9 @@ from chalicelib.services.queues import (
     SendJob,
     coalesce,
 )
+from chalicelib.services.storage import Retry, is_transient
 from chalicelib.services.throttle import GatewayThrottle, Slots
-from chalicelib.settings import Settings, SettingsError
+from chalicelib.settings import OUTCOME_WRITE_SECONDS, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +65,24 @@ THROTTLED_SPREAD_SECONDS = 5.0
 # How soon a job of a paused mailing looks again (a resume takes effect within this).
 PAUSED_RECHECK_SECONDS = 10
 PAUSED_MAX_RECHECK_SECONDS = 300
+# How old the mailing's status may be when a gateway call starts: a cancel or a pause stops the
+# calls within this, with one read of the mailing per interval for all of a batch's threads.
+STATUS_MAX_AGE_SECONDS = 1.0
+# A read that keeps failing transiently is tried this often before the job is put back.
+READ_ATTEMPTS = 4
+# Writes are retried until this close to the invocation's deadline (then the record fails and
+# comes back from SQS; see the module's docstring for the one double-send window).
+DEADLINE_RESERVE_SECONDS = 0.5
+# Without an invocation's clock (scripts, tests): Lambda's longest timeout.
+DEFAULT_BUDGET_SECONDS = 900.0
+
+Remaining = Callable[[], float]
+
+
+def countdown(seconds: float) -> Remaining:
+    """The seconds left of a budget of `seconds` starting now, like Lambda's context gives."""
+    deadline = time.monotonic() + seconds
+    return lambda: deadline - time.monotonic()
 
 
 class JobResult(StrEnum):
@@ -98,10 +123,72 @@ class BatchReport:
     gateway_calls: int = 0
 
 
+class _Outcomes:
+    """Writes a batch's outcomes as they come: the thread that brings one writes every outcome
+    waiting by then in one transaction (one counter update for all), while the others wait."""
+
+    def __init__(self, write: Callable[[list[Outcome]], set[str]]) -> None:
+        self._write = write
+        self._waiting: list[Outcome] = []
+        self._written: dict[Outcome, bool | BaseException] = {}
+        self._lock = threading.Lock()
+        self._writing = threading.Lock()
+
+    def write(self, outcome: Outcome) -> bool:
+        """Whether `outcome` was recorded (False: the message was no longer ours to finish)."""
+        with self._lock:
+            self._waiting.append(outcome)
+        with self._writing:
+            with self._lock:
+                group, self._waiting = self._waiting, []
+            if group:
+                try:
+                    done = self._write(group)
+                except BaseException as exc:  # every outcome of the group failed with it
+                    self._written.update(dict.fromkeys(group, exc))
+                    raise
+                else:
+                    self._written.update({o: o.client_id in done for o in group})
+        written = self._written[outcome]
+        if isinstance(written, BaseException):
+            raise written
+        return written
+
+
+class _MailingWatch:
+    """The batch's mailing as read at most STATUS_MAX_AGE_SECONDS ago by the invocation's clock
+    (None: deleted or unusable); one read at a time for all of the batch's threads."""
+
+    def __init__(self, read: Callable[[], Any | None], remaining: Remaining, mailing: Any) -> None:
+        self._read, self._remaining = read, remaining
+        self._mailing, self._read_at = mailing, remaining()
+        self._lock = threading.Lock()
+
+    def current(self) -> Any | None:
+        with self._lock:
+            now = self._remaining()
+            if self._read_at - now >= STATUS_MAX_AGE_SECONDS:
+                self._mailing, self._read_at = self._read(), now
+            return self._mailing
+
+
+@dataclass
+class _Delivery:
+    """What the jobs of one delivery share: the invocation's clock, the storage retries bounded
+    by it, the mailing's watch and the outcome writer."""
+
+    remaining: Remaining
+    retry: Retry
+    read_retry: Retry
+    outcomes: _Outcomes
+    watch: _MailingWatch | None = None
+
+
 @dataclass
 class _Job:
     batch: JobBatch
     job: SendJob
+    run: _Delivery
     mailing: Any
     client: Any
     # Why the mailing or the client record cannot be used (missing, corrupt, older schema).
@@ -109,12 +196,12 @@ class _Job:
     mailing_exists: bool = True
     requeue: Delayed | None = None
     called_gateway: bool = False
-    # A claimed message's outcome, recorded with its batch's others in one transaction.
-    outcome: Outcome | None = None
     result: JobResult | None = None
-    # Passed every check and waits for a gateway call; its claim; the gateway's answer.
+    # Passed every check and waits for a gateway call; its claim (and until when it holds);
+    # the gateway's answer.
     ready: bool = False
     claim: str | None = None
+    claim_until: datetime | None = None
     answer: GatewayResult | None = None
 
 
@@ -150,18 +237,30 @@ class Sender:
         self._metrics = metrics
         self._margin = timedelta(seconds=settings.gateway_connect_timeout)
 
-    def deliver(self, batch: JobBatch) -> BatchReport:
-        """Process every job of `batch`; raises (so SQS retries it) only on unexpected errors."""
+    def deliver(self, batch: JobBatch, remaining: Remaining | None = None) -> BatchReport:
+        """Process every job of `batch` within the invocation's `remaining()` seconds; raises (so
+        SQS retries it) on unexpected errors and on reads that keep failing transiently."""
+        run = self._delivery(batch.mailing_id, remaining or countdown(DEFAULT_BUDGET_SECONDS))
         # One read each for the mailing and the clients of the whole batch, right before its
         # calls start (milliseconds later): a deleted or cancelled mailing or a deleted client is
         # seen here. The message itself is checked by the claim's condition.
         client_ids = [job.client_id for job in batch.jobs]
-        mailing, mailing_problem, mailing_exists = self._mailing_checked(batch.mailing_id)
-        clients, problems = self._clients.find_many(client_ids) if mailing else ({}, {})
+        mailing, mailing_problem, mailing_exists = self._mailing_checked(
+            batch.mailing_id, run.read_retry
+        )
+        clients, problems = (
+            self._clients.find_many(client_ids, retry=run.read_retry) if mailing else ({}, {})
+        )
+        run.watch = _MailingWatch(
+            lambda: self._mailing_checked(batch.mailing_id, run.read_retry)[0],
+            run.remaining,
+            mailing,
+        )
         work = [
             _Job(
                 batch,
                 job,
+                run,
                 mailing,
                 clients.get(job.client_id),
                 mailing_problem or problems.get(job.client_id),
@@ -176,8 +275,6 @@ class Sender:
         ready = [item for item in work if item.ready]
         if ready:
             errors += self._send_all(pool, ready)
-        # What the gateway answered is recorded even when a sibling failed.
-        self._record_outcomes(batch.mailing_id, work)
         report = BatchReport()
         for item in work:
             if item.result is not None:
@@ -200,8 +297,26 @@ class Sender:
             and mailing.fanout_done
             and any(r in _TERMINAL for r in report.results)
         ):
-            self._kick_if_drained(batch.mailing_id)
+            self._kick_if_drained(batch.mailing_id, run.read_retry)
         return report
+
+    def _delivery(self, mailing_id: str, remaining: Remaining) -> _Delivery:
+        retry = Retry(remaining, reserve=DEADLINE_RESERVE_SECONDS, rng=self._rng)
+        outcomes = _Outcomes(
+            lambda group: self._messages.finish_many(mailing_id, group, self._clock(), retry=retry)
+        )
+        read_retry = Retry(remaining, attempts=READ_ATTEMPTS, rng=self._rng)
+        return _Delivery(remaining, retry, read_retry, outcomes)
+
+    def _call_fits(self, item: _Job) -> bool:
+        """Whether a gateway call started now, and its outcome's write, end before the
+        invocation's deadline and while the message's claim (if taken) holds."""
+        needed = self._settings.gateway_call_seconds + OUTCOME_WRITE_SECONDS
+        if item.claim_until is not None and item.claim_until - self._clock() < timedelta(
+            seconds=needed
+        ):
+            return False
+        return item.run.remaining() >= needed
 
     @staticmethod
     def _each(
@@ -226,8 +341,9 @@ class Sender:
         """The gateway calls of one batch: claims first, then slots and permits from the shared
         throttle, reserved when the calls are ready to leave (claims take time)."""
         paused = self._throttle.paused_for()
-        if paused > 0:
-            # Known to be paused: no claim, no call; back after the pause, no attempt spent.
+        if paused > 0 or not self._call_fits(ready[0]):
+            # Known to be paused, or too little time left for a call: no claim, no call; back
+            # later, no attempt spent.
             for item in ready:
                 item.result = self._throttled(item, paused)
             return []
@@ -253,11 +369,17 @@ class Sender:
 
     def _claim(self, item: _Job) -> JobResult | None:
         """Claim the message for a call; the job's result if it cannot be claimed."""
-        job, now = item.job, self._clock()
-        item.claim = self._messages.claim(
-            item.batch.mailing_id, job.client_id, job.message_id, now, self._settings.claim_seconds
+        job, now, seconds = item.job, self._clock(), self._settings.claim_seconds
+        claim = item.run.retry(
+            lambda: self._messages.claim(
+                item.batch.mailing_id, job.client_id, job.message_id, now, seconds
+            )
         )
-        return None if item.claim is not None else self._unclaimable(item, now, self._log(item))
+        item.claim = claim.claim_id
+        if item.claim is None:
+            return self._unclaimable(item, claim.message, now, self._log(item))
+        item.claim_until = now + timedelta(seconds=seconds)
+        return None
 
     def _give_back(self, item: _Job, wait: float = 0.0) -> JobResult:
         """A claimed message that will not be sent now: unclaimed, its attempt undone, later."""
@@ -266,15 +388,21 @@ class Sender:
 
     def _unclaim(self, item: _Job) -> None:
         assert item.claim is not None
-        self._messages.release(
-            item.batch.mailing_id,
-            item.job.client_id,
-            item.claim,
-            self._clock(),
-            item.job.last_error,
-            called=False,
-        )
+        self._release(item, item.claim, item.job.last_error, called=False)
         item.claim = None
+
+    def _release(self, item: _Job, claim: str, error: str | None, *, called: bool = True) -> None:
+        """Give the message back, still pending (see MessageStore.release)."""
+        item.run.retry(
+            lambda: self._messages.release(
+                item.batch.mailing_id,
+                item.job.client_id,
+                claim,
+                self._clock(),
+                error,
+                called=called,
+            )
+        )
 
     def _too_late_now(self, item: _Job, at: datetime) -> JobResult:
         """A claimed call that would leave too late: unclaimed, then expired or deferred."""
@@ -302,21 +430,43 @@ class Sender:
         item.requeue = self._later(item, item.job, wait + self._rng.uniform(0, spread))
         return JobResult.THROTTLED
 
-    def _record_outcomes(self, mailing_id: str, work: list[_Job]) -> None:
-        """One transaction for the batch's claimed messages: statuses and counters together."""
-        claimed = [item for item in work if item.outcome is not None]
-        done = self._messages.finish_many(
-            mailing_id, [item.outcome for item in claimed], self._clock()
-        )
-        for item in claimed:
-            if item.job.client_id not in done:
-                item.result = JobResult.SKIPPED
-
-    def _kick_if_drained(self, mailing_id: str) -> None:
+    def _kick_if_drained(self, mailing_id: str, retry: Retry) -> None:
         # The last message out: let the scheduler finish the mailing now, not at its next tick.
-        fresh = self._mailing(mailing_id)
+        try:
+            fresh = self._mailing_checked(mailing_id, retry)[0]
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            logger.info("mailing unreadable for now; its next tick finishes it", exc_info=True)
+            return
         if fresh is not None and fresh.due_key is not None and int(fresh.count_pending or 0) == 0:
             self._queues.kick([mailing_id])
+
+    def _cleared(self, item: _Job) -> JobResult | None:
+        """The last look before a gateway call; None when it may go. Too little time left, or a
+        mailing that cannot be read now: the claim is given back and the job comes back, no
+        attempt spent. A cancelled mailing ends the message; a paused one defers it."""
+        if not self._call_fits(item):
+            logger.info(
+                "too little time left for a gateway call; job requeued", extra=self._log(item)
+            )
+            return self._give_back(item)
+        assert item.run.watch is not None
+        try:
+            mailing = item.run.watch.current()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            mailing = None
+        if mailing is None:  # deleted, unusable or unreadable: the next delivery says which
+            return self._give_back(item)
+        if mailing.status == MailingStatus.CANCELLED.value:
+            return self._finish(item, MessageStatus.CANCELLED, item.claim, "mailing cancelled")
+        if mailing.status == MailingStatus.PAUSED.value:
+            self._unclaim(item)
+            item.mailing = mailing
+            return self._paused(item)
+        return None
 
     # ---------------------------------------------------------------- one job
 
@@ -424,6 +574,9 @@ class Sender:
                 slot = fresh
             try:
                 self._wait_until(slot)
+                stop = self._cleared(item)
+                if stop is not None:
+                    return stop
                 gateway = self._gateway()
                 assert gateway is not None  # checked by _prepare
                 item.called_gateway = True
@@ -452,12 +605,12 @@ class Sender:
             forget = getattr(self._gateway, "cache_clear", None)
             if forget is not None:
                 forget()
-            self._messages.release(item.batch.mailing_id, job.client_id, claim, now, result.detail)
+            self._release(item, claim, result.detail)
             item.requeue = self._later(item, job, self._settings.auth_retry_seconds)
             return JobResult.CONFIG_ERROR
         if result.status_code == 429:
             # The gateway asks us to slow down: the throttle does; this is no failed attempt.
-            self._messages.release(item.batch.mailing_id, job.client_id, claim, now, result.detail)
+            self._release(item, claim, result.detail)
             delay = self._settings.gateway_pause_seconds + self._rng.uniform(0, 1)
             item.requeue = self._later(item, job, delay)
             return JobResult.THROTTLED
@@ -485,7 +638,7 @@ class Sender:
             result.detail,
             extra={**log, "attempt": retries, "retry_in_seconds": delay},
         )
-        self._messages.release(item.batch.mailing_id, job.client_id, claim, now, result.detail)
+        self._release(item, claim, result.detail)
         retry = job.model_copy(update={"retries": retries, "last_error": result.detail})
         item.requeue = self._later(item, retry, delay)
         return JobResult.RETRY
@@ -495,18 +648,9 @@ class Sender:
     def _finish(
         self, item: _Job, status: MessageStatus, claim: str | None, error: str | None
     ) -> JobResult:
-        if claim is not None:
-            # Recorded after the batch's calls, with the others (see _record_outcomes).
-            item.outcome = Outcome(item.job.client_id, status, claim, error, item.job.message_id)
-            return _result_of(status)
-        done = self._messages.finish(
-            item.batch.mailing_id,
-            item.job.client_id,
-            status,
-            self._clock(),
-            claim_id=claim,
-            error=error,
-            message_id=item.job.message_id,
+        # Written at once, with whatever other outcomes of the batch are waiting (see _Outcomes).
+        done = item.run.outcomes.write(
+            Outcome(item.job.client_id, status, claim, error, item.job.message_id)
         )
         return _result_of(status) if done else JobResult.SKIPPED
 
@@ -533,10 +677,10 @@ class Sender:
         )
         return max(1.0, self._rng.uniform(ceiling / 2, ceiling))
 
-    def _unclaimable(self, item: _Job, now: Any, log: dict) -> JobResult:
-        """Why the claim failed: done or claimed elsewhere (skip), or not committed yet (wait)."""
+    def _unclaimable(self, item: _Job, message: Any | None, now: Any, log: dict) -> JobResult:
+        """Why the claim failed, from the `message` its condition saw: done or claimed
+        elsewhere (skip), or not committed yet (wait)."""
         job = item.job
-        message = self._messages.get(item.batch.mailing_id, job.client_id)
         if message is None and now - item.batch.enqueued_at < UNCOMMITTED_GRACE:
             # Fan-out enqueues a page's jobs a moment before it commits the page.
             logger.debug("message not committed yet; job comes back shortly", extra=log)
@@ -546,17 +690,19 @@ class Sender:
             logger.info("job for a message that does not exist; dropped", extra=log)
         return JobResult.SKIPPED
 
-    def _mailing(self, mailing_id: str) -> Any | None:
-        return self._mailing_checked(mailing_id)[0]
-
-    def _mailing_checked(self, mailing_id: str) -> tuple[Any | None, str | None, bool]:
+    def _mailing_checked(
+        self, mailing_id: str, retry: Retry
+    ) -> tuple[Any | None, str | None, bool]:
         """The mailing if it can be sent from, else None and what is wrong with its record;
-        and whether the record exists at all."""
+        and whether the record exists at all. A read that keeps failing transiently raises."""
         try:
-            item = self._models.Mailing.get(mailing_id, consistent_read=True)
+            item = retry(lambda: self._models.Mailing.get(mailing_id, consistent_read=True))
         except DoesNotExist:
             return None, "mailing record is missing (the mailing was deleted)", False
-        except Exception as exc:  # corrupt beyond deserialising
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            # Corrupt beyond deserialising.
             return None, f"mailing record is unreadable: {type(exc).__name__}", True
         problem = mailing_record_problem(item)
         return (None, problem, True) if problem else (item, None, True)
@@ -568,11 +714,15 @@ class Sender:
             try:
                 # Its counters may still be intact: keep them in step if they are.
                 return self._finish(item, MessageStatus.FAILED, None, item.problem)
-            except Exception:
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
                 logger.warning("mailing counters unusable too", exc_info=True, extra=log)
         # No usable mailing, so no counters: the message alone records why it was not sent.
-        failed = self._messages.fail_orphan(
-            item.batch.mailing_id, item.job.client_id, item.problem or "", now
+        failed = item.run.retry(
+            lambda: self._messages.fail_orphan(
+                item.batch.mailing_id, item.job.client_id, item.problem or "", now
+            )
         )
         return JobResult.FAILED if failed else JobResult.SKIPPED
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from botocore.exceptions import ClientError
 from pynamodb.connection import Connection
 from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import MailingStatus, MessageStatus
 from chalicelib.models import DUE_KEY, Models, status_key
-from chalicelib.services.storage import is_conditional_failure
+from chalicelib.services.storage import ONCE, Retry, is_conditional_failure
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,14 @@ class Outcome:
     claim_id: str | None = None
     error: str | None = None
     message_id: int | None = None  # for the log line only
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim's outcome: its id when taken, else the message as it was (None: not there)."""
+
+    claim_id: str | None
+    message: Any | None = None
 
 
 def _ids(mailing_id: str, client_id: str, message_id: int | None = None, **more: Any) -> dict:
@@ -77,34 +86,39 @@ class MessageStore:
 
     def claim(
         self, mailing_id: str, client_id: str, message_id: int, now: datetime, seconds: int
-    ) -> str | None:
+    ) -> Claim:
         """Take the message for one gateway call.
 
-        None when it is not there with this id, not pending, or claimed by a live claim.
+        No claim when it is not there with this id, not pending, or claimed by a live claim;
+        then the message as the failed condition saw it, with no second read.
         """
         Message = self._models.Message
         claim_id = uuid.uuid4().hex
+        request = Message(mailing_id, client_id).get_update_kwargs_from_instance(
+            actions=[
+                Message.claim_id.set(claim_id),
+                Message.claim_until.set(now + timedelta(seconds=seconds)),
+                Message.attempts.add(1),
+                Message.updated_at.set(now),
+            ],
+            condition=(Message.message_id == message_id)
+            & (Message.status == MessageStatus.PENDING.value)
+            & (Message.claim_until.does_not_exist() | (Message.claim_until < now)),
+            return_values_on_condition_failure="ALL_OLD",
+        )
         try:
-            Message(mailing_id, client_id).update(
-                actions=[
-                    Message.claim_id.set(claim_id),
-                    Message.claim_until.set(now + timedelta(seconds=seconds)),
-                    Message.attempts.add(1),
-                    Message.updated_at.set(now),
-                ],
-                condition=(Message.message_id == message_id)
-                & (Message.status == MessageStatus.PENDING.value)
-                & (Message.claim_until.does_not_exist() | (Message.claim_until < now)),
-            )
-        except UpdateError as exc:
+            # PynamoDB's Model.update cannot ask for the item a failed condition saw.
+            self._connection.dispatch("UpdateItem", request)
+        except ClientError as exc:
             if is_conditional_failure(exc):
-                return None
+                seen = getattr(exc.__cause__, "response", {}).get("Item")
+                return Claim(None, Message.from_raw_data(seen) if seen else None)
             raise
         logger.info(
             "message claimed for a gateway call",
             extra=_ids(mailing_id, client_id, message_id, claim_seconds=seconds),
         )
-        return claim_id
+        return Claim(claim_id)
 
     def release(
         self,
@@ -155,6 +169,7 @@ class MessageStore:
         claim_id: str | None = None,
         error: str | None = None,
         message_id: int | None = None,
+        retry: Retry = ONCE,
     ) -> bool:
         """Move a pending message to a final status with the mailing's counters, atomically.
 
@@ -162,18 +177,28 @@ class MessageStore:
         holds a live claim. False when the message was not in a state to change (already done).
         """
         outcome = Outcome(client_id, status, claim_id, error, message_id)
-        return bool(self._commit(mailing_id, [outcome], now))
+        return bool(retry(lambda: self._commit(mailing_id, [outcome], now)))
 
-    def finish_many(self, mailing_id: str, outcomes: list[Outcome], now: datetime) -> set[str]:
-        """Finish several claimed messages of one mailing in one transaction (one counter
-        update for all); the clients whose message was finished. Falls back to one transaction
-        each when any of them cannot be (its claim lapsed and another sender took it)."""
+    def finish_many(
+        self,
+        mailing_id: str,
+        outcomes: list[Outcome],
+        now: datetime,
+        *,
+        retry: Retry = ONCE,
+    ) -> set[str]:
+        """Finish several messages of one mailing in one transaction (one counter update for
+        all); the clients whose message was finished. Falls back to one transaction each when
+        any of them cannot be (its claim lapsed and another sender took it). Each transaction
+        goes through `retry`: a conflict or a throttle is never read as "already done"."""
         if not outcomes:
             return set()
-        done = self._commit(mailing_id, outcomes, now)
+        done = retry(lambda: self._commit(mailing_id, outcomes, now))
         if done or len(outcomes) == 1:
             return done
-        return {o.client_id for o in outcomes if self._commit(mailing_id, [o], now)}
+        return {
+            o.client_id for o in outcomes if retry(lambda o=o: self._commit(mailing_id, [o], now))
+        }
 
     def _commit(self, mailing_id: str, outcomes: list[Outcome], now: datetime) -> set[str]:
         models = self._models

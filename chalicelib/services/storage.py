@@ -13,8 +13,17 @@ can be read from it.
 
 from __future__ import annotations
 
+import logging
+import math
+import random
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONDITION_FAILED = "ConditionalCheckFailed"
 _CONDITION_FAILED_CODE = "ConditionalCheckFailedException"
@@ -31,6 +40,10 @@ TRANSIENT_CODES = frozenset(
         "TransactionInProgressException",
     }
 )
+
+
+class TryAgain(Exception):
+    """Part of a request was not done (a batch read's unprocessed keys): ask again for the rest."""
 
 
 def cancellation_reasons(exc: Exception) -> list[str]:
@@ -67,10 +80,55 @@ def is_conditional_failure(exc: Exception) -> bool:
 
 def is_transient(exc: Exception) -> bool:
     """True when nothing was written and the same request may succeed if sent again."""
+    if isinstance(exc, TryAgain):
+        return True
     code = error_code(exc)
     if code in TRANSIENT_CODES:
         return True
     return code == _CANCELLED and not is_conditional_failure(exc)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Runs a storage request again, after a jittered exponential backoff, while it fails
+    transiently and `remaining()` (seconds) leaves room for the pause plus `reserve`; at most
+    `attempts` times when given. Anything else, or the last transient failure, is raised."""
+
+    remaining: Callable[[], float] = lambda: math.inf
+    attempts: int | None = None
+    reserve: float = 0.0
+    first_pause: float = 0.05
+    max_pause: float = 1.0
+    sleep: Callable[[float], None] = time.sleep
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __call__(self, request: Callable[[], T]) -> T:
+        ceiling = self.first_pause
+        attempt = 1
+        while True:
+            try:
+                return request()
+            except Exception as exc:
+                pause = self.rng.uniform(ceiling / 2, ceiling)
+                if (
+                    not is_transient(exc)
+                    or attempt == self.attempts
+                    or self.remaining() - pause <= self.reserve
+                ):
+                    raise
+                logger.info(
+                    "storage busy (%s); trying again in %.2f s",
+                    error_code(exc) or type(exc).__name__,
+                    pause,
+                    extra={"storage_attempt": attempt},
+                )
+            self.sleep(pause)
+            ceiling = min(ceiling * 2, self.max_pause)
+            attempt += 1
+
+
+# No retry: the request's own outcome, whatever it is.
+ONCE = Retry(attempts=1)
 
 
 def looks_like_id(value: str) -> bool:
