@@ -124,6 +124,14 @@ MailingText = Annotated[
         )
     ),
 ]
+Cursor = Annotated[
+    str,
+    # Checked (length included) where it is decoded, so every bad cursor gets the same answer.
+    Field(
+        description="The `next_cursor` of the previous page, unchanged",
+        json_schema_extra={"maxLength": 4096},
+    ),
+]
 Timestamp = Annotated[
     AwareDatetime,
     Field(
@@ -235,9 +243,7 @@ class ClientListQuery(_Request):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     limit: int | None = Field(None, ge=1, description="Page size (default 50, at most 500)")
-    cursor: str | None = Field(
-        None, max_length=4096, description="The `next_cursor` of the previous page, unchanged"
-    )
+    cursor: Cursor | None = None
     operator_code: OperatorCode | None = None
     tag: Tag | None = None
     phone: Phone | None = Field(
@@ -380,9 +386,7 @@ class PageQuery(_Request):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     limit: int | None = Field(None, ge=1, description="Page size (default 50, at most 500)")
-    cursor: str | None = Field(
-        None, max_length=4096, description="The `next_cursor` of the previous page, unchanged"
-    )
+    cursor: Cursor | None = None
 
 
 # ---------------------------------------------------------------- statistics
