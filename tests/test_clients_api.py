@@ -163,8 +163,9 @@ def test_the_body_limit_is_the_max_body_bytes_setting(api, services):
 
 # Digits that `\\d` and `int()` take for numbers: the gateway would get a different ASCII number.
 NON_ASCII_PHONES = {
-    "Arabic-Indic digits": "\u0667\u0669\u0660\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667",
-    "full-width digits": "\uff17\uff19\uff10\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff17",
+    "7 then Arabic-Indic digits": "7\u0669\u0660\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667",
+    "7 then full-width digits": "7\uff19\uff10\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff17",
+    "all Arabic-Indic digits": "\u0667\u0669\u0660\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667",
     "one Devanagari digit": "7900123456\u096d",
     "a trailing newline": "79001234567\n",
 }

@@ -274,10 +274,10 @@ def test_a_row_is_valid_exactly_when_post_clients_accepts_the_same_fields(api, r
 
 
 def test_a_phone_of_non_ascii_digits_is_a_reported_row_and_never_a_client(api, sqs, lambdas, clock):
-    # Given a file whose second and third rows spell 79001234567 in Arabic-Indic and full-width
-    # digits (which `int()` would read as that ASCII number)
-    arabic = "\u0667\u0669\u0660\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667"
-    full_width = "\uff17\uff19\uff10\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff18"
+    # Given a file whose second and third rows spell 79001234567 and 79001234568 with a 7 and then
+    # Arabic-Indic or full-width digits (which `int()` would read as those ASCII numbers)
+    arabic = "7\u0669\u0660\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667"
+    full_width = "7\uff19\uff10\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff18"
     job = start(api, f"phone,tag\n79001234560,ok\n{arabic},a\n{full_width},b\n")
     # Then those rows are reported by column, in the operator's words
     assert (job["valid"], job["invalid"]) == (1, 2)
