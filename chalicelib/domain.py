@@ -13,6 +13,11 @@ Clock = Callable[[], datetime]
 """Returns the current time, timezone-aware; injected so time-dependent logic is testable."""
 
 
+# How far ahead of now a mailing may start or end. Dates beyond it are mistakes (year 9999), and
+# arithmetic on them overflows in every later scheduler tick.
+MAILING_HORIZON = timedelta(days=366)
+
+
 class MessageStatus(StrEnum):
     PENDING = "pending"
     SENT = "sent"

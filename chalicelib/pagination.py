@@ -16,7 +16,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pynamodb.exceptions import PynamoDBException
+
 from chalicelib.errors import MalformedRequest
+from chalicelib.services.storage import error_code
 
 RawKey = dict[str, dict[str, str]]
 QueryFn = Callable[[RawKey | None, int], Iterable[Any]]
@@ -58,37 +61,75 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# Cursors callers may send back; longer ones are refused before decoding.
+CURSOR_MAX_LENGTH = 4096
+# Version 2 carries a digest of its position, so an edited cursor is refused here instead of
+# reaching DynamoDB. Version 1 (no digest) is still read where the service stored it itself
+# (a mailing's fan-out checkpoint written before version 2).
+_CURSOR_VERSION = 2
+
+
+def invalid_cursor() -> MalformedRequest:
+    """The one answer to a cursor this listing did not hand out."""
+    return MalformedRequest(
+        "cursor is not valid; start again without it",
+        [
+            {
+                "field": "query.cursor",
+                "message": "not a next_cursor of this listing with these filters",
+                "type": "cursor",
+            }
+        ],
+    )
+
+
+def _digest(scope: str, segment: object, last_key: object) -> str:
+    return fingerprint("cursor", scope, segment, last_key)
+
+
 def encode_cursor(position: Position | None, scope: str) -> str | None:
     if position is None:
         return None
-    payload = {"v": 1, "f": scope, "s": position.segment, "k": position.last_key}
+    payload = {
+        "v": _CURSOR_VERSION,
+        "f": scope,
+        "s": position.segment,
+        "k": position.last_key,
+        "h": _digest(scope, position.segment, position.last_key),
+    }
     raw = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def decode_cursor(cursor: str | None, scope: str, segments: Sequence[Segment]) -> Position:
-    """Parse a cursor made by `encode_cursor` for the same listing; anything else is a 400."""
+def decode_cursor(
+    cursor: str | None, scope: str, segments: Sequence[Segment], *, unsigned_ok: bool = True
+) -> Position:
+    """Parse a cursor made by `encode_cursor` for the same listing; anything else is a 400.
+    With `unsigned_ok=False` (cursors from callers), a version 1 cursor is refused too."""
     if cursor is None:
         return Position()
-    invalid = MalformedRequest(
-        "invalid cursor: pass the next_cursor of a previous page of the same listing unchanged",
-        [{"field": "query.cursor", "message": "not a cursor of this listing", "type": "cursor"}],
-    )
+    if len(cursor) > CURSOR_MAX_LENGTH:
+        raise invalid_cursor()
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         payload = json.loads(raw)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise invalid from None
-    if not isinstance(payload, dict) or payload.get("v") != 1 or payload.get("f") != scope:
-        raise invalid
-    segment = payload.get("s")
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        raise invalid_cursor() from None
+    if not isinstance(payload, dict) or payload.get("f") != scope:
+        raise invalid_cursor()
+    segment, last_key = payload.get("s"), payload.get("k")
+    version = payload.get("v")
+    if version == _CURSOR_VERSION:
+        if payload.get("h") != _digest(scope, segment, last_key):
+            raise invalid_cursor()
+    elif not (version == 1 and unsigned_ok):
+        raise invalid_cursor()
     if not isinstance(segment, int) or isinstance(segment, bool):
-        raise invalid
+        raise invalid_cursor()
     if not 0 <= segment < max(len(segments), 1):
-        raise invalid
-    last_key = payload.get("k")
+        raise invalid_cursor()
     if last_key is not None and not _valid_key(last_key, segments[segment].key_names):
-        raise invalid
+        raise invalid_cursor()
     return Position(segment, last_key)
 
 
@@ -139,7 +180,15 @@ def paginate(
     convert: Callable[[Any], Any],
 ) -> tuple[list[Any], str | None]:
     """One page of a listing from an HTTP cursor: converted items and the next cursor."""
-    page = read_page(segments, decode_cursor(cursor, scope, segments), limit)
+    start = decode_cursor(cursor, scope, segments, unsigned_ok=False)
+    try:
+        page = read_page(segments, start, limit)
+    except PynamoDBException as exc:
+        # DynamoDB refuses a start key it finds outside the query ("the provided starting key
+        # is invalid"): a forged cursor that passed every check above, never a server fault.
+        if start.last_key is not None and error_code(exc) == "ValidationException":
+            raise invalid_cursor() from None
+        raise
     return [convert(item) for item in page.items], encode_cursor(page.next, scope)
 
 

@@ -47,15 +47,43 @@ def _unique(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+# ASCII digits only: `\d` (Python's re and pydantic's patterns alike) also matches Arabic-Indic
+# or full-width digits, which `int()` then turns into a different number at the gateway.
+PHONE_PATTERN = "^7[0-9]{10}$"
+OPERATOR_CODE_PATTERN = "^[0-9]{3}$"
+_PHONE = re.compile(PHONE_PATTERN, re.ASCII)
+_OPERATOR_CODE = re.compile(OPERATOR_CODE_PATTERN, re.ASCII)
+
+
+def _phone(value: str) -> str:
+    if not _PHONE.fullmatch(value):
+        raise ValueError("phone must be 11 ASCII digits starting with 7, like 79001234567")
+    return value
+
+
+def _operator_code(value: str) -> str:
+    if not _OPERATOR_CODE.fullmatch(value):
+        raise ValueError("operator code must be 3 ASCII digits, like 900")
+    return value
+
+
 Phone = Annotated[
     str,
-    StringConstraints(pattern=r"^7\d{10}$"),
-    Field(description="11 digits starting with 7: 7XXXXXXXXXX", examples=["79001234567"]),
+    AfterValidator(_phone),
+    Field(
+        description="11 ASCII digits starting with 7: 7XXXXXXXXXX",
+        examples=["79001234567"],
+        json_schema_extra={"pattern": PHONE_PATTERN},
+    ),
 ]
 OperatorCode = Annotated[
     str,
-    StringConstraints(pattern=r"^\d{3}$"),
-    Field(description="Mobile operator code: 3 digits", examples=["900"]),
+    AfterValidator(_operator_code),
+    Field(
+        description="Mobile operator code: 3 ASCII digits",
+        examples=["900"],
+        json_schema_extra={"pattern": OPERATOR_CODE_PATTERN},
+    ),
 ]
 Tag = Annotated[
     str,
@@ -94,6 +122,14 @@ MailingText = Annotated[
             "as placeholders: {phone}, {operator_code}, {tag}, {timezone} (write {{ and }} for "
             "literal braces); any other placeholder is refused."
         )
+    ),
+]
+Cursor = Annotated[
+    str,
+    # Checked (length included) where it is decoded, so every bad cursor gets the same answer.
+    Field(
+        description="The `next_cursor` of the previous page, unchanged",
+        json_schema_extra={"maxLength": 4096},
     ),
 ]
 Timestamp = Annotated[
@@ -207,9 +243,7 @@ class ClientListQuery(_Request):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     limit: int | None = Field(None, ge=1, description="Page size (default 50, at most 500)")
-    cursor: str | None = Field(
-        None, max_length=4096, description="The `next_cursor` of the previous page, unchanged"
-    )
+    cursor: Cursor | None = None
     operator_code: OperatorCode | None = None
     tag: Tag | None = None
     phone: Phone | None = Field(
@@ -352,9 +386,7 @@ class PageQuery(_Request):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     limit: int | None = Field(None, ge=1, description="Page size (default 50, at most 500)")
-    cursor: str | None = Field(
-        None, max_length=4096, description="The `next_cursor` of the previous page, unchanged"
-    )
+    cursor: Cursor | None = None
 
 
 # ---------------------------------------------------------------- statistics

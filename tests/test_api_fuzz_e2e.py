@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -60,10 +61,12 @@ def _create(http: requests.Session, url: str, payload: dict[str, Any]) -> str:
 
 
 def _mailing(tag: str) -> dict[str, Any]:
+    # Far enough ahead never to start during the run, within the 366-day horizon.
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=300)
     return {
         "text": "Fuzzing",
-        "start_at": "2099-01-01T09:00:00+00:00",
-        "end_at": "2099-01-02T09:00:00+00:00",
+        "start_at": start.isoformat(),
+        "end_at": (start + timedelta(days=1)).isoformat(),
         "filter": {"tags": [tag]},
         "send_window": {"start": "09:00", "end": "21:00"},
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from urllib.parse import quote
 
 import pytest
 
@@ -158,6 +159,82 @@ def test_the_body_limit_is_the_max_body_bytes_setting(api, services):
     assert refused.status_code == 413
     assert "at most 2048 are accepted" in body(refused)["message"]
     assert api.post("/clients", {"phone": "79001234567"}).status_code == 201
+
+
+# Digits that `\\d` and `int()` take for numbers: the gateway would get a different ASCII number.
+NON_ASCII_PHONES = {
+    "7 then Arabic-Indic digits": "7\u0669\u0660\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667",
+    "7 then full-width digits": "7\uff19\uff10\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff17",
+    "all Arabic-Indic digits": "\u0667\u0669\u0660\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667",
+    "one Devanagari digit": "7900123456\u096d",
+    "a trailing newline": "79001234567\n",
+}
+PHONE_RULE = "phone must be 11 ASCII digits starting with 7, like 79001234567"
+
+
+@pytest.mark.parametrize("phone", NON_ASCII_PHONES.values(), ids=NON_ASCII_PHONES.keys())
+def test_a_phone_of_non_ascii_digits_is_refused_by_name_and_stores_nothing(api, phone):
+    # When a client is posted with a phone of digits that are not ASCII 0-9
+    response = api.post("/clients", {"phone": phone})
+    # Then it is a 422 naming the phone field in the operator's words, and nothing is stored
+    assert response.status_code == 422, response.body
+    assert body(response)["details"] == [
+        {"field": "body.phone", "message": PHONE_RULE, "type": "value_error"}
+    ]
+    assert all_clients(api) == []
+
+
+@pytest.mark.parametrize("phone", NON_ASCII_PHONES.values(), ids=NON_ASCII_PHONES.keys())
+def test_editing_a_phone_to_non_ascii_digits_is_refused_and_changes_nothing(api, phone):
+    # Given a client
+    created = create(api, phone="79001234567")
+    # When its phone is changed to non-ASCII digits, by PATCH or PUT
+    patched = api.patch(f"/clients/{created['id']}", {"phone": phone})
+    put = api.put(f"/clients/{created['id']}", {"phone": phone})
+    # Then both are 422 naming the phone, and the client is as it was
+    for response in (patched, put):
+        assert response.status_code == 422, response.body
+        assert body(response)["details"][0]["field"] == "body.phone"
+        assert body(response)["details"][0]["message"] == PHONE_RULE
+    assert body(api.get(f"/clients/{created['id']}")) == created
+
+
+def test_an_operator_code_of_non_ascii_digits_is_refused_by_name(api):
+    response = api.post("/clients", {"phone": "79001234567", "operator_code": "\uff19\uff10\uff10"})
+    assert response.status_code == 422, response.body
+    assert body(response)["details"] == [
+        {
+            "field": "body.operator_code",
+            "message": "operator code must be 3 ASCII digits, like 900",
+            "type": "value_error",
+        }
+    ]
+    assert all_clients(api) == []
+
+
+@pytest.mark.parametrize("phone", NON_ASCII_PHONES.values(), ids=NON_ASCII_PHONES.keys())
+def test_searching_by_a_phone_of_non_ascii_digits_is_refused_by_name(api, phone):
+    # Given the client whose ASCII number those digits read as
+    create(api, phone="79001234567")
+    # When the list is searched by the non-ASCII number
+    response = api.get(f"/clients?phone={quote(phone)}")
+    # Then the parameter is refused by name rather than matching anyone
+    assert response.status_code == 400, response.body
+    assert body(response)["details"][0]["field"] == "query.phone"
+    assert body(response)["details"][0]["message"] == PHONE_RULE
+
+
+@pytest.mark.parametrize("phone", NON_ASCII_PHONES.values(), ids=NON_ASCII_PHONES.keys())
+def test_an_opt_out_of_non_ascii_digits_is_refused_and_opts_nobody_out(api, phone):
+    # Given the client whose ASCII number those digits read as
+    created = create(api, phone="79001234567")
+    # When a STOP webhook posts the number in other digits
+    response = api.post("/opt-outs", {"phone": phone})
+    # Then it is a 422 naming the phone, and the client is unchanged
+    assert response.status_code == 422, response.body
+    assert body(response)["details"][0]["field"] == "body.phone"
+    assert body(response)["details"][0]["message"] == PHONE_RULE
+    assert body(api.get(f"/clients/{created['id']}")) == created
 
 
 # ---------------------------------------------------------------- edit

@@ -882,9 +882,20 @@ def raw_table(services, kind: str):
             "client record is corrupt: timezone is missing or unknown",
         ),
         ({"phone": "12345"}, "client record is corrupt: phone is not 7XXXXXXXXXX"),
+        # 79000000002 as a 7 then Arabic-Indic digits, as a record written before the API refused
+        # them holds it: int() would send it to the gateway as the ASCII number.
+        (
+            {"phone": "7\u0669\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0662"},
+            "client record is corrupt: phone is not 7XXXXXXXXXX",
+        ),
         ("remove timezone", "client record is corrupt: timezone is missing or unknown"),
     ],
-    ids=["unknown timezone", "bad phone", "older schema without timezone"],
+    ids=[
+        "unknown timezone",
+        "bad phone",
+        "phone of non-ASCII digits",
+        "older schema without timezone",
+    ],
 )
 def test_a_corrupt_client_record_fails_its_message_and_spares_the_batch(
     api, pipeline, services, clock, gateway, damage, reason

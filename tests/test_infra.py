@@ -603,6 +603,26 @@ def test_no_policy_allows_every_action(resources: dict) -> None:
                 assert "*" not in action, f"{role} is allowed {action}"
 
 
+def test_every_role_of_the_stack_carries_the_permissions_boundary(
+    template: dict, resources: dict
+) -> None:
+    """Given the packaged template, when it creates its roles (Chalice's, one per function), then
+    each carries the PermissionsBoundaryArn boundary, a parameter every deploy must give (the
+    deploy role may create no role without it)."""
+    roles = of_type(resources, "AWS::IAM::Role")
+    functions = of_type(resources, "AWS::Serverless::Function")
+    parameter = template["Parameters"]["PermissionsBoundaryArn"]
+
+    assert len(roles) == len(functions) == 7
+    assert {
+        name: role["Properties"].get("PermissionsBoundary") for name, role in roles.items()
+    } == {name: {"Ref": "PermissionsBoundaryArn"} for name in roles}
+    assert "Default" not in parameter
+    boundary = "arn:aws:iam::123456789012:policy/sms-campaigns-prod-function-boundary"
+    assert re.fullmatch(parameter["AllowedPattern"], boundary)
+    assert not re.fullmatch(parameter["AllowedPattern"], "")
+
+
 def test_chalice_policy_file_grants_only_logs(resources: dict) -> None:
     """Given .chalice/policy.json, when Chalice attaches it, then it allows only CloudWatch Logs."""
     for name, role in of_type(resources, "AWS::IAM::Role").items():

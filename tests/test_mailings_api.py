@@ -73,8 +73,59 @@ def test_duplicate_filter_values_are_folded(api):
 
 
 def test_start_in_the_past_is_accepted_when_end_is_in_the_future(api, clock):
-    created = create(api, start_at="2020-01-01T00:00:00Z")
+    created = create(api, start_at="2026-01-01T00:00:00Z")
     assert created["status"] == "scheduled"
+
+
+# The test clock is 2026-11-22T12:00Z; the horizon is 366 days.
+HORIZON_END = "2027-11-23T12:00:00Z"
+BEYOND_HORIZON = {
+    "end in year 9999": ({"end_at": "9999-12-31T23:59:59Z"}, ["body.end_at"]),
+    "end at the last offset of year 9999": (
+        {"end_at": "9999-12-31T23:59:59-23:59"},
+        ["body.end_at"],
+    ),
+    "end a second past the horizon": ({"end_at": "2027-11-23T12:00:01Z"}, ["body.end_at"]),
+    "start and end in year 9999": (
+        {"start_at": "9999-12-30T00:00:00Z", "end_at": "9999-12-31T00:00:00Z"},
+        ["body.start_at", "body.end_at"],
+    ),
+    "start in year 1": ({"start_at": "0001-01-01T00:00:00+01:00"}, ["body.start_at"]),
+}
+
+
+def test_a_mailing_may_end_exactly_at_the_horizon(api):
+    # When a mailing ends 366 days from now
+    created = create(api, end_at=HORIZON_END)
+    # Then it is scheduled
+    assert created["end_at"] == HORIZON_END
+
+
+@pytest.mark.parametrize(("dates", "fields"), BEYOND_HORIZON.values(), ids=BEYOND_HORIZON.keys())
+def test_a_mailing_beyond_the_horizon_is_422_and_nothing_is_stored(api, dates, fields):
+    # When a mailing is created with a date beyond the horizon
+    response = api.post("/mailings", mailing(**dates))
+    # Then it is refused naming each date at fault, and nothing is stored
+    assert response.status_code == 422, response.body
+    error = body(response)
+    assert error["error"] == "validation_error"
+    assert "366 days" in error["message"]
+    assert [d["field"] for d in error["details"]] == fields
+    assert all_mailings(api) == []
+
+
+@pytest.mark.parametrize(("dates", "fields"), BEYOND_HORIZON.values(), ids=BEYOND_HORIZON.keys())
+def test_editing_a_mailing_beyond_the_horizon_is_422_and_changes_nothing(api, dates, fields):
+    # Given a mailing
+    created = create(api)
+    # When its dates are moved beyond the horizon, by PATCH or PUT
+    patched = api.patch(f"/mailings/{created['id']}", dates)
+    put = api.put(f"/mailings/{created['id']}", mailing(**dates))
+    # Then both are refused naming each date at fault, and the mailing is as it was
+    for response in (patched, put):
+        assert response.status_code == 422, response.body
+        assert [d["field"] for d in body(response)["details"]] == fields
+    assert body(api.get(f"/mailings/{created['id']}")) == created
 
 
 def test_unknown_mailing_is_404(api):

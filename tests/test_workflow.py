@@ -24,6 +24,7 @@ WORKFLOWS = ROOT / ".github" / "workflows"
 CI = WORKFLOWS / "ci.yml"
 BIN = Path(sys.executable).parent
 STACK_NAME = "sms-campaigns-prod"
+BOUNDARY_ARN = f"arn:aws:iam::123456789012:policy/{STACK_NAME}-function-boundary"
 SECRET_ARN = (
     "arn:aws:secretsmanager:eu-west-1:123456789012:secret:sms-campaigns/prod/gateway-token-AbCdEf"
 )
@@ -133,6 +134,7 @@ def deploy_variables(**overrides: str) -> dict[str, str]:
     values = {
         "ARTIFACT_BUCKET": "ci-artifacts",
         "GATEWAY_TOKEN_SECRET_ARN": SECRET_ARN,
+        "PERMISSIONS_BOUNDARY_ARN": BOUNDARY_ARN,
         "GATEWAY_TOKEN_KMS_KEY_ARN": "",
         "AUTH_MODE": "",
         "API_TOKENS_SECRET_ARN": TOKENS_SECRET_ARN,
@@ -408,6 +410,7 @@ def test_deploy_passes_the_token_secret_arn_and_only_the_variables_that_are_set(
     assert deployed.returncode == 0, deployed.stderr
     assert parameter_overrides(calls[-1]) == {
         "GatewayTokenSecretArn": SECRET_ARN,
+        "PermissionsBoundaryArn": BOUNDARY_ARN,
         "ApiTokensSecretArn": TOKENS_SECRET_ARN,
         "GatewayRatePerSecond": "250",
         "ReportRecipients": "ops@example.com,lead@example.com",
@@ -446,6 +449,7 @@ def test_every_stack_setting_can_be_set_from_a_variable(tmp_path: Path) -> None:
 
     assert set(parameter_overrides(calls[-1])) == {
         "GatewayTokenSecretArn",
+        "PermissionsBoundaryArn",
         "GatewayTokenKmsKeyArn",
         "AuthMode",
         "ApiTokensSecretArn",
@@ -482,6 +486,24 @@ def test_deploy_stops_before_aws_when_the_token_secret_arn_is_not_set(tmp_path: 
 
     assert deployed.returncode != 0
     assert "GATEWAY_TOKEN_SECRET_ARN" in deployed.stderr
+    assert calls == []
+
+
+def test_deploy_stops_before_aws_when_the_permissions_boundary_is_not_set(
+    tmp_path: Path,
+) -> None:
+    """Given no PERMISSIONS_BOUNDARY_ARN variable, when the deploy step runs, then it fails
+    naming the variable, and CloudFormation is never called (the deploy role could not create
+    the function roles without the boundary anyway)."""
+    deployed, calls = run_step(
+        step_named("deploy", "aws cloudformation deploy"),
+        tmp_path,
+        deploy_variables(PERMISSIONS_BOUNDARY_ARN=""),
+        {"aws": "exit 0"},
+    )
+
+    assert deployed.returncode != 0
+    assert "PERMISSIONS_BOUNDARY_ARN" in deployed.stderr
     assert calls == []
 
 
@@ -525,6 +547,7 @@ def test_an_oidc_deploy_needs_no_tokens_secret_and_passes_the_oidc_variables(
     assert deployed.returncode == 0, deployed.stderr
     assert parameter_overrides(calls[-1]) == {
         "GatewayTokenSecretArn": SECRET_ARN,
+        "PermissionsBoundaryArn": BOUNDARY_ARN,
         "AuthMode": "oidc",
         "OidcIssuer": issuer,
         "OidcAudience": "4f1c2e7d9a",
@@ -622,18 +645,32 @@ class Deployed:
             for name, spec in self.template["Parameters"].items()
             if "Default" in spec
         }
-        self.values = {**PSEUDO, **defaults, "GitHubOrg": ORG, "GitHubRepo": REPO, **parameters}
-        self.conditions = {
-            name: self.resolve(body) for name, body in self.template["Conditions"].items()
-        }
+        required = {"GitHubOrg": ORG, "GitHubRepo": REPO, "GatewayTokenSecretArn": SECRET_ARN}
+        self.values = {**PSEUDO, **defaults, **required, **parameters}
+        # In order: a condition may name those before it.
+        self.conditions: dict[str, bool] = {}
+        for name, body in self.template["Conditions"].items():
+            self.conditions[name] = self.resolve(body)
 
     def resolve(self, value: Any) -> Any:
         if isinstance(value, list):
-            return [self.resolve(item) for item in value]
+            items = [self.resolve(item) for item in value]
+            return [item for item in items if item is not NO_VALUE]
         if not isinstance(value, dict):
             return value
+        if value == {"Ref": "AWS::NoValue"}:
+            return NO_VALUE
         if set(value) == {"Ref"}:
             return self.values.get(value["Ref"], f"<{value['Ref']}>")
+        if set(value) in ({"Condition"}, {"Fn::Condition"}):  # !Condition reads as Fn::Condition
+            return self.conditions[next(iter(value.values()))]
+        if set(value) == {"Fn::Not"}:
+            [condition] = self.resolve(value["Fn::Not"])
+            return not condition
+        if set(value) == {"Fn::And"}:
+            return all(self.resolve(value["Fn::And"]))
+        if set(value) == {"Fn::Or"}:
+            return any(self.resolve(value["Fn::Or"]))
         if set(value) == {"Fn::Sub"}:
             text = value["Fn::Sub"]
             for name, replacement in self.values.items():
@@ -647,7 +684,8 @@ class Deployed:
         if set(value) == {"Fn::If"}:
             condition, if_true, if_false = value["Fn::If"]
             return self.resolve(if_true if self.conditions[condition] else if_false)
-        return {key: self.resolve(item) for key, item in value.items()}
+        resolved = {key: self.resolve(item) for key, item in value.items()}
+        return {key: item for key, item in resolved.items() if item is not NO_VALUE}
 
     def resource(self, name: str) -> dict[str, Any]:
         return self.resolve(self.template["Resources"][name])
@@ -681,22 +719,39 @@ class Deployed:
                 return True
         return False
 
-    def allows(self, action: str, resource: str) -> bool:
+    def allows(
+        self, action: str, resource: str, boundary: str | None = "<FunctionBoundary>"
+    ) -> bool:
         """Whether the role's policies allow `action` on `resource`: an explicit Deny wins.
 
-        Conditions are not evaluated: an Allow under a condition counts as allowed, which only
-        makes the checks below stricter."""
+        `boundary` is the permissions boundary the request carries (iam:PermissionsBoundary):
+        by default the function boundary, as the stack's deploys set it. Other conditions are not
+        evaluated: an Allow under one counts as allowed, which only makes the checks stricter."""
         verdicts = [
             statement["Effect"]
             for statement in self.statements()
             if any(fnmatch.fnmatchcase(action, pattern) for pattern in as_list(statement["Action"]))
             and any(fnmatch.fnmatchcase(resource, arn) for arn in as_list(statement["Resource"]))
+            and _boundary_condition_holds(statement.get("Condition", {}), boundary)
         ]
         return "Allow" in verdicts and "Deny" not in verdicts
 
 
+def _boundary_condition_holds(condition: dict[str, Any], boundary: str | None) -> bool:
+    key = "iam:PermissionsBoundary"
+    if key in condition.get("StringEquals", {}):
+        return boundary == condition["StringEquals"][key]
+    if key in condition.get("StringNotEquals", {}):
+        # A negated operator matches a request without the key.
+        return boundary != condition["StringNotEquals"][key]
+    return True
+
+
 def as_list(value: str | list[str]) -> list[str]:
     return value if isinstance(value, list) else [value]
+
+
+NO_VALUE = object()  # AWS::NoValue: the key or list item is left out
 
 
 def arn(service: str, resource: str, region: str = REGION) -> str:
@@ -717,7 +772,7 @@ def test_ci_role_template_passes_cfn_lint() -> None:
     ("subject", "admitted"),
     [
         pytest.param(f"repo:{ORG}/{REPO}:environment:prod", True, id="prod-environment"),
-        pytest.param(f"repo:{ORG}/{REPO}:ref:refs/heads/main", True, id="main-branch"),
+        pytest.param(f"repo:{ORG}/{REPO}:ref:refs/heads/main", False, id="main-branch"),
         pytest.param(f"repo:{ORG}/{REPO}:pull_request", False, id="pull-request"),
         pytest.param(f"repo:{ORG}/{REPO}:ref:refs/heads/feature", False, id="other-branch"),
         pytest.param(f"repo:{ORG}/{REPO}:ref:refs/tags/v1", False, id="tag"),
@@ -727,11 +782,12 @@ def test_ci_role_template_passes_cfn_lint() -> None:
         pytest.param(f"repo:{ORG}/{REPO}:ref:refs/heads/main-x", False, id="prefix-of-main"),
     ],
 )
-def test_only_main_and_the_prod_environment_of_the_repository_may_assume_the_role(
+def test_only_the_prod_environment_of_the_repository_may_assume_the_role(
     subject: str, admitted: bool
 ) -> None:
     """Given the role deployed for one repository, when a GitHub job presents its OIDC token,
-    then only the repository's main branch or its prod environment gets a session."""
+    then only a job of the repository's protected prod environment gets a session: a job on
+    main without it does not."""
     deployed = Deployed()
 
     assert deployed.may_assume(subject) is admitted
@@ -919,6 +975,246 @@ def test_the_role_cannot_rewrite_its_own_policies() -> None:
 
     assert not deployed.allows("iam:PutRolePolicy", own_arn)
     assert not deployed.allows("iam:UpdateAssumeRolePolicy", own_arn)
+
+
+def test_the_trust_is_exactly_the_prod_environment() -> None:
+    """Given the role's trust policy, then it names one subject, exactly (StringEquals, no
+    wildcard, no branch): the prod environment of the repository, which the deploy job uses."""
+    [statement] = Deployed().role()["AssumeRolePolicyDocument"]["Statement"]
+
+    assert set(statement["Condition"]) == {"StringEquals"}
+    assert statement["Condition"]["StringEquals"]["token.actions.githubusercontent.com:sub"] == (
+        f"repo:{ORG}/{REPO}:environment:prod"
+    )
+    assert job("deploy")["environment"]["name"] == "prod"
+
+
+BOUNDARY = "<FunctionBoundary>"  # the boundary policy's ARN, as the deployed role names it
+STACK_ROLE = f"arn:aws:iam::{ACCOUNT}:role/{STACK_NAME}-SendMessagesRole-AbC123"
+# What can give a role more permissions than it has: IAM checks iam:PermissionsBoundary on each.
+PERMISSION_WRITES = {
+    "iam:CreateRole",
+    "iam:PutRolePolicy",
+    "iam:DeleteRolePolicy",
+    "iam:AttachRolePolicy",
+    "iam:DetachRolePolicy",
+    "iam:PutRolePermissionsBoundary",
+}
+# Writes on a role that IAM cannot condition on its boundary, and that cannot widen a role.
+NON_WIDENING_WRITES = {
+    "iam:DeleteRole",
+    "iam:UpdateRoleDescription",
+    "iam:TagRole",
+    "iam:UntagRole",
+}
+
+
+def _grants(deployed: Deployed, action: str, resource: str) -> list[dict[str, Any]]:
+    return [
+        statement
+        for statement in deployed.statements()
+        if statement["Effect"] == "Allow"
+        and any(fnmatch.fnmatchcase(action, pattern) for pattern in as_list(statement["Action"]))
+        and any(fnmatch.fnmatchcase(resource, arn) for arn in as_list(statement["Resource"]))
+    ]
+
+
+def _requires_the_boundary(statement: dict[str, Any]) -> bool:
+    condition = statement.get("Condition", {})
+    return condition.get("StringEquals", {}).get("iam:PermissionsBoundary") == BOUNDARY
+
+
+def test_every_iam_write_on_the_stacks_roles_requires_the_boundary() -> None:
+    """Given the IAM actions the deploy role holds on the stack's roles, when it creates a role
+    or changes what a role may do, then every grant requires the function boundary on the
+    role; the only other writes cannot widen a role."""
+    deployed = Deployed()
+    iam_writes = {
+        action
+        for statement in deployed.statements()
+        if statement["Effect"] == "Allow"
+        for action in as_list(statement["Action"])
+        if action.startswith("iam:")
+        and not action.split(":", 1)[1].startswith(READ_ONLY_PREFIXES)
+        and any(fnmatch.fnmatchcase(STACK_ROLE, arn) for arn in as_list(statement["Resource"]))
+    }
+
+    assert {"iam:CreateRole", "iam:PutRolePolicy"} <= iam_writes
+    assert iam_writes - {"iam:PassRole"} <= PERMISSION_WRITES | NON_WIDENING_WRITES
+    for action in iam_writes & PERMISSION_WRITES:
+        grants = _grants(deployed, action, STACK_ROLE)
+        assert grants, action
+        assert all(_requires_the_boundary(grant) for grant in grants), action
+
+
+@pytest.mark.parametrize("boundary", [None, f"arn:aws:iam::{ACCOUNT}:policy/AdministratorAccess"])
+@pytest.mark.parametrize("action", ["iam:CreateRole", "iam:PutRolePolicy", "iam:DeleteRolePolicy"])
+def test_the_role_cannot_create_or_change_a_role_without_the_boundary(
+    action: str, boundary: str | None
+) -> None:
+    """Given a role of the stack's name, when the deploy role creates it or writes its policy
+    without the function boundary, or with another one, then IAM refuses; with it, it may."""
+    deployed = Deployed()
+
+    assert not deployed.allows(action, STACK_ROLE, boundary=boundary)
+    assert deployed.allows(action, STACK_ROLE)
+
+
+@pytest.mark.parametrize("action", sorted(PERMISSION_WRITES))
+def test_a_role_without_the_boundary_is_denied_whatever_is_granted(action: str) -> None:
+    """Given any grant added later, when the deploy role creates or changes a role without the
+    boundary (or with another), then an explicit Deny stops it."""
+    denials = [
+        statement
+        for statement in Deployed().statements()
+        if statement["Effect"] == "Deny"
+        and action in as_list(statement["Action"])
+        and "*" in as_list(statement["Resource"])
+    ]
+
+    assert [d["Condition"] for d in denials] == [
+        {"StringNotEquals": {"iam:PermissionsBoundary": BOUNDARY}}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("action", "resource"),
+    [
+        ("iam:DeleteRolePermissionsBoundary", STACK_ROLE),
+        ("iam:UpdateAssumeRolePolicy", STACK_ROLE),
+        ("iam:CreatePolicyVersion", BOUNDARY),
+        ("iam:SetDefaultPolicyVersion", BOUNDARY),
+        ("iam:DeletePolicyVersion", BOUNDARY),
+        ("iam:DeletePolicy", BOUNDARY),
+    ],
+)
+def test_the_role_can_neither_remove_nor_edit_the_boundary(action: str, resource: str) -> None:
+    """Given the deploy role, when it would take a role's boundary away, change a role's trust,
+    or rewrite the boundary policy, then IAM refuses, by an explicit Deny where it matters."""
+    deployed = Deployed()
+
+    assert not deployed.allows(action, resource)
+    if action != "iam:UpdateAssumeRolePolicy":
+        assert any(
+            statement["Effect"] == "Deny"
+            and action in as_list(statement["Action"])
+            and any(fnmatch.fnmatchcase(resource, arn) for arn in as_list(statement["Resource"]))
+            for statement in deployed.statements()
+        )
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        "iam:PutRolePolicy",
+        "iam:AttachRolePolicy",
+        "iam:UpdateAssumeRolePolicy",
+        "iam:DeleteRolePermissionsBoundary",
+        "iam:CreatePolicyVersion",
+    ],
+)
+def test_no_statement_lets_the_role_touch_itself(action: str) -> None:
+    """Given the deploy role's own ARN, when it targets itself with any IAM action, then an
+    explicit Deny on iam:* stops it."""
+    deployed = Deployed()
+    own_arn = f"arn:aws:iam::{ACCOUNT}:role/{deployed.role()['RoleName']}"
+
+    assert not deployed.allows(action, own_arn)
+    assert any(
+        statement["Effect"] == "Deny"
+        and statement["Action"] == "iam:*"
+        and statement["Resource"] == own_arn
+        for statement in deployed.statements()
+    )
+
+
+def _boundary(**parameters: str) -> list[dict[str, Any]]:
+    return Deployed(**parameters).resource("FunctionBoundary")["Properties"]["PolicyDocument"][
+        "Statement"
+    ]
+
+
+def test_the_boundary_covers_every_action_the_function_policies_grant() -> None:
+    """Given the function roles' policies (infra/resources.yaml and .chalice/policy.json), when
+    the boundary caps them, then it still allows every action they grant: a function never
+    loses a permission to the boundary."""
+    merged = yaml.load((ROOT / "infra" / "resources.yaml").read_text(), Loader=TemplateLoader)
+    chalice = json.loads((ROOT / ".chalice" / "policy.json").read_text())
+    statements = list(chalice["Statement"])
+    for body in merged["Resources"].values():
+        if body.get("Type") == "AWS::IAM::Policy":
+            for statement in body["Properties"]["PolicyDocument"]["Statement"]:
+                if "Fn::If" in statement:
+                    statements.append(statement["Fn::If"][1])
+                else:
+                    statements.append(statement)
+    granted = {a for statement in statements for a in as_list(statement["Action"])}
+    boundary = {
+        action
+        for statement in _boundary(
+            ApiTokensSecretArn=TOKENS_SECRET_ARN,
+            GatewayTokenKmsKeyArn=f"arn:aws:kms:{REGION}:{ACCOUNT}:key/mrk-{'0' * 32}",
+            ApiTokensKmsKeyArn=f"arn:aws:kms:{REGION}:{ACCOUNT}:key/mrk-{'1' * 32}",
+        )
+        for action in as_list(statement["Action"])
+    }
+
+    assert granted <= boundary
+
+
+def test_the_boundary_names_only_the_stacks_resources_and_its_secrets() -> None:
+    """Given the boundary with both secrets and their keys, then it allows nothing on "*", no
+    wildcard action, and each resource is the stack's, one of its secrets or their keys (SES
+    identities aside: the stack's own grant pins sender and recipients)."""
+    gateway_key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/mrk-{'0' * 32}"
+    tokens_key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/mrk-{'1' * 32}"
+    statements = _boundary(
+        ApiTokensSecretArn=TOKENS_SECRET_ARN,
+        GatewayTokenKmsKeyArn=gateway_key,
+        ApiTokensKmsKeyArn=tokens_key,
+    )
+    own = (
+        f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{STACK_NAME}-*",
+        f"arn:aws:sqs:{REGION}:{ACCOUNT}:{STACK_NAME}-*",
+        f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/sms-campaigns/{STACK_NAME}/*",
+        f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/aws/lambda/{STACK_NAME}-*",
+        f"arn:aws:ses:{REGION}:{ACCOUNT}:identity/*",
+        SECRET_ARN,
+        TOKENS_SECRET_ARN,
+        gateway_key,
+        tokens_key,
+    )
+
+    assert all(statement["Effect"] == "Allow" for statement in statements)
+    for statement in statements:
+        assert all("*" not in action for action in as_list(statement["Action"])), statement
+        assert set(as_list(statement["Resource"])) <= set(own), statement
+    [keys] = [s for s in statements if s["Action"] == "kms:Decrypt"]
+    assert keys["Resource"] == [gateway_key, tokens_key]
+    assert keys["Condition"]["StringEquals"]["kms:ViaService"] == (
+        f"secretsmanager.{REGION}.amazonaws.com"
+    )
+
+
+def test_without_customer_keys_the_boundary_allows_no_decryption() -> None:
+    """Given secrets under the AWS managed key (no key parameters), then the boundary allows no
+    kms:Decrypt at all, and only the gateway token's secret without API tokens."""
+    statements = _boundary()
+
+    assert not [s for s in statements if "kms:Decrypt" in as_list(s["Action"])]
+    [secrets] = [s for s in statements if s["Action"] == "secretsmanager:GetSecretValue"]
+    assert secrets["Resource"] == [SECRET_ARN]
+
+
+def test_the_boundary_is_an_output_the_workflow_passes_to_the_stack() -> None:
+    """Given the one-time setup's outputs, then the boundary's ARN is one, and the deploy step
+    passes the variable holding it as the app stack's PermissionsBoundaryArn."""
+    outputs = Deployed().resolve(ci_role_template()["Outputs"])
+    deploy = step_named("deploy", "aws cloudformation deploy")
+
+    assert outputs["PermissionsBoundaryArn"]["Value"] == BOUNDARY
+    assert deploy["env"]["PERMISSIONS_BOUNDARY_ARN"] == "${{ vars.PERMISSIONS_BOUNDARY_ARN }}"
+    assert "PermissionsBoundaryArn=${PERMISSIONS_BOUNDARY_ARN" in deploy["run"]
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+from botocore.exceptions import ClientError
 from chalice import Blueprint, Chalice, Response
 from pydantic import BaseModel, ValidationError
 from pynamodb.exceptions import PynamoDBException
@@ -65,12 +66,17 @@ class Operation:
 OPERATIONS: list[Operation] = []
 
 
+# A 503 is always "try again": callers (and SDKs honouring the header) wait this long first.
+RETRY_AFTER_SECONDS = 1
+
+
 def error_response(
     status: int, code: str, message: str, details: list[dict] | None = None
 ) -> Response:
-    """A JSON error in the service's one error shape."""
+    """A JSON error in the service's one error shape; a 503 says when to retry."""
     body = ErrorBody(error=code, message=message, details=details or [])
-    return json_response(body, status)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    return json_response(body, status, headers)
 
 
 def json_response(
@@ -290,7 +296,9 @@ def parse_query(model: type[BaseModel], params: dict[str, str] | None) -> BaseMo
 
 def unexpected_error(exc: Exception, method: str, path: str) -> Response:
     """Storage trouble is a 503 the caller may retry; anything else is logged as a bug."""
-    if isinstance(exc, PynamoDBException) and is_transient(exc):
+    # A transaction cancelled for a conflict, or a throttle left after the SDK's own retries:
+    # nothing was written, so the same request may succeed when sent again.
+    if isinstance(exc, (PynamoDBException, ClientError)) and is_transient(exc):
         logger.warning("storage busy during %s %s: %s", method, path, error_code(exc))
         return error_response(503, "unavailable", "storage is busy; retry shortly")
     logger.exception("unhandled error during %s %s", method, path)

@@ -17,6 +17,10 @@ TITLE = "SMS campaign service"
 VERSION = "1.0.0"
 _REF = "#/components/schemas/{model}"
 _AUTH_ERRORS = (401, 403)
+_RETRY_AFTER = {
+    "description": "Seconds to wait before sending the same request again",
+    "schema": {"type": "integer", "minimum": 1},
+}
 
 
 def _error_description(status: int) -> str:
@@ -29,7 +33,8 @@ def _error_description(status: int) -> str:
         413: "Request body too large",
         415: "Request body is not application/json",
         422: "Request body failed validation",
-        503: "Storage is busy; retry",
+        503: "Storage is busy (a write met a concurrent one, or AWS throttled it); nothing "
+        "changed: retry after the `Retry-After` seconds",
     }.get(status, HTTPStatus(status).phrase)
 
 
@@ -127,6 +132,8 @@ def build_spec(operations: Iterable[Operation] | None = None) -> dict[str, Any]:
             if status == 415 and op.consumes is not None:
                 description = f"Request body is not {op.consumes}"
             responses[str(status)] = {"description": description, "content": content}
+            if status == 503:
+                responses[str(status)]["headers"] = {"Retry-After": _RETRY_AFTER}
         entry["responses"] = responses
         if op.public:
             entry["security"] = []

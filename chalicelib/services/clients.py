@@ -58,16 +58,17 @@ def _shard_of(client_id: str) -> int:
     return int(hashlib.sha256(client_id.encode()).hexdigest()[:8], 16) % CLIENT_SHARDS
 
 
-_PHONE = re.compile(r"^7\d{10}$")
-_OPERATOR_CODE = re.compile(r"^\d{3}$")
+# ASCII only, as the API checks them: a record written before that check may hold other digits.
+_PHONE = re.compile(r"^7[0-9]{10}$", re.ASCII)
+_OPERATOR_CODE = re.compile(r"^[0-9]{3}$", re.ASCII)
 
 
 def client_record_problem(item: Any) -> str | None:
     """What makes a stored client unusable for sending (corrupt or older schema), if anything."""
     problems = []
-    if not isinstance(item.phone, str) or not _PHONE.match(item.phone):
+    if not isinstance(item.phone, str) or not _PHONE.fullmatch(item.phone):
         problems.append("phone is not 7XXXXXXXXXX")
-    if not isinstance(item.operator_code, str) or not _OPERATOR_CODE.match(item.operator_code):
+    if not isinstance(item.operator_code, str) or not _OPERATOR_CODE.fullmatch(item.operator_code):
         problems.append("operator code is not 3 digits")
     try:
         ZoneInfo(item.timezone)

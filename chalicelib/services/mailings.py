@@ -7,6 +7,7 @@ import math
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from pynamodb.exceptions import DoesNotExist, UpdateError
 
 from chalicelib.domain import (
+    MAILING_HORIZON,
     AudienceFilter,
     Clock,
     Mailing,
@@ -109,7 +111,7 @@ class MailingService:
                 "end_at must be after start_at",
                 [{"field": "body.end_at", "message": "must be after start_at", "type": "range"}],
             )
-        self._check(fields)
+        self._check(fields, changes)
         mailing = self._save(item, fields)
         logger.info(
             "mailing updated: %s", ", ".join(sorted(changes)), extra={"mailing_id": mailing_id}
@@ -346,12 +348,37 @@ class MailingService:
         }
         return [found[i] for i in ids if i in found]
 
-    def _check(self, fields: MailingFields) -> None:
-        if fields.end_at <= self._clock():
+    def _check(self, fields: MailingFields, given: Iterable[str] = ("start_at", "end_at")) -> None:
+        """The dates are sane: the end in the future, both within the horizon; a start before
+        the horizon only matters when the caller gives it (a running mailing keeps its own)."""
+        now = self._clock()
+        if fields.end_at <= now:
             raise ValidationFailed(
                 "end_at is in the past: the mailing could never send anything",
                 [{"field": "body.end_at", "message": "must be in the future", "type": "range"}],
             )
+        latest, earliest = now + MAILING_HORIZON, now - MAILING_HORIZON
+        days = MAILING_HORIZON.days
+        details = []
+        if fields.start_at > latest or ("start_at" in given and fields.start_at < earliest):
+            details.append(
+                {
+                    "field": "body.start_at",
+                    "message": f"must be within {days} days of now "
+                    f"({earliest.isoformat()} to {latest.isoformat()})",
+                    "type": "range",
+                }
+            )
+        if fields.end_at > latest:
+            details.append(
+                {
+                    "field": "body.end_at",
+                    "message": f"must be at most {days} days ahead (by {latest.isoformat()})",
+                    "type": "range",
+                }
+            )
+        if details:
+            raise ValidationFailed(f"a mailing may be scheduled at most {days} days ahead", details)
 
     def _save(self, item: Any, fields: MailingFields) -> Mailing:
         self._check_editable(item, fields)
