@@ -208,7 +208,16 @@ class Services:
             messages=messages,
             queues=queues,
             scheduler=Scheduler(
-                models, connection, clients, messages, queues, settings, clock, metrics
+                models,
+                connection,
+                clients,
+                messages,
+                queues,
+                settings,
+                clock,
+                metrics,
+                wait_until=wait_until,
+                rng=rng,
             ),
             sender=Sender(
                 models,
