@@ -15,8 +15,10 @@ import botocore.client
 import pytest
 from botocore.exceptions import ClientError
 
+from chalicelib.local.gateway import FaultProfile
 from chalicelib.services.reconciler import LOST_JOB_AFTER, SEND_VISIBILITY_TIMEOUT_SECONDS
 from tests import test_delivery as delivery
+from tests.conftest import body
 from tests.pipeline_support import FANOUT_URL, SEND_URL
 
 # The delivery suite's fixtures (moto, virtual SQS, the sandbox gateway, the pipeline driver).
@@ -153,6 +155,80 @@ def test_a_sweep_out_of_time_keeps_what_it_did_and_is_continued_at_once(
     assert pipeline.statuses(mailing["id"]) == Counter({"cancelled": 120})
     assert pipeline.counters(mailing["id"]) == pipeline.statuses(mailing["id"])
     assert pipeline.mailing_status(mailing["id"]) == "cancelled"
+
+
+# ---------------------------------------------------------------- retry-failed
+
+
+def failed_mailing(api, pipeline, clock, gateway, count: int = 3) -> dict:
+    """A finished mailing whose `count` messages the gateway rejected; the gateway is fixed."""
+    for n in range(count):
+        add_client(api, f"79160000{n:02d}7")
+    gateway.set_profile(FaultProfile(reject_phone_suffixes=("7",)))
+    mailing = create_mailing(api, clock, end=timedelta(hours=2))
+    pipeline.settle()
+    assert pipeline.statuses(mailing["id"]) == Counter({"failed": count})
+    gateway.set_profile(FaultProfile())
+    return mailing
+
+
+def test_retry_failed_queues_no_job_when_its_commit_fails(api, pipeline, clock, gateway, conflicts):
+    # Given failed messages, and storage that keeps cancelling the retry's transaction
+    mailing = failed_mailing(api, pipeline, clock, gateway)
+    conflicts.left = 100
+
+    # When the operator retries them
+    response = api.post(f"/mailings/{mailing['id']}/retry-failed")
+
+    # Then the caller is told to try again, and nothing was queued for messages still failed
+    assert response.status_code == 503, response.body
+    assert conflicts.seen > 1  # tried again before giving up
+    assert pipeline.statuses(mailing["id"]) == Counter({"failed": 3})
+    assert jobs_queued(pipeline) == Counter()
+
+    # And once storage answers again, the retry sends them
+    conflicts.left = 0
+    assert body(api.post(f"/mailings/{mailing['id']}/retry-failed"))["requeued"] == 3
+    pipeline.settle()
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 3})
+
+
+def test_retry_failed_whose_jobs_cannot_be_queued_says_so_and_the_reconciler_sends_them(
+    api, pipeline, clock, gateway, sqs, monkeypatch
+):
+    # Given failed messages, and a send queue that refuses every job for now
+    mailing = failed_mailing(api, pipeline, clock, gateway)
+    failed = message_ids(pipeline, mailing["id"], "failed")
+    working = sqs.send_message_batch
+
+    def refusing(QueueUrl, Entries):
+        if QueueUrl == SEND_URL:
+            raise ClientError({"Error": {"Code": "InternalError"}}, "SendMessageBatch")
+        return working(QueueUrl=QueueUrl, Entries=Entries)
+
+    monkeypatch.setattr(sqs, "send_message_batch", refusing)
+
+    # When the operator retries them
+    response = api.post(f"/mailings/{mailing['id']}/retry-failed")
+
+    # Then the answer says what happened, not a bare 500: they are pending, their jobs are not
+    assert response.status_code == 503, response.body
+    assert response.headers["Retry-After"] == "5"
+    error = body(response)
+    assert error["error"] == "unavailable"
+    assert "3 failed messages" in error["message"]
+    assert "pending again" in error["message"]
+    assert pipeline.statuses(mailing["id"]) == Counter({"pending": 3})
+    assert pipeline.counters(mailing["id"]) == Counter({"pending": 3})
+    assert jobs_queued(pipeline) == Counter()
+
+    # And once the queue takes jobs again, the scheduler finds them and they go before the end
+    monkeypatch.setattr(sqs, "send_message_batch", working)
+    pipeline.run(until=clock() + LOST_JOB_AFTER + timedelta(minutes=3))
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 3})
+    assert sorted(gateway.accepted_ids()[i] for i in failed) == [1, 1, 1]
+    pipeline.tick()
+    assert pipeline.mailing_status(mailing["id"]) == "finished"
 
 
 # ---------------------------------------------------------------- reconciler

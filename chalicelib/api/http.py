@@ -27,6 +27,7 @@ from chalicelib.errors import (
     DomainError,
     MalformedRequest,
     PayloadTooLarge,
+    ServiceUnavailable,
     UnsupportedMediaType,
     ValidationFailed,
 )
@@ -290,6 +291,11 @@ def parse_query(model: type[BaseModel], params: dict[str, str] | None) -> BaseMo
 
 def unexpected_error(exc: Exception, method: str, path: str) -> Response:
     """Storage trouble is a 503 the caller may retry; anything else is logged as a bug."""
+    if isinstance(exc, ServiceUnavailable):
+        logger.warning("unavailable during %s %s: %s", method, path, exc.message)
+        response = error_response(503, "unavailable", exc.message)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     if isinstance(exc, PynamoDBException) and is_transient(exc):
         logger.warning("storage busy during %s %s: %s", method, path, error_code(exc))
         return error_response(503, "unavailable", "storage is busy; retry shortly")
