@@ -16,7 +16,11 @@ import pytest
 from botocore.exceptions import ClientError
 
 from chalicelib.local.gateway import FaultProfile
-from chalicelib.services.reconciler import LOST_JOB_AFTER, SEND_VISIBILITY_TIMEOUT_SECONDS
+from chalicelib.services.reconciler import (
+    LOST_JOB_AFTER,
+    MAX_BACKLOG,
+    SEND_VISIBILITY_TIMEOUT_SECONDS,
+)
 from tests import test_delivery as delivery
 from tests.conftest import body
 from tests.pipeline_support import FANOUT_URL, SEND_URL
@@ -72,12 +76,15 @@ def conflicts(monkeypatch):
     return Injector
 
 
-def jobs_queued(pipeline) -> Counter:
-    """Message ids of the send jobs waiting in the send queue (delayed ones included)."""
+def jobs_queued(pipeline, skip_foreign: bool = False) -> Counter:
+    """Message ids of the send jobs waiting in the send queue (delayed ones included); with
+    `skip_foreign`, bodies that are not job batches are left out."""
+    batches = [json.loads(message.body) for message in pipeline.sqs.queues[SEND_URL]]
     return Counter(
         job["message_id"]
-        for message in pipeline.sqs.queues[SEND_URL]
-        for job in json.loads(message.body)["jobs"]
+        for batch in batches
+        if not skip_foreign or "jobs" in batch
+        for job in batch["jobs"]
     )
 
 
@@ -294,6 +301,56 @@ def test_a_message_with_a_live_claim_or_a_recent_change_is_not_queued_again(
     clock.advance(minutes=1)
     pipeline.tick()
     assert jobs_queued(pipeline) == Counter({int(lost.message_id): 1})
+
+
+def test_a_reconciler_pass_out_of_time_keeps_its_place_and_is_continued_at_once(
+    api, pipeline, services, clock
+):
+    # Given a running mailing of 150 messages whose jobs were all lost long ago
+    for n in range(150):
+        add_client(api, f"7900000{n:04d}")
+    mailing = create_mailing(api, clock, end=timedelta(hours=2))
+    pipeline.kicks()
+    pipeline.sqs.queues[SEND_URL].clear()
+    pipeline.tick()
+    clock.advance(seconds=LOST_JOB_AFTER.total_seconds() + 60)
+
+    # When the tick runs out of time once a page of them has been queued again
+    def remaining() -> float:
+        return 5.0 if jobs_queued(pipeline) else 60.0
+
+    progress = services.scheduler.tick(remaining)
+
+    # Then that page stays queued, and a kick continues the pass without waiting for a tick
+    assert progress.requeued == 99
+    assert progress.continued == [mailing["id"]]
+    assert pipeline.sqs.depth(FANOUT_URL) == 1
+    pipeline.kicks()
+    # And every message ends up with exactly one job
+    assert jobs_queued(pipeline) == Counter(dict.fromkeys(message_ids(pipeline, mailing["id"]), 1))
+
+
+def test_no_job_is_queued_again_while_the_senders_are_behind(api, pipeline, sqs, clock):
+    # Given a mailing whose jobs were lost, and a send queue with a backlog of other jobs
+    add_client(api, "79000000001")
+    mailing = create_mailing(api, clock, end=timedelta(hours=2))
+    pipeline.kicks()
+    sqs.queues[SEND_URL].clear()
+    pipeline.tick()
+    clock.advance(seconds=LOST_JOB_AFTER.total_seconds() + 60)
+    backlog = [{"Id": str(n), "MessageBody": f'{{"backlog": {n}}}'} for n in range(MAX_BACKLOG + 1)]
+    sqs.send_message_batch(QueueUrl=SEND_URL, Entries=backlog)
+
+    # When the scheduler ticks, the mailing quiet for long enough
+    pipeline.tick()
+
+    # Then nothing is queued again: its jobs may be waiting behind the backlog
+    assert jobs_queued(pipeline, skip_foreign=True) == Counter()
+    # And once the senders have caught up, the lost job is queued again
+    sqs.queues[SEND_URL].clear()
+    clock.advance(minutes=1)
+    pipeline.tick()
+    assert jobs_queued(pipeline) == Counter(dict.fromkeys(message_ids(pipeline, mailing["id"]), 1))
 
 
 def test_a_message_waiting_for_its_send_window_is_not_queued_again(api, pipeline, clock):

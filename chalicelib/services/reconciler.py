@@ -111,19 +111,20 @@ class Reconciler:
         """One step for a running mailing whose fan-out is done (the caller holds its lease)."""
         Mailing = self._models.Mailing
         now, mark = self._clock(), counters_mark(item)
-        after = item.reconcile_after
+        after, since = item.reconcile_after, item.quiet_since
+        # Paused, resumed, edited or retried since: jobs parked meanwhile come back on their own.
+        touched = item.updated_at is not None and since is not None and item.updated_at > since
+        if touched or (after is None and (item.quiet_mark != mark or since is None)):
+            self._save(
+                item,
+                owner,
+                remaining,
+                Mailing.quiet_mark.set(mark),
+                Mailing.quiet_since.set(now),
+                Mailing.reconcile_after.remove(),
+            )
+            return ReconcileRun()
         if after is None:  # no pass under way: is one due?
-            since = item.quiet_since
-            touched = item.updated_at is not None and since is not None and item.updated_at > since
-            if item.quiet_mark != mark or since is None or touched:
-                self._save(
-                    item,
-                    owner,
-                    remaining,
-                    Mailing.quiet_mark.set(mark),
-                    Mailing.quiet_since.set(now),
-                )
-                return ReconcileRun()
             if now - since < LOST_JOB_AFTER or self._senders_behind(item.mailing_id):
                 return ReconcileRun()
             logger.info(
