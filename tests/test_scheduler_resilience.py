@@ -366,7 +366,7 @@ def test_a_message_waiting_for_its_send_window_is_not_queued_again(api, pipeline
     # When the scheduler and the sender run until just before the window opens
     pipeline.run(
         until=datetime(2026, 11, 23, 0, 0, tzinfo=UTC) - timedelta(minutes=5),
-        step=timedelta(minutes=1),
+        step=timedelta(minutes=5),
     )
 
     # Then the deferred job is still the only one: nothing was queued a second time
