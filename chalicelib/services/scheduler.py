@@ -222,7 +222,11 @@ class Scheduler:
                     if left:
                         progress.continued.append(item.mailing_id)
                         return progress
-                elif walked and item.status == MailingStatus.RUNNING.value:
+                elif (
+                    walked
+                    and item.status == MailingStatus.RUNNING.value
+                    and int(item.count_pending or 0) > 0
+                ):
                     run = self._reconciler.run(item, owner, remaining)
                     progress.requeued += run.requeued
                     if not run.complete:
@@ -234,12 +238,14 @@ class Scheduler:
             self._release_lease(item.mailing_id, owner, remaining)
         return progress
 
-    def _retry(self, call: Callable[[], Any], what: str, item_id: str, remaining: Remaining) -> Any:
+    def _retry(
+        self, call: Callable[[], Any], what: str, mailing_id: str, remaining: Remaining
+    ) -> Any:
         """`call()`, tried again after a transaction conflict, a throttle or a 500."""
         return self._backoff.run(
             call,
             what=what,
-            log={"mailing_id": item_id},
+            log={"mailing_id": mailing_id},
             remaining=remaining,
             reserve=RETRY_RESERVE_SECONDS,
         )
