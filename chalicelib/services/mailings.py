@@ -199,10 +199,10 @@ class MailingService:
             )
             if not page:
                 return queued, False
-            now = self._clock()
+            now, token = self._clock(), uuid.uuid4().hex
             committed = self._backoff.run(
-                lambda page=page, now=now, reopen=reopen: self._messages.requeue_failed(
-                    mailing_id, page, now, reopen=reopen
+                lambda page=page, now=now, reopen=reopen, token=token: (
+                    self._messages.requeue_failed(mailing_id, page, now, reopen=reopen, token=token)
                 ),
                 what="making failed messages pending again",
                 log={"mailing_id": mailing_id},
