@@ -27,6 +27,7 @@ from chalicelib.services.mailings import MailingService
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import Queues
 from chalicelib.services.reports import ReportService
+from chalicelib.services.retrying import Backoff
 from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, SettingsError, check_api_tokens, get_settings
@@ -188,7 +189,14 @@ class Services:
         )
         clients = ClientDirectory(models, connection, clock)
         messages = MessageStore(models, connection)
-        mailings = MailingService(models, clock, queues, messages, settings.jobs_per_message)
+        mailings = MailingService(
+            models,
+            clock,
+            queues,
+            messages,
+            settings.jobs_per_message,
+            backoff=Backoff(clock, wait_until, rng),
+        )
         metrics = MetricsWriter(settings, write_metrics)
         for token in settings.api_tokens:
             logs.add_secret(token)
@@ -208,7 +216,16 @@ class Services:
             messages=messages,
             queues=queues,
             scheduler=Scheduler(
-                models, connection, clients, messages, queues, settings, clock, metrics
+                models,
+                connection,
+                clients,
+                messages,
+                queues,
+                settings,
+                clock,
+                metrics,
+                wait_until=wait_until,
+                rng=rng,
             ),
             sender=Sender(
                 models,

@@ -48,7 +48,13 @@ class UnsupportedMediaType(DomainError):
 
 
 class ServiceUnavailable(Exception):
-    """Storage is throttling or unreachable: a retryable server-side condition."""
+    """Storage or a queue is throttling or unreachable: a retryable server-side condition; the
+    message says what was done and what was not."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
 
 
 class UpstreamFailed(DomainError):

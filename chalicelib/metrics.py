@@ -36,6 +36,10 @@ METRICS: dict[str, tuple[MetricUnit, str]] = {
     "GatewayErrors": (MetricUnit.Count, "gateway calls that were not a success"),
     "GatewayLatency": (MetricUnit.Milliseconds, "time of one gateway call, per call"),
     "DlqArrivals": (MetricUnit.Count, "send jobs moved to the dead-letter queue"),
+    "MessagesRequeued": (
+        MetricUnit.Count,
+        "pending messages whose job was lost, queued again by the reconciler",
+    ),
 }
 # GatewayErrors is also written once per error class with an `error_class` dimension.
 ERROR_CLASSES = (
@@ -155,6 +159,10 @@ class MetricsWriter:
             {"MessagesQueued": created, "FanoutRate": rate},
             properties={"mailing_id": mailing_id},
         )
+
+    def requeued(self, mailing_id: str, count: int) -> None:
+        """Pending messages of a mailing whose job was lost, queued again."""
+        self.emit({"MessagesRequeued": count}, properties={"mailing_id": mailing_id})
 
     def dead_letters(self, count: int) -> None:
         """SQS messages that failed their last receive: SQS moves them to the DLQ."""

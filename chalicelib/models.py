@@ -210,6 +210,11 @@ def build_models(settings: Settings) -> Models:
         # One scheduler worker at a time advances a mailing: it holds this lease.
         lease_owner = UnicodeAttribute(null=True)
         lease_until = UTCDateTimeAttribute(null=True)
+        # The reconciler (services/reconciler.py): the counters as last seen, since when they
+        # have not moved, and where a pass over the pending messages stands (a message id).
+        quiet_mark = UnicodeAttribute(null=True)
+        quiet_since = UTCDateTimeAttribute(null=True)
+        reconcile_after = NumberAttribute(null=True)
         count_pending = NumberAttribute(default=0)
         count_sent = NumberAttribute(default=0)
         count_failed = NumberAttribute(default=0)

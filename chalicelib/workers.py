@@ -43,12 +43,16 @@ def _remaining(context: Any) -> Any:
 def scheduler_tick(event: Any) -> dict:
     """Every minute: advance every mailing whose start has come and that has not finished."""
     progress = services().scheduler.tick(_remaining(event.context))
+    summary = {
+        "mailings": progress.mailings,
+        "messages_created": progress.messages_created,
+        "messages_requeued": progress.requeued,
+        "continued": len(progress.continued),
+    }
     logger.log(
-        logging.INFO if progress.mailings else logging.DEBUG,
-        "scheduler tick",
-        extra={"mailings": progress.mailings, "messages_created": progress.messages_created},
+        logging.INFO if progress.mailings else logging.DEBUG, "scheduler tick", extra=summary
     )
-    return {"mailings": progress.mailings, "messages_created": progress.messages_created}
+    return summary
 
 
 # 06:00 UTC by default; the stack's DailyReportSchedule parameter replaces the expression.

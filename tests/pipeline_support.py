@@ -73,6 +73,18 @@ class VirtualSqs:
         message.available_at = self._clock() + timedelta(seconds=after_seconds)
         self.queues[url].append(message)
 
+    def get_queue_attributes(self, QueueUrl: str, AttributeNames: list[str]) -> dict:
+        self.calls["GetQueueAttributes"] += 1
+        now = self._clock()
+        visible = sum(1 for m in self.queues[QueueUrl] if m.available_at <= now)
+        delayed = len(self.queues[QueueUrl]) - visible
+        values = {
+            "ApproximateNumberOfMessages": visible,
+            "ApproximateNumberOfMessagesDelayed": delayed,
+            "ApproximateNumberOfMessagesNotVisible": 0,
+        }
+        return {"Attributes": {name: str(values[name]) for name in AttributeNames}}
+
     def depth(self, url: str) -> int:
         return len(self.queues[url])
 

@@ -28,6 +28,7 @@ from chalicelib.errors import (
     DomainError,
     MalformedRequest,
     PayloadTooLarge,
+    ServiceUnavailable,
     UnsupportedMediaType,
     ValidationFailed,
 )
@@ -296,6 +297,11 @@ def parse_query(model: type[BaseModel], params: dict[str, str] | None) -> BaseMo
 
 def unexpected_error(exc: Exception, method: str, path: str) -> Response:
     """Storage trouble is a 503 the caller may retry; anything else is logged as a bug."""
+    if isinstance(exc, ServiceUnavailable):
+        logger.warning("unavailable during %s %s: %s", method, path, exc.message)
+        response = error_response(503, "unavailable", exc.message)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     # A transaction cancelled for a conflict, or a throttle left after the SDK's own retries:
     # nothing was written, so the same request may succeed when sent again.
     if isinstance(exc, (PynamoDBException, ClientError)) and is_transient(exc):

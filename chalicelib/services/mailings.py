@@ -26,11 +26,13 @@ from chalicelib.domain import (
     PageOf,
     SendWindow,
 )
-from chalicelib.errors import Conflict, NotFound, ValidationFailed
+from chalicelib.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from chalicelib.models import DUE_KEY, MAILING_LISTING_KEY, Models, status_key
 from chalicelib.pagination import Segment, fingerprint, index_query, paginate
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
+from chalicelib.services.reconciler import LOST_JOB_AFTER
+from chalicelib.services.retrying import Backoff
 from chalicelib.services.storage import is_conditional_failure, looks_like_id
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,8 @@ TIMELINE_POINTS = 120
 TIMELINE_MAX_MESSAGES = 50_000
 # Failed messages queued again per transaction (DynamoDB allows 100 items with the mailing).
 RETRY_PAGE = 99
-# Jobs of retried messages arrive after their page is committed (see retry_failed).
-RETRY_JOB_DELAY_SECONDS = 3
+# What a caller whose retry-failed could not queue its jobs is told to wait before asking again.
+RETRY_AFTER_SECONDS = 5
 _COUNTER_ATTRIBUTES = ["mailing_id", *(f"count_{status.value}" for status in MessageStatus)]
 _MAILING_LISTING_KEYS = ("listing_key", "created_at", "mailing_id")
 
@@ -67,7 +69,10 @@ class MailingService:
         queues: Queues,
         messages: MessageStore,
         jobs_per_message: int,
+        *,
+        backoff: Backoff | None = None,
     ) -> None:
+        self._backoff = backoff or Backoff(clock)
         self._models = models
         self._jobs_per_message = jobs_per_message
         self._clock = clock
@@ -177,9 +182,11 @@ class MailingService:
         """Queue the mailing's failed messages again, with the same message ids; the number
         queued, and whether failed messages are left (the time budget ran out: call again).
 
-        Jobs go out first, a few seconds delayed, then the messages turn pending in one
-        transaction per page; a job that arrives before its page is committed finds the
-        message still failed and is dropped, so the delay is what keeps them in order."""
+        Each page turns pending in one transaction first, then its jobs go out: a job never
+        names a message that is not pending, and a commit that fails (or is slow) strands
+        nothing. If the jobs cannot go after the commit, the messages are pending with no job;
+        the scheduler's reconciler queues them once the mailing has been quiet a while, and the
+        caller gets ServiceUnavailable saying so."""
         item = self._load(mailing_id)
         status = MailingStatus(item.status)
         if status is MailingStatus.CANCELLED:
@@ -194,11 +201,33 @@ class MailingService:
             )
             if not page:
                 return queued, False
-            now = self._clock()
-            size, delay = self._jobs_per_message, RETRY_JOB_DELAY_SECONDS
-            self._queues.enqueue(job_batches(mailing_id, page, now, size, delay))
-            if not self._messages.requeue_failed(mailing_id, page, now, reopen=reopen):
+            now, token = self._clock(), uuid.uuid4().hex
+            committed = self._backoff.run(
+                lambda page=page, now=now, reopen=reopen, token=token: (
+                    self._messages.requeue_failed(mailing_id, page, now, reopen=reopen, token=token)
+                ),
+                what="making failed messages pending again",
+                log={"mailing_id": mailing_id},
+                remaining=lambda: budget_seconds - (time.monotonic() - started),
+            )
+            if not committed:
                 raise Conflict(f"mailing {mailing_id} changed meanwhile; retry the request")
+            try:
+                self._queues.enqueue(job_batches(mailing_id, page, now, self._jobs_per_message))
+            except Exception as exc:
+                logger.warning(
+                    "retried messages are pending but their jobs could not be queued",
+                    exc_info=True,
+                    extra={"mailing_id": mailing_id, "messages": len(page)},
+                )
+                minutes = math.ceil(LOST_JOB_AFTER.total_seconds() / 60)
+                raise ServiceUnavailable(
+                    f"{queued + len(page)} failed messages of mailing {mailing_id} are pending "
+                    f"again, but the send jobs of the last {len(page)} could not be queued; the "
+                    f"scheduler queues them within about {minutes} minutes of the mailing going "
+                    "quiet. Call again to retry any failed messages still left.",
+                    retry_after=RETRY_AFTER_SECONDS,
+                ) from exc
             queued, reopen, after = queued + len(page), False, page[-1][1]
         left = self._messages.with_status(mailing_id, MessageStatus.FAILED, 1, after=after)
         return queued, bool(left)

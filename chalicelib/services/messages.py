@@ -283,11 +283,20 @@ class MessageStore:
         ]
 
     def requeue_failed(
-        self, mailing_id: str, messages: list[tuple[str, int]], now: datetime, *, reopen: bool
+        self,
+        mailing_id: str,
+        messages: list[tuple[str, int]],
+        now: datetime,
+        *,
+        reopen: bool,
+        token: str | None = None,
     ) -> bool:
         """Make these failed messages pending again (same ids), with the mailing's counters,
         in one transaction; with `reopen`, a finished mailing runs again. False when any of
-        them is no longer failed or the mailing was cancelled or deleted meanwhile."""
+        them is no longer failed or the mailing was cancelled or deleted meanwhile.
+
+        Give every try of one change the same `token`: a try after a 500 whose first try was
+        applied after all then succeeds instead of failing its conditions."""
         models = self._models
         Message, Mailing = models.Message, models.Mailing
         pending = MessageStatus.PENDING.value
@@ -302,7 +311,7 @@ class MessageStore:
                 Mailing.due_key.set(DUE_KEY),
             ]
         try:
-            with TransactWrite(connection=self._connection) as tx:
+            with TransactWrite(connection=self._connection, client_request_token=token) as tx:
                 for client_id, _ in messages:
                     tx.update(
                         Message(mailing_id, client_id),

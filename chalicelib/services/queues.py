@@ -218,6 +218,19 @@ class Queues:
             }
         return depths
 
+    def send_backlog(self) -> int | None:
+        """Approximate visible (waiting, not delayed) send-queue messages; None if unknown."""
+        if not self._send_url:
+            return None
+        try:
+            answer = self._sqs.get_queue_attributes(
+                QueueUrl=self._send_url, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+            return int(answer["Attributes"]["ApproximateNumberOfMessages"])
+        except Exception:  # the caller decides without it
+            logger.warning("could not read the send queue's depth", exc_info=True)
+            return None
+
     @property
     def can_kick(self) -> bool:
         return self._fanout_url is not None

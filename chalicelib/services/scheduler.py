@@ -7,12 +7,19 @@ moves the mailing's checkpoint and pending counter, so a crash anywhere loses an
 nothing: a page is either fully committed with its checkpoint or not at all. The page's send jobs
 are enqueued *before* that commit, so a crash after the commit cannot lose them; jobs of a page
 that never committed name message ids that do not exist and are dropped by the sender.
+
+A transaction conflict, a throttle or a 500 on any of these writes is tried again (with backoff,
+within the invocation's time); only a failed condition means another worker holds the lease or
+moved the checkpoint. Every loop stops starting new work SAFETY_SECONDS before the deadline and
+leaves a checkpoint (the fan-out cursor, the messages already swept, the reconciler's position)
+for the next invocation, which a kick starts at once.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -32,6 +39,8 @@ from chalicelib.pagination import Position, decode_cursor, encode_cursor, finger
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import Queues, job_batches
+from chalicelib.services.reconciler import Reconciler
+from chalicelib.services.retrying import Backoff
 from chalicelib.services.storage import is_conditional_failure
 from chalicelib.settings import Settings
 
@@ -41,8 +50,19 @@ logger = logging.getLogger(__name__)
 SAFETY_SECONDS = 10.0
 # Messages a sweep moves per transaction (DynamoDB's limit is 100 items, one is the mailing).
 SWEEP_PAGE = 99
+# A write being retried may use the invocation's time down to this (the lease must still go back).
+RETRY_RESERVE_SECONDS = SAFETY_SECONDS / 2
 
 Remaining = Callable[[], float]
+
+
+def message_expiry(end_at: datetime, retention_days: int) -> datetime:
+    """When DynamoDB deletes a message record: `retention_days` after its mailing's end, or the
+    last moment a date can name when the end is so far ahead that the sum has none."""
+    try:
+        return end_at + timedelta(days=retention_days)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -54,6 +74,7 @@ class Progress:
     jobs_enqueued: int = 0
     expired: int = 0
     cancelled: int = 0
+    requeued: int = 0
     finished: list[str] = field(default_factory=list)
     continued: list[str] = field(default_factory=list)
 
@@ -63,6 +84,7 @@ class Progress:
         self.jobs_enqueued += other.jobs_enqueued
         self.expired += other.expired
         self.cancelled += other.cancelled
+        self.requeued += other.requeued
         self.finished.extend(other.finished)
         self.continued.extend(other.continued)
 
@@ -108,6 +130,9 @@ class Scheduler:
         settings: Settings,
         clock: Clock,
         metrics: MetricsWriter,
+        *,
+        wait_until: Callable[[datetime], None] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._models = models
         self._connection = connection
@@ -117,6 +142,10 @@ class Scheduler:
         self._settings = settings
         self._clock = clock
         self._metrics = metrics
+        self._backoff = Backoff(clock, wait_until, rng)
+        self._reconciler = Reconciler(
+            models, clients, messages, queues, settings, clock, metrics, self._backoff
+        )
 
     # ---------------------------------------------------------------- entry points
 
@@ -164,32 +193,64 @@ class Scheduler:
     def _advance(self, item: Any, remaining: Remaining) -> Progress:
         progress = Progress(mailings=1)
         owner = uuid.uuid4().hex
-        if not self._take_lease(item, owner):
+        if not self._take_lease(item, owner, remaining):
             return progress
         log = {"mailing_id": item.mailing_id}
         try:
             if item.status == MailingStatus.CANCELLED.value:
-                progress.cancelled += self._sweep(item, MessageStatus.CANCELLED, remaining)
+                cancelled, left = self._sweep(item, MessageStatus.CANCELLED, remaining)
+                progress.cancelled += cancelled
+                if left:
+                    progress.continued.append(item.mailing_id)
+                    return progress
             else:
+                # As read when the lease was taken: a fan-out that completes below just queued
+                # every job, so there is nothing to reconcile yet.
+                walked = bool(item.fanout_done)
                 if not item.fanout_done:
                     if self._clock() >= item.end_at:
                         # The end came before the audience was walked: nobody else is added.
-                        self._mark_fanout_done(item, owner)
+                        self._mark_fanout_done(item, owner, remaining)
                     elif item.status == MailingStatus.PAUSED.value:
                         return progress  # resume kicks it; the end is still watched by ticks
                     elif not self._timed_fan_out(item, owner, remaining, progress):
                         progress.continued.append(item.mailing_id)
                         return progress
                 if self._clock() >= item.end_at:
-                    progress.expired += self._sweep(item, MessageStatus.EXPIRED, remaining)
-            if self._finish_if_done(item.mailing_id, owner):
+                    expired, left = self._sweep(item, MessageStatus.EXPIRED, remaining)
+                    progress.expired += expired
+                    if left:
+                        progress.continued.append(item.mailing_id)
+                        return progress
+                elif (
+                    walked
+                    and item.status == MailingStatus.RUNNING.value
+                    and int(item.count_pending or 0) > 0
+                ):
+                    run = self._reconciler.run(item, owner, remaining)
+                    progress.requeued += run.requeued
+                    if not run.complete:
+                        progress.continued.append(item.mailing_id)
+            if self._finish_if_done(item.mailing_id, owner, remaining):
                 progress.finished.append(item.mailing_id)
                 logger.info("mailing finished", extra=log)
         finally:
-            self._release_lease(item.mailing_id, owner)
+            self._release_lease(item.mailing_id, owner, remaining)
         return progress
 
-    def _take_lease(self, item: Any, owner: str) -> bool:
+    def _retry(
+        self, call: Callable[[], Any], what: str, mailing_id: str, remaining: Remaining
+    ) -> Any:
+        """`call()`, tried again after a transaction conflict, a throttle or a 500."""
+        return self._backoff.run(
+            call,
+            what=what,
+            log={"mailing_id": mailing_id},
+            remaining=remaining,
+            reserve=RETRY_RESERVE_SECONDS,
+        )
+
+    def _take_lease(self, item: Any, owner: str, remaining: Remaining) -> bool:
         Mailing = self._models.Mailing
         now = self._clock()
         actions = [
@@ -197,15 +258,23 @@ class Scheduler:
             Mailing.lease_until.set(now + timedelta(seconds=self._settings.lease_seconds)),
         ]
         starting = item.status == MailingStatus.SCHEDULED.value
+        # Ours already: a retried write whose first try was applied after all (a 500).
         condition = Mailing.due_key.exists() & (
-            Mailing.lease_until.does_not_exist() | (Mailing.lease_until < now)
+            Mailing.lease_until.does_not_exist()
+            | (Mailing.lease_until < now)
+            | (Mailing.lease_owner == owner)
         )
         if starting:
             actions.append(Mailing.status.set(MailingStatus.RUNNING.value))
             # A pause or cancel that lands meanwhile wins; the next tick sees it.
             condition &= Mailing.status == MailingStatus.SCHEDULED.value
         try:
-            item.update(actions=actions, condition=condition)
+            self._retry(
+                lambda: item.update(actions=actions, condition=condition),
+                "taking the mailing's lease",
+                item.mailing_id,
+                remaining,
+            )
         except UpdateError as exc:
             if is_conditional_failure(exc):
                 return False
@@ -214,12 +283,17 @@ class Scheduler:
             logger.info("mailing started", extra={"mailing_id": item.mailing_id})
         return True
 
-    def _release_lease(self, mailing_id: str, owner: str) -> None:
+    def _release_lease(self, mailing_id: str, owner: str, remaining: Remaining) -> None:
         Mailing = self._models.Mailing
         try:
-            Mailing(mailing_id).update(
-                actions=[Mailing.lease_owner.remove(), Mailing.lease_until.remove()],
-                condition=Mailing.lease_owner == owner,
+            self._retry(
+                lambda: Mailing(mailing_id).update(
+                    actions=[Mailing.lease_owner.remove(), Mailing.lease_until.remove()],
+                    condition=Mailing.lease_owner == owner,
+                ),
+                "giving the mailing's lease back",
+                mailing_id,
+                remaining,
             )
         except UpdateError as exc:
             if not is_conditional_failure(exc):
@@ -251,7 +325,7 @@ class Scheduler:
         cursor = item.fanout_cursor
         position = decode_cursor(cursor, scope, segments) if cursor else Position()
         size = self._settings.fanout_page_size
-        ids = IdBlock(self._allocate_ids, size)
+        ids = IdBlock(lambda count: self._allocate_ids(item.mailing_id, count, remaining), size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audience") as reader:
             upcoming = reader.submit(
                 contextvars.copy_context().run, read_page, segments, position, size
@@ -266,7 +340,9 @@ class Scheduler:
                         contextvars.copy_context().run, read_page, segments, page.next, size
                     )
                 next_cursor = encode_cursor(page.next, scope)
-                created = self._commit_page(item, owner, cursor, next_cursor, page.items, ids)
+                created = self._commit_page(
+                    item, owner, cursor, next_cursor, page.items, ids, remaining
+                )
                 if created is None:
                     # Someone else moved the checkpoint (our lease was lost): stop here.
                     upcoming.cancel()
@@ -285,6 +361,7 @@ class Scheduler:
         next_cursor: str | None,
         clients: list[Any],
         ids: IdBlock,
+        remaining: Remaining,
     ) -> int | None:
         Mailing, Message = self._models.Mailing, self._models.Message
         now = self._clock()
@@ -300,7 +377,7 @@ class Scheduler:
                 created_at=now,
                 updated_at=now,
                 attempts=0,
-                expires_at=item.end_at + timedelta(days=self._settings.message_retention_days),
+                expires_at=message_expiry(item.end_at, self._settings.message_retention_days),
             )
             for n, client in enumerate(clients)
         ]
@@ -319,8 +396,12 @@ class Scheduler:
             actions.append(Mailing.fanout_done.set(True))
         else:
             actions.append(Mailing.fanout_cursor.set(next_cursor))
-        try:
-            with TransactWrite(connection=self._connection) as tx:
+        # One token for every try of this page: if a try that ended in a 500 was applied after
+        # all, DynamoDB answers the next one as a success instead of failing its conditions.
+        token = uuid.uuid4().hex
+
+        def commit() -> None:
+            with TransactWrite(connection=self._connection, client_request_token=token) as tx:
                 for message in messages:
                     tx.save(message, condition=Message.client_id.does_not_exist())
                 tx.update(
@@ -328,6 +409,10 @@ class Scheduler:
                     actions=actions,
                     condition=(Mailing.lease_owner == owner) & checkpoint,
                 )
+
+        try:
+            # The jobs above stay queued once: only the commit is tried again.
+            self._retry(commit, "committing a fan-out page", item.mailing_id, remaining)
         except TransactWriteError as exc:
             if is_conditional_failure(exc):
                 logger.warning(
@@ -348,11 +433,17 @@ class Scheduler:
             )
         return len(messages)
 
-    def _allocate_ids(self, count: int) -> int:
-        """Reserve `count` consecutive message ids; returns the first. Ids are never reused."""
+    def _allocate_ids(self, mailing_id: str, count: int, remaining: Remaining) -> int:
+        """Reserve `count` consecutive message ids; returns the first. Ids are never reused
+        (a retried reservation whose first try was applied only leaves a gap)."""
         Sequence = self._models.Sequence
         sequence = Sequence(MESSAGE_ID_SEQUENCE)
-        sequence.update(actions=[Sequence.value.add(count)])
+        self._retry(
+            lambda: sequence.update(actions=[Sequence.value.add(count)]),
+            "reserving message ids",
+            mailing_id,
+            remaining,
+        )
         return int(sequence.value) - count + 1
 
     def _enqueue_jobs(self, mailing_id: str, messages: list[Any], now: datetime) -> None:
@@ -361,33 +452,50 @@ class Scheduler:
         if batches:
             self._queues.enqueue(batches)
 
-    def _mark_fanout_done(self, item: Any, owner: str) -> None:
+    def _mark_fanout_done(self, item: Any, owner: str, remaining: Remaining) -> None:
         Mailing = self._models.Mailing
-        item.update(
-            actions=[Mailing.fanout_done.set(True)],
-            condition=Mailing.lease_owner == owner,
+        self._retry(
+            lambda: item.update(
+                actions=[Mailing.fanout_done.set(True)],
+                condition=Mailing.lease_owner == owner,
+            ),
+            "closing the fan-out at the end",
+            item.mailing_id,
+            remaining,
         )
 
     # ---------------------------------------------------------------- ending
 
-    def _sweep(self, item: Any, status: MessageStatus, remaining: Remaining) -> int:
+    def _sweep(self, item: Any, status: MessageStatus, remaining: Remaining) -> tuple[int, bool]:
         """Move the mailing's unclaimed pending messages to `status` (end passed, cancelled),
-        a page of them per transaction with one counter update."""
+        a page of them per transaction with one counter update; how many, and whether it
+        stopped for lack of time with messages left (each page moved is committed)."""
         changed = 0
-        while remaining() >= SAFETY_SECONDS:
+        while True:
+            if remaining() < SAFETY_SECONDS:
+                left = self._messages.pending(item.mailing_id, limit=1)
+                return changed, bool(left)
             pending = self._messages.pending(item.mailing_id, limit=SWEEP_PAGE)
             if not pending:
-                break
+                return changed, False
             outcomes = [Outcome(client_id, status, None, None, id_) for client_id, id_ in pending]
             # One transaction for the page; one each if a sender holds any of them right now.
-            moved = len(self._messages.finish_many(item.mailing_id, outcomes, self._clock()))
+            moved = len(
+                self._retry(
+                    lambda outcomes=outcomes: self._messages.finish_many(
+                        item.mailing_id, outcomes, self._clock()
+                    ),
+                    f"moving pending messages to {status.value}",
+                    item.mailing_id,
+                    remaining,
+                )
+            )
             changed += moved
             if moved == 0:
                 # The rest are claimed by senders right now; they finish them (or a later tick).
-                break
-        return changed
+                return changed, False
 
-    def _finish_if_done(self, mailing_id: str, owner: str) -> bool:
+    def _finish_if_done(self, mailing_id: str, owner: str, remaining: Remaining) -> bool:
         Mailing = self._models.Mailing
         try:
             item = Mailing.get(mailing_id, consistent_read=True)
@@ -403,13 +511,18 @@ class Scheduler:
             else MailingStatus.FINISHED
         )
         try:
-            item.update(
-                actions=[
-                    Mailing.status.set(final.value),
-                    Mailing.due_key.remove(),
-                    Mailing.fanout_done.set(True),
-                ],
-                condition=(Mailing.lease_owner == owner) & (Mailing.count_pending == 0),
+            self._retry(
+                lambda: item.update(
+                    actions=[
+                        Mailing.status.set(final.value),
+                        Mailing.due_key.remove(),
+                        Mailing.fanout_done.set(True),
+                    ],
+                    condition=(Mailing.lease_owner == owner) & (Mailing.count_pending == 0),
+                ),
+                "finishing the mailing",
+                mailing_id,
+                remaining,
             )
         except UpdateError as exc:
             if is_conditional_failure(exc):
