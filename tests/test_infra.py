@@ -97,12 +97,12 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         **AUDIENCE_INDEXES,
         "sequences": {UPDATE},
     },
-    # Sender.deliver: one read of the batch's mailing, messages and clients; claims, outcomes;
-    # a message read after a lost claim; clients one by one when a record does not deserialise.
+    # Sender.deliver: one read of the batch's mailing, messages and clients; claims, outcomes
+    # (a lost claim learns the message from its failed condition, so no message GetItem).
     "SendMessages": {
         "mailings": {GET, UPDATE},
-        "messages": {BATCH_GET, GET, UPDATE},
-        "clients": {BATCH_GET, GET},
+        "messages": {BATCH_GET, UPDATE},
+        "clients": {BATCH_GET},
         "sequences": {GET, PUT, UPDATE},  # the shared gateway limits
     },
     # The daily report: every mailing (keys from by_created, then the items); it writes nothing.
@@ -122,8 +122,9 @@ QUEUE_ACCESS: dict[str, dict[str, set[str]]] = {
         "SendDeadLetterQueue": {DEPTH},
         "ImportQueue": {SEND},  # the chunks of a CSV import
     },
-    "SchedulerTick": {"SendQueue": {SEND}, "FanoutQueue": {SEND}},  # jobs, continuations
-    "AdvanceMailing": {"FanoutQueue": {*CONSUME, SEND}, "SendQueue": {SEND}},
+    # Jobs and continuations; the send queue's depth for the reconciler.
+    "SchedulerTick": {"SendQueue": {SEND, DEPTH}, "FanoutQueue": {SEND}},
+    "AdvanceMailing": {"FanoutQueue": {*CONSUME, SEND}, "SendQueue": {SEND, DEPTH}},
     "SendMessages": {
         "SendQueue": {*CONSUME, SEND},
         "SendDeadLetterQueue": {SEND},
