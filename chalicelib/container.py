@@ -6,8 +6,8 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -27,8 +27,8 @@ from chalicelib.services.mailings import MailingService
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import Queues
 from chalicelib.services.reports import ReportService
-from chalicelib.services.retrying import Backoff
 from chalicelib.services.scheduler import Scheduler
+from chalicelib.services.storage import PATIENT
 from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, SettingsError, check_api_tokens, get_settings
 
@@ -189,13 +189,14 @@ class Services:
         )
         clients = ClientDirectory(models, connection, clock)
         messages = MessageStore(models, connection)
+        # The scheduler's and retry-failed's writes pause on `clock`: a test's never sleeps.
+        writes = replace(
+            PATIENT,
+            sleep=lambda seconds: wait_until(clock() + timedelta(seconds=seconds)),
+            rng=rng or random.Random(),
+        )
         mailings = MailingService(
-            models,
-            clock,
-            queues,
-            messages,
-            settings.jobs_per_message,
-            backoff=Backoff(clock, wait_until, rng),
+            models, clock, queues, messages, settings.jobs_per_message, retry=writes
         )
         metrics = MetricsWriter(settings, write_metrics)
         for token in settings.api_tokens:
@@ -224,8 +225,7 @@ class Services:
                 settings,
                 clock,
                 metrics,
-                wait_until=wait_until,
-                rng=rng,
+                retry=writes,
             ),
             sender=Sender(
                 models,

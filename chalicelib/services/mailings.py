@@ -32,8 +32,7 @@ from chalicelib.pagination import Segment, fingerprint, index_query, paginate
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
 from chalicelib.services.reconciler import LOST_JOB_AFTER
-from chalicelib.services.retrying import Backoff
-from chalicelib.services.storage import is_conditional_failure, looks_like_id
+from chalicelib.services.storage import PATIENT, Retry, is_conditional_failure, looks_like_id
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +69,9 @@ class MailingService:
         messages: MessageStore,
         jobs_per_message: int,
         *,
-        backoff: Backoff | None = None,
+        retry: Retry = PATIENT,
     ) -> None:
-        self._backoff = backoff or Backoff(clock)
+        self._retry = retry
         self._models = models
         self._jobs_per_message = jobs_per_message
         self._clock = clock
@@ -202,13 +201,15 @@ class MailingService:
             if not page:
                 return queued, False
             now, token = self._clock(), uuid.uuid4().hex
-            committed = self._backoff.run(
-                lambda page=page, now=now, reopen=reopen, token=token: (
-                    self._messages.requeue_failed(mailing_id, page, now, reopen=reopen, token=token)
-                ),
+            committed = replace(
+                self._retry,
+                remaining=lambda: budget_seconds - (time.monotonic() - started),
                 what="making failed messages pending again",
                 log={"mailing_id": mailing_id},
-                remaining=lambda: budget_seconds - (time.monotonic() - started),
+            )(
+                lambda page=page, now=now, reopen=reopen, token=token: (
+                    self._messages.requeue_failed(mailing_id, page, now, reopen=reopen, token=token)
+                )
             )
             if not committed:
                 raise Conflict(f"mailing {mailing_id} changed meanwhile; retry the request")

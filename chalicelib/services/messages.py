@@ -16,7 +16,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 from pynamodb.connection import Connection
-from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
+from pynamodb.exceptions import TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import MailingStatus, MessageStatus
@@ -77,12 +77,6 @@ class MessageStore:
     def __init__(self, models: Models, connection: Connection) -> None:
         self._models = models
         self._connection = connection
-
-    def get(self, mailing_id: str, client_id: str) -> Any | None:
-        try:
-            return self._models.Message.get(mailing_id, client_id, consistent_read=True)
-        except DoesNotExist:
-            return None
 
     def claim(
         self, mailing_id: str, client_id: str, message_id: int, now: datetime, seconds: int

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -37,8 +37,7 @@ from chalicelib.models import Models
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
-from chalicelib.services.retrying import Backoff
-from chalicelib.services.storage import is_conditional_failure
+from chalicelib.services.storage import Retry, is_conditional_failure
 from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ class Reconciler:
         settings: Settings,
         clock: Clock,
         metrics: MetricsWriter,
-        backoff: Backoff,
+        retry: Retry,
     ) -> None:
         self._models = models
         self._clients = clients
@@ -105,7 +104,7 @@ class Reconciler:
         self._settings = settings
         self._clock = clock
         self._metrics = metrics
-        self._backoff = backoff
+        self._retry = retry
 
     def run(self, item: Any, owner: str, remaining: Remaining) -> ReconcileRun:
         """One step for a running mailing whose fan-out is done (the caller holds its lease)."""
@@ -218,18 +217,20 @@ class Reconciler:
         after `since`; False otherwise (a live job or a sender has it)."""
         Message = self._models.Message
         try:
-            self._backoff.run(
+            replace(
+                self._retry,
+                remaining=remaining,
+                reserve=SAFETY_SECONDS / 2,
+                what="marking a message queued again",
+                log={"mailing_id": mailing_id, "client_id": client_id, "message_id": message_id},
+            )(
                 lambda: Message(mailing_id, client_id).update(
                     actions=[Message.updated_at.set(now)],
                     condition=(Message.message_id == message_id)
                     & (Message.status == MessageStatus.PENDING.value)
                     & (Message.updated_at <= since)
                     & (Message.claim_until.does_not_exist() | (Message.claim_until < now)),
-                ),
-                what="marking a message queued again",
-                log={"mailing_id": mailing_id, "client_id": client_id, "message_id": message_id},
-                remaining=remaining,
-                reserve=SAFETY_SECONDS / 2,
+                )
             )
         except UpdateError as exc:
             if is_conditional_failure(exc):
@@ -252,10 +253,10 @@ class Reconciler:
 
     def _save(self, item: Any, owner: str, remaining: Remaining, *actions: Any) -> None:
         Mailing = self._models.Mailing
-        self._backoff.run(
-            lambda: item.update(actions=list(actions), condition=Mailing.lease_owner == owner),
-            what="saving the reconciler's position",
-            log={"mailing_id": item.mailing_id},
+        replace(
+            self._retry,
             remaining=remaining,
             reserve=SAFETY_SECONDS / 2,
-        )
+            what="saving the reconciler's position",
+            log={"mailing_id": item.mailing_id},
+        )(lambda: item.update(actions=list(actions), condition=Mailing.lease_owner == owner))

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,8 +39,7 @@ from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import Queues, job_batches
 from chalicelib.services.reconciler import Reconciler
-from chalicelib.services.retrying import Backoff
-from chalicelib.services.storage import is_conditional_failure
+from chalicelib.services.storage import PATIENT, Retry, is_conditional_failure
 from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -131,8 +129,7 @@ class Scheduler:
         clock: Clock,
         metrics: MetricsWriter,
         *,
-        wait_until: Callable[[datetime], None] | None = None,
-        rng: random.Random | None = None,
+        retry: Retry = PATIENT,
     ) -> None:
         self._models = models
         self._connection = connection
@@ -142,9 +139,9 @@ class Scheduler:
         self._settings = settings
         self._clock = clock
         self._metrics = metrics
-        self._backoff = Backoff(clock, wait_until, rng)
+        self._retry_writes = retry
         self._reconciler = Reconciler(
-            models, clients, messages, queues, settings, clock, metrics, self._backoff
+            models, clients, messages, queues, settings, clock, metrics, retry
         )
 
     # ---------------------------------------------------------------- entry points
@@ -242,13 +239,13 @@ class Scheduler:
         self, call: Callable[[], Any], what: str, mailing_id: str, remaining: Remaining
     ) -> Any:
         """`call()`, tried again after a transaction conflict, a throttle or a 500."""
-        return self._backoff.run(
-            call,
-            what=what,
-            log={"mailing_id": mailing_id},
+        return replace(
+            self._retry_writes,
             remaining=remaining,
             reserve=RETRY_RESERVE_SECONDS,
-        )
+            what=what,
+            log={"mailing_id": mailing_id},
+        )(call)
 
     def _take_lease(self, item: Any, owner: str, remaining: Remaining) -> bool:
         Mailing = self._models.Mailing

@@ -18,7 +18,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -92,7 +92,13 @@ def is_transient(exc: Exception) -> bool:
 class Retry:
     """Runs a storage request again, after a jittered exponential backoff, while it fails
     transiently and `remaining()` (seconds) leaves room for the pause plus `reserve`; at most
-    `attempts` times when given. Anything else, or the last transient failure, is raised."""
+    `attempts` times when given. Anything else, or the last transient failure, is raised.
+
+    botocore retries throttles itself but never a cancelled transaction; this is for what still
+    reaches the service after botocore's own attempts. Each pause goes through `sleep`, so a
+    test's virtual clock can take it without sleeping; `what` and the ids in `log` name the
+    request in the warning logged before it.
+    """
 
     remaining: Callable[[], float] = lambda: math.inf
     attempts: int | None = None
@@ -101,6 +107,8 @@ class Retry:
     max_pause: float = 1.0
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
+    what: str = "storage request"
+    log: Mapping[str, object] = field(default_factory=dict)
 
     def __call__(self, request: Callable[[], T]) -> T:
         ceiling = self.first_pause
@@ -116,11 +124,13 @@ class Retry:
                     or self.remaining() - pause <= self.reserve
                 ):
                     raise
-                logger.info(
-                    "storage busy (%s); trying again in %.2f s",
+                # Not `attempt`: the sender's lines use that for the gateway call's attempt.
+                logger.warning(
+                    "%s: %s, trying again in %.2f s",
+                    self.what,
                     error_code(exc) or type(exc).__name__,
                     pause,
-                    extra={"storage_attempt": attempt},
+                    extra={**self.log, "storage_attempt": attempt},
                 )
             self.sleep(pause)
             ceiling = min(ceiling * 2, self.max_pause)
@@ -129,6 +139,9 @@ class Retry:
 
 # No retry: the request's own outcome, whatever it is.
 ONCE = Retry(attempts=1)
+# Writes that may wait a little (the scheduler's, retry-failed's): six tries in all, since a
+# fault that outlasts them is not a passing one, pausing at most 0.1, 0.2, 0.4, 0.8 and 1.6 s.
+PATIENT = Retry(attempts=6, first_pause=0.1, max_pause=2.0)
 
 
 def looks_like_id(value: str) -> bool:
