@@ -1,20 +1,23 @@
-"""Chaos: two mailings to 2,000 clients through the local stack while the gateway misbehaves.
+"""Chaos: two mailings through the local stack while AWS and the gateway both misbehave.
 
-One stack serves the module. Its sandbox gateway answers 20% of sends with a 5xx, 5% after the
-client's read timeout (and accepts them then), 5% with a 200 that is not a success, rejects some
-phone suffixes with 400, and is down for the first minute of the mailings. Mailing A goes to
-every client with no send window and ends 150 s after it starts, so the outage and the retries
-leave work undone when the end falls. Mailing B goes to a fifth of them with a send window that
-is open now for some time zones, opens during the run for Moscow and closes during it for UTC.
+One stack serves the module, and it fails the way AWS and a flaky gateway fail:
+- AWS (`AWS_FAULTS`): 15% of DynamoDB transactions are cancelled for a `TransactionConflict`,
+  3% of DynamoDB requests are throttled and 1% answer 500, 2% of SQS requests answer 500 and 1%
+  time out; botocore retries what it retries on AWS, and the rest reaches the code;
+- IAM: every function's AWS calls are checked against its own role's statements, as deployed;
+- Lambda: the sender has 8 s and the fan-out 15 s before they are stopped, as Lambda stops them
+  (`LAMBDA_TIMEOUTS`), so a batch that runs long is cut off mid-way;
+- the gateway answers 10% of sends with a 5xx, 5% slowly (within the read timeout), 2% with a
+  200 that is not a success, and rejects some phone suffixes with 400.
 
-On the embedded emulator the stack makes only a few gateway calls a second under this load
-(every retry and every job sent back by the shared gateway limits is SQS and DynamoDB traffic of
-its own, and after the outage the senders pause and probe before they speed up again), so most
-of A expires; the end sweep then expires the rest and both mailings finish within seconds.
+Mailing A goes to every client with no send window; its end leaves time to deliver everything.
+Mailing B goes to a fifth of them with a send window that is open now for some time zones, opens
+during the run for Moscow and closes during it for UTC.
 
 The scenario runs once (the `chaos` fixture); each test checks one invariant on its record and
 prints its figures. The sandbox's ledger (every request and every accepted send, wall-clock
-times) is read over HTTP; the message records through `GET /mailings/{id}/stats`.
+times) is read over HTTP; the message records through `GET /mailings/{id}/stats`; the AWS faults
+from the stack's own count, printed when it stops.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import statistics
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,11 +38,11 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 
-from tests.local_stack_support import Stack, running_stack
+from tests.local_stack_support import REPO_ROOT, Stack, aws_faults_injected, running_stack
 
 pytestmark = pytest.mark.e2e
 
-CLIENTS = 2000
+CLIENTS = 600
 TIMEZONES = ("UTC", "Europe/Moscow", "Asia/Vladivostok", "America/New_York")
 OPERATOR_CODES = ("900", "916", "926", "999")
 # Phones ending in these get 400 from the gateway: 2% of the clients (n % 100 is 13 or 77).
@@ -49,29 +52,35 @@ B_TAG = "evening"
 STATUSES = ("pending", "sent", "failed", "expired", "cancelled")
 
 MAILING_SECONDS = 150
-OUTAGE_SECONDS = 60
 MAX_ATTEMPTS = 10
-# Slow answers come after the read timeout; the connect timeout (the margin the sender keeps
-# before the end and the window's close) is longer than a slow answer takes.
-READ_TIMEOUT_SECONDS = 1.0
+# A's end leaves time for everything: at least this share of what can be delivered must be.
+DELIVERED_SHARE = 0.95
+# Slow answers come within the read timeout, so the gateway's ledger and our records can be
+# compared exactly: an answer we gave up on would leave a send we cannot know about.
+READ_TIMEOUT_SECONDS = 2.0
 CONNECT_TIMEOUT_SECONDS = 3.05
-SLOW_SECONDS = 1.5
-SEED = 20261122
+SLOW_SECONDS = 0.8
+SEND_TIMEOUT_SECONDS = 8
+CONFLICT_RATE = 0.15
+AWS_FAULTS = f"conflict={CONFLICT_RATE},throttle=0.03,ddb500=0.01,sqs500=0.02,sqstimeout=0.01"
+SEED = 20261206
 STACK_ENV = {
     "SCHEDULER_INTERVAL_SECONDS": "1",
-    # Backoff 5-10 s, doubling up to 30 s: short enough that a retry can land after the outage
-    # and before the end; the backlog the outage leaves makes sure some never get their turn.
-    "RETRY_BASE_SECONDS": "10",
-    "RETRY_MAX_SECONDS": "30",
+    "RETRY_BASE_SECONDS": "2",
+    "RETRY_MAX_SECONDS": "10",
     "MAX_ATTEMPTS": str(MAX_ATTEMPTS),
     "GATEWAY_READ_TIMEOUT": str(READ_TIMEOUT_SECONDS),
     "GATEWAY_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT_SECONDS),
-    "CLAIM_SECONDS": "30",
-    "SEND_VISIBILITY_TIMEOUT_SECONDS": "60",
-    "SANDBOX_ERROR_RATE": "0.2",
+    # A claim outlives the invocation that took it; a batch cut off by its timeout comes back
+    # once the claims it held have lapsed.
+    "CLAIM_SECONDS": str(SEND_TIMEOUT_SECONDS + 2),
+    "SEND_VISIBILITY_TIMEOUT_SECONDS": str(SEND_TIMEOUT_SECONDS + 4),
+    "LAMBDA_TIMEOUTS": f"send_messages={SEND_TIMEOUT_SECONDS},advance_mailing=15",
+    "AWS_FAULTS": f"{AWS_FAULTS},seed={SEED}",
+    "SANDBOX_ERROR_RATE": "0.1",
     "SANDBOX_SLOW_RATE": "0.05",
     "SANDBOX_SLOW_MS": str(int(SLOW_SECONDS * 1000)),
-    "SANDBOX_MALFORMED_RATE": "0.05",
+    "SANDBOX_MALFORMED_RATE": "0.02",
     "SANDBOX_REJECT_SUFFIXES": ",".join(REJECTED_SUFFIXES),
     "SANDBOX_SEED": str(SEED),
 }
@@ -80,8 +89,11 @@ CREATE_THREADS = 8
 SAMPLE_SECONDS = 0.5
 READ_P99_BOUND_SECONDS = 2.0
 # After the end the scheduler (a tick a second) expires what is left and finishes the mailings;
-# here that took 55-96 s (one transaction per message left, on the emulator).
-FINISH_GRACE_SECONDS = 150
+# allow it a minute (one transaction per message left, on the emulator, under faults).
+FINISH_GRACE_SECONDS = 90
+# A write the API answers 503 (storage busy) is sent again after its Retry-After, as a client
+# of the API is told to; this many times at most.
+WRITE_TRIES = 8
 LIST_PAGE = 500
 
 
@@ -117,6 +129,8 @@ class ChaosRun:
     timings: dict[str, float]
     finished_in_time: bool
     stack_output: str
+    aws_faults: dict[str, int]
+    write_retries: int
 
     def mailing(self, name: str) -> Mailing:
         return next(m for m in self.mailings if m.name == name)
@@ -146,7 +160,28 @@ def client_body(n: int) -> dict[str, Any]:
     }
 
 
-def create_clients(stack: Stack, count: int) -> list[dict[str, Any]]:
+class Writer:
+    """POSTs as a well-behaved API client does: a 503 is sent again after its Retry-After."""
+
+    def __init__(self) -> None:
+        self.retries = 0
+        self._lock = threading.Lock()
+
+    def post(self, http: requests.Session, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        for _ in range(WRITE_TRIES):
+            response = http.post(url, json=body, timeout=10)
+            if response.status_code != 503:
+                break
+            # The storage was busy (a conflict or a throttle): the service said when to retry.
+            assert response.json()["error"] == "unavailable", response.text
+            with self._lock:
+                self.retries += 1
+            time.sleep(float(response.headers["Retry-After"]))
+        assert response.status_code == 201, response.text
+        return response.json()
+
+
+def create_clients(stack: Stack, count: int, writer: Writer) -> list[dict[str, Any]]:
     """`count` clients created over HTTP by a few threads, as the API returned them."""
     local = threading.local()
     sessions: list[requests.Session] = []
@@ -156,9 +191,7 @@ def create_clients(stack: Stack, count: int) -> list[dict[str, Any]]:
             local.session = requests.Session()
             local.session.headers.update(stack.auth)
             sessions.append(local.session)
-        response = local.session.post(f"{stack.url}/clients", json=client_body(n), timeout=10)
-        assert response.status_code == 201, response.text
-        return response.json()
+        return writer.post(local.session, f"{stack.url}/clients", client_body(n))
 
     try:
         with ThreadPoolExecutor(CREATE_THREADS) as pool:
@@ -188,7 +221,7 @@ def local_time(timestamp: float, zone: str) -> time_of_day:
 def window_for_b(now: datetime) -> tuple[tuple[time_of_day, time_of_day], datetime, datetime]:
     """A window open now for UTC, New York and Vladivostok, closed for Moscow.
 
-    It opens for Moscow 50-110 s from now (after the outage) and closes for UTC 80-140 s from
+    It opens for Moscow 50-110 s from now and closes for UTC 80-140 s from
     now (before B's end); for New York and Vladivostok it stays open throughout.
     """
     opens = next_minute(now + timedelta(seconds=50))
@@ -200,6 +233,7 @@ def window_for_b(now: datetime) -> tuple[tuple[time_of_day, time_of_day], dateti
 
 def create_mailing(
     http: requests.Session,
+    writer: Writer,
     stack: Stack,
     start_at: datetime,
     audience_filter: dict[str, list[str]],
@@ -216,9 +250,7 @@ def create_mailing(
             "start": window[0].strftime("%H:%M"),
             "end": window[1].strftime("%H:%M"),
         }
-    response = http.post(f"{stack.url}/mailings", json=body, timeout=10)
-    assert response.status_code == 201, response.text
-    return response.json()
+    return writer.post(http, f"{stack.url}/mailings", body)
 
 
 def get_json(http: requests.Session, url: str, **params: Any) -> dict[str, Any]:
@@ -302,85 +334,35 @@ def parse_time(value: str) -> datetime:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    with running_stack(**STACK_ENV) as started:
-        assert started.sandbox_url, f"no SANDBOX line:\n{started.running.output}"
-        yield started
-
-
-@pytest.fixture(scope="module")
-def chaos(stack: Stack) -> ChaosRun:
-    """Given 2,000 clients in four zones, when mailings A and B run through the faults."""
-    timings: dict[str, float] = {"stack start": stack.startup_seconds}
-    began = time.monotonic()
-    created = create_clients(stack, CLIENTS)
-    timings["create 2,000 clients"] = time.monotonic() - began
-    clients = {client["id"]: client for client in created}
-
-    with requests.Session() as http:
-        http.headers.update(stack.auth)
-        # The outage starts now, right before the mailings, so it covers their first minute.
-        profile = get_json(http, f"{stack.sandbox_url}/_sandbox/profile")["profile"]
-        response = requests.post(
-            f"{stack.sandbox_url}/_sandbox/profile",
-            json={**profile, "outage_seconds": OUTAGE_SECONDS},
-            timeout=5,
-        )
-        assert response.status_code == 200, response.text
-
-        now = datetime.now(UTC)
-        window, opens, closes = window_for_b(now)
-        # B first: its jobs queue ahead of A's 2,000, so some of it gets through the backlog.
-        b = create_mailing(http, stack, now, {"tags": [B_TAG]}, window)
-        a = create_mailing(http, stack, now, {}, None)
-        mailings = [
-            Mailing("A", a["id"], parse_time(a["end_at"]), created),
-            Mailing(
-                "B",
-                b["id"],
-                parse_time(b["end_at"]),
-                [c for c in created if c["tag"] == B_TAG],
-                window,
-            ),
-        ]
-        inside_now = {
-            zone: in_window(window, local_time(now.timestamp(), zone)) for zone in TIMEZONES
-        }
-        assert inside_now == {
-            "UTC": True,
-            "Europe/Moscow": False,
-            "Asia/Vladivostok": True,
-            "America/New_York": True,
-        }
-        print(
-            f"\nchaos: mailings created at {now:%H:%M:%S} UTC, end {mailings[0].end_at:%H:%M:%S}; "
-            f"B window {window[0]:%H:%M}-{window[1]:%H:%M} local: opens for Moscow at "
-            f"{opens:%H:%M:%S}, closes for UTC at {closes:%H:%M:%S}"
-        )
-
-        paths = {
-            "GET /mailings/A/stats": f"/mailings/{a['id']}/stats?limit=50",
-            "GET /mailings/B/stats": f"/mailings/{b['id']}/stats?limit=50",
-            "GET /stats": "/stats",
-        }
+def chaos() -> ChaosRun:
+    """Given 600 clients in four zones, when mailings A and B run through the faults."""
+    writer = Writer()
+    with running_stack(**STACK_ENV) as stack:
+        assert stack.sandbox_url, f"no SANDBOX line:\n{stack.running.output}"
+        timings: dict[str, float] = {"stack start": stack.startup_seconds}
         began = time.monotonic()
-        last_end = max(m.end_at for m in mailings).timestamp()
-        with ReadSampler(stack, paths) as sampler:
-            finished = wait_until_finished(http, stack, mailings, last_end + FINISH_GRACE_SECONDS)
-        timings["mailings, created to finished"] = time.monotonic() - began
-        timings["finished after the end"] = time.time() - last_end
-
-        began = time.monotonic()
-        for mailing in mailings:
-            page = get_json(http, f"{stack.url}/mailings/{mailing.id}/stats", limit=1)
-            mailing.status, mailing.counts = page["status"], page["stats"]
-            mailing.listed = {
-                status: messages_with_status(http, stack, mailing.id, status) for status in STATUSES
-            }
-        overall = get_json(http, f"{stack.url}/stats", limit=LIST_PAGE)
-        ledger = get_json(http, f"{stack.sandbox_url}/_sandbox/ledger")
-        timings["read records and ledger"] = time.monotonic() - began
-
+        created = create_clients(stack, CLIENTS, writer)
+        timings[f"create {CLIENTS} clients"] = time.monotonic() - began
+        clients = {client["id"]: client for client in created}
+        with requests.Session() as http:
+            http.headers.update(stack.auth)
+            mailings, sampler, finished = run_mailings(http, writer, stack, created, timings)
+            began = time.monotonic()
+            for mailing in mailings:
+                page = get_json(http, f"{stack.url}/mailings/{mailing.id}/stats", limit=1)
+                mailing.status, mailing.counts = page["status"], page["stats"]
+                mailing.listed = {
+                    status: messages_with_status(http, stack, mailing.id, status)
+                    for status in STATUSES
+                }
+            overall = get_json(http, f"{stack.url}/stats", limit=LIST_PAGE)
+            ledger = get_json(http, f"{stack.sandbox_url}/_sandbox/ledger")
+            timings["read records and ledger"] = time.monotonic() - began
+    # The stack has stopped: it printed the AWS faults it injected. Its log is kept for a look
+    # after a failure (build/ is not tracked).
+    log = REPO_ROOT / "build" / "chaos-stack.log"
+    log.parent.mkdir(exist_ok=True)
+    log.write_text(stack.running.output)
     return ChaosRun(
         clients,
         mailings,
@@ -391,7 +373,58 @@ def chaos(stack: Stack) -> ChaosRun:
         timings,
         finished,
         stack.running.output,
+        aws_faults_injected(stack),
+        writer.retries,
     )
+
+
+def run_mailings(
+    http: requests.Session,
+    writer: Writer,
+    stack: Stack,
+    created: list[dict[str, Any]],
+    timings: dict[str, float],
+) -> tuple[list[Mailing], ReadSampler, bool]:
+    """Create A and B now and wait, reading the statistics meanwhile, until both finish."""
+    now = datetime.now(UTC)
+    window, opens, closes = window_for_b(now)
+    # B first: its jobs queue ahead of A's, so it is not only served after A.
+    b = create_mailing(http, writer, stack, now, {"tags": [B_TAG]}, window)
+    a = create_mailing(http, writer, stack, now, {}, None)
+    mailings = [
+        Mailing("A", a["id"], parse_time(a["end_at"]), created),
+        Mailing(
+            "B",
+            b["id"],
+            parse_time(b["end_at"]),
+            [c for c in created if c["tag"] == B_TAG],
+            window,
+        ),
+    ]
+    inside_now = {zone: in_window(window, local_time(now.timestamp(), zone)) for zone in TIMEZONES}
+    assert inside_now == {
+        "UTC": True,
+        "Europe/Moscow": False,
+        "Asia/Vladivostok": True,
+        "America/New_York": True,
+    }
+    print(
+        f"\nchaos: mailings created at {now:%H:%M:%S} UTC, end {mailings[0].end_at:%H:%M:%S}; "
+        f"B window {window[0]:%H:%M}-{window[1]:%H:%M} local: opens for Moscow at "
+        f"{opens:%H:%M:%S}, closes for UTC at {closes:%H:%M:%S}"
+    )
+    paths = {
+        "GET /mailings/A/stats": f"/mailings/{a['id']}/stats?limit=50",
+        "GET /mailings/B/stats": f"/mailings/{b['id']}/stats?limit=50",
+        "GET /stats": "/stats",
+    }
+    began = time.monotonic()
+    last_end = max(m.end_at for m in mailings).timestamp()
+    with ReadSampler(stack, paths) as sampler:
+        finished = wait_until_finished(http, stack, mailings, last_end + FINISH_GRACE_SECONDS)
+    timings["mailings, created to finished"] = time.monotonic() - began
+    timings["finished after the end"] = time.time() - last_end
+    return mailings, sampler, finished
 
 
 def report(invariants: Callable[[str], None], *lines: str) -> None:
@@ -419,26 +452,52 @@ def pending_evidence(chaos: ChaosRun, mailing: Mailing) -> list[str]:
 # ---------------------------------------------------------------- invariants
 
 
-def test_the_faults_happened_and_the_end_fell_with_work_left(
+def test_aws_and_the_gateway_failed_as_configured(
     chaos: ChaosRun, invariants: Callable[[str], None]
 ) -> None:
     counts = chaos.ledger["counts"]
-    a = chaos.mailing("A")
+    faults = chaos.aws_faults
+    conflict_share = faults.get("conflict", 0) / max(1, faults.get("transactions", 0))
+    timeouts = sum(
+        "Lambda would have stopped it" in line for line in chaos.stack_output.splitlines()
+    )
+    denied = [line for line in chaos.stack_output.splitlines() if "is not authorized" in line]
     report(
         invariants,
         "timings: "
         + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in chaos.timings.items()),
         "gateway requests by outcome: "
         + ", ".join(f"{outcome} {n}" for outcome, n in counts.items() if n),
-        f"A: {a.counts} ({a.counts['sent'] / len(a.audience):.0%} sent)",
+        f"AWS faults injected: {faults}; {conflict_share:.0%} of transactions cancelled "
+        "for a conflict",
+        f"API writes answered 503 and sent again: {chaos.write_retries}",
+        f"invocations stopped at their timeout: {timeouts}; IAM denials: {len(denied)}",
     )
-    # Every kind of fault was served
-    for outcome in ("outage", "5xx", "slow", "malformed", "400", "ok"):
+    # Every kind of gateway fault was served
+    for outcome in ("5xx", "slow", "malformed", "400", "ok"):
         assert counts[outcome] > 0, outcome
-    # And A's end fell while some of its messages were still waiting for a retry
-    assert a.counts["expired"] > 0
-    # While some of them got through
-    assert a.counts["sent"] > 0
+    # And AWS cancelled at least a tenth of the transactions for a conflict, and throttled and
+    # failed requests besides
+    assert conflict_share >= 0.10
+    for kind in ("throttle", "ddb500", "sqs500"):
+        assert faults.get(kind, 0) > 0, kind
+    # And no function was ever denied an action it needs (IAM is enforced in the stack)
+    assert denied == []
+
+
+def test_nearly_every_deliverable_message_of_a_was_delivered(
+    chaos: ChaosRun, invariants: Callable[[str], None]
+) -> None:
+    a = chaos.mailing("A")
+    deliverable = [m for m in a.messages if not m["phone"].endswith(REJECTED_SUFFIXES)]
+    sent = [m for m in deliverable if m["status"] == "sent"]
+    share = len(sent) / len(deliverable)
+    report(
+        invariants,
+        f"A: {a.counts}; delivered {len(sent)} of {len(deliverable)} deliverable ({share:.1%}, "
+        f"at least {DELIVERED_SHARE:.0%} required: its end left time)",
+    )
+    assert share >= DELIVERED_SHARE
 
 
 def test_every_message_is_in_exactly_one_final_state(
@@ -488,54 +547,45 @@ def test_counters_equal_the_message_records(
         assert overall[status] == sum(m.counts[status] for m in chaos.mailings), status
 
 
-def test_gateway_accepted_each_message_once_except_after_a_slow_answer(
+def test_gateway_accepted_each_message_at_most_once_and_sent_equals_accepted(
     chaos: ChaosRun, invariants: Callable[[str], None]
 ) -> None:
     accepted = chaos.accepted_by_id()
     requests_by_id = chaos.requests_by_id()
     messages = {m["id"]: m for mailing in chaos.mailings for m in mailing.messages}
-
-    def slow_requests(msg_id: int) -> int:
-        return sum(r["outcome"] == "slow" for r in requests_by_id[msg_id])
-
     duplicates = sorted(msg_id for msg_id, sends in accepted.items() if len(sends) > 1)
-    lines = [
-        f"accepted sends {len(chaos.ledger['accepted'])}, distinct ids {len(accepted)}, "
-        f"duplicate ids {len(duplicates)}"
-    ]
-    for msg_id in duplicates:
-        lines.append(
-            f"  duplicate {msg_id}: accepted {len(accepted[msg_id])}x, "
-            f"slow requests {slow_requests(msg_id)}, status {messages[msg_id]['status']}, "
-            f"requests {[r['outcome'] for r in requests_by_id[msg_id]]}"
-        )
-    accepted_unsent = sorted(msg_id for msg_id in accepted if messages[msg_id]["status"] != "sent")
-    lines.append(
-        f"accepted but not recorded sent: {len(accepted_unsent)} "
-        f"(each with a slow request: {all(slow_requests(i) for i in accepted_unsent)})"
-    )
+    recorded_sent = {msg_id for msg_id, m in messages.items() if m["status"] == "sent"}
+    accepted_unsent = sorted(set(accepted) - recorded_sent)
+    sent_unaccepted = sorted(recorded_sent - set(accepted))
     most_calls = max(len(calls) for calls in requests_by_id.values())
-    lines.append(f"most gateway calls for one message: {most_calls} (MAX_ATTEMPTS {MAX_ATTEMPTS})")
-    # Each call follows a claim, and each claim counts an attempt on the message.
     uncounted = [
         (m, requests_by_id[msg_id])
         for msg_id, m in messages.items()
         if len(requests_by_id.get(msg_id, [])) > m["attempts"]
     ]
-    lines.append(f"messages with more gateway calls than claimed attempts: {len(uncounted)}")
+    lines = [
+        f"accepted sends {len(chaos.ledger['accepted'])}, distinct ids {len(accepted)}, "
+        f"ids accepted more than once {len(duplicates)}",
+        f"recorded sent {len(recorded_sent)}; accepted but not recorded sent "
+        f"{len(accepted_unsent)}; recorded sent but never accepted {len(sent_unaccepted)}",
+        f"most gateway calls for one message: {most_calls} (MAX_ATTEMPTS {MAX_ATTEMPTS}); "
+        f"messages with more calls than claimed attempts: {len(uncounted)}",
+    ]
+    for msg_id in (duplicates + accepted_unsent)[:10]:
+        lines.append(
+            f"  {msg_id}: accepted {len(accepted[msg_id])}x, status {messages[msg_id]['status']}, "
+            f"requests {[r['outcome'] for r in requests_by_id[msg_id]]}"
+        )
     report(invariants, *lines)
 
     # The gateway only ever saw our messages' ids
     assert set(accepted) <= set(messages)
     assert set(requests_by_id) <= set(messages)
-    # And an id accepted twice was retried after an answer that came past our read timeout
-    for msg_id in duplicates:
-        assert len(accepted[msg_id]) <= 1 + slow_requests(msg_id), requests_by_id[msg_id]
-    # And every message recorded sent was accepted; one accepted but not recorded sent had a
-    # slow answer we could not wait for
-    assert all(msg_id in accepted for msg_id, m in messages.items() if m["status"] == "sent")
-    for msg_id in accepted_unsent:
-        assert slow_requests(msg_id) >= 1, (messages[msg_id], requests_by_id[msg_id])
+    # And it accepted each message at most once, through every conflict, throttle and timeout
+    assert duplicates == []
+    # And `sent` is exactly what it accepted
+    assert accepted_unsent == []
+    assert sent_unaccepted == []
     # And no message was called without a claim, nor more than MAX_ATTEMPTS times
     assert uncounted == []
     assert most_calls <= MAX_ATTEMPTS
