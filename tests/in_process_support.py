@@ -1,5 +1,6 @@
-"""The real services in-process on moto, wired to the queues the stack's template declares, for
-tests that drive the app's functions directly rather than through the local stack's process."""
+"""For tests that drive the app's functions directly rather than through the local stack's
+process: the real services in-process on moto, wired to the queues the stack's template declares,
+and the SQS events Lambda would hand the functions."""
 
 from __future__ import annotations
 
@@ -71,3 +72,23 @@ def in_process_stack(
         yield InProcessStack(built_settings, services, queues)
     finally:
         use_services(None)
+
+
+def sqs_event(bodies: list[str], queue_arn: str) -> dict[str, Any]:
+    """A Lambda SQS event whose records have ids of their own (Chalice's generator repeats one)."""
+    return {
+        "Records": [
+            {
+                "messageId": f"record-{n}",
+                "receiptHandle": f"handle-{n}",
+                "body": text,
+                "attributes": {"ApproximateReceiveCount": "1"},
+                "messageAttributes": {},
+                "md5OfBody": "",
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": queue_arn.split(":")[3],
+            }
+            for n, text in enumerate(bodies)
+        ]
+    }

@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 from chalicelib.local import iam, invocation
 from tests.conftest import API_TOKEN, GATEWAY_TOKEN, JSON_HEADERS
 from tests.in_process_support import in_process_stack
+from tests.in_process_support import sqs_event as lambda_sqs_event
 
 REGION, ACCOUNT = "us-east-1", "123456789012"
 SCOPE = iam.CallScope(REGION, ACCOUNT)
@@ -469,23 +470,8 @@ class World:
 
 
 def sqs_event(bodies: list[str], queue: str) -> dict[str, Any]:
-    """A Lambda SQS event whose records have ids of their own."""
-    return {
-        "Records": [
-            {
-                "messageId": f"record-{n}",
-                "receiptHandle": f"handle-{n}",
-                "body": text,
-                "attributes": {"ApproximateReceiveCount": "1"},
-                "messageAttributes": {},
-                "md5OfBody": "",
-                "eventSource": "aws:sqs",
-                "eventSourceARN": f"arn:aws:sqs:{REGION}:{ACCOUNT}:{PREFIX}-{queue}",
-                "awsRegion": REGION,
-            }
-            for n, text in enumerate(bodies)
-        ]
-    }
+    """A Lambda SQS event from one of the stack's queues (by its name after the prefix)."""
+    return lambda_sqs_event(bodies, f"arn:aws:sqs:{REGION}:{ACCOUNT}:{PREFIX}-{queue}")
 
 
 @pytest.fixture
