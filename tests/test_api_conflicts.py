@@ -118,17 +118,21 @@ def test_a_conflict_changing_a_clients_phone_is_503_and_changes_nothing(api, cli
     assert api.post("/clients", {"phone": "79007654321"}).status_code == 201
 
 
-def test_a_conflict_editing_a_client_is_503_and_changes_nothing(api, client):
-    with aws_answers("PutItem", conflict_on_item) as failed:
-        response = api.patch(f"/clients/{client['id']}", {"tag": "gold"})
-    assert failed
-    assert_retry_later(response)
-    assert body(api.get(f"/clients/{client['id']}")) == client
-
-
-def test_a_conflict_deleting_a_client_is_503_and_keeps_it(api, client):
-    with aws_answers("TransactWriteItems", cancelled_for_conflict) as failed:
-        response = api.delete(f"/clients/{client['id']}")
+@pytest.mark.parametrize(
+    ("method", "payload", "operation", "answer"),
+    [
+        ("PATCH", {"tag": "gold"}, "PutItem", conflict_on_item),
+        ("DELETE", None, "TransactWriteItems", cancelled_for_conflict),
+    ],
+    ids=["edit", "delete"],
+)
+def test_a_conflict_editing_or_deleting_a_client_is_503_and_keeps_it_as_it_was(
+    api, client, method, payload, operation, answer
+):
+    # When the change meets a concurrent write
+    with aws_answers(operation, answer) as failed:
+        response = api.call(method, f"/clients/{client['id']}", payload)
+    # Then the caller is told to retry shortly, and the client is as it was
     assert failed
     assert_retry_later(response)
     assert body(api.get(f"/clients/{client['id']}")) == client

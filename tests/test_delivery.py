@@ -20,6 +20,7 @@ import pytest
 from chalicelib.local.gateway import FaultProfile, SandboxGateway
 from chalicelib.services.queues import JobBatch
 from tests.conftest import API_TOKEN, GATEWAY_TOKEN, body
+from tests.in_process_support import sqs_event as lambda_sqs_event
 from tests.pipeline_support import (
     DLQ_URL,
     FANOUT_URL,
@@ -631,23 +632,8 @@ def test_cancel_of_a_finished_mailing_is_409(api, pipeline, clock):
 
 
 def sqs_event(bodies: list[str]) -> dict:
-    """A Lambda SQS event whose records have their own ids (Chalice's generator repeats one)."""
-    return {
-        "Records": [
-            {
-                "messageId": f"record-{n}",
-                "receiptHandle": f"handle-{n}",
-                "body": body_text,
-                "attributes": {"ApproximateReceiveCount": "1"},
-                "messageAttributes": {},
-                "md5OfBody": "",
-                "eventSource": "aws:sqs",
-                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:send",
-                "awsRegion": "us-east-1",
-            }
-            for n, body_text in enumerate(bodies)
-        ]
-    }
+    """A Lambda SQS event from the send queue."""
+    return lambda_sqs_event(bodies, "arn:aws:sqs:us-east-1:123456789012:send")
 
 
 @pytest.fixture

@@ -230,31 +230,43 @@ def stop_after_calls(calls, action, after: int) -> tuple[threading.Thread, dict]
     return thread, seen
 
 
+def deliver_a_batch_stopped_after_two_calls(
+    api, pipeline, services, clock, gateway, calls, stop
+) -> tuple[str, int]:
+    """Given ten jobs in one SQS message, a gateway taking 0.2 s a call, one call at a time, and
+    an operator who calls `stop(mailing_id)` after the second call; when the sender delivers
+    the batch: the mailing's id, and how many calls were made once `stop` returned."""
+    gateway.set_profile(FaultProfile(latency_seconds=0.2))
+    for n in range(10):
+        add_client(api, f"7900000000{n}")
+    mailing_id = create_mailing(api, clock)["id"]
+    pipeline.kicks()
+    [batch] = queued_jobs(pipeline)
+    thread, seen = stop_after_calls(calls, lambda: stop(mailing_id), 2)
+
+    services.sender.deliver(batch, countdown(60))
+    thread.join(5)
+    return mailing_id, seen["calls"]
+
+
 @pytest.mark.parametrize("settings", [{"sender_concurrency": 1}], indirect=True)
 def test_cancel_stops_a_running_batch_within_a_second(
     api, pipeline, services, clock, gateway, calls
 ):
     # Given ten jobs in one SQS message, a gateway taking 0.2 s a call, one call at a time
-    gateway.set_profile(FaultProfile(latency_seconds=0.2))
-    for n in range(10):
-        add_client(api, f"7900000000{n}")
-    mailing = create_mailing(api, clock)
-    pipeline.kicks()
-    [batch] = queued_jobs(pipeline)
     # And an operator who cancels the mailing after the second call
-    thread, seen = stop_after_calls(calls, lambda: services.mailings.cancel(mailing["id"]), 2)
-
     # When the sender delivers the batch
-    services.sender.deliver(batch, countdown(60))
-    thread.join(5)
+    mailing_id, calls_at_cancel = deliver_a_batch_stopped_after_two_calls(
+        api, pipeline, services, clock, gateway, calls, services.mailings.cancel
+    )
 
     # Then at most a second of calls (five, plus the one under way) followed the cancel
-    assert len(calls) - seen["calls"] <= 6
+    assert len(calls) - calls_at_cancel <= 6
     # And every message not sent is cancelled, the counters equal to the records
-    statuses = pipeline.statuses(mailing["id"])
+    statuses = pipeline.statuses(mailing_id)
     assert statuses == Counter({"sent": len(calls), "cancelled": 10 - len(calls)})
     assert len(gateway.accepted()) == len(calls)
-    assert_counters_match_records(pipeline, mailing["id"])
+    assert_counters_match_records(pipeline, mailing_id)
 
 
 @pytest.mark.parametrize("settings", [{"sender_concurrency": 1}], indirect=True)
@@ -262,28 +274,21 @@ def test_pause_stops_a_running_batch_within_a_second_and_resume_sends_the_rest(
     api, pipeline, services, clock, gateway, calls
 ):
     # Given ten jobs in one SQS message, a gateway taking 0.2 s a call, one call at a time
-    gateway.set_profile(FaultProfile(latency_seconds=0.2))
-    for n in range(10):
-        add_client(api, f"7900000000{n}")
-    mailing = create_mailing(api, clock)
-    pipeline.kicks()
-    [batch] = queued_jobs(pipeline)
     # And an operator who pauses the mailing after the second call
-    thread, seen = stop_after_calls(calls, lambda: services.mailings.pause(mailing["id"]), 2)
-
     # When the sender delivers the batch
-    services.sender.deliver(batch, countdown(60))
-    thread.join(5)
+    mailing_id, calls_at_pause = deliver_a_batch_stopped_after_two_calls(
+        api, pipeline, services, clock, gateway, calls, services.mailings.pause
+    )
 
     # Then at most a second of calls followed the pause; the rest wait, no attempt spent
-    assert len(calls) - seen["calls"] <= 6
-    waiting = [m for m in pipeline.messages(mailing["id"]) if m.status == "pending"]
+    assert len(calls) - calls_at_pause <= 6
+    waiting = [m for m in pipeline.messages(mailing_id) if m.status == "pending"]
     assert len(waiting) == 10 - len(calls)
     assert {int(m.attempts or 0) for m in waiting} == {0}
     # And after the resume, the rest are sent, each once
-    services.mailings.resume(mailing["id"])
+    services.mailings.resume(mailing_id)
     pipeline.settle()
-    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 10})
+    assert pipeline.statuses(mailing_id) == Counter({"sent": 10})
     assert sorted(gateway.accepted_ids().values()) == [1] * 10
 
 

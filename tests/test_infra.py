@@ -33,6 +33,7 @@ from chalicelib.models import build_models
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS
 from chalicelib.settings import AuthMode, Settings
 from tests.conftest import API_TOKEN, JSON_HEADERS
+from tests.in_process_support import QUEUE_NAMES, REPORT_SENDER, in_process_stack
 
 pytestmark = pytest.mark.infra
 
@@ -137,7 +138,6 @@ AUTHORIZER = "BearerAuth"
 # Functions that e-mail the daily report through SES (and so get its addresses).
 REPORTERS = {"DailyReport", "APIHandler"}
 SEND_EMAIL = {"ses:SendEmail", "ses:SendRawEmail"}
-REPORT_SENDER = "reports@example.com"
 REPORT_RECIPIENTS = "ops@example.com,owner@example.org"
 
 # Queue -> (its dead-letter queue, the function its SQS event source feeds).
@@ -147,14 +147,6 @@ QUEUES = {
     "ImportQueue": ("ImportDeadLetterQueue", "ImportClients"),
 }
 DEAD_LETTER_QUEUES = {"SendDeadLetterQueue", "FanoutDeadLetterQueue", "ImportDeadLetterQueue"}
-QUEUE_NAMES = {
-    "SendQueue": "send",
-    "SendDeadLetterQueue": "send-dlq",
-    "FanoutQueue": "fanout",
-    "FanoutDeadLetterQueue": "fanout-dlq",
-    "ImportQueue": "import",
-    "ImportDeadLetterQueue": "import-dlq",
-}
 MAX_RECEIVE_COUNT = 5
 FOURTEEN_DAYS = 14 * 24 * 3600
 # Lambda's guidance for SQS sources: visibility timeout >= 6 x function timeout (+ window).
@@ -1888,34 +1880,8 @@ def aws_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict]]:
 def world(aws: None, clock: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """The real services on moto with the stack's queues, a verified report sender and report
     recipients; returns queue URL -> the queue's logical id."""
-    import boto3
-
-    from chalicelib.container import Services, use_services
-    from chalicelib.models import create_tables
-
-    sqs = boto3.client("sqs")
-    urls = {
-        logical_id: sqs.create_queue(QueueName=f"{PREFIX}-{name}")["QueueUrl"]
-        for logical_id, name in QUEUE_NAMES.items()
-    }
-    boto3.client("ses").verify_email_identity(EmailAddress=REPORT_SENDER)
-    monkeypatch.setenv("API_TOKENS", API_TOKEN)
-    monkeypatch.delenv("AUTH_MODE", raising=False)
-    settings = Settings(
-        table_prefix=PREFIX,
-        api_tokens=(API_TOKEN,),
-        send_queue_url=urls["SendQueue"],
-        send_dlq_url=urls["SendDeadLetterQueue"],
-        fanout_queue_url=urls["FanoutQueue"],
-        import_queue_url=urls["ImportQueue"],
-        report_sender=REPORT_SENDER,
-        report_recipients=REPORT_RECIPIENTS,
-    )
-    built = Services.build(settings, clock=clock, wait_until=clock.wait_until)
-    create_tables(built.models)
-    use_services(built)
-    yield {url: logical_id for logical_id, url in urls.items()}
-    use_services(None)
+    with in_process_stack(PREFIX, clock, monkeypatch, report_recipients=REPORT_RECIPIENTS) as stack:
+        yield {url: logical_id for logical_id, url in stack.queues.items()}
 
 
 def missing_grants(resources: dict[str, Any], function: str, needed: Recorded) -> dict:

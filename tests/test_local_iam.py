@@ -16,6 +16,8 @@ from botocore.exceptions import ClientError
 
 from chalicelib.local import iam, invocation
 from tests.conftest import API_TOKEN, GATEWAY_TOKEN, JSON_HEADERS
+from tests.in_process_support import in_process_stack
+from tests.in_process_support import sqs_event as lambda_sqs_event
 
 REGION, ACCOUNT = "us-east-1", "123456789012"
 SCOPE = iam.CallScope(REGION, ACCOUNT)
@@ -416,15 +418,7 @@ def test_calls_outside_an_invocation_and_of_unknown_functions(enforced: Any) -> 
 # infra/resources.yaml, as the local stack runs it: a call its role lacks fails here as on AWS.
 
 PREFIX = "sms-iam"
-QUEUE_NAMES = {
-    "SendQueue": "send",
-    "SendDeadLetterQueue": "send-dlq",
-    "FanoutQueue": "fanout",
-    "FanoutDeadLetterQueue": "fanout-dlq",
-    "ImportQueue": "import",
-    "ImportDeadLetterQueue": "import-dlq",
-}
-REPORT_SENDER, REPORT_RECIPIENTS = "reports@example.com", "ops@example.com"
+REPORT_RECIPIENTS = "ops@example.com"
 
 
 @dataclass
@@ -476,23 +470,8 @@ class World:
 
 
 def sqs_event(bodies: list[str], queue: str) -> dict[str, Any]:
-    """A Lambda SQS event whose records have ids of their own."""
-    return {
-        "Records": [
-            {
-                "messageId": f"record-{n}",
-                "receiptHandle": f"handle-{n}",
-                "body": text,
-                "attributes": {"ApproximateReceiveCount": "1"},
-                "messageAttributes": {},
-                "md5OfBody": "",
-                "eventSource": "aws:sqs",
-                "eventSourceARN": f"arn:aws:sqs:{REGION}:{ACCOUNT}:{PREFIX}-{queue}",
-                "awsRegion": REGION,
-            }
-            for n, text in enumerate(bodies)
-        ]
-    }
+    """A Lambda SQS event from one of the stack's queues (by its name after the prefix)."""
+    return lambda_sqs_event(bodies, f"arn:aws:sqs:{REGION}:{ACCOUNT}:{PREFIX}-{queue}")
 
 
 @pytest.fixture
@@ -503,44 +482,26 @@ def world(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> Iterator[World]:
-    import boto3
     from chalice.test import Client
 
     from app import app
-    from chalicelib.container import Services, use_services
-    from chalicelib.models import create_tables
-    from chalicelib.settings import Settings
 
-    sqs = boto3.client("sqs", region_name=REGION)
-    urls = {
-        logical_id: sqs.create_queue(QueueName=f"{PREFIX}-{name}")["QueueUrl"]
-        for logical_id, name in QUEUE_NAMES.items()
-    }
-    boto3.client("ses", region_name=REGION).verify_email_identity(EmailAddress=REPORT_SENDER)
-    monkeypatch.setenv("API_TOKENS", API_TOKEN)
-    monkeypatch.delenv("AUTH_MODE", raising=False)
-    settings = Settings(
-        table_prefix=PREFIX,
-        api_tokens=(API_TOKEN,),
-        send_queue_url=urls["SendQueue"],
-        send_dlq_url=urls["SendDeadLetterQueue"],
-        fanout_queue_url=urls["FanoutQueue"],
-        import_queue_url=urls["ImportQueue"],
+    with in_process_stack(
+        PREFIX,
+        clock,
+        monkeypatch,
         sender_api_url=sandbox.url,
         sender_api_token=GATEWAY_TOKEN,
-        report_sender=REPORT_SENDER,
         report_recipients=REPORT_RECIPIENTS,
-    )
-    services = Services.build(settings, clock=clock, wait_until=clock.wait_until)
-    create_tables(services.models)
-    use_services(services)
-    iam.enforce(iam.for_local_stack(app, settings, account=ACCOUNT, queue_urls=urls))
-    try:
-        with Client(app, stage_name="dev") as lambdas:
-            yield World(services, urls, lambdas, sandbox, clock, [])
-    finally:
-        iam.enforce(None)
-        use_services(None)
+    ) as stack:
+        iam.enforce(
+            iam.for_local_stack(app, stack.settings, account=ACCOUNT, queue_urls=stack.queues)
+        )
+        try:
+            with Client(app, stage_name="dev") as lambdas:
+                yield World(stack.services, stack.queues, lambdas, sandbox, clock, [])
+        finally:
+            iam.enforce(None)
 
 
 def denials(caplog: pytest.LogCaptureFixture) -> list[str]:

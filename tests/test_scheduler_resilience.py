@@ -99,6 +99,18 @@ def message_ids(pipeline, mailing_id: str, status: str | None = None) -> set[int
 # ---------------------------------------------------------------- conflicts
 
 
+def mailing_whose_jobs_were_lost(
+    api, pipeline, clock, clients: int, end: timedelta = timedelta(hours=2)
+) -> dict:
+    """A running mailing to `clients` new clients, fanned out, its send jobs gone from SQS."""
+    for n in range(clients):
+        add_client(api, f"7900000{n:04d}")
+    mailing = create_mailing(api, clock, end=end)
+    pipeline.kicks()
+    pipeline.sqs.queues[SEND_URL].clear()
+    return mailing
+
+
 def test_a_conflict_on_a_fan_out_page_is_tried_again_not_taken_for_a_lost_lease(
     api, pipeline, services, clock, gateway, conflicts
 ):
@@ -136,11 +148,7 @@ def test_a_sweep_out_of_time_keeps_what_it_did_and_is_continued_at_once(
     api, pipeline, services, clock
 ):
     # Given a running mailing with 120 pending messages whose jobs have not run yet
-    for n in range(120):
-        add_client(api, f"7900000{n:04d}")
-    mailing = create_mailing(api, clock)
-    pipeline.kicks()
-    pipeline.sqs.queues[SEND_URL].clear()
+    mailing = mailing_whose_jobs_were_lost(api, pipeline, clock, 120)
     assert pipeline.statuses(mailing["id"]) == Counter({"pending": 120})
 
     # When it is cancelled and the worker's time runs out after the first page of the sweep
@@ -245,11 +253,7 @@ def test_pending_messages_whose_jobs_were_lost_are_queued_again_and_sent_before_
     api, pipeline, clock, gateway, caplog
 ):
     # Given a running mailing whose fan-out is done and whose send jobs were all lost
-    for n in range(3):
-        add_client(api, f"7900000000{n}")
-    mailing = create_mailing(api, clock, end=timedelta(hours=1))
-    pipeline.kicks()
-    pipeline.sqs.queues[SEND_URL].clear()
+    mailing = mailing_whose_jobs_were_lost(api, pipeline, clock, 3, end=timedelta(hours=1))
 
     # When the scheduler ticks for a while, but less than a live job can stay out of sight
     pipeline.run(until=clock() + LOST_JOB_AFTER - timedelta(minutes=1))
@@ -278,11 +282,7 @@ def test_a_message_with_a_live_claim_or_a_recent_change_is_not_queued_again(
     api, pipeline, services, clock
 ):
     # Given a running mailing whose three send jobs are gone
-    for n in range(3):
-        add_client(api, f"7900000000{n}")
-    mailing = create_mailing(api, clock, end=timedelta(hours=2))
-    pipeline.kicks()
-    pipeline.sqs.queues[SEND_URL].clear()
+    mailing = mailing_whose_jobs_were_lost(api, pipeline, clock, 3)
     pipeline.tick()  # the scheduler notes the mailing's counters
     claimed, touched, lost = sorted(pipeline.messages(mailing["id"]), key=lambda m: m.message_id)
     # A sender holds the first for a long call
@@ -307,11 +307,7 @@ def test_a_reconciler_pass_out_of_time_keeps_its_place_and_is_continued_at_once(
     api, pipeline, services, clock
 ):
     # Given a running mailing of 150 messages whose jobs were all lost long ago
-    for n in range(150):
-        add_client(api, f"7900000{n:04d}")
-    mailing = create_mailing(api, clock, end=timedelta(hours=2))
-    pipeline.kicks()
-    pipeline.sqs.queues[SEND_URL].clear()
+    mailing = mailing_whose_jobs_were_lost(api, pipeline, clock, 150)
     pipeline.tick()
     clock.advance(seconds=LOST_JOB_AFTER.total_seconds() + 60)
 
@@ -332,10 +328,7 @@ def test_a_reconciler_pass_out_of_time_keeps_its_place_and_is_continued_at_once(
 
 def test_no_job_is_queued_again_while_the_senders_are_behind(api, pipeline, sqs, clock):
     # Given a mailing whose jobs were lost, and a send queue with a backlog of other jobs
-    add_client(api, "79000000001")
-    mailing = create_mailing(api, clock, end=timedelta(hours=2))
-    pipeline.kicks()
-    sqs.queues[SEND_URL].clear()
+    mailing = mailing_whose_jobs_were_lost(api, pipeline, clock, 1)
     pipeline.tick()
     clock.advance(seconds=LOST_JOB_AFTER.total_seconds() + 60)
     backlog = [{"Id": str(n), "MessageBody": f'{{"backlog": {n}}}'} for n in range(MAX_BACKLOG + 1)]

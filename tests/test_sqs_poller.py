@@ -43,15 +43,20 @@ def sqs_endpoint() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def sqs(sqs_endpoint: str) -> Any:
+def emulator_client(service: str, endpoint: str) -> Any:
+    """A boto3 client of `service` on the emulator server at `endpoint`."""
     return boto3.client(
-        "sqs",
-        endpoint_url=sqs_endpoint,
+        service,
+        endpoint_url=endpoint,
         region_name=REGION,
         aws_access_key_id="local",
         aws_secret_access_key="local",
     )
+
+
+@pytest.fixture(scope="module")
+def sqs(sqs_endpoint: str) -> Any:
+    return emulator_client("sqs", sqs_endpoint)
 
 
 @dataclass(frozen=True)
@@ -566,13 +571,7 @@ def test_a_chalice_sqs_handler_with_powertools_partial_failures_runs_unchanged(
 
 @pytest.fixture(scope="module")
 def dynamodb(sqs_endpoint: str) -> Any:
-    return boto3.client(
-        "dynamodb",
-        endpoint_url=sqs_endpoint,
-        region_name=REGION,
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-    )
+    return emulator_client("dynamodb", sqs_endpoint)
 
 
 @pytest.fixture

@@ -474,36 +474,28 @@ def test_every_stack_setting_can_be_set_from_a_variable(tmp_path: Path) -> None:
     assert set(parameter_overrides(calls[-1])) <= set(merged["Parameters"])
 
 
-def test_deploy_stops_before_aws_when_the_token_secret_arn_is_not_set(tmp_path: Path) -> None:
-    """Given no GATEWAY_TOKEN_SECRET_ARN variable, when the deploy step runs, then it fails
-    naming the variable, and CloudFormation is never called."""
-    deployed, calls = run_step(
-        step_named("deploy", "aws cloudformation deploy"),
-        tmp_path,
-        deploy_variables(GATEWAY_TOKEN_SECRET_ARN=""),
-        {"aws": "exit 0"},
-    )
-
-    assert deployed.returncode != 0
-    assert "GATEWAY_TOKEN_SECRET_ARN" in deployed.stderr
-    assert calls == []
-
-
-def test_deploy_stops_before_aws_when_the_permissions_boundary_is_not_set(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "GATEWAY_TOKEN_SECRET_ARN",
+        # The deploy role could not create the function roles without the boundary anyway.
+        "PERMISSIONS_BOUNDARY_ARN",
+    ],
+)
+def test_deploy_stops_before_aws_when_a_required_variable_is_not_set(
+    tmp_path: Path, variable: str
 ) -> None:
-    """Given no PERMISSIONS_BOUNDARY_ARN variable, when the deploy step runs, then it fails
-    naming the variable, and CloudFormation is never called (the deploy role could not create
-    the function roles without the boundary anyway)."""
+    """Given the variable not set, when the deploy step runs, then it fails naming the variable,
+    and CloudFormation is never called."""
     deployed, calls = run_step(
         step_named("deploy", "aws cloudformation deploy"),
         tmp_path,
-        deploy_variables(PERMISSIONS_BOUNDARY_ARN=""),
+        deploy_variables(**{variable: ""}),
         {"aws": "exit 0"},
     )
 
     assert deployed.returncode != 0
-    assert "PERMISSIONS_BOUNDARY_ARN" in deployed.stderr
+    assert variable in deployed.stderr
     assert calls == []
 
 

@@ -114,14 +114,7 @@ class Reconciler:
         # Paused, resumed, edited or retried since: jobs parked meanwhile come back on their own.
         touched = item.updated_at is not None and since is not None and item.updated_at > since
         if touched or (after is None and (item.quiet_mark != mark or since is None)):
-            self._save(
-                item,
-                owner,
-                remaining,
-                Mailing.quiet_mark.set(mark),
-                Mailing.quiet_since.set(now),
-                Mailing.reconcile_after.remove(),
-            )
+            self._quiet_from(item, owner, remaining, mark, now)
             return ReconcileRun()
         if after is None:  # no pass under way: is one due?
             if now - since < LOST_JOB_AFTER or self._senders_behind(item.mailing_id):
@@ -140,15 +133,8 @@ class Reconciler:
                 item.mailing_id, MessageStatus.PENDING, RECONCILE_PAGE, after=after
             )
             if not page:
-                # Quiet from now: the next pass only if nothing moves for LOST_JOB_AFTER again.
-                self._save(
-                    item,
-                    owner,
-                    remaining,
-                    Mailing.quiet_mark.set(mark),
-                    Mailing.quiet_since.set(now),
-                    Mailing.reconcile_after.remove(),
-                )
+                # The next pass only if nothing moves for LOST_JOB_AFTER again.
+                self._quiet_from(item, owner, remaining, mark, now)
                 return ReconcileRun(requeued)
             requeued += self._requeue_lost(item, page, now, remaining)
             looked, after = looked + len(page), page[-1][1]
@@ -250,6 +236,20 @@ class Reconciler:
             )
             return True
         return False
+
+    def _quiet_from(
+        self, item: Any, owner: str, remaining: Remaining, mark: str, now: datetime
+    ) -> None:
+        """Count the mailing quiet from `now` at counters `mark`, with no pass under way."""
+        Mailing = self._models.Mailing
+        self._save(
+            item,
+            owner,
+            remaining,
+            Mailing.quiet_mark.set(mark),
+            Mailing.quiet_since.set(now),
+            Mailing.reconcile_after.remove(),
+        )
 
     def _save(self, item: Any, owner: str, remaining: Remaining, *actions: Any) -> None:
         Mailing = self._models.Mailing
