@@ -38,7 +38,6 @@ SENDER_MESSAGES_GRANT = """\
             Effect: Allow
             Action:
               - dynamodb:BatchGetItem
-              - dynamodb:GetItem
               - dynamodb:UpdateItem
             Resource:
               - !GetAtt MessagesTable.Arn
