@@ -462,6 +462,7 @@ def test_aws_and_the_gateway_failed_as_configured(
         "Lambda would have stopped it" in line for line in chaos.stack_output.splitlines()
     )
     denied = [line for line in chaos.stack_output.splitlines() if "is not authorized" in line]
+    deadline_requeues = chaos.stack_output.count("too little time left for a gateway call")
     report(
         invariants,
         "timings: "
@@ -471,7 +472,8 @@ def test_aws_and_the_gateway_failed_as_configured(
         f"AWS faults injected: {faults}; {conflict_share:.0%} of transactions cancelled "
         "for a conflict",
         f"API writes answered 503 and sent again: {chaos.write_retries}",
-        f"invocations stopped at their timeout: {timeouts}; IAM denials: {len(denied)}",
+        f"invocations stopped at their timeout: {timeouts}; jobs sent back by the sender for "
+        f"too little time before its deadline: {deadline_requeues}; IAM denials: {len(denied)}",
     )
     # Every kind of gateway fault was served
     for outcome in ("5xx", "slow", "malformed", "400", "ok"):
@@ -481,6 +483,9 @@ def test_aws_and_the_gateway_failed_as_configured(
     assert conflict_share >= 0.10
     for kind in ("throttle", "ddb500", "sqs500"):
         assert faults.get(kind, 0) > 0, kind
+    # And the sender's deadline was short enough to matter: it sent jobs back rather than start
+    # calls it had no time to finish and record
+    assert deadline_requeues > 0
     # And no function was ever denied an action it needs (IAM is enforced in the stack)
     assert denied == []
 
