@@ -290,6 +290,10 @@ def run_scenario(
             blackout_seconds=blackout,
         ),
         "final_stats": stats,
+        # The service's own view: a slow answer accepted after the client gave up is not in it.
+        "recorded_sent_share": round(stats.get("sent", 0) / deliverable, 4)
+        if deliverable
+        else None,
     }
     if name == "b":
         result |= storm_figures(ledger, rate=rate, storm_from=fault_from, storm_until=fault_until)
@@ -340,7 +344,8 @@ def report(result: Mapping[str, Any]) -> str:
         f"({result['accepted_per_second']} accepted/s, {result['calls_per_second']} calls/s)",
         f"gateway answers                    {result['gateway_answers']}, "
         f"{result['gateway_duplicates']} duplicates",
-        f"final stats                        {result['final_stats']}",
+        f"recorded sent by the service       {_percent(result['recorded_sent_share'])} of "
+        f"deliverable; final stats {result['final_stats']}",
     ]
     if name == "b":
         lines += [
