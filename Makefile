@@ -70,6 +70,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.delivery --sizes 2000,10000 --json build/bench-delivery.json
 	$(BIN)/python -m bench.fanout --clients 100000 --json build/bench-fanout.json
 	$(BIN)/python -m bench.rate --json build/bench-rate.json
+	$(BIN)/python -m bench.backpressure --json build/bench-backpressure.json
 	$(BIN)/python -m bench.import_clients --rows 100000 --json build/bench-import.json
 
 clean:

@@ -177,6 +177,11 @@ def start_stack() -> Any:
     return stack
 
 
+def client_phone(n: int) -> str:
+    """The phone number `load_clients` gives its `n`th client."""
+    return f"79{n:09d}"
+
+
 def load_clients(stack: Any, count: int, *, phones: bool = True) -> None:
     """Put `count` clients straight into DynamoDB (setup, not measured).
 
@@ -191,7 +196,7 @@ def load_clients(stack: Any, count: int, *, phones: bool = True) -> None:
     with models.Client.batch_write() as clients, models.Phone.batch_write() as claims:
         for n in range(count):
             item = models.Client(str(uuid.uuid4()), created_at=now)
-            phone = f"79{n:09d}"
+            phone = client_phone(n)
             directory._apply(item, ClientFields(phone, None, "", "UTC"), now)
             clients.save(item)
             if phones:

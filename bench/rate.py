@@ -74,22 +74,9 @@ def run(rate: float, clients: int, pollers: int) -> dict[str, Any]:
     try:
         stack.sandbox.set_profile(healthy)
         load_clients(stack, clients, phones=False)
-        token = os.environ["API_TOKENS"]
-        headers = {"Authorization": f"Bearer {token}"}
-        now = datetime.now(UTC)
-        response = requests.post(
-            f"{stack.api_url}/mailings",
-            json={
-                "text": "Rate benchmark",
-                "start_at": now.isoformat(),
-                "end_at": (now + timedelta(hours=1)).isoformat(),
-            },
-            headers=headers,
-            timeout=30,
-        )
-        response.raise_for_status()
-        mailing_id = response.json()["id"]
-        first = _wait_for_first_request(stack.sandbox)
+        headers = api_headers()
+        mailing_id = create_mailing(stack.api_url, headers, "Rate benchmark", 3600)
+        first = wait_for_first_request(stack.sandbox)
         time.sleep(max(0.0, first + PHASE_STEADY_SECONDS - time.time()))
         pressure_from = time.time()
         stack.sandbox.set_profile(FaultProfile(rate_limit_rate=1.0, seed=5))
@@ -98,7 +85,7 @@ def run(rate: float, clients: int, pollers: int) -> dict[str, Any]:
         stack.sandbox.set_profile(healthy)
         stack.sandbox.wait_for_accepted(clients, timeout=clients / rate * 4 + 120)
         finished = time.time()
-        stats = _final_stats(stack.api_url, mailing_id, headers)
+        stats = final_stats(stack.api_url, mailing_id, headers)
         received = stack.sandbox.requests()
         duplicates = stack.sandbox.duplicates()
     finally:
@@ -132,7 +119,30 @@ def run(rate: float, clients: int, pollers: int) -> dict[str, Any]:
     }
 
 
-def _wait_for_first_request(sandbox: Any, timeout: float = 120) -> float:
+def api_headers() -> dict[str, str]:
+    """The bearer header of the stack `start_stack` started."""
+    return {"Authorization": f"Bearer {os.environ['API_TOKENS']}"}
+
+
+def create_mailing(api_url: str, headers: dict[str, str], text: str, seconds: float) -> str:
+    """Create a mailing to every client, starting now and ending `seconds` from now; its id."""
+    now = datetime.now(UTC)
+    response = requests.post(
+        f"{api_url}/mailings",
+        json={
+            "text": text,
+            "start_at": now.isoformat(),
+            "end_at": (now + timedelta(seconds=seconds)).isoformat(),
+        },
+        headers=headers,
+        timeout=30,
+    )
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def wait_for_first_request(sandbox: Any, timeout: float = 120) -> float:
+    """When the gateway got its first request (wall clock); RuntimeError after `timeout` s."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         received = sandbox.requests()
@@ -142,8 +152,11 @@ def _wait_for_first_request(sandbox: Any, timeout: float = 120) -> float:
     raise RuntimeError("the gateway got no request within two minutes")
 
 
-def _final_stats(api_url: str, mailing_id: str, headers: dict[str, str]) -> dict[str, Any]:
-    deadline = time.time() + 120
+def final_stats(
+    api_url: str, mailing_id: str, headers: dict[str, str], timeout: float = 120
+) -> dict[str, Any]:
+    """The mailing's counters once it is finished, or as they are after `timeout` s."""
+    deadline = time.time() + timeout
     while True:
         stats = requests.get(
             f"{api_url}/mailings/{mailing_id}/stats?limit=1", headers=headers, timeout=30
