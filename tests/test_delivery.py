@@ -85,10 +85,6 @@ def calls(services, clock) -> list[tuple[datetime, int]]:
     return recorded
 
 
-# A seed whose failures include runs of five and more in a row (which used to pause sending).
-SEED_RANDOM_FAILURES = 4
-
-
 def add_client(api, phone: str, **fields) -> dict:
     response = api.post("/clients", {"phone": phone, **fields})
     assert response.status_code == 201, response.body
@@ -438,26 +434,6 @@ def test_the_gateway_never_sees_more_than_the_configured_rate(api, pipeline, clo
     assert densest <= 20
     # And the limit was used, not just respected: 150 calls took about 150 / 20 s
     assert (times[-1] - times[0]).total_seconds() < 150 / 20 + 2
-
-
-# One sender thread: on the shared test clock, one thread's wait moves time for all of them.
-@pytest.mark.parametrize(
-    "settings", [{"gateway_rate_per_second": 20.0, "sender_concurrency": 1}], indirect=True
-)
-def test_a_gateway_failing_at_random_is_not_slowed_down(api, pipeline, clock, gateway, calls):
-    # Given 150 clients, a limit of 20 calls a second, and a gateway failing 40% of the calls at
-    # random: unlucky, not overloaded (most calls still succeed)
-    gateway.set_profile(FaultProfile(error_rate=0.4, seed=SEED_RANDOM_FAILURES))
-    for n in range(150):
-        add_client(api, f"7900000{n:04d}")
-    mailing = create_mailing(api, clock)
-    # When the mailing is sent
-    pipeline.settle()
-    # Then the first pass went at the configured rate, never paused (failures are retried later)
-    times = sorted(at for at, _ in calls)[:150]
-    assert (times[-1] - times[0]).total_seconds() < 150 / 20 + 1
-    # And every message was sent in the end, none given up
-    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 150})
 
 
 def test_retries_never_go_past_the_end(api, pipeline, clock, gateway, calls):

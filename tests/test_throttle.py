@@ -163,6 +163,20 @@ def test_scattered_server_errors_do_not_slow_sending(make_throttle, clock):
     assert admission.interval == pytest.approx(1 / 50)
 
 
+def test_five_failures_in_a_row_among_successes_do_not_pause_sending(make_throttle, clock):
+    # Given a gateway that fails one call in four at random, one call per batch: now and then
+    # five in a row fail (about once in 1,400 calls), while the gateway is not overloaded
+    throttle = make_throttle()
+    answers = [OK, OK, OK] * 10 + [SERVER_ERROR, TIMEOUT, SERVER_ERROR, SERVER_ERROR, TIMEOUT]
+    for answer in answers:
+        throttle.release(throttle.admit(1), [answer])
+        clock.advance(seconds=0.05)
+    # Then no sender is paused or slowed down
+    admission = throttle.admit(10)
+    assert admission.count == 10
+    assert admission.interval == pytest.approx(1 / 50)
+
+
 def test_an_outage_is_probed_one_call_a_second_and_sending_climbs_back(make_throttle, clock):
     one, two = make_throttle(), make_throttle()
     # Given two senders whose calls all fail (the gateway is down)
