@@ -243,8 +243,7 @@ def decide(
     if run >= OUTAGE_RUN and not accepted:
         # Everything fails (refused, 5xx, or overload answers only): one probe a second, and
         # still no call before the gateway's Retry-After.
-        paused_until = max(control.paused_until, now + pause)
-        probing = replace(control, probing=True, paused_until=paused_until)
+        probing = replace(control, probing=True, paused_until=_until(control, now, pause))
         return Decision(probing, None if control.probing else "the gateway seems down: probing")
     why = None
     if overload:
@@ -258,7 +257,7 @@ def decide(
     ):
         why = "fewer than half of the calls succeed"
     if why is not None:
-        paused_until = max(control.paused_until, now + pause)
+        paused_until = _until(control, now, pause)
         if now - control.cut_at < CUT_SPACING_SECONDS:  # this episode's cut is made already
             return Decision(replace(control, paused_until=paused_until))
         speed = max(MIN_SPEED, control.speed * CUT)
@@ -275,6 +274,12 @@ def decide(
         grown = control.speed * GROWTH_PER_SECOND ** min(now - control.raised_at, 2.0)
         return Decision(replace(control, speed=min(1.0, grown), raised_at=now))
     return Decision(control)
+
+
+def _until(control: Control, now: float, pause: float) -> float:
+    """The pause's end after a pause of `pause` seconds from now (none: unchanged, so an
+    unchanged state costs no write)."""
+    return max(control.paused_until, now + pause) if pause > 0 else control.paused_until
 
 
 def _slow(

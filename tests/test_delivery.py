@@ -436,6 +436,32 @@ def test_the_gateway_never_sees_more_than_the_configured_rate(api, pipeline, clo
     assert (times[-1] - times[0]).total_seconds() < 150 / 20 + 2
 
 
+def test_retries_beyond_the_shared_budget_are_deferred_without_spending_attempts(
+    api, pipeline, clock, gateway, calls
+):
+    # Given 40 clients and a gateway that fails every call with a 500 (no Retry-After)
+    for n in range(40):
+        add_client(api, f"790000000{n:02d}")
+    gateway.set_profile(FaultProfile(error_rate=1.0, seed=2))
+    started = clock()
+    mailing = create_mailing(api, clock)
+    # When the senders keep at it for a few minutes
+    pipeline.run(until=clock() + timedelta(minutes=2), step=timedelta(seconds=1))
+    # Then attempts were spent on about a fifth of the calls (plus a reserve of ten per
+    # two-minute window), not on every one: the rest were deferred without spending one
+    messages = pipeline.messages(mailing["id"])
+    spent = sum(int(m.attempts or 0) for m in messages)
+    windows = (clock() - started) / timedelta(minutes=2) + 1
+    assert spent <= 0.2 * len(calls) + 10 * windows
+    assert max(int(m.attempts or 0) for m in messages) < 8
+    assert pipeline.sqs.queues[DLQ_URL] == []
+    # And once the gateway works again, every message is sent
+    gateway.set_profile(FaultProfile())
+    pipeline.run(until=clock() + timedelta(minutes=20), step=timedelta(seconds=10))
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 40})
+    assert_counters_match_records(pipeline, mailing["id"])
+
+
 def test_retries_never_go_past_the_end(api, pipeline, clock, gateway, calls):
     gateway.set_profile(FaultProfile(error_rate=1.0, seed=3))
     add_client(api, "79000000001")

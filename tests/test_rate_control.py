@@ -236,6 +236,18 @@ def test_an_outage_is_probed_about_once_a_second_until_a_success():
     assert calls <= 60 + 20
 
 
+def test_failed_probes_leave_the_shared_state_as_it_is():
+    # Given probing after an outage
+    shared = Shared()
+    shared.report([REFUSED] * 25)
+    probing = shared.control
+    assert probing.probing
+    # When more probes fail, a second apart, then the state is unchanged (no write needed)
+    for _ in range(5):
+        shared.advance(1)
+        assert shared.report([REFUSED]) == probing
+
+
 def test_sending_is_back_at_90_percent_of_the_rate_within_10_s_of_recovery():
     # Given probing after an outage
     shared = Shared()
