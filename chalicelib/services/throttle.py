@@ -21,14 +21,20 @@ window costs no extra request. From the window and the batch:
   calls accepted) halves the sending speed and pauses every sender for the Retry-After;
 - bad luck (other 5xx, malformed bodies, timeouts, network errors while most calls succeed)
   leaves the rate alone: the message is retried within a retry budget of ~20% of the calls;
-- an outage (recent calls, none accepted) switches to probing: one call a second for everyone;
+- an outage (twenty calls in a row, none accepted) switches to probing: one call a second for
+  everyone, the other jobs back in SQS after PROBING_REQUEUE_SECONDS;
 - good answers raise the speed by half per second back to the configured rate.
 Jobs that meet a pause go back to SQS without spending one of their attempts. A change of the
 controller's state is one more conditional write, made only when it changes.
 
+Each sender grants retries from the window as it last saw it, so senders writing at the same
+moment may together overshoot the budget by a batch each; the next batch sees it spent.
+
 One item takes about 1,000 writes a second (DynamoDB's per-partition limit); each batch of up to
-`jobs_per_message` calls costs two (admit and release) plus a rare controller change. Past that,
-the item would be sharded: N items each with rate/N and concurrency/N, a sender picking one at
+`jobs_per_message` calls costs two (admit and release) plus a rare controller change. The
+window's counters (up to 13 buckets of five numbers) add up to about 1 KB to the item, so each
+write may cost one more write unit than before. Past 1,000 writes a second the item would be
+sharded: N items each with rate/N and concurrency/N, a sender picking one at
 random per batch (the window then sums the N items when read).
 """
 
@@ -64,6 +70,8 @@ ITEM_NAME = "gateway-limits"
 # How far ahead a sender reserves slots (it waits for them inside its invocation).
 HORIZON_SECONDS = 2.0
 _ATTEMPTS = 6
+# While the gateway seems down, jobs without a probe slot come back after this (plus spread).
+PROBING_REQUEUE_SECONDS = 5.0
 # A call may leave this much after its slot (thread scheduling); later, it takes the next slot.
 LATE_SECONDS = 0.02
 # The window's counters: one attribute per kind and bucket, e.g. `r_177342` (ADD creates it).
@@ -236,7 +244,7 @@ class GatewayThrottle:
             base = max(state.tat, now)
             room = math.floor((now + horizon - base) / interval + 1e-9)
             if room <= 0:
-                return Admission.none(base - now - horizon + interval)
+                return Admission.none(self._later(control, base - now - horizon + interval))
             free = self._concurrency - state.held
             if free <= 0 and (not fresh or self._reclaim(state, now)):
                 # What this sender knew may be stale, or leases just came back: look again.
@@ -253,8 +261,15 @@ class GatewayThrottle:
                 state, fresh = self._read(), True
                 continue
             start = new.tat - count * interval
-            return Admission(count, start, interval, permits, interval, holder)
+            later = self._later(control, interval)
+            return Admission(count, start, interval, permits, later, holder)
         return Admission.none(0.5)
+
+    @staticmethod
+    def _later(control: Control, wait: float) -> float:
+        """How long calls that got no slot wait: while probing, long enough that a backlog does
+        not bounce through SQS every second (and still comes back soon after a recovery)."""
+        return max(wait, PROBING_REQUEUE_SECONDS) if control.probing else wait
 
     def paused_for(self) -> float:
         """Seconds left of a back-pressure pause as this sender last saw the item (no request)."""
