@@ -294,8 +294,12 @@ class GatewayThrottle:
         latencies = [answer.latency_seconds for answer in answers]
         tally = replace(Tally.of(verdicts, latencies), retries=retries)
         state = self._count(admission, tally, now)
-        if verdicts:
+        if not verdicts:
+            return
+        try:
             self._adjust(state, verdicts, latencies)
+        except Exception:  # the answers are counted; the next batch's decision sees them
+            logger.warning("could not adjust the gateway's sending speed", exc_info=True)
 
     # ---------------------------------------------------------------- back-pressure
 
