@@ -235,6 +235,27 @@ def test_the_window_counts_every_senders_calls_in_the_writes_they_already_make(
     assert sum(fresh.take() for _ in range(100)) == 10
 
 
+def test_an_item_written_before_the_controller_existed_still_works(make_throttle, clock):
+    # Given the shared item as the previous version left it (no controller version or state)
+    boto3.client("dynamodb", region_name="us-east-1").put_item(
+        TableName="sms-test-sequences",
+        Item={
+            "name": {"S": "gateway-limits"},
+            **{key: {"N": "0"} for key in ("tat", "paused_until", "held", "run", "level")},
+            "speed": {"N": "1"},
+            "raised_at": {"N": "0"},
+            "holders": {"M": {}},
+        },
+    )
+    throttle = make_throttle()
+    # When a sender sends and the gateway answers 429
+    admission = throttle.admit(5)
+    assert admission.count == 5
+    throttle.release(admission, [rate_limited("2")] * 5)
+    # Then the controller's pause takes effect for every sender
+    assert make_throttle().admit(1).retry_after == pytest.approx(2.0, abs=0.01)
+
+
 def test_slots_are_spaced_on_the_clock_they_are_used_with(make_throttle, clock):
     throttle = make_throttle()
     admission = throttle.admit(5)

@@ -380,10 +380,10 @@ class GatewayThrottle:
             written = self._try_update(
                 UpdateExpression=(
                     "SET speed = :speed, paused_until = :until, probing = :probing, "
-                    "cut_at = :cut, raised_at = :raised, ver = ver + :one"
+                    "cut_at = :cut, raised_at = :raised, ver = if_not_exists(ver, :zero) + :one"
                 ),
                 # One decision per state, whichever sender makes it first.
-                ConditionExpression="ver = :ver",
+                ConditionExpression=_same_version(state),
                 ExpressionAttributeValues={
                     ":speed": _n(new.speed),
                     ":until": _n(new.paused_until),
@@ -391,6 +391,7 @@ class GatewayThrottle:
                     ":cut": _n(new.cut_at),
                     ":raised": _n(new.raised_at),
                     ":one": {"N": "1"},
+                    ":zero": {"N": "0"},
                     ":ver": {"N": str(state.version)},
                 },
             )
@@ -423,7 +424,8 @@ class GatewayThrottle:
             ":ver": {"N": str(state.version)},
             ":lease": {"M": {"n": {"N": str(permits)}, "u": _n(now + self._lease)}},
         }
-        common = "ver = :ver AND held <= :max_held AND paused_until <= :now"  # unchanged limits
+        # Unchanged limits (an item written before the controller existed has no version).
+        common = f"{_same_version(state)} AND held <= :max_held AND paused_until <= :now"
         if state.tat >= now:
             # Busy: append to the reserved slots, if they still end where this sender saw them.
             values[":last"] = _n(now + max(HORIZON_SECONDS, interval) - span + 1e-6)
@@ -520,6 +522,14 @@ class GatewayThrottle:
 
     def _now(self) -> float:
         return self._clock().timestamp()
+
+
+def _same_version(state: _State) -> str:
+    """The controller's state is as `state` has it (an item written before the controller
+    existed has no version: it is version 0)."""
+    if state.version == 0:
+        return "(attribute_not_exists(ver) OR ver = :ver)"
+    return "ver = :ver"
 
 
 def _conditional(exc: ClientError) -> bool:
