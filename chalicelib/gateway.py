@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import requests
@@ -36,6 +36,7 @@ class GatewayResult:
     detail: str
     status_code: int | None
     latency_seconds: float
+    retry_after: str | None = None  # the answer's Retry-After header, as sent
 
 
 class GatewayClient:
@@ -99,7 +100,9 @@ class GatewayClient:
             return self._result(
                 Outcome.RETRY, f"network error: {type(exc).__name__}", None, started
             )
-        return classify(response.status_code, response.text, started)
+        result = classify(response.status_code, response.text, started)
+        retry_after = response.headers.get("Retry-After")
+        return replace(result, retry_after=retry_after) if retry_after else result
 
     @staticmethod
     def _result(outcome: Outcome, detail: str, status: int | None, started: float) -> GatewayResult:

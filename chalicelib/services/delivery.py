@@ -39,9 +39,9 @@ from pynamodb.exceptions import DoesNotExist
 from chalicelib import logs
 from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow, render
 from chalicelib.gateway import GatewayClient, GatewayResult
-from chalicelib.gateway import Outcome as Answer
 from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models
+from chalicelib.rate_control import Kind, classify
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import (
@@ -53,7 +53,7 @@ from chalicelib.services.queues import (
     coalesce,
 )
 from chalicelib.services.storage import Retry, is_transient
-from chalicelib.services.throttle import GatewayThrottle, Slots
+from chalicelib.services.throttle import GatewayThrottle, RetryBudget, Slots
 from chalicelib.settings import OUTCOME_WRITE_SECONDS, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,8 @@ class _Delivery:
     read_retry: Retry
     outcomes: _Outcomes
     watch: _MailingWatch | None = None
+    # Retries of bad-luck answers this delivery may still grant (the shared retry budget).
+    budget: RetryBudget | None = None
 
 
 @dataclass
@@ -356,15 +358,14 @@ class Sender:
         errors += self._each(pool, self._give_back, waiting, admission.retry_after)
         permits = threading.BoundedSemaphore(max(1, admission.permits))
         slots = Slots(admission)
+        budget = ready[0].run.budget = self._throttle.retry_budget()
         try:
             errors += self._each(pool, self._call, admitted, permits, slots)
         finally:
-            self._throttle.release(admission)
-        answers = [item.answer for item in admitted if item.answer is not None]
-        try:
-            self._throttle.report(answers)
-        except Exception:  # the answers still get recorded; the speed adjusts on the next batch
-            logger.warning("could not record the gateway's health", exc_info=True)
+            # The permits back and the answers counted in the shared window, in one write; the
+            # shared speed follows them (see services/throttle.py).
+            answers = [item.answer for item in admitted if item.answer is not None]
+            self._throttle.release(admission, answers, budget.taken)
         return errors
 
     def _claim(self, item: _Job) -> JobResult | None:
@@ -591,11 +592,12 @@ class Sender:
         self, item: _Job, claim: str, result: GatewayResult, mailing: Any, log: dict
     ) -> JobResult:
         job, now = item.job, self._clock()
-        if result.outcome is Answer.SENT:
+        verdict = classify(result, now.timestamp())
+        if verdict.kind is Kind.SENT:
             return self._finish(item, MessageStatus.SENT, claim, None)
-        if result.outcome is Answer.REJECTED:
+        if verdict.kind is Kind.REJECTED:
             return self._finish(item, MessageStatus.FAILED, claim, result.detail)
-        if result.outcome is Answer.UNAUTHORIZED:
+        if verdict.kind is Kind.UNAUTHORIZED:
             logger.error(
                 "the SMS gateway refused our credentials; check SENDER_API_TOKEN (or the "
                 "secret SENDER_API_TOKEN_SECRET_ID names). Messages stay pending and are retried.",
@@ -608,12 +610,25 @@ class Sender:
             self._release(item, claim, result.detail)
             item.requeue = self._later(item, job, self._settings.auth_retry_seconds)
             return JobResult.CONFIG_ERROR
-        if result.status_code == 429:
+        if verdict.kind is Kind.OVERLOAD:
             # The gateway asks us to slow down: the throttle does; this is no failed attempt.
-            self._release(item, claim, result.detail)
-            delay = self._settings.gateway_pause_seconds + self._rng.uniform(0, 1)
+            self._release(item, claim, result.detail, called=False)
+            wait = verdict.retry_after
+            delay = (self._settings.gateway_pause_seconds if wait is None else wait) + (
+                self._rng.uniform(0, 1)
+            )
             item.requeue = self._later(item, job, delay)
             return JobResult.THROTTLED
+        # Bad luck: retried with backoff while the shared retry budget allows (retries cannot
+        # multiply the load); beyond it, deferred as long without spending an attempt.
+        budget = item.run.budget
+        if budget is not None and not budget.take():
+            delay = self._backoff(job.retries + 1)
+            if now + timedelta(seconds=delay) >= mailing.end_at:
+                return self._finish(item, MessageStatus.EXPIRED, claim, result.detail)
+            self._release(item, claim, result.detail, called=False)
+            item.requeue = self._later(item, job, delay)
+            return JobResult.DEFERRED
         retries = job.retries + 1
         if retries >= self._settings.max_attempts:
             error = f"gave up after {retries} attempts: {result.detail}"

@@ -13,28 +13,55 @@ SQS with a delay instead of holding a Lambda while they wait.
 the same item: `held` counts them and `holders` says who holds how many until when, so permits
 of a sender that died come back when its lease ends. Taking permits and slots is one write.
 
-**Back-pressure.** A 429, or a run of 5xx / timeouts / network errors with no success in between,
-halves the sending speed (the rate is multiplied by `speed`) and pauses every sender for a while
-(doubling while the failures go on). Jobs that meet a pause go back to SQS without spending one
-of their attempts. Each batch that gets through raises the speed again by a step, so sending
-returns to the configured rate within seconds of the gateway's recovery.
+**Back-pressure** (decided in `chalicelib/rate_control.py`, pure). Each batch's answers are
+counted in the same item, per 10 s bucket over a two-minute window (calls, accepted, overload
+answers, retries granted), folded into the write that gives the batch's permits back, so the
+window costs no extra request. From the window and the batch:
+- overload (429, 503 with Retry-After, latency far above the window's, or fewer than half of the
+  calls accepted) halves the sending speed and pauses every sender for the Retry-After;
+- bad luck (other 5xx, malformed bodies, timeouts, network errors while most calls succeed)
+  leaves the rate alone: the message is retried within a retry budget of ~20% of the calls;
+- an outage (twenty calls in a row, none accepted) switches to probing: one call a second for
+  everyone, the other jobs back in SQS after PROBING_REQUEUE_SECONDS;
+- good answers raise the speed by half per second back to the configured rate.
+Jobs that meet a pause go back to SQS without spending one of their attempts. A change of the
+controller's state is one more conditional write, made only when it changes.
+
+Each sender grants retries from the window as it last saw it, so senders writing at the same
+moment may together overshoot the budget by a batch each; the next batch sees it spent.
+
+One item takes about 1,000 writes a second (DynamoDB's per-partition limit); each batch of up to
+`jobs_per_message` calls costs two (admit and release) plus a rare controller change. The
+window's counters (up to 13 buckets of five numbers) add up to about 1 KB to the item, so each
+write may cost one more write unit than before. Past 1,000 writes a second the item would be
+sharded: N items each with rate/N and concurrency/N, a sender picking one at
+random per batch (the window then sums the N items when read).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from chalicelib.gateway import GatewayResult
-from chalicelib.gateway import Outcome as Answer
+from chalicelib.rate_control import (
+    Control,
+    Tally,
+    Verdict,
+    Window,
+    bucket_of,
+    classify,
+    decide,
+)
 from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,28 +69,32 @@ logger = logging.getLogger(__name__)
 ITEM_NAME = "gateway-limits"
 # How far ahead a sender reserves slots (it waits for them inside its invocation).
 HORIZON_SECONDS = 2.0
-# Back-pressure: the slowest speed (share of the configured rate) and the step back up.
-MIN_SPEED = 1 / 16
-SPEED_STEP = 0.125
-# Pressure answers in a row (shared by all senders) that pause sending; fewer after a pause,
-# while the probes find out whether the gateway is back (one unlucky probe is not enough).
-PRESSURE_RUN = 5
-PROBE_RUN = 3
-# Speed-ups are spaced at least this far apart, whichever sender makes them.
-RAISE_SPACING_SECONDS = 1.0
 _ATTEMPTS = 6
+# While the gateway seems down, jobs without a probe slot come back after this (plus spread).
+PROBING_REQUEUE_SECONDS = 5.0
 # A call may leave this much after its slot (thread scheduling); later, it takes the next slot.
 LATE_SECONDS = 0.02
+# The window's counters: one attribute per kind and bucket, e.g. `r_177342` (ADD creates it).
+_COUNTERS = {"r": "requests", "a": "accepts", "o": "overloads", "t": "retries", "l": "latency"}
+_COUNTER = re.compile(r"^([raotl])_(\d+)$")
 
 
-def is_pressure(result: GatewayResult) -> bool:
-    """An answer that says the gateway is overloaded or down (not: this message is bad)."""
-    if result.status_code == 429:
-        return True
-    if result.outcome is not Answer.RETRY:
-        return False
-    # 5xx, timeouts and network errors; a 200 without the success code is not about load.
-    return result.status_code is None or result.status_code >= 500
+class RetryBudget:
+    """The retries a batch may still grant (shared by its threads); `taken` are counted in the
+    window when the batch's permits are given back."""
+
+    def __init__(self, allowed: int) -> None:
+        self._left = allowed
+        self.taken = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._left <= 0:
+                return False
+            self._left -= 1
+            self.taken += 1
+            return True
 
 
 @dataclass(frozen=True)
@@ -119,13 +150,12 @@ class Slots:
 @dataclass
 class _State:
     tat: float = 0.0
-    speed: float = 1.0
-    paused_until: float = 0.0
     held: int = 0
     holders: dict[str, tuple[int, float]] | None = None
+    control: Control = field(default_factory=Control)
+    version: int = 0
     run: int = 0
-    level: int = 0
-    raised_at: float = 0.0
+    window: Window = field(default_factory=lambda: Window({}))
 
     @classmethod
     def of(cls, item: dict[str, Any]) -> _State:
@@ -137,15 +167,37 @@ class _State:
             key: (int(value["M"]["n"]["N"]), float(value["M"]["u"]["N"]))
             for key, value in item.get("holders", {}).get("M", {}).items()
         }
-        return cls(
-            tat=number("tat"),
+        counts: dict[int, dict[str, float]] = {}
+        for name, value in item.items():
+            match = _COUNTER.match(name)
+            if match and "N" in value:
+                bucket = counts.setdefault(int(match[2]), {})
+                bucket[_COUNTERS[match[1]]] = float(value["N"])
+        buckets = {
+            number_: Tally(
+                requests=int(c.get("requests", 0)),
+                accepts=int(c.get("accepts", 0)),
+                overloads=int(c.get("overloads", 0)),
+                retries=int(c.get("retries", 0)),
+                latency=c.get("latency", 0.0),
+            )
+            for number_, c in counts.items()
+        }
+        control = Control(
             speed=number("speed", 1.0),
             paused_until=number("paused_until"),
+            probing=bool(number("probing")),
+            cut_at=number("cut_at"),
+            raised_at=number("raised_at"),
+        )
+        return cls(
+            tat=number("tat"),
             held=int(number("held")),
             holders=holders,
+            control=control,
+            version=int(number("ver")),
             run=int(number("run")),
-            level=int(number("level")),
-            raised_at=number("raised_at"),
+            window=Window(buckets),
         )
 
 
@@ -184,14 +236,15 @@ class GatewayThrottle:
         state, fresh = (self._known, False) if self._known else (self._read(), True)
         for _ in range(_ATTEMPTS):
             now = self._now()
-            if state.paused_until > now:
-                return Admission.none(state.paused_until - now)
-            interval = 1.0 / (self._rate * state.speed)
+            control = state.control
+            if control.paused_until > now:
+                return Admission.none(control.paused_until - now)
+            interval = control.interval(self._rate)
             horizon = max(HORIZON_SECONDS, interval)
             base = max(state.tat, now)
             room = math.floor((now + horizon - base) / interval + 1e-9)
             if room <= 0:
-                return Admission.none(base - now - horizon + interval)
+                return Admission.none(self._later(control, base - now - horizon + interval))
             free = self._concurrency - state.held
             if free <= 0 and (not fresh or self._reclaim(state, now)):
                 # What this sender knew may be stale, or leases just came back: look again.
@@ -199,9 +252,8 @@ class GatewayThrottle:
                 continue
             if free <= 0:
                 return Admission.none(1.0)
-            # Just after a slow-down, one probe call per sender until one gets through: a gateway
-            # that is still down costs one attempt per sender, not one per job.
-            count = min(wanted, room, 1 if state.level else wanted)
+            # While the gateway seems down, one probe call per batch (and one a second in all).
+            count = min(room, control.batch_limit(wanted))
             permits = min(count, free)
             holder = uuid.uuid4().hex[:12]  # short: the item holds one per sender
             new = self._reserve(state, now, count, interval, permits, holder)
@@ -209,100 +261,152 @@ class GatewayThrottle:
                 state, fresh = self._read(), True
                 continue
             start = new.tat - count * interval
-            return Admission(count, start, interval, permits, interval, holder)
+            later = self._later(control, interval)
+            return Admission(count, start, interval, permits, later, holder)
         return Admission.none(0.5)
+
+    @staticmethod
+    def _later(control: Control, wait: float) -> float:
+        """How long calls that got no slot wait: while probing, long enough that a backlog does
+        not bounce through SQS every second (and still comes back soon after a recovery)."""
+        return max(wait, PROBING_REQUEUE_SECONDS) if control.probing else wait
 
     def paused_for(self) -> float:
         """Seconds left of a back-pressure pause as this sender last saw the item (no request)."""
         state = self._known
-        return max(0.0, state.paused_until - self._now()) if state else 0.0
+        return max(0.0, state.control.paused_until - self._now()) if state else 0.0
 
-    def release(self, admission: Admission) -> None:
-        """Give back the permits of an admission whose calls are over."""
-        if admission.holder is None:
+    def retry_budget(self) -> RetryBudget:
+        """The retries the window allows now, as this sender last saw it (no request)."""
+        state = self._known or self._read()
+        return RetryBudget(state.window.retry_budget(self._now()))
+
+    def release(
+        self,
+        admission: Admission,
+        answers: Sequence[GatewayResult] = (),
+        retries: int = 0,
+    ) -> None:
+        """Give back the permits of an admission whose calls are over, count its `answers` (and
+        the `retries` granted for them) in the window, and adjust the shared speed to them."""
+        now = self._now()
+        verdicts = [classify(answer, now) for answer in answers]
+        latencies = [answer.latency_seconds for answer in answers]
+        tally = replace(Tally.of(verdicts, latencies), retries=retries)
+        state = self._count(admission, tally, now)
+        if not verdicts:
             return
-        # None: its lease ended and another sender took the permits back already.
-        self._try_update(
-            UpdateExpression="REMOVE holders.#h SET held = held - :k",
-            ConditionExpression="attribute_exists(holders.#h)",
-            ExpressionAttributeNames={"#h": admission.holder},
-            ExpressionAttributeValues={":k": {"N": str(admission.permits)}},
-        )
+        try:
+            self._adjust(state, verdicts, latencies)
+        except Exception:  # the answers are counted; the next batch's decision sees them
+            logger.warning("could not adjust the gateway's sending speed", exc_info=True)
 
     # ---------------------------------------------------------------- back-pressure
 
-    def report(self, results: Sequence[GatewayResult]) -> None:
-        """Adjust the shared speed to what the gateway answered one batch."""
-        if not results:
-            return
-        limited = any(r.status_code == 429 for r in results)
-        pressure = sum(is_pressure(r) for r in results)
-        working = len(results) - pressure
-        state = self._known or self._read()
-        if limited or (pressure and not working):
-            run = self._add_run(pressure)
-            if limited or run >= (PROBE_RUN if state.level else PRESSURE_RUN):
-                self._slow_down(state, "rate limited" if limited else f"{run} failures in a row")
-        elif working and (state.run or state.speed < 1.0 or state.level):
-            self._speed_up(state)
+    def _count(self, admission: Admission, tally: Tally, now: float) -> _State | None:
+        """One write: the permits back (if held) and the batch's counts in the window."""
+        bucket = bucket_of(now)
+        names: dict[str, str] = {}
+        values: dict[str, Any] = {}
+        adds, sets = [], []
+        for short, name in _COUNTERS.items():
+            amount = getattr(tally, name)
+            if amount:
+                names[f"#{short}"] = f"{short}_{bucket}"
+                values[f":{short}"] = _n(amount) if short == "l" else {"N": str(int(amount))}
+                adds.append(f"#{short} :{short}")
+        if tally.requests:
+            # Calls in a row with none accepted, across senders: an outage when long.
+            names["#run"] = "run"
+            if tally.accepts:
+                sets.append("#run = :zero")
+                values[":zero"] = {"N": "0"}
+            else:
+                adds.append("#run :failed")
+                values[":failed"] = {"N": str(tally.requests)}
+        if not adds and admission.holder is None:
+            return None
+        known = self._known
+        removes = []
+        for number in known.window.expired(now) if known else []:
+            for short in _COUNTERS:
+                names[f"#x{len(removes)}"] = f"{short}_{number}"
+                removes.append(f"#x{len(removes)}")
 
-    def _add_run(self, pressure: int) -> int:
+        def expression(extra_removes: list[str], extra_sets: list[str]) -> str:
+            clauses = [
+                ("ADD", adds),
+                ("REMOVE", extra_removes + removes),
+                ("SET", extra_sets + sets),
+            ]
+            return " ".join(f"{verb} {', '.join(parts)}" for verb, parts in clauses if parts)
+
+        if admission.holder is not None:
+            released = self._try_update(
+                UpdateExpression=expression(["holders.#h"], ["held = held - :k"]),
+                # Else its lease ended and another sender took the permits back already.
+                ConditionExpression="attribute_exists(holders.#h)",
+                ExpressionAttributeNames={**names, "#h": admission.holder},
+                ExpressionAttributeValues={**values, ":k": {"N": str(admission.permits)}},
+            )
+            if released is not None or not adds:
+                return released
         return self._update(
-            UpdateExpression="ADD #run :n",
-            ExpressionAttributeNames={"#run": "run"},
-            ExpressionAttributeValues={":n": {"N": str(pressure)}},
-        ).run
-
-    def _slow_down(self, state: _State, why: str) -> None:
-        now = self._now()
-        pause = min(self._max_pause, self._pause * 2**state.level)
-        speed = max(MIN_SPEED, state.speed / 2)
-        slowed = self._try_update(
-            UpdateExpression=(
-                "SET speed = :speed, paused_until = :until, #run = :zero, #level = #level + :one"
-            ),
-            # One slow-down per episode, whichever sender sees it first.
-            ConditionExpression="paused_until <= :now",
-            ExpressionAttributeNames={"#run": "run", "#level": "level"},
-            ExpressionAttributeValues={
-                ":speed": _n(speed),
-                ":until": _n(now + pause),
-                ":zero": {"N": "0"},
-                ":one": {"N": "1"},
-                ":now": _n(now),
-            },
-        )
-        if slowed is None:
-            self._read()
-            return
-        logger.warning(
-            "gateway under pressure (%s): sending paused and slowed down",
-            why,
-            extra={
-                "pause_seconds": round(pause, 1),
-                "rate_per_second": round(self._rate * speed, 2),
-            },
+            UpdateExpression=expression([], []),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
         )
 
-    def _speed_up(self, state: _State) -> None:
-        now = self._now()
-        if now - state.raised_at < RAISE_SPACING_SECONDS and state.run == 0:
-            return
-        speed = min(1.0, state.speed + SPEED_STEP)
-        raised = self._try_update(
-            UpdateExpression="SET speed = :speed, raised_at = :now, #run = :zero, #level = :zero",
-            ConditionExpression="speed = :old AND raised_at <= :spaced",
-            ExpressionAttributeNames={"#run": "run", "#level": "level"},
-            ExpressionAttributeValues={
-                ":speed": _n(speed),
-                ":old": _n(state.speed),
-                ":now": _n(now),
-                ":zero": {"N": "0"},
-                ":spaced": _n(now - RAISE_SPACING_SECONDS if state.run == 0 else now),
-            },
-        )
-        if raised is None:
-            self._read()
+    def _adjust(
+        self, state: _State | None, verdicts: list[Verdict], latencies: list[float]
+    ) -> None:
+        """Apply the controller's decision; a conditional write, only when the state changes."""
+        state = state or self._known or self._read()
+        for _ in range(2):
+            now = self._now()
+            decision = decide(
+                state.control,
+                state.window,
+                verdicts,
+                now,
+                run=state.run,
+                default_pause=self._pause,
+                max_pause=self._max_pause,
+                latencies=latencies,
+            )
+            new = decision.control
+            if new == state.control:
+                return
+            written = self._try_update(
+                UpdateExpression=(
+                    "SET speed = :speed, paused_until = :until, probing = :probing, "
+                    "cut_at = :cut, raised_at = :raised, ver = if_not_exists(ver, :zero) + :one"
+                ),
+                # One decision per state, whichever sender makes it first.
+                ConditionExpression=_same_version(state),
+                ExpressionAttributeValues={
+                    ":speed": _n(new.speed),
+                    ":until": _n(new.paused_until),
+                    ":probing": {"N": str(int(new.probing))},
+                    ":cut": _n(new.cut_at),
+                    ":raised": _n(new.raised_at),
+                    ":one": {"N": "1"},
+                    ":zero": {"N": "0"},
+                    ":ver": {"N": str(state.version)},
+                },
+            )
+            if written is not None:
+                if decision.why:
+                    logger.warning(
+                        "gateway back-pressure: %s",
+                        decision.why,
+                        extra={
+                            "pause_seconds": round(max(0.0, new.paused_until - now), 1),
+                            "rate_per_second": round(1 / new.interval(self._rate), 2),
+                        },
+                    )
+                return
+            state = self._read()
 
     # ---------------------------------------------------------------- storage
 
@@ -317,10 +421,11 @@ class GatewayThrottle:
             ":span": _n(span),
             ":k": {"N": str(permits)},
             ":max_held": {"N": str(self._concurrency - permits)},
-            ":speed": _n(state.speed),
+            ":ver": {"N": str(state.version)},
             ":lease": {"M": {"n": {"N": str(permits)}, "u": _n(now + self._lease)}},
         }
-        common = "speed = :speed AND held <= :max_held AND paused_until <= :now"  # unchanged limits
+        # Unchanged limits (an item written before the controller existed has no version).
+        common = f"{_same_version(state)} AND held <= :max_held AND paused_until <= :now"
         if state.tat >= now:
             # Busy: append to the reserved slots, if they still end where this sender saw them.
             values[":last"] = _n(now + max(HORIZON_SECONDS, interval) - span + 1e-6)
@@ -394,11 +499,13 @@ class GatewayThrottle:
                     "tat": zero,
                     "speed": {"N": "1"},
                     "paused_until": zero,
+                    "probing": zero,
+                    "cut_at": zero,
+                    "raised_at": zero,
+                    "ver": zero,
+                    "run": zero,
                     "held": zero,
                     "holders": {"M": {}},
-                    "run": zero,
-                    "level": zero,
-                    "raised_at": zero,
                 },
                 ConditionExpression="attribute_not_exists(#name)",
                 ExpressionAttributeNames={"#name": "name"},
@@ -415,6 +522,14 @@ class GatewayThrottle:
 
     def _now(self) -> float:
         return self._clock().timestamp()
+
+
+def _same_version(state: _State) -> str:
+    """The controller's state is as `state` has it (an item written before the controller
+    existed has no version: it is version 0)."""
+    if state.version == 0:
+        return "(attribute_not_exists(ver) OR ver = :ver)"
+    return "ver = :ver"
 
 
 def _conditional(exc: ClientError) -> bool:

@@ -1,0 +1,307 @@
+"""Overload or bad luck: the answer classification and the shared rate controller.
+
+Pure: no network, no emulator. A fake clock (epoch seconds) moves by hand; `Shared` keeps in
+memory what the shared DynamoDB item keeps for every sender (the window's counters and the
+controller's state) and applies each batch's answers the way the throttle does.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+
+from chalicelib.gateway import GatewayResult, Outcome
+from chalicelib.gateway import classify as read_answer
+from chalicelib.rate_control import (
+    MIN_SPEED,
+    Control,
+    Kind,
+    Tally,
+    Verdict,
+    Window,
+    classify,
+    decide,
+    parse_retry_after,
+)
+
+RATE = 50.0
+START = datetime(2026, 12, 6, 12, 0, tzinfo=UTC).timestamp()
+
+OK = GatewayResult(Outcome.SENT, "OK", 200, 0.05)
+BAD_NUMBER = GatewayResult(Outcome.REJECTED, "HTTP 400", 400, 0.05)
+SERVER_ERROR = GatewayResult(Outcome.RETRY, "HTTP 500", 500, 0.05)
+TIMEOUT = GatewayResult(Outcome.RETRY, "timeout: ReadTimeout", None, 10.0)
+REFUSED = GatewayResult(Outcome.RETRY, "network error: ConnectionError", None, 0.001)
+
+
+def too_many(retry_after: str | None = None) -> GatewayResult:
+    return GatewayResult(Outcome.RETRY, "HTTP 429", 429, 0.01, retry_after)
+
+
+class Shared:
+    """The shared item of every sender, in memory: counters by bucket and the controller."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+        self.control = Control()
+        self.window = Window({})
+        self.run = 0
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def report(self, answers: list[GatewayResult], retries: int = 0) -> Control:
+        verdicts = [classify(a, self.now) for a in answers]
+        latencies = [a.latency_seconds for a in answers]
+        tally = Tally.of(verdicts, latencies)
+        self.window = self.window.plus(self.now, Tally(retries=retries) + tally)
+        self.run = 0 if tally.accepts else self.run + tally.requests
+        self.control = decide(
+            self.control,
+            self.window,
+            verdicts,
+            self.now,
+            run=self.run,
+            default_pause=2.0,
+            max_pause=30.0,
+            latencies=latencies,
+        ).control
+        return self.control
+
+    def rate(self) -> float:
+        return 1 / self.control.interval(RATE)
+
+    def paused(self) -> bool:
+        return self.control.paused_until > self.now
+
+
+def batches_of(rng: random.Random, share_failing: float, failing: GatewayResult, size: int = 10):
+    return [failing if rng.random() < share_failing else OK for _ in range(size)]
+
+
+# ---------------------------------------------------------------- classification
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "header", "kind", "wait"),
+    [
+        (200, '{"code": 0}', None, Kind.SENT, None),
+        (400, "bad phone", None, Kind.REJECTED, None),
+        (404, "no such route", None, Kind.REJECTED, None),
+        (401, "", None, Kind.UNAUTHORIZED, None),
+        (429, "slow down", "7", Kind.OVERLOAD, 7.0),
+        (429, "slow down", None, Kind.OVERLOAD, None),
+        (503, "busy", "2", Kind.OVERLOAD, 2.0),
+        (503, "down", None, Kind.BAD_LUCK, None),
+        (500, "oops", None, Kind.BAD_LUCK, None),
+        (502, "bad gateway", None, Kind.BAD_LUCK, None),
+        (200, "<html>", None, Kind.BAD_LUCK, None),
+        (200, '{"code": 5}', None, Kind.BAD_LUCK, None),
+    ],
+)
+def test_each_gateway_answer_is_one_kind(status, body, header, kind, wait):
+    # Given an HTTP answer as the gateway client reads it, with its Retry-After header
+    answer = read_answer(status, body)
+    answer = GatewayResult(answer.outcome, answer.detail, status, 0.05, header)
+    # When it is classified, then it is sent, rejected, unauthorized, overload or bad luck
+    assert classify(answer, START) == Verdict(kind, wait)
+
+
+@pytest.mark.parametrize("answer", [TIMEOUT, REFUSED])
+def test_timeouts_and_network_errors_are_bad_luck(answer):
+    assert classify(answer, START).kind is Kind.BAD_LUCK
+
+
+def test_retry_after_is_read_as_seconds_or_as_an_http_date():
+    # Given a Retry-After as an HTTP-date 30 s from now, or as delta-seconds
+    later = format_datetime(datetime.fromtimestamp(START, UTC) + timedelta(seconds=30), True)
+    # Then both say how long to wait; a date in the past means now; garbage means nothing
+    assert parse_retry_after(later, START) == pytest.approx(30.0)
+    assert parse_retry_after("120", START) == 120.0
+    assert parse_retry_after(later, START + 60) == 0.0
+    assert parse_retry_after("soon", START) is None
+    assert parse_retry_after(None, START) is None
+
+
+# ---------------------------------------------------------------- bad luck
+
+
+def test_twenty_percent_random_server_errors_never_slow_sending():
+    # Given every sender at the full rate, and a gateway failing 20% of calls at random
+    shared, rng = Shared(), random.Random(7)
+    # When ten minutes of batches (10 calls every 0.2 s) come back
+    for _ in range(3000):
+        shared.report(batches_of(rng, 0.2, SERVER_ERROR))
+        # Then sending is never paused nor slowed
+        assert not shared.paused()
+        assert shared.rate() == pytest.approx(RATE)
+        shared.advance(0.2)
+
+
+def test_scattered_timeouts_and_a_batch_of_only_failures_do_not_slow_sending():
+    # Given a working gateway, with scattered timeouts (seconds long) and one unlucky batch
+    shared, rng = Shared(), random.Random(3)
+    for _ in range(200):
+        shared.report(batches_of(rng, 0.1, TIMEOUT))
+        shared.advance(0.2)
+    shared.report([SERVER_ERROR, TIMEOUT, SERVER_ERROR])
+    # Then the rate is left alone
+    assert shared.rate() == pytest.approx(RATE)
+    assert not shared.paused()
+
+
+# ---------------------------------------------------------------- overload
+
+
+def test_a_429_halves_the_rate_and_pauses_for_its_retry_after():
+    # Given sending at the full rate
+    shared = Shared()
+    shared.report([OK] * 10)
+    shared.advance(1)
+    # When the gateway answers one call with 429 and Retry-After: 3
+    shared.report([OK, too_many("3"), OK])
+    # Then every sender waits 3 s, then sends at half the rate
+    assert shared.control.paused_until == pytest.approx(shared.now + 3)
+    assert shared.rate() == pytest.approx(RATE / 2)
+
+
+def test_a_batch_of_429s_cuts_once_not_once_per_answer():
+    shared = Shared()
+    shared.report([OK] * 10)
+    shared.report([too_many("1")] * 5)
+    # Another sender's 429s of the same moment: the same episode
+    shared.report([OK, too_many("1")])
+    assert shared.rate() == pytest.approx(RATE / 2)
+
+
+def test_a_429_without_retry_after_pauses_for_the_default_and_a_huge_one_is_capped():
+    shared = Shared()
+    shared.report([OK] * 10)
+    shared.report([OK, too_many()])
+    assert shared.control.paused_until == pytest.approx(shared.now + 2.0)
+    shared.advance(5)
+    shared.report([OK, too_many("86400")])
+    assert shared.control.paused_until == pytest.approx(shared.now + 30.0)
+
+
+def test_an_accept_ratio_below_half_cuts_the_rate():
+    # Given a gateway that fails 70% of the calls (still answering some)
+    shared, rng = Shared(), random.Random(5)
+    # When a few seconds of batches come back
+    for _ in range(20):
+        shared.report(batches_of(rng, 0.7, SERVER_ERROR))
+        shared.advance(0.5)
+    # Then the rate was cut, repeatedly (at most once a second)
+    assert shared.rate() < RATE / 4
+    assert shared.control.speed >= MIN_SPEED
+
+
+def test_latency_far_above_its_baseline_is_overload_but_a_timeout_is_not():
+    # Given a minute of answers in 50 ms
+    shared = Shared()
+    for _ in range(60):
+        shared.report([OK] * 5)
+        shared.advance(1)
+    # When a batch times out, the rate is left alone
+    shared.report([TIMEOUT] * 2 + [OK] * 3)
+    assert shared.rate() == pytest.approx(RATE)
+    # When most of a batch succeeds but takes 3 s each, the rate is cut
+    shared.advance(1)
+    slow = GatewayResult(Outcome.SENT, "OK", 200, 3.0)
+    shared.report([slow] * 4 + [OK])
+    assert shared.rate() == pytest.approx(RATE / 2)
+
+
+# ---------------------------------------------------------------- outage and recovery
+
+
+def test_an_outage_is_probed_about_once_a_second_until_a_success():
+    # Given a gateway that refuses every connection
+    shared = Shared()
+    shared.report([OK] * 10)
+    calls, tat = 0, shared.now
+    # When senders keep asking for slots for a minute (as the throttle hands them out)
+    for _ in range(600):
+        if not shared.paused() and shared.now >= tat:
+            batch = [REFUSED] * shared.control.batch_limit(10)
+            calls += len(batch)
+            tat = shared.now + len(batch) * shared.control.interval(RATE)
+            shared.report(batch)
+        shared.advance(0.1)
+    # Then after the first few calls, the gateway gets one call a second at most
+    assert shared.control.probing
+    assert calls <= 60 + 20
+
+
+def test_failed_probes_leave_the_shared_state_as_it_is():
+    # Given probing after an outage
+    shared = Shared()
+    shared.report([REFUSED] * 25)
+    probing = shared.control
+    assert probing.probing
+    # When more probes fail, a second apart, then the state is unchanged (no write needed)
+    for _ in range(5):
+        shared.advance(1)
+        assert shared.report([REFUSED]) == probing
+
+
+def test_sending_is_back_at_90_percent_of_the_rate_within_10_s_of_recovery():
+    # Given probing after an outage
+    shared = Shared()
+    for _ in range(3):
+        shared.report([REFUSED] * 10)
+        shared.advance(1)
+    assert shared.control.probing
+    # When the probe gets through and the batches after it too (one every 0.2 s)
+    recovered = shared.now
+    shared.report([OK])
+    seconds = None
+    while shared.now - recovered < 15:
+        shared.advance(0.2)
+        shared.report([OK] * 10)
+        if shared.rate() >= 0.9 * RATE:
+            seconds = shared.now - recovered
+            break
+    # Then the rate climbs back within 10 s, but not at once (no thundering herd)
+    assert seconds is not None
+    assert 2 <= seconds <= 10
+
+
+def test_sending_climbs_back_after_429s_stop():
+    shared = Shared()
+    shared.report([OK] * 10)
+    for _ in range(3):
+        shared.report([OK, too_many("1")])
+        shared.advance(1.5)
+    assert shared.rate() == pytest.approx(RATE / 8)
+    start = shared.now
+    while shared.rate() < 0.9 * RATE:
+        shared.report([OK] * 10)
+        shared.advance(0.5)
+        assert shared.now - start <= 10
+
+
+# ---------------------------------------------------------------- retry budget
+
+
+def test_the_retry_budget_keeps_retries_to_about_a_fifth_of_the_calls():
+    # Given a gateway failing half of the calls at random, and senders retrying what failed
+    # while the shared budget allows
+    shared, rng = Shared(), random.Random(11)
+    calls = retries = 0
+    for _ in range(1200):  # four minutes of batches, every 0.2 s
+        batch = batches_of(rng, 0.5, SERVER_ERROR)
+        allowed = shared.window.retry_budget(shared.now)
+        granted = min(allowed, sum(a is SERVER_ERROR for a in batch))
+        calls, retries = calls + len(batch), retries + granted
+        shared.report(batch, retries=granted)
+        shared.advance(0.2)
+    # Then retries stayed near 20% of the calls, not one per failure (50%)
+    assert 0.15 * calls <= retries <= 0.22 * calls
+
+
+def test_a_quiet_window_still_allows_a_few_retries():
+    assert Window({}).retry_budget(START) == 10
