@@ -88,6 +88,7 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "messages": {PUT, UPDATE},
         "messages/index/by_status": {QUERY},
         **AUDIENCE_INDEXES,
+        "clients": {BATCH_GET},  # the reconciler's page of clients (time zones)
         "sequences": {UPDATE},
     },
     # Scheduler.advance: the same for one mailing, read by key instead of from the due index.
@@ -96,6 +97,7 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "messages": {PUT, UPDATE},
         "messages/index/by_status": {QUERY},
         **AUDIENCE_INDEXES,
+        "clients": {BATCH_GET},  # the reconciler's page of clients (time zones)
         "sequences": {UPDATE},
     },
     # Sender.deliver: one read of the batch's mailing, messages and clients; claims, outcomes

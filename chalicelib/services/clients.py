@@ -144,20 +144,6 @@ class ClientDirectory:
             retry(page)
         return items
 
-    def timezones(self, client_ids: list[str]) -> dict[str, str]:
-        """The time zone of each of these clients that exists, read through the by_shard index
-        (it projects every attribute): the scheduler reads clients only through indexes."""
-        Client = self._models.Client
-        zones = {}
-        for client_id in dict.fromkeys(client_ids):
-            if not looks_like_id(client_id):
-                continue
-            for item in Client.by_shard.query(
-                _shard_of(client_id), Client.client_id == client_id, limit=1
-            ):
-                zones[item.client_id] = item.timezone
-        return zones
-
     def list(
         self,
         *,

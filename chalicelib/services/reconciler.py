@@ -178,7 +178,8 @@ class Reconciler:
         if item.window_start is None or item.window_end is None:
             return page
         window = SendWindow.from_minutes(int(item.window_start), int(item.window_end))
-        zones = self._clients.timezones([client_id for client_id, _ in page])
+        found, _ = self._clients.find_many([client_id for client_id, _ in page])
+        zones = {client_id: client.timezone for client_id, client in found.items()}
         kept = []
         for client_id, message_id in page:
             try:
