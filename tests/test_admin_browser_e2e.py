@@ -118,9 +118,18 @@ def sign_in(page: Any, stack: Stack, route: str = "") -> None:
     expect(page.get_by_role("button", name="Sign out")).to_be_visible()
 
 
+def open_new_client_form(page: Any) -> None:
+    page.get_by_role("link", name="New client").click()
+    # Views still loading (the list, the page signed in to) may render once more when their
+    # requests return; fill the form only once nothing is in flight, so it is not re-rendered
+    # half-filled.
+    expect(page).to_have_url(re.compile(r"#/clients/new$"))
+    page.wait_for_load_state("networkidle")
+
+
 def add_client(page: Any, phone: str, tag: str, *, operator_code: str = "") -> None:
     page.get_by_role("link", name="Clients", exact=True).click()
-    page.get_by_role("link", name="New client").click()
+    open_new_client_form(page)
     page.get_by_label("Phone", exact=True).fill(phone)
     if operator_code:
         page.get_by_label("Operator code", exact=True).fill(operator_code)
@@ -349,7 +358,7 @@ def test_client_forms_show_the_apis_errors_next_to_their_fields(page: Any, stack
     sign_in(page, stack)
     add_client(page, phone, "dupe")
     # When a second client with the same phone is submitted
-    page.get_by_role("link", name="New client").click()
+    open_new_client_form(page)
     page.get_by_label("Phone", exact=True).fill(phone)
     page.get_by_label("Timezone", exact=True).fill("Mars/Olympus")
     page.get_by_role("button", name="Create client").click()
