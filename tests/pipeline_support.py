@@ -107,8 +107,11 @@ def pipeline_settings(gateway_url: str, **overrides: Any) -> Any:
         fanout_queue_url=FANOUT_URL,
         sender_api_url=gateway_url,
         gateway_connect_timeout=0.5,
-        gateway_read_timeout=0.5,
-        claim_seconds=5,
+        # Long enough that a loaded machine's slow thread never turns an accepted send into a
+        # timeout (its retry would be a second send, the window README "Exactly once" names);
+        # tests of slow answers set a shorter one.
+        gateway_read_timeout=2.0,
+        claim_seconds=10,  # room for a claim, a 1 s rate slot, a call and its outcome
         sender_concurrency=4,
     )
     return Settings(**{**defaults, **overrides})

@@ -529,10 +529,14 @@
       location.hash = "#/mailings";
       return;
     }
+    const shown = state.view;
     for (const [pattern, view] of ROUTES) {
       const match = path.match(pattern);
       if (match) {
-        view(match, query).catch(showLoadError);
+        // A view the operator has left must not cover the page now shown with its error.
+        view(match, query).catch((err) => {
+          if (current(shown)) showLoadError(err);
+        });
         return;
       }
     }
@@ -1237,7 +1241,6 @@
       signOut(null);
       flash("Signed out.");
     });
-    window.addEventListener("hashchange", route);
     try {
       const response = await fetch(apiUrl("admin/config.json"), { headers: { Accept: "application/json" } });
       if (response.ok) state.config = await response.json();
@@ -1248,6 +1251,9 @@
     if (params.has("state") && (params.has("code") || params.has("error"))) {
       await finishSingleSignOn(params);
     }
+    // Listening only now: a hash change while booting is shown once, by this first route,
+    // not a second time (a form rendered again loses what the operator has typed).
+    window.addEventListener("hashchange", route);
     route();
   }
 
