@@ -160,6 +160,7 @@ class Services:
     queues: Queues
     scheduler: Scheduler
     sender: Sender
+    throttle: GatewayThrottle
     metrics: MetricsWriter
     reports: ReportService
     verifier: Verifier
@@ -199,6 +200,8 @@ class Services:
             models, clock, queues, messages, settings.jobs_per_message, retry=writes
         )
         metrics = MetricsWriter(settings, write_metrics)
+        # The senders' shared limits; the API reads their state for operators (GET /gateway).
+        throttle = GatewayThrottle(_LazyClient("dynamodb", settings), settings, clock)
         for token in settings.api_tokens:
             logs.add_secret(token)
         return cls(
@@ -236,10 +239,11 @@ class Services:
                 settings,
                 clock,
                 rng,
-                throttle=GatewayThrottle(_LazyClient("dynamodb", settings), settings, clock),
+                throttle=throttle,
                 wait_until=wait_until,
                 metrics=metrics,
             ),
+            throttle=throttle,
             metrics=metrics,
             reports=ReportService(mailings, settings, clock, ses or _LazyClient("ses", settings)),
             # The authorizer reads the tokens' secret (if any) at its first request, not here.

@@ -20,6 +20,7 @@ from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
 from chalicelib.gateway import GatewayResult, Outcome
 from chalicelib.logs import SERVICE
+from chalicelib.rate_control import GatewayState, GatewayStatus
 from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,12 @@ METRICS: dict[str, tuple[MetricUnit, str]] = {
     "GatewayErrors": (MetricUnit.Count, "gateway calls that were not a success"),
     "GatewayLatency": (MetricUnit.Milliseconds, "time of one gateway call, per call"),
     "DlqArrivals": (MetricUnit.Count, "send jobs moved to the dead-letter queue"),
+    # The gateway's back-pressure state as a sender saw it after a batch (gauges: zeros kept).
+    "GatewayRate": (MetricUnit.CountPerSecond, "gateway calls a second allowed now"),
+    "GatewaySpeed": (MetricUnit.Percent, "share of the configured rate allowed once not paused"),
+    "GatewayPaused": (MetricUnit.Count, "1 while senders wait for the gateway's Retry-After"),
+    "GatewayProbing": (MetricUnit.Count, "1 while a gateway that seems down is probed"),
+    "GatewayAcceptRatio": (MetricUnit.Percent, "share of the window's gateway calls accepted"),
     "MessagesRequeued": (
         MetricUnit.Count,
         "pending messages whose job was lost, queued again by the reconciler",
@@ -92,20 +99,26 @@ class MetricsWriter:
         *,
         properties: dict[str, Any] | None = None,
         dimensions: dict[str, str] | None = None,
+        gauges: bool = False,
     ) -> None:
         """One blob: every metric in `values` (an iterable gives one value each), zeros left
-        out; nothing is written when nothing is left. Never raises."""
+        out unless they are `gauges` (a state, where 0 says something); nothing is written when
+        nothing is left. Never raises."""
         if not self._enabled:
             return
         try:
-            blob = self._blob(values, properties or {}, dimensions or {})
+            blob = self._blob(values, properties or {}, dimensions or {}, gauges)
             if blob is not None:
                 self._write(json.dumps(blob, separators=(",", ":"), default=str))
         except Exception:  # metrics must never cost a message
             logger.warning("could not write metrics", exc_info=True)
 
     def _blob(
-        self, values: dict[str, float | Iterable[float]], properties: dict, dimensions: dict
+        self,
+        values: dict[str, float | Iterable[float]],
+        properties: dict,
+        dimensions: dict,
+        gauges: bool = False,
     ) -> dict | None:
         metrics = EphemeralMetrics(namespace=self._namespace, service=SERVICE)
         metrics.add_dimension(name="stack", value=self._stack)
@@ -115,7 +128,7 @@ class MetricsWriter:
         for name, value in values.items():
             unit = METRICS[name][0]
             for one in [value] if isinstance(value, int | float) else list(value):
-                if one:
+                if one or gauges:
                     metrics.add_metric(name=name, unit=unit, value=one)
                     added = True
         if not added:
@@ -151,6 +164,18 @@ class MetricsWriter:
                 properties={"mailing_id": mailing_id},
                 dimensions={"error_class": cls},
             )
+
+    def gateway(self, mailing_id: str, status: GatewayStatus) -> None:
+        """The gateway's back-pressure state as a send batch (of this mailing) left it."""
+        values: dict[str, float | Iterable[float]] = {
+            "GatewayRate": round(status.current_rate, 3),
+            "GatewaySpeed": round(status.speed * 100, 1),
+            "GatewayPaused": int(status.pause_left > 0),
+            "GatewayProbing": int(status.state is GatewayState.PROBING),
+        }
+        if status.accept_ratio is not None:
+            values["GatewayAcceptRatio"] = round(status.accept_ratio * 100, 1)
+        self.emit(values, properties={"mailing_id": mailing_id}, gauges=True)
 
     def fanout(self, mailing_id: str, created: int, seconds: float) -> None:
         """One fan-out run of a mailing: messages created and queued, and how fast."""

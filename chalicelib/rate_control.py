@@ -11,6 +11,9 @@ time passed in as epoch seconds).
 - `decide` turns a batch's answers and the window into the next `Control` state: overload cuts
   the speed by half and pauses for `Retry-After`; bad luck changes nothing; an outage probes at
   one call a second; good answers raise the speed by half per second back to the configured rate.
+- `GatewayStatus` says the same to an operator: the rate now against the configured one, normal /
+  slowed / paused / probing, the accept ratio and answer mix over the window, and whether the
+  gateway is degraded (/gateway, /metrics, EMF, the admin UI's gateway panel).
 """
 
 from __future__ import annotations
@@ -293,3 +296,104 @@ def _slow(
         return False
     threshold = max(LATENCY_FLOOR_SECONDS, LATENCY_FACTOR * mean)
     return sum(t > threshold for t in answered) * 2 > len(answered)
+
+
+# ---------------------------------------------------------------- what operators see
+
+# Below this accept ratio (over at least RATIO_MIN_CALLS calls) the gateway counts as degraded
+# even while sending runs at full speed: more than one call in five fails, which a healthy
+# gateway never does (the controller itself only acts below 1/K = 50%).
+DEGRADED_ACCEPT_RATIO = 0.8
+
+
+class GatewayState(StrEnum):
+    NORMAL = "normal"  # sending at the configured rate
+    SLOWED = "slowed"  # sending below it after an overload, climbing back
+    PAUSED = "paused"  # no call until the pause ends (the gateway's Retry-After)
+    PROBING = "probing"  # the gateway seems down: one call a second until one succeeds
+
+
+@dataclass(frozen=True)
+class AnswerMix:
+    """The gateway's answers to every sender over the window."""
+
+    calls: int = 0
+    accepted: int = 0
+    overload: int = 0
+    retries: int = 0  # retries granted from the budget
+
+    @property
+    def bad_luck(self) -> int:
+        """Calls that failed without being about load (5xx, malformed, timeouts, network)."""
+        return self.calls - self.accepted - self.overload
+
+
+@dataclass(frozen=True)
+class OperatorStatus:
+    """A mobile operator with a sending rate of its own."""
+
+    code: str
+    configured_rate: float
+
+
+@dataclass(frozen=True)
+class GatewayStatus:
+    """Why sending is as fast as it is: the controller's state in an operator's terms."""
+
+    configured_rate: float  # calls a second, all senders together (GATEWAY_RATE_PER_SECOND)
+    current_rate: float  # calls a second allowed now: 0 while paused, 1 while probing
+    speed: float  # share of the configured rate the controller allows once not paused
+    state: GatewayState
+    pause_left: float  # seconds until the pause ends (0: not paused)
+    accept_ratio: float | None  # accepted / calls over the window; None without calls
+    answers: AnswerMix
+    degraded: bool
+    why: str | None = None  # the last reason sending slowed down or paused
+    why_at: float | None = None  # when (epoch seconds)
+    operators: tuple[OperatorStatus, ...] = ()
+    window_seconds: int = WINDOW_SECONDS
+
+    @classmethod
+    def of(
+        cls,
+        control: Control,
+        window: Window,
+        rate: float,
+        now: float,
+        *,
+        why: str | None = None,
+        why_at: float | None = None,
+        operators: tuple[OperatorStatus, ...] = (),
+    ) -> GatewayStatus:
+        """The status of the shared controller state and window at `now`."""
+        tally = window.total(now)
+        pause_left = max(0.0, control.paused_until - now)
+        if control.probing:
+            state = GatewayState.PROBING
+        elif pause_left > 0:
+            state = GatewayState.PAUSED
+        elif control.speed < 1.0:
+            state = GatewayState.SLOWED
+        else:
+            state = GatewayState.NORMAL
+        # A pause stops every call, a probe's included (a Retry-After while probing).
+        current = 0.0 if pause_left > 0 else 1.0 / control.interval(rate)
+        ratio = tally.accepts / tally.requests if tally.requests else None
+        poor = (
+            ratio is not None
+            and tally.requests >= RATIO_MIN_CALLS
+            and ratio < DEGRADED_ACCEPT_RATIO
+        )
+        return cls(
+            configured_rate=rate,
+            current_rate=current,
+            speed=control.speed,
+            state=state,
+            pause_left=pause_left,
+            accept_ratio=ratio,
+            answers=AnswerMix(tally.requests, tally.accepts, tally.overloads, tally.retries),
+            degraded=state is not GatewayState.NORMAL or poor,
+            why=why,
+            why_at=why_at,
+            operators=operators,
+        )

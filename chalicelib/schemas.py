@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from functools import cache
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 from zoneinfo import available_timezones
 
 from pydantic import (
@@ -469,6 +469,55 @@ class DailyReportOut(_Response):
     mailings: list[ReportMailing]
     totals: MessageStats
     success_rate: float | None
+
+
+# ---------------------------------------------------------------- gateway
+
+
+class GatewayAnswers(_Response):
+    """The gateway's answers to every sender over the window."""
+
+    calls: int
+    accepted: int = Field(description="Sent, or refused for good (a bad number): it did its job")
+    overload: int = Field(description="Asked to slow down: 429, or 503 with Retry-After")
+    bad_luck: int = Field(description="Other 5xx, malformed answers, timeouts, network errors")
+    retries: int = Field(description="Retries granted from the shared retry budget")
+
+
+class GatewaySlowdown(_Response):
+    reason: str = Field(description="Why sending last slowed down, paused or started probing")
+    at: datetime
+
+
+class GatewayOperator(_Response):
+    code: str = Field(description="Mobile operator code")
+    configured_rate: float = Field(description="Calls a second allowed to this operator")
+
+
+class GatewayStatusOut(_Response):
+    """Why sending is as fast as it is: the shared back-pressure state of every sender."""
+
+    state: Literal["normal", "slowed", "paused", "probing"] = Field(
+        description="normal: the configured rate; slowed: below it after an overload, climbing "
+        "back; paused: no call until the gateway's Retry-After; probing: the gateway seems "
+        "down, one call a second until one succeeds"
+    )
+    degraded: bool = Field(
+        description="Not normal, or fewer than 80% of the window's calls accepted (of 20 or more)"
+    )
+    configured_rate: float = Field(description="GATEWAY_RATE_PER_SECOND, all senders together")
+    current_rate: float = Field(description="Calls a second allowed now (0 while paused)")
+    speed: float = Field(description="Share of the configured rate allowed once not paused")
+    pause_seconds: float = Field(description="Seconds until the pause ends (0: not paused)")
+    accept_ratio: float | None = Field(
+        description="Accepted calls / calls over the window; null without calls"
+    )
+    window_seconds: int = Field(description="How far back the answers are counted")
+    answers: GatewayAnswers
+    last_slowdown: GatewaySlowdown | None
+    operators: list[GatewayOperator] = Field(
+        description="Operators with a rate of their own (GATEWAY_RATE_PER_OPERATOR)"
+    )
 
 
 # ---------------------------------------------------------------- admin UI

@@ -477,6 +477,88 @@ def test_at_phone_width_every_page_fits_the_screen(page: Any, stack: Stack) -> N
     shot(page, "11-clients-narrow")
 
 
+# ---------------------------------------------------------------- the gateway panel
+# Last of this stack's tests: the overloaded gateway's state outlives the test (the window is
+# two minutes), so the healthy one comes first and nothing runs on this stack after it.
+
+
+def gateway_panel(page: Any) -> Any:
+    return page.get_by_role("region", name="Gateway")
+
+
+def gateway_answer(page: Any) -> Any:
+    """Waits for the page's next GET /gateway: a panel absent after it is absent for good."""
+    return page.expect_response(lambda r: urlsplit(r.url).path.endswith("/gateway") and r.ok)
+
+
+def add_clients_by_api(stack: Stack, tag: str, count: int) -> None:
+    for _ in range(count):
+        created = requests.post(
+            f"{stack.url}/clients",
+            json={"phone": unique_phone(), "tag": tag},
+            headers=stack.auth,
+            timeout=10,
+        )
+        assert created.status_code == 201, created.text
+
+
+def test_with_a_healthy_gateway_the_mailings_list_shows_no_gateway_panel(
+    page: Any, stack: Stack
+) -> None:
+    # Given a gateway that accepts every call, and a mailing sent through it
+    tag = f"ui-healthy-{uuid.uuid4().hex[:6]}"
+    add_clients_by_api(stack, tag, 2)
+    sign_in(page, stack)
+    fill_mailing(page, "All is well", tags=tag)
+    page.get_by_role("button", name="Create mailing").click()
+    # Then its statistics page says the gateway is healthy, at its configured rate
+    expect(gateway_panel(page)).to_contain_text("Gateway healthy: sending at up to")
+    expect(status_badge(page)).to_have_text("finished", timeout=FINISH_TIMEOUT_MS)
+    # When the operator opens the mailings list and the gateway's state has been read
+    with gateway_answer(page):
+        page.get_by_role("link", name="Mailings", exact=True).click()
+    expect(page.locator("#mailings-table tbody tr").first).to_be_visible()
+    # Then the list shows no gateway panel
+    expect(gateway_panel(page)).to_have_count(0)
+    expect(page.get_by_role("heading", name="Gateway")).to_have_count(0)
+
+
+def test_while_the_gateway_answers_429_the_gateway_panel_says_it_is_overloaded(
+    page: Any, stack: Stack
+) -> None:
+    tag = f"ui-busy-{uuid.uuid4().hex[:6]}"
+    add_clients_by_api(stack, tag, 5)
+    profile_url = f"{stack.sandbox_url}/_sandbox/profile"
+    healthy = requests.get(profile_url, timeout=5).json()["profile"]
+    # Given a sandbox gateway that answers every call 429 (Retry-After: 2)
+    busy = requests.post(
+        profile_url, json={**healthy, "rate_limit_rate": 1.0, "retry_after_seconds": 2}, timeout=5
+    )
+    assert busy.status_code == 200, busy.text
+    try:
+        # When a mailing to five clients starts sending
+        sign_in(page, stack)
+        fill_mailing(page, "Busy gateway", tags=tag)
+        expect(page.locator("#audience-count")).to_have_text("5 clients match this filter")
+        page.get_by_role("button", name="Create mailing").click()
+        expect(page.get_by_text("Mailing created.")).to_be_visible()
+        # Then its statistics page shows the gateway overloaded, asking to slow down, and
+        # nothing sent
+        panel = gateway_panel(page)
+        expect(panel).to_contain_text("Gateway overloaded", timeout=30_000)
+        expect(panel).to_contain_text("asked to slow down")
+        expect(count(page, "sent")).to_have_text("0")
+        page.evaluate("document.querySelectorAll('#flash button').forEach((b) => b.click())")
+        shot(page, "13-gateway-overloaded")
+        # And the mailings list shows the same panel above the list
+        page.get_by_role("link", name="Mailings", exact=True).click()
+        expect(gateway_panel(page)).to_contain_text("Gateway overloaded")
+        expect(gateway_panel(page)).to_contain_text(re.compile(r"Accepted: \d+% of \d+ calls"))
+        shot(page, "14-mailings-gateway-overloaded", full_page=False)
+    finally:
+        requests.post(profile_url, json=healthy, timeout=5)
+
+
 # ---------------------------------------------------------------- single sign-on
 
 CLIENT_ID = "sms-admin-ui"

@@ -80,6 +80,7 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         # CSV imports: the job and its invalid rows (a put per page), reads, the listing.
         "imports": {PUT, UPDATE, QUERY, BATCH_GET},
         "imports/index/by_created": {QUERY},
+        "sequences": {GET},  # GET /gateway and GET /metrics: the senders' shared gateway item
     },
     # Scheduler.tick: due mailings, leases, fan-out pages, sweeps, finish.
     "SchedulerTick": {
@@ -1997,6 +1998,7 @@ def test_every_route_of_the_api_needs_only_what_its_role_allows(
         request(client, "GET", f"/mailings/{failed_mailing}/timeline")
         request(client, "GET", "/stats")
         request(client, "GET", "/metrics")
+        request(client, "GET", "/gateway")
         request(client, "POST", "/reports/daily")
         request(client, "POST", "/mailings/preview", {"filter": {"tags": ["new"]}})
         request(client, "POST", f"{mailing_path}/pause")

@@ -406,6 +406,56 @@ def test_emf_output_parses_and_names_only_documented_metrics(api, pipeline, cloc
     assert set(by_class) <= set(ERROR_CLASSES)
 
 
+def gateway_gauges(emf: list[str]) -> list[dict[str, float]]:
+    """The gateway's state as each send batch left it, in the order written."""
+    return [
+        {name: values[0] for name, values in b["values"].items()}
+        for b in parse_emf(emf)
+        if "GatewayPaused" in b["values"]
+    ]
+
+
+def test_after_each_batch_the_sender_writes_the_gateways_state_zeros_included(
+    api, pipeline, clock, gateway, emf
+):
+    # Given / When: one message through a 503 (bad luck) and then sent
+    run_one_message_through_a_failure(api, pipeline, clock, gateway)
+    # Then every batch wrote the gateway's state: full rate, neither paused nor probing
+    states = gateway_gauges(emf)
+    assert len(states) == 2
+    for state in states:
+        assert state["GatewayPaused"] == state["GatewayProbing"] == 0
+        assert state["GatewaySpeed"] == 100
+        assert state["GatewayRate"] > 0
+    # And the accept ratio of the window: the first batch's call failed, the second's succeeded
+    assert [s["GatewayAcceptRatio"] for s in states] == [0, 50]
+
+
+def test_a_429_batch_writes_a_paused_gateway_at_half_speed(api, pipeline, clock, gateway, emf):
+    # Given a client, and a gateway answering every call 429 with Retry-After: 5
+    body(api.post("/clients", {"phone": "79161234567"}))
+    gateway.set_profile(FaultProfile(rate_limit_rate=1.0, retry_after_seconds=5))
+    api.post(
+        "/mailings",
+        {
+            "text": "Hi",
+            "start_at": clock().isoformat(),
+            "end_at": (clock() + timedelta(hours=1)).isoformat(),
+        },
+    )
+    # When the mailing's first batch is sent
+    pipeline.tick()
+    pipeline.kicks()
+    pipeline.send_once()
+    # Then the sender wrote what it left: paused, no call allowed, half speed, none accepted
+    [state] = gateway_gauges(emf)
+    assert state["GatewayPaused"] == 1
+    assert state["GatewayRate"] == 0
+    assert state["GatewaySpeed"] == 50
+    assert state["GatewayAcceptRatio"] == 0
+    assert state["GatewayProbing"] == 0
+
+
 @pytest.mark.parametrize("settings", [{"max_attempts": 2}], indirect=True)
 def test_a_job_given_up_counts_as_failed_and_as_a_dead_letter_queue_arrival(
     api, pipeline, clock, gateway, emf

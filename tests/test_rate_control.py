@@ -17,7 +17,11 @@ from chalicelib.gateway import GatewayResult, Outcome
 from chalicelib.gateway import classify as read_answer
 from chalicelib.rate_control import (
     MIN_SPEED,
+    WINDOW_SECONDS,
+    AnswerMix,
     Control,
+    GatewayState,
+    GatewayStatus,
     Kind,
     Tally,
     Verdict,
@@ -76,6 +80,9 @@ class Shared:
 
     def paused(self) -> bool:
         return self.control.paused_until > self.now
+
+    def status(self) -> GatewayStatus:
+        return GatewayStatus.of(self.control, self.window, RATE, self.now)
 
 
 def batches_of(rng: random.Random, share_failing: float, failing: GatewayResult, size: int = 10):
@@ -305,3 +312,103 @@ def test_the_retry_budget_keeps_retries_to_about_a_fifth_of_the_calls():
 
 def test_a_quiet_window_still_allows_a_few_retries():
     assert Window({}).retry_budget(START) == 10
+
+
+# ---------------------------------------------------------------- what operators see
+
+
+def test_a_healthy_gateway_is_normal_at_the_configured_rate():
+    # Given a gateway that accepts every call
+    shared = Shared()
+    for _ in range(10):
+        shared.report([OK] * 10)
+        shared.advance(0.2)
+    # Then the operator sees it normal, at full rate, every call accepted, nothing degraded
+    status = shared.status()
+    assert status.state is GatewayState.NORMAL
+    assert status.current_rate == status.configured_rate == RATE
+    assert status.accept_ratio == 1.0
+    assert status.answers == AnswerMix(calls=100, accepted=100, overload=0, retries=0)
+    assert not status.degraded
+
+
+def test_no_calls_yet_is_normal_with_no_accept_ratio():
+    status = Shared().status()
+    assert status.state is GatewayState.NORMAL
+    assert status.accept_ratio is None
+    assert status.answers.calls == 0
+    assert not status.degraded
+
+
+def test_a_429_shows_paused_then_slowed_with_the_rate_it_resumes_at():
+    # Given a gateway that answers 429 with Retry-After 4 to a batch
+    shared = Shared()
+    shared.report([OK] * 10)
+    shared.report([too_many("4")] * 10)
+    # Then the operator sees it paused for the Retry-After, no call allowed now, half speed after
+    status = shared.status()
+    assert status.state is GatewayState.PAUSED
+    assert status.pause_left == pytest.approx(4.0)
+    assert status.current_rate == 0.0
+    assert status.speed * status.configured_rate == pytest.approx(RATE / 2)
+    assert status.answers.overload == 10
+    assert status.degraded
+    # When the pause is over, it is slowed: sending at half the rate
+    shared.advance(4.5)
+    status = shared.status()
+    assert status.state is GatewayState.SLOWED
+    assert status.pause_left == 0.0
+    assert status.current_rate == pytest.approx(RATE / 2)
+    assert status.degraded
+
+
+def test_an_outage_shows_probing_at_one_call_a_second():
+    # Given a gateway that refuses every connection, long enough to be an outage
+    shared = Shared()
+    for _ in range(3):
+        shared.report([REFUSED] * 10)
+        shared.advance(0.1)
+    # Then the operator sees it probing at one call a second, and nothing accepted
+    status = shared.status()
+    assert status.state is GatewayState.PROBING
+    assert status.current_rate == pytest.approx(1.0)
+    assert status.accept_ratio == 0.0
+    assert status.answers.bad_luck == 30
+    assert status.degraded
+
+
+def test_random_failures_that_do_not_slow_sending_still_show_a_degraded_gateway():
+    # Given a gateway failing 30% of calls at random: no overload, sending at full rate
+    shared, rng = Shared(), random.Random(5)
+    for _ in range(50):
+        shared.report(batches_of(rng, 0.3, SERVER_ERROR))
+        shared.advance(0.2)
+    status = shared.status()
+    assert status.state is GatewayState.NORMAL
+    assert status.current_rate == pytest.approx(RATE)
+    # Then the accept ratio says it is well below a healthy gateway's: degraded
+    assert 0.6 < status.accept_ratio < 0.8
+    assert status.answers.bad_luck == status.answers.calls - status.answers.accepted
+    assert status.degraded
+
+
+def test_a_few_failures_do_not_make_a_gateway_degraded():
+    # Given a healthy gateway that failed 1 call in 20
+    shared = Shared()
+    for _ in range(10):
+        shared.report([OK] * 19 + [SERVER_ERROR])
+    # Then it is not degraded; nor is one failed call out of the first few
+    assert not shared.status().degraded
+    fresh = Shared()
+    fresh.report([SERVER_ERROR, OK, OK])
+    assert not fresh.status().degraded
+
+
+def test_the_answer_mix_covers_the_window_only():
+    # Given overload answers two minutes ago and good answers since
+    shared = Shared()
+    shared.report([too_many("1")] * 10)
+    shared.advance(WINDOW_SECONDS + 10)
+    shared.report([OK] * 10)
+    # Then the mix counts only the window's calls
+    assert shared.status().answers == AnswerMix(calls=10, accepted=10, overload=0, retries=0)

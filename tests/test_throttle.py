@@ -14,7 +14,8 @@ import boto3
 import pytest
 
 from chalicelib.gateway import GatewayResult, Outcome
-from chalicelib.services.throttle import GatewayThrottle
+from chalicelib.rate_control import GatewayState
+from chalicelib.services.throttle import ITEM_NAME, GatewayThrottle
 
 OK = GatewayResult(Outcome.SENT, "OK", 200, 0.01)
 REJECTED = GatewayResult(Outcome.REJECTED, "HTTP 400", 400, 0.01)
@@ -147,6 +148,56 @@ def test_a_429_pauses_everyone_for_its_retry_after_and_halves_the_rate(make_thro
     resumed = other.admit(10)
     assert resumed.count == 10
     assert resumed.interval == pytest.approx(2 / 50)
+
+
+def test_the_status_shows_another_senders_429_pause_and_its_reason(make_throttle, clock):
+    reporter, watcher = make_throttle(), make_throttle()
+    reporter.release(reporter.admit(10), [OK] * 10)
+    # When one sender's batch meets a 429 with Retry-After: 4
+    clock.advance(seconds=1)
+    reporter.release(reporter.admit(2), [OK, rate_limited("4")])
+    # Then an operator asking any other instance sees the pause, its reason and when it came
+    status = watcher.status()
+    assert status.state is GatewayState.PAUSED
+    assert status.pause_left == pytest.approx(4.0, abs=0.01)
+    assert status.current_rate == 0.0
+    assert status.speed * status.configured_rate == pytest.approx(25.0)
+    assert status.why == "the gateway asked to slow down"
+    assert status.why_at == pytest.approx(clock().timestamp())
+    assert (status.answers.calls, status.answers.accepted, status.answers.overload) == (12, 11, 1)
+    assert status.degraded
+    # And after the pause, slowed at half the rate, the reason still shown
+    clock.advance(seconds=5)
+    later = watcher.status()
+    assert later.state is GatewayState.SLOWED
+    assert later.current_rate == pytest.approx(25.0)
+    assert later.why == "the gateway asked to slow down"
+
+
+def test_the_status_of_a_gateway_never_used_is_normal_and_writes_nothing(make_throttle, limits):
+    # Given no shared item yet (no sender has run)
+    throttle = make_throttle()
+    # When an operator asks for the status
+    status = throttle.status()
+    # Then it is normal at the configured rate, with no calls counted
+    assert status.state is GatewayState.NORMAL
+    assert status.current_rate == status.configured_rate == 50.0
+    assert status.accept_ratio is None
+    assert not status.degraded
+    # And the item was not created by asking
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    key = {"name": {"S": ITEM_NAME}}
+    assert "Item" not in client.get_item(TableName=limits.table_name("sequences"), Key=key)
+
+
+def test_a_sender_knows_the_status_it_last_saw_without_asking(make_throttle):
+    throttle = make_throttle()
+    assert throttle.known_status() is None
+    throttle.release(throttle.admit(3), [OK, OK, OK])
+    known = throttle.known_status()
+    assert known is not None
+    assert known.answers.calls == 3
+    assert known.state is GatewayState.NORMAL
 
 
 def test_scattered_server_errors_do_not_slow_sending(make_throttle, clock):

@@ -852,6 +852,7 @@
 
     mount(
       h("div", { class: "row spread" }, h("h1", {}, "Mailings"), h("a", { class: "button", href: "#/mailings/new" }, "New mailing")),
+      gatewayPanel(view, { onlyWhenDegraded: true }),
       h("section", { class: "panel", "aria-label": "Mailing list" }, results, pager),
     );
     await load();
@@ -1060,6 +1061,94 @@
     return value ?? null;
   }
 
+  // ------------------------------------------------------------------ gateway
+
+  /** A rate as an operator says it: "25/s", "0.5/s". */
+  function perSecond(rate) {
+    return `${rate >= 10 ? Math.round(rate) : Math.round(rate * 10) / 10}/s`;
+  }
+
+  function percent(ratio) {
+    return `${Math.round(ratio * 100)}%`;
+  }
+
+  /** What the gateway does to sending now, and why, in one sentence. */
+  function gatewayHeadline(g) {
+    const a = g.answers;
+    // Most failed calls were "slow down" answers (429, or 503 with Retry-After).
+    const overloaded = a.overload > 0 && a.overload * 2 >= a.calls - a.accepted;
+    const of = perSecond(g.configured_rate);
+    const why = g.last_slowdown ? ` — ${g.last_slowdown.reason}` : "";
+    if (g.state === "probing") {
+      return overloaded
+        ? `Gateway overloaded: it answers every call with "slow down"; probing at ${perSecond(g.current_rate)} of ${of} until it accepts one.`
+        : `Gateway down: probing at ${perSecond(g.current_rate)} of ${of} until a call succeeds${why}.`;
+    }
+    if (g.state === "paused") {
+      return `Gateway overloaded: sending at ${perSecond(g.configured_rate * g.speed)} of ${of}, paused ${Math.ceil(g.pause_seconds)} s${why}.`;
+    }
+    if (g.state === "slowed") {
+      return `Gateway ${overloaded ? "overloaded" : "struggling"}: sending at ${perSecond(g.current_rate)} of ${of}, climbing back${why}.`;
+    }
+    if (g.degraded) {
+      return `Gateway unreliable: only ${percent(g.accept_ratio)} of calls accepted; sending at the full ${of}, failed calls are retried.`;
+    }
+    return `Gateway healthy: sending at up to ${of}.`;
+  }
+
+  function gatewayDetails(g) {
+    const a = g.answers;
+    const minutes = Math.round(g.window_seconds / 60);
+    const count = (label, key, value) => h("div", { class: "count" }, h("dt", {}, label), h("dd", { "data-count": key }, String(value)));
+    return [
+      h("p", { class: "gateway-headline" }, gatewayHeadline(g)),
+      h("p", {}, a.calls
+        ? `Accepted: ${percent(g.accept_ratio)} of ${a.calls} ${a.calls === 1 ? "call" : "calls"} over the last ${minutes} minutes.`
+        : `No gateway calls in the last ${minutes} minutes.`),
+      a.calls ? h("dl", { class: "counts gateway-answers" },
+        count("accepted", "accepted", a.accepted),
+        count("asked to slow down", "overload", a.overload),
+        count("failed at random", "bad_luck", a.bad_luck),
+        count("retries granted", "retries", a.retries)) : null,
+      g.last_slowdown
+        ? h("p", { class: "hint" }, `Sending last slowed at ${clock.format(new Date(g.last_slowdown.at))}: ${g.last_slowdown.reason}.`)
+        : null,
+      g.operators.length
+        ? h("p", { class: "hint" }, `Operator limits: ${g.operators.map((o) => `${o.code} at ${perSecond(o.configured_rate)}`).join(", ")}.`)
+        : null,
+    ];
+  }
+
+  /** A panel with the gateway's back-pressure state (GET /gateway), refreshed like the rest of
+   * the page; `onlyWhenDegraded` keeps it hidden while the gateway is healthy. */
+  function gatewayPanel(view, { onlyWhenDegraded = false } = {}) {
+    const content = h("div", { id: "gateway-state", "aria-live": "polite" });
+    const section = h("section", { class: "panel gateway", id: "gateway-panel", "aria-labelledby": "gateway-title", hidden: onlyWhenDegraded },
+      h("h2", { id: "gateway-title" }, "Gateway"), content);
+    let missing = false;
+    every(POLL_MS, async () => {
+      if (missing) return;
+      let g;
+      try {
+        g = await api("GET", "gateway");
+      } catch (err) {
+        if (!current(view)) return;
+        if (unavailable(err)) {
+          missing = true; // an older server without the route: nothing to show
+          section.hidden = true;
+        } else if (!onlyWhenDegraded) {
+          fill(content, h("p", { class: "hint" }, `The gateway's state could not be read (${err.message}); retrying…`));
+        }
+        return;
+      }
+      if (!current(view)) return;
+      section.hidden = onlyWhenDegraded && !g.degraded;
+      section.className = `panel gateway gateway-${cssToken(g.state)}${g.degraded ? " degraded" : ""}`;
+      fill(content, gatewayDetails(g));
+    });
+    return section;
+  }
+
   // ------------------------------------------------------------------ statistics
 
   async function statsView(mailingId) {
@@ -1183,6 +1272,7 @@
       h("section", { class: "panel", "aria-labelledby": "mailing-heading" }, title, text, meta, actions),
       h("section", { class: "panel", "aria-labelledby": "progress-title" },
         h("h2", { id: "progress-title" }, "Progress"), progressLabel, progress, counts, updated),
+      gatewayPanel(view),
       h("section", { class: "panel", "aria-labelledby": "chart-title" },
         h("h2", { id: "chart-title" }, "Over time"),
         h("p", { class: "hint" }, "The history rebuilt from the message records, then live every few seconds."), chart),

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from chalicelib import domain
 from chalicelib.container import services
 from chalicelib.domain import MessageStatus
+from chalicelib.rate_control import GatewayStatus
 from chalicelib.schemas import (
     AudienceFilter,
     ClientCreate,
     ClientOut,
+    GatewayAnswers,
+    GatewayOperator,
+    GatewaySlowdown,
+    GatewayStatusOut,
     MailingCreate,
     MailingOut,
     MailingSummary,
@@ -133,4 +139,33 @@ def message_out(message: domain.Message) -> MessageOut:
         sent_at=message.sent_at,
         attempts=message.attempts,
         last_error=message.last_error,
+    )
+
+
+def gateway_status_out(status: GatewayStatus) -> GatewayStatusOut:
+    answers = status.answers
+    slowdown = None
+    if status.why is not None and status.why_at is not None:
+        slowdown = GatewaySlowdown(reason=status.why, at=datetime.fromtimestamp(status.why_at, UTC))
+    return GatewayStatusOut(
+        state=status.state.value,
+        degraded=status.degraded,
+        configured_rate=status.configured_rate,
+        current_rate=round(status.current_rate, 3),
+        speed=round(status.speed, 4),
+        pause_seconds=round(status.pause_left, 1),
+        accept_ratio=None if status.accept_ratio is None else round(status.accept_ratio, 4),
+        window_seconds=status.window_seconds,
+        answers=GatewayAnswers(
+            calls=answers.calls,
+            accepted=answers.accepted,
+            overload=answers.overload,
+            bad_luck=answers.bad_luck,
+            retries=answers.retries,
+        ),
+        last_slowdown=slowdown,
+        operators=[
+            GatewayOperator(code=o.code, configured_rate=o.configured_rate)
+            for o in status.operators
+        ],
     )

@@ -1,4 +1,5 @@
-"""For the people who run the service: Prometheus metrics and the daily report on demand."""
+"""For the people who run the service: Prometheus metrics, the gateway's back-pressure state and
+the daily report on demand."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from chalice import Response
 
 from chalicelib.api.http import ApiBlueprint
-from chalicelib.api.mapping import stats_out
+from chalicelib.api.mapping import gateway_status_out, stats_out
 from chalicelib.api.security import bearer_auth
 from chalicelib.container import services
 from chalicelib.errors import UpstreamFailed
-from chalicelib.schemas import DailyReportOut, ReportMailing
+from chalicelib.schemas import DailyReportOut, GatewayStatusOut, ReportMailing
 from chalicelib.services.prometheus import CONTENT_TYPE, exposition
 
 api = ApiBlueprint(__name__, "operations", authorizer=bearer_auth)
@@ -23,12 +24,25 @@ api = ApiBlueprint(__name__, "operations", authorizer=bearer_auth)
     produces="text/plain",
 )
 def metrics() -> Response:
-    """Message counts by status (overall and per unfinished mailing), mailings by status and
-    queue depths, read from storage at each scrape. Scrape every 30 to 60 s: each scrape reads
-    every mailing's counters."""
+    """Message counts by status (overall and per unfinished mailing), mailings by status, queue
+    depths and the gateway's back-pressure state (`sms_gateway_*`), read from storage at each
+    scrape. Scrape every 30 to 60 s: each scrape reads every mailing's counters."""
     current = services()
-    text = exposition(current.mailings.all(), current.queues.depths())
+    text = exposition(current.mailings.all(), current.queues.depths(), current.throttle.status())
     return Response(body=text, status_code=200, headers={"Content-Type": CONTENT_TYPE})
+
+
+@api.route(
+    "/gateway",
+    "GET",
+    summary="Why sending is slow: the gateway's back-pressure state",
+    response=GatewayStatusOut,
+)
+def gateway_status() -> GatewayStatusOut:
+    """The rate every sender may use now against the configured one, whether sending is slowed,
+    paused or probing a gateway that seems down and why, and the gateway's answers over the last
+    two minutes. One read of the senders' shared item; the admin UI polls it."""
+    return gateway_status_out(services().throttle.status())
 
 
 @api.route(

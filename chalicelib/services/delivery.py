@@ -289,6 +289,9 @@ class Sender:
             report.results,
             [item.answer for item in work if item.answer is not None],
         )
+        gateway = self._throttle.known_status()  # as this batch left it: no extra request
+        if gateway is not None:
+            self._metrics.gateway(batch.mailing_id, gateway)
         if errors:
             # Re-deliver the whole SQS message; finished jobs are skipped on the next pass.
             raise errors[0]

@@ -1,7 +1,9 @@
-"""The Prometheus text exposition (format 0.0.4) of the business counters.
+"""The Prometheus text exposition (format 0.0.4) of the business counters and the gateway's
+back-pressure state.
 
 Every value is read from storage at scrape time (the mailings' counters, SQS's approximate
-depths), so all series are gauges: deleting a mailing lowers the totals.
+depths, the senders' shared gateway item), so all series are gauges: deleting a mailing lowers
+the totals.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from chalicelib.domain import Mailing, MailingStatus, MessageStatus
+from chalicelib.rate_control import GatewayState, GatewayStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Mailings listed one by one: those that can still change. Finished and cancelled ones only
@@ -21,7 +24,9 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _family(name: str, help_text: str, samples: Iterable[tuple[dict[str, str], int]]) -> list[str]:
+def _family(
+    name: str, help_text: str, samples: Iterable[tuple[dict[str, str], float]]
+) -> list[str]:
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
     for labels, value in samples:
         rendered = ",".join(f'{key}="{_label(val)}"' for key, val in labels.items())
@@ -29,7 +34,70 @@ def _family(name: str, help_text: str, samples: Iterable[tuple[dict[str, str], i
     return lines
 
 
-def exposition(mailings: list[Mailing], depths: dict[str, dict[str, int]]) -> str:
+def _gateway(status: GatewayStatus) -> list[str]:
+    answers = status.answers
+    window = f"over the last {status.window_seconds} s"
+    lines = [
+        *_family(
+            "sms_gateway_configured_rate",
+            "Gateway calls a second allowed to all senders (GATEWAY_RATE_PER_SECOND).",
+            [({}, status.configured_rate)],
+        ),
+        *_family(
+            "sms_gateway_current_rate",
+            "Gateway calls a second allowed now: lower while slowed, 0 paused, 1 probing.",
+            [({}, round(status.current_rate, 3))],
+        ),
+        *_family(
+            "sms_gateway_paused",
+            "1 while every sender waits for the gateway's Retry-After.",
+            [({}, int(status.pause_left > 0))],
+        ),
+        *_family(
+            "sms_gateway_probing",
+            "1 while the gateway seems down and is probed one call a second.",
+            [({}, int(status.state is GatewayState.PROBING))],
+        ),
+        *_family(
+            "sms_gateway_degraded",
+            "1 while sending is slowed, paused or probing, or the gateway accepts under 80%.",
+            [({}, int(status.degraded))],
+        ),
+    ]
+    if status.accept_ratio is not None:  # no calls in the window: no ratio to tell
+        lines += _family(
+            "sms_gateway_accept_ratio",
+            f"Share of the gateway calls accepted {window}.",
+            [({}, round(status.accept_ratio, 4))],
+        )
+    lines += _family(
+        "sms_gateway_answers",
+        f"Gateway answers to all senders {window}, by kind.",
+        [
+            ({"kind": "accepted"}, answers.accepted),
+            ({"kind": "overload"}, answers.overload),
+            ({"kind": "bad_luck"}, answers.bad_luck),
+        ],
+    )
+    lines += _family(
+        "sms_gateway_retries",
+        f"Retries granted from the shared retry budget {window}.",
+        [({}, answers.retries)],
+    )
+    if status.operators:
+        lines += _family(
+            "sms_gateway_operator_configured_rate",
+            "Gateway calls a second allowed to one mobile operator (GATEWAY_RATE_PER_OPERATOR).",
+            (({"operator": o.code}, o.configured_rate) for o in status.operators),
+        )
+    return lines
+
+
+def exposition(
+    mailings: list[Mailing],
+    depths: dict[str, dict[str, int]],
+    gateway: GatewayStatus | None = None,
+) -> str:
     totals: Counter = Counter()
     for mailing in mailings:
         for status in MessageStatus:
@@ -65,5 +133,6 @@ def exposition(mailings: list[Mailing], depths: dict[str, dict[str, int]]) -> st
                 for state, count in states.items()
             ),
         ),
+        *(_gateway(gateway) if gateway is not None else []),
     ]
     return "\n".join(lines) + "\n"

@@ -55,6 +55,7 @@ from botocore.exceptions import ClientError
 from chalicelib.gateway import GatewayResult
 from chalicelib.rate_control import (
     Control,
+    GatewayStatus,
     Tally,
     Verdict,
     Window,
@@ -156,6 +157,9 @@ class _State:
     version: int = 0
     run: int = 0
     window: Window = field(default_factory=lambda: Window({}))
+    # The last reason sending slowed down or paused, and when (written with that decision).
+    why: str | None = None
+    why_at: float | None = None
 
     @classmethod
     def of(cls, item: dict[str, Any]) -> _State:
@@ -198,6 +202,8 @@ class _State:
             version=int(number("ver")),
             run=int(number("run")),
             window=Window(buckets),
+            why=item.get("why", {}).get("S"),
+            why_at=number("why_at") if "why_at" in item else None,
         )
 
 
@@ -301,6 +307,31 @@ class GatewayThrottle:
         except Exception:  # the answers are counted; the next batch's decision sees them
             logger.warning("could not adjust the gateway's sending speed", exc_info=True)
 
+    # ---------------------------------------------------------------- status
+
+    def status(self) -> GatewayStatus:
+        """The shared state as it is now, for operators: one consistent read, no write (no item
+        yet: nothing has slowed sending, full rate)."""
+        item = self._db.get_item(
+            TableName=self._table, Key={"name": {"S": ITEM_NAME}}, ConsistentRead=True
+        ).get("Item")
+        return self._status_of(_State.of(item or {}))
+
+    def known_status(self) -> GatewayStatus | None:
+        """The status as this sender last saw the item (no request); None before it saw it."""
+        state = self._known
+        return self._status_of(state) if state else None
+
+    def _status_of(self, state: _State) -> GatewayStatus:
+        return GatewayStatus.of(
+            state.control,
+            state.window,
+            self._rate,
+            self._now(),
+            why=state.why,
+            why_at=state.why_at,
+        )
+
     # ---------------------------------------------------------------- back-pressure
 
     def _count(self, admission: Admission, tally: Tally, now: float) -> _State | None:
@@ -377,23 +408,30 @@ class GatewayThrottle:
             new = decision.control
             if new == state.control:
                 return
+            values = {
+                ":speed": _n(new.speed),
+                ":until": _n(new.paused_until),
+                ":probing": {"N": str(int(new.probing))},
+                ":cut": _n(new.cut_at),
+                ":raised": _n(new.raised_at),
+                ":one": {"N": "1"},
+                ":zero": {"N": "0"},
+                ":ver": {"N": str(state.version)},
+            }
+            why = ""
+            if decision.why:
+                # For operators (GET /gateway): in the write this decision makes anyway.
+                why = ", why = :why, why_at = :now"
+                values.update({":why": {"S": decision.why}, ":now": _n(now)})
             written = self._try_update(
                 UpdateExpression=(
                     "SET speed = :speed, paused_until = :until, probing = :probing, "
                     "cut_at = :cut, raised_at = :raised, ver = if_not_exists(ver, :zero) + :one"
+                    + why
                 ),
                 # One decision per state, whichever sender makes it first.
                 ConditionExpression=_same_version(state),
-                ExpressionAttributeValues={
-                    ":speed": _n(new.speed),
-                    ":until": _n(new.paused_until),
-                    ":probing": {"N": str(int(new.probing))},
-                    ":cut": _n(new.cut_at),
-                    ":raised": _n(new.raised_at),
-                    ":one": {"N": "1"},
-                    ":zero": {"N": "0"},
-                    ":ver": {"N": str(state.version)},
-                },
+                ExpressionAttributeValues=values,
             )
             if written is not None:
                 if decision.why:
