@@ -554,6 +554,8 @@ def test_while_the_gateway_answers_429_the_gateway_panel_says_it_is_overloaded(
         page.get_by_role("link", name="Mailings", exact=True).click()
         expect(gateway_panel(page)).to_contain_text("Gateway overloaded")
         expect(gateway_panel(page)).to_contain_text(re.compile(r"Accepted: \d+% of \d+ calls"))
+        # above the mailings themselves, still listed
+        expect(page.locator("#mailings-table")).to_contain_text("Busy gateway")
         shot(page, "14-mailings-gateway-overloaded", full_page=False)
     finally:
         requests.post(profile_url, json=healthy, timeout=5)
