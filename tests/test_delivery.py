@@ -438,6 +438,70 @@ def test_the_gateway_never_sees_more_than_the_configured_rate(api, pipeline, clo
     assert (times[-1] - times[0]).total_seconds() < 150 / 20 + 2
 
 
+def densest_second(times: list[datetime]) -> int:
+    """The most calls in any one-second window (on the senders' clock)."""
+    times = sorted(times)
+    return max(
+        (
+            sum(1 for t in times[i:] if t - start < timedelta(seconds=1))
+            for i, start in enumerate(times)
+        ),
+        default=0,
+    )
+
+
+# One sender thread: on the shared test clock, one thread's wait moves time for all of them.
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {
+            "gateway_rate_per_second": 50.0,
+            "sender_concurrency": 1,
+            "gateway_rate_per_operator": (("903", 2.0), ("916", 20.0)),
+        }
+    ],
+    indirect=True,
+)
+def test_a_slow_operator_keeps_its_rate_and_does_not_hold_back_the_others(
+    api, pipeline, clock, calls
+):
+    # Given a gateway limit of 50 calls a second, of which operator 903 may take 2 and operator
+    # 916 may take 20, and 20 clients of 903, 60 of 916 and 60 of 900 (no limit of its own),
+    # mixed in every batch
+    for n in range(60):
+        add_client(api, f"7916{n:07d}")
+        add_client(api, f"7900{n:07d}")
+        if n < 20:
+            add_client(api, f"7903{n:07d}")
+    mailing = create_mailing(api, clock)
+    # When the mailing runs
+    pipeline.settle()
+    # Then every message is sent once, and none spent more than the one attempt that sent it:
+    # the jobs that waited for their operator's slots went back to the queue without spending one
+    messages = pipeline.messages(mailing["id"])
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 140})
+    assert {int(m.attempts) for m in messages} == {1}
+    assert pipeline.sqs.queues[DLQ_URL] == []
+    operator_of = {int(m.message_id): m.phone[1:4] for m in messages}
+    times: dict[str, list[datetime]] = {"900": [], "903": [], "916": []}
+    for at, message_id in calls:
+        times[operator_of[message_id]].append(at)
+    assert len(calls) == 140
+    # And the gateway never saw more than an operator's rate (within 10%) in any second, nor
+    # more than 50 calls a second in all
+    assert densest_second(times["903"]) <= 2 * 1.1
+    assert densest_second(times["916"]) <= 20 * 1.1
+    assert densest_second([at for at, _ in calls]) <= 50
+    # And the slow operator did not hold back the others: operator 900's 60 calls were done
+    # about as soon as the global rate allows, long before 903's 20 calls at 2 a second
+    first = min(at for at, _ in calls)
+    done_900 = (max(times["900"]) - first).total_seconds()
+    done_903 = (max(times["903"]) - first).total_seconds()
+    assert done_900 < 60 / 20 + 2
+    assert done_903 >= 19 / 2
+    assert_counters_match_records(pipeline, mailing["id"])
+
+
 def test_retries_beyond_the_shared_budget_are_deferred_without_spending_attempts(
     api, pipeline, clock, gateway, calls
 ):
