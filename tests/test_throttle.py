@@ -296,3 +296,73 @@ def test_a_slot_already_past_is_skipped_never_used_late(clock):
     assert slots.take(clock() + timedelta(seconds=0.15)) == clock() + timedelta(seconds=0.2)
     # And when the slots are used up, there is none: the call goes back to the queue
     assert slots.take(clock() + timedelta(seconds=0.35)) is None
+
+
+# ---------------------------------------------------------------- per operator
+
+
+@pytest.fixture
+def make_operator_throttle(services, limits, clock):
+    operator_limits = limits.model_copy(
+        update={"gateway_rate_per_operator": (("903", 2.0), ("916", 20.0))}
+    )
+
+    def make() -> GatewayThrottle:
+        return GatewayThrottle(
+            boto3.client("dynamodb", region_name="us-east-1"), operator_limits, clock
+        )
+
+    return make
+
+
+def test_independent_senders_share_one_operators_rate(make_operator_throttle, clock):
+    # Given three senders that each want slots for 4 calls of operator 903 (2 a second), many
+    # times, over the same 2 s
+    senders = [make_operator_throttle() for _ in range(3)]
+    start = clock().timestamp()
+    admissions, lock = [], threading.Lock()
+
+    def hammer(throttle: GatewayThrottle) -> None:
+        for _ in range(5):
+            admission = throttle.admit_operator("903", 4, start, start + 2.0, 1 / 50)
+            with lock:
+                admissions.append(admission)
+
+    # When they all ask together
+    threads = [threading.Thread(target=hammer, args=(s,)) for s in senders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Then their slots are far enough apart that a call leaving as late as allowed and the next
+    # one leaving on time are still half a second apart
+    slots = slots_of(admissions)
+    late = max(a.late for a in admissions)
+    assert late > 0
+    assert min(b - a for a, b in itertools.pairwise(slots)) - late >= 0.5 - 1e-6
+    # And within the 2 s the operator got four slots, the rest were told when to come back
+    assert len(slots_of(admissions)) == 4
+    refused = [a for a in admissions if a.count == 0]
+    assert refused
+    assert all(a.retry_after > 0 for a in refused)
+
+
+def test_one_operators_slots_leave_the_global_rate_and_other_operators_alone(
+    make_operator_throttle, clock
+):
+    throttle = make_operator_throttle()
+    start = clock().timestamp()
+    # Given operator 903's slots taken for the next 2 s
+    assert throttle.admit_operator("903", 10, start, start + 2.0, 1 / 50).count == 4
+    assert throttle.admit_operator("903", 1, start, start + 2.0, 1 / 50).count == 0
+    # Then operator 916 still has its own, and the global rate all of its slots
+    assert throttle.admit_operator("916", 3, start, start + 2.0, 1 / 50).count == 3
+    assert throttle.admit(10).count == 10
+    # And the status shows which operator is deferring its jobs
+    limits_now = make_operator_throttle().operator_limits_status()
+    status = {entry["operator_code"]: entry for entry in limits_now}
+    assert status["903"]["deferring"] is True
+    assert status["903"]["rate_per_second"] == 2.0
+    assert status["903"]["reserved_ahead_seconds"] >= 2.0
+    assert status["916"]["deferring"] is False

@@ -350,7 +350,9 @@ class GatewayThrottle:
                 {
                     "operator_code": code,
                     "rate_per_second": rate,
-                    "max_rate_per_second": round(1 / OperatorSpacing(rate, self._rate).interval, 3),
+                    "max_rate_per_second": round(
+                        1 / OperatorSpacing(rate).interval_on(1 / self._rate), 3
+                    ),
                     "reserved_ahead_seconds": round(ahead, 3),
                     "deferring": ahead >= HORIZON_SECONDS
                     or (
