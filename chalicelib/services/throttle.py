@@ -13,6 +13,12 @@ SQS with a delay instead of holding a Lambda while they wait.
 the same item: `held` counts them and `holders` says who holds how many until when, so permits
 of a sender that died come back when its lease ends. Taking permits and slots is one write.
 
+**Per operator** (`GATEWAY_RATE_PER_OPERATOR`). A limited operator has its own slots item
+(`gateway-limits#<code>`, same algorithm, one conditional write per batch). Its calls leave on
+global slots too, at most `late` after their operator slot, and its slots are `late` more than
+1 / rate apart (`rate_control.OperatorSpacing`), so two of its calls are never closer than
+1 / rate. Its jobs that get no slot go back to SQS before they take a global slot or a permit.
+
 **Back-pressure** (decided in `chalicelib/rate_control.py`, pure). Each batch's answers are
 counted in the same item, per 10 s bucket over a two-minute window (calls, accepted, overload
 answers, retries granted), folded into the write that gives the batch's permits back, so the
