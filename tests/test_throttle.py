@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 import boto3
 import pytest
 
 from chalicelib.gateway import GatewayResult, Outcome
-from chalicelib.services.throttle import GatewayThrottle
+from chalicelib.services.throttle import Admission, GatewayThrottle
 
 OK = GatewayResult(Outcome.SENT, "OK", 200, 0.01)
 REJECTED = GatewayResult(Outcome.REJECTED, "HTTP 400", 400, 0.01)
@@ -56,24 +57,37 @@ def slots_of(admissions) -> list[float]:
     )
 
 
-def test_independent_senders_share_one_rate(make_throttle, clock):
-    # Given four senders that each want 10 calls, many times, at the same moment
-    senders = [make_throttle() for _ in range(4)]
+def together(
+    senders: list[GatewayThrottle], times: int, ask: Callable[[GatewayThrottle], Admission]
+) -> list[Admission]:
+    """Every sender asks `times` times, all in parallel threads; what they got."""
     admissions, lock = [], threading.Lock()
 
     def hammer(throttle: GatewayThrottle) -> None:
-        for _ in range(20):
-            admission = throttle.admit(10)
-            throttle.release(admission)
+        for _ in range(times):
+            admission = ask(throttle)
             with lock:
                 admissions.append(admission)
 
-    # When they all ask together
     threads = [threading.Thread(target=hammer, args=(s,)) for s in senders]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return admissions
+
+
+def test_independent_senders_share_one_rate(make_throttle, clock):
+    # Given four senders that each want 10 calls, many times, at the same moment
+    senders = [make_throttle() for _ in range(4)]
+
+    def ask(throttle: GatewayThrottle) -> Admission:
+        admission = throttle.admit(10)
+        throttle.release(admission)
+        return admission
+
+    # When they all ask together
+    admissions = together(senders, 20, ask)
 
     # Then the slots they got are one rate: 50 a second, never two closer than 1/50 s
     slots = slots_of(admissions)
@@ -320,20 +334,11 @@ def test_independent_senders_share_one_operators_rate(make_operator_throttle, cl
     # times, over the same 2 s
     senders = [make_operator_throttle() for _ in range(3)]
     start = clock().timestamp()
-    admissions, lock = [], threading.Lock()
-
-    def hammer(throttle: GatewayThrottle) -> None:
-        for _ in range(5):
-            admission = throttle.admit_operator("903", 4, start, start + 2.0, 1 / 50)
-            with lock:
-                admissions.append(admission)
 
     # When they all ask together
-    threads = [threading.Thread(target=hammer, args=(s,)) for s in senders]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    admissions = together(
+        senders, 5, lambda throttle: throttle.admit_operator("903", 4, start, start + 2.0, 1 / 50)
+    )
 
     # Then their slots are far enough apart that a call leaving as late as allowed and the next
     # one leaving on time are still half a second apart
