@@ -56,7 +56,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.gateway import GatewayResult
 from chalicelib.rate_control import (
@@ -261,6 +261,7 @@ class GatewayThrottle:
         self._known: _State | None = None
         self._operators = settings.operator_rates
         self._operator_tat: dict[str, float] = {}
+        self._deferral_noted: dict[str, float] = {}
 
     # ---------------------------------------------------------------- admission
 
@@ -331,11 +332,14 @@ class GatewayThrottle:
             base = on_grid(max(tat, now), not_before, grid)
             count = min(wanted, slots_starting_before(base, until, interval))
             if count <= 0:
+                self._note_deferral(operator_code, now)
                 return Admission.none(base - now)
             new = base + count * interval
             written = self._try_write_operator(operator_code, tat, new, now, count < wanted)
             if written:
                 self._operator_tat[operator_code] = new
+                if count < wanted:
+                    self._deferral_noted[operator_code] = now
                 return Admission(count, base, interval, 0, max(0.0, new - now), late=spacing.late)
             tat = self._read_operator(operator_code).get("tat", 0.0)
         return Admission.none(0.5)
@@ -345,7 +349,7 @@ class GatewayThrottle:
         `operator_code`; `rate_per_second` (configured) and `max_rate_per_second` (what its
         slots allow, see OperatorSpacing); `reserved_ahead_seconds` (how far ahead its slots are
         taken); `deferring` (jobs of it went back to the queue for want of a slot in the last
-        OPERATOR_DEFERRING_SECONDS, or its slots are taken a whole horizon ahead)."""
+        OPERATOR_DEFERRING_SECONDS)."""
         moment = (now or self._clock()).timestamp()
         status = []
         for code, rate in sorted(self._operators.items()):
@@ -360,11 +364,8 @@ class GatewayThrottle:
                         1 / OperatorSpacing(rate).interval_on(1 / self._rate), 3
                     ),
                     "reserved_ahead_seconds": round(ahead, 3),
-                    "deferring": ahead >= HORIZON_SECONDS
-                    or (
-                        deferred_at is not None
-                        and moment - deferred_at < OPERATOR_DEFERRING_SECONDS
-                    ),
+                    "deferring": deferred_at is not None
+                    and moment - deferred_at < OPERATOR_DEFERRING_SECONDS,
                 }
             )
         return status
@@ -394,6 +395,22 @@ class GatewayThrottle:
                 return False
             raise
         return True
+
+    def _note_deferral(self, operator_code: str, now: float) -> None:
+        """Record for the status that this operator's jobs go back to the queue: at most one
+        write a second per sender, and a failed one only costs the status a moment."""
+        if now - self._deferral_noted.get(operator_code, -math.inf) < 1.0:
+            return
+        self._deferral_noted[operator_code] = now
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key={"name": {"S": _operator_item(operator_code)}},
+                UpdateExpression="SET deferred_at = :now",
+                ExpressionAttributeValues={":now": _n(now)},
+            )
+        except (ClientError, BotoCoreError):
+            logger.warning("could not note an operator's deferred jobs", exc_info=True)
 
     def _read_operator(self, operator_code: str) -> dict[str, float]:
         item = self._db.get_item(
