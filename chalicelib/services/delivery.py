@@ -637,6 +637,9 @@ class Sender:
             last = max(last, _moment(item.operator_slot[1]))
         if self._too_late(item, last):
             return self._too_late_now(item, last)
+        if item.operator_slot is not None and item.planned is None:
+            # Its slot comes after the batch's: wait for it without holding a permit.
+            self._wait_until(_moment(item.operator_slot[0]))
         with permits:
             slot = self._slot(item, slots)
             extra = None
