@@ -54,7 +54,6 @@ from chalicelib.services.queues import (
 )
 from chalicelib.services.storage import Retry, is_transient
 from chalicelib.services.throttle import (
-    HORIZON_SECONDS,
     LATE_SECONDS,
     Admission,
     GatewayThrottle,
@@ -65,6 +64,9 @@ from chalicelib.settings import OUTCOME_WRITE_SECONDS, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
+# How long a batch of one rate-limited operator's jobs may wait for that operator's slots; the
+# rest of its jobs go back to the queue (a longer wait holds the invocation's other messages).
+OPERATOR_PATIENCE_SECONDS = 1.0
 # A job may arrive a moment before its fan-out page commits; wait for that this long at most.
 UNCOMMITTED_GRACE = timedelta(minutes=2)
 UNCOMMITTED_RETRY_SECONDS = 2
@@ -397,7 +399,8 @@ class Sender:
 
         Operator slots fall where the batch's global slots are expected, so the sender does not
         sit waiting on a slow operator while other operators' calls are ready; a batch of one
-        operator only may wait for its slots up to the throttle's horizon."""
+        operator only waits for its slots up to OPERATOR_PATIENCE_SECONDS (the invocation's
+        other SQS messages wait for it)."""
         by_operator: dict[str, list[_Job]] = {}
         for item in claimed:
             code = item.client.operator_code
@@ -410,7 +413,7 @@ class Sender:
         errors: list[Exception] = []
         for code, jobs in by_operator.items():
             alone = len(jobs) == len(claimed)
-            until = start + (HORIZON_SECONDS if alone else len(claimed) * interval)
+            until = start + (OPERATOR_PATIENCE_SECONDS if alone else len(claimed) * interval)
             admission = self._throttle.admit_operator(code, len(jobs), start, until, interval)
             for index, item in enumerate(jobs[: admission.count]):
                 earliest = admission.start + index * admission.interval
