@@ -371,3 +371,20 @@ def test_one_operators_slots_leave_the_global_rate_and_other_operators_alone(
     assert status["903"]["rate_per_second"] == 2.0
     assert status["903"]["reserved_ahead_seconds"] >= 2.0
     assert status["916"]["deferring"] is False
+
+
+def test_an_operators_call_keeps_a_slot_within_its_bound_and_the_others_skip_it(clock):
+    from chalicelib.services.throttle import Slots
+
+    # Given an admission of five slots 0.1 s apart, starting now
+    start = clock().timestamp()
+    slots = Slots(Admission(5, start, 0.1, 5, 0.1))
+    # When an operator's call whose slot is 0.15 s from now (at most 0.06 s late) sets one aside
+    kept = slots.take_between(start + 0.15, start + 0.21, clock())
+    # Then it gets the slot at 0.2 s, and the calls of other operators take the rest in order
+    assert kept == clock() + timedelta(seconds=0.2)
+    others = [slots.take(clock()) for _ in range(4)]
+    assert others == [clock() + timedelta(seconds=s) for s in (0, 0.1, 0.3, 0.4)]
+    # And a call whose bound holds no free slot gets none: it never leaves late
+    assert slots.take_between(start + 0.41, start + 0.45, clock()) is None
+    assert Slots(Admission.none(1.0)).take_between(start, start + 1, clock()) is None
