@@ -498,6 +498,45 @@ def test_a_slow_operator_keeps_its_rate_and_does_not_hold_back_the_others(
     assert_counters_match_records(pipeline, mailing["id"])
 
 
+@pytest.mark.parametrize(
+    "settings", [{"gateway_rate_per_operator": (("903", 2.0),)}], indirect=True
+)
+def test_an_operators_slots_that_cannot_be_reserved_cost_its_jobs_no_attempt(
+    api, pipeline, clock, gateway, monkeypatch
+):
+    from botocore.exceptions import ClientError
+
+    from chalicelib.services.throttle import GatewayThrottle
+
+    # Given clients of operator 903 (limited) and 900, and the 903 slots item throttled by
+    # DynamoDB beyond the SDK's retries
+    for n in range(3):
+        add_client(api, f"7903{n:07d}")
+        add_client(api, f"7900{n:07d}")
+
+    def throttled(*args, **kwargs):
+        error = {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}
+        raise ClientError(error, "UpdateItem")
+
+    working = GatewayThrottle.admit_operator
+    monkeypatch.setattr(GatewayThrottle, "admit_operator", throttled)
+    mailing = create_mailing(api, clock)
+    # When the batch is delivered once
+    pipeline.kicks()
+    pipeline.send_once()
+    # Then operator 900's messages are sent, and 903's wait in the queue with no attempt spent
+    messages = pipeline.messages(mailing["id"])
+    assert sorted(m.phone[1:4] for m in messages if m.status == "sent") == ["900"] * 3
+    waiting = [m for m in messages if m.status == "pending"]
+    assert sorted(m.phone[1:4] for m in waiting) == ["903"] * 3
+    assert {int(m.attempts or 0) for m in waiting} == {0}
+    assert pipeline.sqs.depth(SEND_URL) >= 1
+    # And once the item answers again, they are sent
+    monkeypatch.setattr(GatewayThrottle, "admit_operator", working)
+    pipeline.settle()
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 6})
+
+
 def test_retries_beyond_the_shared_budget_are_deferred_without_spending_attempts(
     api, pipeline, clock, gateway, calls
 ):

@@ -414,7 +414,14 @@ class Sender:
         for code, jobs in by_operator.items():
             alone = len(jobs) == len(claimed)
             until = start + (OPERATOR_PATIENCE_SECONDS if alone else len(claimed) * interval)
-            admission = self._throttle.admit_operator(code, len(jobs), start, until, interval)
+            try:
+                admission = self._throttle.admit_operator(code, len(jobs), start, until, interval)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                # The operator's item is busy or throttled: its jobs come back, no attempt spent.
+                logger.warning("operator %s: no slots for now", code, exc_info=True)
+                admission = Admission.none(1.0)
             for index, item in enumerate(jobs[: admission.count]):
                 earliest = admission.start + index * admission.interval
                 item.operator_slot = (earliest, earliest + admission.late)
