@@ -366,8 +366,8 @@ class Sender:
         claimed = [item for item in ready if item.claim is not None]
         if not claimed:
             return errors
-        claimed, later, errors_ = self._operator_slots(pool, claimed)
-        errors += errors_
+        claimed, later, refused = self._operator_slots(pool, claimed)
+        errors += refused
         if not claimed and not later:
             return errors
         admission = self._throttle.admit(len(claimed)) if claimed else Admission.none(0)
@@ -426,8 +426,8 @@ class Sender:
                 earliest = admission.start + index * admission.interval
                 item.operator_slot = (earliest, earliest + admission.late)
             going += jobs[: admission.count]
-            later = jobs[admission.count :]
-            errors += self._each(pool, self._give_back, later, admission.retry_after)
+            deferred = jobs[admission.count :]
+            errors += self._each(pool, self._give_back, deferred, admission.retry_after)
         going += [item for item in claimed if item.operator_slot is None and item.claim is not None]
         # The batch's global slots, as expected now that some jobs went back.
         end = start + len(going) * interval
