@@ -377,7 +377,8 @@ class Sender:
         admitted += later
         permits = threading.BoundedSemaphore(max(1, admission.permits))
         slots = Slots(admission)
-        admitted = self._plan(admitted, slots)
+        if any(item.operator_slot for item in admitted):
+            admitted = self._plan(admitted, slots)
         budget = ready[0].run.budget = self._throttle.retry_budget()
         try:
             errors += self._each(pool, self._call, admitted, permits, slots)
