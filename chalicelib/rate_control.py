@@ -109,6 +109,54 @@ def classify(result: GatewayResult, now: float) -> Verdict:
     return Verdict(Kind.BAD_LUCK)
 
 
+# ---------------------------------------------------------------- slots (GCRA)
+
+# A call of a rate-limited operator may leave on a global slot at most this share of the
+# operator's interval after its operator slot.
+OPERATOR_LATE_SHARE = 0.1
+
+
+def slots_before(base: float, until: float, interval: float) -> int:
+    """How many slots `interval` apart, the first at `base`, begin before `until` (the room a
+    generic cell rate algorithm has left up to its horizon)."""
+    return max(0, math.floor((until - base) / interval + 1e-9))
+
+
+def slots_starting_before(base: float, until: float, interval: float) -> int:
+    """How many slots `interval` apart, the first at `base`, start before `until`."""
+    return max(0, math.ceil((until - base) / interval - 1e-9))
+
+
+def on_grid(moment: float, origin: float, step: float) -> float:
+    """The first moment at or after `moment` on the grid `origin + k * step` (k >= 0)."""
+    if moment <= origin:
+        return origin
+    return origin + math.ceil((moment - origin) / step - 1e-9) * step
+
+
+@dataclass(frozen=True)
+class OperatorSpacing:
+    """How one operator's slots are laid out so that its calls, which must also leave on global
+    slots, are never closer than 1 / `rate`: a call leaves at most `late` after its slot, and
+    slots are `interval` = 1 / rate + late apart (or a little more: see `interval_on`). The
+    price: the operator gets at most 1 / interval calls a second, 91% of its rate or less."""
+
+    rate: float
+
+    @property
+    def late(self) -> float:
+        return OPERATOR_LATE_SHARE / self.rate
+
+    @property
+    def interval(self) -> float:
+        return 1 / self.rate + self.late
+
+    def interval_on(self, grid: float) -> float:
+        """`interval` rounded up to a whole number of global slots `grid` apart: slots laid out
+        from a global slot then fall on global slots, where the calls can leave on time."""
+        return max(1, math.ceil(self.interval / grid - 1e-9)) * grid
+
+
 # ---------------------------------------------------------------- the window
 
 
@@ -330,10 +378,13 @@ class AnswerMix:
 
 @dataclass(frozen=True)
 class OperatorStatus:
-    """A mobile operator with a sending rate of its own."""
+    """A mobile operator with a sending rate of its own (GATEWAY_RATE_PER_OPERATOR)."""
 
     code: str
     configured_rate: float
+    max_rate: float | None = None  # what its slots allow (see OperatorSpacing)
+    reserved_ahead_seconds: float = 0.0  # how far ahead its slots are taken: its backlog
+    deferring: bool = False  # its jobs went back to the queue for want of a slot just now
 
 
 @dataclass(frozen=True)

@@ -492,6 +492,16 @@ class GatewaySlowdown(_Response):
 class GatewayOperator(_Response):
     code: str = Field(description="Mobile operator code")
     configured_rate: float = Field(description="Calls a second allowed to this operator")
+    max_rate: float | None = Field(
+        description="What its slots allow: a little under the configured rate, so that no "
+        "second ever holds more than it"
+    )
+    reserved_ahead_seconds: float = Field(
+        description="How far ahead this operator's send slots are taken: its backlog in seconds"
+    )
+    deferring: bool = Field(
+        description="Its messages are waiting in the queue for a slot of this operator's rate"
+    )
 
 
 class GatewayStatusOut(_Response):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -56,6 +57,28 @@ def check_api_tokens(tokens: tuple[str, ...]) -> tuple[str, ...]:
 OUTCOME_WRITE_SECONDS = 2.0
 
 
+MAX_GATEWAY_RATE = 10_000.0
+_OPERATOR_CODE = re.compile(r"[0-9]{3}", re.ASCII)  # as schemas.OPERATOR_CODE_PATTERN
+
+
+def parse_operator_rates(text: str) -> tuple[tuple[str, float], ...]:
+    """`916=20,903=10` as ((code, rate), ...); ValueError naming the part that is not
+    `code=rate` (codes and rates are checked by the settings)."""
+    pairs = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        code, equals, rate = part.partition("=")
+        try:
+            number = float(rate)
+        except ValueError:
+            number = math.nan
+        if not equals or not math.isfinite(number):
+            raise ValueError(f"{part!r} is not operator=rate, like 916=20")
+        pairs.append((code.strip(), number))
+    return tuple(pairs)
+
+
 class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
 
@@ -102,10 +125,13 @@ class Settings(BaseModel):
     auth_retry_seconds: int = Field(300, ge=1, le=900)
     sender_concurrency: int = Field(10, ge=1, le=64)
     # Limits towards the gateway, shared by every sender (see services/throttle.py).
-    gateway_rate_per_second: float = Field(100.0, gt=0, le=10_000)
+    gateway_rate_per_second: float = Field(100.0, gt=0, le=MAX_GATEWAY_RATE)
     gateway_concurrency: int = Field(40, ge=1, le=1000)
     gateway_pause_seconds: float = Field(2.0, gt=0, le=300)
     gateway_max_pause_seconds: float = Field(30.0, gt=0, le=900)
+    # Most calls a second per mobile operator code, e.g. `916=20,903=10` (each operator's own
+    # limit at the aggregator); operators not listed have only the global limits.
+    gateway_rate_per_operator: tuple[tuple[str, float], ...] = ()
     # The send queue's redrive maxReceiveCount (infra/resources.yaml): a job failing its last
     # receive is counted as a DLQ arrival.
     max_receive_count: int = Field(5, ge=1, le=1000)
@@ -152,6 +178,29 @@ class Settings(BaseModel):
     def _split_recipients(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(address.strip() for address in value.split(",") if address.strip())
+        return value
+
+    @field_validator("gateway_rate_per_operator", mode="before")
+    @classmethod
+    def _parse_operator_rates(cls, value: object) -> object:
+        return parse_operator_rates(value) if isinstance(value, str) else value
+
+    @field_validator("gateway_rate_per_operator")
+    @classmethod
+    def _operator_rates_are_usable(
+        cls, value: tuple[tuple[str, float], ...]
+    ) -> tuple[tuple[str, float], ...]:
+        codes = [code for code, _ in value]
+        for code, rate in value:
+            if not _OPERATOR_CODE.fullmatch(code):
+                raise ValueError(f"{code!r} is not an operator code (3 ASCII digits, like 916)")
+            if not 0 < rate <= MAX_GATEWAY_RATE:
+                raise ValueError(
+                    f"the rate of operator {code} must be above 0 and at most {MAX_GATEWAY_RATE:g}"
+                )
+        duplicates = sorted({code for code in codes if codes.count(code) > 1})
+        if duplicates:
+            raise ValueError(f"operator {', '.join(duplicates)} is given more than once")
         return value
 
     @field_validator("report_recipients")
@@ -211,6 +260,11 @@ class Settings(BaseModel):
     def gateway_call_seconds(self) -> float:
         """The longest one gateway call can take: its connect and read timeouts."""
         return self.gateway_connect_timeout + self.gateway_read_timeout
+
+    @property
+    def operator_rates(self) -> dict[str, float]:
+        """Calls a second allowed per limited operator code (GATEWAY_RATE_PER_OPERATOR)."""
+        return dict(self.gateway_rate_per_operator)
 
     @property
     def single_sign_on(self) -> bool:

@@ -418,6 +418,18 @@ def test_an_outage_is_probed_not_hammered_and_sending_resumes_at_full_speed(
     assert_counters_match_records(pipeline, mailing["id"])
 
 
+def densest_second(times: list[datetime]) -> int:
+    """The most calls in any one-second window (on the senders' clock)."""
+    times = sorted(times)
+    return max(
+        (
+            sum(1 for t in times[i:] if t - start < timedelta(seconds=1))
+            for i, start in enumerate(times)
+        ),
+        default=0,
+    )
+
+
 # One sender thread: on the shared test clock, one thread's wait moves time for all of them.
 @pytest.mark.parametrize(
     "settings", [{"gateway_rate_per_second": 20.0, "sender_concurrency": 1}], indirect=True
@@ -431,13 +443,100 @@ def test_the_gateway_never_sees_more_than_the_configured_rate(api, pipeline, clo
     assert pipeline.statuses(mailing["id"]) == Counter({"sent": 150})
     # Then no one-second window (on the senders' clock) holds more than 20 calls
     times = sorted(at for at, _ in calls)
-    densest = max(
-        sum(1 for t in times[i:] if t - start < timedelta(seconds=1))
-        for i, start in enumerate(times)
-    )
-    assert densest <= 20
+    assert densest_second(times) <= 20
     # And the limit was used, not just respected: 150 calls took about 150 / 20 s
     assert (times[-1] - times[0]).total_seconds() < 150 / 20 + 2
+
+
+# One sender thread: on the shared test clock, one thread's wait moves time for all of them.
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {
+            "gateway_rate_per_second": 50.0,
+            "sender_concurrency": 1,
+            "gateway_rate_per_operator": (("903", 2.0), ("916", 20.0)),
+        }
+    ],
+    indirect=True,
+)
+def test_a_slow_operator_keeps_its_rate_and_does_not_hold_back_the_others(
+    api, pipeline, clock, calls
+):
+    # Given a gateway limit of 50 calls a second, of which operator 903 may take 2 and operator
+    # 916 may take 20, and 20 clients of 903, 60 of 916 and 60 of 900 (no limit of its own),
+    # mixed in every batch
+    for n in range(60):
+        add_client(api, f"7916{n:07d}")
+        add_client(api, f"7900{n:07d}")
+        if n < 20:
+            add_client(api, f"7903{n:07d}")
+    mailing = create_mailing(api, clock)
+    # When the mailing runs
+    pipeline.settle()
+    # Then every message is sent once, and none spent more than the one attempt that sent it:
+    # the jobs that waited for their operator's slots went back to the queue without spending one
+    messages = pipeline.messages(mailing["id"])
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 140})
+    assert {int(m.attempts) for m in messages} == {1}
+    assert pipeline.sqs.queues[DLQ_URL] == []
+    operator_of = {int(m.message_id): m.phone[1:4] for m in messages}
+    times: dict[str, list[datetime]] = {"900": [], "903": [], "916": []}
+    for at, message_id in calls:
+        times[operator_of[message_id]].append(at)
+    assert len(calls) == 140
+    # And the gateway never saw more than an operator's rate (within 10%) in any second, nor
+    # more than 50 calls a second in all
+    assert densest_second(times["903"]) <= 2 * 1.1
+    assert densest_second(times["916"]) <= 20 * 1.1
+    assert densest_second([at for at, _ in calls]) <= 50
+    # And the slow operator did not hold back the others: operator 900's 60 calls were done
+    # about as soon as the global rate allows, long before 903's 20 calls at 2 a second
+    first = min(at for at, _ in calls)
+    done_900 = (max(times["900"]) - first).total_seconds()
+    done_903 = (max(times["903"]) - first).total_seconds()
+    assert done_900 < 60 / 20 + 2
+    assert done_903 >= 19 / 2
+    assert_counters_match_records(pipeline, mailing["id"])
+
+
+@pytest.mark.parametrize(
+    "settings", [{"gateway_rate_per_operator": (("903", 2.0),)}], indirect=True
+)
+def test_an_operators_slots_that_cannot_be_reserved_cost_its_jobs_no_attempt(
+    api, pipeline, clock, gateway, monkeypatch
+):
+    from botocore.exceptions import ClientError
+
+    from chalicelib.services.throttle import GatewayThrottle
+
+    # Given clients of operator 903 (limited) and 900, and the 903 slots item throttled by
+    # DynamoDB beyond the SDK's retries
+    for n in range(3):
+        add_client(api, f"7903{n:07d}")
+        add_client(api, f"7900{n:07d}")
+
+    def throttled(*args, **kwargs):
+        error = {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}
+        raise ClientError(error, "UpdateItem")
+
+    working = GatewayThrottle.admit_operator
+    monkeypatch.setattr(GatewayThrottle, "admit_operator", throttled)
+    mailing = create_mailing(api, clock)
+    # When the batch is delivered once
+    pipeline.kicks()
+    pipeline.send_once()
+    # Then operator 900's messages are sent, and 903's wait in the queue with no attempt spent
+    messages = pipeline.messages(mailing["id"])
+    assert sorted(m.phone[1:4] for m in messages if m.status == "sent") == ["900"] * 3
+    waiting = [m for m in messages if m.status == "pending"]
+    assert sorted(m.phone[1:4] for m in waiting) == ["903"] * 3
+    assert {int(m.attempts or 0) for m in waiting} == {0}
+    assert pipeline.sqs.depth(SEND_URL) >= 1
+    # And once the item answers again, they are sent
+    monkeypatch.setattr(GatewayThrottle, "admit_operator", working)
+    pipeline.settle()
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 6})
 
 
 def test_retries_beyond_the_shared_budget_are_deferred_without_spending_attempts(

@@ -132,3 +132,38 @@ def test_metrics_list_operators_with_a_rate_of_their_own_by_label():
     assert scraped[("sms_gateway_operator_configured_rate", (("operator", "916"),))] == 20
     assert scraped[("sms_gateway_operator_configured_rate", (("operator", "903"),))] == 10
     assert ("sms_gateway_accept_ratio", ()) not in scraped
+
+
+class TestOperatorsWithARateOfTheirOwn:
+    @pytest.fixture
+    def settings(self, monkeypatch: pytest.MonkeyPatch):
+        from chalicelib.settings import Settings
+        from tests.conftest import API_TOKEN
+
+        monkeypatch.setenv("API_TOKENS", API_TOKEN)
+        # Given operators 903 (2 calls a second) and 916 (20) limited on their own
+        return Settings(
+            table_prefix="sms-test",
+            api_tokens=(API_TOKEN,),
+            gateway_rate_per_second=50,
+            gateway_rate_per_operator="903=2,916=20",
+        )
+
+    def test_the_status_names_the_operator_whose_messages_wait_for_its_rate(
+        self, api, sender, clock
+    ):
+        # And a sender that took 903's slots for the next 2 s and had to send the rest back
+        start = clock().timestamp()
+        assert sender.admit_operator("903", 10, start, start + 2.0, 1 / 50).count == 4
+        # When an operator asks the API and scrapes the metrics
+        operators = {o["code"]: o for o in body(api.get("/gateway"))["operators"]}
+        scraped = gauges(api.get("/metrics").body.decode())
+        # Then 903 is shown waiting for its rate with its backlog, 916 is not
+        assert operators["903"]["configured_rate"] == 2
+        assert operators["903"]["deferring"] is True
+        assert operators["903"]["reserved_ahead_seconds"] >= 1.5
+        assert operators["903"]["max_rate"] <= 2
+        assert operators["916"]["deferring"] is False
+        assert scraped[("sms_gateway_operator_deferring", (("operator", "903"),))] == 1
+        assert scraped[("sms_gateway_operator_deferring", (("operator", "916"),))] == 0
+        assert scraped[("sms_gateway_operator_backlog_seconds", (("operator", "903"),))] >= 1.5

@@ -1336,6 +1336,24 @@ def test_gateway_limits_are_parameters_whose_defaults_the_settings_accept(templa
     assert settings.gateway_concurrency == 40
 
 
+@pytest.mark.parametrize(
+    ("value", "deployable"),
+    [("", True), ("916=20", True), ("916=20,903=2.5", True), ("916=20;903=10", False)],
+)
+def test_per_operator_rates_reach_the_sender_as_settings_it_accepts(
+    template: dict, value: str, deployable: bool
+) -> None:
+    """Given per-operator rates as a stack parameter, when deployed, then the sender gets them,
+    and a value of the wrong shape is refused by CloudFormation before it reaches a Lambda."""
+    sender = environment(template, "SendMessages")
+    assert sender["GATEWAY_RATE_PER_OPERATOR"] == {"Ref": "GatewayRatePerOperator"}
+    parameter = template["Parameters"]["GatewayRatePerOperator"]
+    assert parameter["Default"] == ""
+    assert bool(re.fullmatch(parameter["AllowedPattern"], value)) is deployable
+    if deployable:
+        Settings.from_env({"GATEWAY_RATE_PER_OPERATOR": value})
+
+
 # ---------------------------------------------------------------- the daily report e-mail
 
 

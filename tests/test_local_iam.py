@@ -481,11 +481,13 @@ def world(
     sandbox: Any,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
 ) -> Iterator[World]:
     from chalice.test import Client
 
     from app import app
 
+    overrides = getattr(request, "param", {})  # indirect parametrisation: more settings
     with in_process_stack(
         PREFIX,
         clock,
@@ -493,6 +495,7 @@ def world(
         sender_api_url=sandbox.url,
         sender_api_token=GATEWAY_TOKEN,
         report_recipients=REPORT_RECIPIENTS,
+        **overrides,
     ) as stack:
         iam.enforce(
             iam.for_local_stack(app, stack.settings, account=ACCOUNT, queue_urls=stack.queues)
@@ -540,6 +543,32 @@ def test_a_duplicate_send_job_is_skipped_under_the_senders_role(
 
     assert again == {"batchItemFailures": []}
     assert sorted(world.gateway.accepted_ids().values()) == [1, 1]
+    assert denials(caplog) == []
+
+
+# One sender thread: on the shared test clock, one thread's wait moves time for all of them.
+@pytest.mark.parametrize(
+    "world",
+    [{"gateway_rate_per_operator": (("900", 50.0),), "sender_concurrency": 1}],
+    indirect=True,
+)
+def test_per_operator_limits_work_under_the_senders_role(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given operator 900 with a rate of its own, when the sender delivers a batch of its jobs
+    under its own role, then it reserves the operator's slots in its item and sends them (on
+    the batch's global slots or on slots of their own), and nothing is denied."""
+    import boto3
+
+    start_mailing(world, "79001230001", "79001230002", "79001230003")
+    jobs = world.take("SendQueue")
+    assert world.invoke("send_messages", sqs_event(jobs, "send")) == {"batchItemFailures": []}
+
+    assert sorted(world.gateway.accepted_ids().values()) == [1, 1, 1]
+    slots = boto3.client("dynamodb", region_name=REGION).get_item(
+        TableName=f"{PREFIX}-sequences", Key={"name": {"S": "gateway-limits#900"}}
+    )
+    assert float(slots["Item"]["tat"]["N"]) > 0
     assert denials(caplog) == []
 
 

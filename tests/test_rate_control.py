@@ -7,6 +7,7 @@ controller's state) and applies each batch's answers the way the throttle does.
 
 from __future__ import annotations
 
+import itertools
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -412,3 +413,39 @@ def test_the_answer_mix_covers_the_window_only():
     shared.report([OK] * 10)
     # Then the mix counts only the window's calls
     assert shared.status().answers == AnswerMix(calls=10, accepted=10, overload=0, retries=0)
+
+
+# ---------------------------------------------------------------- per-operator slots
+
+
+def test_an_operators_calls_never_come_closer_than_its_rate_however_late_they_leave():
+    from chalicelib.rate_control import OperatorSpacing
+
+    # Given an operator limited to 4 calls a second, its slots laid out on a global grid of
+    # 50 calls a second
+    spacing = OperatorSpacing(4.0)
+    interval = spacing.interval_on(1 / 50)
+    slots = [START + i * interval for i in range(40)]
+    # When every other call leaves as late as allowed and the rest on time
+    rng = random.Random(5)
+    departures = [slot + rng.choice((0.0, spacing.late)) for slot in slots]
+    # Then no two of its calls are closer than a quarter second: no second ever holds five
+    gaps = [b - a for a, b in itertools.pairwise(departures)]
+    assert min(gaps) >= 1 / 4 - 1e-9
+    # And its slots are on the global grid, about 91% of its rate apart at most
+    assert round(interval * 50, 9) == int(round(interval * 50, 9))
+    assert 1 / interval >= 0.85 * 4
+
+
+def test_operator_slots_start_on_the_global_grid_and_count_those_before_the_end():
+    from chalicelib.rate_control import on_grid, slots_before, slots_starting_before
+
+    # Given global slots every 0.02 s from START, and an operator free from START + 0.05
+    # Then its first slot is the next global slot, START + 0.06
+    assert on_grid(START + 0.05, START, 0.02) == pytest.approx(START + 0.06)
+    assert on_grid(START - 3, START, 0.02) == START
+    # And slots 0.5 s apart from there that start within 1.2 s are three (0.06, 0.56, 1.06)
+    assert slots_starting_before(START + 0.06, START + 1.2, 0.5) == 3
+    # While the global horizon counts only slots that end within it
+    assert slots_before(START + 0.06, START + 1.2, 0.5) == 2
+    assert slots_starting_before(START + 2, START + 1, 0.5) == 0

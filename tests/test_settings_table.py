@@ -112,3 +112,29 @@ def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str):
 
 def test_the_log_level_is_read_case_insensitively():
     assert Settings.from_env({"LOG_LEVEL": "debug"}).log_level == "DEBUG"
+
+
+def test_per_operator_rates_are_read_as_codes_and_rates():
+    # Given operators 916 and 903 with their own limits
+    settings = Settings.from_env({"GATEWAY_RATE_PER_OPERATOR": " 916=20, 903=2.5 "})
+    # Then each code has its rate, and no other operator has one
+    assert settings.operator_rates == {"916": 20.0, "903": 2.5}
+    assert Settings.from_env({"GATEWAY_RATE_PER_OPERATOR": ""}).operator_rates == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("91=20", "not an operator code"),
+        ("\uff19\uff11\uff16=20", "not an operator code"),  # full-width digits
+        ("916=0", "above 0"),
+        ("916=-5", "above 0"),
+        ("916=fast", "not operator=rate"),
+        ("916", "not operator=rate"),
+        ("916=nan", "not operator=rate"),
+        ("916=20,903=10,916=5", "916 is given more than once"),
+    ],
+)
+def test_a_bad_per_operator_rate_stops_the_start_naming_the_setting(value: str, why: str):
+    with pytest.raises(SettingsError, match=f"GATEWAY_RATE_PER_OPERATOR.*{why}"):
+        Settings.from_env({"GATEWAY_RATE_PER_OPERATOR": value})

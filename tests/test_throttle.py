@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 import boto3
@@ -15,7 +16,7 @@ import pytest
 
 from chalicelib.gateway import GatewayResult, Outcome
 from chalicelib.rate_control import GatewayState
-from chalicelib.services.throttle import ITEM_NAME, GatewayThrottle
+from chalicelib.services.throttle import ITEM_NAME, Admission, GatewayThrottle
 
 OK = GatewayResult(Outcome.SENT, "OK", 200, 0.01)
 REJECTED = GatewayResult(Outcome.REJECTED, "HTTP 400", 400, 0.01)
@@ -57,24 +58,37 @@ def slots_of(admissions) -> list[float]:
     )
 
 
-def test_independent_senders_share_one_rate(make_throttle, clock):
-    # Given four senders that each want 10 calls, many times, at the same moment
-    senders = [make_throttle() for _ in range(4)]
+def together(
+    senders: list[GatewayThrottle], times: int, ask: Callable[[GatewayThrottle], Admission]
+) -> list[Admission]:
+    """Every sender asks `times` times, all in parallel threads; what they got."""
     admissions, lock = [], threading.Lock()
 
     def hammer(throttle: GatewayThrottle) -> None:
-        for _ in range(20):
-            admission = throttle.admit(10)
-            throttle.release(admission)
+        for _ in range(times):
+            admission = ask(throttle)
             with lock:
                 admissions.append(admission)
 
-    # When they all ask together
     threads = [threading.Thread(target=hammer, args=(s,)) for s in senders]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return admissions
+
+
+def test_independent_senders_share_one_rate(make_throttle, clock):
+    # Given four senders that each want 10 calls, many times, at the same moment
+    senders = [make_throttle() for _ in range(4)]
+
+    def ask(throttle: GatewayThrottle) -> Admission:
+        admission = throttle.admit(10)
+        throttle.release(admission)
+        return admission
+
+    # When they all ask together
+    admissions = together(senders, 20, ask)
 
     # Then the slots they got are one rate: 50 a second, never two closer than 1/50 s
     slots = slots_of(admissions)
@@ -347,3 +361,80 @@ def test_a_slot_already_past_is_skipped_never_used_late(clock):
     assert slots.take(clock() + timedelta(seconds=0.15)) == clock() + timedelta(seconds=0.2)
     # And when the slots are used up, there is none: the call goes back to the queue
     assert slots.take(clock() + timedelta(seconds=0.35)) is None
+
+
+# ---------------------------------------------------------------- per operator
+
+
+@pytest.fixture
+def make_operator_throttle(services, limits, clock):
+    operator_limits = limits.model_copy(
+        update={"gateway_rate_per_operator": (("903", 2.0), ("916", 20.0))}
+    )
+
+    def make() -> GatewayThrottle:
+        return GatewayThrottle(
+            boto3.client("dynamodb", region_name="us-east-1"), operator_limits, clock
+        )
+
+    return make
+
+
+def test_independent_senders_share_one_operators_rate(make_operator_throttle, clock):
+    # Given three senders that each want slots for 4 calls of operator 903 (2 a second), many
+    # times, over the same 2 s
+    senders = [make_operator_throttle() for _ in range(3)]
+    start = clock().timestamp()
+
+    # When they all ask together
+    admissions = together(
+        senders, 5, lambda throttle: throttle.admit_operator("903", 4, start, start + 2.0, 1 / 50)
+    )
+
+    # Then their slots are far enough apart that a call leaving as late as allowed and the next
+    # one leaving on time are still half a second apart
+    slots = slots_of(admissions)
+    late = max(a.late for a in admissions)
+    assert late > 0
+    assert min(b - a for a, b in itertools.pairwise(slots)) - late >= 0.5 - 1e-6
+    # And within the 2 s the operator got four slots, the rest were told when to come back
+    assert len(slots_of(admissions)) == 4
+    refused = [a for a in admissions if a.count == 0]
+    assert refused
+    assert all(a.retry_after > 0 for a in refused)
+
+
+def test_one_operators_slots_leave_the_global_rate_and_other_operators_alone(
+    make_operator_throttle, clock
+):
+    throttle = make_operator_throttle()
+    start = clock().timestamp()
+    # Given operator 903's slots taken for the next 2 s
+    assert throttle.admit_operator("903", 10, start, start + 2.0, 1 / 50).count == 4
+    assert throttle.admit_operator("903", 1, start, start + 2.0, 1 / 50).count == 0
+    # Then operator 916 still has its own, and the global rate all of its slots
+    assert throttle.admit_operator("916", 3, start, start + 2.0, 1 / 50).count == 3
+    assert throttle.admit(10).count == 10
+    # And the status shows which operator is deferring its jobs
+    operators = {o.code: o for o in make_operator_throttle().status().operators}
+    assert operators["903"].deferring is True
+    assert operators["903"].configured_rate == 2.0
+    assert operators["903"].reserved_ahead_seconds >= 2.0
+    assert operators["916"].deferring is False
+
+
+def test_an_operators_call_keeps_a_slot_within_its_bound_and_the_others_skip_it(clock):
+    from chalicelib.services.throttle import Slots
+
+    # Given an admission of five slots 0.1 s apart, starting now
+    start = clock().timestamp()
+    slots = Slots(Admission(5, start, 0.1, 5, 0.1))
+    # When an operator's call whose slot is 0.15 s from now (at most 0.06 s late) sets one aside
+    kept = slots.take_between(start + 0.15, start + 0.21, clock())
+    # Then it gets the slot at 0.2 s, and the calls of other operators take the rest in order
+    assert kept == clock() + timedelta(seconds=0.2)
+    others = [slots.take(clock()) for _ in range(4)]
+    assert others == [clock() + timedelta(seconds=s) for s in (0, 0.1, 0.3, 0.4)]
+    # And a call whose bound holds no free slot gets none: it never leaves late
+    assert slots.take_between(start + 0.41, start + 0.45, clock()) is None
+    assert Slots(Admission.none(1.0)).take_between(start, start + 1, clock()) is None

@@ -1114,7 +1114,7 @@
         ? h("p", { class: "hint" }, `Sending last slowed at ${clock.format(new Date(g.last_slowdown.at))}: ${g.last_slowdown.reason}.`)
         : null,
       g.operators.length
-        ? h("p", { class: "hint" }, `Operator limits: ${g.operators.map((o) => `${o.code} at ${perSecond(o.configured_rate)}`).join(", ")}.`)
+        ? h("p", { class: "hint" }, `Operator limits: ${g.operators.map((o) => `${o.code} at ${perSecond(o.configured_rate)}${o.deferring ? ` (messages waiting for its rate, ${Math.ceil(o.reserved_ahead_seconds)} s of slots taken ahead)` : ""}`).join(", ")}.`)
         : null,
     ];
   }

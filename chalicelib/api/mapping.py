@@ -165,7 +165,13 @@ def gateway_status_out(status: GatewayStatus) -> GatewayStatusOut:
         ),
         last_slowdown=slowdown,
         operators=[
-            GatewayOperator(code=o.code, configured_rate=o.configured_rate)
+            GatewayOperator(
+                code=o.code,
+                configured_rate=o.configured_rate,
+                max_rate=o.max_rate,
+                reserved_ahead_seconds=o.reserved_ahead_seconds,
+                deferring=o.deferring,
+            )
             for o in status.operators
         ],
     )

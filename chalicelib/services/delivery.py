@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -53,11 +53,20 @@ from chalicelib.services.queues import (
     coalesce,
 )
 from chalicelib.services.storage import Retry, is_transient
-from chalicelib.services.throttle import GatewayThrottle, RetryBudget, Slots
+from chalicelib.services.throttle import (
+    LATE_SECONDS,
+    Admission,
+    GatewayThrottle,
+    RetryBudget,
+    Slots,
+)
 from chalicelib.settings import OUTCOME_WRITE_SECONDS, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
+# How long a batch of one rate-limited operator's jobs may wait for that operator's slots; the
+# rest of its jobs go back to the queue (a longer wait holds the invocation's other messages).
+OPERATOR_PATIENCE_SECONDS = 1.0
 # A job may arrive a moment before its fan-out page commits; wait for that this long at most.
 UNCOMMITTED_GRACE = timedelta(minutes=2)
 UNCOMMITTED_RETRY_SECONDS = 2
@@ -205,6 +214,10 @@ class _Job:
     claim: str | None = None
     claim_until: datetime | None = None
     answer: GatewayResult | None = None
+    # A rate-limited operator's job: its call leaves in [earliest, latest] (epoch seconds).
+    operator_slot: tuple[float, float] | None = None
+    # The global slot set aside for its call when the batch was admitted.
+    planned: datetime | None = None
 
 
 class Sender:
@@ -356,11 +369,19 @@ class Sender:
         claimed = [item for item in ready if item.claim is not None]
         if not claimed:
             return errors
-        admission = self._throttle.admit(len(claimed))
+        claimed, later, refused = self._operator_slots(pool, claimed)
+        errors += refused
+        if not claimed and not later:
+            return errors
+        admission = self._throttle.admit(len(claimed)) if claimed else Admission.none(0)
         admitted, waiting = claimed[: admission.count], claimed[admission.count :]
         errors += self._each(pool, self._give_back, waiting, admission.retry_after)
+        # Calls whose operator slot comes after the batch's global slots take their own then.
+        admitted += later
         permits = threading.BoundedSemaphore(max(1, admission.permits))
         slots = Slots(admission)
+        if any(item.operator_slot for item in admitted):
+            admitted = self._plan(admitted, slots)
         budget = ready[0].run.budget = self._throttle.retry_budget()
         try:
             errors += self._each(pool, self._call, admitted, permits, slots)
@@ -370,6 +391,70 @@ class Sender:
             answers = [item.answer for item in admitted if item.answer is not None]
             self._throttle.release(admission, answers, budget.taken)
         return errors
+
+    def _operator_slots(
+        self, pool: ThreadPoolExecutor, claimed: list[_Job]
+    ) -> tuple[list[_Job], list[_Job], list[Exception]]:
+        """Slots of the rate-limited operators (GATEWAY_RATE_PER_OPERATOR) for the batch's calls,
+        one write per such operator; their jobs that get none go back to the queue before they
+        take a global slot or permit, no attempt spent. Returns the jobs that take the batch's
+        global slots (operators' first), those that take a global slot of their own when their
+        operator slot comes, and the errors.
+
+        Operator slots fall where the batch's global slots are expected, so the sender does not
+        sit waiting on a slow operator while other operators' calls are ready; a batch of one
+        operator only waits for its slots up to OPERATOR_PATIENCE_SECONDS (the invocation's
+        other SQS messages wait for it)."""
+        by_operator: dict[str, list[_Job]] = {}
+        for item in claimed:
+            code = item.client.operator_code
+            if self._throttle.limited(code):
+                by_operator.setdefault(code, []).append(item)
+        if not by_operator:
+            return claimed, [], []
+        start, interval = self._throttle.expected_slots()
+        going: list[_Job] = []
+        errors: list[Exception] = []
+        for code, jobs in by_operator.items():
+            alone = len(jobs) == len(claimed)
+            until = start + (OPERATOR_PATIENCE_SECONDS if alone else len(claimed) * interval)
+            try:
+                admission = self._throttle.admit_operator(code, len(jobs), start, until, interval)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                # The operator's item is busy or throttled: its jobs come back, no attempt spent.
+                logger.warning("operator %s: no slots for now", code, exc_info=True)
+                admission = Admission.none(1.0)
+            for index, item in enumerate(jobs[: admission.count]):
+                earliest = admission.start + index * admission.interval
+                item.operator_slot = (earliest, earliest + admission.late)
+            going += jobs[: admission.count]
+            deferred = jobs[admission.count :]
+            errors += self._each(pool, self._give_back, deferred, admission.retry_after)
+        going += [item for item in claimed if item.operator_slot is None and item.claim is not None]
+        # The batch's global slots, as expected now that some jobs went back.
+        end = start + len(going) * interval
+        own = [item for item in going if item.operator_slot and item.operator_slot[0] >= end]
+        return [item for item in going if item not in own], own, errors
+
+    def _plan(self, admitted: list[_Job], slots: Slots) -> list[_Job]:
+        """Set aside each call's global slot (an operator's call: one within its operator slot),
+        and order the calls by it, so a sender with few threads makes them in time."""
+        now = self._clock()
+        for item in admitted:
+            if item.operator_slot is not None:
+                item.planned = slots.take_between(*item.operator_slot, now)
+        for item in admitted:
+            if item.operator_slot is None:
+                item.planned = slots.take(now)
+
+        def when(item: _Job) -> float:
+            if item.planned is not None:
+                return item.planned.timestamp()
+            return item.operator_slot[0] if item.operator_slot else math.inf
+
+        return sorted(admitted, key=when)
 
     def _claim(self, item: _Job) -> JobResult | None:
         """Claim the message for a call; the job's result if it cannot be claimed."""
@@ -562,13 +647,18 @@ class Sender:
         job, log, claim = item.job, self._log(item), item.claim
         assert claim is not None
         last = max(self._clock(), slots.last)
+        if item.operator_slot is not None:
+            last = max(last, _moment(item.operator_slot[1]))
         if self._too_late(item, last):
             return self._too_late_now(item, last)
+        if item.operator_slot is not None and item.planned is None:
+            # Its slot comes after the batch's: wait for it without holding a permit.
+            self._wait_until(_moment(item.operator_slot[0]))
         with permits:
-            slot = slots.take(self._clock())
+            slot = self._slot(item, slots)
             extra = None
             if slot is None:
-                extra = self._throttle.admit(1)
+                extra = self._fresh_slot(item)
                 fresh = extra.slot(0) if extra.count else None
                 if fresh is None or self._too_late(item, fresh):
                     self._throttle.release(extra)
@@ -590,6 +680,31 @@ class Sender:
                     self._throttle.release(extra)
         item.answer = result
         return self._record(item, claim, result, item.mailing, log)
+
+    def _slot(self, item: _Job, slots: Slots) -> datetime | None:
+        """The call's global slot: the one set aside for it, unless already past (then, for a
+        call of an operator without a limit, the next free one)."""
+        now = self._clock()
+        if item.planned is not None and item.planned.timestamp() >= now.timestamp() - LATE_SECONDS:
+            return item.planned
+        if item.operator_slot is not None:
+            earliest, latest = item.operator_slot
+            return slots.take_between(earliest, latest, now)
+        return slots.take(now)
+
+    def _fresh_slot(self, item: _Job) -> Admission:
+        """One global slot of its own for a call whose batch's slots did not serve; an operator's
+        call asks for it at its operator slot and takes it only within that slot's bound."""
+        if item.operator_slot is None:
+            return self._throttle.admit(1)
+        earliest, latest = item.operator_slot
+        self._wait_until(_moment(earliest))
+        extra = self._throttle.admit(1)
+        if extra.count and extra.start > latest:
+            # Leaving later could bring it closer than the operator's rate to its next call.
+            self._throttle.release(extra)
+            return Admission.none(max(extra.retry_after, extra.start - earliest))
+        return extra
 
     def _record(
         self, item: _Job, claim: str, result: GatewayResult, mailing: Any, log: dict
@@ -743,6 +858,10 @@ class Sender:
             )
         )
         return JobResult.FAILED if failed else JobResult.SKIPPED
+
+
+def _moment(epoch_seconds: float) -> datetime:
+    return datetime.fromtimestamp(epoch_seconds, UTC)
 
 
 def _text_for(item: _Job) -> str:

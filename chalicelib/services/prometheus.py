@@ -90,6 +90,16 @@ def _gateway(status: GatewayStatus) -> list[str]:
             "Gateway calls a second allowed to one mobile operator (GATEWAY_RATE_PER_OPERATOR).",
             (({"operator": o.code}, o.configured_rate) for o in status.operators),
         )
+        lines += _family(
+            "sms_gateway_operator_backlog_seconds",
+            "How far ahead one mobile operator's send slots are taken.",
+            (({"operator": o.code}, o.reserved_ahead_seconds) for o in status.operators),
+        )
+        lines += _family(
+            "sms_gateway_operator_deferring",
+            "1 while a mobile operator's messages wait in the queue for its rate.",
+            (({"operator": o.code}, float(o.deferring)) for o in status.operators),
+        )
     return lines
 
 

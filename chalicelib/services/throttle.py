@@ -13,6 +13,12 @@ SQS with a delay instead of holding a Lambda while they wait.
 the same item: `held` counts them and `holders` says who holds how many until when, so permits
 of a sender that died come back when its lease ends. Taking permits and slots is one write.
 
+**Per operator** (`GATEWAY_RATE_PER_OPERATOR`). A limited operator has its own slots item
+(`gateway-limits#<code>`, same algorithm, one conditional write per batch). Its calls leave on
+global slots too, at most `late` after their operator slot, and its slots are `late` more than
+1 / rate apart (`rate_control.OperatorSpacing`), so two of its calls are never closer than
+1 / rate. Its jobs that get no slot go back to SQS before they take a global slot or a permit.
+
 **Back-pressure** (decided in `chalicelib/rate_control.py`, pure). Each batch's answers are
 counted in the same item, per 10 s bucket over a two-minute window (calls, accepted, overload
 answers, retries granted), folded into the write that gives the batch's permits back, so the
@@ -50,18 +56,23 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.gateway import GatewayResult
 from chalicelib.rate_control import (
     Control,
     GatewayStatus,
+    OperatorSpacing,
+    OperatorStatus,
     Tally,
     Verdict,
     Window,
     bucket_of,
     classify,
     decide,
+    on_grid,
+    slots_before,
+    slots_starting_before,
 )
 from chalicelib.settings import Settings
 
@@ -75,6 +86,8 @@ _ATTEMPTS = 6
 PROBING_REQUEUE_SECONDS = 5.0
 # A call may leave this much after its slot (thread scheduling); later, it takes the next slot.
 LATE_SECONDS = 0.02
+# An operator's jobs sent back for want of a slot this recently: it is "deferring".
+OPERATOR_DEFERRING_SECONDS = 10.0
 # The window's counters: one attribute per kind and bucket, e.g. `r_177342` (ADD creates it).
 _COUNTERS = {"r": "requests", "a": "accepts", "o": "overloads", "t": "retries", "l": "latency"}
 _COUNTER = re.compile(r"^([raotl])_(\d+)$")
@@ -109,6 +122,8 @@ class Admission:
     permits: int
     retry_after: float
     holder: str | None = None
+    # An operator's slots: a call may leave this long after its slot, not later.
+    late: float = 0.0
 
     def slot(self, index: int) -> datetime:
         return datetime.fromtimestamp(self.start + index * self.interval, UTC)
@@ -129,6 +144,7 @@ class Slots:
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
         self._next = 0
+        self._used: set[int] = set()  # taken out of order by `take_between`
         self._lock = threading.Lock()
 
     @property
@@ -143,8 +159,26 @@ class Slots:
             while self._next < self._admission.count:
                 index = self._next
                 self._next += 1
+                if index in self._used:
+                    continue
                 if self._admission.start + index * self._admission.interval >= earliest:
                     return self._admission.slot(index)
+        return None
+
+    def take_between(self, earliest: float, latest: float, now: datetime) -> datetime | None:
+        """The first free slot in [earliest, latest] (epoch seconds) not yet past, kept for the
+        caller (a call of a rate-limited operator: it may leave only then); None if none is."""
+        first = max(earliest, now.timestamp() - LATE_SECONDS)
+        start, interval = self._admission.start, self._admission.interval
+        if self._admission.count == 0:
+            return None
+        with self._lock:
+            index = max(self._next, math.ceil((first - start) / interval - 1e-9))
+            while index < self._admission.count and start + index * interval <= latest:
+                if index not in self._used:
+                    self._used.add(index)
+                    return self._admission.slot(index)
+                index += 1
         return None
 
 
@@ -232,6 +266,9 @@ class GatewayThrottle:
         self._clock = clock
         self._lock = threading.Lock()
         self._known: _State | None = None
+        self._operators = settings.operator_rates
+        self._operator_tat: dict[str, float] = {}
+        self._deferral_noted: dict[str, float] = {}
 
     # ---------------------------------------------------------------- admission
 
@@ -248,7 +285,7 @@ class GatewayThrottle:
             interval = control.interval(self._rate)
             horizon = max(HORIZON_SECONDS, interval)
             base = max(state.tat, now)
-            room = math.floor((now + horizon - base) / interval + 1e-9)
+            room = slots_before(base, now + horizon, interval)
             if room <= 0:
                 return Admission.none(self._later(control, base - now - horizon + interval))
             free = self._concurrency - state.held
@@ -270,6 +307,122 @@ class GatewayThrottle:
             later = self._later(control, interval)
             return Admission(count, start, interval, permits, later, holder)
         return Admission.none(0.5)
+
+    # ---------------------------------------------------------------- per operator
+
+    def limited(self, operator_code: str) -> bool:
+        """Whether `operator_code` has a rate of its own (GATEWAY_RATE_PER_OPERATOR)."""
+        return operator_code in self._operators
+
+    def expected_slots(self) -> tuple[float, float]:
+        """Where the next global slot begins and how far apart the slots are, as this sender
+        last saw the shared item (no request): where a batch's operator slots should fall."""
+        state = self._known
+        now = self._now()
+        if state is None:
+            return now, 1 / self._rate
+        return max(state.tat, now), state.control.interval(self._rate)
+
+    def admit_operator(
+        self, operator_code: str, wanted: int, not_before: float, until: float, grid: float
+    ) -> Admission:
+        """Reserve slots of one rate-limited operator for up to `wanted` calls, none before
+        `not_before` and all beginning before `until` (epoch seconds): one conditional write on
+        the operator's own item. The first slot is on the grid `not_before + k * grid` (where
+        the batch's global slots are expected). Each call still needs a global slot within
+        `late` of its own (see OperatorSpacing); the calls that got none wait `retry_after`."""
+        spacing = OperatorSpacing(self._operators[operator_code])
+        interval = spacing.interval_on(grid)
+        tat = self._operator_tat.get(operator_code, 0.0)
+        for _ in range(_ATTEMPTS):
+            now = self._now()
+            base = on_grid(max(tat, now), not_before, grid)
+            count = min(wanted, slots_starting_before(base, until, interval))
+            if count <= 0:
+                self._note_deferral(operator_code, now)
+                return Admission.none(base - now)
+            new = base + count * interval
+            written = self._try_write_operator(operator_code, tat, new, now, count < wanted)
+            if written:
+                self._operator_tat[operator_code] = new
+                if count < wanted:
+                    self._deferral_noted[operator_code] = now
+                return Admission(count, base, interval, 0, max(0.0, new - now), late=spacing.late)
+            tat = self._read_operator(operator_code).get("tat", 0.0)
+        return Admission.none(0.5)
+
+    def operator_limits_status(self, now: datetime | None = None) -> list[OperatorStatus]:
+        """Per rate-limited operator, as the shared items have it now (one read each): its
+        rate, what its slots allow, how far ahead they are taken and whether its jobs went back
+        to the queue for want of a slot in the last OPERATOR_DEFERRING_SECONDS."""
+        moment = (now or self._clock()).timestamp()
+        status = []
+        for code, rate in sorted(self._operators.items()):
+            item = self._read_operator(code)
+            deferred_at = item.get("deferred_at")
+            status.append(
+                OperatorStatus(
+                    code=code,
+                    configured_rate=rate,
+                    max_rate=round(1 / OperatorSpacing(rate).interval_on(1 / self._rate), 3),
+                    reserved_ahead_seconds=round(max(0.0, item.get("tat", 0.0) - moment), 3),
+                    deferring=deferred_at is not None
+                    and moment - deferred_at < OPERATOR_DEFERRING_SECONDS,
+                )
+            )
+        return status
+
+    def _try_write_operator(
+        self, operator_code: str, seen: float, new: float, now: float, deferring: bool
+    ) -> bool:
+        """Move the operator's slots from `seen` (as this sender last saw them) to `new`."""
+        update = "SET tat = :new"
+        values = {":new": _n(new), ":seen": _n(seen)}
+        if deferring:  # some of the batch's jobs of this operator go back to the queue
+            update += ", deferred_at = :now"
+            values[":now"] = _n(now)
+        condition = "tat = :seen"
+        if seen == 0:
+            condition = "attribute_not_exists(tat) OR tat = :seen"
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key={"name": {"S": _operator_item(operator_code)}},
+                UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _conditional(exc):
+                return False
+            raise
+        return True
+
+    def _note_deferral(self, operator_code: str, now: float) -> None:
+        """Record for the status that this operator's jobs go back to the queue: at most one
+        write a second per sender, and a failed one only costs the status a moment."""
+        if now - self._deferral_noted.get(operator_code, -math.inf) < 1.0:
+            return
+        self._deferral_noted[operator_code] = now
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key={"name": {"S": _operator_item(operator_code)}},
+                UpdateExpression="SET deferred_at = :now",
+                ExpressionAttributeValues={":now": _n(now)},
+            )
+        except (ClientError, BotoCoreError):
+            logger.warning("could not note an operator's deferred jobs", exc_info=True)
+
+    def _read_operator(self, operator_code: str) -> dict[str, float]:
+        item = self._db.get_item(
+            TableName=self._table,
+            Key={"name": {"S": _operator_item(operator_code)}},
+            ConsistentRead=True,
+        ).get("Item", {})
+        numbers = {name: float(value["N"]) for name, value in item.items() if "N" in value}
+        self._operator_tat[operator_code] = numbers.get("tat", 0.0)
+        return numbers
 
     @staticmethod
     def _later(control: Control, wait: float) -> float:
@@ -315,14 +468,16 @@ class GatewayThrottle:
         item = self._db.get_item(
             TableName=self._table, Key={"name": {"S": ITEM_NAME}}, ConsistentRead=True
         ).get("Item")
-        return self._status_of(_State.of(item or {}))
+        return self._status_of(_State.of(item or {}), tuple(self.operator_limits_status()))
 
     def known_status(self) -> GatewayStatus | None:
         """The status as this sender last saw the item (no request); None before it saw it."""
         state = self._known
         return self._status_of(state) if state else None
 
-    def _status_of(self, state: _State) -> GatewayStatus:
+    def _status_of(
+        self, state: _State, operators: tuple[OperatorStatus, ...] = ()
+    ) -> GatewayStatus:
         return GatewayStatus.of(
             state.control,
             state.window,
@@ -330,6 +485,7 @@ class GatewayThrottle:
             self._now(),
             why=state.why,
             why_at=state.why_at,
+            operators=operators,
         )
 
     # ---------------------------------------------------------------- back-pressure
@@ -560,6 +716,11 @@ class GatewayThrottle:
 
     def _now(self) -> float:
         return self._clock().timestamp()
+
+
+def _operator_item(operator_code: str) -> str:
+    """The name of one operator's slots item, beside the global one."""
+    return f"{ITEM_NAME}#{operator_code}"
 
 
 def _same_version(state: _State) -> str:
