@@ -183,6 +183,12 @@ class Window:
         tally = self.total(now)
         return max(0, math.floor(RETRY_RATIO * tally.requests) + RETRY_RESERVE - tally.retries)
 
+    def works(self, now: float) -> bool:
+        """Whether the gateway is known to work: enough calls in the window and at least half
+        of them accepted (so a failure is bad luck, not an outage)."""
+        tally = self.total(now)
+        return tally.requests >= RATIO_MIN_CALLS and tally.accepts * K >= tally.requests
+
     def mean_latency(self, now: float) -> float | None:
         """Mean latency of the window's accepted calls (None: too few to tell)."""
         tally = self.total(now)

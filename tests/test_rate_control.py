@@ -305,3 +305,20 @@ def test_the_retry_budget_keeps_retries_to_about_a_fifth_of_the_calls():
 
 def test_a_quiet_window_still_allows_a_few_retries():
     assert Window({}).retry_budget(START) == 10
+
+
+def test_the_gateway_is_known_to_work_only_while_most_of_many_calls_are_accepted():
+    # Given a gateway failing 30% of the calls at random for a few seconds
+    shared, rng = Shared(), random.Random(5)
+    for _ in range(5):
+        shared.report(batches_of(rng, 0.3, SERVER_ERROR))
+        shared.advance(1.0)
+    # Then it is known to work: a failure there is bad luck (its retry may come back soon)
+    assert shared.window.works(shared.now)
+    # But a handful of calls, or a window where most calls fail, tells nothing of the kind
+    assert not Window({}).plus(START, Tally(requests=5, accepts=5)).works(START)
+    failing = Shared()
+    for _ in range(5):
+        failing.report(batches_of(rng, 0.7, SERVER_ERROR))
+        failing.advance(1.0)
+    assert not failing.window.works(failing.now)

@@ -75,6 +75,10 @@ READ_ATTEMPTS = 4
 DEADLINE_RESERVE_SECONDS = 0.5
 # Without an invocation's clock (scripts, tests): Lambda's longest timeout.
 DEFAULT_BUDGET_SECONDS = 900.0
+# A bad-luck retry the shared budget grants, while most calls succeed, backs off from this and
+# not from RETRY_BASE_SECONDS: the gateway works and the shared rate bounds the load, so a long
+# wait only leaves the rate unused while the end comes closer (1, 1-2, 2-4 s, ...).
+BAD_LUCK_RETRY_BASE_SECONDS = 1.0
 
 Remaining = Callable[[], float]
 
@@ -346,16 +350,26 @@ class Sender:
         if paused > 0 or not self._call_fits(ready[0]):
             # Known to be paused, or too little time left for a call: no claim, no call; back
             # later, no attempt spent.
+            later = self._spread(paused)
             for item in ready:
-                item.result = self._throttled(item, paused)
+                item.result = self._throttled(item, later, spread=False)
             return []
-        errors = self._each(pool, self._claim, ready)
-        claimed = [item for item in ready if item.claim is not None]
+        # While the gateway seems down a batch makes one probe call: the others are not claimed
+        # (two writes each saved, every time the backlog comes round).
+        allowed, wait = self._throttle.expected_room(len(ready))
+        later = self._spread(wait)
+        for item in ready[allowed:]:
+            item.result = self._throttled(item, later, spread=False)
+        errors = self._each(pool, self._claim, ready[:allowed])
+        claimed = [item for item in ready[:allowed] if item.claim is not None]
         if not claimed:
             return errors
         admission = self._throttle.admit(len(claimed))
         admitted, waiting = claimed[: admission.count], claimed[admission.count :]
-        errors += self._each(pool, self._give_back, waiting, admission.retry_after)
+        # One delay for the batch's jobs that got no slot, so they go back in one SQS message: a
+        # backlog split into single jobs costs a sender invocation per job once sending resumes.
+        later = self._spread(admission.retry_after)
+        errors += self._each(pool, self._give_back, waiting, later, False)
         permits = threading.BoundedSemaphore(max(1, admission.permits))
         slots = Slots(admission)
         budget = ready[0].run.budget = self._throttle.retry_budget()
@@ -382,10 +396,10 @@ class Sender:
         item.claim_until = now + timedelta(seconds=seconds)
         return None
 
-    def _give_back(self, item: _Job, wait: float = 0.0) -> JobResult:
+    def _give_back(self, item: _Job, wait: float = 0.0, spread: bool = True) -> JobResult:
         """A claimed message that will not be sent now: unclaimed, its attempt undone, later."""
         self._unclaim(item)
-        return self._throttled(item, wait)
+        return self._throttled(item, wait, spread=spread)
 
     def _unclaim(self, item: _Job) -> None:
         assert item.claim is not None
@@ -424,12 +438,15 @@ class Sender:
         item.requeue = self._later(item, item.job, wait)
         return JobResult.DEFERRED
 
-    def _throttled(self, item: _Job, wait: float = 0.0) -> JobResult:
-        """Over the shared rate or paused by back-pressure: back later, no attempt spent."""
-        # Spread (up to 5 s) so deferred jobs do not all come back in the same second.
-        spread = min(max(1.0, wait), THROTTLED_SPREAD_SECONDS)
-        item.requeue = self._later(item, item.job, wait + self._rng.uniform(0, spread))
+    def _throttled(self, item: _Job, wait: float = 0.0, *, spread: bool = True) -> JobResult:
+        """Over the shared rate or paused by back-pressure: back later, no attempt spent
+        (after `wait` plus a spread, or after exactly `wait` when it is spread already)."""
+        item.requeue = self._later(item, item.job, self._spread(wait) if spread else wait)
         return JobResult.THROTTLED
+
+    def _spread(self, wait: float) -> float:
+        """`wait` plus up to 5 s, so deferred batches do not all come back in the same second."""
+        return wait + self._rng.uniform(0, min(max(1.0, wait), THROTTLED_SPREAD_SECONDS))
 
     def _kick_if_drained(self, mailing_id: str, retry: Retry) -> None:
         # The last message out: let the scheduler finish the mailing now, not at its next tick.
@@ -642,7 +659,11 @@ class Sender:
             )
             self._finish(item, MessageStatus.FAILED, claim, error)
             return JobResult.DEAD_LETTERED
-        delay = self._backoff(retries)
+        # Unless the gateway is known to work, back off as configured: during an outage (or
+        # before the window knows) a short backoff would spend the attempts within minutes.
+        delay = self._backoff(
+            retries, BAD_LUCK_RETRY_BASE_SECONDS if self._throttle.gateway_works() else None
+        )
         if now + timedelta(seconds=delay) >= mailing.end_at:
             return self._finish(item, MessageStatus.EXPIRED, claim, result.detail)
         logger.warning(
@@ -684,12 +705,13 @@ class Sender:
         )
         return Delayed(batch, min(SQS_MAX_DELAY_SECONDS, max(0, math.ceil(delay_seconds))))
 
-    def _backoff(self, retries: int) -> float:
-        """Exponential backoff with jitter: spreads retries so a recovering gateway is not hit."""
-        ceiling = min(
-            self._settings.retry_max_seconds,
-            self._settings.retry_base_seconds * 2 ** (retries - 1),
-        )
+    def _backoff(self, retries: int, base: float | None = None) -> float:
+        """Exponential backoff with jitter: spreads retries so a recovering gateway is not hit;
+        from `base` when that is below RETRY_BASE_SECONDS."""
+        first = self._settings.retry_base_seconds
+        if base is not None:
+            first = min(first, base)
+        ceiling = min(self._settings.retry_max_seconds, first * 2 ** (retries - 1))
         return max(1.0, self._rng.uniform(ceiling / 2, ceiling))
 
     def _unclaimable(self, item: _Job, message: Any | None, now: Any, log: dict) -> JobResult:
