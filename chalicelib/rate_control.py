@@ -36,11 +36,13 @@ OUTAGE_RUN = 20
 PROBE_INTERVAL_SECONDS = 1.0
 # Speed (share of the configured rate): its floor, the cut and the climb per second of good
 # answers (1/16 * 1.5**7 > 1: back at the configured rate within 7 s), and where it climbs
-# from after an outage (not at full rate at once: no thundering herd).
+# from after an outage: a quarter, not the full rate at once (no thundering herd), and at 90%
+# four seconds after the first probe that got through (from 1/8 it took five, and the
+# backlog's return through SQS comes on top).
 MIN_SPEED = 1 / 16
 CUT = 0.5
 GROWTH_PER_SECOND = 1.5
-RESTART_SPEED = 1 / 8
+RESTART_SPEED = 1 / 4
 # One cut per this long, whichever sender sees the overload (a batch's answers arrive together).
 CUT_SPACING_SECONDS = 1.0
 RAISE_SPACING_SECONDS = 1.0
@@ -104,6 +106,11 @@ def classify(result: GatewayResult, now: float) -> Verdict:
         return Verdict(Kind.OVERLOAD, retry_after)
     # Other 5xx, a 200 without the success code, timeouts, network errors.
     return Verdict(Kind.BAD_LUCK)
+
+
+def unreachable(result: GatewayResult) -> bool:
+    """No answer at all: the connection was refused or dropped (a timeout is not this)."""
+    return result.status_code is None and result.detail.startswith("network error")
 
 
 # ---------------------------------------------------------------- the window

@@ -416,6 +416,27 @@ def test_an_outage_is_probed_not_hammered_and_sending_resumes_at_full_speed(
     assert_counters_match_records(pipeline, mailing["id"])
 
 
+# One thread per SQS message: the batch's calls leave one after the other, as their slots say.
+@pytest.mark.parametrize("settings", [{"sender_concurrency": 1}], indirect=True)
+def test_a_batch_stops_calling_a_gateway_that_refuses_its_connections(
+    api, pipeline, clock, gateway, calls
+):
+    # Given ten clients (one batch of jobs) and a gateway that refuses every connection
+    for n in range(10):
+        add_client(api, f"790000000{n:02d}")
+    gateway.start_outage(3600, "refuse")
+    mailing = create_mailing(api, clock)
+    # When the batch is delivered
+    pipeline.run(until=clock() + timedelta(seconds=1), step=timedelta(seconds=1))
+    # Then after two calls in a row got no answer at all (and one already leaving), the others
+    # waited instead of following them (before any sender had counted twenty failures), no
+    # attempt spent
+    assert len(calls) <= 3
+    messages = pipeline.messages(mailing["id"])
+    assert Counter(m.status for m in messages) == Counter({"pending": 10})
+    assert sum(int(m.attempts or 0) for m in messages) <= 3
+
+
 def test_while_the_gateway_is_down_only_the_probe_is_claimed(
     api, pipeline, services, clock, gateway, calls, monkeypatch
 ):

@@ -270,6 +270,24 @@ def test_sending_is_back_at_90_percent_of_the_rate_within_10_s_of_recovery():
     assert 2 <= seconds <= 10
 
 
+def test_after_an_outage_the_climb_starts_at_a_quarter_and_reaches_90_percent_in_4_s():
+    # Given probing after an outage
+    shared = Shared()
+    for _ in range(3):
+        shared.report([REFUSED] * 10)
+        shared.advance(1)
+    # When the probe gets through
+    shared.report([OK])
+    recovered = shared.now
+    # Then sending restarts at a quarter of the rate, not at once
+    assert shared.rate() == pytest.approx(RATE / 4)
+    # And with good answers (a batch every 0.2 s) it is at 90% within 4 s
+    while shared.rate() < 0.9 * RATE:
+        shared.advance(0.2)
+        shared.report([OK] * 10)
+    assert shared.now - recovered <= 4.01
+
+
 def test_sending_climbs_back_after_429s_stop():
     shared = Shared()
     shared.report([OK] * 10)

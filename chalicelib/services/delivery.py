@@ -41,7 +41,7 @@ from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow, r
 from chalicelib.gateway import GatewayClient, GatewayResult
 from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models
-from chalicelib.rate_control import Kind, classify
+from chalicelib.rate_control import Kind, classify, unreachable
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import (
@@ -53,7 +53,12 @@ from chalicelib.services.queues import (
     coalesce,
 )
 from chalicelib.services.storage import Retry, is_transient
-from chalicelib.services.throttle import GatewayThrottle, RetryBudget, Slots
+from chalicelib.services.throttle import (
+    PROBING_REQUEUE_SECONDS,
+    GatewayThrottle,
+    RetryBudget,
+    Slots,
+)
 from chalicelib.settings import OUTCOME_WRITE_SECONDS, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -75,6 +80,8 @@ READ_ATTEMPTS = 4
 DEADLINE_RESERVE_SECONDS = 0.5
 # Without an invocation's clock (scripts, tests): Lambda's longest timeout.
 DEFAULT_BUDGET_SECONDS = 900.0
+# Calls of one batch in a row with no answer at all after which its other calls wait.
+UNREACHABLE_RUN = 2
 # SQS messages one sender invocation works on at once: a message waits for its slowest gateway
 # call (up to the read timeout), and the messages behind it need not wait with it.
 MESSAGES_AT_ONCE = 2
@@ -179,6 +186,26 @@ class _MailingWatch:
             return self._mailing
 
 
+class _Unreachable:
+    """A batch's calls in a row that got no answer at all (refused or dropped connections).
+    After UNREACHABLE_RUN of them the batch's other calls wait instead of following them into
+    a gateway that is down (senders learn of the outage only when their batches end)."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait  # one delay for all of the batch's calls that wait
+        self._run = 0
+        self._lock = threading.Lock()
+
+    def note(self, result: GatewayResult) -> None:
+        with self._lock:
+            self._run = self._run + 1 if unreachable(result) else 0
+
+    @property
+    def seems_down(self) -> bool:
+        with self._lock:
+            return self._run >= UNREACHABLE_RUN
+
+
 @dataclass
 class _Delivery:
     """What the jobs of one delivery share: the invocation's clock, the storage retries bounded
@@ -191,6 +218,8 @@ class _Delivery:
     watch: _MailingWatch | None = None
     # Retries of bad-luck answers this delivery may still grant (the shared retry budget).
     budget: RetryBudget | None = None
+    # Whether the gateway stopped answering at all during this delivery's calls.
+    gone: _Unreachable | None = None
 
 
 @dataclass
@@ -384,6 +413,7 @@ class Sender:
         permits = threading.BoundedSemaphore(max(1, admission.permits))
         slots = Slots(admission)
         budget = ready[0].run.budget = self._throttle.retry_budget()
+        ready[0].run.gone = _Unreachable(self._spread(PROBING_REQUEUE_SECONDS))
         try:
             errors += self._each(pool, self._call, admitted, permits, slots)
         finally:
@@ -606,10 +636,15 @@ class Sender:
                 stop = self._cleared(item)
                 if stop is not None:
                     return stop
+                gone = item.run.gone
+                if gone is not None and gone.seems_down:
+                    return self._give_back(item, gone.wait, False)
                 gateway = self._gateway()
                 assert gateway is not None  # checked by _prepare
                 item.called_gateway = True
                 result = gateway.send(job.message_id, item.client.phone, _text_for(item))
+                if gone is not None:
+                    gone.note(result)
             finally:
                 if extra is not None:
                     self._throttle.release(extra)
