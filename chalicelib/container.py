@@ -21,7 +21,7 @@ from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models, build_models
 from chalicelib.services.clients import ClientDirectory
-from chalicelib.services.delivery import MESSAGES_AT_ONCE, Sender
+from chalicelib.services.delivery import Sender
 from chalicelib.services.imports import ClientImports
 from chalicelib.services.mailings import MailingService
 from chalicelib.services.messages import MessageStore
@@ -143,7 +143,7 @@ def gateway_factory(settings: Settings) -> Callable[[], GatewayClient | None]:
             token,
             connect_timeout=settings.gateway_connect_timeout,
             read_timeout=settings.gateway_read_timeout,
-            pool_size=settings.sender_concurrency * MESSAGES_AT_ONCE,
+            pool_size=settings.sender_concurrency,
         )
 
     return make

@@ -7,11 +7,9 @@ that the merge template defines, but the merge can replace a plain string).
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aws_lambda_powertools.utilities.batch import (
@@ -24,7 +22,6 @@ from chalice import Blueprint, Cron, Rate
 from pydantic import ValidationError
 
 from chalicelib.container import services
-from chalicelib.services.delivery import MESSAGES_AT_ONCE
 from chalicelib.services.queues import ImportChunk, JobBatch
 
 logger = logging.getLogger(__name__)
@@ -99,19 +96,6 @@ def import_clients(event: Any) -> None:
         current.imports.process(chunk, last_attempt=receives >= current.settings.max_receive_count)
 
 
-class _RecordsAtOnce(BatchProcessor):
-    """Powertools' SQS batch processor working on MESSAGES_AT_ONCE records at a time (each in
-    a copy of the invocation's context); failures are still reported per record."""
-
-    def process(self) -> list[tuple]:
-        with ThreadPoolExecutor(MESSAGES_AT_ONCE, "records") as pool:
-            futures = [
-                pool.submit(contextvars.copy_context().run, self._process_record, record)
-                for record in self.records
-            ]
-            return [future.result() for future in futures]
-
-
 def _send_record(record: SQSRecord, lambda_context: Any = None) -> None:
     try:
         batch = JobBatch.model_validate_json(record.body)
@@ -136,7 +120,7 @@ def send_messages(event: Any) -> dict:
     response = process_partial_response(
         event=raw,
         record_handler=_send_record,
-        processor=_RecordsAtOnce(event_type=EventType.SQS),
+        processor=BatchProcessor(event_type=EventType.SQS),
         context=event.context,
     )
     _count_dead_letters(raw, response)

@@ -847,44 +847,6 @@ def test_one_failing_record_is_reported_alone_and_its_siblings_are_not_sent_agai
     assert sorted(gateway.accepted_ids().values()) == [1] * 6
 
 
-def test_a_slow_gateway_call_does_not_hold_back_the_next_sqs_message_of_the_invocation(
-    api, pipeline, services, clock, gateway, send_lambda
-):
-    # Given two SQS messages of one job each, and a gateway whose answer to the first waits
-    # (up to 3 s, a read timeout's worth) until another call arrives
-    object.__setattr__(services.settings, "jobs_per_message", 1)
-    for n in range(2):
-        add_client(api, f"7900000000{n}")
-    create_mailing(api, clock)
-    bodies = queued_batches(pipeline)
-    first = JobBatch.model_validate_json(bodies[0]).jobs[0].message_id
-    another_call = threading.Event()
-    waited: list[bool] = []
-    make = services.sender._gateway
-
-    class SlowFirst:
-        def __init__(self, inner):
-            self._inner = inner
-
-        def send(self, message_id, phone, text):
-            if message_id == first:
-                waited.append(another_call.wait(timeout=3.0))
-            else:
-                another_call.set()
-            return self._inner.send(message_id, phone, text)
-
-    services.sender._gateway = lambda: SlowFirst(make())
-
-    # When the send Lambda handles both in one invocation
-    response = send_lambda.invoke("send_messages", sqs_event(bodies))
-
-    # Then the second message's call went out while the first's was still waiting, and both
-    # were sent once
-    assert response.payload == {"batchItemFailures": []}
-    assert waited == [True]
-    assert sorted(gateway.accepted_ids().values()) == [1, 1]
-
-
 def test_malformed_job_is_dropped_without_failing_its_batch(
     api, pipeline, clock, gateway, send_lambda
 ):

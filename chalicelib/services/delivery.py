@@ -82,9 +82,6 @@ DEADLINE_RESERVE_SECONDS = 0.5
 DEFAULT_BUDGET_SECONDS = 900.0
 # Calls of one batch in a row with no answer at all after which its other calls wait.
 UNREACHABLE_RUN = 2
-# SQS messages one sender invocation works on at once: a message waits for its slowest gateway
-# call (up to the read timeout), and the messages behind it need not wait with it.
-MESSAGES_AT_ONCE = 2
 # A bad-luck retry the shared budget grants, while most calls succeed, backs off from this and
 # not from RETRY_BASE_SECONDS: the gateway works and the shared rate bounds the load, so a long
 # wait only leaves the rate unused while the end comes closer (1, 1-2, 2-4 s, ...).
@@ -270,7 +267,6 @@ class Sender:
         self._clock = clock
         self._rng = rng or random.Random()
         self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
         self._throttle = throttle
         self._wait_until = wait_until
         self._metrics = metrics
@@ -307,7 +303,8 @@ class Sender:
             )
             for job in batch.jobs
         ]
-        pool = self._threads()
+        pool = self._pool or ThreadPoolExecutor(self._settings.sender_concurrency, "sender")
+        self._pool = pool
         # First everything that needs no gateway call; then the calls, within the shared limits.
         errors = self._each(pool, self._prepare, work)
         ready = [item for item in work if item.ready]
@@ -337,14 +334,6 @@ class Sender:
         ):
             self._kick_if_drained(batch.mailing_id, run.read_retry)
         return report
-
-    def _threads(self) -> ThreadPoolExecutor:
-        """The pool of gateway calls, SENDER_CONCURRENCY for each SQS message worked on."""
-        with self._pool_lock:
-            if self._pool is None:
-                size = self._settings.sender_concurrency * MESSAGES_AT_ONCE
-                self._pool = ThreadPoolExecutor(size, "sender")
-            return self._pool
 
     def _delivery(self, mailing_id: str, remaining: Remaining) -> _Delivery:
         retry = Retry(remaining, reserve=DEADLINE_RESERVE_SECONDS, rng=self._rng)
