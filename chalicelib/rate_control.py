@@ -39,11 +39,13 @@ OUTAGE_RUN = 20
 PROBE_INTERVAL_SECONDS = 1.0
 # Speed (share of the configured rate): its floor, the cut and the climb per second of good
 # answers (1/16 * 1.5**7 > 1: back at the configured rate within 7 s), and where it climbs
-# from after an outage (not at full rate at once: no thundering herd).
+# from after an outage: a quarter, not the full rate at once (no thundering herd), and at 90%
+# four seconds after the first probe that got through (from 1/8 it took five, and the
+# backlog's return through SQS comes on top).
 MIN_SPEED = 1 / 16
 CUT = 0.5
 GROWTH_PER_SECOND = 1.5
-RESTART_SPEED = 1 / 8
+RESTART_SPEED = 1 / 4
 # One cut per this long, whichever sender sees the overload (a batch's answers arrive together).
 CUT_SPACING_SECONDS = 1.0
 RAISE_SPACING_SECONDS = 1.0
@@ -157,6 +159,11 @@ class OperatorSpacing:
         return max(1, math.ceil(self.interval / grid - 1e-9)) * grid
 
 
+def unreachable(result: GatewayResult) -> bool:
+    """No answer at all: the connection was refused or dropped (a timeout is not this)."""
+    return result.status_code is None and result.detail.startswith("network error")
+
+
 # ---------------------------------------------------------------- the window
 
 
@@ -233,6 +240,12 @@ class Window:
         """Retries still allowed now (Finagle-style: ~20% of requests plus a reserve)."""
         tally = self.total(now)
         return max(0, math.floor(RETRY_RATIO * tally.requests) + RETRY_RESERVE - tally.retries)
+
+    def works(self, now: float) -> bool:
+        """Whether the gateway is known to work: enough calls in the window and at least half
+        of them accepted (so a failure is bad luck, not an outage)."""
+        tally = self.total(now)
+        return tally.requests >= RATIO_MIN_CALLS and tally.accepts * K >= tally.requests
 
     def mean_latency(self, now: float) -> float | None:
         """Mean latency of the window's accepted calls (None: too few to tell)."""

@@ -99,6 +99,8 @@ def test_a_message_counts_once_at_its_first_acceptance_and_late_ones_miss_the_en
     assert figures["messages_per_second"] == pytest.approx(4 / 6, abs=0.01)
     assert figures["accepted_per_second"] == 0.5
     assert figures["calls_per_second"] == 1.0
+    # And the senders used half of the 2/s limit: 6 calls over 6 s
+    assert figures["calls_share_of_rate"] == 0.5
     assert figures["gateway_answers"] == {"400": 1, "5xx": 1, "ok": 3, "slow": 1}
 
 

@@ -430,6 +430,74 @@ def densest_second(times: list[datetime]) -> int:
     )
 
 
+# One thread per SQS message: the batch's calls leave one after the other, as their slots say.
+@pytest.mark.parametrize("settings", [{"sender_concurrency": 1}], indirect=True)
+def test_a_batch_stops_calling_a_gateway_that_refuses_its_connections(
+    api, pipeline, clock, gateway, calls
+):
+    # Given ten clients (one batch of jobs) and a gateway that refuses every connection
+    for n in range(10):
+        add_client(api, f"790000000{n:02d}")
+    gateway.start_outage(3600, "refuse")
+    mailing = create_mailing(api, clock)
+    # When the batch is delivered
+    pipeline.run(until=clock() + timedelta(seconds=1), step=timedelta(seconds=1))
+    # Then after two calls in a row got no answer at all (and one already leaving), the others
+    # waited instead of following them (before any sender had counted twenty failures), no
+    # attempt spent
+    assert len(calls) <= 3
+    messages = pipeline.messages(mailing["id"])
+    assert Counter(m.status for m in messages) == Counter({"pending": 10})
+    assert sum(int(m.attempts or 0) for m in messages) <= 3
+
+
+def test_while_the_gateway_is_down_only_the_probe_is_claimed(
+    api, pipeline, services, clock, gateway, calls, monkeypatch
+):
+    # Given 100 clients and a gateway that is down
+    for n in range(100):
+        add_client(api, f"79000000{n:03d}")
+    gateway.start_outage(3600)
+    claims = []
+    claim = services.messages.claim
+    monkeypatch.setattr(
+        services.messages, "claim", lambda *a, **k: claims.append(a) or claim(*a, **k)
+    )
+    mailing = create_mailing(api, clock)
+    # When the senders have probed it for half a minute
+    pipeline.run(until=clock() + timedelta(seconds=30), step=timedelta(seconds=1))
+    # Then the messages that waited for a probe slot were not claimed for nothing: about one
+    # claim per call (a claim and its undo are two writes per message each time it comes round)
+    assert pipeline.statuses(mailing["id"]) == Counter({"pending": 100})
+    assert len(claims) <= len(calls) + 10
+
+
+@pytest.mark.parametrize("settings", [{"gateway_rate_per_second": 2.0}], indirect=True)
+def test_jobs_over_the_shared_rate_go_back_in_whole_batches(
+    api, pipeline, services, clock, monkeypatch
+):
+    # Given 40 clients (ten jobs to an SQS message) and a limit of 2 calls a second
+    for n in range(40):
+        add_client(api, f"790000000{n:02d}")
+    requeued: list[list[int]] = []
+    enqueue = services.queues.enqueue
+
+    def recording(items):
+        requeued.append([len(item.batch.jobs) for item in items])
+        return enqueue(items)
+
+    monkeypatch.setattr(services.queues, "enqueue", recording)
+    mailing = create_mailing(api, clock)
+    # When the senders send them all, four calls to a batch's two seconds of slots
+    pipeline.settle()
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 40})
+    # Then the jobs of a batch that got no slot went back in one SQS message, not one per job:
+    # a backlog split into single jobs costs a sender invocation per job when sending resumes
+    sender = requeued[1:]  # the first is the fan-out's
+    assert sender
+    assert all(len(messages) == 1 for messages in sender)
+
+
 # One sender thread: on the shared test clock, one thread's wait moves time for all of them.
 @pytest.mark.parametrize(
     "settings", [{"gateway_rate_per_second": 20.0, "sender_concurrency": 1}], indirect=True
@@ -563,6 +631,59 @@ def test_retries_beyond_the_shared_budget_are_deferred_without_spending_attempts
     pipeline.run(until=clock() + timedelta(minutes=20), step=timedelta(seconds=10))
     assert pipeline.statuses(mailing["id"]) == Counter({"sent": 40})
     assert_counters_match_records(pipeline, mailing["id"])
+
+
+def test_a_bad_luck_failure_is_retried_within_seconds_not_after_retry_base_seconds(
+    api, pipeline, services, clock, gateway, calls
+):
+    # Given the default RETRY_BASE_SECONDS (5 s) and a gateway that just accepted 30 messages
+    assert services.settings.retry_base_seconds == 5
+    for n in range(30):
+        add_client(api, f"790000000{n:02d}", tag="earlier")
+    create_mailing(api, clock, filter={"tags": ["earlier"]})
+    pipeline.settle()
+    add_client(api, "79000000100", tag="later")
+    calls.clear()
+    # When it fails the next message's first call with a 500 (bad luck: most calls succeed,
+    # the retry budget has room) and works again right after it
+    gateway.set_profile(FaultProfile(error_rate=1.0, seed=4))
+    make = services.sender._gateway
+
+    class HealedAfterOneCall:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def send(self, message_id, phone, text):
+            result = self._inner.send(message_id, phone, text)
+            gateway.set_profile(FaultProfile())
+            return result
+
+    services.sender._gateway = lambda: HealedAfterOneCall(make())
+    mailing = create_mailing(api, clock, filter={"tags": ["later"]})
+    pipeline.run(until=clock() + timedelta(seconds=30), step=timedelta(seconds=1))
+    # Then it is sent with its second call, within two seconds of the first: the shared rate
+    # had room, so the retry did not wait out a backoff from RETRY_BASE_SECONDS
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 1})
+    [(failed_at, _), (sent_at, _)] = calls
+    assert sent_at - failed_at <= timedelta(seconds=2)
+
+
+def test_a_gateway_failing_for_minutes_does_not_spend_a_lone_message_s_attempts(
+    api, pipeline, clock, gateway, calls
+):
+    # Given one client and a gateway that answers every call with a 500 (too few calls to tell
+    # an outage from bad luck by their count)
+    add_client(api, "79000000001")
+    gateway.set_profile(FaultProfile(error_rate=1.0, seed=5))
+    mailing = create_mailing(api, clock)
+    # When it keeps failing for two minutes
+    pipeline.run(until=clock() + timedelta(minutes=2), step=timedelta(seconds=1))
+    # Then the message still waits, most of its attempts left: the retries backed off as
+    # RETRY_BASE_SECONDS says, since nothing showed that the gateway works
+    [message] = pipeline.messages(mailing["id"])
+    assert message.status == "pending"
+    assert int(message.attempts) <= 6
+    assert pipeline.sqs.queues[DLQ_URL] == []
 
 
 def test_retries_never_go_past_the_end(api, pipeline, clock, gateway, calls):

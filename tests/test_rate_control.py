@@ -278,6 +278,24 @@ def test_sending_is_back_at_90_percent_of_the_rate_within_10_s_of_recovery():
     assert 2 <= seconds <= 10
 
 
+def test_after_an_outage_the_climb_starts_at_a_quarter_and_reaches_90_percent_in_4_s():
+    # Given probing after an outage
+    shared = Shared()
+    for _ in range(3):
+        shared.report([REFUSED] * 10)
+        shared.advance(1)
+    # When the probe gets through
+    shared.report([OK])
+    recovered = shared.now
+    # Then sending restarts at a quarter of the rate, not at once
+    assert shared.rate() == pytest.approx(RATE / 4)
+    # And with good answers (a batch every 0.2 s) it is at 90% within 4 s
+    while shared.rate() < 0.9 * RATE:
+        shared.advance(0.2)
+        shared.report([OK] * 10)
+    assert shared.now - recovered <= 4.01
+
+
 def test_sending_climbs_back_after_429s_stop():
     shared = Shared()
     shared.report([OK] * 10)
@@ -449,3 +467,20 @@ def test_operator_slots_start_on_the_global_grid_and_count_those_before_the_end(
     # While the global horizon counts only slots that end within it
     assert slots_before(START + 0.06, START + 1.2, 0.5) == 2
     assert slots_starting_before(START + 2, START + 1, 0.5) == 0
+
+
+def test_the_gateway_is_known_to_work_only_while_most_of_many_calls_are_accepted():
+    # Given a gateway failing 30% of the calls at random for a few seconds
+    shared, rng = Shared(), random.Random(5)
+    for _ in range(5):
+        shared.report(batches_of(rng, 0.3, SERVER_ERROR))
+        shared.advance(1.0)
+    # Then it is known to work: a failure there is bad luck (its retry may come back soon)
+    assert shared.window.works(shared.now)
+    # But a handful of calls, or a window where most calls fail, tells nothing of the kind
+    assert not Window({}).plus(START, Tally(requests=5, accepts=5)).works(START)
+    failing = Shared()
+    for _ in range(5):
+        failing.report(batches_of(rng, 0.7, SERVER_ERROR))
+        failing.advance(1.0)
+    assert not failing.window.works(failing.now)

@@ -41,7 +41,7 @@ from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow, r
 from chalicelib.gateway import GatewayClient, GatewayResult
 from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models
-from chalicelib.rate_control import Kind, classify
+from chalicelib.rate_control import Kind, classify, unreachable
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import (
@@ -55,6 +55,7 @@ from chalicelib.services.queues import (
 from chalicelib.services.storage import Retry, is_transient
 from chalicelib.services.throttle import (
     LATE_SECONDS,
+    PROBING_REQUEUE_SECONDS,
     Admission,
     GatewayThrottle,
     RetryBudget,
@@ -84,6 +85,12 @@ READ_ATTEMPTS = 4
 DEADLINE_RESERVE_SECONDS = 0.5
 # Without an invocation's clock (scripts, tests): Lambda's longest timeout.
 DEFAULT_BUDGET_SECONDS = 900.0
+# Calls of one batch in a row with no answer at all after which its other calls wait.
+UNREACHABLE_RUN = 2
+# A bad-luck retry the shared budget grants, while most calls succeed, backs off from this and
+# not from RETRY_BASE_SECONDS: the gateway works and the shared rate bounds the load, so a long
+# wait only leaves the rate unused while the end comes closer (1, 1-2, 2-4 s, ...).
+BAD_LUCK_RETRY_BASE_SECONDS = 1.0
 
 Remaining = Callable[[], float]
 
@@ -181,6 +188,26 @@ class _MailingWatch:
             return self._mailing
 
 
+class _Unreachable:
+    """A batch's calls in a row that got no answer at all (refused or dropped connections).
+    After UNREACHABLE_RUN of them the batch's other calls wait instead of following them into
+    a gateway that is down (senders learn of the outage only when their batches end)."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait  # one delay for all of the batch's calls that wait
+        self._run = 0
+        self._lock = threading.Lock()
+
+    def note(self, result: GatewayResult) -> None:
+        with self._lock:
+            self._run = self._run + 1 if unreachable(result) else 0
+
+    @property
+    def seems_down(self) -> bool:
+        with self._lock:
+            return self._run >= UNREACHABLE_RUN
+
+
 @dataclass
 class _Delivery:
     """What the jobs of one delivery share: the invocation's clock, the storage retries bounded
@@ -193,6 +220,8 @@ class _Delivery:
     watch: _MailingWatch | None = None
     # Retries of bad-luck answers this delivery may still grant (the shared retry budget).
     budget: RetryBudget | None = None
+    # Whether the gateway stopped answering at all during this delivery's calls.
+    gone: _Unreachable | None = None
 
 
 @dataclass
@@ -362,11 +391,18 @@ class Sender:
         if paused > 0 or not self._call_fits(ready[0]):
             # Known to be paused, or too little time left for a call: no claim, no call; back
             # later, no attempt spent.
+            later = self._spread(paused)
             for item in ready:
-                item.result = self._throttled(item, paused)
+                item.result = self._throttled(item, later, spread=False)
             return []
-        errors = self._each(pool, self._claim, ready)
-        claimed = [item for item in ready if item.claim is not None]
+        # While the gateway seems down a batch makes one probe call: the others are not claimed
+        # (two writes each saved, every time the backlog comes round).
+        allowed, wait = self._throttle.expected_room(len(ready))
+        later = self._spread(wait)
+        for item in ready[allowed:]:
+            item.result = self._throttled(item, later, spread=False)
+        errors = self._each(pool, self._claim, ready[:allowed])
+        claimed = [item for item in ready[:allowed] if item.claim is not None]
         if not claimed:
             return errors
         claimed, later, refused = self._operator_slots(pool, claimed)
@@ -375,7 +411,10 @@ class Sender:
             return errors
         admission = self._throttle.admit(len(claimed)) if claimed else Admission.none(0)
         admitted, waiting = claimed[: admission.count], claimed[admission.count :]
-        errors += self._each(pool, self._give_back, waiting, admission.retry_after)
+        # One delay for the batch's jobs that got no slot, so they go back in one SQS message: a
+        # backlog split into single jobs costs a sender invocation per job once sending resumes.
+        delay = self._spread(admission.retry_after)
+        errors += self._each(pool, self._give_back, waiting, delay, False)
         # Calls whose operator slot comes after the batch's global slots take their own then.
         admitted += later
         permits = threading.BoundedSemaphore(max(1, admission.permits))
@@ -383,6 +422,7 @@ class Sender:
         if any(item.operator_slot for item in admitted):
             admitted = self._plan(admitted, slots)
         budget = ready[0].run.budget = self._throttle.retry_budget()
+        ready[0].run.gone = _Unreachable(self._spread(PROBING_REQUEUE_SECONDS))
         try:
             errors += self._each(pool, self._call, admitted, permits, slots)
         finally:
@@ -470,10 +510,10 @@ class Sender:
         item.claim_until = now + timedelta(seconds=seconds)
         return None
 
-    def _give_back(self, item: _Job, wait: float = 0.0) -> JobResult:
+    def _give_back(self, item: _Job, wait: float = 0.0, spread: bool = True) -> JobResult:
         """A claimed message that will not be sent now: unclaimed, its attempt undone, later."""
         self._unclaim(item)
-        return self._throttled(item, wait)
+        return self._throttled(item, wait, spread=spread)
 
     def _unclaim(self, item: _Job) -> None:
         assert item.claim is not None
@@ -512,12 +552,15 @@ class Sender:
         item.requeue = self._later(item, item.job, wait)
         return JobResult.DEFERRED
 
-    def _throttled(self, item: _Job, wait: float = 0.0) -> JobResult:
-        """Over the shared rate or paused by back-pressure: back later, no attempt spent."""
-        # Spread (up to 5 s) so deferred jobs do not all come back in the same second.
-        spread = min(max(1.0, wait), THROTTLED_SPREAD_SECONDS)
-        item.requeue = self._later(item, item.job, wait + self._rng.uniform(0, spread))
+    def _throttled(self, item: _Job, wait: float = 0.0, *, spread: bool = True) -> JobResult:
+        """Over the shared rate or paused by back-pressure: back later, no attempt spent
+        (after `wait` plus a spread, or after exactly `wait` when it is spread already)."""
+        item.requeue = self._later(item, item.job, self._spread(wait) if spread else wait)
         return JobResult.THROTTLED
+
+    def _spread(self, wait: float) -> float:
+        """`wait` plus up to 5 s, so deferred batches do not all come back in the same second."""
+        return wait + self._rng.uniform(0, min(max(1.0, wait), THROTTLED_SPREAD_SECONDS))
 
     def _kick_if_drained(self, mailing_id: str, retry: Retry) -> None:
         # The last message out: let the scheduler finish the mailing now, not at its next tick.
@@ -671,10 +714,15 @@ class Sender:
                 stop = self._cleared(item)
                 if stop is not None:
                     return stop
+                gone = item.run.gone
+                if gone is not None and gone.seems_down:
+                    return self._give_back(item, gone.wait, False)
                 gateway = self._gateway()
                 assert gateway is not None  # checked by _prepare
                 item.called_gateway = True
                 result = gateway.send(job.message_id, item.client.phone, _text_for(item))
+                if gone is not None:
+                    gone.note(result)
             finally:
                 if extra is not None:
                     self._throttle.release(extra)
@@ -760,7 +808,11 @@ class Sender:
             )
             self._finish(item, MessageStatus.FAILED, claim, error)
             return JobResult.DEAD_LETTERED
-        delay = self._backoff(retries)
+        # Unless the gateway is known to work, back off as configured: during an outage (or
+        # before the window knows) a short backoff would spend the attempts within minutes.
+        delay = self._backoff(
+            retries, BAD_LUCK_RETRY_BASE_SECONDS if self._throttle.gateway_works() else None
+        )
         if now + timedelta(seconds=delay) >= mailing.end_at:
             return self._finish(item, MessageStatus.EXPIRED, claim, result.detail)
         logger.warning(
@@ -802,12 +854,13 @@ class Sender:
         )
         return Delayed(batch, min(SQS_MAX_DELAY_SECONDS, max(0, math.ceil(delay_seconds))))
 
-    def _backoff(self, retries: int) -> float:
-        """Exponential backoff with jitter: spreads retries so a recovering gateway is not hit."""
-        ceiling = min(
-            self._settings.retry_max_seconds,
-            self._settings.retry_base_seconds * 2 ** (retries - 1),
-        )
+    def _backoff(self, retries: int, base: float | None = None) -> float:
+        """Exponential backoff with jitter: spreads retries so a recovering gateway is not hit;
+        from `base` when that is below RETRY_BASE_SECONDS."""
+        first = self._settings.retry_base_seconds
+        if base is not None:
+            first = min(first, base)
+        ceiling = min(self._settings.retry_max_seconds, first * 2 ** (retries - 1))
         return max(1.0, self._rng.uniform(ceiling / 2, ceiling))
 
     def _unclaimable(self, item: _Job, message: Any | None, now: Any, log: dict) -> JobResult:

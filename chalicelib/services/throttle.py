@@ -430,6 +430,21 @@ class GatewayThrottle:
         not bounce through SQS every second (and still comes back soon after a recovery)."""
         return max(wait, PROBING_REQUEUE_SECONDS) if control.probing else wait
 
+    def gateway_works(self) -> bool:
+        """Whether the gateway worked (most calls of the window accepted, no probing) when this
+        sender last saw the item (no request)."""
+        state = self._known
+        return state is not None and not state.control.probing and state.window.works(self._now())
+
+    def expected_room(self, wanted: int) -> tuple[int, float]:
+        """How many of `wanted` calls a batch may expect to make, as this sender last saw the
+        item (no request): one while probing; and how long the others should wait."""
+        state = self._known
+        if state is None:
+            return wanted, 0.0
+        allowed = state.control.batch_limit(wanted)
+        return allowed, self._later(state.control, 0.0) if allowed < wanted else 0.0
+
     def paused_for(self) -> float:
         """Seconds left of a back-pressure pause as this sender last saw the item (no request)."""
         state = self._known
