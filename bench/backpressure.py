@@ -27,7 +27,7 @@ it said 429; in (c) the calls per second during the outage and the time from rec
 gateway sees 90% of the rate again. Last, whether each target of issue 12 is met.
 
 Sizes: 750 clients at 25 calls/s, 4 sender pollers, a 3 s read timeout. The local stack on the
-2-core machine tops out near 34 calls/s (README, "Gateway rate limit"), so at 25/s the rate
+2-core machine tops out near 34 calls/s (docs/benchmarks.md, rate limit), so at 25/s the rate
 limit, not the emulator, is what bounds sending, and "back to 90% of the rate" measures the
 controller. 750 messages are 30 s of work at that rate: long enough to see a pause double, and
 with the 60 s outage the four scenarios take about six minutes. The read timeout is 3 s (slow

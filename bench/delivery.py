@@ -161,7 +161,7 @@ def start_stack() -> Any:
             "SCHEDULER_INTERVAL_SECONDS": "60",  # as in AWS: the kick starts the mailing
             "TABLE_PREFIX": "bench-" + uuid.uuid4().hex[:6],
             # Five INFO lines a message would bury the figures; their cost (about 42 us a line)
-            # is measured on its own (README, "Logs").
+            # is measured on its own (docs/operations.md, "Logs").
             "LOG_LEVEL": os.environ.get("LOG_LEVEL") or "WARNING",
         }
     )

@@ -3,7 +3,7 @@
 Every blob has the dimensions `service` (POWERTOOLS_SERVICE_NAME) and `stack` (the stack name,
 TABLE_PREFIX), so prod and dev stacks never mix. The mailing id is a property of the blob (it
 is searchable in Logs Insights), never a dimension: a dimension per mailing would create a
-metric per mailing and cost accordingly. The README lists every metric.
+metric per mailing and cost accordingly. docs/operations.md lists every metric.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Name -> (unit, what it counts); the README's table and the tests read this.
+# Name -> (unit, what it counts); docs/operations.md's table and the tests read this.
 METRICS: dict[str, tuple[MetricUnit, str]] = {
     "MessagesSent": (MetricUnit.Count, "messages the gateway accepted"),
     "MessagesFailed": (MetricUnit.Count, "messages that failed for good (rejected, gave up)"),

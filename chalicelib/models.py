@@ -3,7 +3,7 @@
 Models are built per settings by `build_models` rather than at import, so table names, region
 and endpoint come from the settings of the running stage and an emulator can start first.
 
-Tables (one per kind of record; see README "Storage"):
+Tables (one per kind of record; see docs/architecture.md, "Storage"):
 - clients:   one item per client. Three sparse-free GSIs make every audience filter a Query:
              by_operator (operator_code + tag), by_tag (tag), by_shard (all clients, in shards).
 - phones:    one item per phone number, owned by a client; makes phone numbers unique.

@@ -108,7 +108,8 @@ def pipeline_settings(gateway_url: str, **overrides: Any) -> Any:
         sender_api_url=gateway_url,
         gateway_connect_timeout=0.5,
         # Long enough that a loaded machine's slow thread never turns an accepted send into a
-        # timeout (its retry would be a second send, the window README "Exactly once" names);
+        # timeout (its retry would be a second send: the window of docs/delivery.md, "Exactly
+        # once");
         # tests of slow answers set a shorter one.
         gateway_read_timeout=2.0,
         claim_seconds=10,  # room for a claim, a 1 s rate slot, a call and its outcome

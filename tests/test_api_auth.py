@@ -40,7 +40,7 @@ WRONG_TOKEN = API_TOKEN[:-1] + ("X" if API_TOKEN[-1] != "X" else "Y")
 PROTECTED = [op for op in OPERATIONS if not op.public]
 PUBLIC_PATHS = ["/health", "/docs", "/openapi.json"]
 # The documentation page also loads its assets without a token; the admin UI's page, assets and
-# sign-in configuration load before anyone has signed in (README, "Authentication").
+# sign-in configuration load before anyone has signed in (docs/api.md, "Authentication").
 ADMIN_PATHS = ["/admin", "/admin/assets/{name}", "/admin/config.json"]
 PUBLIC_ROUTES = {("GET", path) for path in [*PUBLIC_PATHS, "/docs/assets/{name}", *ADMIN_PATHS]}
 

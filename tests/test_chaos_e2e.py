@@ -207,7 +207,7 @@ def next_minute(moment: datetime) -> datetime:
 
 
 def in_window(window: tuple[time_of_day, time_of_day], local: time_of_day) -> bool:
-    """The README's rule: [start, end), an end before the start wraps past midnight."""
+    """The documented rule (docs/api.md): [start, end), an end before the start wraps."""
     start, end = window
     if start < end:
         return start <= local < end

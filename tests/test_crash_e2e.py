@@ -3,7 +3,7 @@
 The local stack runs the API, the scheduler tick, the fan-out worker and the sender in one
 process; the AWS emulator and the sandbox gateway run in processes of their own
 (tests/crash_support.py), so tables, queues and the gateway's ledger outlive the kill. After the
-restart the mailing must complete with the invariants of README "Exactly once":
+restart the mailing must complete with the invariants of docs/delivery.md, "Exactly once":
 
 - every matching client has exactly one message record, and nobody else has one;
 - every message ends in exactly one terminal state (here `sent`: the gateway is fault-free);

@@ -1543,8 +1543,8 @@ def test_each_function_may_write_only_to_its_own_log_group(resources: dict) -> N
 
 # ---------------------------------------------------------------- alarms
 
-# The service's documented EMF metrics (chalicelib/metrics.py writes them, the README lists
-# them): one namespace, and exactly these two dimensions on the totals an alarm may read.
+# The service's documented EMF metrics (chalicelib/metrics.py writes them, docs/operations.md
+# lists them): one namespace, and exactly these two dimensions on the totals an alarm may read.
 METRICS_NAMESPACE = "SmsCampaigns"
 EMF_METRICS = {
     "GatewayCalls",

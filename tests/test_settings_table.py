@@ -1,5 +1,5 @@
-"""The README's settings table is the one list of settings: every variable the code reads is in
-it, nothing else is, and a bad value of any setting is refused with its name."""
+"""The settings table (docs/settings.md) is the one list of settings: every variable the code
+reads is in it, nothing else is, and a bad value of any setting is refused with its name."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ NOT_SETTINGS = {"POWERTOOLS_LOG_LEVEL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_
 
 
 def documented() -> set[str]:
-    section = (ROOT / "README.md").read_text().split("### Settings\n", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "settings.md").read_text()
     names: set[str] = set()
     for row in re.findall(r"^\| (.+?) \| ", section, flags=re.MULTILINE):
         names |= set(re.findall(r"`([A-Z][A-Z0-9_]+)`", row))
