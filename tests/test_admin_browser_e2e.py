@@ -482,6 +482,51 @@ def test_at_phone_width_every_page_fits_the_screen(page: Any, stack: Stack) -> N
 # two minutes), so the healthy one comes first and nothing runs on this stack after it.
 
 
+# ---------------------------------------------------------------- the API reference at /docs
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1280", "390"])
+def test_docs_page_shows_the_api_operations_offline(
+    page: Any, stack: Stack, viewport: dict[str, int]
+) -> None:
+    # Given the API reference, opened in a browser with no network but the service
+    # (the page fixture fails the test on any script error or CSP refusal in the console)
+    page.set_viewport_size(viewport)
+    page.goto(f"{stack.url}/docs")
+    # Then it shows the API's operations, as Swagger UI renders them from /openapi.json
+    operation = page.locator(".opblock-summary")
+    expect(operation.filter(has_text="/mailings").first).to_be_visible()
+    get_clients = operation.filter(has=page.locator('[data-path="/clients"]')).filter(
+        has_text="GET"
+    )
+    expect(get_clients).to_be_visible()
+    expect(page.get_by_role("button", name="Authorize")).to_be_visible()
+    # And no error: Swagger UI 4 said "Unable to render this definition" for OpenAPI 3.1
+    expect(page.get_by_text("Unable to render")).to_have_count(0)
+    expect(page.locator(".errors-wrapper")).to_have_count(0)
+    shot(page, f"15-docs-{viewport['width']}", full_page=False)
+
+
+def test_docs_page_keeps_an_authorized_token_out_of_local_storage(page: Any, stack: Stack) -> None:
+    # Given the API reference, and an operator who authorizes it with their token
+    page.goto(f"{stack.url}/docs")
+    page.get_by_role("button", name="Authorize").first.click()
+    dialog = page.locator(".modal-ux")
+    dialog.locator("input").first.fill(TOKEN)
+    dialog.get_by_role("button", name="Apply credentials").click()
+    expect(dialog.get_by_role("button", name="Remove authorization")).to_be_visible()
+    dialog.get_by_role("button", name="Close", exact=True).click()
+    # When "Try it out" calls a protected route with it, the call goes through
+    page.locator('.opblock-summary:has([data-path="/stats"])').click()
+    page.get_by_role("button", name="Try it out").click()
+    page.get_by_role("button", name="Execute").click()
+    expect(page.locator(".live-responses-table tbody .response-col_status")).to_have_text("200")
+    # Then the token is nowhere in the browser's storage: it is gone with the tab
+    storage = "JSON.stringify({...localStorage}) + JSON.stringify({...sessionStorage})"
+    stored = page.evaluate(storage)
+    assert TOKEN not in stored
+
+
 def gateway_panel(page: Any) -> Any:
     return page.get_by_role("region", name="Gateway")
 
