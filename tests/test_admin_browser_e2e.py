@@ -576,6 +576,7 @@ def test_a_mailing_that_finished_with_failures_stands_out_in_the_list(
     # When the operator opens each: "Retry failed" is offered only where something failed
     page.goto(f"{stack.url}/admin#/mailings/{lossy}")
     expect(status_badge(page)).to_have_text("finished with failures")
+    expect(page.locator("#progress-label")).to_have_text("2 of 2 messages done (100%), 1 failed")
     expect(page.get_by_role("button", name="Retry failed")).to_be_visible()
     shot(page, f"18-statistics-failures-{viewport['width']}", full_page=False)
     page.goto(f"{stack.url}/admin#/mailings/{clean}")

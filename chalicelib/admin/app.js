@@ -1283,8 +1283,10 @@
       const percent = total ? Math.round((done / total) * 100) : 0;
       bar.style.width = `${percent}%`;
       progress.setAttribute("aria-valuenow", String(percent));
+      // "Done" counts failed and expired messages too: say how many never arrived.
+      const lost = [["failed", stats.failed], ["expired", stats.expired]].filter(([, n]) => n > 0).map(([k, n]) => `${n} ${k}`);
       progressLabel.textContent = total
-        ? `${done} of ${total} messages done (${percent}%)`
+        ? `${done} of ${total} messages done (${percent}%)${lost.length ? `, ${lost.join(", ")}` : ""}`
         : status === "scheduled" ? "Not started yet" : "No messages";
       fill(counts,
         h("div", { class: "count s-total" }, h("dt", {}, "total"), h("dd", { "data-count": "total" }, String(total))),
