@@ -250,6 +250,7 @@ def test_an_operator_signs_in_adds_clients_and_watches_a_mailing_finish(
     expect(page.locator("#progress-label")).to_have_text("3 of 3 messages done (100%)")
     expect(page.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
     expect(page.locator("#failed-messages")).to_have_text("No failed messages.")
+    expect(page.get_by_role("button", name="Retry failed")).to_be_hidden()
     # And the chart has drawn the sent line from its samples
     expect(page.locator("#chart svg polyline.s-sent")).to_have_count(1)
     expect(page.locator("#chart .legend")).to_contain_text("sent 3")
@@ -294,7 +295,7 @@ def test_failed_messages_are_listed_with_their_error_and_can_be_retried(
     page.get_by_role("button", name="Create mailing").click()
 
     # When it has finished
-    expect(status_badge(page)).to_have_text("finished", timeout=FINISH_TIMEOUT_MS)
+    expect(status_badge(page)).to_have_text("finished with failures", timeout=FINISH_TIMEOUT_MS)
     # Then the statistics show one sent, one failed, and the failed one with its error
     expect(count(page, "sent")).to_have_text("1")
     expect(count(page, "failed")).to_have_text("1")
@@ -318,7 +319,7 @@ def test_failed_messages_are_listed_with_their_error_and_can_be_retried(
     while gateway_calls(stack, message_id) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert gateway_calls(stack, message_id) == 2
-    expect(status_badge(page)).to_have_text("finished", timeout=FINISH_TIMEOUT_MS)
+    expect(status_badge(page)).to_have_text("finished with failures", timeout=FINISH_TIMEOUT_MS)
     expect(count(page, "failed")).to_have_text("1", timeout=FINISH_TIMEOUT_MS)
     expect(count(page, "sent")).to_have_text("1")
 
@@ -480,6 +481,220 @@ def test_at_phone_width_every_page_fits_the_screen(page: Any, stack: Stack) -> N
 # ---------------------------------------------------------------- the gateway panel
 # Last of this stack's tests: the overloaded gateway's state outlives the test (the window is
 # two minutes), so the healthy one comes first and nothing runs on this stack after it.
+
+
+# ---------------------------------------------------------------- what the lists make plain
+
+WIDTHS = pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1280", "390"])
+
+
+def api_client(stack: Stack, phone: str, tag: str) -> str:
+    created = requests.post(
+        f"{stack.url}/clients", json={"phone": phone, "tag": tag}, headers=stack.auth, timeout=10
+    )
+    assert created.status_code == 201, created.text
+    return created.json()["id"]
+
+
+def finished_mailing(stack: Stack, tag: str, text: str) -> str:
+    """A mailing to `tag`, created through the API and left to finish in the local stack."""
+    now = datetime.now(UTC)
+    created = requests.post(
+        f"{stack.url}/mailings",
+        json={
+            "text": text,
+            "start_at": now.isoformat(),
+            "end_at": (now + timedelta(days=1)).isoformat(),
+            "filter": {"tags": [tag]},
+        },
+        headers=stack.auth,
+        timeout=10,
+    )
+    assert created.status_code == 201, created.text
+    mailing_id = created.json()["id"]
+    deadline = time.monotonic() + FINISH_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        got = requests.get(f"{stack.url}/mailings/{mailing_id}", headers=stack.auth, timeout=10)
+        if got.json()["status"] == "finished":
+            return mailing_id
+        time.sleep(0.5)
+    pytest.fail(f"mailing {mailing_id} did not finish: {got.json()}")
+
+
+@WIDTHS
+def test_sign_out_is_not_offered_before_signing_in(
+    page: Any, stack: Stack, viewport: dict[str, int]
+) -> None:
+    # Given the admin page, opened by someone not signed in
+    page.set_viewport_size(viewport)
+    page.goto(f"{stack.url}/admin")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    # Then there is nothing to sign out of: no "Sign out" button shows
+    expect(page.get_by_role("button", name="Sign out")).to_be_hidden()
+    shot(page, f"16-sign-in-{viewport['width']}", full_page=False)
+    # And once signed in, it shows
+    sign_in(page, stack)
+    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+
+
+@WIDTHS
+def test_a_mailing_that_finished_with_failures_stands_out_in_the_list(
+    page: Any, stack: Stack, viewport: dict[str, int]
+) -> None:
+    tag = f"ui-lost-{uuid.uuid4().hex[:6]}"
+    # Given a finished mailing whose one client out of two the gateway refused, and a finished
+    # mailing that reached everyone
+    api_client(stack, unique_phone(REJECTED_SUFFIX), tag)
+    api_client(stack, unique_phone(), tag)
+    lossy = finished_mailing(stack, tag, "Half of you get this")
+    clean_tag = f"{tag}-ok"
+    api_client(stack, unique_phone(), clean_tag)
+    clean = finished_mailing(stack, clean_tag, "All of you get this")
+
+    # When the operator looks at the mailings list
+    page.set_viewport_size(viewport)
+    sign_in(page, stack)
+    lossy_row = page.locator(f'#mailings-table tr[data-mailing-id="{lossy}"]')
+    clean_row = page.locator(f'#mailings-table tr[data-mailing-id="{clean}"]')
+    expect(lossy_row).to_be_visible()
+    # Then the one with a failure says so in red, with its failed and expired counts
+    expect(lossy_row.locator("[data-status]")).to_have_text("finished with failures")
+    expect(lossy_row.locator('[data-count="failed"]')).to_have_text("1")
+    expect(lossy_row.locator('[data-count="expired"]')).to_have_text("0")
+    expect(lossy_row).to_have_class(re.compile(r"\bhas-failures\b"))
+    red = "rgb(180, 35, 24)"
+    expect(lossy_row.locator("[data-status]")).to_have_css("background-color", red)
+    # And the clean one is a plain green "finished" with nothing failed
+    expect(clean_row.locator("[data-status]")).to_have_text("finished")
+    expect(clean_row.locator('[data-count="failed"]')).to_have_text("0")
+    expect(clean_row).not_to_have_class(re.compile(r"\bhas-failures\b"))
+    # And each time says which zone it is in (the browser runs in UTC)
+    expect(lossy_row.locator('td[data-label="Start"]')).to_have_text(re.compile(r"\d\d:\d\d UTC$"))
+    lossy_row.scroll_into_view_if_needed()
+    shot(page, f"17-mailings-failures-{viewport['width']}", full_page=False)
+
+    # When the operator opens each: "Retry failed" is offered only where something failed
+    page.goto(f"{stack.url}/admin#/mailings/{lossy}")
+    expect(status_badge(page)).to_have_text("finished with failures")
+    expect(page.locator("#progress-label")).to_have_text("2 of 2 messages done (100%), 1 failed")
+    expect(page.get_by_role("button", name="Retry failed")).to_be_visible()
+    shot(page, f"18-statistics-failures-{viewport['width']}", full_page=False)
+    page.goto(f"{stack.url}/admin#/mailings/{clean}")
+    expect(status_badge(page)).to_have_text("finished")
+    expect(count(page, "sent")).to_have_text("1")
+    expect(page.get_by_role("button", name="Retry failed")).to_be_hidden()
+
+
+@WIDTHS
+def test_times_carry_their_timezone(browser: Any, stack: Stack, viewport: dict[str, int]) -> None:
+    # Given an operator whose browser runs in Moscow time, and a mailing starting at 13:29 UTC
+    context = browser.new_context(viewport=viewport, locale="en-GB", timezone_id="Europe/Moscow")
+    context.set_default_timeout(15_000)
+    try:
+        page = context.new_page()
+        start = (datetime.now(UTC) + timedelta(days=30)).replace(hour=13, minute=29)
+        end = start + timedelta(days=1)
+        created = requests.post(
+            f"{stack.url}/mailings",
+            json={
+                "text": "Later, in Moscow",
+                "start_at": start.isoformat(),
+                "end_at": end.isoformat(),
+                "filter": {"tags": [f"ui-tz-{uuid.uuid4().hex[:6]}"]},
+            },
+            headers=stack.auth,
+            timeout=10,
+        )
+        assert created.status_code == 201, created.text
+        # When the operator opens its page
+        sign_in(page, stack, f"#/mailings/{created.json()['id']}")
+        # Then its start reads as their local time with the offset said, not a bare 16:29
+        meta = page.locator("dl.meta")
+        expect(meta).to_contain_text(f"{start.day} {start:%b %Y}, 16:29 UTC+3")
+        expect(meta).to_contain_text(f"{end.day} {end:%b %Y}, 16:29 UTC+3")
+        shot(page, f"19-times-moscow-{viewport['width']}", full_page=False)
+    finally:
+        context.close()
+
+
+@WIDTHS
+def test_clients_are_listed_in_a_fixed_order_with_their_total(
+    page: Any, stack: Stack, viewport: dict[str, int]
+) -> None:
+    tag = f"ui-count-{uuid.uuid4().hex[:6]}"
+    # Given three clients with one tag
+    for _ in range(3):
+        api_client(stack, unique_phone(), tag)
+    # When the operator searches for that tag
+    page.set_viewport_size(viewport)
+    sign_in(page, stack)
+    search_clients(page, tag=tag)
+    expect(client_rows(page)).to_have_count(3)
+    # Then the list says how many match
+    expect(page.locator("#clients-total")).to_have_text("3 clients match; listed in a fixed order.")
+    first = client_rows(page).all_inner_texts()
+    shot(page, f"20-clients-total-{viewport['width']}", full_page=False)
+    # And the same search again lists them in the same order
+    page.reload()
+    expect(client_rows(page)).to_have_count(3)
+    assert client_rows(page).all_inner_texts() == first
+    # And with no filter the total is the whole directory, as the API counts it
+    page.get_by_role("link", name="Clear").click()
+    preview = requests.post(
+        f"{stack.url}/mailings/preview",
+        json={"filter": {}, "sample_size": 0},
+        headers=stack.auth,
+        timeout=10,
+    )
+    everyone = preview.json()["count"]
+    expect(page.locator("#clients-total")).to_have_text(
+        f"{everyone} clients in total; listed in a fixed order."
+    )
+
+
+# ---------------------------------------------------------------- the API reference at /docs
+
+
+@WIDTHS
+def test_docs_page_shows_the_api_operations_offline(
+    page: Any, stack: Stack, viewport: dict[str, int]
+) -> None:
+    # Given the API reference, opened in a browser with no network but the service
+    # (the page fixture fails the test on any script error or CSP refusal in the console)
+    page.set_viewport_size(viewport)
+    page.goto(f"{stack.url}/docs")
+    # Then it shows the API's operations, as Swagger UI renders them from /openapi.json
+    operation = page.locator(".opblock-summary")
+    expect(operation.filter(has_text="/mailings").first).to_be_visible()
+    get_clients = operation.filter(has=page.locator('[data-path="/clients"]')).filter(
+        has_text="GET"
+    )
+    expect(get_clients).to_be_visible()
+    expect(page.get_by_role("button", name="Authorize")).to_be_visible()
+    # And no error: Swagger UI 4 said "Unable to render this definition" for OpenAPI 3.1
+    expect(page.get_by_text("Unable to render")).to_have_count(0)
+    expect(page.locator(".errors-wrapper")).to_have_count(0)
+    shot(page, f"15-docs-{viewport['width']}", full_page=False)
+
+
+def test_docs_page_keeps_an_authorized_token_out_of_local_storage(page: Any, stack: Stack) -> None:
+    # Given the API reference, and an operator who authorizes it with their token
+    page.goto(f"{stack.url}/docs")
+    page.get_by_role("button", name="Authorize").first.click()
+    dialog = page.locator(".modal-ux")
+    dialog.locator("input").first.fill(TOKEN)
+    dialog.get_by_role("button", name="Apply credentials").click()
+    expect(dialog.get_by_role("button", name="Remove authorization")).to_be_visible()
+    dialog.get_by_role("button", name="Close", exact=True).click()
+    # When "Try it out" calls a protected route with it, the call goes through
+    page.locator('.opblock-summary:has([data-path="/stats"])').click()
+    page.get_by_role("button", name="Try it out").click()
+    page.get_by_role("button", name="Execute").click()
+    expect(page.locator(".live-responses-table tbody .response-col_status")).to_have_text("200")
+    # Then the token is nowhere in the browser's storage: it is gone with the tab
+    storage = "JSON.stringify({...localStorage}) + JSON.stringify({...sessionStorage})"
+    stored = page.evaluate(storage)
+    assert TOKEN not in stored
 
 
 def gateway_panel(page: Any) -> Any:

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -206,6 +207,20 @@ def template_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = outdir / TEMPLATE_NAME
     assert path.exists(), f"chalice package wrote {sorted(p.name for p in outdir.iterdir())}"
     return path
+
+
+def test_deployment_package_carries_the_api_reference_page(template_path: Path) -> None:
+    """Given the packaged Lambda code, then /docs has what it serves: Swagger UI 5 (vendored
+    under chalicelib/, which Chalice ships whole), its licence and the page's own script."""
+    with zipfile.ZipFile(template_path.parent / "deployment.zip") as package:
+        names = set(package.namelist())
+    for name in (
+        "chalicelib/apidocs/docs.js",
+        "chalicelib/apidocs/swagger-ui/swagger-ui-bundle.js",
+        "chalicelib/apidocs/swagger-ui/swagger-ui.css",
+        "chalicelib/apidocs/swagger-ui/LICENSE",
+    ):
+        assert name in names, name
 
 
 @pytest.fixture(scope="module")

@@ -159,13 +159,35 @@
 
   // ------------------------------------------------------------------ formatting
 
-  const dateTime = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
-  const clock = new Intl.DateTimeFormat(undefined, { timeStyle: "medium" });
+  /** A formatter whose output names the offset ("GMT+3"), or the zone's short name where the
+   * browser lacks offsets; shown times are the browser's, so they must say which zone. */
+  function zoned(options) {
+    try {
+      return new Intl.DateTimeFormat(undefined, { ...options, timeZoneName: "shortOffset" });
+    } catch (err) {
+      return new Intl.DateTimeFormat(undefined, { ...options, timeZoneName: "short" });
+    }
+  }
+
+  const dateTime = zoned({ day: "numeric", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit" });
+  const clockFormat = zoned({ hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  // The chart's axis labels: the zone is long for so little room, and the page says it elsewhere.
+  const axisClock = new Intl.DateTimeFormat(undefined, { timeStyle: "medium" });
+
+  /** "6 Dec 2026, 16:29 UTC+3": the offset as UTC+n (Intl writes GMT+n). */
+  function withZone(format, date) {
+    return format
+      .formatToParts(date)
+      .map((part) => (part.type === "timeZoneName" ? part.value.replace(/^GMT/, "UTC").replace(/^UTC[+-]0$/, "UTC") : part.value))
+      .join("");
+  }
+
+  const clock = { format: (date) => withZone(clockFormat, date) };
 
   function when(iso) {
     if (!iso) return "—";
     const date = new Date(iso);
-    return Number.isNaN(date.getTime()) ? iso : dateTime.format(date);
+    return Number.isNaN(date.getTime()) ? iso : withZone(dateTime, date);
   }
 
   function pad(n) {
@@ -203,6 +225,21 @@
 
   function badge(status) {
     return h("span", { class: `badge badge-${cssToken(status)}`, "data-status": status }, status);
+  }
+
+  /** Messages that will never arrive: failed (the gateway refused them) or expired (too late). */
+  function failures(stats) {
+    return ((stats && stats.failed) || 0) + ((stats && stats.expired) || 0);
+  }
+
+  /** A mailing's status; one that ended with failures says so, in red, not a green "finished". */
+  function mailingBadge(status, stats) {
+    const lost = failures(stats);
+    if (!lost || (status !== "finished" && status !== "cancelled")) return badge(status);
+    const el = badge(status);
+    el.classList.add("with-failures");
+    el.textContent = `${status} with failures`;
+    return el;
   }
 
   function statusKeys(stats) {
@@ -595,6 +632,33 @@
 
     const results = h("div", { class: "table-wrap", id: "clients-table" });
     const pager = h("div", { class: "row pager" });
+    const total = h("p", { class: "list-total", id: "clients-total", "aria-live": "polite" });
+
+    /** How many clients the search matches: the audience count the mailing form uses (one pass
+     * over the matching index entries, two attributes each), asked once per search. */
+    async function loadTotal() {
+      let matched;
+      if (filters.phone) {
+        matched = null; // the list itself is the answer: one client or none
+      } else {
+        const filter = {
+          operator_codes: filters.operator_code ? [filters.operator_code] : [],
+          tags: filters.tag ? [filters.tag] : [],
+        };
+        try {
+          matched = (await api("POST", "mailings/preview", { body: { filter, sample_size: 0 } })).count;
+        } catch (err) {
+          return; // the list shows the error, if any
+        }
+      }
+      if (!current(view) || matched === null) return;
+      const noun = matched === 1 ? "client" : "clients";
+      const filtered = filters.tag || filters.operator_code;
+      total.textContent = `${matched} ${noun} ${filtered ? (matched === 1 ? "matches" : "match") : "in total"}; listed in a fixed order.`;
+    }
+
+    // After a change (a delete, an import) the total may have moved too; paging keeps it.
+    const refresh = async () => { await Promise.all([load(), loadTotal()]); };
 
     async function load() {
       let page;
@@ -608,7 +672,10 @@
         return;
       }
       if (!current(view)) return;
-      fill(results, clientsTable(page.items, load));
+      if (filters.phone) {
+        total.textContent = page.items.length ? "1 client has this phone number." : "";
+      }
+      fill(results, clientsTable(page.items, refresh));
       fill(pager,
         cursors.length > 1
           ? h("button", { type: "button", class: "secondary", onclick: () => { cursors.pop(); load(); } }, "Previous page")
@@ -624,10 +691,10 @@
         h("h1", {}, "Clients"),
         h("a", { class: "button", href: "#/clients/new" }, "New client")),
       h("section", { class: "panel", "aria-label": "Search" }, search),
-      h("section", { class: "panel", "aria-label": "Client list" }, results, pager),
-      importPanel(load),
+      h("section", { class: "panel", "aria-label": "Client list" }, total, results, pager),
+      importPanel(refresh),
     );
-    await load();
+    await Promise.all([load(), loadTotal()]);
   }
 
   function clientsTable(clients, reload) {
@@ -864,12 +931,16 @@
       const stats = mailing.stats || {};
       const done = (stats.total || 0) - (stats.pending || 0);
       const href = `#/mailings/${encodeURIComponent(mailing.id)}`;
-      return h("tr", { dataset: { mailingId: mailing.id } },
+      const lostCell = (label, key) =>
+        h("td", { "data-label": label, "data-count": key, class: stats[key] ? "num failures" : "num" }, String(stats[key] || 0));
+      return h("tr", { dataset: { mailingId: mailing.id }, class: failures(stats) ? "has-failures" : null },
         h("td", { "data-label": "Text", class: "text" }, h("a", { href }, mailing.text.length > 80 ? `${mailing.text.slice(0, 80)}…` : mailing.text)),
-        h("td", { "data-label": "Status" }, badge(mailing.status)),
+        h("td", { "data-label": "Status" }, mailingBadge(mailing.status, stats)),
         h("td", { "data-label": "Start" }, when(mailing.start_at)),
         h("td", { "data-label": "End" }, when(mailing.end_at)),
         h("td", { "data-label": "Done", class: "num" }, `${done} / ${stats.total || 0}`),
+        lostCell("Failed", "failed"),
+        lostCell("Expired", "expired"),
         h("td", { "data-label": "Actions" },
           h("div", { class: "actions" },
             h("a", { class: "button small secondary", href }, "Statistics"),
@@ -877,7 +948,7 @@
       );
     });
     return h("table", { class: "cards" },
-      h("thead", {}, h("tr", {}, ["Text", "Status", "Start", "End", "Done", "Actions"].map((t) => h("th", { scope: "col", class: t === "Done" ? "num" : null }, t)))),
+      h("thead", {}, h("tr", {}, ["Text", "Status", "Start", "End", "Done", "Failed", "Expired", "Actions"].map((t) => h("th", { scope: "col", class: ["Done", "Failed", "Expired"].includes(t) ? "num" : null }, t)))),
       h("tbody", {}, rows));
   }
 
@@ -1159,7 +1230,7 @@
     if (!current(view)) return;
     const samples = [];
 
-    const title = h("h1", { id: "mailing-heading" }, "Mailing ", h("span", { id: "mailing-status" }, badge(mailing.status)));
+    const title = h("h1", { id: "mailing-heading" }, "Mailing ", h("span", { id: "mailing-status" }, mailingBadge(mailing.status, mailing.stats)));
     const text = h("p", { class: "quote", id: "mailing-text" }, mailing.text);
     const meta = h("dl", { class: "meta" });
     const actions = h("div", { class: "actions", id: "mailing-actions" });
@@ -1169,7 +1240,9 @@
     const counts = h("dl", { class: "counts", id: "status-counts" });
     const chart = h("div", { id: "chart" });
     const failedPart = h("div", { id: "failed-messages" });
-    const retry = h("button", { type: "button", id: "retry-failed", class: "secondary", disabled: true }, "Retry failed");
+    // Shown only while there are failed messages to retry.
+    const retry = h("button", { type: "button", id: "retry-failed", class: "secondary", hidden: true }, "Retry failed");
+    let lastStats = mailing.stats || {};
     const updated = h("p", { class: "hint", id: "updated", "aria-live": "off" });
 
     retry.addEventListener("click", async () => {
@@ -1187,7 +1260,7 @@
 
     function renderMailing(next) {
       mailing = next;
-      fill(title, "Mailing ", h("span", { id: "mailing-status" }, badge(mailing.status)));
+      fill(title, "Mailing ", h("span", { id: "mailing-status" }, mailingBadge(mailing.status, lastStats)));
       text.textContent = mailing.text;
       const f = mailing.filter || { operator_codes: [], tags: [] };
       fill(meta,
@@ -1202,20 +1275,25 @@
     }
 
     function renderStats(status, stats) {
-      if (status !== mailing.status) renderMailing({ ...mailing, status });
+      const endedWithFailures = failures(stats) > 0 && failures(lastStats) === 0;
+      lastStats = stats;
+      if (status !== mailing.status || endedWithFailures) renderMailing({ ...mailing, status });
       const total = stats.total || 0;
       const done = total - (stats.pending || 0);
       const percent = total ? Math.round((done / total) * 100) : 0;
       bar.style.width = `${percent}%`;
       progress.setAttribute("aria-valuenow", String(percent));
+      // "Done" counts failed and expired messages too: say how many never arrived.
+      const lost = [["failed", stats.failed], ["expired", stats.expired]].filter(([, n]) => n > 0).map(([k, n]) => `${n} ${k}`);
       progressLabel.textContent = total
-        ? `${done} of ${total} messages done (${percent}%)`
+        ? `${done} of ${total} messages done (${percent}%)${lost.length ? `, ${lost.join(", ")}` : ""}`
         : status === "scheduled" ? "Not started yet" : "No messages";
       fill(counts,
         h("div", { class: "count s-total" }, h("dt", {}, "total"), h("dd", { "data-count": "total" }, String(total))),
         statusKeys(stats).map((key) => h("div", { class: `count s-${cssToken(key)}` }, h("dt", {}, key), h("dd", { "data-count": key }, String(stats[key])))),
       );
-      retry.disabled = !(stats.failed > 0);
+      retry.hidden = !(stats.failed > 0);
+      retry.disabled = retry.hidden;
     }
 
     let lastFailed = -1;
@@ -1307,8 +1385,8 @@
       svg("line", { class: "axis", x1: left, y1: height - bottom, x2: width - right, y2: height - bottom }),
       svg("text", { class: "label", x: left - 6, y: top + 4, "text-anchor": "end" }, String(max)),
       svg("text", { class: "label", x: left - 6, y: height - bottom + 4, "text-anchor": "end" }, "0"),
-      svg("text", { class: "label", x: left, y: height - 8 }, clock.format(new Date(start))),
-      svg("text", { class: "label", x: width - right, y: height - 8, "text-anchor": "end" }, clock.format(new Date(samples[samples.length - 1].at))),
+      svg("text", { class: "label", x: left, y: height - 8 }, axisClock.format(new Date(start))),
+      svg("text", { class: "label", x: width - right, y: height - 8, "text-anchor": "end" }, axisClock.format(new Date(samples[samples.length - 1].at))),
     );
     for (const key of keys) {
       const token = cssToken(key);
