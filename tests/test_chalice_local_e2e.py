@@ -146,6 +146,8 @@ def test_chalice_local_serves_the_api_of_the_running_stack(tmp_path: Path) -> No
     assert TEXT_LINE.match(created_lines[0])
     assert f"client={client_id}" in created_lines[0]
     assert not [line for line in lines if line.startswith("{")], local.output
+    # And each request is one line, the service's (no second access line from the server)
+    assert len([line for line in lines if "POST /clients" in line]) == 1, local.output
 
 
 def test_chalice_local_without_a_stack_stops_at_start_with_one_line(tmp_path: Path) -> None:

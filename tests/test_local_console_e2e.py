@@ -44,6 +44,8 @@ def test_the_console_shows_readable_lines_and_the_banner_last() -> None:
     [client_line] = [line for line in lines[banner_end:] if "client created" in line]
     assert TEXT_LINE.match(client_line)
     assert f"client={created.json()['id']}" in client_line
+    # And the request is one line, the service's (no second access line from the server)
+    assert len([line for line in lines if "POST /clients" in line]) == 1, lines
 
 
 def test_log_format_json_makes_the_console_json() -> None:

@@ -108,12 +108,22 @@ def attach_or_exit(environ: MutableMapping[str, str]) -> None:
     logging.getLogger("pynamodb").setLevel(logging.WARNING)
     try:
         attach(environ)
+        _quiet_access_log()
     except NoLocalStack as exc:
         # Not an exception: `chalice local` imports the app in its server thread, where one
         # would print a traceback and leave a process that serves nothing.
         sys.stderr.write(f"{exc}\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+def _quiet_access_log() -> None:
+    """chalice local's server prints an access line per request beside the service's own."""
+    from chalice.local import ChaliceRequestHandler
+
+    from chalicelib.local.api import quiet_access_log
+
+    ChaliceRequestHandler.log_request = quiet_access_log  # type: ignore[method-assign]
 
 
 def _read(target: Path) -> dict | None:
