@@ -80,8 +80,8 @@ def attach(environ: MutableMapping[str, str]) -> str:
     document = _read(target)
     if document is None:
         raise NoLocalStack(
-            f"error: no local stack found ({target} is missing): start `make run` first, "
-            "then `chalice local --stage local --port 8001`"
+            f"error: no local stack found ({target} is missing or unreadable): "
+            "start `make run` first, then `chalice local --stage local --port 8001`"
         )
     if not _alive(document.get("pid")):
         raise NoLocalStack(
