@@ -1,6 +1,15 @@
 """The Chalice application: registers the blueprints; the logic lives in chalicelib."""
 
+import os
+
 from chalice import Chalice
+
+from chalicelib.local import stack_file
+
+# `chalice local --stage local` (its stage sets LOCAL_STACK_ATTACH): serve against the running
+# `make run` stack, or stop with one line. Before the rest loads, so nothing is printed first.
+if os.environ.get(stack_file.ATTACH_VARIABLE):
+    stack_file.attach_or_exit(os.environ)
 
 from chalicelib import logs, workers
 from chalicelib.api import (

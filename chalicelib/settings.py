@@ -149,6 +149,8 @@ class Settings(BaseModel):
     report_outbox_dir: str | None = None
     # Read by chalicelib.logs when the app loads; here so a bad value is refused with the rest.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # json: Powertools' JSON lines (Lambda); text: one readable line per event (local default).
+    log_format: Literal["json", "text"] = "json"
     metrics_namespace: str = Field("SmsCampaigns", pattern=r"^[A-Za-z0-9/_.#:-]{1,255}$")
 
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=6 * 1024 * 1024)
@@ -165,6 +167,11 @@ class Settings(BaseModel):
     @classmethod
     def _level_upper(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _format_lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("api_tokens", mode="before")
     @classmethod

@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 import requests
 
+from chalicelib.local.stack import BANNER_END
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-token-" + "x" * 24
 READY_TIMEOUT_SECONDS = 60
@@ -53,6 +55,9 @@ _INHERITED_VARIABLES = (
     # Every e2e run checks each function's AWS calls against its role, as AWS would.
     "LOCAL_IAM",
     "LOCAL_IAM_TEMPLATE",
+    # The console format and `chalice local`'s attachment are chosen per test.
+    "LOG_FORMAT",
+    "LOCAL_STACK_ATTACH",
 )
 
 
@@ -81,7 +86,11 @@ def stack_environment(**overrides: str) -> dict[str, str]:
     }
     # Reports a test triggers (the API fuzzer posts to every route) stay out of build/outbox.
     outbox = tempfile.mkdtemp(prefix="sms-outbox-")
-    env.update(PYTHONUNBUFFERED="1", MOTO_PORT="0", REPORT_OUTBOX_DIR=outbox)
+    # Each test's stack tells where it serves in a file of its own, never the developer's.
+    stack_file = os.path.join(tempfile.mkdtemp(prefix="sms-stack-"), "local-stack.json")
+    env.update(
+        PYTHONUNBUFFERED="1", MOTO_PORT="0", REPORT_OUTBOX_DIR=outbox, LOCAL_STACK_FILE=stack_file
+    )
     env.update(overrides)
     return env
 
@@ -107,6 +116,8 @@ class RunningStack:
                 self.sandbox_url = line.split(" ", 1)[1].strip()
             if line.startswith("READY "):
                 self.ready_url = line.split(" ", 1)[1].strip()
+            if self.ready_url and line.strip() == BANNER_END:
+                # The banner follows READY: the start-up output is whole once it has ended.
                 self.ready.set()
         self.ready.set()  # the process ended: whoever waits should stop waiting
 

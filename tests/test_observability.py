@@ -53,7 +53,7 @@ class LogCapture:
 @pytest.fixture
 def captured_logs() -> Any:
     capture = LogCapture()
-    logs.configure(level="INFO", stream=capture.stream)
+    logs.configure(level="INFO", stream=capture.stream, log_format="json")
     yield capture
     logs.reset()
 

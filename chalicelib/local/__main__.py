@@ -16,6 +16,9 @@ environment:
   MOTO_PORT         embedded emulator port on 127.0.0.1 (default 0: a free one)
   TABLE_PREFIX      table and queue name prefix (default sms-local); other service settings
                     apply too (RETRY_BASE_SECONDS, MAX_ATTEMPTS, ...)
+  LOG_FORMAT        text (default here: one readable line per event) or json (Lambda's)
+  LOCAL_STACK_FILE  where to write how to reach this stack, for
+                    `chalice local --stage local` (default build/local-stack.json)
 
 delivery pipeline:
   SCHEDULER_INTERVAL_SECONDS       scheduler tick period (default 10)
@@ -47,7 +50,8 @@ AWS faults (the service's own AWS calls fail as AWS's do under contention and fa
   LAMBDA_TIMEOUTS                  function=seconds,... replacing .chalice/config.json's
                                    timeouts here, e.g. send_messages=5 (default: none)
 
-Prints "SANDBOX <gateway_url>" (with the sandbox) and then "READY <api_url>" once it serves;
+Prints "SANDBOX <gateway_url>" (with the sandbox), "READY <api_url>" once it serves, and then
+the banner (URL, token, links), last;
 stops cleanly on Ctrl+C or SIGTERM, printing "AWS_FAULTS_INJECTED <json counts by kind>"
 when AWS_FAULTS is set. Exit codes: 2 for a bad setting, 1 for other failures.
 """

@@ -26,6 +26,11 @@ from chalicelib.local import invocation
 API_FUNCTION = "api_handler"
 
 
+def quiet_access_log(self: BaseHTTPRequestHandler, code: Any = "-", size: Any = "-") -> None:
+    """No http.server access line: the service logs each request itself, once (method, path,
+    status, latency, correlation id). Errors (log_error) are still printed."""
+
+
 class _TaggedAuthorizer(LocalGatewayAuthorizer):
     def authorize(self, raw_path: str, lambda_event: Any, lambda_context: Any) -> Any:
         route = self._route_for_event(lambda_event)
@@ -56,6 +61,8 @@ class _TaggedRequestHandler(ChaliceRequestHandler):
         # request inside its __init__, so the gateway must be in place before it runs.
         self.local_gateway = TaggedGateway(app_object, config)
         BaseHTTPRequestHandler.__init__(self, request, client_address, server)
+
+    log_request = quiet_access_log
 
 
 def tag_requests(local_server: Any, app: Any, config: Any) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from chalicelib import logs
-from chalicelib.local import faults
+from chalicelib.local import faults, stack_file
 from chalicelib.local.api import tag_requests
 from chalicelib.local.faults import AwsFaults
 from chalicelib.local.gateway import FaultProfile, SandboxGateway
@@ -940,6 +940,10 @@ def _lambda_handler(app: Any, name: str) -> Callable[..., Any]:
     return handler
 
 
+# The banner's last line, the last line of the start-up output.
+BANNER_END = "Press Ctrl+C to stop."
+
+
 def banner(stack: LocalStack) -> str:
     """What a developer needs to start using the local API; the only place the token shows."""
     settings = stack.settings
@@ -993,7 +997,11 @@ def banner(stack: LocalStack) -> str:
         ]
     else:
         lines.append(f"  Auth     {settings.auth_mode.value} (issuer {settings.oidc_issuer})")
-    lines.append("Press Ctrl+C to stop.")
+    lines.append(
+        f"  Chalice  chalice local --stage local --port 8001 serves this stack's data too "
+        f"(finds it in {stack_file.path(stack.environ)})"
+    )
+    lines.append(BANNER_END)
     return "\n".join(lines)
 
 
@@ -1032,14 +1040,18 @@ def _to_stderr(line: str) -> None:
     sys.stderr.write(line + "\n")
 
 
-def configure_logging() -> None:
-    # The same JSON lines as in Lambda (ids, correlation ids, secrets scrubbed), on stderr:
-    # stdout carries the READY lines that programs read.
+def configure_logging(environ: MutableMapping[str, str] | None = None) -> None:
+    # The same lines as in Lambda (ids, correlation ids, secrets scrubbed), on stderr: stdout
+    # carries the READY lines that programs read. Read by people here: text unless LOG_FORMAT
+    # says json (set in the environment, so `chalice local --stage local` follows it).
+    environ = os.environ if environ is None else environ
+    environ["LOG_FORMAT"] = environ.get("LOG_FORMAT") or "text"
     try:
         logs.configure(stream=sys.stderr)
     except ValueError:
-        # A bad LOG_LEVEL: the settings check refuses it by name (exit code 2) right after.
-        logs.configure(level="INFO", stream=sys.stderr)
+        # A bad LOG_LEVEL or LOG_FORMAT: the settings check refuses it by name (exit code 2)
+        # right after.
+        logs.configure(level="INFO", stream=sys.stderr, log_format="text")
     # werkzeug logs every emulator request (and halves its throughput doing so).
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -1068,11 +1080,14 @@ def run(out: TextIO | None = None, *, demo: bool = False) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
 
-    print(banner(stack), file=out, flush=True)
-    # Lines for programs (tests, scripts); READY ends the start-up output: everything serves.
+    # Where `chalice local --stage local` finds this stack.
+    _write_stack_file(stack)
+    # Lines for programs (tests, scripts); READY says everything serves. The banner comes
+    # last, so the URL and the token are what a developer sees once start-up is over.
     if stack.sandbox_url:
         print(f"SANDBOX {stack.sandbox_url}", file=out, flush=True)
     print(f"READY {stack.api_url}", file=out, flush=True)
+    print(banner(stack), file=out, flush=True)
     if demo:
         _run_demo(stack, out)
 
@@ -1084,12 +1099,28 @@ def run(out: TextIO | None = None, *, demo: bool = False) -> int:
             exit_code = 1
             break
     logger.info("stopping the local stack")
+    stack_file.remove(environ, pid=os.getpid())
     stack.stop()
     if stack.config.aws_faults.active:
         # For programs (tests): the faults injected into the service's AWS calls, by kind.
         print(f"AWS_FAULTS_INJECTED {json.dumps(stack.aws_faults_injected)}", file=out, flush=True)
     logger.info("stopped")
     return exit_code
+
+
+def _write_stack_file(stack: LocalStack) -> None:
+    try:
+        written = stack_file.write(
+            stack.environ,
+            pid=os.getpid(),
+            api_url=stack.api_url,
+            embedded_emulator=stack.config.embeds_emulator,
+        )
+    except OSError as exc:
+        # The stack serves all the same; only `chalice local` cannot find it.
+        logger.warning("cannot write the local stack file: %s", exc)
+        return
+    logger.info("chalice local --stage local finds this stack in %s", written)
 
 
 def _run_demo(stack: LocalStack, out: TextIO) -> None:
