@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, ClassVar, Literal
@@ -97,9 +98,11 @@ Timezone = Annotated[
     AfterValidator(_known_timezone),
     Field(description="IANA timezone name", examples=["Europe/Moscow"]),
 ]
+CLOCK_TIME_PATTERN = r"^([01]\d|2[0-3]):[0-5]\d$"
+ASSET_HASH_PATTERN = r"^[0-9a-f]{1,64}$"
 ClockTime = Annotated[
     str,
-    StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$"),
+    StringConstraints(pattern=CLOCK_TIME_PATTERN),
     Field(description="Local time HH:MM (24-hour)", examples=["09:00"]),
 ]
 
@@ -556,7 +559,7 @@ class AdminAssetQuery(_Request):
 
     v: str | None = Field(
         None,
-        pattern=r"^[0-9a-f]{1,64}$",
+        pattern=ASSET_HASH_PATTERN,
         description="The asset's content hash, as the admin page links it (cache busting)",
     )
 
@@ -598,3 +601,68 @@ class TimelineOut(_Response):
         description="Counts by status as they stood at each moment, oldest first (≤ 120)"
     )
     truncated: bool = Field(description="Rebuilt from the first 50,000 messages only")
+
+
+# ---------------------------------------------------------------- errors in words
+
+# What each pattern means, for people: a pattern never reaches an operator.
+_PATTERN_WORDS = {
+    PHONE_PATTERN: "must be 11 digits starting with 7, like 79001234567",
+    OPERATOR_CODE_PATTERN: "must be 3 digits, like 900",
+    CLOCK_TIME_PATTERN: "must be a time of day HH:MM from 00:00 to 23:59, like 09:00",
+    ASSET_HASH_PATTERN: "must be 1 to 64 lowercase hexadecimal digits",
+}
+_DATETIME = "an ISO-8601 date-time with a UTC offset, like 2026-12-01T09:00:00+03:00"
+# Pydantic's error type -> the rule in words, said of the field (`{ctx}` values filled in).
+_RULE_WORDS = {
+    "missing": "is required",
+    "extra_forbidden": "is not a field this accepts",
+    "string_type": "must be text (a JSON string)",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "list_type": "must be a list",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "dict_type": "must be a JSON object",
+    "string_too_long": "must be at most {max_length} characters",
+    "too_long": "may list at most {max_length} values (got {actual_length})",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "greater_than": "must be more than {gt}",
+    "less_than": "must be less than {lt}",
+    "timezone_aware": f"must include a UTC offset: {_DATETIME}",
+    "datetime_type": f"must be {_DATETIME}",
+    "datetime_parsing": f"must be {_DATETIME}",
+    "datetime_from_date_parsing": f"must be {_DATETIME}",
+    "enum": "must be one of {expected}",
+    "literal_error": "must be one of {expected}",
+}
+
+
+def error_in_words(error: Mapping[str, Any]) -> str:
+    """One pydantic error as a sentence about the field, e.g. "send_window.start must be a time
+    of day HH:MM ...": never a regex or pydantic's own wording."""
+    names = [str(part) for part in error["loc"] if not isinstance(part, int)]
+    subject = ".".join(names) if names else "the request"
+    context = error.get("ctx") or {}
+    kind = error["type"]
+    if kind == "value_error":
+        # Our own validators' messages; those that start with the rule get the field's name.
+        message = str(context.get("error") or error["msg"]).removeprefix("Value error, ")
+        return f"{subject} {message}" if message.startswith("must") else message
+    if kind == "string_too_short":
+        minimum = context.get("min_length", 1)
+        rule = "must not be empty" if minimum == 1 else f"must be at least {minimum} characters"
+    elif kind == "string_pattern_mismatch":
+        rule = _PATTERN_WORDS.get(context.get("pattern", ""), "is not in the expected format")
+    elif kind in _RULE_WORDS:
+        try:
+            rule = _RULE_WORDS[kind].format(**context)
+        except (KeyError, IndexError):
+            rule = _RULE_WORDS[kind].split(" {")[0]
+    else:
+        return str(error["msg"])
+    return f"{subject} {rule}"

@@ -210,7 +210,7 @@ def test_invalid_rows_are_reported_at_once_and_valid_ones_become_clients(api, sq
             "field": "phone",
             "message": "phone 79001234567 is also in row 1; only the first is imported",
         },
-        {"row": 9, "field": "phone", "message": "Field required"},
+        {"row": 9, "field": "phone", "message": "phone is required"},
     ]
     assert job["errors_omitted"] == 0
     assert clients_by_phone(api) == {}
