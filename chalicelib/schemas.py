@@ -18,8 +18,15 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from chalicelib.domain import ImportStatus, MailingStatus, MessageStatus, template_problems
+from chalicelib.domain import (
+    PLACEHOLDERS,
+    ImportStatus,
+    MailingStatus,
+    MessageStatus,
+    template_problems,
+)
 
 TEXT_MAX_LENGTH = 1000
 FILTER_MAX_VALUES = 100
@@ -86,17 +93,27 @@ OperatorCode = Annotated[
         json_schema_extra={"pattern": OPERATOR_CODE_PATTERN},
     ),
 ]
+NO_CONTROL_CHARACTERS_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 Tag = Annotated[
     str,
     StringConstraints(max_length=64),
     AfterValidator(_no_control_characters),
-    Field(description="Free-form label, up to 64 characters, may be empty", examples=["vip"]),
+    Field(
+        description="Free-form label, up to 64 characters, may be empty, no control characters",
+        examples=["vip"],
+        json_schema_extra={"pattern": NO_CONTROL_CHARACTERS_PATTERN},
+    ),
 ]
 Timezone = Annotated[
     str,
     StringConstraints(min_length=1, max_length=64),
     AfterValidator(_known_timezone),
-    Field(description="IANA timezone name", examples=["Europe/Moscow"]),
+    Field(
+        description="IANA timezone name",
+        examples=["Europe/Moscow"],
+        # The document lists the names the API accepts, so a client can check before sending.
+        json_schema_extra=lambda schema: schema.update(enum=sorted(_known_timezones())),
+    ),
 ]
 CLOCK_TIME_PATTERN = r"^([01]\d|2[0-3]):[0-5]\d$"
 ASSET_HASH_PATTERN = r"^[0-9a-f]{1,64}$"
@@ -114,17 +131,25 @@ def _template(value: str) -> str:
     return value
 
 
+TEMPLATE_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{(?:" + "|".join(PLACEHOLDERS) + r")\})*$"
+NOT_BLANK_PATTERN = r"\S"
 MailingText = Annotated[
     str,
     StringConstraints(min_length=1, max_length=TEXT_MAX_LENGTH),
     AfterValidator(lambda v: v if v.strip() else _raise("must not be blank")),
     AfterValidator(_template),
     Field(
+        # Placeholders as the document can say them: braces only doubled or around a known name;
+        # and at least one character that is not white space.
+        json_schema_extra={
+            "pattern": TEMPLATE_PATTERN,
+            "allOf": [{"pattern": NOT_BLANK_PATTERN}],
+        },
         description=(
             f"Message text, 1 to {TEXT_MAX_LENGTH} characters. It may name the client's fields "
             "as placeholders: {phone}, {operator_code}, {tag}, {timezone} (write {{ and }} for "
             "literal braces); any other placeholder is refused."
-        )
+        ),
     ),
 ]
 Cursor = Annotated[
@@ -323,7 +348,8 @@ class SendWindow(_Request):
     @model_validator(mode="after")
     def _not_empty(self) -> SendWindow:
         if self.start == self.end:
-            raise ValueError("start and end must differ (use null for no window)")
+            # "range", as the service's own date rules: values compared, which no schema states.
+            raise PydanticCustomError("range", "start and end must differ (use null for no window)")
         return self
 
 
@@ -339,7 +365,7 @@ class MailingCreate(_Request):
     @model_validator(mode="after")
     def _end_after_start(self) -> MailingCreate:
         if self.end_at <= self.start_at:
-            raise ValueError("end_at must be after start_at")
+            raise PydanticCustomError("range", "end_at must be after start_at")
         return self
 
 
@@ -611,6 +637,7 @@ _PATTERN_WORDS = {
     OPERATOR_CODE_PATTERN: "must be 3 digits, like 900",
     CLOCK_TIME_PATTERN: "must be a time of day HH:MM from 00:00 to 23:59, like 09:00",
     ASSET_HASH_PATTERN: "must be 1 to 64 lowercase hexadecimal digits",
+    NO_CONTROL_CHARACTERS_PATTERN: "must not contain control characters",
 }
 _DATETIME = "an ISO-8601 date-time with a UTC offset, like 2026-12-01T09:00:00+03:00"
 # Pydantic's error type -> the rule in words, said of the field (`{ctx}` values filled in).
