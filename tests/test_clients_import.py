@@ -273,6 +273,20 @@ def test_a_row_is_valid_exactly_when_post_clients_accepts_the_same_fields(api, r
         assert {(f"body.{e['field']}", e["message"]) for e in job["errors"]} == reasons
 
 
+def test_the_report_states_each_rule_in_words(api):
+    # Given rows breaking a length rule and a text rule, and a row of a known phone with a tag
+    long_tag = "x" * 65
+    text = f"phone,tag\n79001234567,{long_tag}\n79001234568,a\x01b\n"
+    # When the file is imported
+    response = post_csv(api, text)
+    # Then each row's error says the rule in words, never a pattern or pydantic's wording
+    assert response.status_code == 202, response.body
+    assert body(response)["errors"] == [
+        {"row": 1, "field": "tag", "message": "tag must be at most 64 characters"},
+        {"row": 2, "field": "tag", "message": "tag must not contain control characters"},
+    ]
+
+
 def test_a_phone_of_non_ascii_digits_is_a_reported_row_and_never_a_client(api, sqs, lambdas, clock):
     # Given a file whose second and third rows spell 79001234567 and 79001234568 with a 7 and then
     # Arabic-Indic or full-width digits (which `int()` would read as those ASCII numbers)
