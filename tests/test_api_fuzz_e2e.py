@@ -1,9 +1,13 @@
 """API fuzzing: schemathesis drives every operation of /openapi.json against the running stack.
 
 Bounded so CI stays fast: a fixed seed, derandomized generation, no shrinking and a couple of
-dozen generated cases per operation (plus schemathesis' examples and coverage cases). Every answer
-must be a non-5xx matching the documented status codes, content types and schemas, and every 4xx
-those API Gateway writes (401, 403, no route) included, must carry the `ErrorBody` shape.
+dozen generated cases per operation (plus schemathesis' examples and coverage cases, which send
+methods no route has, TRACE included). Every check schemathesis has runs: answers are never a
+5xx and match the documented statuses, content types, headers and schemas, a request the
+document calls valid is accepted, an invalid one refused, a method a path lacks is a 405 with
+`Allow`. The one exclusion, stated in UNSTATED_RULES below, is a refusal by a rule OpenAPI
+cannot express. Every 4xx, those API Gateway writes (401, 403, no route) included, carries the
+`ErrorBody` shape.
 
 For a deeper run: FUZZ_MAX_EXAMPLES=300 FUZZ_SEED=7 pytest -m e2e tests/test_api_fuzz_e2e.py
 """
