@@ -103,8 +103,9 @@ def validation_details(exc: ValidationError, prefix: str) -> list[dict[str, Any]
 def chalice_errors_as_error_body(request: Any, get_response: Callable[[Any], Response]) -> Response:
     """Chalice's own errors, written before any view runs, in the service's one error shape.
 
-    Locally that is a 405 for a method the path does not have (API Gateway answers it with a 403
-    before the Lambda runs); Chalice's body is `{"Code", "Message"}`, not `ErrorBody`.
+    Locally that is a 405 for a method the path does not have (on AWS, the path's ANY method in
+    infra/resources.yaml answers it in the same shape before the Lambda runs); Chalice's body is
+    `{"Code", "Message"}`, not `ErrorBody`.
     """
     response = get_response(request)
     body = response.body
