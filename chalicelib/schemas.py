@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, ClassVar, Literal
@@ -17,8 +18,15 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from chalicelib.domain import ImportStatus, MailingStatus, MessageStatus, template_problems
+from chalicelib.domain import (
+    PLACEHOLDERS,
+    ImportStatus,
+    MailingStatus,
+    MessageStatus,
+    template_problems,
+)
 
 TEXT_MAX_LENGTH = 1000
 FILTER_MAX_VALUES = 100
@@ -85,21 +93,33 @@ OperatorCode = Annotated[
         json_schema_extra={"pattern": OPERATOR_CODE_PATTERN},
     ),
 ]
+NO_CONTROL_CHARACTERS_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 Tag = Annotated[
     str,
     StringConstraints(max_length=64),
     AfterValidator(_no_control_characters),
-    Field(description="Free-form label, up to 64 characters, may be empty", examples=["vip"]),
+    Field(
+        description="Free-form label, up to 64 characters, may be empty, no control characters",
+        examples=["vip"],
+        json_schema_extra={"pattern": NO_CONTROL_CHARACTERS_PATTERN},
+    ),
 ]
 Timezone = Annotated[
     str,
     StringConstraints(min_length=1, max_length=64),
     AfterValidator(_known_timezone),
-    Field(description="IANA timezone name", examples=["Europe/Moscow"]),
+    Field(
+        description="IANA timezone name",
+        examples=["Europe/Moscow"],
+        # The document lists the names the API accepts, so a client can check before sending.
+        json_schema_extra=lambda schema: schema.update(enum=sorted(_known_timezones())),
+    ),
 ]
+CLOCK_TIME_PATTERN = r"^([01]\d|2[0-3]):[0-5]\d$"
+ASSET_HASH_PATTERN = r"^[0-9a-f]{1,64}$"
 ClockTime = Annotated[
     str,
-    StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$"),
+    StringConstraints(pattern=CLOCK_TIME_PATTERN),
     Field(description="Local time HH:MM (24-hour)", examples=["09:00"]),
 ]
 
@@ -111,17 +131,25 @@ def _template(value: str) -> str:
     return value
 
 
+TEMPLATE_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{(?:" + "|".join(PLACEHOLDERS) + r")\})*$"
+NOT_BLANK_PATTERN = r"\S"
 MailingText = Annotated[
     str,
     StringConstraints(min_length=1, max_length=TEXT_MAX_LENGTH),
     AfterValidator(lambda v: v if v.strip() else _raise("must not be blank")),
     AfterValidator(_template),
     Field(
+        # Placeholders as the document can say them: braces only doubled or around a known name;
+        # and at least one character that is not white space.
+        json_schema_extra={
+            "pattern": TEMPLATE_PATTERN,
+            "allOf": [{"pattern": NOT_BLANK_PATTERN}],
+        },
         description=(
             f"Message text, 1 to {TEXT_MAX_LENGTH} characters. It may name the client's fields "
             "as placeholders: {phone}, {operator_code}, {tag}, {timezone} (write {{ and }} for "
             "literal braces); any other placeholder is refused."
-        )
+        ),
     ),
 ]
 Cursor = Annotated[
@@ -320,7 +348,8 @@ class SendWindow(_Request):
     @model_validator(mode="after")
     def _not_empty(self) -> SendWindow:
         if self.start == self.end:
-            raise ValueError("start and end must differ (use null for no window)")
+            # "range", as the service's own date rules: values compared, which no schema states.
+            raise PydanticCustomError("range", "start and end must differ (use null for no window)")
         return self
 
 
@@ -336,7 +365,7 @@ class MailingCreate(_Request):
     @model_validator(mode="after")
     def _end_after_start(self) -> MailingCreate:
         if self.end_at <= self.start_at:
-            raise ValueError("end_at must be after start_at")
+            raise PydanticCustomError("range", "end_at must be after start_at")
         return self
 
 
@@ -556,7 +585,7 @@ class AdminAssetQuery(_Request):
 
     v: str | None = Field(
         None,
-        pattern=r"^[0-9a-f]{1,64}$",
+        pattern=ASSET_HASH_PATTERN,
         description="The asset's content hash, as the admin page links it (cache busting)",
     )
 
@@ -598,3 +627,69 @@ class TimelineOut(_Response):
         description="Counts by status as they stood at each moment, oldest first (≤ 120)"
     )
     truncated: bool = Field(description="Rebuilt from the first 50,000 messages only")
+
+
+# ---------------------------------------------------------------- errors in words
+
+# What each pattern means, for people: a pattern never reaches an operator.
+_PATTERN_WORDS = {
+    PHONE_PATTERN: "must be 11 digits starting with 7, like 79001234567",
+    OPERATOR_CODE_PATTERN: "must be 3 digits, like 900",
+    CLOCK_TIME_PATTERN: "must be a time of day HH:MM from 00:00 to 23:59, like 09:00",
+    ASSET_HASH_PATTERN: "must be 1 to 64 lowercase hexadecimal digits",
+    NO_CONTROL_CHARACTERS_PATTERN: "must not contain control characters",
+}
+_DATETIME = "an ISO-8601 date-time with a UTC offset, like 2026-12-01T09:00:00+03:00"
+# Pydantic's error type -> the rule in words, said of the field (`{ctx}` values filled in).
+_RULE_WORDS = {
+    "missing": "is required",
+    "extra_forbidden": "is not a field this accepts",
+    "string_type": "must be text (a JSON string)",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "list_type": "must be a list",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "dict_type": "must be a JSON object",
+    "string_too_long": "must be at most {max_length} characters",
+    "too_long": "may list at most {max_length} values (got {actual_length})",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "greater_than": "must be more than {gt}",
+    "less_than": "must be less than {lt}",
+    "timezone_aware": f"must include a UTC offset: {_DATETIME}",
+    "datetime_type": f"must be {_DATETIME}",
+    "datetime_parsing": f"must be {_DATETIME}",
+    "datetime_from_date_parsing": f"must be {_DATETIME}",
+    "enum": "must be one of {expected}",
+    "literal_error": "must be one of {expected}",
+}
+
+
+def error_in_words(error: Mapping[str, Any]) -> str:
+    """One pydantic error as a sentence about the field, e.g. "send_window.start must be a time
+    of day HH:MM ...": never a regex or pydantic's own wording."""
+    names = [str(part) for part in error["loc"] if not isinstance(part, int)]
+    subject = ".".join(names) if names else "the request"
+    context = error.get("ctx") or {}
+    kind = error["type"]
+    if kind == "value_error":
+        # Our own validators' messages; those that start with the rule get the field's name.
+        message = str(context.get("error") or error["msg"]).removeprefix("Value error, ")
+        return f"{subject} {message}" if message.startswith("must") else message
+    if kind == "string_too_short":
+        minimum = context.get("min_length", 1)
+        rule = "must not be empty" if minimum == 1 else f"must be at least {minimum} characters"
+    elif kind == "string_pattern_mismatch":
+        rule = _PATTERN_WORDS.get(context.get("pattern", ""), "is not in the expected format")
+    elif kind in _RULE_WORDS:
+        try:
+            rule = _RULE_WORDS[kind].format(**context)
+        except (KeyError, IndexError):
+            rule = _RULE_WORDS[kind].split(" {")[0]
+    else:
+        return str(error["msg"])
+    return f"{subject} {rule}"

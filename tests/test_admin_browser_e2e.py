@@ -367,6 +367,8 @@ def test_client_forms_show_the_apis_errors_next_to_their_fields(page: Any, stack
     expect(page.locator('[data-field="timezone"] .field-error')).to_contain_text(
         "unknown IANA timezone"
     )
+    # And the banner above the form says how many fields need attention
+    expect(page.locator("form .form-error")).to_contain_text("1 field needs attention.")
     page.get_by_label("Timezone", exact=True).fill("UTC")
     page.get_by_role("button", name="Create client").click()
     expect(page.locator('[data-field="phone"] .field-error')).to_have_text("already in use")

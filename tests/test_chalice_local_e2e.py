@@ -138,6 +138,16 @@ def test_chalice_local_serves_the_api_of_the_running_stack(tmp_path: Path) -> No
         # And the sandbox gateway got the one SMS
         ledger = requests.get(f"{stack.sandbox_url}/_sandbox/ledger", timeout=5).json()
         assert [str(send["phone"]) for send in ledger["accepted"]] == [PHONE]
+        # And its errors are the stack's: a missing token, an unknown route (its token never
+        # quoted back) and a method the path lacks, each in the one error shape
+        token = stack.auth["Authorization"].split()[1]
+        anonymous = requests.get(f"{local.url}/clients", timeout=10)
+        unknown = http.get(f"{local.url}/no-such-route", timeout=10)
+        wrong = http.request("TRACE", f"{local.url}/clients", timeout=10)
+        assert (anonymous.status_code, anonymous.json()["error"]) == (401, "unauthorized")
+        assert (unknown.status_code, unknown.json()["error"]) == (404, "not_found")
+        assert token not in unknown.text
+        assert (wrong.status_code, wrong.json()["error"]) == (405, "method_not_allowed")
 
     # And chalice local wrote each log line once, as one readable line
     lines = local.output.splitlines()

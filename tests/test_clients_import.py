@@ -210,7 +210,7 @@ def test_invalid_rows_are_reported_at_once_and_valid_ones_become_clients(api, sq
             "field": "phone",
             "message": "phone 79001234567 is also in row 1; only the first is imported",
         },
-        {"row": 9, "field": "phone", "message": "Field required"},
+        {"row": 9, "field": "phone", "message": "phone is required"},
     ]
     assert job["errors_omitted"] == 0
     assert clients_by_phone(api) == {}
@@ -271,6 +271,20 @@ def test_a_row_is_valid_exactly_when_post_clients_accepts_the_same_fields(api, r
     if posted.status_code == 422:
         reasons = {(d["field"], d["message"]) for d in body(posted)["details"]}
         assert {(f"body.{e['field']}", e["message"]) for e in job["errors"]} == reasons
+
+
+def test_the_report_states_each_rule_in_words(api):
+    # Given rows breaking a length rule and a text rule, and a row of a known phone with a tag
+    long_tag = "x" * 65
+    text = f"phone,tag\n79001234567,{long_tag}\n79001234568,a\x01b\n"
+    # When the file is imported
+    response = post_csv(api, text)
+    # Then each row's error says the rule in words, never a pattern or pydantic's wording
+    assert response.status_code == 202, response.body
+    assert body(response)["errors"] == [
+        {"row": 1, "field": "tag", "message": "tag must be at most 64 characters"},
+        {"row": 2, "field": "tag", "message": "tag must not contain control characters"},
+    ]
 
 
 def test_a_phone_of_non_ascii_digits_is_a_reported_row_and_never_a_client(api, sqs, lambdas, clock):

@@ -24,10 +24,12 @@ import yaml
 from cfnlint.schema import PROVIDER_SCHEMA_MANAGER
 from chalice import Chalice
 
+from app import app as chalice_app
 from chalicelib import workers
 from chalicelib.auth import LoadedTokenVerifier, OidcVerifier, build_verifier
 from chalicelib.domain import AudienceFilter
 from chalicelib.gateway import GatewayResult, Outcome
+from chalicelib.local import api as local_api
 from chalicelib.local import iam
 from chalicelib.metrics import METRICS, MetricsWriter
 from chalicelib.models import build_models
@@ -1327,6 +1329,55 @@ def test_gateway_errors_use_the_service_error_shape(
     assert isinstance(body["message"], str)
     assert body["message"]
     assert body["details"] == []
+
+
+# What the local server answers for the same errors (chalicelib/local/api.py).
+LOCAL_GATEWAY_ANSWERS = {
+    "UNAUTHORIZED": local_api.UNAUTHORIZED,
+    "ACCESS_DENIED": local_api.ACCESS_DENIED,
+    "MISSING_AUTHENTICATION_TOKEN": local_api.NO_ROUTE,
+}
+
+
+@pytest.mark.parametrize("response_type", sorted(LOCAL_GATEWAY_ANSWERS))
+def test_the_local_server_answers_as_the_gateway_responses_say(
+    gateway_responses: dict, response_type: str
+) -> None:
+    """Given an error API Gateway writes itself, when the local server writes it, then the
+    caller reads the same status, code and message as on AWS."""
+    response = gateway_responses[response_type]
+    body = render(response["ResponseTemplates"]["application/json"])
+    assert (int(response["StatusCode"]), body["error"], body["message"]) == (
+        LOCAL_GATEWAY_ANSWERS[response_type]
+    )
+
+
+ROUTED = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def test_a_method_a_path_lacks_is_a_405_in_the_error_shape(template: dict) -> None:
+    """Given every route of the app, when API Gateway gets a method its path does not have, then
+    the path's ANY method answers 405 naming the methods it has, in the error shape, as the local
+    server does (a new route without one fails here)."""
+    paths = template["Resources"]["RestAPI"]["Properties"]["DefinitionBody"]["paths"]
+    assert set(paths) == set(chalice_app.routes)
+    for path, methods in chalice_app.routes.items():
+        allowed = ", ".join(method for method in ROUTED if method in methods)
+        integration = paths[path]["x-amazon-apigateway-any-method"][
+            "x-amazon-apigateway-integration"
+        ]
+        assert integration["type"] == "mock", path
+        answer = integration["responses"]["default"]
+        assert answer["statusCode"] == "405", path
+        assert answer["responseParameters"] == {"method.response.header.Allow": f"'{allowed}'"}
+        body = json.loads(
+            answer["responseTemplates"]["application/json"].replace("$context.httpMethod", "TRACE")
+        )
+        assert body == {
+            "error": "method_not_allowed",
+            "message": f"TRACE is not supported here; use {allowed}",
+            "details": [],
+        }, path
 
 
 def test_unauthorized_tells_the_client_to_send_a_bearer_token(gateway_responses: dict) -> None:

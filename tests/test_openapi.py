@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from zoneinfo import available_timezones
 
 import jsonschema
 import pytest
@@ -127,3 +128,41 @@ def test_health_needs_no_token(api):
     response = api.get("/health", headers={})
     assert response.status_code == 200
     assert body(response)["status"] == "ok"
+
+
+def test_auth_errors_are_documented_in_the_error_shape(spec):
+    # Given a protected operation
+    operation = spec["paths"]["/clients"]["get"]
+    # Then its 401 and 403 are documented as the service's error body, as the gateway writes them
+    for status in ("401", "403"):
+        schema = operation["responses"][status]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorBody"}, status
+
+
+@pytest.mark.parametrize(
+    ("field", "accepted", "refused"),
+    [
+        ("tag", ["vip", "", "ночь"], ["a\tb", "x\x7f"]),
+        ("text", ["Hi {phone}", "{{literal}}"], ["Hi {name}", "{", "   "]),
+    ],
+)
+def test_the_document_states_the_text_rules_the_api_enforces(spec, field, accepted, refused):
+    # Given the document's schema for a field with rules beyond its type
+    model = "ClientCreate" if field == "tag" else "MailingCreate"
+    prop = spec["components"]["schemas"][model]["properties"][field]
+    patterns = [prop["pattern"], *(part["pattern"] for part in prop.get("allOf", []))]
+
+    def allowed(value: str) -> bool:
+        return all(re.search(pattern, value) for pattern in patterns)
+
+    # Then a value the API accepts matches it, and one it refuses does not
+    assert [value for value in accepted if not allowed(value)] == []
+    assert [value for value in refused if allowed(value)] == []
+
+
+def test_the_document_lists_the_timezones_the_api_accepts(spec):
+    # Given the document's timezone field
+    prop = spec["components"]["schemas"]["ClientCreate"]["properties"]["timezone"]
+    # Then it lists exactly the zone names the API accepts
+    assert set(prop["enum"]) == available_timezones()
+    assert "Mars/Olympus" not in prop["enum"]

@@ -101,9 +101,11 @@
   function showErrors(form, err) {
     clearErrors(form);
     const loose = [];
+    const marked = new Set();
     for (const detail of err.details || []) {
       const slot = fieldSlot(form, detail.field);
       if (slot) {
+        marked.add(slot);
         const out = slot.querySelector(".field-error");
         out.textContent = out.textContent ? `${out.textContent}; ${detail.message}` : detail.message;
         const input = slot.querySelector("input, textarea, select");
@@ -114,7 +116,11 @@
     }
     const box = form.querySelector(".form-error");
     if (box) {
-      box.append(h("p", {}, err.message));
+      // The fields say what is wrong; the banner says how many need attention, and the
+      // service's summary only when no field shows anything.
+      const count = marked.size;
+      const summary = count === 1 ? "1 field needs attention." : `${count} fields need attention.`;
+      box.append(h("p", {}, count ? summary : err.message));
       if (loose.length) box.append(h("ul", {}, loose.map((text) => h("li", {}, text))));
       box.hidden = false;
     }

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from chalicelib.domain import RowProblem
 from chalicelib.errors import ValidationFailed
-from chalicelib.schemas import ClientCreate
+from chalicelib.schemas import ClientCreate, error_in_words
 from chalicelib.services.queues import ImportRow
 
 COLUMNS = ("phone", "operator_code", "tag", "timezone")
@@ -164,7 +164,7 @@ def _row(
     except ValidationError as exc:
         for error in exc.errors(include_url=False, include_input=False):
             column = str(error["loc"][0]) if error["loc"] else None
-            parsed.report(number, column, error["msg"].removeprefix("Value error, "))
+            parsed.report(number, column, error_in_words(error))
         return None
     return (
         number,

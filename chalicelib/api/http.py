@@ -32,7 +32,7 @@ from chalicelib.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
-from chalicelib.schemas import ErrorBody
+from chalicelib.schemas import ErrorBody, error_in_words
 from chalicelib.services.storage import error_code, is_transient
 
 logger = logging.getLogger(__name__)
@@ -90,20 +90,22 @@ def json_response(
 
 
 def validation_details(exc: ValidationError, prefix: str) -> list[dict[str, Any]]:
-    """Pydantic errors as `details` entries naming the offending field."""
+    """Pydantic errors as `details` entries naming the offending field, the rule in words."""
     details = []
     for err in exc.errors(include_url=False, include_input=False):
         location = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
-        message = err["msg"].removeprefix("Value error, ")
-        details.append({"field": location or None, "message": message, "type": err["type"]})
+        details.append(
+            {"field": location or None, "message": error_in_words(err), "type": err["type"]}
+        )
     return details
 
 
 def chalice_errors_as_error_body(request: Any, get_response: Callable[[Any], Response]) -> Response:
     """Chalice's own errors, written before any view runs, in the service's one error shape.
 
-    Locally that is a 405 for a method the path does not have (API Gateway answers it with a 403
-    before the Lambda runs); Chalice's body is `{"Code", "Message"}`, not `ErrorBody`.
+    Locally that is a 405 for a method the path does not have (on AWS, the path's ANY method in
+    infra/resources.yaml answers it in the same shape before the Lambda runs); Chalice's body is
+    `{"Code", "Message"}`, not `ErrorBody`.
     """
     response = get_response(request)
     body = response.body

@@ -105,7 +105,7 @@ def build_spec(operations: Iterable[Operation] | None = None) -> dict[str, Any]:
         elif op.consumes is not None:
             entry["requestBody"] = {
                 "required": True,
-                "content": {op.consumes: {"schema": {"type": "string"}}},
+                "content": {op.consumes: {"schema": {"type": "string", "minLength": 1}}},
             }
         responses: dict[str, Any] = {}
         if op.response is not None:
@@ -124,10 +124,8 @@ def build_spec(operations: Iterable[Operation] | None = None) -> dict[str, Any]:
         if not op.public:
             statuses.add(503)
         for status in sorted(statuses):
+            # 401 and 403 too: API Gateway writes them, in the same shape (its gateway responses).
             content = {"application/json": {"schema": error_ref}}
-            if status in _AUTH_ERRORS:
-                # API Gateway writes these before our code runs; the body is not ours everywhere.
-                content = {"application/json": {"schema": {"type": "object"}}}
             description = _error_description(status)
             if status == 415 and op.consumes is not None:
                 description = f"Request body is not {op.consumes}"

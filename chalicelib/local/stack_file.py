@@ -108,7 +108,7 @@ def attach_or_exit(environ: MutableMapping[str, str]) -> None:
     logging.getLogger("pynamodb").setLevel(logging.WARNING)
     try:
         attach(environ)
-        _quiet_access_log()
+        serve_as_the_stack_does()
     except NoLocalStack as exc:
         # Not an exception: `chalice local` imports the app in its server thread, where one
         # would print a traceback and leave a process that serves nothing.
@@ -117,13 +117,13 @@ def attach_or_exit(environ: MutableMapping[str, str]) -> None:
         os._exit(1)
 
 
-def _quiet_access_log() -> None:
-    """chalice local's server prints an access line per request beside the service's own."""
-    from chalice.local import ChaliceRequestHandler
+def serve_as_the_stack_does() -> None:
+    """chalice local's server answers as the local stack's does: the gateway's errors (401, 403,
+    no route, a method the path lacks) in the service's error shape, and no access line beside
+    the service's own request line."""
+    from chalicelib.local.api import serve_chalice_local_as_the_stack_does
 
-    from chalicelib.local.api import quiet_access_log
-
-    ChaliceRequestHandler.log_request = quiet_access_log  # type: ignore[method-assign]
+    serve_chalice_local_as_the_stack_does()
 
 
 def _read(target: Path) -> dict | None:
