@@ -116,11 +116,12 @@
     }
     const box = form.querySelector(".form-error");
     if (box) {
-      // The fields say what is wrong; the banner says how many need attention, and the
-      // service's summary only when no field shows anything.
+      // The fields say what is wrong; for the service's validation errors the banner says how
+      // many need attention (its summary says no more than that); any other error (a refused
+      // token, a conflict) keeps its own words.
       const count = marked.size;
       const summary = count === 1 ? "1 field needs attention." : `${count} fields need attention.`;
-      box.append(h("p", {}, count ? summary : err.message));
+      box.append(h("p", {}, count && err.code === "validation_error" ? summary : err.message));
       if (loose.length) box.append(h("ul", {}, loose.map((text) => h("li", {}, text))));
       box.hidden = false;
     }
