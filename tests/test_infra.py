@@ -1402,6 +1402,45 @@ def test_gateway_limits_are_parameters_whose_defaults_the_settings_accept(templa
     assert settings.gateway_concurrency == 40
 
 
+def test_the_api_stage_throttles_every_method_at_its_parameters(
+    template: dict, resources: dict
+) -> None:
+    """Given a flood of API requests, when deployed, then the stage refuses what exceeds the rate
+    and burst parameters for every method, before any Lambda runs."""
+    [settings] = resources["RestAPI"]["Properties"]["MethodSettings"]
+    assert settings == {
+        "ResourcePath": "/*",
+        "HttpMethod": "*",
+        "ThrottlingRateLimit": {"Ref": "ApiThrottlingRateLimit"},
+        "ThrottlingBurstLimit": {"Ref": "ApiThrottlingBurstLimit"},
+    }
+    for parameter in ("ApiThrottlingRateLimit", "ApiThrottlingBurstLimit"):
+        assert template["Parameters"][parameter]["Type"] == "Number"
+        assert template["Parameters"][parameter]["MinValue"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("function", "parameter"),
+    [
+        ("SendMessages", "SenderReservedConcurrency"),
+        ("SchedulerTick", "SchedulerReservedConcurrency"),
+    ],
+)
+def test_sending_keeps_lambda_concurrency_api_traffic_cannot_take(
+    template: dict, resources: dict, function: str, parameter: str
+) -> None:
+    """Given the sender and the scheduler, when deployed, then each has the concurrency its
+    parameter reserves, by default too, and 0 reserves none rather than stopping the function."""
+    reserved = resources[function]["Properties"]["ReservedConcurrentExecutions"]
+    default = str(template["Parameters"][parameter]["Default"])
+    assert int(default) > 0
+    assert evaluate(template, reserved, {parameter: default}) == default
+    assert evaluate(template, reserved, {parameter: "5"}) == "5"
+    assert evaluate(template, reserved, {parameter: "0"}) == {"Ref": "AWS::NoValue"}
+    # The API and the workers it feeds share the rest of the account's pool.
+    assert "ReservedConcurrentExecutions" not in resources["APIHandler"]["Properties"]
+
+
 @pytest.mark.parametrize(
     ("value", "deployable"),
     [("", True), ("916=20", True), ("916=20,903=2.5", True), ("916=20;903=10", False)],
