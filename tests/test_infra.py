@@ -171,6 +171,7 @@ GATEWAY_RESPONSES = {
     "UNAUTHORIZED": ("401", "unauthorized"),
     "ACCESS_DENIED": ("403", "forbidden"),
     "MISSING_AUTHENTICATION_TOKEN": ("404", "not_found"),
+    "THROTTLED": ("429", "too_many_requests"),
     "DEFAULT_4XX": (None, "request_rejected"),
     "DEFAULT_5XX": (None, "gateway_error"),
 }
@@ -1430,6 +1431,14 @@ def test_a_method_a_path_lacks_is_a_405_in_the_error_shape(template: dict) -> No
             "message": f"TRACE is not supported here; use {allowed}",
             "details": [],
         }, path
+
+
+def test_a_throttled_caller_is_told_when_to_retry(gateway_responses: dict) -> None:
+    """Given a caller over the stage throttling, when API Gateway refuses it, then it reads a 429
+    with a Retry-After header."""
+    throttled = gateway_responses["THROTTLED"]
+    assert throttled["StatusCode"] == "429"
+    assert throttled["ResponseParameters"]["Headers"]["Retry-After"] == "'1'"
 
 
 def test_unauthorized_tells_the_client_to_send_a_bearer_token(gateway_responses: dict) -> None:
