@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# checkov in a venv of its own: its pins (boto3, packaging) conflict with the app's.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 STAGE ?= prod
 PACKAGE_DIR ?= build/package
 
@@ -14,7 +17,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-install: $(STAMP) browser
+$(CHECKOV_STAMP): requirements-checkov.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-checkov.txt
+	touch $(CHECKOV_STAMP)
+
+install: $(STAMP) $(CHECKOV_STAMP) browser
 
 run: $(STAMP)
 	$(BIN)/python -m chalicelib.local
@@ -56,7 +64,7 @@ browser:
 # Two workers: the end-to-end suites spend much of their time waiting on the stack they drive.
 TEST_WORKERS ?= 2
 
-test: lint browser
+test: lint browser $(CHECKOV_STAMP)
 	CHROMIUM_PATH=$(CHROMIUM_PATH) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 package: $(STAMP)
@@ -74,4 +82,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.import_clients --rows 100000 --json build/bench-import.json
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) build .pytest_cache .ruff_cache

@@ -194,3 +194,33 @@ def test_a_bad_sign_in_value_is_refused_naming_the_variable(variable, value):
     env = {key.upper(): val for key, val in {**OIDC, **SIGN_IN}.items()}
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env({**env, variable: value})
+
+
+SECURITY_HEADERS = (
+    "Content-Security-Policy",
+    "X-Frame-Options",
+    "Referrer-Policy",
+    "X-Content-Type-Options",
+    "Cross-Origin-Opener-Policy",
+)
+
+
+@pytest.mark.parametrize("sign_on", [False, True], ids=["tokens", "single-sign-on"])
+def test_docs_and_admin_pages_send_the_same_security_headers(api, with_settings, sign_on):
+    # Given the service with or without single sign-on
+    if sign_on:
+        with_settings(**OIDC, **SIGN_IN)
+    # When a browser opens the API reference and the admin UI
+    pages = {path: api.get(path, headers={}) for path in ("/docs", "/admin")}
+    # Then both pages send every security header, with the same values
+    sent = {
+        path: {name: header(page, name) for name in SECURITY_HEADERS}
+        for path, page in pages.items()
+    }
+    assert sent["/docs"] == sent["/admin"]
+    # and neither may be framed, sniffed, or leak its address through a Referer
+    headers = sent["/admin"]
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert headers["X-Frame-Options"] == "DENY"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Referrer-Policy"] == "no-referrer"

@@ -30,7 +30,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.local_stack_support import REPO_ROOT, TOKEN, Stack, running_stack
-from tests.oidc_support import ISSUER, KID, claims_at, public_jwk, sign
+from tests.oidc_support import AUDIENCE, ISSUER, KID, claims_at, public_jwk, sign
 
 pytestmark = pytest.mark.e2e
 
@@ -785,14 +785,17 @@ CLIENT_ID = "sms-admin-ui"
 
 class IdentityProvider:
     """An OIDC provider on loopback for the authorization code flow with PKCE: /authorize
-    approves at once and redirects back with a code; /token gives an ID token for that code only
-    to the client that proves the PKCE verifier (S256); /jwks.json publishes the key."""
+    approves at once and redirects back with a code; /token gives an ID token (for the client,
+    with the nonce) and an access token (for the API's audience) for that code only to the
+    client that proves the PKCE verifier (S256); /jwks.json publishes the key."""
 
     def __init__(self, key: rsa.RSAPrivateKey) -> None:
         self.key = key
         self.authorizations: list[dict[str, str]] = []
         self.exchanges: list[dict[str, str]] = []
         self._codes: dict[str, dict[str, str]] = {}
+        # A provider (or an attacker's injected answer) whose ID token carries no nonce.
+        self.omit_nonce = False
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -856,10 +859,11 @@ class IdentityProvider:
         challenge = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
         if asked.get("code_challenge_method") != "S256" or challenge != asked["code_challenge"]:
             return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
-        claims = claims_at(int(time.time()), aud=CLIENT_ID, nonce=asked.get("nonce"))
+        now = int(time.time())
+        nonce = None if self.omit_nonce else asked.get("nonce")
         return 200, {
-            "id_token": sign(self.key, claims),
-            "access_token": secrets.token_urlsafe(24),
+            "id_token": sign(self.key, claims_at(now, aud=CLIENT_ID, nonce=nonce)),
+            "access_token": sign(self.key, claims_at(now, aud=AUDIENCE, scope=asked["scope"])),
             "token_type": "Bearer",
             "expires_in": 300,
         }
@@ -882,11 +886,12 @@ def provider(signing_key: rsa.RSAPrivateKey) -> Iterator[IdentityProvider]:
 
 @pytest.fixture(scope="module")
 def sso_stack(provider: IdentityProvider) -> Iterator[Stack]:
-    """The local stack accepting only the provider's ID tokens, its admin UI offering SSO."""
+    """The local stack accepting only the provider's access tokens for the API (its audience, not
+    the UI's client id), its admin UI offering SSO."""
     with running_stack(
         AUTH_MODE="oidc",
         OIDC_ISSUER=ISSUER,
-        OIDC_AUDIENCE=CLIENT_ID,
+        OIDC_AUDIENCE=AUDIENCE,
         OIDC_JWKS_URL=f"{provider.url}/jwks.json",
         OIDC_CLIENT_ID=CLIENT_ID,
         OIDC_AUTHORIZATION_URL=f"{provider.url}/authorize",
@@ -923,10 +928,13 @@ def test_single_sign_on_uses_the_authorization_code_with_pkce(
     assert len(asked["nonce"]) >= 20
     # And the code was exchanged with the verifier (the provider refuses it otherwise)
     assert provider.exchanges[-1]["code_verifier"]
-    # And the ID token is what the API is called with: the client list loaded
+    # And the API is called with the access token for its own audience, not the ID token
     expect(page.locator("#clients-table")).to_contain_text("No clients match.")
     token = page.evaluate("sessionStorage.getItem('smsAdmin.token')")
     assert token.count(".") == 2
+    assert json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "==").decode())["aud"] == (
+        AUDIENCE
+    )
     assert requests.get(
         f"{sso_stack.url}/clients", headers={"Authorization": f"Bearer {token}"}, timeout=5
     ).ok
@@ -947,3 +955,35 @@ def test_an_answer_to_a_sign_in_not_started_here_is_refused(
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     assert len(provider.exchanges) == exchanges
     assert "code=" not in page.url
+
+
+def test_a_provider_error_with_a_forged_state_shows_none_of_its_text(
+    page: Any, sso_stack: Stack
+) -> None:
+    # When the page is opened with an error whose state it did not ask for (a forged callback
+    # that would put its own words on the page)
+    query = urlencode(
+        {"error": "access_denied", "error_description": "Call +1 555 0100 now", "state": "forged"}
+    )
+    page.goto(f"{sso_stack.url}/admin?{query}#/mailings")
+    # Then the answer is refused as not ours, and the provider's text is shown nowhere
+    expect(page.get_by_text("does not belong to a sign-in started here")).to_be_visible()
+    expect(page.get_by_text("Call +1 555 0100 now")).to_have_count(0)
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+
+def test_an_id_token_without_the_nonce_is_refused(
+    page: Any, sso_stack: Stack, provider: IdentityProvider
+) -> None:
+    # Given a provider whose ID token does not carry the nonce of the sign-in
+    provider.omit_nonce = True
+    try:
+        # When the operator signs in with SSO
+        page.goto(f"{sso_stack.url}/admin#/clients")
+        page.get_by_role("button", name="Sign in with SSO").click()
+        # Then the sign-in is refused and no token is kept
+        expect(page.get_by_text("the ID token was not issued for this sign-in")).to_be_visible()
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        assert page.evaluate("sessionStorage.getItem('smsAdmin.token')") is None
+    finally:
+        provider.omit_nonce = False

@@ -392,21 +392,24 @@
     }
   }
 
-  /** Back from the provider with `?code=&state=`: check the state, exchange the code. */
+  /** Back from the provider with `?code=&state=` (or `?error=&state=`): check the state first,
+   * then exchange the code, check the ID token's nonce, and call the API with the access token. */
   async function finishSingleSignOn(params) {
     const pending = JSON.parse(sessionStorage.getItem(SIGN_IN_KEY) || "null");
     sessionStorage.removeItem(SIGN_IN_KEY);
     // The code must not stay in the address bar (or in history).
     history.replaceState(null, "", `${location.pathname}${(pending && pending.returnTo) || "#/mailings"}`);
     const sso = state.config.oidc;
-    if (params.get("error")) {
-      flash(`Sign-in failed: ${params.get("error_description") || params.get("error")}`, { error: true });
-      return;
-    }
+    // Before anything the answer says, even an error: a forged callback must not be able to
+    // put its own text on this page.
     if (!sso || !pending || params.get("state") !== pending.state) {
       flash("Sign-in failed: the answer does not belong to a sign-in started here. Try again.", {
         error: true,
       });
+      return;
+    }
+    if (params.get("error")) {
+      flash(`Sign-in failed: ${params.get("error_description") || params.get("error")}`, { error: true });
       return;
     }
     let data;
@@ -431,16 +434,18 @@
       flash(`Sign-in failed: the provider did not issue a token (${exc.message}).`, { error: true });
       return;
     }
-    const token = (data && (data.id_token || data.access_token)) || "";
-    if (data.id_token) {
-      const claims = jwtClaims(data.id_token);
-      if (!claims || (claims.nonce !== undefined && claims.nonce !== pending.nonce)) {
-        flash("Sign-in failed: the ID token was not issued for this sign-in.", { error: true });
-        return;
-      }
+    // The ID token proves this sign-in (its nonce is the one sent); without it, or without the
+    // nonce, a token injected into the callback could not be told from ours.
+    const claims = data && data.id_token ? jwtClaims(data.id_token) : null;
+    if (!claims || claims.nonce !== pending.nonce) {
+      flash("Sign-in failed: the ID token was not issued for this sign-in.", { error: true });
+      return;
     }
+    // The API is called with the access token, issued for the API's audience (OIDC_AUDIENCE);
+    // the ID token is for this page only.
+    const token = (data && data.access_token) || "";
     if (!token) {
-      flash("Sign-in failed: the provider's answer holds no token.", { error: true });
+      flash("Sign-in failed: the provider's answer holds no access token.", { error: true });
       return;
     }
     setToken(token);

@@ -8,15 +8,14 @@ import hashlib
 import re
 from functools import cache
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from chalice import Response
 
 from chalicelib.api.http import ApiBlueprint
+from chalicelib.api.page_headers import page_security_headers
 from chalicelib.container import services
 from chalicelib.errors import NotFound
 from chalicelib.schemas import AdminAssetQuery, AdminConfig, AdminSingleSignOn
-from chalicelib.settings import Settings
 
 api = ApiBlueprint(__name__, "admin")
 
@@ -48,26 +47,6 @@ def page() -> str:
     return _ASSET_LINK.sub(lambda m: f'"{m.group(1)}?v={asset(m.group(2))[1]}"', html)
 
 
-def content_security_policy(settings: Settings) -> str:
-    """Scripts, styles and calls from this origin only; the token endpoint when SSO is on."""
-    connect = ["'self'"]
-    if settings.oidc_token_url:
-        parts = urlsplit(settings.oidc_token_url)
-        connect.append(f"{parts.scheme}://{parts.netloc}")
-    return "; ".join(
-        (
-            "default-src 'none'",
-            "script-src 'self'",
-            "style-src 'self'",
-            "img-src 'self' data:",
-            f"connect-src {' '.join(connect)}",
-            "base-uri 'none'",
-            "form-action 'self'",
-            "frame-ancestors 'none'",
-        )
-    )
-
-
 @api.route(
     "/admin", "GET", summary="The admin web UI", public=True, produces="text/html", errors=()
 )
@@ -79,10 +58,7 @@ def admin_page() -> Response:
         headers={
             "Content-Type": "text/html; charset=utf-8",
             "Cache-Control": "no-cache",
-            "Content-Security-Policy": content_security_policy(services().settings),
-            # The sign-in callback carries the authorization code in the URL.
-            "Referrer-Policy": "no-referrer",
-            "X-Content-Type-Options": "nosniff",
+            **page_security_headers(services().settings),
         },
     )
 

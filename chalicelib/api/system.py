@@ -10,6 +10,7 @@ from chalice import Response
 
 from chalicelib.api.http import ApiBlueprint
 from chalicelib.api.openapi import TITLE, cached_spec
+from chalicelib.api.page_headers import page_security_headers
 from chalicelib.container import services
 from chalicelib.errors import NotFound
 from chalicelib.schemas import Health
@@ -41,21 +42,6 @@ _DOCS_PAGE = """<!DOCTYPE html>
 </body>
 </html>
 """
-
-# As the admin page's: scripts, styles and calls ("Try it out") from this origin only, no inline
-# script. Swagger UI sets element styles from script (allowed) and draws icons as data: images.
-_DOCS_CSP = "; ".join(
-    (
-        "default-src 'none'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self' data:",
-        "connect-src 'self'",
-        "base-uri 'none'",
-        "form-action 'self'",
-        "frame-ancestors 'none'",
-    )
-)
 
 
 @cache
@@ -94,8 +80,7 @@ def docs_page() -> Response:
         headers={
             "Content-Type": "text/html; charset=utf-8",
             "Cache-Control": "no-cache",
-            "Content-Security-Policy": _DOCS_CSP,
-            "X-Content-Type-Options": "nosniff",
+            **page_security_headers(services().settings),
         },
     )
 
