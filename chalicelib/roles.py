@@ -23,6 +23,8 @@ VIEWER, OPERATOR, ADMIN, OPTOUT, METRICS = Role
 _READ = frozenset({VIEWER, OPERATOR, ADMIN})
 # Clients, imports, mailings and their actions.
 _OPERATE = frozenset({OPERATOR, ADMIN})
+# Who may write at all (the admin UI shows writing controls to these only; admin/app.js).
+WRITING_ROLES = _OPERATE
 _ADMIN = frozenset({ADMIN})
 
 # (method, path template) → the roles that may call it. Every authorised route has a row;

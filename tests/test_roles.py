@@ -199,3 +199,19 @@ def test_a_bad_token_entry_stops_the_start_with_a_clear_error(entry: str, messag
     # Then they are refused at start, saying why
     with pytest.raises(ValueError, match=message):
         Settings(table_prefix="sms-test", api_tokens=(entry,))
+
+
+def test_the_local_demo_uses_a_token_whose_role_may_write() -> None:
+    from chalicelib.local.stack import _writing_token
+
+    # Given a local stack whose first token is a narrow metrics token
+    settings = Settings(
+        table_prefix="sms-test",
+        api_tokens=(
+            f"metrics:{ROLE_TOKENS[Role.METRICS]}",
+            f"operator:{ROLE_TOKENS[Role.OPERATOR]}",
+        ),
+    )
+
+    # Then the demo (which creates clients and a mailing) sends the operator's bare token
+    assert _writing_token(settings) == ROLE_TOKENS[Role.OPERATOR]
