@@ -404,6 +404,24 @@ def test_the_tokens_read_from_the_secret_are_never_logged(
     assert logs.REDACTED in stream.getvalue()
 
 
+def test_a_narrow_token_read_from_the_secret_is_never_logged_without_its_role(
+    aws: None, clock: FakeClock, service_logs: tuple[io.StringIO, Any]
+) -> None:
+    # Given the authorizer has read a viewer's ROLE:TOKEN entry from the secret
+    settings = secret_settings(stored_secret(f"viewer:{SECRET_TOKEN}"))
+    stream, _ = service_logs
+    with running_app(Services.build(settings, clock=clock)) as http:
+        response = http.request("GET", "/clients", headers=bearer(SECRET_TOKEN), body=b"")
+    assert response.status_code == 200
+
+    # When any code later logs the bare token (what a caller sends)
+    logging.getLogger("chalicelib.test").warning("header was Token %s", SECRET_TOKEN)
+
+    # Then the line carries no token
+    assert SECRET_TOKEN not in stream.getvalue()
+    assert logs.REDACTED in stream.getvalue()
+
+
 def test_a_secret_created_after_the_deploy_is_picked_up_without_a_cold_start(
     aws: None, clock: FakeClock, secret_reads: list[dict[str, Any]]
 ) -> None:
