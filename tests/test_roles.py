@@ -4,6 +4,7 @@ authorizer, is either let through or refused with a 403 in the error shape."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -215,3 +216,15 @@ def test_the_local_demo_uses_a_token_whose_role_may_write() -> None:
 
     # Then the demo (which creates clients and a mailing) sends the operator's bare token
     assert _writing_token(settings) == ROLE_TOKENS[Role.OPERATOR]
+
+
+def test_the_api_guide_shows_the_same_table() -> None:
+    # Given the route table in docs/api.md, section Roles
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(GET|POST|PUT|PATCH|DELETE) (\S+)` \| ([a-z, ]+) \|$", text, re.M)
+    documented = {(method, path): frozenset(roles.split(", ")) for method, path, roles in rows}
+
+    # Then it says what the code enforces, route by route
+    assert documented == {key: frozenset(r.value for r in v) for key, v in ROUTE_ROLES.items()}
