@@ -615,7 +615,8 @@
   }
 
   function showLoadError(err) {
-    if (err instanceof ApiError && (err.status === 401 || err.status === 403)) return;
+    // A refused token has signed the operator out already; a role refused a page is told so.
+    if (err instanceof ApiError && (err.status === 401 || (err.status === 403 && !state.token))) return;
     mount(
       h("section", { class: "panel" },
         h("h1", {}, err.status === 404 ? "Not found" : "Something went wrong"),
