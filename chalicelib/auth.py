@@ -21,6 +21,7 @@ import jwt
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from chalicelib.roles import ADMIN, Role, role_from_claim, split_token_entry
 from chalicelib.settings import AuthMode, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Principal:
 
     subject: str
     mode: str
+    role: Role = ADMIN
 
 
 class AuthError(Exception):
@@ -70,32 +72,37 @@ def _digest(token: str) -> bytes:
 
 
 class StaticTokenVerifier:
-    """Accepts only tokens from a fixed, configured list."""
+    """Accepts only tokens from a fixed, configured list; each entry is `TOKEN` (admin) or
+    `ROLE:TOKEN` (settings.check_api_tokens has checked them)."""
 
     def __init__(self, tokens: Sequence[str]) -> None:
         # Digests have equal length, so compare_digest does not leak a token's length.
-        self._digests = tuple(_digest(token) for token in tokens if token)
+        pairs = (split_token_entry(entry) for entry in tokens if entry)
+        self._digests = tuple((_digest(token), role) for role, token in pairs if token)
 
     def verify(self, token: str) -> Principal:
         """Return the principal for a configured token, else raise AuthError."""
         candidate = _digest(token)
-        matched = False
+        matched: Role | None = None
         # Every configured token is compared so timing says nothing about which one matched.
-        for digest in self._digests:
-            matched |= hmac.compare_digest(candidate, digest)
-        if not token or not matched:
+        for digest, role in self._digests:
+            if hmac.compare_digest(candidate, digest):
+                matched = role
+        if not token or matched is None:
             raise AuthError("invalid token")
-        return Principal(subject=f"static:{candidate.hex()[:8]}", mode="static")
+        return Principal(subject=f"static:{candidate.hex()[:8]}", mode="static", role=matched)
 
 
 class LoadedTokenVerifier:
-    """Static tokens loaded on first use (in AWS from Secrets Manager), then kept for the life of
-    the process: one read per cold start.
+    """Static tokens loaded on first use (in AWS from Secrets Manager), then read again at most
+    every `refresh_seconds` (API_TOKENS_REFRESH_SECONDS), so a token removed from the secret is
+    refused within that time even by a warm authorizer.
 
     A load that fails (a missing secret, a denied read, a bad value) denies every request and
     logs why, never a token. It is tried again at most every `retry_seconds`, so a secret
     created or fixed after the deployment is picked up without one, and a broken secret does not
-    turn every request into a Secrets Manager call.
+    turn every request into a Secrets Manager call. A failed re-read after a good one also denies:
+    the old list may hold the very token someone is revoking.
     """
 
     def __init__(
@@ -104,11 +111,14 @@ class LoadedTokenVerifier:
         *,
         clock: Callable[[], float] = time.monotonic,
         retry_seconds: float = _MIN_REFETCH_SECONDS,
+        refresh_seconds: float = 300.0,
     ) -> None:
         self._load = load
         self._clock = clock
         self._retry_seconds = retry_seconds
+        self._refresh_seconds = refresh_seconds
         self._verifier: StaticTokenVerifier | None = None
+        self._loaded_at: float | None = None
         self._failed_at: float | None = None
         self._lock = threading.Lock()
 
@@ -118,6 +128,12 @@ class LoadedTokenVerifier:
 
     def _loaded(self) -> StaticTokenVerifier:
         with self._lock:
+            if (
+                self._loaded_at is not None
+                and self._clock() - self._loaded_at >= self._refresh_seconds
+            ):
+                self._verifier = None
+                self._loaded_at = None
             if self._verifier is None:
                 self._try_load()
             if self._verifier is None:
@@ -140,6 +156,7 @@ class LoadedTokenVerifier:
             self._failed(now, type(exc).__name__)
             return
         self._verifier = StaticTokenVerifier(tokens)
+        self._loaded_at = now
         self._failed_at = None
         logger.info("API tokens loaded", extra={"token_count": len(tokens)})
 
@@ -220,7 +237,11 @@ class OidcVerifier:
         leeway_seconds: int = 30,
         jwks_cache_seconds: int = 300,
         timeout_seconds: float = 3.0,
+        roles_claim: str | None = None,
+        role_map: tuple[tuple[str, Role], ...] = (),
     ) -> None:
+        self._roles_claim = roles_claim
+        self._role_map = role_map
         self._issuer = issuer
         self._audience = audience
         self._jwks_url = jwks_url
@@ -254,7 +275,16 @@ class OidcVerifier:
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
             raise AuthError("token subject is invalid")
-        return Principal(subject=subject, mode="oidc")
+        return Principal(subject=subject, mode="oidc", role=self._role(claims))
+
+    def _role(self, claims: Mapping[str, Any]) -> Role:
+        # Without a roles claim configured every signed-in user is admin, as before roles.
+        if self._roles_claim is None:
+            return ADMIN
+        role = role_from_claim(claims.get(self._roles_claim), self._role_map)
+        if role is None:
+            raise AuthError(f"token's {self._roles_claim} claim maps to no role")
+        return role
 
     def _decode(self, token: str, key: jwt.PyJWK) -> dict[str, Any]:
         try:
@@ -342,9 +372,15 @@ def build_verifier(
     if settings.auth_mode is AuthMode.OIDC:
         if not (settings.oidc_issuer and settings.oidc_audience and settings.oidc_jwks_url):
             raise SettingsError("AUTH_MODE=oidc needs OIDC_ISSUER, OIDC_AUDIENCE, OIDC_JWKS_URL")
-        return OidcVerifier(settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url)
+        return OidcVerifier(
+            settings.oidc_issuer,
+            settings.oidc_audience,
+            settings.oidc_jwks_url,
+            roles_claim=settings.oidc_roles_claim,
+            role_map=settings.oidc_role_map,
+        )
     if settings.api_tokens or not settings.api_tokens_secret_id:
         return StaticTokenVerifier(settings.api_tokens)
     if load_tokens is None:
         raise SettingsError("API_TOKENS_SECRET_ID is set, but nothing reads the secret")
-    return LoadedTokenVerifier(load_tokens)
+    return LoadedTokenVerifier(load_tokens, refresh_seconds=settings.api_tokens_refresh_seconds)

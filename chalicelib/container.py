@@ -122,6 +122,7 @@ def _api_tokens_from_secret(value: str) -> tuple[str, ...]:
     # Before any check: whatever is read from the secret never reaches a log line.
     for token in tokens:
         logs.add_secret(token)
+        logs.add_secret(token.partition(":")[2])
     if not tokens:
         raise SettingsError("API_TOKENS_SECRET_ID: the secret holds no token")
     try:
@@ -204,6 +205,8 @@ class Services:
         throttle = GatewayThrottle(_LazyClient("dynamodb", settings), settings, clock)
         for token in settings.api_tokens:
             logs.add_secret(token)
+            # ROLE:TOKEN: the bearer token is the part after the role.
+            logs.add_secret(token.partition(":")[2])
         return cls(
             settings=settings,
             models=models,

@@ -27,6 +27,13 @@ class ValidationFailed(DomainError):
     code = "validation_error"
 
 
+class Forbidden(DomainError):
+    """The caller is authenticated, but its role may not do this."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(DomainError):
     status = 404
     code = "not_found"

@@ -571,6 +571,13 @@ class AdminSingleSignOn(_Response):
     scope: str
 
 
+class WhoAmI(_Response):
+    """Who the bearer token belongs to, as the service sees it."""
+
+    role: str = Field(description="viewer, operator, admin, optout or metrics")
+    auth_mode: str = Field(description="`static` (API tokens) or `oidc` (JWTs)")
+
+
 class AdminConfig(_Response):
     """What the admin UI needs to know before anyone signs in."""
 

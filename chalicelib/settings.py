@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from chalicelib.roles import Role, parse_role_map, split_token_entry
+
 _EMAIL = r"^[^@\s,<>]+@[^@\s,<>]+\.[^@\s,<>]+$"
 _URL = r"^https?://[^\s\"'<>]+$"
 
@@ -38,8 +40,15 @@ _API_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 def check_api_tokens(tokens: tuple[str, ...]) -> tuple[str, ...]:
-    """`tokens` if each can protect the API, else ValueError; the message never holds a token."""
-    for token in tokens:
+    """`tokens` (each `TOKEN`, an admin, or `ROLE:TOKEN`) if each can protect the API, else
+    ValueError; the message never holds a token."""
+    for entry in tokens:
+        # A token never holds ":", so an old token with one fails here, not as a wrong role.
+        _, token = split_token_entry(entry)
+        if ":" in token:
+            raise ValueError(
+                "an API token is TOKEN or ROLE:TOKEN, and the token itself may not hold ':'"
+            )
         if len(token) < MIN_API_TOKEN_CHARS:
             raise ValueError(
                 f"every API token must be at least {MIN_API_TOKEN_CHARS} characters long"
@@ -95,12 +104,18 @@ class Settings(BaseModel):
 
     auth_mode: AuthMode = AuthMode.STATIC
     api_tokens: tuple[str, ...] = Field((), repr=False)
-    # In AWS the static tokens live in Secrets Manager: the authorizer reads them once per cold
-    # start when API_TOKENS is unset (auth.LoadedTokenVerifier, container.api_tokens_from_secret).
+    # In AWS the static tokens live in Secrets Manager: the authorizer reads them when API_TOKENS
+    # is unset, again at most every API_TOKENS_REFRESH_SECONDS, so a removed token stops working
+    # (auth.LoadedTokenVerifier, container.api_tokens_from_secret).
     api_tokens_secret_id: str | None = Field(None, pattern=r"^[A-Za-z0-9/_+=.@:-]{1,2048}$")
+    api_tokens_refresh_seconds: int = Field(300, ge=30, le=3600)
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
     oidc_jwks_url: str | None = None
+    # The claim holding a user's groups or scopes, and which of its values give which role; a
+    # user with no mapped value is refused. Unset: every valid token is an admin.
+    oidc_roles_claim: str | None = Field(None, pattern=r"^[\x21-\x7e]{1,256}$")
+    oidc_role_map: tuple[tuple[str, Role], ...] = ()
     # The admin UI's single sign-on (authorization code + PKCE, a public client): all three or none.
     oidc_client_id: str | None = Field(None, pattern=r"^[\x21-\x7e]{1,256}$")
     oidc_authorization_url: str | None = Field(None, pattern=_URL)
@@ -180,6 +195,11 @@ class Settings(BaseModel):
             return tuple(token.strip() for token in value.split(",") if token.strip())
         return value
 
+    @field_validator("oidc_role_map", mode="before")
+    @classmethod
+    def _parse_role_map(cls, value: object) -> object:
+        return parse_role_map(value) if isinstance(value, str) else value
+
     @field_validator("report_recipients", mode="before")
     @classmethod
     def _split_recipients(cls, value: object) -> object:
@@ -237,6 +257,9 @@ class Settings(BaseModel):
             if missing:
                 names = ", ".join(name.upper() for name in missing)
                 raise ValueError(f"AUTH_MODE=oidc needs {names}")
+        if bool(self.oidc_roles_claim) != bool(self.oidc_role_map):
+            # Either alone would make every user an admin, or refuse everyone.
+            raise ValueError("OIDC_ROLES_CLAIM and OIDC_ROLE_MAP are set together")
         self._sign_in_is_complete()
         if self.claim_seconds <= self.gateway_call_seconds + OUTCOME_WRITE_SECONDS:
             # A claim must outlast any call the sender starts under it, and the outcome's write.

@@ -52,13 +52,17 @@ PHONE = {"width": 390, "height": 844}
 # The sandbox gateway refuses phones ending in these digits (400): their messages fail.
 REJECTED_SUFFIX = "4044"
 FINISH_TIMEOUT_MS = 60_000
+VIEWER_TOKEN = "e2e-viewer-" + "v" * 24
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     # A scheduler tick every second: a mailing starting now is sent within a few seconds.
     with running_stack(
-        SCHEDULER_INTERVAL_SECONDS="1", SANDBOX_REJECT_SUFFIXES=REJECTED_SUFFIX
+        SCHEDULER_INTERVAL_SECONDS="1",
+        SANDBOX_REJECT_SUFFIXES=REJECTED_SUFFIX,
+        # The operators' token first (the stack's own), and a viewer's narrow token.
+        API_TOKENS=f"{TOKEN},viewer:{VIEWER_TOKEN}",
     ) as started:
         yield started
 
@@ -352,6 +356,56 @@ def test_a_scheduled_mailing_is_paused_and_resumed_from_its_page(page: Any, stac
     page.get_by_role("button", name="Cancel").click()
     expect(status_badge(page)).to_have_text("cancelled")
     expect(page.get_by_role("button", name="Resume")).to_have_count(0)
+
+
+def test_a_viewer_sees_the_data_but_no_control_that_changes_it(page: Any, stack: Stack) -> None:
+    tag = f"ui-viewer-{uuid.uuid4().hex[:6]}"
+    phone = unique_phone()
+    # Given a client and a scheduled mailing, created by an operator through the API
+    api_client(stack, phone, tag)
+    start = datetime.now(UTC) + timedelta(hours=1)
+    created = requests.post(
+        f"{stack.url}/mailings",
+        json={
+            "text": "For viewers",
+            "start_at": start.isoformat(),
+            "end_at": (start + timedelta(days=1)).isoformat(),
+            "filter": {"tags": [tag]},
+        },
+        headers=stack.auth,
+        timeout=10,
+    )
+    assert created.status_code == 201, created.text
+    mailing_id = created.json()["id"]
+
+    # When a viewer signs in with a viewer token
+    page.goto(f"{stack.url}/admin")
+    page.get_by_label("API token", exact=True).fill(VIEWER_TOKEN)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+
+    # Then the mailings are listed, with no way to create one or act on one
+    expect(page.get_by_role("heading", name="Mailings", exact=True)).to_be_visible()
+    expect(page.locator("#mailings-table tr[data-mailing-id]").first).to_be_visible()
+    expect(page.get_by_role("link", name="New mailing")).to_have_count(0)
+    for action in ("Pause", "Cancel", "Resume"):
+        expect(page.get_by_role("button", name=action, exact=True)).to_have_count(0)
+    # And the mailing's page shows it, without edit, pause, cancel or retry
+    page.goto(f"{stack.url}/admin#/mailings/{mailing_id}")
+    expect(status_badge(page)).to_have_text("scheduled")
+    expect(page.locator("#mailing-text")).to_have_text("For viewers")
+    expect(page.get_by_role("link", name="Edit")).to_have_count(0)
+    for action in ("Pause", "Cancel", "Retry failed"):
+        expect(page.get_by_role("button", name=action, exact=True)).to_have_count(0)
+    # And the client list shows the client, with no create, import, edit, opt-out or delete
+    page.goto(f"{stack.url}/admin#/clients")
+    search_clients(page, tag=tag)
+    expect(client_rows(page)).to_have_count(1)
+    expect(page.locator("#clients-table")).to_contain_text(phone)
+    expect(page.get_by_role("link", name="New client")).to_have_count(0)
+    expect(page.get_by_role("button", name="Import")).to_have_count(0)
+    expect(page.get_by_role("link", name=re.compile("^Edit"))).to_have_count(0)
+    expect(page.get_by_role("button", name=re.compile("^(Delete|Opt out)"))).to_have_count(0)
+    shot(page, "viewer-clients")
 
 
 def test_client_forms_show_the_apis_errors_next_to_their_fields(page: Any, stack: Stack) -> None:

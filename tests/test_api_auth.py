@@ -268,7 +268,7 @@ def test_tokens_stored_in_secrets_manager_reach_the_route(
     assert answers == [200, 200, 403]
 
 
-def test_the_secret_is_read_once_per_cold_start(
+def test_the_secret_is_read_once_within_the_refresh_interval(
     aws: None, clock: FakeClock, secret_reads: list[dict[str, Any]]
 ) -> None:
     # Given the authorizer reading its tokens from a secret
@@ -290,7 +290,8 @@ def test_the_secret_is_read_once_per_cold_start(
         )
         later = http.request("GET", "/clients", headers=bearer(SECRET_TOKEN), body=b"")
 
-    # Then the secret was read once, at the first request, and its value kept
+    # Then the secret was read once, at the first request, and its value kept (the refresh
+    # interval, API_TOKENS_REFRESH_SECONDS, has not passed)
     assert first == [200, 200, 200]
     assert later.status_code == 200
     assert secret_reads == [{"SecretId": arn}]
@@ -403,6 +404,24 @@ def test_the_tokens_read_from_the_secret_are_never_logged(
     assert logs.REDACTED in stream.getvalue()
 
 
+def test_a_narrow_token_read_from_the_secret_is_never_logged_without_its_role(
+    aws: None, clock: FakeClock, service_logs: tuple[io.StringIO, Any]
+) -> None:
+    # Given the authorizer has read a viewer's ROLE:TOKEN entry from the secret
+    settings = secret_settings(stored_secret(f"viewer:{SECRET_TOKEN}"))
+    stream, _ = service_logs
+    with running_app(Services.build(settings, clock=clock)) as http:
+        response = http.request("GET", "/clients", headers=bearer(SECRET_TOKEN), body=b"")
+    assert response.status_code == 200
+
+    # When any code later logs the bare token (what a caller sends)
+    logging.getLogger("chalicelib.test").warning("header was Token %s", SECRET_TOKEN)
+
+    # Then the line carries no token
+    assert SECRET_TOKEN not in stream.getvalue()
+    assert logs.REDACTED in stream.getvalue()
+
+
 def test_a_secret_created_after_the_deploy_is_picked_up_without_a_cold_start(
     aws: None, clock: FakeClock, secret_reads: list[dict[str, Any]]
 ) -> None:
@@ -432,6 +451,45 @@ def test_a_secret_created_after_the_deploy_is_picked_up_without_a_cold_start(
     assert missing == [403, 403]
     assert too_soon == 403
     assert after == [200, 200]
+    assert len(secret_reads) == 2
+
+
+def test_a_token_removed_from_the_secret_is_refused_after_the_refresh_interval(
+    aws: None, clock: FakeClock, secret_reads: list[dict[str, Any]]
+) -> None:
+    import boto3
+
+    # Given a warm authorizer that has read a secret with two tokens, its refresh timed by a
+    # test clock
+    arn = stored_secret(f"{SECRET_TOKEN},{OTHER_SECRET_TOKEN}")
+    settings = secret_settings(arn)
+    seconds = [0.0]
+    verifier = LoadedTokenVerifier(
+        lambda: api_tokens_from_secret(settings),
+        clock=lambda: seconds[0],
+        refresh_seconds=settings.api_tokens_refresh_seconds,
+    )
+    services = replace(Services.build(settings, clock=clock), verifier=verifier)
+
+    def status(token: str) -> int:
+        return http.request("GET", "/clients", headers=bearer(token), body=b"").status_code
+
+    with running_app(services) as http:
+        before = status(SECRET_TOKEN)
+        # When the operator removes one token from the secret
+        boto3.client("secretsmanager", region_name="us-east-1").put_secret_value(
+            SecretId=arn, SecretString=OTHER_SECRET_TOKEN
+        )
+        seconds[0] = settings.api_tokens_refresh_seconds - 1.0
+        just_before = status(SECRET_TOKEN)
+        seconds[0] = float(settings.api_tokens_refresh_seconds)
+        revoked = status(SECRET_TOKEN)
+        kept = status(OTHER_SECRET_TOKEN)
+
+    # Then it still works until the refresh interval has passed, and is refused from then on,
+    # while the token left in the secret goes on working; the secret was read twice in all
+    assert (before, just_before) == (200, 200)
+    assert (revoked, kept) == (403, 200)
     assert len(secret_reads) == 2
 
 

@@ -595,6 +595,43 @@ def test_a_failed_load_is_retried_only_after_the_retry_interval(clock: FakeClock
     assert calls == [NOW, NOW + 30]
 
 
+def test_a_failed_re_read_denies_rather_than_keeping_a_possibly_revoked_list(
+    clock: FakeClock,
+) -> None:
+    # Given a verifier that loaded a token, and a secret that then cannot be read
+    answers: list[Any] = [[STATIC_TOKEN], SettingsError("API_TOKENS_SECRET_ID: access denied")]
+
+    def load() -> list[str]:
+        answer = answers.pop(0) if answers else [STATIC_TOKEN]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    verifier = LoadedTokenVerifier(load, clock=clock, retry_seconds=30, refresh_seconds=300)
+    first = verifier.verify(STATIC_TOKEN)
+
+    # When the refresh interval has passed and the re-read fails
+    clock.advance(300)
+    # Then the token is denied until a read succeeds (30 s later)
+    with pytest.raises(AuthError, match="API tokens are unavailable"):
+        verifier.verify(STATIC_TOKEN)
+    clock.advance(30)
+    assert first.mode == verifier.verify(STATIC_TOKEN).mode == "static"
+
+
+def test_narrow_static_tokens_carry_their_role_and_a_plain_token_is_an_admin() -> None:
+    # Given a metrics token and a plain one
+    verifier = StaticTokenVerifier([f"metrics:{STATIC_TOKEN}", "another-token-abcdefghijkl"])
+
+    # When each is presented
+    # Then the narrow one is a metrics caller and the plain one an admin
+    assert verifier.verify(STATIC_TOKEN).role == "metrics"
+    assert verifier.verify("another-token-abcdefghijkl").role == "admin"
+    # And the role prefix alone is not the token
+    with pytest.raises(AuthError):
+        verifier.verify(f"metrics:{STATIC_TOKEN}")
+
+
 def test_oidc_mode_builds_a_verifier_that_checks_the_issuer_jwks(
     jwks: JwksServer, signing_key: rsa.RSAPrivateKey
 ) -> None:

@@ -1158,6 +1158,7 @@ SIGN_ON = {
     "OidcTokenUrl": f"{IDP}/token",
     "OidcScope": "openid profile",
 }
+ROLES = {"OidcRolesClaim": "groups", "OidcRoleMap": "sms-admins=admin,sms-ops=operator"}
 STATIC_STACK = {"AuthMode": "static", "ApiTokensSecretArn": TOKENS_SECRET_ARN}
 OIDC_STACK = {"AuthMode": "oidc", **OIDC, **SIGN_ON}
 # Every deployment gives the parameters without a default.
@@ -1174,6 +1175,8 @@ AUTH_VARIABLES = {
     "OIDC_AUTHORIZATION_URL",
     "OIDC_TOKEN_URL",
     "OIDC_SCOPE",
+    "OIDC_ROLES_CLAIM",
+    "OIDC_ROLE_MAP",
 }
 AUTHENTICATING = {AUTHORIZER, "APIHandler"}
 
@@ -1194,6 +1197,11 @@ def expected_auth_environment(function: str, parameters: dict[str, str]) -> dict
         "OIDC_AUDIENCE": parameters["OidcAudience"],
         "OIDC_JWKS_URL": parameters["OidcJwksUrl"],
     }
+    if function == AUTHORIZER and parameters.get("OidcRolesClaim"):
+        found |= {
+            "OIDC_ROLES_CLAIM": parameters["OidcRolesClaim"],
+            "OIDC_ROLE_MAP": parameters["OidcRoleMap"],
+        }
     if function == "APIHandler" and parameters.get("OidcClientId"):
         found |= {
             "OIDC_CLIENT_ID": parameters["OidcClientId"],
@@ -1229,6 +1237,10 @@ def without(parameters: dict[str, str], *names: str) -> dict[str, str]:
         pytest.param(
             without(OIDC_STACK, "OidcAuthorizationUrl"), False, id="sign-on-without-auth-url"
         ),
+        pytest.param({**OIDC_STACK, **ROLES}, True, id="oidc-with-roles"),
+        pytest.param({**OIDC_STACK, **without(ROLES, "OidcRoleMap")}, False, id="claim-no-map"),
+        pytest.param({**OIDC_STACK, **without(ROLES, "OidcRolesClaim")}, False, id="map-no-claim"),
+        pytest.param({**STATIC_STACK, **ROLES}, True, id="static-ignores-roles"),
     ],
 )
 def test_each_auth_mode_is_deployed_only_with_what_it_needs(
@@ -1250,6 +1262,8 @@ def test_each_auth_mode_is_deployed_only_with_what_it_needs(
         pytest.param(OIDC_STACK, id="oidc-with-sign-on"),
         pytest.param(without(OIDC_STACK, "OidcScope"), id="oidc-sign-on-default-scope"),
         pytest.param({**OIDC_STACK, "ApiTokensSecretArn": TOKENS_SECRET_ARN}, id="oidc-ignores"),
+        pytest.param({**OIDC_STACK, **ROLES}, id="oidc-with-roles"),
+        pytest.param({**STATIC_STACK, **ROLES}, id="static-ignores-roles"),
     ],
 )
 def test_every_function_starts_with_the_auth_settings_of_either_mode(
@@ -1330,6 +1344,11 @@ def test_the_tokens_secret_parameter_takes_a_full_secret_arn_or_nothing(template
         ("OidcScope", " openid", False),
         ("OidcScope", "openid " + "s" * 1017, True),
         ("OidcScope", "openid " + "s" * 1018, False),
+        ("OidcRolesClaim", "cognito:groups", True),
+        ("OidcRolesClaim", "two words", False),
+        ("OidcRoleMap", "sms-admins=admin,sms-ops=operator,scrape=metrics", True),
+        ("OidcRoleMap", "sms-admins=owner", False),
+        ("OidcRoleMap", "sms-admins=admin,", False),
     ],
 )
 def test_oidc_parameters_take_only_values_the_functions_settings_accept(
@@ -1348,7 +1367,7 @@ def test_oidc_parameters_take_only_values_the_functions_settings_accept(
 
     assert taken(value) is accepted
     if accepted:
-        given = {**REQUIRED, **OIDC_STACK, parameter: value}
+        given = {**REQUIRED, **OIDC_STACK, **ROLES, parameter: value}
         for function in AUTHENTICATING:
             Settings.from_env(deployed_environment(template, function, given))
 

@@ -18,7 +18,20 @@
     timers: new Set(), // cleared whenever the route changes
     view: 0, // bumped on each route: late answers for an old view are dropped
     afterSignIn: null, // the route asked for before signing in
+    role: null, // the signed-in token's role (GET /me); controls it may not use are not shown
   };
+
+  // Roles that may create, edit, delete, import, pause, cancel and retry (chalicelib/roles.py).
+  const WRITING_ROLES = ["operator", "admin"];
+
+  function canWrite() {
+    return WRITING_ROLES.includes(state.role);
+  }
+
+  /** The control when the signed-in role may use it, else nothing. */
+  function writer(node) {
+    return canWrite() ? node : null;
+  }
 
   // ------------------------------------------------------------------ DOM helpers
 
@@ -313,13 +326,15 @@
     return err.status === 405 || err.status === 403 || (err.status === 404 && err.code !== "not_found");
   }
 
-  /** Whether the API accepts the stored token (API Gateway also answers 403 for unknown paths). */
+  /** Whether the API accepts the token (API Gateway also answers 403 for unknown paths); GET
+   * /me answers every role, and its role decides which controls are shown. */
   async function tokenWorks(token = state.token) {
     if (!token) return false;
     try {
-      const response = await fetch(apiUrl("clients", { limit: 1 }), {
+      const response = await fetch(apiUrl("me"), {
         headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
       });
+      if (response.ok) state.role = ((await readBody(response)) || {}).role || "unknown";
       return response.ok;
     } catch {
       return true; // the network, not the token: do not sign out
@@ -335,6 +350,7 @@
 
   function signOut(message) {
     state.token = null;
+    state.role = null;
     sessionStorage.removeItem(TOKEN_KEY);
     stopTimers();
     if (message) flash(message, { error: true });
@@ -578,6 +594,18 @@
       location.hash = "#/mailings";
       return;
     }
+    if (!state.role) {
+      // A token kept from an earlier page load: learn its role before showing any control.
+      const asked = state.view;
+      tokenWorks().then((works) => {
+        if (!works) signOut("Your token was refused. Sign in again.");
+        else if (current(asked)) {
+          state.role = state.role || "unknown"; // the network failed: show no writing control
+          route();
+        }
+      });
+      return;
+    }
     const shown = state.view;
     for (const [pattern, view] of ROUTES) {
       const match = path.match(pattern);
@@ -593,7 +621,8 @@
   }
 
   function showLoadError(err) {
-    if (err instanceof ApiError && (err.status === 401 || err.status === 403)) return;
+    // A refused token has signed the operator out already; a role refused a page is told so.
+    if (err instanceof ApiError && (err.status === 401 || (err.status === 403 && !state.token))) return;
     mount(
       h("section", { class: "panel" },
         h("h1", {}, err.status === 404 ? "Not found" : "Something went wrong"),
@@ -701,10 +730,10 @@
     mount(
       h("div", { class: "row spread" },
         h("h1", {}, "Clients"),
-        h("a", { class: "button", href: "#/clients/new" }, "New client")),
+        writer(h("a", { class: "button", href: "#/clients/new" }, "New client"))),
       h("section", { class: "panel", "aria-label": "Search" }, search),
       h("section", { class: "panel", "aria-label": "Client list" }, total, results, pager),
-      importPanel(refresh),
+      writer(importPanel(refresh)),
     );
     await Promise.all([load(), loadTotal()]);
   }
@@ -741,9 +770,9 @@
         h("td", { "data-label": "Opted out" }, optedOut ? "yes" : "no"),
         h("td", { "data-label": "Actions" },
           h("div", { class: "actions" },
-            h("a", { class: "button small secondary", href: `#/clients/${encodeURIComponent(client.id)}`, "aria-label": `Edit ${client.phone}` }, "Edit"),
-            toggle,
-            deleteButton(`clients/${encodeURIComponent(client.id)}`, client.phone, reload))),
+            writer(h("a", { class: "button small secondary", href: `#/clients/${encodeURIComponent(client.id)}`, "aria-label": `Edit ${client.phone}` }, "Edit")),
+            writer(toggle),
+            writer(deleteButton(`clients/${encodeURIComponent(client.id)}`, client.phone, reload)))),
       );
     });
     return h("table", { class: "cards" },
@@ -874,7 +903,7 @@
       h("div", { class: "form-actions" },
         h("button", { type: "submit" }, editing ? "Save client" : "Create client"),
         h("a", { class: "button secondary", href: "#/clients" }, "Cancel"),
-        editing ? deleteButton(`clients/${encodeURIComponent(clientId)}`, client.phone, async () => { location.hash = "#/clients"; }) : null),
+        editing && canWrite() ? deleteButton(`clients/${encodeURIComponent(clientId)}`, client.phone, async () => { location.hash = "#/clients"; }) : null),
     );
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
@@ -930,7 +959,7 @@
     }
 
     mount(
-      h("div", { class: "row spread" }, h("h1", {}, "Mailings"), h("a", { class: "button", href: "#/mailings/new" }, "New mailing")),
+      h("div", { class: "row spread" }, h("h1", {}, "Mailings"), writer(h("a", { class: "button", href: "#/mailings/new" }, "New mailing"))),
       gatewayPanel(view, { onlyWhenDegraded: true }),
       h("section", { class: "panel", "aria-label": "Mailing list" }, results, pager),
     );
@@ -984,6 +1013,7 @@
       });
       return button;
     };
+    if (!canWrite()) return [];
     const status = mailing.status;
     const open = status === "scheduled" || status === "running" || status === "paused";
     return [
@@ -1283,7 +1313,7 @@
         h("dt", {}, "Send window"), h("dd", {}, mailing.send_window ? `${mailing.send_window.start}–${mailing.send_window.end} local time` : "any time"),
         h("dt", {}, "Id"), h("dd", {}, h("code", {}, mailing.id)),
       );
-      fill(actions, ...mailingActions(mailing, async (m) => { renderMailing(m); await poll(); }), retry);
+      fill(actions, ...mailingActions(mailing, async (m) => { renderMailing(m); await poll(); }), writer(retry));
     }
 
     function renderStats(status, stats) {

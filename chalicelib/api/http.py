@@ -23,9 +23,10 @@ from chalice import Blueprint, Chalice, Response
 from pydantic import BaseModel, ValidationError
 from pynamodb.exceptions import PynamoDBException
 
-from chalicelib import logs
+from chalicelib import logs, roles
 from chalicelib.errors import (
     DomainError,
+    Forbidden,
     MalformedRequest,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -241,6 +242,8 @@ class ApiBlueprint:
             def view(**path_params: Any) -> Response:
                 request = self.blueprint.current_request
                 try:
+                    if not public and self._authorizer is not None:
+                        check_role(request, method, path)
                     kwargs: dict[str, Any] = dict(path_params)
                     if query is not None:
                         kwargs["query"] = parse_query(query, request.query_params)
@@ -285,6 +288,19 @@ class ApiBlueprint:
             raise ValidationFailed(
                 "request body is not valid", validation_details(exc, "body")
             ) from None
+
+
+def caller_role(request: Any) -> str | None:
+    """The role the authorizer put in its context; None when no authorizer ran."""
+    return ((request.context or {}).get("authorizer") or {}).get("role")
+
+
+def check_role(request: Any, method: str, path: str) -> None:
+    """Forbidden unless the caller's role may call this route (roles.ROUTE_ROLES)."""
+    role = caller_role(request)
+    if not roles.may(role, method, path):
+        allowed = ", ".join(sorted(roles.roles_for(method, path))) or "no role"
+        raise Forbidden(f"your role {role or 'none'} may not {method} {path} (allowed: {allowed})")
 
 
 def parse_query(model: type[BaseModel], params: dict[str, str] | None) -> BaseModel:

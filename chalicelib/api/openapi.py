@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from chalicelib.api.http import OPERATIONS, Operation
+from chalicelib.roles import roles_for
 from chalicelib.schemas import ErrorBody, without_null
 
 TITLE = "SMS campaign service"
@@ -27,7 +28,7 @@ def _error_description(status: int) -> str:
     return {
         400: "Malformed request: bad JSON, query parameter or cursor",
         401: "Missing bearer token",
-        403: "Invalid, expired or unaccepted bearer token",
+        403: "Invalid, expired or unaccepted bearer token, or a role that may not do this",
         404: "No such record",
         409: "Conflicts with the current state (e.g. duplicate phone, concurrent edit)",
         413: "Request body too large",
@@ -87,8 +88,14 @@ def build_spec(operations: Iterable[Operation] | None = None) -> dict[str, Any]:
             "summary": op.summary,
             "tags": [op.tag],
         }
-        if op.description:
-            entry["description"] = op.description
+        description = op.description or ""
+        if not op.public:
+            allowed = sorted(roles_for(op.method, op.path))
+            entry["x-roles"] = allowed
+            sentence = f"Roles: {', '.join(allowed)}; any other role gets a 403."
+            description = f"{description}\n\n{sentence}" if description else sentence
+        if description:
+            entry["description"] = description
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in op.path_params

@@ -6,15 +6,23 @@ from __future__ import annotations
 from botocore.exceptions import BotoCoreError, ClientError
 from chalice import Response
 
-from chalicelib.api.http import ApiBlueprint
+from chalicelib.api.http import ApiBlueprint, caller_role
 from chalicelib.api.mapping import gateway_status_out, stats_out
 from chalicelib.api.security import bearer_auth
 from chalicelib.container import services
 from chalicelib.errors import UpstreamFailed
-from chalicelib.schemas import DailyReportOut, GatewayStatusOut, ReportMailing
+from chalicelib.schemas import DailyReportOut, GatewayStatusOut, ReportMailing, WhoAmI
 from chalicelib.services.prometheus import CONTENT_TYPE, exposition
 
 api = ApiBlueprint(__name__, "operations", authorizer=bearer_auth)
+
+
+@api.route("/me", "GET", summary="The caller's role", response=WhoAmI)
+def me() -> WhoAmI:
+    """The role of the bearer token; the admin UI shows only what this role may do."""
+    request = api.blueprint.current_request
+    context = (request.context or {}).get("authorizer") or {}
+    return WhoAmI(role=caller_role(request) or "", auth_mode=context.get("auth_mode", ""))
 
 
 @api.route(

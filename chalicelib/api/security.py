@@ -23,7 +23,10 @@ def bearer_auth(auth_request):
     try:
         principal = services().verifier.verify(parse_bearer(auth_request.token))
         return AuthResponse(
-            routes=["*"], principal_id=principal.subject, context={"auth_mode": principal.mode}
+            routes=["*"],
+            principal_id=principal.subject,
+            # The route boundary (api.http) checks this role against roles.ROUTE_ROLES.
+            context={"auth_mode": principal.mode, "role": principal.role.value},
         )
     except AuthError as exc:
         logger.info("request denied: %s", exc)

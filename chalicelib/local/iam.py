@@ -744,6 +744,8 @@ def for_local_stack(
         "OidcAuthorizationUrl": settings.oidc_authorization_url or "",
         "OidcTokenUrl": settings.oidc_token_url or "",
         "OidcScope": settings.oidc_scope or "",
+        "OidcRolesClaim": settings.oidc_roles_claim or "",
+        "OidcRoleMap": ",".join(f"{value}={role.value}" for value, role in settings.oidc_role_map),
         "SenderApiUrl": settings.sender_api_url or "",
         # Empty when the token comes from SENDER_API_TOKEN: the grant then names no secret.
         "GatewayTokenSecretArn": secret(settings.sender_api_token_secret_id),

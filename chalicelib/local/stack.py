@@ -36,6 +36,7 @@ from chalicelib.local.api import tag_requests
 from chalicelib.local.faults import AwsFaults
 from chalicelib.local.gateway import FaultProfile, SandboxGateway
 from chalicelib.local.poller import InvocationTimedOut, LambdaContext, SqsPoller, invoke
+from chalicelib.roles import WRITING_ROLES, split_token_entry
 from chalicelib.settings import AuthMode, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -982,7 +983,7 @@ def banner(stack: LocalStack) -> str:
         f"{IMPORT_POLLERS} import workers"
     )
     if settings.auth_mode is AuthMode.STATIC and settings.api_tokens:
-        token = settings.api_tokens[0]
+        role, token = split_token_entry(settings.api_tokens[0])
         origin = (
             "generated for this run; set API_TOKENS to choose one"
             if stack.token_generated
@@ -990,6 +991,7 @@ def banner(stack: LocalStack) -> str:
         )
         if len(settings.api_tokens) > 1:
             origin += f", first of {len(settings.api_tokens)}"
+        origin += f", role {role}"
         header = shlex.quote(f"Authorization: Bearer {token}")
         lines += [
             f"  Token    {token}  ({origin})",
@@ -1123,6 +1125,13 @@ def _write_stack_file(stack: LocalStack) -> None:
     logger.info("chalice local --stage local finds this stack in %s", written)
 
 
+def _writing_token(settings: Settings) -> str:
+    """The first token whose role may create clients and mailings (as the demo does)."""
+    entries = [split_token_entry(entry) for entry in settings.api_tokens]
+    writing = [token for role, token in entries if role in WRITING_ROLES]
+    return (writing or [entries[0][1]])[0]
+
+
 def _run_demo(stack: LocalStack, out: TextIO) -> None:
     from chalicelib.local.demo import DemoError, run_demo
 
@@ -1131,7 +1140,7 @@ def _run_demo(stack: LocalStack, out: TextIO) -> None:
         print("demo: skipped; it needs AUTH_MODE=static and an API token", file=out, flush=True)
         return
     try:
-        run_demo(stack.api_url, settings.api_tokens[0], out=out)
+        run_demo(stack.api_url, _writing_token(settings), out=out)
     except DemoError as exc:
         # The stack itself is fine: keep serving, so the developer can look around.
         logger.error("demo: %s", exc)
