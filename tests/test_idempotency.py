@@ -277,3 +277,34 @@ def test_simultaneous_claims_of_one_key_let_exactly_one_run(services):
         outcomes = sorted(pool.map(claim, range(8)))
     # Then exactly one may run; every other one is told the first is in progress
     assert outcomes == ["RequestInProgress"] * 7 + ["claimed"]
+
+
+# ---------------------------------------------------------------- the document
+
+
+def test_the_openapi_document_offers_the_key_on_exactly_the_creating_routes():
+    # Given the OpenAPI document of the app
+    from app import app  # noqa: F401 - registers the routes
+    from chalicelib.api.openapi import build_spec
+
+    paths = build_spec()["paths"]
+    # When a client looks for the Idempotency-Key header
+    keyed_ops = {
+        f"{method.upper()} {path}"
+        for path, operations in paths.items()
+        for method, op in operations.items()
+        if any(p["name"] == "Idempotency-Key" for p in op.get("parameters", []))
+    }
+    # Then it is on the five creating routes, whose 409 says when to retry
+    assert keyed_ops == {
+        "POST /clients",
+        "POST /clients/import",
+        "POST /mailings",
+        "POST /mailings/{mailing_id}/retry-failed",
+        "POST /opt-outs",
+    }
+    for entry in keyed_ops:
+        method, path = entry.split(" ")
+        responses = paths[path][method.lower()]["responses"]
+        assert "Retry-After" in responses["409"]["headers"]
+        assert "another body" in responses["422"]["description"]
