@@ -153,6 +153,9 @@ UNSTATED_RULES = {
     "int_type": "an integer written as a number with a fraction (15.0)",
     # A CSV file's columns and cells: the document can only type the body as text.
     "csv": "the content of a CSV file",
+    # An Idempotency-Key names one request: the same key with another body (or route) is a 422,
+    # and a generated key may well repeat.
+    "idempotency_key_reused": "an Idempotency-Key sent before with another body",
 }
 
 

@@ -131,13 +131,14 @@ def test_the_same_key_with_another_body_is_422_and_creates_nothing(api):
     error = body(other)
     assert error["error"] == "idempotency_key_reused"
     assert "another request body" in error["message"]
+    assert [d["field"] for d in error["details"]] == ["header.Idempotency-Key"]
     assert [m["id"] for m in mailings(api)] == [body(first)["id"]]
 
 
 @pytest.mark.parametrize(
     "key",
-    ["", "x" * 256, "tab\tinside", "non-ascii-é"],
-    ids=["empty", "256 chars", "control char", "non-ascii"],
+    ["", "x" * 256, "tab\tinside", "non-ascii-é", " padded"],
+    ids=["empty", "256 chars", "control char", "non-ascii", "leading space"],
 )
 def test_a_key_that_is_not_1_to_255_printable_ascii_is_400(api, key):
     # When a create is sent with an unusable key

@@ -350,7 +350,8 @@ class ApiBlueprint:
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAY_HEADER = "Idempotent-Replay"
-_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+# 1 to 255 printable ASCII characters; HTTP would strip a space at either end, so none there.
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
 
 
 def caller(request: Any) -> str:

@@ -31,7 +31,13 @@ _IDEMPOTENCY_KEY = {
     "key with the same body again (for a day, IDEMPOTENCY_TTL_HOURS) replays the first "
     "response with `Idempotent-Replay: true`; with another body it is a 422; while the first "
     "request runs, a 409 with `Retry-After`. Keys are scoped to the caller.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        # Printable ASCII; no space at either end (HTTP strips it).
+        "pattern": "^[\\x21-\\x7e]([\\x20-\\x7e]*[\\x21-\\x7e])?$",
+    },
 }
 _IDEMPOTENCY_ERRORS = {
     400: "the Idempotency-Key is not 1 to 255 printable ASCII characters",

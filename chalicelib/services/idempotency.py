@@ -86,7 +86,14 @@ class IdempotencyStore:
         if first.fingerprint != fingerprint:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was already used with another request body; "
-                "send a new key for a new request"
+                "send a new key for a new request",
+                [
+                    {
+                        "field": "header.Idempotency-Key",
+                        "message": "already used with another request body",
+                        "type": "idempotency_key_reused",
+                    }
+                ],
             )
         if first.response_status is None:
             raise self._in_progress()
