@@ -309,3 +309,19 @@ def test_the_openapi_document_offers_the_key_on_exactly_the_creating_routes():
         responses = paths[path][method.lower()]["responses"]
         assert "Retry-After" in responses["409"]["headers"]
         assert "another body" in responses["422"]["description"]
+
+
+def test_a_claim_left_by_a_run_that_died_is_taken_over_after_a_minute(services, clock):
+    # Given a request that claimed its key and then died (its Lambda timed out) without answering
+    from chalicelib.errors import RequestInProgress
+    from chalicelib.services.idempotency import CLAIM_SECONDS, Claim
+
+    store = services.idempotency
+    assert isinstance(store.claim("caller", "crashed", "fp"), Claim)
+    # When the client retries within the claim's minute, it is told to wait
+    clock.advance(seconds=CLAIM_SECONDS - 1)
+    with pytest.raises(RequestInProgress):
+        store.claim("caller", "crashed", "fp")
+    # Then after it, the same request takes the key over and runs (not stuck for a day)
+    clock.advance(seconds=2)
+    assert isinstance(store.claim("caller", "crashed", "fp"), Claim)
