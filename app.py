@@ -31,5 +31,7 @@ app.register_blueprint(security.blueprint)
 for module in (system, clients, imports, mailings, stats, operations, admin):
     # JSON bodies above MAX_BODY_BYTES get a 413 (read at request time, from the settings).
     module.api.limit_bodies(lambda: services().settings.max_body_bytes)
+    # Creates sent with an Idempotency-Key run once per caller and key (see docs/api.md).
+    module.api.keep_idempotency_keys(lambda: services().idempotency)
     app.register_blueprint(module.api.blueprint)
 app.register_blueprint(workers.blueprint)

@@ -22,6 +22,7 @@ from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models, build_models
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.delivery import Sender
+from chalicelib.services.idempotency import IdempotencyStore
 from chalicelib.services.imports import ClientImports
 from chalicelib.services.mailings import MailingService
 from chalicelib.services.messages import MessageStore
@@ -165,6 +166,7 @@ class Services:
     metrics: MetricsWriter
     reports: ReportService
     verifier: Verifier
+    idempotency: IdempotencyStore
 
     @classmethod
     def build(
@@ -251,6 +253,9 @@ class Services:
             reports=ReportService(mailings, settings, clock, ses or _LazyClient("ses", settings)),
             # The authorizer reads the tokens' secret (if any) at its first request, not here.
             verifier=build_verifier(settings, load_tokens=lambda: api_tokens_from_secret(settings)),
+            idempotency=IdempotencyStore(
+                models, clock, timedelta(hours=settings.idempotency_ttl_hours)
+            ),
         )
 
 

@@ -69,3 +69,18 @@ class UpstreamFailed(DomainError):
 
     status = 502
     code = "upstream_error"
+
+
+class IdempotencyKeyReused(DomainError):
+    """An Idempotency-Key sent again with another request than the one it was first used for."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
+class RequestInProgress(DomainError):
+    """The first request with this Idempotency-Key has not finished: retry after a moment."""
+
+    status = 409
+    code = "request_in_progress"
+    retry_after = 1

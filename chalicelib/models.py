@@ -15,6 +15,8 @@ Tables (one per kind of record; see docs/architecture.md, "Storage"):
 - sequences: named counters that hand out blocks of int64 message ids.
 - imports:   CSV imports of clients, several items per import (see `ClientImport`). GSI
              by_created (sparse, keys only: the import's "job" item) lists them newest first.
+- idempotency: one item per (caller, Idempotency-Key) of a create: in progress, then the
+             response to replay; a TTL removes it IDEMPOTENCY_TTL_HOURS after the first request.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class Models:
     Message: type[Model]
     Sequence: type[Model]
     ClientImport: type[Model]
+    IdempotencyRecord: type[Model]
 
     def all(self) -> tuple[type[Model], ...]:
         return (
@@ -96,6 +99,7 @@ class Models:
             self.Message,
             self.Sequence,
             self.ClientImport,
+            self.IdempotencyRecord,
         )
 
 
@@ -309,6 +313,25 @@ def build_models(settings: Settings) -> Models:
 
         by_created = ImportByCreated()
 
+    class IdempotencyRecord(Model):
+        """A create sent with an Idempotency-Key: claimed while it runs, then its response."""
+
+        class Meta(_Meta):
+            table_name = settings.table_name("idempotency")
+
+        # The caller's principal id and the key, so one caller's keys never meet another's.
+        scope = UnicodeAttribute(hash_key=True)
+        fingerprint = UnicodeAttribute()
+        # Which run holds the claim: only it may save the response or give the key back.
+        attempt = UnicodeAttribute()
+        # Until then another request with the key waits (409); after it, a crashed run's claim
+        # may be taken over.
+        claimed_until = UTCDateTimeAttribute()
+        response_status = NumberAttribute(null=True)
+        response_body = UnicodeAttribute(null=True)
+        response_content_type = UnicodeAttribute(null=True)
+        expires_at = TTLAttribute()
+
     return Models(
         Client=Client,
         Phone=Phone,
@@ -316,6 +339,7 @@ def build_models(settings: Settings) -> Models:
         Message=Message,
         Sequence=Sequence,
         ClientImport=ClientImport,
+        IdempotencyRecord=IdempotencyRecord,
     )
 
 

@@ -175,6 +175,8 @@ class Settings(BaseModel):
     import_max_rows: int = Field(100_000, ge=1, le=1_000_000)
     # An import job's record (its status and per-row report) is deleted this long after it.
     import_retention_days: int = Field(30, ge=1, le=3650)
+    # A create's Idempotency-Key (and its response, replayed) is kept this long (DynamoDB TTL).
+    idempotency_ttl_hours: int = Field(24, ge=1, le=24 * 30)
     default_page_size: int = Field(50, ge=1, le=1000)
     max_page_size: int = Field(500, ge=1, le=1000)
 

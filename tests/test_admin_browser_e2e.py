@@ -408,6 +408,46 @@ def test_a_viewer_sees_the_data_but_no_control_that_changes_it(page: Any, stack:
     shot(page, "viewer-clients")
 
 
+def mailings_with_text(stack: Stack, text: str) -> list[dict[str, Any]]:
+    listed = requests.get(f"{stack.url}/mailings?limit=500", headers=stack.auth, timeout=10)
+    assert listed.status_code == 200, listed.text
+    return [m for m in listed.json()["items"] if m["text"] == text]
+
+
+def test_a_double_click_after_a_lost_answer_creates_one_mailing(page: Any, stack: Stack) -> None:
+    text = f"Once only {uuid.uuid4().hex[:6]}"
+    keys: list[str | None] = []
+    lost = []
+
+    def lose_the_first_answer(route: Any) -> None:
+        # The first create reaches the service, but its answer never reaches the browser.
+        keys.append(route.request.headers.get("idempotency-key"))
+        if lost:
+            route.continue_()
+            return
+        route.fetch()
+        lost.append(True)
+        route.abort("failed")
+
+    # Given a new mailing whose first "Create mailing" got no answer (the mailing was created)
+    sign_in(page, stack)
+    fill_mailing(page, text, tags="ui-once", start=datetime.now(UTC) + timedelta(hours=1))
+    page.route(re.compile(r"/mailings$"), lose_the_first_answer)
+    page.get_by_role("button", name="Create mailing").click()
+    expect(page.get_by_text("cannot be reached")).to_be_visible()
+    # When the operator double-clicks "Create mailing" again
+    page.get_by_role("button", name="Create mailing").dblclick()
+    # Then the mailing's page opens, and the service holds that one mailing only
+    expect(status_badge(page)).to_have_text("scheduled")
+    created = mailings_with_text(stack, text)
+    assert len(created) == 1, created
+    assert page.url.endswith(f"#/mailings/{created[0]['id']}")
+    # because every attempt carried the same Idempotency-Key
+    assert len(keys) >= 2, keys
+    assert keys[0], "the create carried no Idempotency-Key"
+    assert set(keys) == {keys[0]}, keys
+
+
 def test_client_forms_show_the_apis_errors_next_to_their_fields(page: Any, stack: Stack) -> None:
     phone = unique_phone()
     sign_in(page, stack)

@@ -84,6 +84,8 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "imports": {PUT, UPDATE, QUERY, BATCH_GET},
         "imports/index/by_created": {QUERY},
         "sequences": {GET},  # GET /gateway and GET /metrics: the senders' shared gateway item
+        # Idempotency-Key: claim, read the first request's record, save, give back after a 5xx.
+        "idempotency": {GET, PUT, UPDATE, DELETE},
     },
     # Scheduler.tick: due mailings, leases, fan-out pages, sweeps, finish.
     "SchedulerTick": {

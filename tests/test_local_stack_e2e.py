@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,9 @@ pytestmark = pytest.mark.e2e
 
 SCRIPT = ("text/javascript", "application/javascript")
 STYLESHEET = ("text/css",)
+
+
+DAY = timedelta(days=1)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +99,29 @@ def test_client_lifecycle_over_http(stack: Stack) -> None:
         # When it is deleted, it is gone
         assert http.delete(f"{stack.url}/clients/{client['id']}", timeout=5).status_code == 204
         assert http.get(f"{stack.url}/clients/{client['id']}", timeout=5).status_code == 404
+
+
+def test_concurrent_creates_with_one_idempotency_key_make_one_mailing(stack: Stack) -> None:
+    text = f"Once {uuid.uuid4().hex[:8]}"
+    start = datetime.now(UTC) + timedelta(hours=1)
+    mailing = {"text": text, "start_at": start.isoformat(), "end_at": (start + DAY).isoformat()}
+    headers = {**stack.auth, "Idempotency-Key": f"e2e-{uuid.uuid4()}"}
+    go = threading.Barrier(6)
+
+    def create(_: int) -> requests.Response:
+        go.wait(10)
+        return requests.post(f"{stack.url}/mailings", json=mailing, headers=headers, timeout=10)
+
+    # When six clients send the same create with one key at once, through the local stack
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(create, range(6)))
+    # Then each is the created mailing (first or replayed) or "in progress, retry" ...
+    assert {a.status_code for a in answers} <= {201, 409}, [a.text for a in answers]
+    created = {a.json()["id"] for a in answers if a.status_code == 201}
+    assert len(created) == 1, created
+    # ... and the service holds exactly one such mailing
+    listed = requests.get(f"{stack.url}/mailings?limit=500", headers=stack.auth, timeout=10)
+    assert [m["id"] for m in listed.json()["items"] if m["text"] == text] == list(created)
 
 
 def test_daily_report_is_emailed_through_the_emulators_ses_into_the_outbox(

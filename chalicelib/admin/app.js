@@ -297,9 +297,10 @@
   }
 
   /** Calls the API with the operator's token; a refused token signs the operator out. */
-  async function api(method, path, { body, query, contentType } = {}) {
+  async function api(method, path, { body, query, contentType, idempotencyKey } = {}) {
     const headers = { Accept: "application/json" };
     if (state.token) headers.Authorization = `Bearer ${state.token}`;
+    if (idempotencyKey) headers["Idempotency-Key"] = idempotencyKey;
     let payload;
     if (body !== undefined) {
       headers["Content-Type"] = contentType || "application/json";
@@ -366,6 +367,25 @@
 
   function randomString(size = 32) {
     return base64url(crypto.getRandomValues(new Uint8Array(size)));
+  }
+
+  /** Idempotency-Keys for one create control: the same key while the same body is sent again
+   * (a double submit, or a retry after a lost answer), so the server runs it once and replays
+   * its answer; a fresh key once the body changes or after `done()` (a new request). */
+  function idempotencyKeys() {
+    let last = null;
+    return {
+      for(body) {
+        const text = body instanceof Blob ? `${body.name}|${body.size}|${body.lastModified}` : JSON.stringify(body ?? null);
+        if (!last || last.text !== text) {
+          last = { text, key: crypto.randomUUID ? crypto.randomUUID() : randomString(24) };
+        }
+        return last.key;
+      },
+      done() {
+        last = null;
+      },
+    };
   }
 
   function redirectUri() {
@@ -821,6 +841,7 @@
       h("div", { class: "form-actions" }, h("button", { type: "submit" }, "Import")),
     );
     const view = state.view;
+    const keys = idempotencyKeys();
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       clearErrors(form);
@@ -832,7 +853,8 @@
       const button = form.querySelector("button[type=submit]");
       button.disabled = true;
       try {
-        let job = await api("POST", "clients/import", { body: chosen, contentType: "text/csv" });
+        let job = await api("POST", "clients/import", { body: chosen, contentType: "text/csv", idempotencyKey: keys.for(chosen) });
+        keys.done();
         fill(report, importReport(job));
         while (job.status !== "done" && job.status !== "failed") {
           await new Promise((resolve) => setTimeout(resolve, IMPORT_POLL_MS));
@@ -892,6 +914,7 @@
       timezone: h("input", { name: "timezone", list: "timezones", value: client ? client.timezone : "UTC" }),
       opted_out: h("input", { type: "checkbox", name: "opted_out", checked: client ? client.opted_out : false }),
     };
+    const keys = idempotencyKeys();
     const form = h("form", { class: "grid", "aria-labelledby": "client-title" },
       formError(),
       field("Phone", inputs.phone, { hint: "11 digits starting with 7" }),
@@ -923,7 +946,7 @@
       try {
         const saved = editing
           ? await api("PATCH", `clients/${encodeURIComponent(clientId)}`, { body })
-          : await api("POST", "clients", { body });
+          : await api("POST", "clients", { body, idempotencyKey: keys.for(body) });
         flash(`${editing ? "Saved" : "Created"} client ${saved.phone}.`);
         location.hash = "#/clients";
       } catch (err) {
@@ -1105,6 +1128,7 @@
       });
     }
 
+    const keys = idempotencyKeys();
     const form = h("form", { class: "grid", "aria-labelledby": "mailing-title" },
       formError(),
       field("Text", inputs.text, {
@@ -1151,7 +1175,7 @@
       try {
         const saved = editing
           ? await api("PATCH", `mailings/${encodeURIComponent(mailingId)}`, { body })
-          : await api("POST", "mailings", { body });
+          : await api("POST", "mailings", { body, idempotencyKey: keys.for(body) });
         flash(editing ? "Mailing saved." : "Mailing created.");
         location.hash = `#/mailings/${encodeURIComponent(saved.id)}`;
       } catch (err) {
@@ -1287,10 +1311,12 @@
     let lastStats = mailing.stats || {};
     const updated = h("p", { class: "hint", id: "updated", "aria-live": "off" });
 
+    const retryKeys = idempotencyKeys();
     retry.addEventListener("click", async () => {
       retry.disabled = true;
       try {
-        const answer = await api("POST", `mailings/${id}/retry-failed`);
+        const answer = await api("POST", `mailings/${id}/retry-failed`, { idempotencyKey: retryKeys.for(null) });
+        retryKeys.done();
         flash(`Requeued ${answer.requeued} failed ${answer.requeued === 1 ? "message" : "messages"}.`);
         if (answer.mailing) renderMailing(answer.mailing);
         lastFailed = -1;

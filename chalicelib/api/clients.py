@@ -26,6 +26,7 @@ api = ApiBlueprint(__name__, "clients", authorizer=bearer_auth)
     response=ClientOut,
     status=201,
     errors=(400, 409, 413, 415, 422),
+    idempotent=True,
 )
 def create_client(body: ClientCreate) -> ClientOut:
     """Add a client. The phone number must not belong to another client."""
@@ -99,6 +100,7 @@ def delete_client(client_id: str) -> None:
     body=OptOutIn,
     response=ClientOut,
     errors=(400, 404, 409, 413, 415, 422),
+    idempotent=True,
 )
 def opt_out(body: OptOutIn) -> ClientOut:
     """For a STOP reply webhook: the client with this phone is never sent to again (its

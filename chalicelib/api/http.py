@@ -7,7 +7,9 @@ bad input becomes a 4xx JSON error and nothing escapes as an unformatted 5xx.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -34,6 +36,7 @@ from chalicelib.errors import (
     ValidationFailed,
 )
 from chalicelib.schemas import ErrorBody, error_in_words
+from chalicelib.services.idempotency import IdempotencyStore, SavedResponse
 from chalicelib.services.storage import error_code, is_transient
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,8 @@ class Operation:
     # A body that is not a JSON model (a CSV file): its media type; the handler reads it.
     consumes: str | None = None
     path_params: list[str] = field(default_factory=list)
+    # Takes an Idempotency-Key header: a retry replays the first response, never creates twice.
+    idempotent: bool = False
 
 
 OPERATIONS: list[Operation] = []
@@ -79,6 +84,14 @@ def error_response(
     body = ErrorBody(error=code, message=message, details=details or [])
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
     return json_response(body, status, headers)
+
+
+def domain_error_response(exc: DomainError) -> Response:
+    response = error_response(exc.status, exc.code, exc.message, exc.details)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 def json_response(
@@ -196,9 +209,14 @@ class ApiBlueprint:
         self.tag = tag
         self._authorizer = authorizer
         self._max_body_bytes: Callable[[], int] = lambda: 64 * 1024
+        self._idempotency: Callable[[], IdempotencyStore] | None = None
 
     def limit_bodies(self, max_body_bytes: Callable[[], int]) -> None:
         self._max_body_bytes = max_body_bytes
+
+    def keep_idempotency_keys(self, store: Callable[[], IdempotencyStore]) -> None:
+        """Where the `idempotent` routes keep their keys (read at request time)."""
+        self._idempotency = store
 
     def route(
         self,
@@ -215,8 +233,10 @@ class ApiBlueprint:
         produces: str = JSON,
         consumes: str | None = None,
         description: str | None = None,
+        idempotent: bool = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Register a handler `fn(**path_params, body=?, query=?)` returning a model or Response."""
+        """Register a handler `fn(**path_params, body=?, query=?)` returning a model or Response;
+        an `idempotent` one honours an Idempotency-Key header."""
 
         def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
             operation = Operation(
@@ -235,12 +255,18 @@ class ApiBlueprint:
                 produces=produces,
                 consumes=consumes,
                 path_params=re.findall(r"{(\w+)}", path),
+                idempotent=idempotent,
             )
             OPERATIONS.append(operation)
 
             @functools.wraps(handler)
             def view(**path_params: Any) -> Response:
                 request = self.blueprint.current_request
+                if idempotent:
+                    return self._idempotently(request, lambda: respond(request, path_params))
+                return respond(request, path_params)
+
+            def respond(request: Any, path_params: dict[str, Any]) -> Response:
                 try:
                     if not public and self._authorizer is not None:
                         check_role(request, method, path)
@@ -251,7 +277,7 @@ class ApiBlueprint:
                         kwargs["body"] = self._parse_body(body, request)
                     result = handler(**kwargs)
                 except DomainError as exc:
-                    return error_response(exc.status, exc.code, exc.message, exc.details)
+                    return domain_error_response(exc)
                 except Exception as exc:  # the boundary: nothing leaves unformatted
                     return unexpected_error(exc, request.method, request.path)
                 if isinstance(result, Response):
@@ -265,6 +291,41 @@ class ApiBlueprint:
             return view
 
         return decorate
+
+    def _idempotently(self, request: Any, respond: Callable[[], Response]) -> Response:
+        """Run the request once per (caller, Idempotency-Key): a repeat gets the first response.
+
+        A 5xx is not kept: the key is given back so that the same request may be sent again.
+        """
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is None or self._idempotency is None:
+            return respond()
+        try:
+            if not _IDEMPOTENCY_KEY.fullmatch(key):
+                raise MalformedRequest(
+                    f"the {IDEMPOTENCY_HEADER} header must be 1 to 255 printable ASCII characters"
+                )
+            store = self._idempotency()
+            outcome = store.claim(caller(request), key, request_fingerprint(request))
+        except DomainError as exc:
+            return domain_error_response(exc)
+        except Exception as exc:  # the boundary: nothing leaves unformatted
+            return unexpected_error(exc, request.method, request.path)
+        if isinstance(outcome, SavedResponse):
+            headers = {REPLAY_HEADER: "true"}
+            if outcome.content_type:
+                headers["Content-Type"] = outcome.content_type
+            return Response(body=outcome.body, status_code=outcome.status, headers=headers)
+        response = respond()
+        try:
+            if response.status_code >= 500:
+                store.release(outcome)
+            else:
+                store.save(outcome, saved(response))
+        except Exception:
+            # The request itself is done: answer it; a retry after the claim lapses runs again.
+            logger.exception("could not keep the response of %s %s", request.method, request.path)
+        return response
 
     def _parse_body(self, model: type[BaseModel], request: Any) -> BaseModel:
         content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
@@ -301,6 +362,38 @@ def check_role(request: Any, method: str, path: str) -> None:
     if not roles.may(role, method, path):
         allowed = ", ".join(sorted(roles.roles_for(method, path))) or "no role"
         raise Forbidden(f"your role {role or 'none'} may not {method} {path} (allowed: {allowed})")
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAY_HEADER = "Idempotent-Replay"
+# 1 to 255 printable ASCII characters; HTTP would strip a space at either end, so none there.
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
+
+
+def caller(request: Any) -> str:
+    """The principal id the authorizer gave the request: keys are scoped to it."""
+    authorizer = (request.context or {}).get("authorizer") or {}
+    return str(authorizer.get("principalId") or "anonymous")
+
+
+def request_fingerprint(request: Any) -> str:
+    """What makes two requests with one key "the same": method, path and body (JSON compared
+    as data, so key order and spacing do not matter)."""
+    raw = request.raw_body or b""
+    body: Any = raw
+    with contextlib.suppress(ValueError):
+        body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+    params = json.dumps(request.uri_params or {}, sort_keys=True)
+    digest = hashlib.sha256(f"{request.method} {request.path} {params}\n".encode())
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def saved(response: Response) -> SavedResponse:
+    body = response.body
+    text = body.decode() if isinstance(body, bytes) else str(body or "")
+    headers = {name.lower(): value for name, value in (response.headers or {}).items()}
+    return SavedResponse(response.status_code, text, headers.get("content-type"))
 
 
 def parse_query(model: type[BaseModel], params: dict[str, str] | None) -> BaseModel:

@@ -35,7 +35,8 @@ _UTF8 = {"utf-8", "utf8"}
     consumes=CSV,
     response=ClientImportOut,
     status=202,
-    errors=(413, 415, 422),
+    errors=(400, 409, 413, 415, 422),
+    idempotent=True,
 )
 def start_client_import() -> Response:
     """A UTF-8 CSV file (`Content-Type: text/csv`) whose first line names its columns: `phone`,

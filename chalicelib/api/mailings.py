@@ -40,7 +40,8 @@ api = ApiBlueprint(__name__, "mailings", authorizer=bearer_auth)
     body=MailingCreate,
     response=MailingOut,
     status=201,
-    errors=(400, 413, 415, 422),
+    errors=(400, 409, 413, 415, 422),
+    idempotent=True,
 )
 def create_mailing(body: MailingCreate) -> MailingOut:
     """Schedule a mailing to every client its filter selects, between start_at and end_at."""
@@ -163,7 +164,8 @@ def resume_mailing(mailing_id: str) -> MailingOut:
     "POST",
     summary="Send the failed messages again",
     response=RetryFailedOut,
-    errors=(404, 409),
+    errors=(400, 404, 409, 422),
+    idempotent=True,
 )
 def retry_failed(mailing_id: str) -> RetryFailedOut:
     """Queue the mailing's `failed` messages again, with the same message ids, before its end.

@@ -24,6 +24,33 @@ _RETRY_AFTER = {
 }
 
 
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Any 1 to 255 printable ASCII characters, new for each new request. The same "
+    "key with the same body again (for a day, IDEMPOTENCY_TTL_HOURS) replays the first "
+    "response with `Idempotent-Replay: true`; with another body it is a 422; while the first "
+    "request runs, a 409 with `Retry-After`. Keys are scoped to the caller.",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        # Printable ASCII; no space at either end (HTTP strips it).
+        "pattern": "^[\\x21-\\x7e]([\\x20-\\x7e]*[\\x21-\\x7e])?$",
+    },
+}
+_IDEMPOTENCY_ERRORS = {
+    400: "the Idempotency-Key is not 1 to 255 printable ASCII characters",
+    409: "the first request with this Idempotency-Key is still running (see `Retry-After`)",
+    422: "the Idempotency-Key was already used with another body",
+}
+_REPLAY = {
+    "description": "`true` when this is the saved response to an earlier request with the key",
+    "schema": {"type": "string", "enum": ["true"]},
+}
+
+
 def _error_description(status: int) -> str:
     return {
         400: "Malformed request: bad JSON, query parameter or cursor",
@@ -102,6 +129,8 @@ def build_spec(operations: Iterable[Operation] | None = None) -> dict[str, Any]:
         ]
         if op.query is not None:
             params.extend(_query_parameters(op.query, components))
+        if op.idempotent:
+            params.append(_IDEMPOTENCY_KEY)
         if params:
             entry["parameters"] = params
         if op.body is not None:
@@ -127,6 +156,8 @@ def build_spec(operations: Iterable[Operation] | None = None) -> dict[str, Any]:
             }
         else:
             responses[str(op.status)] = {"description": HTTPStatus(op.status).phrase}
+        if op.idempotent:
+            responses[str(op.status)]["headers"] = {"Idempotent-Replay": _REPLAY}
         statuses = set(op.errors) | ({*_AUTH_ERRORS} if not op.public else set())
         if not op.public:
             statuses.add(503)
@@ -136,8 +167,10 @@ def build_spec(operations: Iterable[Operation] | None = None) -> dict[str, Any]:
             description = _error_description(status)
             if status == 415 and op.consumes is not None:
                 description = f"Request body is not {op.consumes}"
+            if op.idempotent and status in _IDEMPOTENCY_ERRORS:
+                description = f"{description}; or {_IDEMPOTENCY_ERRORS[status]}"
             responses[str(status)] = {"description": description, "content": content}
-            if status == 503:
+            if status == 503 or (status == 409 and op.idempotent):
                 responses[str(status)]["headers"] = {"Retry-After": _RETRY_AFTER}
         entry["responses"] = responses
         if op.public:
