@@ -20,6 +20,7 @@ from chalicelib.auth import Verifier, build_verifier
 from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models, build_models
+from chalicelib.services.audit import AuditLog
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.delivery import Sender
 from chalicelib.services.imports import ClientImports
@@ -164,6 +165,7 @@ class Services:
     metrics: MetricsWriter
     reports: ReportService
     verifier: Verifier
+    audit: AuditLog
 
     @classmethod
     def build(
@@ -248,6 +250,7 @@ class Services:
             reports=ReportService(mailings, settings, clock, ses or _LazyClient("ses", settings)),
             # The authorizer reads the tokens' secret (if any) at its first request, not here.
             verifier=build_verifier(settings, load_tokens=lambda: api_tokens_from_secret(settings)),
+            audit=AuditLog(models, clock, settings.audit_retention_days, metrics),
         )
 
 

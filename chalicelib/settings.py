@@ -160,6 +160,8 @@ class Settings(BaseModel):
     import_max_rows: int = Field(100_000, ge=1, le=1_000_000)
     # An import job's record (its status and per-row report) is deleted this long after it.
     import_retention_days: int = Field(30, ge=1, le=3650)
+    # An audit entry (who changed what, GET /audit) is deleted this long after it was written.
+    audit_retention_days: int = Field(365, ge=1, le=3650)
     default_page_size: int = Field(50, ge=1, le=1000)
     max_page_size: int = Field(500, ge=1, le=1000)
 

@@ -84,6 +84,10 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "imports": {PUT, UPDATE, QUERY, BATCH_GET},
         "imports/index/by_created": {QUERY},
         "sequences": {GET},  # GET /gateway and GET /metrics: the senders' shared gateway item
+        # The audit trail: an entry per write; GET /audit by target, by actor, or all.
+        "audit": {PUT, QUERY},
+        "audit/index/by_actor": {QUERY},
+        "audit/index/by_time": {QUERY},
     },
     # Scheduler.tick: due mailings, leases, fan-out pages, sweeps, finish.
     "SchedulerTick": {
@@ -555,7 +559,7 @@ def test_table_indexes_match_the_model(resources: dict, kind: str) -> None:
     assert in_template == in_model
 
 
-@pytest.mark.parametrize("kind", ["messages", "imports"])
+@pytest.mark.parametrize("kind", ["messages", "imports", "audit"])
 def test_message_records_expire_by_the_models_ttl_attribute(resources: dict, kind: str) -> None:
     """Given messages outlive their mailing, DynamoDB's TTL removes them on the model's field
     (and the records of a CSV import likewise)."""

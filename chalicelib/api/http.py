@@ -33,6 +33,7 @@ from chalicelib.errors import (
     ValidationFailed,
 )
 from chalicelib.schemas import ErrorBody, error_in_words
+from chalicelib.services.audit import Actor, AuditEntry
 from chalicelib.services.storage import error_code, is_transient
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class Operation:
     # A body that is not a JSON model (a CSV file): its media type; the handler reads it.
     consumes: str | None = None
     path_params: list[str] = field(default_factory=list)
+    # A write: each success leaves an audit entry (GET /audit).
+    audited: bool = False
 
 
 OPERATIONS: list[Operation] = []
@@ -195,9 +198,14 @@ class ApiBlueprint:
         self.tag = tag
         self._authorizer = authorizer
         self._max_body_bytes: Callable[[], int] = lambda: 64 * 1024
+        self._audit_log: Callable[[], Any] | None = None
 
     def limit_bodies(self, max_body_bytes: Callable[[], int]) -> None:
         self._max_body_bytes = max_body_bytes
+
+    def audit_writes(self, audit_log: Callable[[], Any]) -> None:
+        """Record each successful write of these routes in `audit_log()` (an AuditLog)."""
+        self._audit_log = audit_log
 
     def route(
         self,
@@ -214,8 +222,10 @@ class ApiBlueprint:
         produces: str = JSON,
         consumes: str | None = None,
         description: str | None = None,
+        audited: bool | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Register a handler `fn(**path_params, body=?, query=?)` returning a model or Response."""
+        """Register a handler `fn(**path_params, body=?, query=?)` returning a model or Response.
+        Every authenticated route but a GET is a write and audited, unless `audited=False`."""
 
         def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
             operation = Operation(
@@ -234,6 +244,7 @@ class ApiBlueprint:
                 produces=produces,
                 consumes=consumes,
                 path_params=re.findall(r"{(\w+)}", path),
+                audited=(method != "GET" and not public) if audited is None else audited,
             )
             OPERATIONS.append(operation)
 
@@ -251,9 +262,10 @@ class ApiBlueprint:
                     return error_response(exc.status, exc.code, exc.message, exc.details)
                 except Exception as exc:  # the boundary: nothing leaves unformatted
                     return unexpected_error(exc, request.method, request.path)
-                if isinstance(result, Response):
-                    return result
-                return json_response(result, status)
+                response = result if isinstance(result, Response) else json_response(result, status)
+                if operation.audited and response.status_code < 400:
+                    self._audit(operation, request, path_params, kwargs.get("body"), response)
+                return response
 
             route_kwargs: dict[str, Any] = {"methods": [method], "content_types": _ANY_CONTENT_TYPE}
             if not public and self._authorizer is not None:
@@ -262,6 +274,23 @@ class ApiBlueprint:
             return view
 
         return decorate
+
+    def _audit(
+        self,
+        operation: Operation,
+        request: Any,
+        path_params: dict[str, Any],
+        body: BaseModel | None,
+        response: Response,
+    ) -> None:
+        if self._audit_log is None:
+            return
+        try:
+            entry = audit_entry(operation, request, path_params, body, response)
+        except Exception:  # describing the write must never fail it
+            logger.exception("audit entry not built for %s", operation.name)
+            return
+        self._audit_log().record(entry)
 
     def _parse_body(self, model: type[BaseModel], request: Any) -> BaseModel:
         content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
@@ -285,6 +314,47 @@ class ApiBlueprint:
             raise ValidationFailed(
                 "request body is not valid", validation_details(exc, "body")
             ) from None
+
+
+def audit_entry(
+    operation: Operation,
+    request: Any,
+    path_params: dict[str, Any],
+    body: BaseModel | None,
+    response: Response,
+) -> AuditEntry:
+    """What a successful write did, from its request and response: ids and field names only,
+    never a value (phone numbers are client data) and never a token."""
+    context = request.context or {}
+    authorizer = context.get("authorizer") or {}
+    actor = Actor(
+        id=str(authorizer.get("principalId") or "unknown"),
+        role=authorizer.get("role"),
+        auth_mode=authorizer.get("auth_mode"),
+    )
+    answer = _json_object(response.body)
+    target = next(iter(path_params.values()), None) or answer.get("id") or operation.path
+    status = answer.get("status")
+    if not isinstance(status, str):
+        status = (answer.get("mailing") or {}).get("status")
+    return AuditEntry(
+        actor=actor,
+        action=operation.name,
+        target_type=operation.tag,
+        target_id=str(target),
+        http_status=response.status_code,
+        request_id=context.get("requestId"),
+        fields=tuple(sorted(body.model_dump(exclude_unset=True))) if body is not None else (),
+        status=status if isinstance(status, str) else None,
+    )
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if isinstance(text, (str, bytes)) and text else None
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def parse_query(model: type[BaseModel], params: dict[str, str] | None) -> BaseModel:

@@ -1,0 +1,179 @@
+"""The audit trail: every write through the API leaves an entry, read back with GET /audit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from tests.conftest import API_TOKEN, JSON_HEADERS, body
+
+OTHER_TOKEN = "other-token-0123456789abcdef"
+OTHER_HEADERS = {**JSON_HEADERS, "Authorization": f"Bearer {OTHER_TOKEN}"}
+MAILING = {
+    "text": "Hello!",
+    "start_at": "2026-11-23T09:00:00+03:00",
+    "end_at": "2026-11-24T21:00:00+03:00",
+}
+
+
+def token_id(token: str) -> str:
+    """The id the audit trail shows for a static token: a digest prefix, never the token."""
+    return f"static:{hashlib.sha256(token.encode()).hexdigest()[:8]}"
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Two static tokens, so entries can be told apart by actor."""
+    from chalicelib.settings import Settings
+
+    monkeypatch.setenv("API_TOKENS", f"{API_TOKEN},{OTHER_TOKEN}")
+    monkeypatch.delenv("AUTH_MODE", raising=False)
+    return Settings(table_prefix="sms-test", api_tokens=(API_TOKEN, OTHER_TOKEN))
+
+
+def ok(response: Any, status: int = 200) -> dict:
+    assert response.status_code == status, response.body
+    return body(response) if response.body else {}
+
+
+def audit(api: Any, query: str = "") -> list[dict]:
+    return ok(api.get(f"/audit{query}"))["items"]
+
+
+def mailing_history(api: Any, clock: Any) -> str:
+    """Create, edit, pause and cancel one mailing, a second apart; returns its id."""
+    mailing_id = ok(api.post("/mailings", MAILING), 201)["id"]
+    clock.advance(seconds=1)
+    ok(api.patch(f"/mailings/{mailing_id}", {"text": "Hello again!"}))
+    clock.advance(seconds=1)
+    ok(api.post(f"/mailings/{mailing_id}/pause"))
+    clock.advance(seconds=1)
+    ok(api.post(f"/mailings/{mailing_id}/cancel"))
+    return mailing_id
+
+
+def test_a_mailings_create_edit_pause_and_cancel_are_four_entries_newest_first(api, clock):
+    # Given a mailing created, edited, paused and cancelled with one token
+    mailing_id = mailing_history(api, clock)
+
+    # When an admin reads the mailing's audit trail
+    entries = audit(api, f"?target={mailing_id}")
+
+    # Then there are four entries, newest first, each naming that token's id as the actor
+    assert [e["action"] for e in entries] == [
+        "cancel_mailing",
+        "pause_mailing",
+        "patch_mailing",
+        "create_mailing",
+    ]
+    assert {e["actor"]["id"] for e in entries} == {token_id(API_TOKEN)}
+    assert {e["actor"]["auth_mode"] for e in entries} == {"static"}
+    assert [e["status"] for e in entries] == ["cancelled", "paused", "scheduled", "scheduled"]
+    times = [e["at"] for e in entries]
+    assert times == sorted(times, reverse=True)
+    assert len(set(times)) == 4
+    # And the edit names the field it changed, not its new text
+    assert entries[2]["fields"] == ["text"]
+    assert "Hello again!" not in json.dumps(entries)
+    assert all(e["target_type"] == "mailings" and e["target_id"] == mailing_id for e in entries)
+
+
+def test_an_entry_never_holds_the_token_or_a_phone_number(api, clock):
+    # Given a client created and, a second later, opted out by phone number
+    client = ok(api.post("/clients", {"phone": "79001234567", "tag": "vip"}), 201)
+    clock.advance(seconds=1)
+    ok(api.post("/opt-outs", {"phone": "79001234567"}))
+
+    # When the audit trail is read
+    entries = audit(api)
+
+    # Then both writes are there under the client's id, with neither the number nor the token
+    assert [(e["action"], e["target_id"]) for e in entries] == [
+        ("opt_out", client["id"]),
+        ("create_client", client["id"]),
+    ]
+    assert entries[0]["fields"] == ["phone"]
+    text = json.dumps(entries)
+    assert "79001234567" not in text
+    assert API_TOKEN not in text
+
+
+def test_the_trail_filters_by_actor(api, clock):
+    # Given one mailing written with each of two tokens
+    mine = ok(api.post("/mailings", MAILING), 201)["id"]
+    clock.advance(seconds=1)
+    theirs = ok(api.post("/mailings", MAILING, headers=OTHER_HEADERS), 201)["id"]
+
+    # When the trail is read for each actor
+    by_me = audit(api, f"?actor={token_id(API_TOKEN)}")
+    by_them = audit(api, f"?actor={token_id(OTHER_TOKEN)}")
+
+    # Then each sees only its own write
+    assert [e["target_id"] for e in by_me] == [mine]
+    assert [e["target_id"] for e in by_them] == [theirs]
+    # And target and actor together narrow to nothing where they do not meet
+    assert audit(api, f"?target={mine}&actor={token_id(OTHER_TOKEN)}") == []
+
+
+def test_pages_of_the_trail_follow_each_other_newest_first(api, clock):
+    # Given three mailings created a second apart
+    ids = []
+    for _ in range(3):
+        ids.append(ok(api.post("/mailings", MAILING), 201)["id"])
+        clock.advance(seconds=1)
+
+    # When the trail is read two entries at a time
+    first = ok(api.get("/audit?limit=2"))
+    second = ok(api.get(f"/audit?limit=2&cursor={first['next_cursor']}"))
+
+    # Then the pages hold the three creations, newest first, and end
+    seen = [e["target_id"] for e in first["items"] + second["items"]]
+    assert seen == list(reversed(ids))
+    assert second["next_cursor"] is None
+
+
+def test_reads_and_refused_writes_leave_no_entry(api):
+    # Given a preview (a POST that creates nothing), a read, and a write refused as invalid
+    ok(api.post("/mailings/preview", {"filter": {}}))
+    ok(api.get("/mailings"))
+    assert api.post("/mailings", {"text": ""}).status_code == 422
+
+    # When the trail is read, then it is empty
+    assert audit(api) == []
+
+
+def test_entries_expire_after_the_retention_period(api, services, clock):
+    # Given a mailing created now
+    mailing_id = ok(api.post("/mailings", MAILING), 201)["id"]
+
+    # When its entry is stored, then DynamoDB's TTL removes it AUDIT_RETENTION_DAYS later
+    [item] = list(services.models.AuditEntry.query(mailing_id))
+    retention = timedelta(days=services.settings.audit_retention_days)
+    assert item.expires_at == clock() + retention
+    assert services.settings.audit_retention_days == 365
+
+
+def test_a_failed_audit_write_does_not_fail_the_users_write(api, services, caplog):
+    # Given the audit table is gone
+    services.models.AuditEntry.delete_table()
+
+    # When a mailing is created
+    response = api.post("/mailings", MAILING)
+
+    # Then it is created all the same, and the lost entry is logged as an error
+    created = ok(response, 201)
+    assert ok(api.get(f"/mailings/{created['id']}"))["id"] == created["id"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "audit entry not written" in errors
+
+
+def test_a_bad_filter_is_a_400_in_the_error_shape(api):
+    # When the trail is asked for with an empty target, then the answer names the parameter
+    response = api.get("/audit?target=")
+    assert response.status_code == 400
+    assert body(response)["error"] == "bad_request"
+    assert body(response)["details"][0]["field"] == "query.target"
