@@ -44,21 +44,26 @@ def audit(api: Any, query: str = "") -> list[dict]:
     return ok(api.get(f"/audit{query}"))["items"]
 
 
-def mailing_history(api: Any, clock: Any) -> str:
-    """Create, edit, pause and cancel one mailing, a second apart; returns its id."""
-    mailing_id = ok(api.post("/mailings", MAILING), 201)["id"]
-    clock.advance(seconds=1)
-    ok(api.patch(f"/mailings/{mailing_id}", {"text": "Hello again!"}))
-    clock.advance(seconds=1)
-    ok(api.post(f"/mailings/{mailing_id}/pause"))
-    clock.advance(seconds=1)
-    ok(api.post(f"/mailings/{mailing_id}/cancel"))
-    return mailing_id
+def mailing_history(api: Any, clock: Any) -> tuple[str, list[str]]:
+    """Create, edit, pause and cancel one mailing, a second apart: its id and the requests' ids
+    (API Gateway's request ids, which the API returns as X-Correlation-Id)."""
+    created = api.post("/mailings", MAILING)
+    mailing_id = ok(created, 201)["id"]
+    responses = [created]
+    for method, path, payload in (
+        ("PATCH", "", {"text": "Hello again!"}),
+        ("POST", "/pause", None),
+        ("POST", "/cancel", None),
+    ):
+        clock.advance(seconds=1)
+        responses.append(api.call(method, f"/mailings/{mailing_id}{path}", payload))
+        ok(responses[-1])
+    return mailing_id, [r.headers["X-Correlation-Id"] for r in responses]
 
 
 def test_a_mailings_create_edit_pause_and_cancel_are_four_entries_newest_first(api, clock):
     # Given a mailing created, edited, paused and cancelled with one token
-    mailing_id = mailing_history(api, clock)
+    mailing_id, request_ids = mailing_history(api, clock)
 
     # When an admin reads the mailing's audit trail
     entries = audit(api, f"?target={mailing_id}")
@@ -80,6 +85,8 @@ def test_a_mailings_create_edit_pause_and_cancel_are_four_entries_newest_first(a
     assert entries[2]["fields"] == ["text"]
     assert "Hello again!" not in json.dumps(entries)
     assert all(e["target_type"] == "mailings" and e["target_id"] == mailing_id for e in entries)
+    # And each entry names the request that made the change
+    assert [e["request_id"] for e in entries] == list(reversed(request_ids))
 
 
 def test_an_entry_never_holds_the_token_or_a_phone_number(api, clock):
@@ -157,8 +164,15 @@ def test_entries_expire_after_the_retention_period(api, services, clock):
     assert services.settings.audit_retention_days == 365
 
 
-def test_a_failed_audit_write_does_not_fail_the_users_write(api, services, caplog):
-    # Given the audit table is gone
+def test_a_failed_audit_write_does_not_fail_the_users_write(api, services, clock, caplog):
+    from chalicelib.metrics import MetricsWriter
+    from chalicelib.services.audit import AuditLog
+
+    # Given the audit table is gone, and the audit log's metrics are watched
+    emf: list[str] = []
+    services.audit = AuditLog(
+        services.models, clock, 365, MetricsWriter(services.settings, emf.append)
+    )
     services.models.AuditEntry.delete_table()
 
     # When a mailing is created
@@ -169,6 +183,9 @@ def test_a_failed_audit_write_does_not_fail_the_users_write(api, services, caplo
     assert ok(api.get(f"/mailings/{created['id']}"))["id"] == created["id"]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert "audit entry not written" in errors
+    # And counted in the AuditWriteFailures metric an alarm can watch
+    blobs = [json.loads(line) for line in emf]
+    assert [b["AuditWriteFailures"] for b in blobs if "AuditWriteFailures" in b] == [[1.0]]
 
 
 def test_a_bad_filter_is_a_400_in_the_error_shape(api):
@@ -177,3 +194,35 @@ def test_a_bad_filter_is_a_400_in_the_error_shape(api):
     assert response.status_code == 400
     assert body(response)["error"] == "bad_request"
     assert body(response)["details"][0]["field"] == "query.target"
+
+
+def test_on_aws_an_entry_carries_api_gateways_request_id_and_the_callers_role():
+    from types import SimpleNamespace
+
+    from chalice import Response
+
+    from chalicelib.api import mailings  # noqa: F401 - declares the mailing routes
+    from chalicelib.api.http import OPERATIONS, audit_entry
+
+    # Given a pause as API Gateway delivers it: its request id, and an authorizer context that
+    # names the principal and its role
+    [pause] = [op for op in OPERATIONS if op.name == "pause_mailing"]
+    request = SimpleNamespace(
+        context={
+            "requestId": "c6af9ac6-7b61-11e6-9a41-93e8deadbeef",
+            "authorizer": {"principalId": "user-sub-42", "auth_mode": "oidc", "role": "operator"},
+        }
+    )
+    response = Response(body=json.dumps({"id": "m-1", "status": "paused"}), status_code=200)
+
+    # When its audit entry is made
+    entry = audit_entry(pause, request, {"mailing_id": "m-1"}, None, response)
+
+    # Then it names API Gateway's request id, the OIDC subject and its role
+    assert entry.request_id == "c6af9ac6-7b61-11e6-9a41-93e8deadbeef"
+    assert (entry.actor.id, entry.actor.auth_mode, entry.actor.role) == (
+        "user-sub-42",
+        "oidc",
+        "operator",
+    )
+    assert (entry.action, entry.target_id, entry.status) == ("pause_mailing", "m-1", "paused")

@@ -343,7 +343,8 @@ def audit_entry(
         target_type=operation.tag,
         target_id=str(target),
         http_status=response.status_code,
-        request_id=context.get("requestId"),
+        # chalice local has no request id: there, the X-Correlation-Id its response carries.
+        request_id=context.get("requestId") or logs.bound().get("correlation_id"),
         fields=tuple(sorted(body.model_dump(exclude_unset=True))) if body is not None else (),
         status=status if isinstance(status, str) else None,
     )
