@@ -126,6 +126,28 @@ def test_the_trail_filters_by_actor(api, clock):
     assert audit(api, f"?target={mine}&actor={token_id(OTHER_TOKEN)}") == []
 
 
+def test_pages_filtered_by_target_and_actor_are_full_and_follow_each_other(api, clock):
+    # Given one mailing paused and resumed in turn by two tokens, three times each
+    mailing_id = ok(api.post("/mailings", MAILING), 201)["id"]
+    for _ in range(3):
+        for headers, action in ((JSON_HEADERS, "pause"), (OTHER_HEADERS, "resume")):
+            clock.advance(seconds=1)
+            ok(api.post(f"/mailings/{mailing_id}/{action}", headers=headers))
+
+    # When the other token's changes to it are read two at a time
+    query = f"/audit?target={mailing_id}&actor={token_id(OTHER_TOKEN)}&limit=2"
+    first = ok(api.get(query))
+    second = ok(api.get(f"{query}&cursor={first['next_cursor']}"))
+
+    # Then the first page is full although the other token's entries alternate with mine, and
+    # the second holds the last one
+    assert [e["action"] for e in first["items"]] == ["resume_mailing"] * 2
+    assert [e["action"] for e in second["items"]] == ["resume_mailing"]
+    times = [e["at"] for e in first["items"] + second["items"]]
+    assert times == sorted(times, reverse=True)
+    assert len(set(times)) == 3
+
+
 def test_pages_of_the_trail_follow_each_other_newest_first(api, clock):
     # Given three mailings created a second apart
     ids = []
