@@ -1626,6 +1626,7 @@ EMF_METRICS = {
     "MessagesRetried",
     "MessagesQueued",
     "DlqArrivals",
+    "AuditWriteFailures",
 }
 EMF_DIMENSIONS = [
     {"Name": "service", "Value": "sms-campaigns"},
@@ -1799,6 +1800,20 @@ def test_the_sender_alarms_when_lambda_throttles_it(alarms: dict) -> None:
     assert alarm["TreatMissingData"] == "notBreaching"
 
 
+def test_a_lost_audit_entry_is_an_alarm(alarms: dict) -> None:
+    """Given an API write whose audit entry could not be stored, when the metric arrives, then
+    the operator is alarmed at the first one, on the metric the code writes."""
+    from chalicelib.metrics import METRICS
+
+    alarm = alarms["AuditWriteFailuresAlarm"]
+    assert alarm["MetricName"] in METRICS
+    assert alarm["MetricName"] == "AuditWriteFailures"
+    assert alarm["Namespace"] == Settings().metrics_namespace
+    assert alarm["Threshold"] == 0
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["TreatMissingData"] == "notBreaching"
+
+
 def test_a_stopped_scheduler_tick_is_an_alarm(alarms: dict) -> None:
     """Given the tick's rule disabled or gone, when no tick runs for 10 minutes, then an alarm
     fires: here the missing data is the failure."""
@@ -1867,9 +1882,10 @@ def test_emf_alarms_read_the_namespace_and_dimensions_the_functions_write(
 def test_the_gateway_alarm_reads_the_series_the_sender_writes(
     monkeypatch: pytest.MonkeyPatch, alarms: dict
 ) -> None:
-    """Given one send batch with a success and a 5xx, when chalicelib.metrics writes its EMF
-    lines, then the line with the totals has exactly the namespace, dimensions and metric names
-    the gateway error rate alarm reads (the per-class line is another series)."""
+    """Given one send batch with a success and a 5xx (and a lost audit entry), when
+    chalicelib.metrics writes its EMF lines, then the line with the totals has exactly the
+    namespace, dimensions and metric names the gateway error rate alarm (and the audit alarm)
+    reads (the per-class line is another series)."""
     monkeypatch.delenv("POWERTOOLS_METRICS_DISABLED", raising=False)
     lines: list[str] = []
     writer = MetricsWriter(Settings(table_prefix=STACK_NAME), write=lines.append)
@@ -1879,6 +1895,7 @@ def test_the_gateway_alarm_reads_the_series_the_sender_writes(
     ]
 
     writer.delivery("mailing-1", ["sent", "retry"], answers)
+    writer.emit({"AuditWriteFailures": 1})  # as services/audit.py writes it
 
     totals: dict[str, tuple[str, dict[str, str]]] = {}
     for line in map(json.loads, lines):
