@@ -248,3 +248,33 @@ def test_on_aws_an_entry_carries_api_gateways_request_id_and_the_callers_role():
         "operator",
     )
     assert (entry.action, entry.target_id, entry.status) == ("pause_mailing", "m-1", "paused")
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "headers", "recorded"),
+    [
+        ("POST", 201, {}, True),
+        ("DELETE", 204, {}, True),
+        ("POST", 409, {}, False),
+        ("POST", 201, {"Idempotent-Replay": "true"}, False),
+        ("GET", 200, {}, False),
+    ],
+)
+def test_only_a_write_that_changed_something_is_recorded(method, status, headers, recorded):
+    from chalice import Response
+
+    from chalicelib.api.http import Operation, changed_something
+
+    # Given a route's answer: a success, a refusal, a replay of an earlier answer, or a read
+    operation = Operation(
+        method=method,
+        path="/mailings",
+        name="op",
+        summary="",
+        tag="mailings",
+        audited=method != "GET",
+    )
+    response = Response(body="", status_code=status, headers=headers)
+
+    # When the route wrapper decides, then only a write that changed something is recorded
+    assert changed_something(operation, response) is recorded

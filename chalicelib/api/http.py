@@ -263,7 +263,7 @@ class ApiBlueprint:
                 except Exception as exc:  # the boundary: nothing leaves unformatted
                     return unexpected_error(exc, request.method, request.path)
                 response = result if isinstance(result, Response) else json_response(result, status)
-                if operation.audited and response.status_code < 400:
+                if changed_something(operation, response):
                     self._audit(operation, request, path_params, kwargs.get("body"), response)
                 return response
 
@@ -314,6 +314,16 @@ class ApiBlueprint:
             raise ValidationFailed(
                 "request body is not valid", validation_details(exc, "body")
             ) from None
+
+
+# An Idempotency-Key replay answers with the first response and changes nothing.
+REPLAY_HEADER = "Idempotent-Replay"
+
+
+def changed_something(operation: Operation, response: Response) -> bool:
+    """Whether this answer of a write route records a change: a success, not a replay."""
+    replayed = (response.headers or {}).get(REPLAY_HEADER, "").lower() == "true"
+    return operation.audited and response.status_code < 400 and not replayed
 
 
 def audit_entry(
