@@ -14,6 +14,7 @@ if os.environ.get(stack_file.ATTACH_VARIABLE):
 from chalicelib import logs, workers
 from chalicelib.api import (
     admin,
+    audit,
     clients,
     imports,
     mailings,
@@ -28,10 +29,12 @@ from chalicelib.container import services
 logs.ensure_configured()
 app = Chalice(app_name="sms-campaigns")
 app.register_blueprint(security.blueprint)
-for module in (system, clients, imports, mailings, stats, operations, admin):
+for module in (system, clients, imports, mailings, stats, operations, admin, audit):
     # JSON bodies above MAX_BODY_BYTES get a 413 (read at request time, from the settings).
     module.api.limit_bodies(lambda: services().settings.max_body_bytes)
     # Creates sent with an Idempotency-Key run once per caller and key (see docs/api.md).
     module.api.keep_idempotency_keys(lambda: services().idempotency)
+    # Every write leaves an audit entry (GET /audit).
+    module.api.audit_writes(lambda: services().audit)
     app.register_blueprint(module.api.blueprint)
 app.register_blueprint(workers.blueprint)

@@ -20,6 +20,7 @@ from chalicelib.auth import Verifier, build_verifier
 from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
 from chalicelib.models import Models, build_models
+from chalicelib.services.audit import AuditLog
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.delivery import Sender
 from chalicelib.services.idempotency import IdempotencyStore
@@ -167,6 +168,7 @@ class Services:
     reports: ReportService
     verifier: Verifier
     idempotency: IdempotencyStore
+    audit: AuditLog
 
     @classmethod
     def build(
@@ -256,6 +258,7 @@ class Services:
             idempotency=IdempotencyStore(
                 models, clock, timedelta(hours=settings.idempotency_ttl_hours)
             ),
+            audit=AuditLog(models, clock, settings.audit_retention_days, metrics),
         )
 
 

@@ -47,6 +47,7 @@ METRICS: dict[str, tuple[MetricUnit, str]] = {
         MetricUnit.Count,
         "pending messages whose job was lost, queued again by the reconciler",
     ),
+    "AuditWriteFailures": (MetricUnit.Count, "writes whose audit entry could not be stored"),
 }
 # GatewayErrors is also written once per error class with an `error_class` dimension.
 ERROR_CLASSES = (

@@ -17,6 +17,8 @@ Tables (one per kind of record; see docs/architecture.md, "Storage"):
              by_created (sparse, keys only: the import's "job" item) lists them newest first.
 - idempotency: one item per (caller, Idempotency-Key) of a create: in progress, then the
              response to replay; a TTL removes it IDEMPOTENCY_TTL_HOURS after the first request.
+- audit:     one item per write through the API (who, what, which target, when), under its
+             target's id, newest last; GSIs by_actor and by_time list them newest first.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ MESSAGE_ID_SEQUENCE = "message_id"
 # The parts of a client import (the sort key of the imports table).
 IMPORT_JOB = "job"
 IMPORT_LISTING_KEY = "import"
+AUDIT_LISTING_KEY = "audit"
 
 
 def import_chunk_part(chunk: int) -> str:
@@ -90,6 +93,7 @@ class Models:
     Sequence: type[Model]
     ClientImport: type[Model]
     IdempotencyRecord: type[Model]
+    AuditEntry: type[Model]
 
     def all(self) -> tuple[type[Model], ...]:
         return (
@@ -100,6 +104,7 @@ class Models:
             self.Sequence,
             self.ClientImport,
             self.IdempotencyRecord,
+            self.AuditEntry,
         )
 
 
@@ -332,6 +337,47 @@ def build_models(settings: Settings) -> Models:
         response_content_type = UnicodeAttribute(null=True)
         expires_at = TTLAttribute()
 
+    class AuditByActor(GlobalSecondaryIndex):
+        class Meta:
+            index_name = "by_actor"
+            projection = AllProjection()
+
+        actor = UnicodeAttribute(hash_key=True)
+        entry_key = UnicodeAttribute(range_key=True)
+
+    class AuditByTime(GlobalSecondaryIndex):
+        class Meta:
+            index_name = "by_time"
+            projection = AllProjection()
+
+        listing_key = UnicodeAttribute(hash_key=True)
+        entry_key = UnicodeAttribute(range_key=True)
+
+    class AuditEntry(Model):
+        """One write through the API; `entry_key` (the time, then a random suffix) orders them."""
+
+        class Meta(_Meta):
+            table_name = settings.table_name("audit")
+
+        target_id = UnicodeAttribute(hash_key=True)
+        entry_key = UnicodeAttribute(range_key=True)
+        at = UTCDateTimeAttribute()
+        actor = UnicodeAttribute()
+        role = UnicodeAttribute(null=True)
+        auth_mode = UnicodeAttribute(null=True)
+        action = UnicodeAttribute()
+        target_type = UnicodeAttribute()
+        request_id = UnicodeAttribute(null=True)
+        http_status = NumberAttribute()
+        # The names of the fields the request set, never their values; the status it left.
+        fields = ListAttribute(of=UnicodeAttribute, default=list)
+        status = UnicodeAttribute(null=True)
+        listing_key = UnicodeAttribute(default=AUDIT_LISTING_KEY)
+        expires_at = TTLAttribute(null=True)
+
+        by_actor = AuditByActor()
+        by_time = AuditByTime()
+
     return Models(
         Client=Client,
         Phone=Phone,
@@ -340,6 +386,7 @@ def build_models(settings: Settings) -> Models:
         Sequence=Sequence,
         ClientImport=ClientImport,
         IdempotencyRecord=IdempotencyRecord,
+        AuditEntry=AuditEntry,
     )
 
 

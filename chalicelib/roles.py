@@ -59,6 +59,8 @@ ROUTE_ROLES: dict[tuple[str, str], frozenset[Role]] = {
     ("GET", "/gateway"): _READ,
     ("GET", "/metrics"): frozenset({*_READ, METRICS}),
     ("POST", "/reports/daily"): _ADMIN,
+    # Who changed what: for admins only.
+    ("GET", "/audit"): _ADMIN,
 }
 
 

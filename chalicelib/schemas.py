@@ -700,3 +700,42 @@ def error_in_words(error: Mapping[str, Any]) -> str:
     else:
         return str(error["msg"])
     return f"{subject} {rule}"
+
+
+# ---------------------------------------------------------------- audit trail
+
+
+class AuditQuery(PageQuery):
+    target: str | None = Field(
+        None, min_length=1, max_length=256, description="Only entries about this id"
+    )
+    actor: str | None = Field(
+        None, min_length=1, max_length=256, description="Only entries by this actor"
+    )
+
+
+class AuditActorOut(_Response):
+    id: str = Field(
+        description="A static token's id (`static:` and a digest, never the token) "
+        "or the OIDC `sub`"
+    )
+    role: str | None = None
+    auth_mode: str | None = None
+
+
+class AuditEntryOut(_Response):
+    id: str
+    at: datetime
+    actor: AuditActorOut
+    action: str = Field(description="The operation, e.g. create_mailing or pause_mailing")
+    target_type: str
+    target_id: str
+    request_id: str | None
+    http_status: int
+    fields: list[str] = Field(description="The fields the request set (names only)")
+    status: str | None = Field(description="The target's status after the write, if it has one")
+
+
+class AuditPage(_Response):
+    items: list[AuditEntryOut] = Field(description="Newest first")
+    next_cursor: str | None

@@ -177,6 +177,8 @@ class Settings(BaseModel):
     import_retention_days: int = Field(30, ge=1, le=3650)
     # A create's Idempotency-Key (and its response, replayed) is kept this long (DynamoDB TTL).
     idempotency_ttl_hours: int = Field(24, ge=1, le=24 * 30)
+    # An audit entry (who changed what, GET /audit) is deleted this long after it was written.
+    audit_retention_days: int = Field(365, ge=1, le=3650)
     default_page_size: int = Field(50, ge=1, le=1000)
     max_page_size: int = Field(500, ge=1, le=1000)
 

@@ -448,6 +448,40 @@ def test_a_double_click_after_a_lost_answer_creates_one_mailing(page: Any, stack
     assert set(keys) == {keys[0]}, keys
 
 
+def test_a_mailings_page_shows_who_created_edited_paused_and_cancelled_it(
+    page: Any, stack: Stack
+) -> None:
+    tag = f"ui-history-{uuid.uuid4().hex[:6]}"
+    # Given a mailing created, edited, paused and cancelled from the admin UI
+    sign_in(page, stack)
+    fill_mailing(page, "Soon", tags=tag, start=datetime.now(UTC) + timedelta(hours=1))
+    page.get_by_role("button", name="Create mailing").click()
+    expect(status_badge(page)).to_have_text("scheduled")
+    page.get_by_role("link", name="Edit").click()
+    page.get_by_label("Text", exact=True).fill("Soon, {tag}")
+    page.get_by_role("button", name="Save mailing").click()
+    expect(page.locator("#mailing-text")).to_have_text("Soon, {tag}")
+    page.get_by_role("button", name="Pause").click()
+    expect(status_badge(page)).to_have_text("paused")
+    page.get_by_role("button", name="Cancel").click()
+    expect(status_badge(page)).to_have_text("cancelled")
+
+    # When its statistics page is opened afresh
+    page.reload()
+
+    # Then its history lists the four changes, newest first, each by the signed-in token's id
+    rows = page.locator("#history-table tbody tr")
+    expect(rows).to_have_count(4)
+    expect(rows.locator('td[data-label="What"]')).to_have_text(
+        ["Cancelled", "Paused", "Edited", "Created"]
+    )
+    actor = f"static:{hashlib.sha256(TOKEN.encode()).hexdigest()[:8]}"
+    expect(rows.locator('td[data-label="Who"]')).to_have_text([actor] * 4)
+    expect(rows.nth(1).locator('td[data-label="Fields"]')).to_have_text("—")
+    expect(rows.nth(2).locator('td[data-label="Fields"]')).to_contain_text("text")
+    shot(page, "10-statistics-history")
+
+
 def test_client_forms_show_the_apis_errors_next_to_their_fields(page: Any, stack: Stack) -> None:
     phone = unique_phone()
     sign_in(page, stack)

@@ -86,6 +86,10 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "sequences": {GET},  # GET /gateway and GET /metrics: the senders' shared gateway item
         # Idempotency-Key: claim, read the first request's record, save, give back after a 5xx.
         "idempotency": {GET, PUT, UPDATE, DELETE},
+        # The audit trail: an entry per write; GET /audit by target, by actor, or all.
+        "audit": {PUT, QUERY},
+        "audit/index/by_actor": {QUERY},
+        "audit/index/by_time": {QUERY},
     },
     # Scheduler.tick: due mailings, leases, fan-out pages, sweeps, finish.
     "SchedulerTick": {
@@ -610,7 +614,7 @@ def test_table_indexes_match_the_model(resources: dict, kind: str) -> None:
     assert in_template == in_model
 
 
-@pytest.mark.parametrize("kind", ["messages", "imports"])
+@pytest.mark.parametrize("kind", ["messages", "imports", "audit"])
 def test_message_records_expire_by_the_models_ttl_attribute(resources: dict, kind: str) -> None:
     """Given messages outlive their mailing, DynamoDB's TTL removes them on the model's field
     (and the records of a CSV import likewise)."""
@@ -1743,6 +1747,7 @@ EMF_METRICS = {
     "MessagesRetried",
     "MessagesQueued",
     "DlqArrivals",
+    "AuditWriteFailures",
 }
 EMF_DIMENSIONS = [
     {"Name": "service", "Value": "sms-campaigns"},
@@ -1916,6 +1921,20 @@ def test_the_sender_alarms_when_lambda_throttles_it(alarms: dict) -> None:
     assert alarm["TreatMissingData"] == "notBreaching"
 
 
+def test_a_lost_audit_entry_is_an_alarm(alarms: dict) -> None:
+    """Given an API write whose audit entry could not be stored, when the metric arrives, then
+    the operator is alarmed at the first one, on the metric the code writes."""
+    from chalicelib.metrics import METRICS
+
+    alarm = alarms["AuditWriteFailuresAlarm"]
+    assert alarm["MetricName"] in METRICS
+    assert alarm["MetricName"] == "AuditWriteFailures"
+    assert alarm["Namespace"] == Settings().metrics_namespace
+    assert alarm["Threshold"] == 0
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["TreatMissingData"] == "notBreaching"
+
+
 def test_a_stopped_scheduler_tick_is_an_alarm(alarms: dict) -> None:
     """Given the tick's rule disabled or gone, when no tick runs for 10 minutes, then an alarm
     fires: here the missing data is the failure."""
@@ -1984,9 +2003,10 @@ def test_emf_alarms_read_the_namespace_and_dimensions_the_functions_write(
 def test_the_gateway_alarm_reads_the_series_the_sender_writes(
     monkeypatch: pytest.MonkeyPatch, alarms: dict
 ) -> None:
-    """Given one send batch with a success and a 5xx, when chalicelib.metrics writes its EMF
-    lines, then the line with the totals has exactly the namespace, dimensions and metric names
-    the gateway error rate alarm reads (the per-class line is another series)."""
+    """Given one send batch with a success and a 5xx (and a lost audit entry), when
+    chalicelib.metrics writes its EMF lines, then the line with the totals has exactly the
+    namespace, dimensions and metric names the gateway error rate alarm (and the audit alarm)
+    reads (the per-class line is another series)."""
     monkeypatch.delenv("POWERTOOLS_METRICS_DISABLED", raising=False)
     lines: list[str] = []
     writer = MetricsWriter(Settings(table_prefix=STACK_NAME), write=lines.append)
@@ -1996,6 +2016,7 @@ def test_the_gateway_alarm_reads_the_series_the_sender_writes(
     ]
 
     writer.delivery("mailing-1", ["sent", "retry"], answers)
+    writer.emit({"AuditWriteFailures": 1})  # as services/audit.py writes it
 
     totals: dict[str, tuple[str, dict[str, str]]] = {}
     for line in map(json.loads, lines):

@@ -1016,6 +1016,18 @@
       h("tbody", {}, rows));
   }
 
+  // The audit trail's actions on a mailing, in words (GET /audit?target=<mailing id>).
+  const HISTORY_ACTIONS = {
+    create_mailing: "Created",
+    replace_mailing: "Edited (replaced)",
+    patch_mailing: "Edited",
+    pause_mailing: "Paused",
+    resume_mailing: "Resumed",
+    cancel_mailing: "Cancelled",
+    retry_failed: "Retried failed messages",
+    delete_mailing: "Deleted",
+  };
+
   /** Edit, pause, resume and cancel, as the mailing's status allows. */
   function mailingActions(mailing, after, { small = false } = {}) {
     const id = encodeURIComponent(mailing.id);
@@ -1319,6 +1331,7 @@
         retryKeys.done();
         flash(`Requeued ${answer.requeued} failed ${answer.requeued === 1 ? "message" : "messages"}.`);
         if (answer.mailing) renderMailing(answer.mailing);
+        loadHistory();
         lastFailed = -1;
       } catch (err) {
         flash(unavailable(err) ? "Retrying failed messages is not available on this server." : `Retry failed: ${err.message}`, { error: true });
@@ -1339,7 +1352,35 @@
         h("dt", {}, "Send window"), h("dd", {}, mailing.send_window ? `${mailing.send_window.start}–${mailing.send_window.end} local time` : "any time"),
         h("dt", {}, "Id"), h("dd", {}, h("code", {}, mailing.id)),
       );
-      fill(actions, ...mailingActions(mailing, async (m) => { renderMailing(m); await poll(); }), writer(retry));
+      fill(actions, ...mailingActions(mailing, async (m) => { renderMailing(m); await poll(); await loadHistory(); }), writer(retry));
+    }
+
+    // Who created, edited, paused or cancelled the mailing, and when: its audit trail.
+    const history = h("div", { id: "mailing-history" });
+    async function loadHistory() {
+      let page;
+      try {
+        page = await api("GET", "audit", { query: { target: mailingId, limit: 50 } });
+      } catch (err) {
+        if (!current(view)) return;
+        fill(history, h("p", { class: "muted" }, unavailable(err) ? "The history is not available to this sign-in." : `The history cannot be read: ${err.message}`));
+        return;
+      }
+      if (!current(view)) return;
+      if (!page.items.length) {
+        fill(history, h("p", { class: "muted" }, "No changes recorded."));
+        return;
+      }
+      fill(history,
+        h("table", { class: "cards", id: "history-table" },
+          h("thead", {}, h("tr", {}, ["When", "Who", "What", "Fields"].map((t) => h("th", { scope: "col" }, t)))),
+          h("tbody", {}, page.items.map((e) => h("tr", { dataset: { action: e.action } },
+            h("td", { "data-label": "When" }, when(e.at)),
+            h("td", { "data-label": "Who" }, h("code", {}, e.actor.id), e.actor.role ? ` (${e.actor.role})` : ""),
+            h("td", { "data-label": "What" }, HISTORY_ACTIONS[e.action] || e.action),
+            h("td", { "data-label": "Fields", class: "text" }, e.fields.length ? e.fields.join(", ") : "—"))))),
+        page.next_cursor ? h("p", { class: "hint" }, `Showing the latest ${page.items.length} changes.`) : null,
+      );
     }
 
     function renderStats(status, stats) {
@@ -1424,7 +1465,10 @@
         h("p", { class: "hint" }, "The history rebuilt from the message records, then live every few seconds."), chart),
       h("section", { class: "panel", "aria-labelledby": "failed-title" },
         h("h2", { id: "failed-title" }, "Failed messages"), failedPart),
+      h("section", { class: "panel", "aria-labelledby": "history-title" },
+        h("h2", { id: "history-title" }, "History"), history),
     );
+    loadHistory();
     every(POLL_MS, poll);
   }
 

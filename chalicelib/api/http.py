@@ -36,6 +36,7 @@ from chalicelib.errors import (
     ValidationFailed,
 )
 from chalicelib.schemas import ErrorBody, error_in_words
+from chalicelib.services.audit import Actor, AuditEntry
 from chalicelib.services.idempotency import IdempotencyStore, SavedResponse
 from chalicelib.services.storage import error_code, is_transient
 
@@ -68,6 +69,8 @@ class Operation:
     path_params: list[str] = field(default_factory=list)
     # Takes an Idempotency-Key header: a retry replays the first response, never creates twice.
     idempotent: bool = False
+    # A write: each success leaves an audit entry (GET /audit).
+    audited: bool = False
 
 
 OPERATIONS: list[Operation] = []
@@ -210,6 +213,7 @@ class ApiBlueprint:
         self._authorizer = authorizer
         self._max_body_bytes: Callable[[], int] = lambda: 64 * 1024
         self._idempotency: Callable[[], IdempotencyStore] | None = None
+        self._audit_log: Callable[[], Any] | None = None
 
     def limit_bodies(self, max_body_bytes: Callable[[], int]) -> None:
         self._max_body_bytes = max_body_bytes
@@ -217,6 +221,10 @@ class ApiBlueprint:
     def keep_idempotency_keys(self, store: Callable[[], IdempotencyStore]) -> None:
         """Where the `idempotent` routes keep their keys (read at request time)."""
         self._idempotency = store
+
+    def audit_writes(self, audit_log: Callable[[], Any]) -> None:
+        """Record each successful write of these routes in `audit_log()` (an AuditLog)."""
+        self._audit_log = audit_log
 
     def route(
         self,
@@ -234,9 +242,11 @@ class ApiBlueprint:
         consumes: str | None = None,
         description: str | None = None,
         idempotent: bool = False,
+        audited: bool | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a handler `fn(**path_params, body=?, query=?)` returning a model or Response;
-        an `idempotent` one honours an Idempotency-Key header."""
+        an `idempotent` one honours an Idempotency-Key header. Every authenticated route but a
+        GET is a write and audited, unless `audited=False`."""
 
         def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
             operation = Operation(
@@ -256,6 +266,7 @@ class ApiBlueprint:
                 consumes=consumes,
                 path_params=re.findall(r"{(\w+)}", path),
                 idempotent=idempotent,
+                audited=(method != "GET" and not public) if audited is None else audited,
             )
             OPERATIONS.append(operation)
 
@@ -280,9 +291,10 @@ class ApiBlueprint:
                     return domain_error_response(exc)
                 except Exception as exc:  # the boundary: nothing leaves unformatted
                     return unexpected_error(exc, request.method, request.path)
-                if isinstance(result, Response):
-                    return result
-                return json_response(result, status)
+                response = result if isinstance(result, Response) else json_response(result, status)
+                if changed_something(operation, response):
+                    self._audit(operation, request, path_params, kwargs.get("body"), response)
+                return response
 
             route_kwargs: dict[str, Any] = {"methods": [method], "content_types": _ANY_CONTENT_TYPE}
             if not public and self._authorizer is not None:
@@ -326,6 +338,23 @@ class ApiBlueprint:
             # The request itself is done: answer it; a retry after the claim lapses runs again.
             logger.exception("could not keep the response of %s %s", request.method, request.path)
         return response
+
+    def _audit(
+        self,
+        operation: Operation,
+        request: Any,
+        path_params: dict[str, Any],
+        body: BaseModel | None,
+        response: Response,
+    ) -> None:
+        if self._audit_log is None:
+            return
+        try:
+            entry = audit_entry(operation, request, path_params, body, response)
+        except Exception:  # describing the write must never fail it
+            logger.exception("audit entry not built for %s", operation.name)
+            return
+        self._audit_log().record(entry)
 
     def _parse_body(self, model: type[BaseModel], request: Any) -> BaseModel:
         content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
@@ -394,6 +423,54 @@ def saved(response: Response) -> SavedResponse:
     text = body.decode() if isinstance(body, bytes) else str(body or "")
     headers = {name.lower(): value for name, value in (response.headers or {}).items()}
     return SavedResponse(response.status_code, text, headers.get("content-type"))
+
+
+def changed_something(operation: Operation, response: Response) -> bool:
+    """Whether this answer of a write route records a change: a success, not a replay."""
+    replayed = (response.headers or {}).get(REPLAY_HEADER, "").lower() == "true"
+    return operation.audited and response.status_code < 400 and not replayed
+
+
+def audit_entry(
+    operation: Operation,
+    request: Any,
+    path_params: dict[str, Any],
+    body: BaseModel | None,
+    response: Response,
+) -> AuditEntry:
+    """What a successful write did, from its request and response: ids and field names only,
+    never a value (phone numbers are client data) and never a token."""
+    context = request.context or {}
+    authorizer = context.get("authorizer") or {}
+    actor = Actor(
+        id=str(authorizer.get("principalId") or "unknown"),
+        role=authorizer.get("role"),
+        auth_mode=authorizer.get("auth_mode"),
+    )
+    answer = _json_object(response.body)
+    target = next(iter(path_params.values()), None) or answer.get("id") or operation.path
+    status = answer.get("status")
+    if not isinstance(status, str):
+        status = (answer.get("mailing") or {}).get("status")
+    return AuditEntry(
+        actor=actor,
+        action=operation.name,
+        target_type=operation.tag,
+        target_id=str(target),
+        http_status=response.status_code,
+        # chalice local has no request id: there, the X-Correlation-Id its response carries.
+        request_id=context.get("requestId") or logs.bound().get("correlation_id"),
+        fields=tuple(sorted(body.model_dump(exclude_unset=True))) if body is not None else (),
+        status=status if isinstance(status, str) else None,
+    )
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if isinstance(text, (str, bytes)) and text else None
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def parse_query(model: type[BaseModel], params: dict[str, str] | None) -> BaseModel:

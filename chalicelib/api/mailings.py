@@ -122,6 +122,7 @@ def cancel_mailing(mailing_id: str) -> MailingOut:
     body=AudiencePreviewIn,
     response=AudiencePreviewOut,
     errors=(400, 413, 415, 422),
+    audited=False,  # a read: nothing is created
 )
 def preview_audience(body: AudiencePreviewIn) -> AudiencePreviewOut:
     """How many clients a mailing with this filter would reach, how many of them opted out,
