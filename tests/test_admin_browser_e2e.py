@@ -475,7 +475,8 @@ def test_a_mailings_page_shows_who_created_edited_paused_and_cancelled_it(
     expect(rows.locator('td[data-label="What"]')).to_have_text(
         ["Cancelled", "Paused", "Edited", "Created"]
     )
-    actor = f"static:{hashlib.sha256(TOKEN.encode()).hexdigest()[:8]}"
+    # (the stack's plain token: an admin)
+    actor = f"static:{hashlib.sha256(TOKEN.encode()).hexdigest()[:8]} (admin)"
     expect(rows.locator('td[data-label="Who"]')).to_have_text([actor] * 4)
     expect(rows.nth(1).locator('td[data-label="Fields"]')).to_have_text("—")
     expect(rows.nth(2).locator('td[data-label="Fields"]')).to_contain_text("text")
