@@ -96,13 +96,12 @@ def stack_environment(**overrides: str) -> dict[str, str]:
 
 
 @dataclass
-class RunningStack:
-    """A started `make run` with its output collected as it arrives."""
+class CollectedProcess:
+    """A started process with its output collected as it arrives; `ready` is set once a line
+    says it is ready (`is_ready_line`), or when it ends."""
 
     process: subprocess.Popen
     lines: list[str] = field(default_factory=list)
-    ready_url: str | None = None
-    sandbox_url: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -112,14 +111,28 @@ class RunningStack:
     def collect(self) -> None:
         for line in self.process.stdout:
             self.lines.append(line)
-            if line.startswith("SANDBOX "):
-                self.sandbox_url = line.split(" ", 1)[1].strip()
-            if line.startswith("READY "):
-                self.ready_url = line.split(" ", 1)[1].strip()
-            if self.ready_url and line.strip() == BANNER_END:
-                # The banner follows READY: the start-up output is whole once it has ended.
+            if self.is_ready_line(line):
                 self.ready.set()
         self.ready.set()  # the process ended: whoever waits should stop waiting
+
+    def is_ready_line(self, line: str) -> bool:
+        return False
+
+
+@dataclass
+class RunningStack(CollectedProcess):
+    """A started `make run` with its output collected as it arrives."""
+
+    ready_url: str | None = None
+    sandbox_url: str | None = None
+
+    def is_ready_line(self, line: str) -> bool:
+        if line.startswith("SANDBOX "):
+            self.sandbox_url = line.split(" ", 1)[1].strip()
+        if line.startswith("READY "):
+            self.ready_url = line.split(" ", 1)[1].strip()
+        # The banner follows READY: the start-up output is whole once it has ended.
+        return bool(self.ready_url) and line.strip() == BANNER_END
 
     def stack_pid(self) -> int:
         """The Python process serving the API (under `make run`, a child of make)."""

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import requests
 
 from tests.local_stack_support import (
     REPO_ROOT,
+    CollectedProcess,
     free_port,
     running_stack,
     stack_environment,
@@ -38,24 +39,13 @@ TEXT_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR)\s+\S")
 
 
 @dataclass
-class ChaliceLocal:
+class ChaliceLocal(CollectedProcess):
     """A running `chalice local` and its output, collected as it arrives."""
 
-    process: subprocess.Popen
-    url: str
-    lines: list[str] = field(default_factory=list)
-    serving: threading.Event = field(default_factory=threading.Event)
+    url: str = ""
 
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def collect(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if line.startswith("Serving on "):
-                self.serving.set()
-        self.serving.set()  # it ended: whoever waits should stop waiting
+    def is_ready_line(self, line: str) -> bool:
+        return line.startswith("Serving on ")
 
 
 def chalice_local_command(port: int) -> list[str]:
@@ -76,11 +66,11 @@ def chalice_local(stack_file: Path) -> Iterator[ChaliceLocal]:
         text=True,
         start_new_session=True,  # its reloader runs the server in a child: stop them together
     )
-    local = ChaliceLocal(process, f"http://127.0.0.1:{port}")
+    local = ChaliceLocal(process, url=f"http://127.0.0.1:{port}")
     threading.Thread(target=local.collect, daemon=True).start()
     try:
-        local.serving.wait(START_TIMEOUT_SECONDS)
-        if process.poll() is not None or not local.serving.is_set():
+        local.ready.wait(START_TIMEOUT_SECONDS)
+        if process.poll() is not None or not local.ready.is_set():
             pytest.fail(f"chalice local did not serve:\n{local.output}")
         yield local
     finally:
