@@ -65,12 +65,12 @@ def settings(monkeypatch: pytest.MonkeyPatch) -> Any:
 def aws() -> Iterator[None]:
     from moto import mock_aws
 
-    from chalicelib.local.emulator import patch_moto
+    from devstack.emulator import patch_moto
 
     patch_moto()
 
     from chalicelib import aws as aws_factories
-    from chalicelib.models import build_models
+    from chalicelib.storage.models import build_models
 
     with mock_aws():
         build_models.cache_clear()
@@ -83,7 +83,7 @@ def aws() -> Iterator[None]:
 def services(aws: None, settings: Any, clock: FakeClock) -> Iterator[Any]:
     """The real services on a fresh moto world, with the test's clock."""
     from chalicelib.container import Services, use_services
-    from chalicelib.models import create_tables
+    from chalicelib.storage.models import create_tables
 
     built = Services.build(settings, clock=clock, wait_until=clock.wait_until)
     create_tables(built.models)
@@ -95,7 +95,7 @@ def services(aws: None, settings: Any, clock: FakeClock) -> Iterator[Any]:
 @pytest.fixture
 def sandbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The sandbox SMS gateway on loopback, fault-free until a test sets a profile."""
-    from chalicelib.local.gateway import SandboxGateway
+    from devstack.gateway import SandboxGateway
 
     # A proxy configured on the test machine must not intercept loopback calls.
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
@@ -148,7 +148,7 @@ def body(response: Any) -> Any:
 
 
 # OIDC: module-scoped RSA keys and a local JWKS server, defined beside their helpers.
-from tests.oidc_support import jwks, jwks_server, other_key, signing_key  # noqa: E402, F401
+from tests.support.oidc import jwks, jwks_server, other_key, signing_key  # noqa: E402, F401
 
 # ---------------------------------------------------------------- invariant reports
 

@@ -1,0 +1,89 @@
+"""The gateway client: every kind of answer is classified as the sender needs it."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+from pydantic import SecretStr
+
+from chalicelib.gateway import GatewayClient, Outcome, classify
+from devstack.gateway import FaultProfile
+from tests.conftest import GATEWAY_TOKEN as TOKEN
+
+
+def client_for(url: str, token: str = TOKEN, read_timeout: float = 0.5) -> GatewayClient:
+    return GatewayClient(url, SecretStr(token), connect_timeout=0.5, read_timeout=read_timeout)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (200, '{"code": 0, "message": "OK"}', Outcome.SENT),
+        (200, '{"code": 1, "message": "busy"}', Outcome.RETRY),
+        (200, '{"code": false}', Outcome.RETRY),
+        (200, '{"message": "OK"}', Outcome.RETRY),
+        (200, "[0]", Outcome.RETRY),
+        (200, "<html>OK</html>", Outcome.RETRY),
+        (200, "", Outcome.RETRY),
+        (400, '{"code": 1, "message": "bad phone"}', Outcome.REJECTED),
+        (404, "not found", Outcome.REJECTED),
+        (422, "", Outcome.REJECTED),
+        (401, "", Outcome.UNAUTHORIZED),
+        (403, "", Outcome.UNAUTHORIZED),
+        (408, "", Outcome.RETRY),
+        (429, "", Outcome.RETRY),
+        (500, "", Outcome.RETRY),
+        (502, "<html>bad gateway</html>", Outcome.RETRY),
+        (503, "", Outcome.RETRY),
+        (302, "", Outcome.RETRY),
+    ],
+)
+def test_answers_are_classified(status, body, outcome):
+    assert classify(status, body).outcome is outcome
+
+
+def test_a_send_reaches_the_gateway_in_its_exact_format(sandbox):
+    result = client_for(sandbox.url).send(4242, "79001234567", "Hi there")
+    assert result.outcome is Outcome.SENT
+    [accepted] = sandbox.accepted()
+    assert (accepted.msg_id, accepted.phone, accepted.text) == (4242, 79001234567, "Hi there")
+
+
+def test_rejected_subscriber_is_permanent_with_the_reason(sandbox):
+    sandbox.set_profile(FaultProfile(reject_phone_suffixes=("67",)))
+    result = client_for(sandbox.url).send(1, "79001234567", "Hi")
+    assert result.outcome is Outcome.REJECTED
+    assert "400" in result.detail
+
+
+def test_wrong_token_is_a_configuration_error(sandbox):
+    result = client_for(sandbox.url, token="wrong-token").send(1, "79001234567", "Hi")
+    assert result.outcome is Outcome.UNAUTHORIZED
+
+
+def test_slow_gateway_times_out_as_retry(sandbox):
+    sandbox.set_profile(FaultProfile(slow_rate=1.0, slow_seconds=2.0))
+    result = client_for(sandbox.url, read_timeout=0.2).send(1, "79001234567", "Hi")
+    assert result.outcome is Outcome.RETRY
+    assert "timeout" in result.detail
+    assert result.latency_seconds < 1.5
+
+
+def test_unreachable_gateway_is_retry_not_an_exception():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = client_for(f"http://127.0.0.1:{port}").send(1, "79001234567", "Hi")
+    assert result.outcome is Outcome.RETRY
+    assert "network error" in result.detail
+
+
+def test_token_never_appears_in_results_or_logs(sandbox, caplog):
+    caplog.set_level(logging.DEBUG)
+    sandbox.set_profile(FaultProfile(error_rate=1.0))
+    results = [client_for(sandbox.url).send(n, "79001234567", "Hi") for n in range(3)]
+    results.append(client_for(sandbox.url, token=TOKEN + "x").send(9, "79001234567", "Hi"))
+    assert all(TOKEN not in repr(r) for r in results)
+    assert TOKEN not in caplog.text
