@@ -9,7 +9,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 STAGE ?= prod
 PACKAGE_DIR ?= build/package
 
-.PHONY: install browser run demo test lint format package bench clean
+.PHONY: install browser run demo test check lint format package bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,14 +25,20 @@ $(CHECKOV_STAMP): requirements-checkov.txt
 install: $(STAMP) $(CHECKOV_STAMP) browser
 
 run: $(STAMP)
-	$(BIN)/python -m chalicelib.local
+	$(BIN)/python -m devstack
 
 demo: $(STAMP)
-	$(BIN)/python -m chalicelib.local --demo
+	$(BIN)/python -m devstack --demo
 
+# Ruff on everything; mypy strict on the domain core and the storage package (pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# The fast loop: lint, types and the unit tier (pure: no emulator, no stack), in under a minute.
+check: lint
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) tests/unit
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -4,11 +4,12 @@ import os
 
 from chalice import Chalice
 
-from chalicelib.local import stack_file
-
 # `chalice local --stage local` (its stage sets LOCAL_STACK_ATTACH): serve against the running
 # `make run` stack, or stop with one line. Before the rest loads, so nothing is printed first.
-if os.environ.get(stack_file.ATTACH_VARIABLE):
+# The dev stack is never packaged, so it is imported only when asked for.
+if os.environ.get("LOCAL_STACK_ATTACH"):
+    from devstack import stack_file
+
     stack_file.attach_or_exit(os.environ)
 
 from chalicelib import logs, workers

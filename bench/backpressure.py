@@ -223,7 +223,7 @@ def run_scenario(
     name: str, *, rate: float, clients: int, pollers: int, read_timeout: float, healthy: float
 ) -> dict[str, Any]:
     """Run one scenario against a fresh local stack; `healthy` is (d)'s time to finish."""
-    from chalicelib.local.gateway import FaultProfile
+    from devstack.gateway import FaultProfile
 
     os.environ.update(
         {

@@ -132,7 +132,7 @@ def install_meter(meter: Meter) -> None:
 
 
 def wrap_lambdas(meter: Meter) -> None:
-    from chalicelib.local import stack
+    from devstack import stack
 
     original = stack._lambda_handler
 
@@ -152,7 +152,7 @@ def wrap_lambdas(meter: Meter) -> None:
 
 
 def start_stack() -> Any:
-    from chalicelib.local.stack import LocalConfig, LocalStack, configure_logging
+    from devstack.stack import LocalConfig, LocalStack, configure_logging
 
     os.environ.update(
         {

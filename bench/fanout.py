@@ -63,7 +63,7 @@ class Run:
     """The emulator, the queues and the real services wired to them, as the local stack does."""
 
     def __init__(self) -> None:
-        from chalicelib.local.stack import (
+        from devstack.stack import (
             CHALICE_STAGE,
             FANOUT_FUNCTION,
             PROJECT_DIR,
@@ -103,8 +103,8 @@ class Run:
     def _wire(self, prefix: str, ensure_queues: Callable[..., Any]) -> None:
         from chalicelib import aws
         from chalicelib.container import Services, use_services
-        from chalicelib.models import create_tables
         from chalicelib.settings import Settings
+        from chalicelib.storage.models import create_tables
 
         settings = Settings.from_env(os.environ)
         self.sqs = aws.client("sqs", settings)
@@ -160,8 +160,8 @@ def floor_requests(
     recipients `ids` (numbered from `first`), as the service builds them: same attributes,
     same job bodies."""
     from chalicelib.domain import MessageStatus
-    from chalicelib.models import status_key
     from chalicelib.services.queues import JobBatch, SendJob
+    from chalicelib.storage.models import status_key
 
     models, settings = run.services.models, run.settings
     now = datetime.now(UTC)

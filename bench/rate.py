@@ -59,7 +59,7 @@ def first_recovered(times: list[float], after: float, rate: float) -> float | No
 
 
 def run(rate: float, clients: int, pollers: int) -> dict[str, Any]:
-    from chalicelib.local.gateway import FaultProfile
+    from devstack.gateway import FaultProfile
 
     os.environ.update(
         {

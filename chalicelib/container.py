@@ -19,7 +19,6 @@ from chalicelib import aws, logs
 from chalicelib.auth import Verifier, build_verifier
 from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
-from chalicelib.models import Models, build_models
 from chalicelib.services.audit import AuditLog
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.delivery import Sender
@@ -30,9 +29,10 @@ from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import Queues
 from chalicelib.services.reports import ReportService
 from chalicelib.services.scheduler import Scheduler
-from chalicelib.services.storage import PATIENT
 from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, SettingsError, check_api_tokens, get_settings
+from chalicelib.storage.errors import PATIENT
+from chalicelib.storage.models import Models, build_models
 
 
 def utc_now() -> datetime:

@@ -18,9 +18,9 @@ from typing import Any
 
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
+from chalicelib.domain.rate_limit import GatewayState, GatewayStatus
 from chalicelib.gateway import GatewayResult, Outcome
 from chalicelib.logs import SERVICE
-from chalicelib.rate_control import GatewayState, GatewayStatus
 from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)

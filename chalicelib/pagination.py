@@ -19,7 +19,7 @@ from typing import Any
 from pynamodb.exceptions import PynamoDBException
 
 from chalicelib.errors import MalformedRequest
-from chalicelib.services.storage import error_code
+from chalicelib.storage.errors import error_code
 
 RawKey = dict[str, dict[str, str]]
 QueryFn = Callable[[RawKey | None, int], Iterable[Any]]

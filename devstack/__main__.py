@@ -1,11 +1,11 @@
-"""`python -m chalicelib.local` (`make run`): the whole service on this machine, no AWS account."""
+"""`python -m devstack` (`make run`): the whole service on this machine, no AWS account."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from chalicelib.local.stack import run
+from devstack.stack import run
 
 _ENVIRONMENT = """\
 environment:
@@ -40,13 +40,13 @@ gateway:
                                    them a sandbox gateway runs on 127.0.0.1
   SANDBOX_PORT                     sandbox port (default 0: a free one)
   SANDBOX_LATENCY_MS, SANDBOX_ERROR_RATE, SANDBOX_SEED, ...
-                                   sandbox faults (see chalicelib/local/gateway.py); change
+                                   sandbox faults (see devstack/gateway.py); change
                                    them at runtime with POST <sandbox>/_sandbox/profile
 
 AWS faults (the service's own AWS calls fail as AWS's do under contention and failure):
   AWS_FAULTS                       e.g. conflict=0.15,throttle=0.03,ddb500=0.01,sqs500=0.02,
                                    sqstimeout=0.01,secrets=0.05,seed=7 (default: none; see
-                                   chalicelib/local/faults.py)
+                                   devstack/faults.py)
   LAMBDA_TIMEOUTS                  function=seconds,... replacing .chalice/config.json's
                                    timeouts here, e.g. send_messages=5 (default: none)
 
@@ -60,7 +60,7 @@ when AWS_FAULTS is set. Exit codes: 2 for a bad setting, 1 for other failures.
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the local stack."""
     parser = argparse.ArgumentParser(
-        prog="python -m chalicelib.local",
+        prog="python -m devstack",
         description="Run the SMS campaign service locally on an embedded AWS emulator.",
         epilog=_ENVIRONMENT,
         formatter_class=argparse.RawDescriptionHelpFormatter,

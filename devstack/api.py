@@ -31,7 +31,7 @@ from chalice.local import (
     NotAuthorizedError,
 )
 
-from chalicelib.local import invocation
+from devstack import invocation
 
 # The Lambda that serves every route, as `chalice package` names it.
 API_FUNCTION = "api_handler"

@@ -1,4 +1,4 @@
-"""`python -m chalicelib.local --demo` (`make demo`): sample clients and a mailing to watch.
+"""`python -m devstack --demo` (`make demo`): sample clients and a mailing to watch.
 
 Everything goes through the public HTTP API with the bearer token, as a developer's own script
 would. Running it again against the same tables is fine: a client whose phone exists (409) is

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from chalicelib.local import invocation
+from devstack import invocation
 
 logger = logging.getLogger(__name__)
 

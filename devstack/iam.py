@@ -6,7 +6,7 @@ set of (fake) credentials, so without this the emulator allows everything and a 
 shows up only in production. Here the roles' statements are read from infra/resources.yaml
 (plus Chalice's own policy file, which every role gets), their intrinsics resolved against the
 local stack's real tables, queues, secrets and settings, and every AWS call made inside a tagged
-invocation (`chalicelib.local.invocation`) is evaluated against the statements of that
+invocation (`devstack.invocation`) is evaluated against the statements of that
 invocation's function before it is sent: an explicit Deny wins, else an Allow must match the
 action, the resource and its conditions. A denied call raises the ClientError AWS would
 answer, and nothing reaches the emulator.
@@ -34,11 +34,11 @@ import botocore.client
 import yaml
 from botocore.exceptions import ClientError
 
-from chalicelib.local import invocation
+from devstack import invocation
 
 logger = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_TEMPLATE = PROJECT_DIR / "infra" / "resources.yaml"
 CHALICE_CONFIG_DIR = PROJECT_DIR / ".chalice"
 PARTITION = "aws"
@@ -451,7 +451,8 @@ def load_roles(
             # Merged onto Chalice's role they would replace its policies: not modelled.
             raise IamConfigError(f"{role} in {template_path.name}: only AWS::IAM::Policy is read")
         # A PermissionsBoundary only narrows a role; it lives in another stack (ci-role.yaml),
-        # and tests/test_workflow.py checks statically that it covers every action granted here.
+        # and tests/infra/test_workflow.py checks statically that it covers every action granted
+        # here.
         if role not in attached:
             raise IamConfigError(
                 f"no policy in {template_path.name} is attached to {role}, the role of "

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
-from chalicelib.local import faults, invocation
+from devstack import faults, invocation
 
 logger = logging.getLogger(__name__)
 

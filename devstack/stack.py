@@ -31,17 +31,17 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from chalicelib import logs
-from chalicelib.local import faults, stack_file
-from chalicelib.local.api import tag_requests
-from chalicelib.local.faults import AwsFaults
-from chalicelib.local.gateway import FaultProfile, SandboxGateway
-from chalicelib.local.poller import InvocationTimedOut, LambdaContext, SqsPoller, invoke
 from chalicelib.roles import WRITING_ROLES, split_token_entry
 from chalicelib.settings import AuthMode, Settings, SettingsError
+from devstack import faults, stack_file
+from devstack.api import tag_requests
+from devstack.faults import AwsFaults
+from devstack.gateway import FaultProfile, SandboxGateway
+from devstack.poller import InvocationTimedOut, LambdaContext, SqsPoller, invoke
 
 logger = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 CHALICE_STAGE = "dev"
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "127.0.0.1"
@@ -127,7 +127,7 @@ class LocalConfig:
     aws_faults: AwsFaults = field(default_factory=AwsFaults)
     # Functions whose timeout differs from .chalice/config.json here (LAMBDA_TIMEOUTS).
     lambda_timeouts: Mapping[str, float] = field(default_factory=dict)
-    # LOCAL_IAM: each function's AWS calls checked against its role (see chalicelib/local/iam.py).
+    # LOCAL_IAM: each function's AWS calls checked against its role (see devstack/iam.py).
     iam_enforced: bool = True
     iam_template: Path | None = None  # LOCAL_IAM_TEMPLATE; None: infra/resources.yaml
 
@@ -308,7 +308,7 @@ class MotoEmulator:
         if self._port:
             _ensure_port_free(EMULATOR_HOST, self._port, "MOTO_PORT")
         process = subprocess.Popen(
-            [sys.executable, "-m", "chalicelib.local.emulator", EMULATOR_HOST, str(self._port)],
+            [sys.executable, "-m", "devstack.emulator", EMULATOR_HOST, str(self._port)],
             cwd=str(PROJECT_DIR),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -750,7 +750,7 @@ class LocalStack:
     def _enforce_iam(self, app: Any, settings: Settings) -> None:
         """From here on, each function's AWS calls run under its role in the template."""
         from chalicelib import aws
-        from chalicelib.local import iam
+        from devstack import iam
 
         if self.queues is None:
             raise RuntimeError("IAM needs the queues")
@@ -862,7 +862,7 @@ class LocalStack:
 
     def _install_services(self, settings: Settings) -> None:
         from chalicelib.container import Services, use_services
-        from chalicelib.models import create_tables
+        from chalicelib.storage.models import create_tables
 
         # EMF blobs go with the log lines (stderr): stdout carries the lines programs read.
         services = Services.build(settings, write_metrics=_to_stderr)
@@ -901,7 +901,7 @@ class LocalStack:
             )
         faults.inject_aws_faults(None)
         if self.iam_template is not None:
-            from chalicelib.local import iam
+            from devstack import iam
 
             iam.enforce(None)
             self.iam_template = None
@@ -1133,7 +1133,7 @@ def _writing_token(settings: Settings) -> str:
 
 
 def _run_demo(stack: LocalStack, out: TextIO) -> None:
-    from chalicelib.local.demo import DemoError, run_demo
+    from devstack.demo import DemoError, run_demo
 
     settings = stack.settings
     if settings is None or settings.auth_mode is not AuthMode.STATIC or not settings.api_tokens:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from chalicelib.settings import Settings
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_PATH = PROJECT_DIR / "build" / "local-stack.json"
 # Set by the `local` stage in .chalice/config.json: this process serves beside `make run`.
 ATTACH_VARIABLE = "LOCAL_STACK_ATTACH"
@@ -121,7 +121,7 @@ def serve_as_the_stack_does() -> None:
     """chalice local's server answers as the local stack's does: the gateway's errors (401, 403,
     no route, a method the path lacks) in the service's error shape, and no access line beside
     the service's own request line."""
-    from chalicelib.local.api import serve_chalice_local_as_the_stack_does
+    from devstack.api import serve_chalice_local_as_the_stack_does
 
     serve_chalice_local_as_the_stack_does()
 

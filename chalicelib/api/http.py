@@ -38,7 +38,7 @@ from chalicelib.errors import (
 from chalicelib.schemas import ErrorBody, error_in_words
 from chalicelib.services.audit import Actor, AuditEntry
 from chalicelib.services.idempotency import IdempotencyStore, SavedResponse
-from chalicelib.services.storage import error_code, is_transient
+from chalicelib.storage.errors import error_code, is_transient
 
 logger = logging.getLogger(__name__)
 

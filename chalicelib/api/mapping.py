@@ -8,7 +8,7 @@ from typing import Any
 from chalicelib import domain
 from chalicelib.container import services
 from chalicelib.domain import MessageStatus
-from chalicelib.rate_control import GatewayStatus
+from chalicelib.domain.rate_limit import GatewayStatus
 from chalicelib.schemas import (
     AudienceFilter,
     ClientCreate,

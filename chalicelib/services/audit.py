@@ -16,8 +16,8 @@ from typing import Any
 
 from chalicelib.domain import PageOf
 from chalicelib.metrics import MetricsWriter
-from chalicelib.models import AUDIT_LISTING_KEY, Models
 from chalicelib.pagination import RawKey, Segment, fingerprint, paginate
+from chalicelib.storage.models import AUDIT_LISTING_KEY, Models
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,6 @@ from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import AudienceFilter, Client, Clock, PageOf, default_operator_code
 from chalicelib.errors import Conflict, NotFound
-from chalicelib.models import (
-    CLIENT_SHARDS,
-    Models,
-    tag_key,
-    tag_prefix,
-    tag_sort_key,
-)
 from chalicelib.pagination import (
     Position,
     Segment,
@@ -33,7 +26,14 @@ from chalicelib.pagination import (
     paginate,
     read_page,
 )
-from chalicelib.services.storage import Retry, TryAgain, is_conditional_failure, looks_like_id
+from chalicelib.storage.errors import Retry, TryAgain, is_conditional_failure, looks_like_id
+from chalicelib.storage.models import (
+    CLIENT_SHARDS,
+    Models,
+    tag_key,
+    tag_prefix,
+    tag_sort_key,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -38,10 +38,9 @@ from pynamodb.exceptions import DoesNotExist
 
 from chalicelib import logs
 from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow, render
+from chalicelib.domain.rate_limit import Kind, classify, unreachable
 from chalicelib.gateway import GatewayClient, GatewayResult
 from chalicelib.metrics import MetricsWriter
-from chalicelib.models import Models
-from chalicelib.rate_control import Kind, classify, unreachable
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import (
@@ -52,7 +51,6 @@ from chalicelib.services.queues import (
     SendJob,
     coalesce,
 )
-from chalicelib.services.storage import Retry, is_transient
 from chalicelib.services.throttle import (
     LATE_SECONDS,
     PROBING_REQUEUE_SECONDS,
@@ -62,6 +60,8 @@ from chalicelib.services.throttle import (
     Slots,
 )
 from chalicelib.settings import OUTCOME_WRITE_SECONDS, Settings, SettingsError
+from chalicelib.storage.errors import Retry, is_transient
+from chalicelib.storage.models import Models
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 from pynamodb.exceptions import DeleteError, PutError, UpdateError
 
 from chalicelib.errors import IdempotencyKeyReused, RequestInProgress
-from chalicelib.models import Models
-from chalicelib.services.storage import is_conditional_failure
+from chalicelib.storage.errors import is_conditional_failure
+from chalicelib.storage.models import Models
 
 # Longer than API Gateway's 29 s integration timeout: a claim older than this belongs to a run
 # that died (its Lambda timed out), so a retry may take the key over instead of waiting a day.

@@ -40,7 +40,11 @@ from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import ClientImport, Clock, ImportStatus, PageOf, RowProblem
 from chalicelib.errors import DomainError, NotFound
-from chalicelib.models import (
+from chalicelib.pagination import Segment, fingerprint, index_query, paginate
+from chalicelib.services.clients import ClientDirectory, ClientFields
+from chalicelib.services.queues import IMPORT_CHUNK_MAX_ROWS, ImportChunk, ImportRow, Queues
+from chalicelib.storage.errors import looks_like_id
+from chalicelib.storage.models import (
     IMPORT_JOB,
     IMPORT_LISTING_KEY,
     Models,
@@ -48,10 +52,6 @@ from chalicelib.models import (
     import_chunk_part,
     import_invalid_part,
 )
-from chalicelib.pagination import Segment, fingerprint, index_query, paginate
-from chalicelib.services.clients import ClientDirectory, ClientFields
-from chalicelib.services.queues import IMPORT_CHUNK_MAX_ROWS, ImportChunk, ImportRow, Queues
-from chalicelib.services.storage import looks_like_id
 
 logger = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ from chalicelib.domain import (
     SendWindow,
 )
 from chalicelib.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
-from chalicelib.models import DUE_KEY, MAILING_LISTING_KEY, Models, status_key
 from chalicelib.pagination import Segment, fingerprint, index_query, paginate
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
 from chalicelib.services.reconciler import LOST_JOB_AFTER
-from chalicelib.services.storage import PATIENT, Retry, is_conditional_failure, looks_like_id
+from chalicelib.storage.errors import PATIENT, Retry, is_conditional_failure, looks_like_id
+from chalicelib.storage.models import DUE_KEY, MAILING_LISTING_KEY, Models, status_key
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pynamodb.exceptions import TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import MailingStatus, MessageStatus
-from chalicelib.models import DUE_KEY, Models, status_key
-from chalicelib.services.storage import ONCE, Retry, is_conditional_failure
+from chalicelib.storage.errors import ONCE, Retry, is_conditional_failure
+from chalicelib.storage.models import DUE_KEY, Models, status_key
 
 logger = logging.getLogger(__name__)
 

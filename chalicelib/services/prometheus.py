@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from chalicelib.domain import Mailing, MailingStatus, MessageStatus
-from chalicelib.rate_control import GatewayState, GatewayStatus
+from chalicelib.domain.rate_limit import GatewayState, GatewayStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Mailings listed one by one: those that can still change. Finished and cancelled ones only

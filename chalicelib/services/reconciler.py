@@ -33,12 +33,12 @@ from pynamodb.exceptions import UpdateError
 
 from chalicelib.domain import Clock, MessageStatus, SendWindow
 from chalicelib.metrics import MetricsWriter
-from chalicelib.models import Models
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
-from chalicelib.services.storage import Retry, is_conditional_failure
 from chalicelib.settings import Settings
+from chalicelib.storage.errors import Retry, is_conditional_failure
+from chalicelib.storage.models import Models
 
 logger = logging.getLogger(__name__)
 

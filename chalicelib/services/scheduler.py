@@ -33,14 +33,14 @@ from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import AudienceFilter, Clock, MailingStatus, MessageStatus
 from chalicelib.metrics import MetricsWriter
-from chalicelib.models import DUE_KEY, MESSAGE_ID_SEQUENCE, Models, status_key
 from chalicelib.pagination import Position, decode_cursor, encode_cursor, fingerprint, read_page
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import Queues, job_batches
 from chalicelib.services.reconciler import Reconciler
-from chalicelib.services.storage import PATIENT, Retry, is_conditional_failure
 from chalicelib.settings import Settings
+from chalicelib.storage.errors import PATIENT, Retry, is_conditional_failure
+from chalicelib.storage.models import DUE_KEY, MESSAGE_ID_SEQUENCE, Models, status_key
 
 logger = logging.getLogger(__name__)
 

@@ -58,8 +58,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from chalicelib.gateway import GatewayResult
-from chalicelib.rate_control import (
+from chalicelib.domain.rate_limit import (
     Control,
     GatewayStatus,
     OperatorSpacing,
@@ -74,6 +73,7 @@ from chalicelib.rate_control import (
     slots_before,
     slots_starting_before,
 )
+from chalicelib.gateway import GatewayResult
 from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """PynamoDB items and indexes: the storage shape only.
 
-Models are built per settings by `build_models` rather than at import, so table names, region
-and endpoint come from the settings of the running stage and an emulator can start first.
+The record classes are declared here, once, so they can be used as types. `build_models` binds them
+to one stage: a subclass per table with the stage's table name and region, made when the settings
+are known, so an emulator can start first.
 
 Tables (one per kind of record; see docs/architecture.md, "Storage"):
 - clients:   one item per client. Three sparse-free GSIs make every audience filter a Query:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from typing import Any, TypeVar, cast
 
 from pynamodb.attributes import (
     BooleanAttribute,
@@ -82,18 +84,312 @@ def status_key(mailing_id: str, status: str) -> str:
     return f"{mailing_id}#{status}"
 
 
+class RowError(MapAttribute[str, Any]):
+    """One problem with one row of an imported file (row 1 is the first after the header)."""
+
+    row = NumberAttribute()
+    field = UnicodeAttribute(null=True)
+    message = UnicodeAttribute()
+
+
+class ClientByOperator(GlobalSecondaryIndex["ClientRecord"]):
+    class Meta:
+        index_name = "by_operator"
+        projection = AllProjection()
+
+    operator_code = UnicodeAttribute(hash_key=True)
+    tag_sort = UnicodeAttribute(range_key=True)
+
+
+class ClientByTag(GlobalSecondaryIndex["ClientRecord"]):
+    class Meta:
+        index_name = "by_tag"
+        projection = AllProjection()
+
+    tag_key = UnicodeAttribute(hash_key=True)
+    client_id = UnicodeAttribute(range_key=True)
+
+
+class ClientByShard(GlobalSecondaryIndex["ClientRecord"]):
+    class Meta:
+        index_name = "by_shard"
+        projection = AllProjection()
+
+    shard = NumberAttribute(hash_key=True)
+    client_id = UnicodeAttribute(range_key=True)
+
+
+class ClientRecord(Model):
+    class Meta:
+        # The stage's table name and region are set by `bind`.
+        table_name = "clients"
+        billing_mode = "PAY_PER_REQUEST"
+
+    client_id = UnicodeAttribute(hash_key=True)
+    phone = UnicodeAttribute()
+    operator_code = UnicodeAttribute()
+    tag = UnicodeAttribute()
+    timezone = UnicodeAttribute()
+    created_at = UTCDateTimeAttribute()
+    updated_at = UTCDateTimeAttribute()
+    shard = NumberAttribute()
+    tag_sort = UnicodeAttribute()
+    tag_key = UnicodeAttribute()
+    # An opted-out client is never sent to: its messages become `skipped`.
+    opted_out = BooleanAttribute(default=False, null=True)
+    version = VersionAttribute()
+
+    by_operator = ClientByOperator()
+    by_tag = ClientByTag()
+    by_shard = ClientByShard()
+
+
+class PhoneRecord(Model):
+    class Meta:
+        # The stage's table name and region are set by `bind`.
+        table_name = "phones"
+        billing_mode = "PAY_PER_REQUEST"
+
+    phone = UnicodeAttribute(hash_key=True)
+    client_id = UnicodeAttribute()
+
+
+class MailingDue(GlobalSecondaryIndex["MailingRecord"]):
+    class Meta:
+        index_name = "due"
+        # Keys only, like by_created: counter updates on every send then cost no index write.
+        projection = KeysOnlyProjection()
+
+    due_key = UnicodeAttribute(hash_key=True)
+    start_at = UTCDateTimeAttribute(range_key=True)
+
+
+class MailingByCreated(GlobalSecondaryIndex["MailingRecord"]):
+    class Meta:
+        index_name = "by_created"
+        projection = KeysOnlyProjection()
+
+    listing_key = UnicodeAttribute(hash_key=True)
+    created_at = UTCDateTimeAttribute(range_key=True)
+
+
+class MailingRecord(Model):
+    class Meta:
+        # The stage's table name and region are set by `bind`.
+        table_name = "mailings"
+        billing_mode = "PAY_PER_REQUEST"
+
+    mailing_id = UnicodeAttribute(hash_key=True)
+    text = UnicodeAttribute()
+    start_at = UTCDateTimeAttribute()
+    end_at = UTCDateTimeAttribute()
+    operator_codes = ListAttribute(of=UnicodeAttribute, default=list)
+    tags = ListAttribute(of=UnicodeAttribute, default=list)
+    window_start = NumberAttribute(null=True)  # minutes after local midnight
+    window_end = NumberAttribute(null=True)
+    status = UnicodeAttribute()
+    created_at = UTCDateTimeAttribute()
+    updated_at = UTCDateTimeAttribute()
+    listing_key = UnicodeAttribute(default=MAILING_LISTING_KEY)
+    # Present only while the audience still has to be enqueued: keeps the due index small.
+    due_key = UnicodeAttribute(null=True)
+    # Where fan-out stopped last (an opaque audience cursor); None before it starts.
+    fanout_cursor = UnicodeAttribute(null=True)
+    fanout_done = BooleanAttribute(default=False)
+    # One scheduler worker at a time advances a mailing: it holds this lease.
+    lease_owner = UnicodeAttribute(null=True)
+    lease_until = UTCDateTimeAttribute(null=True)
+    # The reconciler (services/reconciler.py): the counters as last seen, since when they
+    # have not moved, and where a pass over the pending messages stands (a message id).
+    quiet_mark = UnicodeAttribute(null=True)
+    quiet_since = UTCDateTimeAttribute(null=True)
+    reconcile_after = NumberAttribute(null=True)
+    count_pending = NumberAttribute(default=0)
+    count_sent = NumberAttribute(default=0)
+    count_failed = NumberAttribute(default=0)
+    count_expired = NumberAttribute(default=0)
+    count_cancelled = NumberAttribute(default=0)
+    count_skipped = NumberAttribute(default=0)
+
+    due = MailingDue()
+    by_created = MailingByCreated()
+
+
+class MessageByStatus(GlobalSecondaryIndex["MessageRecord"]):
+    class Meta:
+        index_name = "by_status"
+        # Keys only: updates that keep the status (claims, attempts) cost no index write.
+        projection = KeysOnlyProjection()
+
+    status_key = UnicodeAttribute(hash_key=True)
+    message_id = NumberAttribute(range_key=True)
+
+
+class MessageRecord(Model):
+    class Meta:
+        # The stage's table name and region are set by `bind`.
+        table_name = "messages"
+        billing_mode = "PAY_PER_REQUEST"
+
+    mailing_id = UnicodeAttribute(hash_key=True)
+    client_id = UnicodeAttribute(range_key=True)
+    message_id = NumberAttribute()
+    phone = UnicodeAttribute()
+    status = UnicodeAttribute()
+    status_key = UnicodeAttribute()
+    created_at = UTCDateTimeAttribute()
+    updated_at = UTCDateTimeAttribute()
+    sent_at = UTCDateTimeAttribute(null=True)
+    attempts = NumberAttribute(default=0)
+    last_error = UnicodeAttribute(null=True)
+    # A sender holds the message while it calls the gateway; no other sender may until then.
+    claim_id = UnicodeAttribute(null=True)
+    claim_until = UTCDateTimeAttribute(null=True)
+    # DynamoDB deletes the record this long after the mailing's end (orphans included).
+    expires_at = TTLAttribute(null=True)
+
+    by_status = MessageByStatus()
+
+
+class SequenceRecord(Model):
+    class Meta:
+        # The stage's table name and region are set by `bind`.
+        table_name = "sequences"
+        billing_mode = "PAY_PER_REQUEST"
+
+    name = UnicodeAttribute(hash_key=True)
+    value = NumberAttribute(default=0)
+
+
+class ImportByCreated(GlobalSecondaryIndex["ClientImportRecord"]):
+    class Meta:
+        index_name = "by_created"
+        projection = KeysOnlyProjection()
+
+    listing_key = UnicodeAttribute(hash_key=True)
+    created_at = UTCDateTimeAttribute(range_key=True)
+
+
+class ClientImportRecord(Model):
+    """One item of a CSV import of clients; `part` says which:
+
+    - "job": the status, the file's counts and the totals of the chunks settled so far
+      (`settled_chunks` makes each chunk's totals count once);
+    - "invalid#NNN": a page of the file's invalid rows, written with the job;
+    - "chunk#NNNNN": one chunk's progress (`done_parts`, each part's writes and totals in one
+      transaction), its totals and its write-time errors, `finished` once all are in.
+    """
+
+    class Meta:
+        # The stage's table name and region are set by `bind`.
+        table_name = "imports"
+        billing_mode = "PAY_PER_REQUEST"
+
+    import_id = UnicodeAttribute(hash_key=True)
+    part = UnicodeAttribute(range_key=True)
+    status = UnicodeAttribute(null=True)
+    created_at = UTCDateTimeAttribute(null=True)
+    updated_at = UTCDateTimeAttribute(null=True)
+    listing_key = UnicodeAttribute(null=True)
+    rows = NumberAttribute(null=True)
+    valid = NumberAttribute(null=True)
+    invalid = NumberAttribute(null=True)
+    chunks = NumberAttribute(null=True)
+    settled_chunks = NumberSetAttribute(null=True)
+    abandoned_chunks = NumberAttribute(null=True)
+    done_parts = NumberSetAttribute(null=True)
+    finished = BooleanAttribute(null=True)
+    created = NumberAttribute(null=True)
+    updated = NumberAttribute(null=True)
+    unchanged = NumberAttribute(null=True)
+    failed = NumberAttribute(null=True)
+    errors = ListAttribute(of=RowError, null=True)
+    errors_omitted = NumberAttribute(null=True)
+    expires_at = TTLAttribute(null=True)
+
+    by_created = ImportByCreated()
+
+
+class IdempotencyRecord(Model):
+    """A create sent with an Idempotency-Key: claimed while it runs, then its response."""
+
+    class Meta:
+        # The stage's table name and region are set by `bind`.
+        table_name = "idempotency"
+        billing_mode = "PAY_PER_REQUEST"
+
+    # The caller's principal id and the key, so one caller's keys never meet another's.
+    scope = UnicodeAttribute(hash_key=True)
+    fingerprint = UnicodeAttribute()
+    # Which run holds the claim: only it may save the response or give the key back.
+    attempt = UnicodeAttribute()
+    # Until then another request with the key waits (409); after it, a crashed run's claim
+    # may be taken over.
+    claimed_until = UTCDateTimeAttribute()
+    response_status = NumberAttribute(null=True)
+    response_body = UnicodeAttribute(null=True)
+    response_content_type = UnicodeAttribute(null=True)
+    expires_at = TTLAttribute()
+
+
+class AuditByActor(GlobalSecondaryIndex["AuditEntryRecord"]):
+    class Meta:
+        index_name = "by_actor"
+        projection = AllProjection()
+
+    actor = UnicodeAttribute(hash_key=True)
+    entry_key = UnicodeAttribute(range_key=True)
+
+
+class AuditByTime(GlobalSecondaryIndex["AuditEntryRecord"]):
+    class Meta:
+        index_name = "by_time"
+        projection = AllProjection()
+
+    listing_key = UnicodeAttribute(hash_key=True)
+    entry_key = UnicodeAttribute(range_key=True)
+
+
+class AuditEntryRecord(Model):
+    """One write through the API; `entry_key` (the time, then a random suffix) orders them."""
+
+    class Meta:
+        # The stage's table name and region are set by `bind`.
+        table_name = "audit"
+        billing_mode = "PAY_PER_REQUEST"
+
+    target_id = UnicodeAttribute(hash_key=True)
+    entry_key = UnicodeAttribute(range_key=True)
+    at = UTCDateTimeAttribute()
+    actor = UnicodeAttribute()
+    role = UnicodeAttribute(null=True)
+    auth_mode = UnicodeAttribute(null=True)
+    action = UnicodeAttribute()
+    target_type = UnicodeAttribute()
+    request_id = UnicodeAttribute(null=True)
+    http_status = NumberAttribute()
+    # The names of the fields the request set, never their values; the status it left.
+    fields = ListAttribute(of=UnicodeAttribute, default=list)
+    status = UnicodeAttribute(null=True)
+    listing_key = UnicodeAttribute(default=AUDIT_LISTING_KEY)
+    expires_at = TTLAttribute(null=True)
+
+    by_actor = AuditByActor()
+    by_time = AuditByTime()
+
+
 @dataclass(frozen=True)
 class Models:
-    """The item classes bound to one stage's tables."""
+    """The record classes bound to one stage's tables."""
 
-    Client: type[Model]
-    Phone: type[Model]
-    Mailing: type[Model]
-    Message: type[Model]
-    Sequence: type[Model]
-    ClientImport: type[Model]
-    IdempotencyRecord: type[Model]
-    AuditEntry: type[Model]
+    Client: type[ClientRecord]
+    Phone: type[PhoneRecord]
+    Mailing: type[MailingRecord]
+    Message: type[MessageRecord]
+    Sequence: type[SequenceRecord]
+    ClientImport: type[ClientImportRecord]
+    IdempotencyRecord: type[IdempotencyRecord]
+    AuditEntry: type[AuditEntryRecord]
 
     def all(self) -> tuple[type[Model], ...]:
         return (
@@ -108,285 +404,32 @@ class Models:
         )
 
 
-class RowError(MapAttribute):
-    """One problem with one row of an imported file (row 1 is the first after the header)."""
+R = TypeVar("R", bound=Model)
 
-    row = NumberAttribute()
-    field = UnicodeAttribute(null=True)
-    message = UnicodeAttribute()
+
+def _bound(record: type[R], table_name: str, region: str) -> type[R]:
+    """A subclass of `record` on one stage's table (PynamoDB copies the indexes per subclass)."""
+    meta = type("Meta", (cast(type, record.Meta),), {"table_name": table_name, "region": region})
+    return type(record.__name__, (record,), {"Meta": meta, "__module__": __name__})
 
 
 @cache
 def build_models(settings: Settings) -> Models:
-    """Item classes bound to the tables named by `settings` (cached per settings)."""
+    """Record classes bound to the tables named by `settings` (cached per settings)."""
     share_botocore_data()
 
-    class _Meta:
-        region = settings.aws_region
-        billing_mode = "PAY_PER_REQUEST"
-
-    class ClientByOperator(GlobalSecondaryIndex):
-        class Meta:
-            index_name = "by_operator"
-            projection = AllProjection()
-
-        operator_code = UnicodeAttribute(hash_key=True)
-        tag_sort = UnicodeAttribute(range_key=True)
-
-    class ClientByTag(GlobalSecondaryIndex):
-        class Meta:
-            index_name = "by_tag"
-            projection = AllProjection()
-
-        tag_key = UnicodeAttribute(hash_key=True)
-        client_id = UnicodeAttribute(range_key=True)
-
-    class ClientByShard(GlobalSecondaryIndex):
-        class Meta:
-            index_name = "by_shard"
-            projection = AllProjection()
-
-        shard = NumberAttribute(hash_key=True)
-        client_id = UnicodeAttribute(range_key=True)
-
-    class Client(Model):
-        class Meta(_Meta):
-            table_name = settings.table_name("clients")
-
-        client_id = UnicodeAttribute(hash_key=True)
-        phone = UnicodeAttribute()
-        operator_code = UnicodeAttribute()
-        tag = UnicodeAttribute()
-        timezone = UnicodeAttribute()
-        created_at = UTCDateTimeAttribute()
-        updated_at = UTCDateTimeAttribute()
-        shard = NumberAttribute()
-        tag_sort = UnicodeAttribute()
-        tag_key = UnicodeAttribute()
-        # An opted-out client is never sent to: its messages become `skipped`.
-        opted_out = BooleanAttribute(default=False, null=True)
-        version = VersionAttribute()
-
-        by_operator = ClientByOperator()
-        by_tag = ClientByTag()
-        by_shard = ClientByShard()
-
-    class Phone(Model):
-        class Meta(_Meta):
-            table_name = settings.table_name("phones")
-
-        phone = UnicodeAttribute(hash_key=True)
-        client_id = UnicodeAttribute()
-
-    class MailingDue(GlobalSecondaryIndex):
-        class Meta:
-            index_name = "due"
-            # Keys only, like by_created: counter updates on every send then cost no index write.
-            projection = KeysOnlyProjection()
-
-        due_key = UnicodeAttribute(hash_key=True)
-        start_at = UTCDateTimeAttribute(range_key=True)
-
-    class MailingByCreated(GlobalSecondaryIndex):
-        class Meta:
-            index_name = "by_created"
-            projection = KeysOnlyProjection()
-
-        listing_key = UnicodeAttribute(hash_key=True)
-        created_at = UTCDateTimeAttribute(range_key=True)
-
-    class Mailing(Model):
-        class Meta(_Meta):
-            table_name = settings.table_name("mailings")
-
-        mailing_id = UnicodeAttribute(hash_key=True)
-        text = UnicodeAttribute()
-        start_at = UTCDateTimeAttribute()
-        end_at = UTCDateTimeAttribute()
-        operator_codes = ListAttribute(of=UnicodeAttribute, default=list)
-        tags = ListAttribute(of=UnicodeAttribute, default=list)
-        window_start = NumberAttribute(null=True)  # minutes after local midnight
-        window_end = NumberAttribute(null=True)
-        status = UnicodeAttribute()
-        created_at = UTCDateTimeAttribute()
-        updated_at = UTCDateTimeAttribute()
-        listing_key = UnicodeAttribute(default=MAILING_LISTING_KEY)
-        # Present only while the audience still has to be enqueued: keeps the due index small.
-        due_key = UnicodeAttribute(null=True)
-        # Where fan-out stopped last (an opaque audience cursor); None before it starts.
-        fanout_cursor = UnicodeAttribute(null=True)
-        fanout_done = BooleanAttribute(default=False)
-        # One scheduler worker at a time advances a mailing: it holds this lease.
-        lease_owner = UnicodeAttribute(null=True)
-        lease_until = UTCDateTimeAttribute(null=True)
-        # The reconciler (services/reconciler.py): the counters as last seen, since when they
-        # have not moved, and where a pass over the pending messages stands (a message id).
-        quiet_mark = UnicodeAttribute(null=True)
-        quiet_since = UTCDateTimeAttribute(null=True)
-        reconcile_after = NumberAttribute(null=True)
-        count_pending = NumberAttribute(default=0)
-        count_sent = NumberAttribute(default=0)
-        count_failed = NumberAttribute(default=0)
-        count_expired = NumberAttribute(default=0)
-        count_cancelled = NumberAttribute(default=0)
-        count_skipped = NumberAttribute(default=0)
-
-        due = MailingDue()
-        by_created = MailingByCreated()
-
-    class MessageByStatus(GlobalSecondaryIndex):
-        class Meta:
-            index_name = "by_status"
-            # Keys only: updates that keep the status (claims, attempts) cost no index write.
-            projection = KeysOnlyProjection()
-
-        status_key = UnicodeAttribute(hash_key=True)
-        message_id = NumberAttribute(range_key=True)
-
-    class Message(Model):
-        class Meta(_Meta):
-            table_name = settings.table_name("messages")
-
-        mailing_id = UnicodeAttribute(hash_key=True)
-        client_id = UnicodeAttribute(range_key=True)
-        message_id = NumberAttribute()
-        phone = UnicodeAttribute()
-        status = UnicodeAttribute()
-        status_key = UnicodeAttribute()
-        created_at = UTCDateTimeAttribute()
-        updated_at = UTCDateTimeAttribute()
-        sent_at = UTCDateTimeAttribute(null=True)
-        attempts = NumberAttribute(default=0)
-        last_error = UnicodeAttribute(null=True)
-        # A sender holds the message while it calls the gateway; no other sender may until then.
-        claim_id = UnicodeAttribute(null=True)
-        claim_until = UTCDateTimeAttribute(null=True)
-        # DynamoDB deletes the record this long after the mailing's end (orphans included).
-        expires_at = TTLAttribute(null=True)
-
-        by_status = MessageByStatus()
-
-    class Sequence(Model):
-        class Meta(_Meta):
-            table_name = settings.table_name("sequences")
-
-        name = UnicodeAttribute(hash_key=True)
-        value = NumberAttribute(default=0)
-
-    class ImportByCreated(GlobalSecondaryIndex):
-        class Meta:
-            index_name = "by_created"
-            projection = KeysOnlyProjection()
-
-        listing_key = UnicodeAttribute(hash_key=True)
-        created_at = UTCDateTimeAttribute(range_key=True)
-
-    class ClientImport(Model):
-        """One item of a CSV import of clients; `part` says which:
-
-        - "job": the status, the file's counts and the totals of the chunks settled so far
-          (`settled_chunks` makes each chunk's totals count once);
-        - "invalid#NNN": a page of the file's invalid rows, written with the job;
-        - "chunk#NNNNN": one chunk's progress (`done_parts`, each part's writes and totals in one
-          transaction), its totals and its write-time errors, `finished` once all are in.
-        """
-
-        class Meta(_Meta):
-            table_name = settings.table_name("imports")
-
-        import_id = UnicodeAttribute(hash_key=True)
-        part = UnicodeAttribute(range_key=True)
-        status = UnicodeAttribute(null=True)
-        created_at = UTCDateTimeAttribute(null=True)
-        updated_at = UTCDateTimeAttribute(null=True)
-        listing_key = UnicodeAttribute(null=True)
-        rows = NumberAttribute(null=True)
-        valid = NumberAttribute(null=True)
-        invalid = NumberAttribute(null=True)
-        chunks = NumberAttribute(null=True)
-        settled_chunks = NumberSetAttribute(null=True)
-        abandoned_chunks = NumberAttribute(null=True)
-        done_parts = NumberSetAttribute(null=True)
-        finished = BooleanAttribute(null=True)
-        created = NumberAttribute(null=True)
-        updated = NumberAttribute(null=True)
-        unchanged = NumberAttribute(null=True)
-        failed = NumberAttribute(null=True)
-        errors = ListAttribute(of=RowError, null=True)
-        errors_omitted = NumberAttribute(null=True)
-        expires_at = TTLAttribute(null=True)
-
-        by_created = ImportByCreated()
-
-    class IdempotencyRecord(Model):
-        """A create sent with an Idempotency-Key: claimed while it runs, then its response."""
-
-        class Meta(_Meta):
-            table_name = settings.table_name("idempotency")
-
-        # The caller's principal id and the key, so one caller's keys never meet another's.
-        scope = UnicodeAttribute(hash_key=True)
-        fingerprint = UnicodeAttribute()
-        # Which run holds the claim: only it may save the response or give the key back.
-        attempt = UnicodeAttribute()
-        # Until then another request with the key waits (409); after it, a crashed run's claim
-        # may be taken over.
-        claimed_until = UTCDateTimeAttribute()
-        response_status = NumberAttribute(null=True)
-        response_body = UnicodeAttribute(null=True)
-        response_content_type = UnicodeAttribute(null=True)
-        expires_at = TTLAttribute()
-
-    class AuditByActor(GlobalSecondaryIndex):
-        class Meta:
-            index_name = "by_actor"
-            projection = AllProjection()
-
-        actor = UnicodeAttribute(hash_key=True)
-        entry_key = UnicodeAttribute(range_key=True)
-
-    class AuditByTime(GlobalSecondaryIndex):
-        class Meta:
-            index_name = "by_time"
-            projection = AllProjection()
-
-        listing_key = UnicodeAttribute(hash_key=True)
-        entry_key = UnicodeAttribute(range_key=True)
-
-    class AuditEntry(Model):
-        """One write through the API; `entry_key` (the time, then a random suffix) orders them."""
-
-        class Meta(_Meta):
-            table_name = settings.table_name("audit")
-
-        target_id = UnicodeAttribute(hash_key=True)
-        entry_key = UnicodeAttribute(range_key=True)
-        at = UTCDateTimeAttribute()
-        actor = UnicodeAttribute()
-        role = UnicodeAttribute(null=True)
-        auth_mode = UnicodeAttribute(null=True)
-        action = UnicodeAttribute()
-        target_type = UnicodeAttribute()
-        request_id = UnicodeAttribute(null=True)
-        http_status = NumberAttribute()
-        # The names of the fields the request set, never their values; the status it left.
-        fields = ListAttribute(of=UnicodeAttribute, default=list)
-        status = UnicodeAttribute(null=True)
-        listing_key = UnicodeAttribute(default=AUDIT_LISTING_KEY)
-        expires_at = TTLAttribute(null=True)
-
-        by_actor = AuditByActor()
-        by_time = AuditByTime()
+    def bound(record: type[R]) -> type[R]:
+        return _bound(record, settings.table_name(record.Meta.table_name), settings.aws_region)
 
     return Models(
-        Client=Client,
-        Phone=Phone,
-        Mailing=Mailing,
-        Message=Message,
-        Sequence=Sequence,
-        ClientImport=ClientImport,
-        IdempotencyRecord=IdempotencyRecord,
-        AuditEntry=AuditEntry,
+        Client=bound(ClientRecord),
+        Phone=bound(PhoneRecord),
+        Mailing=bound(MailingRecord),
+        Message=bound(MessageRecord),
+        Sequence=bound(SequenceRecord),
+        ClientImport=bound(ClientImportRecord),
+        IdempotencyRecord=bound(IdempotencyRecord),
+        AuditEntry=bound(AuditEntryRecord),
     )
 
 
