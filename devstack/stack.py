@@ -1054,6 +1054,9 @@ def configure_logging(environ: MutableMapping[str, str] | None = None) -> None:
         # A bad LOG_LEVEL or LOG_FORMAT: the settings check refuses it by name (exit code 2)
         # right after.
         logs.configure(level="INFO", stream=sys.stderr, log_format="text")
+    # The stack's own lines (start, stop, pollers) at the service's level: devstack is not
+    # under chalicelib, whose logger level logs.configure sets.
+    logging.getLogger("devstack").setLevel(logging.getLogger("chalicelib").level)
     # werkzeug logs every emulator request (and halves its throughput doing so).
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

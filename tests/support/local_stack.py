@@ -207,7 +207,7 @@ def running_stack(*, iam_denials_expected: bool = False, **env: str) -> Iterator
             exit_code = running.process.wait(STOP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
             pytest.fail(f"still running {STOP_TIMEOUT_SECONDS} s after SIGTERM:\n{running.output}")
-        assert exit_code == 0, running.output
+        assert exit_code == 0, f"exit code {exit_code}\n{running.output}"
         denied = iam_denials(running.output)
         if not iam_denials_expected:
             assert not denied, "a role lacks a grant the code needs:\n" + "\n".join(denied)
