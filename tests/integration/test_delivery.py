@@ -40,7 +40,7 @@ def gateway(sandbox):
 def settings(gateway, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
     monkeypatch.setenv("API_TOKENS", API_TOKEN)
     overrides = getattr(request, "param", {})  # indirect parametrisation
-    return pipeline_settings(gateway.url, sender_api_token=GATEWAY_TOKEN, **overrides)
+    return pipeline_settings(gateway.url, **{"sender_api_token": GATEWAY_TOKEN, **overrides})
 
 
 @pytest.fixture
@@ -178,13 +178,13 @@ def test_each_client_is_sent_to_once_however_often_the_scheduler_runs(
     assert len(gateway.accepted()) == 5
 
 
+@pytest.mark.parametrize("settings", [{"fanout_page_size": 10}], indirect=True)
 def test_fan_out_resumes_from_its_checkpoint_across_invocations(
     api, pipeline, services, clock, gateway
 ):
     # Given an audience larger than one page and a worker that runs out of time after a page
     for n in range(25):
         add_client(api, f"790000000{n:02d}")
-    object.__setattr__(services.settings, "fanout_page_size", 10)
     mailing = create_mailing(api, clock, start=timedelta(minutes=5))
     clock.advance(minutes=5)
     pipeline.sqs.queues[FANOUT_URL].clear()  # the start kick; this test drives the tick itself
@@ -199,13 +199,13 @@ def test_fan_out_resumes_from_its_checkpoint_across_invocations(
     assert sorted(gateway.accepted_ids().values()) == [1] * 25
 
 
+@pytest.mark.parametrize("settings", [{"fanout_page_size": 7}], indirect=True)
 def test_fan_out_over_many_pages_and_every_shard_gives_each_client_one_message(
     api, pipeline, services, clock
 ):
     # Given more clients than fit on several pages, spread over all 16 shards of the index
     phones = [f"790000001{n:02d}" for n in range(60)]
     clients = {add_client(api, phone)["id"]: phone for phone in phones}
-    object.__setattr__(services.settings, "fanout_page_size", 7)
     # When the fan-out walks them, reading each next page while the last one commits
     mailing = create_mailing(api, clock)
     pipeline.kicks()
@@ -699,10 +699,10 @@ def test_retries_never_go_past_the_end(api, pipeline, clock, gateway, calls):
     assert all(at < end for at, _ in calls)
 
 
+@pytest.mark.parametrize("settings", [{"sender_api_token": None}], indirect=True)
 def test_wrong_gateway_token_keeps_messages_pending_and_retries_later(
     api, pipeline, services, clock, gateway
 ):
-    object.__setattr__(services.settings, "sender_api_token", None)
     from pydantic import SecretStr
 
     from chalicelib.gateway import GatewayClient
@@ -912,11 +912,11 @@ def queued_batches(pipeline: Pipeline) -> list[str]:
     return [m.body for m in pipeline.sqs.take_ready(SEND_URL, 100)]
 
 
+@pytest.mark.parametrize("settings", [{"jobs_per_message": 2}], indirect=True)
 def test_one_failing_record_is_reported_alone_and_its_siblings_are_not_sent_again(
     api, pipeline, services, clock, gateway, monkeypatch, send_lambda
 ):
     # Given three SQS messages of jobs, the second of which hits a storage error
-    object.__setattr__(services.settings, "jobs_per_message", 2)
     for n in range(6):
         add_client(api, f"7900000000{n}")
     create_mailing(api, clock)
@@ -1055,14 +1055,15 @@ def test_fan_out_dying_between_enqueue_and_commit_loses_and_duplicates_nothing(
     assert_counters_match_records(pipeline, mailing["id"])
 
 
+@pytest.mark.parametrize(
+    "settings", [{"sender_concurrency": 16, "jobs_per_message": 40}], indirect=True
+)
 def test_counters_stay_exact_when_many_senders_finish_messages_at_once(
     api, pipeline, services, clock, monkeypatch
 ):
     # Time stands still, so all 16 threads finish together (one thread's wait for its rate
     # slot would move the shared test clock past the others' slots).
     monkeypatch.setattr(services.sender, "_wait_until", lambda moment: None)
-    object.__setattr__(services.settings, "sender_concurrency", 16)
-    object.__setattr__(services.settings, "jobs_per_message", 40)
     for n in range(40):
         add_client(api, f"790000000{n:02d}")
     mailing = create_mailing(api, clock)
@@ -1072,12 +1073,12 @@ def test_counters_stay_exact_when_many_senders_finish_messages_at_once(
     assert_counters_match_records(pipeline, mailing["id"])
 
 
+@pytest.mark.parametrize("settings", [{"fanout_page_size": 10}], indirect=True)
 def test_a_mailing_deleted_during_fan_out_stops_it_and_the_others_go_on(
     api, pipeline, services, clock, gateway, monkeypatch
 ):
     for n in range(30):
         add_client(api, f"790000000{n:02d}")
-    object.__setattr__(services.settings, "fanout_page_size", 10)
     doomed = create_mailing(api, clock, start=timedelta(minutes=1), text="doomed")
     other = create_mailing(api, clock, start=timedelta(minutes=1), text="other")
     clock.advance(minutes=1)

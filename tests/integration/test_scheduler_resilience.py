@@ -111,13 +111,13 @@ def mailing_whose_jobs_were_lost(
     return mailing
 
 
+@pytest.mark.parametrize("settings", [{"fanout_page_size": 10}], indirect=True)
 def test_a_conflict_on_a_fan_out_page_is_tried_again_not_taken_for_a_lost_lease(
     api, pipeline, services, clock, gateway, conflicts
 ):
     # Given a mailing whose start has come, over two fan-out pages
     for n in range(15):
         add_client(api, f"790000000{n:02d}")
-    object.__setattr__(services.settings, "fanout_page_size", 10)
     mailing = create_mailing(api, clock, start=timedelta(minutes=1))
     clock.advance(minutes=1)
     pipeline.sqs.queues[FANOUT_URL].clear()  # the test drives the scheduler itself
