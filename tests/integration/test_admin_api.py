@@ -10,8 +10,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import body
-
 OIDC = {
     "auth_mode": "oidc",
     "oidc_issuer": "https://login.example.com/",
@@ -93,24 +91,24 @@ def test_an_asset_asked_for_without_its_hash_is_cached_briefly(api):
 def test_any_other_asset_name_is_404(api, name):
     response = api.get(f"/admin/assets/{name}", headers={})
     assert response.status_code == 404
-    assert body(response)["error"] == "not_found"
+    assert response.json["error"] == "not_found"
 
 
 def test_a_malformed_version_is_400(api):
     response = api.get("/admin/assets/app.js?v=<script>", headers={})
     assert response.status_code == 400
-    assert body(response)["details"][0]["field"] == "query.v"
+    assert response.json["details"][0]["field"] == "query.v"
 
 
 def test_with_static_tokens_the_ui_asks_for_a_token(api):
     response = api.get("/admin/config.json", headers={})
     assert response.status_code == 200
-    assert body(response) == {"auth_mode": "static", "oidc": None}
+    assert response.json == {"auth_mode": "static", "oidc": None}
 
 
 def test_with_oidc_but_no_client_the_ui_asks_for_a_token(api, with_settings):
     with_settings(**OIDC)
-    assert body(api.get("/admin/config.json", headers={})) == {"auth_mode": "oidc", "oidc": None}
+    assert api.get("/admin/config.json", headers={}).json == {"auth_mode": "oidc", "oidc": None}
 
 
 def test_with_a_client_id_the_ui_offers_single_sign_on(api, with_settings):
@@ -119,7 +117,7 @@ def test_with_a_client_id_the_ui_offers_single_sign_on(api, with_settings):
     # When the UI reads its configuration
     response = api.get("/admin/config.json", headers={})
     # Then it gets the provider's endpoints for the authorization code flow
-    assert body(response) == {
+    assert response.json == {
         "auth_mode": "oidc",
         "oidc": {
             "authorization_endpoint": "https://login.example.com/oauth2/authorize",
@@ -134,7 +132,7 @@ def test_with_a_client_id_the_ui_offers_single_sign_on(api, with_settings):
 
 
 def test_the_admin_routes_are_public_and_documented(api):
-    spec = body(api.get("/openapi.json", headers={}))
+    spec = api.get("/openapi.json", headers={}).json
     for path in ("/admin", "/admin/assets/{name}", "/admin/config.json"):
         assert spec["paths"][path]["get"]["security"] == [], path
     config = spec["paths"]["/admin/config.json"]["get"]["responses"]["200"]

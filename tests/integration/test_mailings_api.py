@@ -6,8 +6,6 @@ import uuid
 
 import pytest
 
-from tests.conftest import body
-
 START = "2026-11-23T09:00:00+03:00"
 END = "2026-11-24T21:00:00+03:00"
 
@@ -19,11 +17,11 @@ def mailing(**fields):
 def create(api, **fields):
     response = api.post("/mailings", mailing(**fields))
     assert response.status_code == 201, response.body
-    return body(response)
+    return response.json
 
 
 def all_mailings(api) -> list[dict]:
-    return body(api.get("/mailings?limit=500"))["items"]
+    return api.get("/mailings?limit=500").json["items"]
 
 
 # ---------------------------------------------------------------- create and read
@@ -47,7 +45,7 @@ def test_created_mailing_is_scheduled_with_zero_counts_and_reads_back(api):
     }
     assert created["filter"] == {"operator_codes": ["900", "916"], "tags": ["vip"]}
     assert created["send_window"] == {"start": "09:00", "end": "21:00"}
-    assert body(api.get(f"/mailings/{created['id']}")) == created
+    assert api.get(f"/mailings/{created['id']}").json == created
 
 
 def test_times_are_stored_as_the_same_instant_in_utc(api):
@@ -107,7 +105,7 @@ def test_a_mailing_beyond_the_horizon_is_422_and_nothing_is_stored(api, dates, f
     response = api.post("/mailings", mailing(**dates))
     # Then it is refused naming each date at fault, and nothing is stored
     assert response.status_code == 422, response.body
-    error = body(response)
+    error = response.json
     assert error["error"] == "validation_error"
     assert "366 days" in error["message"]
     assert [d["field"] for d in error["details"]] == fields
@@ -124,14 +122,14 @@ def test_editing_a_mailing_beyond_the_horizon_is_422_and_changes_nothing(api, da
     # Then both are refused naming each date at fault, and the mailing is as it was
     for response in (patched, put):
         assert response.status_code == 422, response.body
-        assert [d["field"] for d in body(response)["details"]] == fields
-    assert body(api.get(f"/mailings/{created['id']}")) == created
+        assert [d["field"] for d in response.json["details"]] == fields
+    assert api.get(f"/mailings/{created['id']}").json == created
 
 
 def test_unknown_mailing_is_404(api):
     response = api.get(f"/mailings/{uuid.uuid4()}")
     assert response.status_code == 404
-    assert body(response)["error"] == "not_found"
+    assert response.json["error"] == "not_found"
 
 
 # ---------------------------------------------------------------- validation
@@ -173,7 +171,7 @@ INVALID_MAILINGS = {
 def test_invalid_mailing_is_rejected_with_422_and_nothing_is_stored(api, payload):
     response = api.post("/mailings", payload)
     assert response.status_code == 422, response.body
-    error = body(response)
+    error = response.json
     assert error["error"] == "validation_error"
     assert error["details"]
     assert all_mailings(api) == []
@@ -181,7 +179,7 @@ def test_invalid_mailing_is_rejected_with_422_and_nothing_is_stored(api, payload
 
 def test_end_before_start_error_explains_the_rule(api):
     response = api.post("/mailings", mailing(end_at="2026-11-23T08:00:00+03:00"))
-    assert "end_at must be after start_at" in str(body(response)["details"])
+    assert "end_at must be after start_at" in str(response.json["details"])
 
 
 def test_oversized_mailing_body_is_413(api):
@@ -196,7 +194,7 @@ def test_put_replaces_every_field(api):
     created = create(api, filter={"tags": ["vip"]}, send_window={"start": "09:00", "end": "21:00"})
     response = api.put(f"/mailings/{created['id']}", mailing(text="New text"))
     assert response.status_code == 200
-    replaced = body(response)
+    replaced = response.json
     assert replaced["text"] == "New text"
     assert replaced["filter"] == {"operator_codes": [], "tags": []}
     assert replaced["send_window"] is None
@@ -205,7 +203,7 @@ def test_put_replaces_every_field(api):
 
 def test_patch_changes_only_given_fields(api):
     created = create(api, filter={"tags": ["vip"]}, send_window={"start": "09:00", "end": "21:00"})
-    patched = body(api.patch(f"/mailings/{created['id']}", {"text": "Changed"}))
+    patched = api.patch(f"/mailings/{created['id']}", {"text": "Changed"}).json
     assert patched["text"] == "Changed"
     assert patched["filter"] == created["filter"]
     assert patched["send_window"] == created["send_window"]
@@ -213,7 +211,7 @@ def test_patch_changes_only_given_fields(api):
 
 def test_patch_send_window_null_removes_the_window(api):
     created = create(api, send_window={"start": "09:00", "end": "21:00"})
-    patched = body(api.patch(f"/mailings/{created['id']}", {"send_window": None}))
+    patched = api.patch(f"/mailings/{created['id']}", {"send_window": None}).json
     assert patched["send_window"] is None
 
 
@@ -221,7 +219,7 @@ def test_patch_that_puts_end_before_start_is_422_and_changes_nothing(api):
     created = create(api)
     response = api.patch(f"/mailings/{created['id']}", {"end_at": "2026-11-23T05:00:00Z"})
     assert response.status_code == 422
-    assert body(api.get(f"/mailings/{created['id']}"))["end_at"] == created["end_at"]
+    assert api.get(f"/mailings/{created['id']}").json["end_at"] == created["end_at"]
 
 
 @pytest.mark.parametrize("field", ["text", "start_at", "end_at", "filter"])
@@ -254,7 +252,7 @@ def test_mailings_are_listed_newest_first_in_pages(api, clock):
         clock.advance(seconds=1)
     seen, cursor = [], None
     while True:
-        page = body(api.get("/mailings?limit=3" + (f"&cursor={cursor}" if cursor else "")))
+        page = api.get("/mailings?limit=3" + (f"&cursor={cursor}" if cursor else "")).json
         seen.extend(item["id"] for item in page["items"])
         cursor = page["next_cursor"]
         if not cursor:
@@ -266,7 +264,7 @@ def test_mailings_are_listed_newest_first_in_pages(api, clock):
 def test_bad_mailing_listing_parameters_are_400(api, query):
     response = api.get(f"/mailings?{query}")
     assert response.status_code == 400
-    assert body(response)["error"] == "bad_request"
+    assert response.json["error"] == "bad_request"
 
 
 def test_patch_of_times_with_offsets_is_applied(api):
@@ -276,8 +274,8 @@ def test_patch_of_times_with_offsets_is_applied(api):
         {"start_at": "2026-11-23T10:00:00+03:00", "end_at": "2026-11-25T10:00:00+03:00"},
     )
     assert response.status_code == 200, response.body
-    assert body(response)["start_at"] == "2026-11-23T07:00:00Z"
-    assert body(response)["end_at"] == "2026-11-25T07:00:00Z"
+    assert response.json["start_at"] == "2026-11-23T07:00:00Z"
+    assert response.json["end_at"] == "2026-11-25T07:00:00Z"
 
 
 def test_patch_error_for_null_names_the_field(api):

@@ -8,7 +8,6 @@ from datetime import timedelta
 import pytest
 
 from chalicelib.storage.models import status_key
-from tests.conftest import body
 
 MAILING = {"text": "Hi", "start_at": "2026-11-23T09:00:00Z", "end_at": "2026-11-24T09:00:00Z"}
 
@@ -16,7 +15,7 @@ MAILING = {"text": "Hi", "start_at": "2026-11-23T09:00:00Z", "end_at": "2026-11-
 def create_mailing(api) -> str:
     response = api.post("/mailings", MAILING)
     assert response.status_code == 201
-    return body(response)["id"]
+    return response.json["id"]
 
 
 def store_messages(services, clock, mailing_id: str, statuses: list[str], first_id: int = 1000):
@@ -47,10 +46,10 @@ def store_messages(services, clock, mailing_id: str, statuses: list[str], first_
 
 def test_new_mailing_has_zero_counts_everywhere(api):
     mailing_id = create_mailing(api)
-    stats = body(api.get(f"/mailings/{mailing_id}/stats"))
+    stats = api.get(f"/mailings/{mailing_id}/stats").json
     assert stats["stats"]["total"] == 0
     assert stats["messages"] == []
-    overall = body(api.get("/stats"))
+    overall = api.get("/stats").json
     assert overall["mailings"] == 1
     assert overall["messages"]["total"] == 0
 
@@ -59,7 +58,7 @@ def test_mailing_stats_report_counts_and_messages(api, services, clock):
     mailing_id = create_mailing(api)
     store_messages(services, clock, mailing_id, ["sent", "sent", "failed", "pending", "expired"])
 
-    stats = body(api.get(f"/mailings/{mailing_id}/stats"))
+    stats = api.get(f"/mailings/{mailing_id}/stats").json
 
     assert stats["stats"] == {
         "total": 5,
@@ -93,7 +92,7 @@ def test_mailing_messages_can_be_filtered_by_status_and_paged(api, services, clo
     ids, cursor = [], None
     while True:
         query = "status=sent&limit=3" + (f"&cursor={cursor}" if cursor else "")
-        page = body(api.get(f"/mailings/{mailing_id}/stats?{query}"))
+        page = api.get(f"/mailings/{mailing_id}/stats?{query}").json
         assert all(m["status"] == "sent" for m in page["messages"])
         ids.extend(m["id"] for m in page["messages"])
         cursor = page["next_cursor"]
@@ -110,7 +109,7 @@ def test_messages_without_filter_are_paged_exactly_once(api, services, clock):
     ids, cursor = [], None
     while True:
         query = "limit=5" + (f"&cursor={cursor}" if cursor else "")
-        page = body(api.get(f"/mailings/{mailing_id}/stats?{query}"))
+        page = api.get(f"/mailings/{mailing_id}/stats?{query}").json
         ids.extend(m["id"] for m in page["messages"])
         cursor = page["next_cursor"]
         if not cursor:
@@ -123,7 +122,7 @@ def test_overall_stats_add_up_every_mailing(api, services, clock):
     store_messages(services, clock, first, ["sent", "sent", "failed"])
     store_messages(services, clock, second, ["sent", "expired", "cancelled", "pending"], 2000)
 
-    overall = body(api.get("/stats"))
+    overall = api.get("/stats").json
 
     assert overall["mailings"] == 2
     assert overall["messages"] == {
@@ -142,7 +141,7 @@ def test_overall_stats_add_up_every_mailing(api, services, clock):
 def test_list_of_mailings_carries_each_mailings_counts(api, services, clock):
     mailing_id = create_mailing(api)
     store_messages(services, clock, mailing_id, ["sent", "failed"])
-    [item] = body(api.get("/mailings"))["items"]
+    [item] = api.get("/mailings").json["items"]
     assert item["stats"]["sent"] == 1
     assert item["stats"]["failed"] == 1
 
@@ -152,10 +151,10 @@ def test_per_mailing_stats_are_paged(api, clock):
     for _ in range(5):
         created.append(create_mailing(api))
         clock.advance(seconds=1)
-    first = body(api.get("/stats?limit=2"))
+    first = api.get("/stats?limit=2").json
     assert first["mailings"] == 5
     assert len(first["per_mailing"]) == 2
-    second = body(api.get(f"/stats?limit=2&cursor={first['next_cursor']}"))
+    second = api.get(f"/stats?limit=2&cursor={first['next_cursor']}").json
     assert [m["mailing_id"] for m in first["per_mailing"] + second["per_mailing"]] == list(
         reversed(created)
     )[:4]
@@ -170,11 +169,11 @@ def test_bad_stats_parameters_are_400(api, query):
     mailing_id = create_mailing(api)
     response = api.get(f"/mailings/{mailing_id}/stats?{query}")
     assert response.status_code == 400
-    assert body(response)["error"] == "bad_request"
+    assert response.json["error"] == "bad_request"
 
 
 def test_cursor_of_one_mailing_does_not_work_for_another(api, services, clock):
     first, second = create_mailing(api), create_mailing(api)
     store_messages(services, clock, first, ["sent"] * 3)
-    cursor = body(api.get(f"/mailings/{first}/stats?limit=1"))["next_cursor"]
+    cursor = api.get(f"/mailings/{first}/stats?limit=1").json["next_cursor"]
     assert api.get(f"/mailings/{second}/stats?cursor={cursor}").status_code == 400
