@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -29,17 +30,16 @@ def header(response: Any, name: str) -> str:
 
 @pytest.fixture
 def with_settings(services: Any) -> Iterator[Any]:
-    """Swap the running services' settings for ones the test chooses (routes read them per call)."""
+    """Put in use a copy of the services with settings the test chooses, built anew and
+    validated (routes read them per call)."""
     from chalicelib.container import use_services
 
-    original = services.settings
-
     def use(**changes: Any) -> None:
-        services.settings = type(original)(**{**original.model_dump(), **changes})
-        use_services(services)
+        settings = type(services.settings)(**{**services.settings.model_dump(), **changes})
+        use_services(replace(services, settings=settings))
 
     yield use
-    services.settings = original
+    use_services(services)
 
 
 def test_the_page_is_html_for_anyone_and_loads_nothing_from_another_host(api):

@@ -48,14 +48,38 @@ def sqs(clock):
     return VirtualSqs(clock)
 
 
+class GatewaySwitch:
+    """The sender's gateway client, as Services.build(gateway=...) takes it: a test wraps or
+    replaces `make` to watch or change what the gateway answers."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __call__(self):
+        return self.make()
+
+
 @pytest.fixture
-def services(aws, settings, clock, sqs):
+def gateway_client(settings) -> GatewaySwitch:
+    from chalicelib.container import gateway_factory
+
+    return GatewaySwitch(gateway_factory(settings))
+
+
+@pytest.fixture
+def services(aws, settings, clock, sqs, gateway_client, request: pytest.FixtureRequest):
     from chalicelib.container import Services, use_services
     from chalicelib.storage.models import create_tables
 
-    built = Services.build(
-        settings, clock=clock, sqs=sqs, rng=random.Random(7), wait_until=clock.wait_until
-    )
+    wiring = {
+        "clock": clock,
+        "sqs": sqs,
+        "gateway": gateway_client,
+        "rng": random.Random(7),
+        "wait_until": clock.wait_until,
+        **getattr(request, "param", {}),  # indirect parametrisation: Services.build's arguments
+    }
+    built = Services.build(settings, **wiring)
     create_tables(built.models)
     use_services(built)
     yield built
@@ -68,10 +92,10 @@ def pipeline(services, sqs, clock):
 
 
 @pytest.fixture
-def calls(services, clock) -> list[tuple[datetime, int]]:
+def calls(gateway_client, clock) -> list[tuple[datetime, int]]:
     """(test-clock time, message id) of every call the sender makes to the gateway."""
     recorded: list[tuple[datetime, int]] = []
-    make = services.sender._gateway
+    make = gateway_client.make
 
     class Recording:
         def __init__(self, inner):
@@ -81,7 +105,7 @@ def calls(services, clock) -> list[tuple[datetime, int]]:
             recorded.append((clock(), message_id))
             return self._inner.send(message_id, phone, text)
 
-    services.sender._gateway = lambda: Recording(make())
+    gateway_client.make = lambda: Recording(make())
     return recorded
 
 
@@ -634,7 +658,7 @@ def test_retries_beyond_the_shared_budget_are_deferred_without_spending_attempts
 
 
 def test_a_bad_luck_failure_is_retried_within_seconds_not_after_retry_base_seconds(
-    api, pipeline, services, clock, gateway, calls
+    api, pipeline, services, clock, gateway, calls, gateway_client
 ):
     # Given the default RETRY_BASE_SECONDS (5 s) and a gateway that just accepted 30 messages
     assert services.settings.retry_base_seconds == 5
@@ -647,7 +671,7 @@ def test_a_bad_luck_failure_is_retried_within_seconds_not_after_retry_base_secon
     # When it fails the next message's first call with a 500 (bad luck: most calls succeed,
     # the retry budget has room) and works again right after it
     gateway.set_profile(FaultProfile(error_rate=1.0, seed=4))
-    make = services.sender._gateway
+    make = gateway_client.make
 
     class HealedAfterOneCall:
         def __init__(self, inner):
@@ -658,7 +682,7 @@ def test_a_bad_luck_failure_is_retried_within_seconds_not_after_retry_base_secon
             gateway.set_profile(FaultProfile())
             return result
 
-    services.sender._gateway = lambda: HealedAfterOneCall(make())
+    gateway_client.make = lambda: HealedAfterOneCall(make())
     mailing = create_mailing(api, clock, filter={"tags": ["later"]})
     pipeline.run(until=clock() + timedelta(seconds=30), step=timedelta(seconds=1))
     # Then it is sent with its second call, within two seconds of the first: the shared rate
@@ -701,7 +725,7 @@ def test_retries_never_go_past_the_end(api, pipeline, clock, gateway, calls):
 
 @pytest.mark.parametrize("settings", [{"sender_api_token": None}], indirect=True)
 def test_wrong_gateway_token_keeps_messages_pending_and_retries_later(
-    api, pipeline, services, clock, gateway
+    api, pipeline, services, clock, gateway, gateway_client
 ):
     from pydantic import SecretStr
 
@@ -714,7 +738,7 @@ def test_wrong_gateway_token_keeps_messages_pending_and_retries_later(
         gateway.url, SecretStr(GATEWAY_TOKEN), connect_timeout=0.5, read_timeout=0.5
     )
     current = {"client": wrong}
-    services.sender._gateway = lambda: current["client"]
+    gateway_client.make = lambda: current["client"]
     add_client(api, "79000000001")
     mailing = create_mailing(api, clock, end=timedelta(days=1))
     pipeline.run(until=clock() + timedelta(minutes=20), step=timedelta(minutes=1))
@@ -1058,12 +1082,12 @@ def test_fan_out_dying_between_enqueue_and_commit_loses_and_duplicates_nothing(
 @pytest.mark.parametrize(
     "settings", [{"sender_concurrency": 16, "jobs_per_message": 40}], indirect=True
 )
+# Time stands still, so all 16 threads finish together (one thread's wait for its rate slot
+# would move the shared test clock past the others' slots).
+@pytest.mark.parametrize("services", [{"wait_until": lambda moment: None}], indirect=True)
 def test_counters_stay_exact_when_many_senders_finish_messages_at_once(
     api, pipeline, services, clock, monkeypatch
 ):
-    # Time stands still, so all 16 threads finish together (one thread's wait for its rate
-    # slot would move the shared test clock past the others' slots).
-    monkeypatch.setattr(services.sender, "_wait_until", lambda moment: None)
     for n in range(40):
         add_client(api, f"790000000{n:02d}")
     mailing = create_mailing(api, clock)

@@ -27,6 +27,7 @@ from tests.integration.test_delivery import (  # noqa: F401
     calls,
     create_mailing,
     gateway,
+    gateway_client,
     pipeline,
     services,
     settings,

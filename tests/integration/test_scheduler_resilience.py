@@ -26,8 +26,9 @@ from tests.integration import test_delivery as delivery
 from tests.support.pipeline import FANOUT_URL, SEND_URL
 
 # The delivery suite's fixtures (moto, virtual SQS, the sandbox gateway, the pipeline driver).
-gateway, settings, sqs, services, pipeline = (
+gateway, gateway_client, settings, sqs, services, pipeline = (
     delivery.gateway,
+    delivery.gateway_client,
     delivery.settings,
     delivery.sqs,
     delivery.services,
