@@ -78,6 +78,8 @@ def test_every_asset_the_page_links_is_served_with_its_type_and_cached_for_good(
 
 
 def test_an_asset_asked_for_without_its_hash_is_cached_briefly(api):
+    """Given an admin asset, when it is asked for without its content hash or with a stale one,
+    then it may be cached for five minutes only."""
     response = api.get("/admin/assets/app.js", headers={})
     assert response.status_code == 200
     assert header(response, "Cache-Control") == "public, max-age=300"
@@ -89,24 +91,32 @@ def test_an_asset_asked_for_without_its_hash_is_cached_briefly(api):
     "name", ["index.html", "app.py", "..%2F..%2Fsettings.py", "APP.JS", "app.js.map"]
 )
 def test_any_other_asset_name_is_404(api, name):
+    """Given a name not on the assets' allow-list, when it is asked for, then the answer is a 404
+    in the error shape."""
     response = api.get(f"/admin/assets/{name}", headers={})
     assert response.status_code == 404
     assert response.json["error"] == "not_found"
 
 
 def test_a_malformed_version_is_400(api):
+    """Given an asset version that is not a hash, when the asset is asked for, then the answer is a
+    400 naming query.v."""
     response = api.get("/admin/assets/app.js?v=<script>", headers={})
     assert response.status_code == 400
     assert response.json["details"][0]["field"] == "query.v"
 
 
 def test_with_static_tokens_the_ui_asks_for_a_token(api):
+    """Given static tokens, when the UI reads its configuration, then it is told to ask for a token
+    (no single sign-on)."""
     response = api.get("/admin/config.json", headers={})
     assert response.status_code == 200
     assert response.json == {"auth_mode": "static", "oidc": None}
 
 
 def test_with_oidc_but_no_client_the_ui_asks_for_a_token(api, with_settings):
+    """Given OIDC without a sign-in client, when the UI reads its configuration, then it is told to
+    ask for a token."""
     with_settings(**OIDC)
     assert api.get("/admin/config.json", headers={}).json == {"auth_mode": "oidc", "oidc": None}
 
@@ -132,6 +142,8 @@ def test_with_a_client_id_the_ui_offers_single_sign_on(api, with_settings):
 
 
 def test_the_admin_routes_are_public_and_documented(api):
+    """Given the OpenAPI document, when the admin routes are looked up, then each is public and the
+    configuration's schema is AdminConfig."""
     spec = api.get("/openapi.json", headers={}).json
     for path in ("/admin", "/admin/assets/{name}", "/admin/config.json"):
         assert spec["paths"][path]["get"]["security"] == [], path
@@ -143,6 +155,8 @@ def test_the_admin_routes_are_public_and_documented(api):
 
 
 def test_sign_in_settings_default_to_none_and_the_scope_to_openid():
+    """Given an empty environment, when the settings are read, then single sign-on is off and the
+    scope is openid."""
     from chalicelib.settings import Settings
 
     settings = Settings.from_env({})
@@ -151,6 +165,8 @@ def test_sign_in_settings_default_to_none_and_the_scope_to_openid():
 
 
 def test_sign_in_settings_are_read_from_the_environment():
+    """Given the OIDC and sign-in variables, when the settings are read, then single sign-on is on
+    with the client and scope given."""
     from chalicelib.settings import Settings
 
     env = {key.upper(): value for key, value in {**OIDC, **SIGN_IN}.items()}
@@ -162,6 +178,8 @@ def test_sign_in_settings_are_read_from_the_environment():
 
 @pytest.mark.parametrize("given", sorted(SIGN_IN))
 def test_one_sign_in_setting_alone_is_refused_naming_the_missing_ones(given):
+    """Given one of the three sign-in settings alone, when the settings are read, then they are
+    refused naming the two missing."""
     from chalicelib.settings import Settings, SettingsError
 
     env = {key.upper(): value for key, value in OIDC.items()}
@@ -172,6 +190,8 @@ def test_one_sign_in_setting_alone_is_refused_naming_the_missing_ones(given):
 
 
 def test_sign_in_settings_without_oidc_tokens_are_refused():
+    """Given sign-in settings with static tokens, when the settings are read, then they are
+    refused: they need AUTH_MODE=oidc."""
     from chalicelib.settings import Settings, SettingsError
 
     with pytest.raises(SettingsError, match="need AUTH_MODE=oidc"):
@@ -188,6 +208,8 @@ def test_sign_in_settings_without_oidc_tokens_are_refused():
     ],
 )
 def test_a_bad_sign_in_value_is_refused_naming_the_variable(variable, value):
+    """Given a malformed sign-in value, when the settings are read, then they are refused naming
+    the variable."""
     from chalicelib.settings import Settings, SettingsError
 
     env = {key.upper(): val for key, val in {**OIDC, **SIGN_IN}.items()}

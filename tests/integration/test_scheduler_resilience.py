@@ -371,6 +371,9 @@ def test_a_message_waiting_for_its_send_window_is_not_queued_again(api, pipeline
 
 
 def test_the_reconcilers_wait_covers_the_send_queues_visibility_timeout():
+    """Given the send queue's visibility timeout in the template, when the reconciler's constants
+    are compared with it, then they agree and a job is taken for lost only after its longest
+    delay plus that timeout."""
     # The template's SendQueue and the reconciler must agree, or a live job is taken for lost
     template = (ROOT / "infra" / "resources.yaml").read_text()
     found = re.search(

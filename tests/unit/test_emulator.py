@@ -9,6 +9,8 @@ from pynamodb.transactions import TransactWrite
 
 
 def test_a_cancelled_transaction_changes_nothing(services):
+    """Given items a and b, when a transaction that updates a, adds one, deletes b and fails its
+    condition on a missing item is written, then it is refused and no item changed."""
     Sequence = services.models.Sequence
     Sequence("a", value=1).save()
     Sequence("b", value=1).save()
@@ -32,6 +34,8 @@ def test_a_cancelled_transaction_changes_nothing(services):
 
 
 def test_a_committed_transaction_changes_everything(services):
+    """Given item a, when a transaction updating a and adding another commits, then both writes
+    show."""
     Sequence = services.models.Sequence
     Sequence("a", value=1).save()
     with TransactWrite(connection=Connection(region=services.settings.aws_region)) as tx:
