@@ -1154,19 +1154,26 @@ def test_a_mailing_deleted_during_fan_out_stops_it_and_the_others_go_on(
     other = create_mailing(api, clock, start=timedelta(minutes=1), text="other")
     clock.advance(minutes=1)
     pipeline.sqs.queues[FANOUT_URL].clear()
-    # The doomed mailing is deleted right after its first page is committed
-    original = services.scheduler._commit_page
+    # The doomed mailing is deleted right after its first page is committed (a page commits in
+    # one transaction that also moves the mailing's fan-out checkpoint)
+    import botocore.client
+
+    original = botocore.client.BaseClient._make_api_call
     state = {"pages": 0}
 
-    def commit_then_delete(item, *args):
-        created = original(item, *args)
-        if item.mailing_id == doomed["id"]:
+    def moves_checkpoint_of(params, mailing_id: str) -> bool:
+        keys = [part["Update"]["Key"] for part in params["TransactItems"] if "Update" in part]
+        return {"mailing_id": {"S": mailing_id}} in keys
+
+    def commit_then_delete(client, operation, params):
+        answer = original(client, operation, params)
+        if operation == "TransactWriteItems" and moves_checkpoint_of(params, doomed["id"]):
             state["pages"] += 1
             if state["pages"] == 1:
                 services.models.Mailing(doomed["id"]).delete()
-        return created
+        return answer
 
-    monkeypatch.setattr(services.scheduler, "_commit_page", commit_then_delete)
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", commit_then_delete)
     services.scheduler.tick(lambda: 60.0)
     monkeypatch.undo()
     pipeline.settle()
