@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
+from tests.support.api import API_TOKEN, AUTH, JSON_HEADERS, Api  # noqa: F401 - re-exported
 
 # Before anything can build a boto3/PynamoDB client: moto fakes credentials, not a region.
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -24,10 +25,7 @@ for _name in _FAKE_CREDENTIALS:
 os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("AWS_PROFILE", None)
 
-API_TOKEN = "test-token-0123456789abcdef"
 GATEWAY_TOKEN = "sandbox-token-for-tests"
-AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
-JSON_HEADERS = {"Content-Type": "application/json", **AUTH}
 
 
 class FakeClock:
@@ -103,34 +101,6 @@ def sandbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     gateway.start()
     yield gateway
     gateway.stop()
-
-
-@dataclass
-class Api:
-    """Thin JSON helper over chalice.test.Client."""
-
-    http: Any
-    headers: dict[str, str] = field(default_factory=lambda: dict(JSON_HEADERS))
-
-    def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
-        headers = kwargs.pop("headers", self.headers)
-        payload = body if isinstance(body, (str, bytes)) or body is None else json.dumps(body)
-        return self.http.request(method, path, headers=headers, body=payload or b"", **kwargs)
-
-    def get(self, path: str, **kwargs: Any) -> Any:
-        return self.call("GET", path, **kwargs)
-
-    def post(self, path: str, body: Any = None, **kwargs: Any) -> Any:
-        return self.call("POST", path, body, **kwargs)
-
-    def put(self, path: str, body: Any = None, **kwargs: Any) -> Any:
-        return self.call("PUT", path, body, **kwargs)
-
-    def patch(self, path: str, body: Any = None, **kwargs: Any) -> Any:
-        return self.call("PATCH", path, body, **kwargs)
-
-    def delete(self, path: str, **kwargs: Any) -> Any:
-        return self.call("DELETE", path, **kwargs)
 
 
 @pytest.fixture

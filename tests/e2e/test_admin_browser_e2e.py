@@ -507,6 +507,8 @@ def test_client_forms_show_the_apis_errors_next_to_their_fields(page: Any, stack
 def test_a_mailing_with_an_unknown_placeholder_is_refused_beside_its_text(
     page: Any, stack: Stack
 ) -> None:
+    """Given a signed-in operator, when a mailing with an unknown placeholder is submitted, then
+    the error shows beside its text and the form stays open."""
     sign_in(page, stack)
     fill_mailing(page, "Hello {name}", tags="nobody")
     page.get_by_role("button", name="Create mailing").click()

@@ -455,6 +455,8 @@ def pending_evidence(chaos: ChaosRun, mailing: Mailing) -> list[str]:
 def test_aws_and_the_gateway_failed_as_configured(
     chaos: ChaosRun, invariants: Callable[[str], None]
 ) -> None:
+    """Given the chaos run, when its faults are counted, then every kind of gateway fault was
+    served and AWS cancelled, throttled and failed requests as configured."""
     counts = chaos.ledger["counts"]
     faults = chaos.aws_faults
     conflict_share = faults.get("conflict", 0) / max(1, faults.get("transactions", 0))
@@ -493,6 +495,8 @@ def test_aws_and_the_gateway_failed_as_configured(
 def test_nearly_every_deliverable_message_of_a_was_delivered(
     chaos: ChaosRun, invariants: Callable[[str], None]
 ) -> None:
+    """Given mailing A of the chaos run, when its deliverable messages are counted, then at least
+    DELIVERED_SHARE of them were sent."""
     a = chaos.mailing("A")
     deliverable = [m for m in a.messages if not m["phone"].endswith(REJECTED_SUFFIXES)]
     sent = [m for m in deliverable if m["status"] == "sent"]
@@ -508,6 +512,9 @@ def test_nearly_every_deliverable_message_of_a_was_delivered(
 def test_every_message_is_in_exactly_one_final_state(
     chaos: ChaosRun, invariants: Callable[[str], None]
 ) -> None:
+    """Given the chaos run's mailings past their end, when their messages are listed, then each is
+    finished, each matching client has one message in exactly one final status, and no id is
+    shared."""
     # Once their end has passed, the scheduler finishes both mailings within the grace
     for mailing in chaos.mailings:
         if mailing.status != "finished" or mailing.listed["pending"]:
@@ -538,6 +545,8 @@ def test_every_message_is_in_exactly_one_final_state(
 def test_counters_equal_the_message_records(
     chaos: ChaosRun, invariants: Callable[[str], None]
 ) -> None:
+    """Given the chaos run, when each mailing's counters and GET /stats are compared with the
+    listed messages, then they are equal."""
     lines = []
     for mailing in chaos.mailings:
         listed = {status: len(mailing.listed[status]) for status in STATUSES}
@@ -555,6 +564,9 @@ def test_counters_equal_the_message_records(
 def test_gateway_accepted_each_message_at_most_once_and_sent_equals_accepted(
     chaos: ChaosRun, invariants: Callable[[str], None]
 ) -> None:
+    """Given the gateway's ledger after the chaos run, when it is compared with the messages, then
+    no message was accepted twice, sent equals accepted, and no message had more calls than
+    attempts."""
     accepted = chaos.accepted_by_id()
     requests_by_id = chaos.requests_by_id()
     messages = {m["id"]: m for mailing in chaos.mailings for m in mailing.messages}
@@ -603,6 +615,8 @@ def test_gateway_accepted_each_message_at_most_once_and_sent_equals_accepted(
 def test_nothing_reached_the_gateway_after_the_end(
     chaos: ChaosRun, invariants: Callable[[str], None]
 ) -> None:
+    """Given the chaos run, when the gateway's requests are compared with each mailing's end, then
+    none came after it."""
     accepted = chaos.accepted_by_id()
     requests_by_id = chaos.requests_by_id()
     lines = []
@@ -628,6 +642,8 @@ def test_nothing_reached_the_gateway_after_the_end(
 def test_no_send_of_b_reached_the_gateway_outside_the_clients_window(
     chaos: ChaosRun, invariants: Callable[[str], None]
 ) -> None:
+    """Given mailing B's send window, when the gateway's requests for B are read in each client's
+    local time, then none fell outside the window."""
     b = chaos.mailing("B")
     assert b.window is not None
     accepted = chaos.accepted_by_id()
@@ -667,6 +683,8 @@ def test_no_send_of_b_reached_the_gateway_outside_the_clients_window(
 def test_the_api_stayed_responsive_while_it_ran(
     chaos: ChaosRun, invariants: Callable[[str], None]
 ) -> None:
+    """Given reads sampled while the chaos run ran, when their latencies are measured, then none
+    failed and the p99 stayed under its bound."""
     every = [latency for values in chaos.read_latencies.values() for latency in values]
     lines = [
         f"{name}: {len(values)} reads, p50 {statistics.median(values) * 1000:.0f} ms, "

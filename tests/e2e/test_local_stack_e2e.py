@@ -47,12 +47,15 @@ def stack(outbox: Path) -> Iterator[Stack]:
 
 
 def test_startup_time_is_reported(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    """Given the local stack started, when its startup time is read, then it is printed and under
+    the ready timeout."""
     with capsys.disabled():
         print(f"\nlocal stack: spawn to READY in {stack.startup_seconds:.2f} s")
     assert stack.startup_seconds < READY_TIMEOUT_SECONDS
 
 
 def test_health_needs_no_token(stack: Stack) -> None:
+    """Given no token, when /health is asked, then the stack answers 200 with its stage."""
     response = requests.get(f"{stack.url}/health", timeout=5)
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "stage": "dev"}
@@ -76,6 +79,7 @@ def test_docs_page_and_every_asset_it_loads_are_served(stack: Stack) -> None:
 
 
 def test_openapi_document_is_served(stack: Stack) -> None:
+    """Given no token, when /openapi.json is asked, then an OpenAPI 3 document is served."""
     response = requests.get(f"{stack.url}/openapi.json", timeout=5)
     assert response.status_code == 200
     assert response.json()["openapi"].startswith("3.")
@@ -140,6 +144,8 @@ def test_daily_report_is_emailed_through_the_emulators_ses_into_the_outbox(
 
 
 def test_metrics_are_prometheus_text_and_requests_carry_a_correlation_id(stack: Stack) -> None:
+    """Given a request with a correlation id, when /metrics is read, then it is Prometheus text
+    with the service's families and the id comes back."""
     from prometheus_client.parser import text_string_to_metric_families
 
     response = requests.get(
@@ -152,15 +158,19 @@ def test_metrics_are_prometheus_text_and_requests_carry_a_correlation_id(stack: 
 
 
 def test_request_without_token_is_401(stack: Stack) -> None:
+    """Given no token, when clients are listed, then the answer is a 401."""
     assert requests.get(f"{stack.url}/clients", timeout=5).status_code == 401
 
 
 def test_request_with_wrong_token_is_403(stack: Stack) -> None:
+    """Given a wrong token, when clients are listed, then the answer is a 403."""
     wrong = {"Authorization": "Bearer " + "w" * 32}
     assert requests.get(f"{stack.url}/clients", headers=wrong, timeout=5).status_code == 403
 
 
 def test_bad_body_is_a_json_error(stack: Stack) -> None:
+    """Given an invalid phone, when a client is created, then the 4xx answer is JSON in the error
+    shape naming body.phone."""
     response = requests.post(
         f"{stack.url}/clients", json={"phone": "12345"}, headers=stack.auth, timeout=5
     )

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
-
-from tests.conftest import body
 
 OIDC = {
     "auth_mode": "oidc",
@@ -31,17 +30,16 @@ def header(response: Any, name: str) -> str:
 
 @pytest.fixture
 def with_settings(services: Any) -> Iterator[Any]:
-    """Swap the running services' settings for ones the test chooses (routes read them per call)."""
+    """Put in use a copy of the services with settings the test chooses, built anew and
+    validated (routes read them per call)."""
     from chalicelib.container import use_services
 
-    original = services.settings
-
     def use(**changes: Any) -> None:
-        services.settings = type(original)(**{**original.model_dump(), **changes})
-        use_services(services)
+        settings = type(services.settings)(**{**services.settings.model_dump(), **changes})
+        use_services(replace(services, settings=settings))
 
     yield use
-    services.settings = original
+    use_services(services)
 
 
 def test_the_page_is_html_for_anyone_and_loads_nothing_from_another_host(api):
@@ -80,6 +78,8 @@ def test_every_asset_the_page_links_is_served_with_its_type_and_cached_for_good(
 
 
 def test_an_asset_asked_for_without_its_hash_is_cached_briefly(api):
+    """Given an admin asset, when it is asked for without its content hash or with a stale one,
+    then it may be cached for five minutes only."""
     response = api.get("/admin/assets/app.js", headers={})
     assert response.status_code == 200
     assert header(response, "Cache-Control") == "public, max-age=300"
@@ -91,26 +91,34 @@ def test_an_asset_asked_for_without_its_hash_is_cached_briefly(api):
     "name", ["index.html", "app.py", "..%2F..%2Fsettings.py", "APP.JS", "app.js.map"]
 )
 def test_any_other_asset_name_is_404(api, name):
+    """Given a name not on the assets' allow-list, when it is asked for, then the answer is a 404
+    in the error shape."""
     response = api.get(f"/admin/assets/{name}", headers={})
     assert response.status_code == 404
-    assert body(response)["error"] == "not_found"
+    assert response.json["error"] == "not_found"
 
 
 def test_a_malformed_version_is_400(api):
+    """Given an asset version that is not a hash, when the asset is asked for, then the answer is a
+    400 naming query.v."""
     response = api.get("/admin/assets/app.js?v=<script>", headers={})
     assert response.status_code == 400
-    assert body(response)["details"][0]["field"] == "query.v"
+    assert response.json["details"][0]["field"] == "query.v"
 
 
 def test_with_static_tokens_the_ui_asks_for_a_token(api):
+    """Given static tokens, when the UI reads its configuration, then it is told to ask for a token
+    (no single sign-on)."""
     response = api.get("/admin/config.json", headers={})
     assert response.status_code == 200
-    assert body(response) == {"auth_mode": "static", "oidc": None}
+    assert response.json == {"auth_mode": "static", "oidc": None}
 
 
 def test_with_oidc_but_no_client_the_ui_asks_for_a_token(api, with_settings):
+    """Given OIDC without a sign-in client, when the UI reads its configuration, then it is told to
+    ask for a token."""
     with_settings(**OIDC)
-    assert body(api.get("/admin/config.json", headers={})) == {"auth_mode": "oidc", "oidc": None}
+    assert api.get("/admin/config.json", headers={}).json == {"auth_mode": "oidc", "oidc": None}
 
 
 def test_with_a_client_id_the_ui_offers_single_sign_on(api, with_settings):
@@ -119,7 +127,7 @@ def test_with_a_client_id_the_ui_offers_single_sign_on(api, with_settings):
     # When the UI reads its configuration
     response = api.get("/admin/config.json", headers={})
     # Then it gets the provider's endpoints for the authorization code flow
-    assert body(response) == {
+    assert response.json == {
         "auth_mode": "oidc",
         "oidc": {
             "authorization_endpoint": "https://login.example.com/oauth2/authorize",
@@ -134,7 +142,9 @@ def test_with_a_client_id_the_ui_offers_single_sign_on(api, with_settings):
 
 
 def test_the_admin_routes_are_public_and_documented(api):
-    spec = body(api.get("/openapi.json", headers={}))
+    """Given the OpenAPI document, when the admin routes are looked up, then each is public and the
+    configuration's schema is AdminConfig."""
+    spec = api.get("/openapi.json", headers={}).json
     for path in ("/admin", "/admin/assets/{name}", "/admin/config.json"):
         assert spec["paths"][path]["get"]["security"] == [], path
     config = spec["paths"]["/admin/config.json"]["get"]["responses"]["200"]
@@ -145,6 +155,8 @@ def test_the_admin_routes_are_public_and_documented(api):
 
 
 def test_sign_in_settings_default_to_none_and_the_scope_to_openid():
+    """Given an empty environment, when the settings are read, then single sign-on is off and the
+    scope is openid."""
     from chalicelib.settings import Settings
 
     settings = Settings.from_env({})
@@ -153,6 +165,8 @@ def test_sign_in_settings_default_to_none_and_the_scope_to_openid():
 
 
 def test_sign_in_settings_are_read_from_the_environment():
+    """Given the OIDC and sign-in variables, when the settings are read, then single sign-on is on
+    with the client and scope given."""
     from chalicelib.settings import Settings
 
     env = {key.upper(): value for key, value in {**OIDC, **SIGN_IN}.items()}
@@ -164,6 +178,8 @@ def test_sign_in_settings_are_read_from_the_environment():
 
 @pytest.mark.parametrize("given", sorted(SIGN_IN))
 def test_one_sign_in_setting_alone_is_refused_naming_the_missing_ones(given):
+    """Given one of the three sign-in settings alone, when the settings are read, then they are
+    refused naming the two missing."""
     from chalicelib.settings import Settings, SettingsError
 
     env = {key.upper(): value for key, value in OIDC.items()}
@@ -174,6 +190,8 @@ def test_one_sign_in_setting_alone_is_refused_naming_the_missing_ones(given):
 
 
 def test_sign_in_settings_without_oidc_tokens_are_refused():
+    """Given sign-in settings with static tokens, when the settings are read, then they are
+    refused: they need AUTH_MODE=oidc."""
     from chalicelib.settings import Settings, SettingsError
 
     with pytest.raises(SettingsError, match="need AUTH_MODE=oidc"):
@@ -190,6 +208,8 @@ def test_sign_in_settings_without_oidc_tokens_are_refused():
     ],
 )
 def test_a_bad_sign_in_value_is_refused_naming_the_variable(variable, value):
+    """Given a malformed sign-in value, when the settings are read, then they are refused naming
+    the variable."""
     from chalicelib.settings import Settings, SettingsError
 
     env = {key.upper(): val for key, val in {**OIDC, **SIGN_IN}.items()}

@@ -139,6 +139,8 @@ def test_a_conflict_editing_or_deleting_a_client_is_503_and_keeps_it_as_it_was(
 
 
 def test_a_throttled_opt_out_is_503_and_opts_nobody_out(api, client):
+    """Given DynamoDB throttling the update, when a client opts out, then the answer is a 503 to
+    retry later and the client is not opted out."""
     with aws_answers("UpdateItem", throttled) as failed:
         response = api.post("/opt-outs", {"phone": client["phone"]})
     assert failed
@@ -157,6 +159,8 @@ def mailing(api) -> dict:
 
 
 def test_a_conflict_creating_a_mailing_is_503_and_adds_nothing(api):
+    """Given a transaction conflict on the write, when a mailing is created, then the answer is a
+    503 to retry later and no mailing exists."""
     with aws_answers("PutItem", conflict_on_item) as failed:
         response = api.post("/mailings", MAILING)
     assert failed
@@ -188,6 +192,8 @@ def test_a_conflict_changing_a_mailing_is_503_and_changes_nothing(
 
 
 def test_the_api_document_says_a_503_comes_with_retry_after(api):
+    """Given the OpenAPI document, when a write's 503 answer is looked up, then it declares an
+    integer Retry-After header."""
     spec = body(api.get("/openapi.json"))
     unavailable = spec["paths"]["/mailings/{mailing_id}/cancel"]["post"]["responses"]["503"]
     assert "Retry-After" in unavailable["headers"]

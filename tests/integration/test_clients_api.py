@@ -37,6 +37,8 @@ def test_created_client_can_be_read_back_with_defaults(api):
 
 
 def test_explicit_operator_code_tag_and_timezone_are_kept(api):
+    """Given an operator code, tag and time zone, when the client is created, then all three are
+    kept as given."""
     created = create(api, operator_code="999", tag="vip", timezone="Asia/Vladivostok")
     assert (created["operator_code"], created["tag"], created["timezone"]) == (
         "999",
@@ -46,6 +48,8 @@ def test_explicit_operator_code_tag_and_timezone_are_kept(api):
 
 
 def test_duplicate_phone_is_a_conflict_and_adds_nothing(api):
+    """Given a client, when another is created with the same phone, then the answer is a 409
+    conflict and only one client exists."""
     create(api)
     response = api.post("/clients", {"phone": "79001234567", "tag": "other"})
     assert response.status_code == 409
@@ -54,12 +58,15 @@ def test_duplicate_phone_is_a_conflict_and_adds_nothing(api):
 
 
 def test_unknown_client_is_404_with_error_body(api):
+    """Given no such client, when it is read, then the answer is a 404 not_found."""
     response = api.get(f"/clients/{uuid.uuid4()}")
     assert response.status_code == 404
     assert body(response)["error"] == "not_found"
 
 
 def test_malformed_client_id_is_404_not_5xx(api):
+    """Given an id of 3,000 characters, when the client is read, then the answer is a 404, not a
+    server error."""
     response = api.get("/clients/" + "x" * 3000)
     assert response.status_code == 404
 
@@ -103,11 +110,15 @@ def test_invalid_client_is_rejected_with_422_and_nothing_is_stored(api, payload)
 
 
 def test_tag_of_exactly_64_characters_and_empty_tag_are_valid(api):
+    """Given a tag of 64 characters and an empty tag, when clients are created with them, then both
+    are kept."""
     assert create(api, phone="79001234567", tag="x" * 64)["tag"] == "x" * 64
     assert create(api, phone="79001234568", tag="")["tag"] == ""
 
 
 def test_wrong_field_error_names_the_field(api):
+    """Given an unknown time zone, when the client is created, then the error names body.timezone
+    and the value."""
     response = api.post("/clients", {"phone": "79001234567", "timezone": "Nowhere/Land"})
     details = body(response)["details"]
     assert details[0]["field"] == "body.timezone"
@@ -115,17 +126,22 @@ def test_wrong_field_error_names_the_field(api):
 
 
 def test_malformed_json_is_400(api):
+    """Given a body that is not JSON, when a client is created, then the answer is a 400
+    bad_request."""
     response = api.post("/clients", '{"phone": "79001234567"')
     assert response.status_code == 400
     assert body(response)["error"] == "bad_request"
 
 
 def test_empty_body_is_400(api):
+    """Given an empty body, when a client is created, then the answer is a 400."""
     response = api.post("/clients", "")
     assert response.status_code == 400
 
 
 def test_wrong_content_type_is_415(api):
+    """Given a text/plain body, when a client is created, then the answer is a 415 and no client is
+    stored."""
     headers = {**AUTH, "Content-Type": "text/plain"}
     response = api.post("/clients", json.dumps({"phone": "79001234567"}), headers=headers)
     assert response.status_code == 415
@@ -134,12 +150,15 @@ def test_wrong_content_type_is_415(api):
 
 
 def test_json_with_charset_is_accepted(api):
+    """Given application/json with a charset, when a client is created, then it is created."""
     headers = {**AUTH, "Content-Type": "application/json; charset=utf-8"}
     response = api.post("/clients", json.dumps({"phone": "79001234567"}), headers=headers)
     assert response.status_code == 201
 
 
 def test_oversized_body_is_413_and_nothing_is_stored(api):
+    """Given a body of 70 KiB, when a client is created, then the answer is a 413 and no client is
+    stored."""
     payload = json.dumps({"phone": "79001234567", "tag": "x" * (70 * 1024)})
     response = api.post("/clients", payload)
     assert response.status_code == 413
@@ -200,6 +219,8 @@ def test_editing_a_phone_to_non_ascii_digits_is_refused_and_changes_nothing(api,
 
 
 def test_an_operator_code_of_non_ascii_digits_is_refused_by_name(api):
+    """Given an operator code of full-width digits, when the client is created, then the 422 names
+    the field and asks for ASCII digits, and nothing is stored."""
     response = api.post("/clients", {"phone": "79001234567", "operator_code": "\uff19\uff10\uff10"})
     assert response.status_code == 422, response.body
     assert body(response)["details"] == [
@@ -241,6 +262,8 @@ def test_an_opt_out_of_non_ascii_digits_is_refused_and_opts_nobody_out(api, phon
 
 
 def test_put_replaces_every_field_and_rederives_the_operator_code(api):
+    """Given a client with every field set, when PUT gives only a new phone, then the other fields
+    take their defaults, the operator code comes from the phone and the creation time stays."""
     created = create(api, operator_code="999", tag="vip", timezone="Europe/Moscow")
     response = api.put(f"/clients/{created['id']}", {"phone": "79261234567"})
     assert response.status_code == 200
@@ -251,6 +274,7 @@ def test_put_replaces_every_field_and_rederives_the_operator_code(api):
 
 
 def test_patch_changes_only_given_fields(api):
+    """Given a client, when PATCH changes its tag, then only the tag changes."""
     created = create(api, tag="vip", timezone="Europe/Moscow")
     patched = body(api.patch(f"/clients/{created['id']}", {"tag": "regular"}))
     assert patched["tag"] == "regular"
@@ -259,6 +283,8 @@ def test_patch_changes_only_given_fields(api):
 
 
 def test_patch_with_null_is_422_and_changes_nothing(api):
+    """Given a client, when PATCH sets its tag to null, then the answer is a 422 and the tag is
+    unchanged."""
     created = create(api, tag="vip")
     response = api.patch(f"/clients/{created['id']}", {"tag": None})
     assert response.status_code == 422
@@ -266,6 +292,8 @@ def test_patch_with_null_is_422_and_changes_nothing(api):
 
 
 def test_patch_with_invalid_value_changes_nothing(api):
+    """Given a client, when PATCH holds one valid and one invalid field, then the answer is a 422
+    and neither changes."""
     created = create(api, tag="vip")
     response = api.patch(f"/clients/{created['id']}", {"tag": "new", "timezone": "Bad/Zone"})
     assert response.status_code == 422
@@ -273,6 +301,8 @@ def test_patch_with_invalid_value_changes_nothing(api):
 
 
 def test_changing_phone_to_one_in_use_is_409_and_changes_nothing(api):
+    """Given two clients, when one's phone is changed to the other's, then the answer is a 409 and
+    the phone is unchanged."""
     first = create(api, phone="79001111111")
     create(api, phone="79002222222")
     response = api.patch(f"/clients/{first['id']}", {"phone": "79002222222"})
@@ -281,6 +311,8 @@ def test_changing_phone_to_one_in_use_is_409_and_changes_nothing(api):
 
 
 def test_changing_phone_frees_the_old_number(api):
+    """Given a client whose phone was changed, when another client takes the old number, then it is
+    created."""
     first = create(api, phone="79001111111")
     api.patch(f"/clients/{first['id']}", {"phone": "79003333333"})
     # The old number can now be used by another client
@@ -289,6 +321,7 @@ def test_changing_phone_frees_the_old_number(api):
 
 
 def test_edit_of_unknown_client_is_404(api):
+    """Given no such client, when it is edited by PUT or PATCH, then the answer is a 404."""
     assert api.put(f"/clients/{uuid.uuid4()}", {"phone": "79001234567"}).status_code == 404
     assert api.patch(f"/clients/{uuid.uuid4()}", {"tag": "x"}).status_code == 404
 
@@ -297,6 +330,8 @@ def test_edit_of_unknown_client_is_404(api):
 
 
 def test_deleted_client_is_gone_and_its_phone_is_free(api):
+    """Given a client, when it is deleted, then it reads as 404, a second delete is a 404, and its
+    phone can be used again."""
     created = create(api)
     assert api.delete(f"/clients/{created['id']}").status_code == 204
     assert api.get(f"/clients/{created['id']}").status_code == 404
@@ -308,6 +343,8 @@ def test_deleted_client_is_gone_and_its_phone_is_free(api):
 
 
 def test_listing_filters_by_operator_code_and_tag(api):
+    """Given clients of two operators and two tags, when they are listed by operator code, tag or
+    both, then exactly the matching ones come back."""
     a = create(api, phone="79001000001", tag="vip")
     b = create(api, phone="79001000002", tag="new")
     c = create(api, phone="79161000003", tag="vip")
@@ -345,6 +382,8 @@ def test_listing_by_phone_finds_the_one_client_with_that_number(api):
 
 
 def test_empty_tag_filter_finds_clients_without_tag(api):
+    """Given a client with a tag and one without, when clients are listed with an empty tag, then
+    only the untagged one comes back."""
     untagged = create(api, phone="79001000001")
     create(api, phone="79001000002", tag="vip")
     items = body(api.get("/clients?tag="))["items"]
@@ -388,12 +427,16 @@ def test_pages_walk_every_client_exactly_once(api, query):
     ],
 )
 def test_bad_listing_parameters_are_400(api, query):
+    """Given a bad filter, limit or cursor, or an unknown parameter, when clients are listed, then
+    the answer is a 400 bad_request."""
     response = api.get(f"/clients?{query}")
     assert response.status_code == 400, response.body
     assert body(response)["error"] == "bad_request"
 
 
 def test_cursor_of_another_filter_is_rejected(api):
+    """Given a cursor from a listing by tag, when it is used with another filter, then the answer
+    is a 400."""
     for n in range(3):
         create(api, phone=f"7900100000{n}", tag="vip")
     cursor = body(api.get("/clients?limit=1&tag=vip"))["next_cursor"]
@@ -403,5 +446,7 @@ def test_cursor_of_another_filter_is_rejected(api):
 
 
 def test_page_size_is_capped(api):
+    """Given a huge limit, when clients are listed, then the listing is answered (the page size
+    capped), not refused."""
     response = api.get("/clients?limit=100000")
     assert response.status_code == 200

@@ -310,6 +310,8 @@ def test_a_phone_of_non_ascii_digits_is_a_reported_row_and_never_a_client(api, s
 
 
 def test_the_first_row_of_a_phone_wins_and_the_others_are_reported(api, sqs, lambdas):
+    """Given a file with a phone in three rows, when it is imported, then the first row is kept and
+    the others are reported as duplicates of it."""
     job = start(
         api,
         "phone,tag\n79001234567,first\n79001234568,other\n79001234567,second\n79001234567,third\n",
@@ -322,6 +324,8 @@ def test_the_first_row_of_a_phone_wins_and_the_others_are_reported(api, sqs, lam
 
 
 def test_columns_may_come_in_any_order_and_case_and_optional_ones_may_be_missing(api, sqs, lambdas):
+    """Given a header in another order and case without the optional columns, when it is imported,
+    then the client is created with the defaults."""
     job = start(api, " Tag ,PHONE\nvip,79001234567\n")
     run_imports(sqs, lambdas)
     assert imported(api, job["id"])["created"] == 1
@@ -372,6 +376,8 @@ BAD_FILES = {
 
 @pytest.mark.parametrize(("text", "kind"), BAD_FILES.values(), ids=BAD_FILES.keys())
 def test_a_file_that_cannot_be_read_is_refused_with_422_and_nothing_starts(api, sqs, text, kind):
+    """Given a file that is not CSV or has a bad header, when it is uploaded, then the answer is a
+    422 naming the problem and nothing is queued."""
     answer = refused(api, post_csv(api, text), 422, "validation_error")
     assert kind in {detail["type"] for detail in answer["details"]}
     assert sqs.depth(IMPORT_URL) == 0
@@ -388,17 +394,22 @@ def test_a_file_that_cannot_be_read_is_refused_with_422_and_nothing_starts(api, 
     ],
 )
 def test_a_body_that_is_not_a_utf8_csv_file_is_415(api, content_type):
+    """Given a body that is not declared as UTF-8 CSV, when it is uploaded, then the answer is a
+    415."""
     headers = {**AUTH, "Content-Type": content_type} if content_type else dict(AUTH)
     refused(api, post_csv(api, "phone\n79001234567\n", headers), 415, "unsupported_media_type")
 
 
 def test_csv_with_a_utf8_charset_is_accepted(api):
+    """Given text/csv with a UTF-8 charset, when it is uploaded, then the import starts (202)."""
     headers = {**AUTH, "Content-Type": 'text/csv; charset="UTF-8"'}
     assert post_csv(api, "phone\n79001234567\n", headers).status_code == 202
 
 
 @pytest.mark.parametrize("settings", [{"import_max_bytes": 1024}], indirect=True)
 def test_a_file_over_import_max_bytes_is_413(api):
+    """Given a file just over IMPORT_MAX_BYTES, when it is uploaded, then the answer is a 413; a
+    file under it starts."""
     text = "phone\n" + "79001234567\n" * 86  # 1,038 bytes
     refused(api, post_csv(api, text), 413, "payload_too_large")
     assert post_csv(api, "phone\n" + "79001234567\n" * 80).status_code == 202
@@ -406,6 +417,8 @@ def test_a_file_over_import_max_bytes_is_413(api):
 
 @pytest.mark.parametrize("settings", [{"import_max_rows": 3}], indirect=True)
 def test_a_file_over_import_max_rows_is_422(api):
+    """Given a file over IMPORT_MAX_ROWS, when it is uploaded, then the answer is a 422
+    too_many_rows; blank lines do not count as rows."""
     # Blank lines are not rows: three rows and a blank line are accepted, four rows are not
     assert post_csv(api, "phone\n79001234567\n\n79001234568\n79001234569\n").status_code == 202
     response = post_csv(api, "phone\n" + "79001234567\n" * 4)
@@ -417,6 +430,8 @@ def test_a_file_over_import_max_rows_is_422(api):
 def test_a_file_without_a_valid_row_is_a_finished_import_that_writes_nothing(
     api, sqs, dynamodb_writes
 ):
+    """Given a file without a valid row, when it is uploaded, then the import is done at once,
+    nothing is queued and no client is written."""
     for text in ("phone,tag\n", "phone\nbad\n"):
         job = start(api, text)
         assert job["status"] == "done"
@@ -426,6 +441,8 @@ def test_a_file_without_a_valid_row_is_a_finished_import_that_writes_nothing(
 
 
 def test_an_unknown_import_is_404(api):
+    """Given no such import (or an id that is not one), when it is read, then the answer is a 404
+    not_found."""
     for import_id in ("5c7b0125-ec18-5a8b-b413-e08616291d28", "not-an-id"):
         response = api.get(f"/clients/imports/{import_id}")
         assert response.status_code == 404
@@ -433,6 +450,8 @@ def test_an_unknown_import_is_404(api):
 
 
 def test_imports_are_listed_newest_first_a_page_at_a_time(api, clock):
+    """Given three imports, when they are listed two at a time, then they come newest first,
+    without their row errors."""
     ids = []
     for n in range(3):
         ids.append(start(api, f"phone\n7900123456{n}\n")["id"])
@@ -709,6 +728,9 @@ def test_a_chunk_that_keeps_failing_is_given_up_and_the_import_fails(
 
 
 def test_queued_rows_that_cannot_be_queued_fail_the_import_with_503(api, sqs, monkeypatch):
+    """Given SQS refusing the rows, when a file is uploaded, then the answer is a 503 and the
+    import is failed."""
+
     def refuse(*args, **kwargs):
         raise RuntimeError("SQS is unreachable")
 
@@ -721,6 +743,8 @@ def test_queued_rows_that_cannot_be_queued_fail_the_import_with_503(api, sqs, mo
 
 
 def test_a_malformed_chunk_is_dropped(lambdas, services, caplog):
+    """Given a chunk message that is not one, when the import worker handles it, then it is dropped
+    and logged."""
     event = lambdas.events.generate_sqs_event([json.dumps({"rows": "x"})], queue_name="q")
     lambdas.lambda_.invoke("import_clients", event)
     assert "malformed import chunk dropped" in caplog.text

@@ -40,7 +40,7 @@ def gateway(sandbox):
 def settings(gateway, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
     monkeypatch.setenv("API_TOKENS", API_TOKEN)
     overrides = getattr(request, "param", {})  # indirect parametrisation
-    return pipeline_settings(gateway.url, sender_api_token=GATEWAY_TOKEN, **overrides)
+    return pipeline_settings(gateway.url, **{"sender_api_token": GATEWAY_TOKEN, **overrides})
 
 
 @pytest.fixture
@@ -48,14 +48,38 @@ def sqs(clock):
     return VirtualSqs(clock)
 
 
+class GatewaySwitch:
+    """The sender's gateway client, as Services.build(gateway=...) takes it: a test wraps or
+    replaces `make` to watch or change what the gateway answers."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __call__(self):
+        return self.make()
+
+
 @pytest.fixture
-def services(aws, settings, clock, sqs):
+def gateway_client(settings) -> GatewaySwitch:
+    from chalicelib.container import gateway_factory
+
+    return GatewaySwitch(gateway_factory(settings))
+
+
+@pytest.fixture
+def services(aws, settings, clock, sqs, gateway_client, request: pytest.FixtureRequest):
     from chalicelib.container import Services, use_services
     from chalicelib.storage.models import create_tables
 
-    built = Services.build(
-        settings, clock=clock, sqs=sqs, rng=random.Random(7), wait_until=clock.wait_until
-    )
+    wiring = {
+        "clock": clock,
+        "sqs": sqs,
+        "gateway": gateway_client,
+        "rng": random.Random(7),
+        "wait_until": clock.wait_until,
+        **getattr(request, "param", {}),  # indirect parametrisation: Services.build's arguments
+    }
+    built = Services.build(settings, **wiring)
     create_tables(built.models)
     use_services(built)
     yield built
@@ -68,10 +92,10 @@ def pipeline(services, sqs, clock):
 
 
 @pytest.fixture
-def calls(services, clock) -> list[tuple[datetime, int]]:
+def calls(gateway_client, clock) -> list[tuple[datetime, int]]:
     """(test-clock time, message id) of every call the sender makes to the gateway."""
     recorded: list[tuple[datetime, int]] = []
-    make = services.sender._gateway
+    make = gateway_client.make
 
     class Recording:
         def __init__(self, inner):
@@ -81,7 +105,7 @@ def calls(services, clock) -> list[tuple[datetime, int]]:
             recorded.append((clock(), message_id))
             return self._inner.send(message_id, phone, text)
 
-    services.sender._gateway = lambda: Recording(make())
+    gateway_client.make = lambda: Recording(make())
     return recorded
 
 
@@ -147,6 +171,8 @@ def test_mailing_reaches_exactly_the_matching_clients_right_away(api, pipeline, 
 def test_future_mailing_sends_nothing_before_its_start_and_everything_after(
     api, pipeline, clock, gateway
 ):
+    """Given a mailing starting in an hour, when time runs to just before and then past its start,
+    then nothing is sent before it, every client gets the message after it, and it finishes."""
     for n in range(3):
         add_client(api, f"7900000000{n}")
     start = timedelta(hours=1)
@@ -166,6 +192,8 @@ def test_future_mailing_sends_nothing_before_its_start_and_everything_after(
 def test_each_client_is_sent_to_once_however_often_the_scheduler_runs(
     api, pipeline, clock, gateway
 ):
+    """Given a mailing to five clients, when the scheduler runs three times over, then each client
+    gets one message and the gateway sees no duplicate."""
     for n in range(5):
         add_client(api, f"7900000000{n}")
     mailing = create_mailing(api, clock)
@@ -178,13 +206,13 @@ def test_each_client_is_sent_to_once_however_often_the_scheduler_runs(
     assert len(gateway.accepted()) == 5
 
 
+@pytest.mark.parametrize("settings", [{"fanout_page_size": 10}], indirect=True)
 def test_fan_out_resumes_from_its_checkpoint_across_invocations(
     api, pipeline, services, clock, gateway
 ):
     # Given an audience larger than one page and a worker that runs out of time after a page
     for n in range(25):
         add_client(api, f"790000000{n:02d}")
-    object.__setattr__(services.settings, "fanout_page_size", 10)
     mailing = create_mailing(api, clock, start=timedelta(minutes=5))
     clock.advance(minutes=5)
     pipeline.sqs.queues[FANOUT_URL].clear()  # the start kick; this test drives the tick itself
@@ -199,13 +227,13 @@ def test_fan_out_resumes_from_its_checkpoint_across_invocations(
     assert sorted(gateway.accepted_ids().values()) == [1] * 25
 
 
+@pytest.mark.parametrize("settings", [{"fanout_page_size": 7}], indirect=True)
 def test_fan_out_over_many_pages_and_every_shard_gives_each_client_one_message(
     api, pipeline, services, clock
 ):
     # Given more clients than fit on several pages, spread over all 16 shards of the index
     phones = [f"790000001{n:02d}" for n in range(60)]
     clients = {add_client(api, phone)["id"]: phone for phone in phones}
-    object.__setattr__(services.settings, "fanout_page_size", 7)
     # When the fan-out walks them, reading each next page while the last one commits
     mailing = create_mailing(api, clock)
     pipeline.kicks()
@@ -217,6 +245,8 @@ def test_fan_out_over_many_pages_and_every_shard_gives_each_client_one_message(
 
 
 def test_message_ids_are_unique_integers_across_mailings(api, pipeline, clock):
+    """Given two mailings to the same four clients, when both are sent, then their eight message
+    ids are distinct positive 64-bit integers."""
     for n in range(4):
         add_client(api, f"7900000000{n}")
     first = create_mailing(api, clock)
@@ -255,6 +285,9 @@ def test_jobs_still_queued_when_the_end_passes_expire_and_are_never_sent(
 def test_send_window_is_the_clients_local_time_and_deferred_clients_get_it_when_it_opens(
     api, pipeline, clock, gateway, calls
 ):
+    """Given clients in three time zones and a 09:00-18:00 window, when the mailing runs for 30
+    hours, then every call falls inside the client's local window, and clients outside it get
+    theirs when it opens."""
     # It is 12:00 UTC: 15:00 in Moscow, 21:00 in Vladivostok, 07:00 in New York
     clients = {
         "Europe/Moscow": add_client(api, "79000000001", timezone="Europe/Moscow"),
@@ -288,6 +321,8 @@ def test_send_window_is_the_clients_local_time_and_deferred_clients_get_it_when_
 
 
 def test_window_that_wraps_midnight_is_honoured(api, pipeline, clock):
+    """Given a window from 22:00 to 02:00, when the mailing runs, then its message is sent inside
+    those hours."""
     client = add_client(api, "79000000001", timezone="UTC")
     mailing = create_mailing(
         api, clock, end=timedelta(days=1), send_window={"start": "22:00", "end": "02:00"}
@@ -300,6 +335,8 @@ def test_window_that_wraps_midnight_is_honoured(api, pipeline, clock):
 
 
 def test_window_that_never_opens_before_the_end_expires_the_message(api, pipeline, clock, gateway):
+    """Given a window that does not open before the mailing ends, when it runs, then nothing is
+    sent and the message expires, naming the window."""
     add_client(api, "79000000001", timezone="UTC")
     mailing = create_mailing(
         api, clock, end=timedelta(hours=3), send_window={"start": "20:00", "end": "21:00"}
@@ -315,6 +352,8 @@ def test_window_that_never_opens_before_the_end_expires_the_message(api, pipelin
 
 
 def test_rejected_message_fails_at_once_with_the_reason(api, pipeline, clock, gateway):
+    """Given a gateway rejecting one phone, when the mailing runs, then that message fails on its
+    first attempt naming the 400, and the other is sent."""
     gateway.set_profile(FaultProfile(reject_phone_suffixes=("13",)))
     add_client(api, "79000000013")
     add_client(api, "79000000014")
@@ -341,6 +380,9 @@ def test_rejected_message_fails_at_once_with_the_reason(api, pipeline, clock, ga
 def test_persistent_transient_faults_end_in_failed_and_the_dead_letter_queue(
     api, pipeline, clock, gateway, profile
 ):
+    """Given a gateway failing every call (5xx, malformed or too slow), when the mailing runs for
+    hours, then the message fails after 8 attempts, its job lands in the dead-letter queue, and
+    the counters match."""
     gateway.set_profile(profile)
     add_client(api, "79000000001")
     mailing = create_mailing(api, clock, end=timedelta(days=1))
@@ -355,6 +397,8 @@ def test_persistent_transient_faults_end_in_failed_and_the_dead_letter_queue(
 
 
 def test_gateway_outage_of_a_minute_delays_but_loses_nothing(api, pipeline, clock, gateway):
+    """Given a gateway down for a minute, when it comes back, then every message is sent once and
+    the counters match."""
     for n in range(6):
         add_client(api, f"7900000000{n}")
     gateway.start_outage(3600)  # down until the test ends it
@@ -634,7 +678,7 @@ def test_retries_beyond_the_shared_budget_are_deferred_without_spending_attempts
 
 
 def test_a_bad_luck_failure_is_retried_within_seconds_not_after_retry_base_seconds(
-    api, pipeline, services, clock, gateway, calls
+    api, pipeline, services, clock, gateway, calls, gateway_client
 ):
     # Given the default RETRY_BASE_SECONDS (5 s) and a gateway that just accepted 30 messages
     assert services.settings.retry_base_seconds == 5
@@ -647,7 +691,7 @@ def test_a_bad_luck_failure_is_retried_within_seconds_not_after_retry_base_secon
     # When it fails the next message's first call with a 500 (bad luck: most calls succeed,
     # the retry budget has room) and works again right after it
     gateway.set_profile(FaultProfile(error_rate=1.0, seed=4))
-    make = services.sender._gateway
+    make = gateway_client.make
 
     class HealedAfterOneCall:
         def __init__(self, inner):
@@ -658,7 +702,7 @@ def test_a_bad_luck_failure_is_retried_within_seconds_not_after_retry_base_secon
             gateway.set_profile(FaultProfile())
             return result
 
-    services.sender._gateway = lambda: HealedAfterOneCall(make())
+    gateway_client.make = lambda: HealedAfterOneCall(make())
     mailing = create_mailing(api, clock, filter={"tags": ["later"]})
     pipeline.run(until=clock() + timedelta(seconds=30), step=timedelta(seconds=1))
     # Then it is sent with its second call, within two seconds of the first: the shared rate
@@ -687,6 +731,8 @@ def test_a_gateway_failing_for_minutes_does_not_spend_a_lone_message_s_attempts(
 
 
 def test_retries_never_go_past_the_end(api, pipeline, clock, gateway, calls):
+    """Given a gateway failing every call and a mailing ending in 40 s, when it runs, then no call
+    is made after the end and the message expires."""
     gateway.set_profile(FaultProfile(error_rate=1.0, seed=3))
     add_client(api, "79000000001")
     end = clock() + timedelta(seconds=40)
@@ -699,10 +745,12 @@ def test_retries_never_go_past_the_end(api, pipeline, clock, gateway, calls):
     assert all(at < end for at, _ in calls)
 
 
+@pytest.mark.parametrize("settings", [{"sender_api_token": None}], indirect=True)
 def test_wrong_gateway_token_keeps_messages_pending_and_retries_later(
-    api, pipeline, services, clock, gateway
+    api, pipeline, services, clock, gateway, gateway_client
 ):
-    object.__setattr__(services.settings, "sender_api_token", None)
+    """Given a gateway client with a wrong token, when the mailing runs, then its message waits
+    with the 401; when the token is fixed, then it is sent."""
     from pydantic import SecretStr
 
     from chalicelib.gateway import GatewayClient
@@ -714,7 +762,7 @@ def test_wrong_gateway_token_keeps_messages_pending_and_retries_later(
         gateway.url, SecretStr(GATEWAY_TOKEN), connect_timeout=0.5, read_timeout=0.5
     )
     current = {"client": wrong}
-    services.sender._gateway = lambda: current["client"]
+    gateway_client.make = lambda: current["client"]
     add_client(api, "79000000001")
     mailing = create_mailing(api, clock, end=timedelta(days=1))
     pipeline.run(until=clock() + timedelta(minutes=20), step=timedelta(minutes=1))
@@ -760,6 +808,8 @@ def test_mixed_faults_end_in_terminal_states_with_exact_counters(api, pipeline, 
 
 
 def test_a_job_delivered_twice_is_sent_once(api, pipeline, clock, gateway):
+    """Given a job, when the sender is handed it twice, then the gateway accepts the message
+    once."""
     add_client(api, "79000000001")
     create_mailing(api, clock)
     pipeline.kicks()
@@ -771,6 +821,8 @@ def test_a_job_delivered_twice_is_sent_once(api, pipeline, clock, gateway):
 
 
 def test_two_racing_senders_send_once(api, pipeline, clock, gateway):
+    """Given a batch of five jobs, when two senders deliver it at the same moment, then each
+    message is accepted once."""
     gateway.set_profile(FaultProfile(latency_seconds=0.2))
     for n in range(5):
         add_client(api, f"7900000000{n}")
@@ -796,6 +848,8 @@ def test_two_racing_senders_send_once(api, pipeline, clock, gateway):
 
 
 def test_text_and_end_changed_while_running_apply_to_unsent_messages(api, pipeline, clock, gateway):
+    """Given a running mailing whose job is queued, when its text and end are changed, then the
+    message goes out with the new text."""
     add_client(api, "79000000001")
     mailing = create_mailing(api, clock, end=timedelta(minutes=30))
     pipeline.kicks()  # fan-out done, job queued, nothing sent yet
@@ -809,6 +863,8 @@ def test_text_and_end_changed_while_running_apply_to_unsent_messages(api, pipeli
 
 
 def test_filter_and_start_cannot_change_once_running(api, pipeline, clock):
+    """Given a running mailing, when its filter or start is changed, then the answer is a 409
+    naming the field."""
     add_client(api, "79000000001")
     mailing = create_mailing(api, clock)
     pipeline.kicks()
@@ -822,6 +878,7 @@ def test_filter_and_start_cannot_change_once_running(api, pipeline, clock):
 
 
 def test_deleting_a_mailing_stops_its_queued_jobs(api, pipeline, clock, gateway):
+    """Given a mailing with queued jobs, when it is deleted, then none of them is sent."""
     for n in range(3):
         add_client(api, f"7900000000{n}")
     mailing = create_mailing(api, clock)
@@ -832,6 +889,8 @@ def test_deleting_a_mailing_stops_its_queued_jobs(api, pipeline, clock, gateway)
 
 
 def test_a_deleted_client_is_never_sent_to(api, pipeline, clock, gateway):
+    """Given a client deleted after the fan-out, when the jobs run, then only the other client is
+    sent to, the deleted one's message fails saying why, and the counters match."""
     keep = add_client(api, "79000000001")
     gone = add_client(api, "79000000002")
     mailing = create_mailing(api, clock)
@@ -847,6 +906,8 @@ def test_a_deleted_client_is_never_sent_to(api, pipeline, clock, gateway):
 
 
 def test_cancel_stops_sending_and_keeps_statistics(api, pipeline, clock, gateway):
+    """Given a mailing with one message sent, when it is cancelled, then the rest are cancelled,
+    nothing more is sent, and the stats show both."""
     for n in range(4):
         add_client(api, f"7900000000{n}", timezone="UTC")
     mailing = create_mailing(api, clock, end=timedelta(days=1))
@@ -872,6 +933,7 @@ def test_cancel_stops_sending_and_keeps_statistics(api, pipeline, clock, gateway
 
 
 def test_cancel_of_a_finished_mailing_is_409(api, pipeline, clock):
+    """Given a finished mailing, when it is cancelled or edited, then the answer is a 409."""
     add_client(api, "79000000001")
     mailing = create_mailing(api, clock)
     pipeline.settle()
@@ -912,11 +974,11 @@ def queued_batches(pipeline: Pipeline) -> list[str]:
     return [m.body for m in pipeline.sqs.take_ready(SEND_URL, 100)]
 
 
+@pytest.mark.parametrize("settings", [{"jobs_per_message": 2}], indirect=True)
 def test_one_failing_record_is_reported_alone_and_its_siblings_are_not_sent_again(
     api, pipeline, services, clock, gateway, monkeypatch, send_lambda
 ):
     # Given three SQS messages of jobs, the second of which hits a storage error
-    object.__setattr__(services.settings, "jobs_per_message", 2)
     for n in range(6):
         add_client(api, f"7900000000{n}")
     create_mailing(api, clock)
@@ -951,6 +1013,8 @@ def test_one_failing_record_is_reported_alone_and_its_siblings_are_not_sent_agai
 def test_malformed_job_is_dropped_without_failing_its_batch(
     api, pipeline, clock, gateway, send_lambda
 ):
+    """Given a batch with a malformed record and a good one, when the send Lambda handles it, then
+    no record is reported failed and the good one is sent."""
     add_client(api, "79000000001")
     create_mailing(api, clock)
     bodies = queued_batches(pipeline)
@@ -988,6 +1052,9 @@ def crash_once(monkeypatch, target, name: str) -> None:
 def test_a_worker_dying_anywhere_sends_twice_only_in_the_documented_window(
     api, pipeline, services, clock, gateway, monkeypatch, where, expected_sends
 ):
+    """Given a worker that dies at some point of a delivery, when SQS shows the job again, then the
+    message is sent, twice only if the worker died between the gateway's accept and the
+    outcome's write."""
     add_client(api, "79000000001")
     mailing = create_mailing(api, clock)
     [body_text] = queued_batches(pipeline)
@@ -1055,14 +1122,17 @@ def test_fan_out_dying_between_enqueue_and_commit_loses_and_duplicates_nothing(
     assert_counters_match_records(pipeline, mailing["id"])
 
 
+@pytest.mark.parametrize(
+    "settings", [{"sender_concurrency": 16, "jobs_per_message": 40}], indirect=True
+)
+# Time stands still, so all 16 threads finish together (one thread's wait for its rate slot
+# would move the shared test clock past the others' slots).
+@pytest.mark.parametrize("services", [{"wait_until": lambda moment: None}], indirect=True)
 def test_counters_stay_exact_when_many_senders_finish_messages_at_once(
     api, pipeline, services, clock, monkeypatch
 ):
-    # Time stands still, so all 16 threads finish together (one thread's wait for its rate
-    # slot would move the shared test clock past the others' slots).
-    monkeypatch.setattr(services.sender, "_wait_until", lambda moment: None)
-    object.__setattr__(services.settings, "sender_concurrency", 16)
-    object.__setattr__(services.settings, "jobs_per_message", 40)
+    """Given 40 jobs in one batch and 16 sender threads, when they all finish together, then every
+    message is sent and the counters match the records."""
     for n in range(40):
         add_client(api, f"790000000{n:02d}")
     mailing = create_mailing(api, clock)
@@ -1072,29 +1142,38 @@ def test_counters_stay_exact_when_many_senders_finish_messages_at_once(
     assert_counters_match_records(pipeline, mailing["id"])
 
 
+@pytest.mark.parametrize("settings", [{"fanout_page_size": 10}], indirect=True)
 def test_a_mailing_deleted_during_fan_out_stops_it_and_the_others_go_on(
     api, pipeline, services, clock, gateway, monkeypatch
 ):
+    """Given two mailings fanning out in pages of 10, when one is deleted after its first page,
+    then it gets no more messages and the other sends to all 30 clients."""
     for n in range(30):
         add_client(api, f"790000000{n:02d}")
-    object.__setattr__(services.settings, "fanout_page_size", 10)
     doomed = create_mailing(api, clock, start=timedelta(minutes=1), text="doomed")
     other = create_mailing(api, clock, start=timedelta(minutes=1), text="other")
     clock.advance(minutes=1)
     pipeline.sqs.queues[FANOUT_URL].clear()
-    # The doomed mailing is deleted right after its first page is committed
-    original = services.scheduler._commit_page
+    # The doomed mailing is deleted right after its first page is committed (a page commits in
+    # one transaction that also moves the mailing's fan-out checkpoint)
+    import botocore.client
+
+    original = botocore.client.BaseClient._make_api_call
     state = {"pages": 0}
 
-    def commit_then_delete(item, *args):
-        created = original(item, *args)
-        if item.mailing_id == doomed["id"]:
+    def moves_checkpoint_of(params, mailing_id: str) -> bool:
+        keys = [part["Update"]["Key"] for part in params["TransactItems"] if "Update" in part]
+        return {"mailing_id": {"S": mailing_id}} in keys
+
+    def commit_then_delete(client, operation, params):
+        answer = original(client, operation, params)
+        if operation == "TransactWriteItems" and moves_checkpoint_of(params, doomed["id"]):
             state["pages"] += 1
             if state["pages"] == 1:
                 services.models.Mailing(doomed["id"]).delete()
-        return created
+        return answer
 
-    monkeypatch.setattr(services.scheduler, "_commit_page", commit_then_delete)
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", commit_then_delete)
     services.scheduler.tick(lambda: 60.0)
     monkeypatch.undo()
     pipeline.settle()
@@ -1139,6 +1218,8 @@ def raw_table(services, kind: str):
 def test_a_corrupt_client_record_fails_its_message_and_spares_the_batch(
     api, pipeline, services, clock, gateway, damage, reason
 ):
+    """Given a client record damaged in storage, when the batch is sent, then its message fails
+    with the reason and the other client's is sent."""
     good = add_client(api, "79000000001")
     bad = add_client(api, "79000000002")
     mailing = create_mailing(api, clock)
@@ -1169,6 +1250,8 @@ def test_a_corrupt_client_record_fails_its_message_and_spares_the_batch(
 def test_a_corrupt_mailing_record_fails_its_messages_with_the_reason(
     api, pipeline, services, clock, gateway
 ):
+    """Given a mailing record whose text was removed in storage, when its jobs run, then nothing is
+    sent and every message fails saying the text is missing."""
     for n in range(3):
         add_client(api, f"7900000000{n}")
     mailing = create_mailing(api, clock)
@@ -1190,6 +1273,8 @@ def test_a_corrupt_mailing_record_fails_its_messages_with_the_reason(
 def test_an_unreadable_mailing_record_fails_its_messages_without_crashing(
     api, pipeline, services, clock, gateway
 ):
+    """Given a mailing record whose end is not a date, when its job runs, then the message fails as
+    unreadable, nothing is sent, and the job is not put back."""
     add_client(api, "79000000001")
     mailing = create_mailing(api, clock)
     pipeline.kicks()
@@ -1210,6 +1295,8 @@ def test_an_unreadable_mailing_record_fails_its_messages_without_crashing(
 def test_jobs_of_a_deleted_mailing_leave_their_messages_failed_with_the_reason(
     api, pipeline, clock, gateway
 ):
+    """Given a mailing deleted after its fan-out, when its job runs, then nothing is sent and the
+    message fails saying the mailing was deleted."""
     add_client(api, "79000000001")
     mailing = create_mailing(api, clock)
     pipeline.kicks()

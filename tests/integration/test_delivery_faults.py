@@ -27,6 +27,7 @@ from tests.integration.test_delivery import (  # noqa: F401
     calls,
     create_mailing,
     gateway,
+    gateway_client,
     pipeline,
     services,
     settings,
@@ -204,6 +205,8 @@ def test_a_deadline_mid_batch_records_what_was_sent_and_requeues_the_rest(
 
 
 def test_claims_shorter_than_a_call_and_its_outcome_are_refused():
+    """Given a claim shorter than a call's timeouts plus its outcome's write, when the settings are
+    built, then they are refused naming CLAIM_SECONDS; a long enough one is accepted."""
     from chalicelib.settings import Settings
 
     # A claim must outlast the longest call (connect + read timeouts) and its outcome's write

@@ -227,11 +227,15 @@ QUERIES = {
 
 @pytest.mark.parametrize("params", QUERIES.values(), ids=QUERIES.keys())
 def test_an_index_query_answers_page_by_page_as_moto_does(dynamodb, moto_only, params):
+    """Given a table with an index, when the same query is paged through the patched emulator and
+    through moto's own code, then every page is the same."""
     ours, theirs = _both(dynamodb, moto_only, **params)
     assert ours == theirs
 
 
 def test_the_sample_exercises_ties_sparse_items_and_several_pages(dynamodb, moto_only):
+    """Given the sample table, when it is paged four items at a time, then it spans several pages
+    with tied sort keys, and both answers agree."""
     ours, theirs = _both(dynamodb, moto_only, **_by_rank(Limit=4))
     ranks = [item["rank"]["N"] for page in ours for item in page["Items"]]
     assert len(ours) > 5
@@ -240,6 +244,8 @@ def test_the_sample_exercises_ties_sparse_items_and_several_pages(dynamodb, moto
 
 
 def test_a_bad_query_fails_as_moto_fails(dynamodb, moto_only):
+    """Given a consistent read on an index (not allowed), when it is queried with and without the
+    patches, then both fail with the same error."""
     params = {**_by_rank(), "ConsistentRead": True}
     with pytest.raises(ClientError) as ours:
         dynamodb.query(TableName=TABLE, **params)
@@ -279,6 +285,8 @@ def _agree(client: Any, moto_only: Any, *groups: str) -> None:
 
 
 def test_a_put_is_seen_by_the_next_query(dynamodb, moto_only):
+    """Given an indexed group, when an item is put into it, then the next query finds it, as moto's
+    would."""
     before = _group(dynamodb, "a")
     dynamodb.put_item(TableName=TABLE, Item={**_person(1000), "grp": {"S": "a"}})
     after = _group(dynamodb, "a")
@@ -287,6 +295,8 @@ def test_a_put_is_seen_by_the_next_query(dynamodb, moto_only):
 
 
 def test_an_update_that_moves_an_item_between_groups_is_seen(dynamodb, moto_only):
+    """Given an item of group a, when an update moves it to group b, then queries find it in b
+    only, as moto's would."""
     member = _group(dynamodb, "a")[0]
     _update(dynamodb, member, "SET grp = :b", ExpressionAttributeValues={":b": {"S": "b"}})
     assert member not in _group(dynamodb, "a")
@@ -295,6 +305,8 @@ def test_an_update_that_moves_an_item_between_groups_is_seen(dynamodb, moto_only
 
 
 def test_an_update_of_the_sort_key_reorders_the_group(dynamodb, moto_only):
+    """Given the last item of a group, when its sort key is lowered below all others, then it comes
+    first, as in moto's answer."""
     last = _group(dynamodb, "a")[-1]
     _update(
         dynamodb,
@@ -308,6 +320,8 @@ def test_an_update_of_the_sort_key_reorders_the_group(dynamodb, moto_only):
 
 
 def test_removing_the_index_key_takes_the_item_out_of_the_index(dynamodb, moto_only):
+    """Given an item in the index, when its index key is removed, then queries no longer find it,
+    as moto's would."""
     member = _group(dynamodb, "c")[2]
     _update(dynamodb, member, "REMOVE grp")
     assert member not in _group(dynamodb, "c")
@@ -315,6 +329,8 @@ def test_removing_the_index_key_takes_the_item_out_of_the_index(dynamodb, moto_o
 
 
 def test_deletes_and_batch_writes_are_seen(dynamodb, moto_only):
+    """Given a group, when items are deleted singly and in a batch with a put, then queries see
+    every change, as moto's would."""
     first, second = _group(dynamodb, "b")[:2]
     dynamodb.delete_item(TableName=TABLE, Key={"pk": {"S": first[0]}, "sk": {"N": first[1]}})
     dynamodb.batch_write_item(
@@ -333,6 +349,8 @@ def test_deletes_and_batch_writes_are_seen(dynamodb, moto_only):
 
 
 def test_a_committed_transaction_is_seen_and_a_cancelled_one_changes_nothing(dynamodb, moto_only):
+    """Given indexed groups, when one transaction commits and another is cancelled by its
+    condition, then queries see the first and none of the second."""
     before = {group: _group(dynamodb, group) for group in "abc"}
     moved = before["a"][0]
     dynamodb.transact_write_items(
@@ -373,6 +391,8 @@ def test_a_committed_transaction_is_seen_and_a_cancelled_one_changes_nothing(dyn
 
 
 def test_a_partiql_update_is_seen(dynamodb, moto_only):
+    """Given an item of group a, when a PartiQL UPDATE moves it to b, then queries find it in b, as
+    moto's would."""
     member = _group(dynamodb, "a")[1]
     dynamodb.execute_statement(
         Statement=f"UPDATE {TABLE} SET grp='b' WHERE pk=? AND sk=?",
@@ -407,6 +427,8 @@ def big_group(aws: None) -> Any:
 
 
 def test_a_page_deep_in_a_large_group_is_found_without_walking_the_group(big_group, monkeypatch):
+    """Given a group of 2,000 items, when a page starting deep inside it is asked for, then it is
+    found by a binary search, without walking the items."""
     from moto.dynamodb.models.table import Table
 
     query = {
@@ -447,6 +469,8 @@ def _never(*_: Any) -> Iterator[Any]:
 
 
 def test_attributes_of_every_type_serialize_as_moto_serializes_them(dynamodb, moto_only):
+    """Given items holding every attribute type, when they are read and serialized with and without
+    the patches, then the answers are byte for byte the same."""
     keys = [_key(n) for n in (1, 2, 11, 26)]
     ours = dynamodb.batch_get_item(RequestItems={TABLE: {"Keys": keys}})["Responses"]
     with moto_only():
@@ -472,6 +496,9 @@ def test_attributes_of_every_type_serialize_as_moto_serializes_them(dynamodb, mo
 
 
 def test_one_condition_on_many_items_is_judged_item_by_item(dynamodb):
+    """Given a condition that an item must not exist, when it is used on a put and in a
+    transaction, then it fails only for the item that exists, and the cancelled transaction
+    writes nothing."""
     condition = {"ConditionExpression": "attribute_not_exists(pk)"}
     dynamodb.put_item(TableName=TABLE, Item=_person(500), **condition)
     with pytest.raises(ClientError) as taken:
@@ -492,6 +519,9 @@ def test_one_condition_on_many_items_is_judged_item_by_item(dynamodb):
 
 
 def test_an_invalid_condition_is_refused_every_time_as_moto_refuses_it(dynamodb, moto_only):
+    """Given a condition with an unused attribute name, when it is used twice, then it is refused
+    both times with moto's own validation error."""
+
     def refusal() -> dict:
         with pytest.raises(ClientError) as refused:
             dynamodb.put_item(
@@ -513,6 +543,8 @@ def test_an_invalid_condition_is_refused_every_time_as_moto_refuses_it(dynamodb,
 
 
 def test_sending_does_not_walk_the_queue_and_its_counts_stay_right(aws, monkeypatch):
+    """Given a queue of 300 messages, some delayed, when another batch is sent, then no message is
+    looked at, and the visible and delayed counts stay right."""
     from moto.sqs.models import Message
 
     sqs = boto3.client("sqs")
@@ -541,6 +573,8 @@ def test_sending_does_not_walk_the_queue_and_its_counts_stay_right(aws, monkeypa
 
 
 def test_a_fifo_queue_still_drops_duplicate_content(aws):
+    """Given a FIFO queue with content-based deduplication, when the same body is sent three times,
+    then it holds one message."""
     sqs = boto3.client("sqs")
     url = sqs.create_queue(
         QueueName="jobs.fifo",
@@ -563,6 +597,8 @@ def _live(kind: type) -> int:
 
 
 def test_items_a_query_returns_do_not_outlive_the_response(dynamodb):
+    """Given repeated queries and an overwrite, when they are done, then no more item objects are
+    alive than before."""
     from moto.dynamodb.models.dynamo_type import Item
 
     _pages(dynamodb, **_by_rank(ProjectionExpression="pk, sk"))
@@ -577,6 +613,8 @@ def test_items_a_query_returns_do_not_outlive_the_response(dynamodb):
 
 
 def test_deleted_sqs_messages_are_not_kept(aws):
+    """Given messages sent, received and deleted three times, when they are gone, then no more
+    message objects are alive than before."""
     from moto.sqs.models import Message
 
     sqs = boto3.client("sqs")

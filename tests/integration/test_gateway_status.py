@@ -82,10 +82,13 @@ def test_a_429_is_shown_as_a_pause_with_its_reason_and_the_answer_mix(api, servi
 
 
 def test_the_gateway_status_needs_a_token(api):
+    """Given no token, when the gateway status is asked for, then the answer is a 401."""
     assert api.get("/gateway", headers={}).status_code == 401
 
 
 def test_the_gateway_status_is_in_the_openapi_document(api):
+    """Given the OpenAPI document, when GET /gateway is looked up, then its answer's schema is
+    GatewayStatusOut."""
     spec = body(api.get("/openapi.json"))
     operation = spec["paths"]["/gateway"]["get"]
     schema = operation["responses"]["200"]["content"]["application/json"]["schema"]

@@ -150,6 +150,8 @@ def test_a_key_that_is_not_1_to_255_printable_ascii_is_400(api, key):
 
 
 def test_a_255_character_key_is_accepted(api):
+    """Given an Idempotency-Key of 255 characters, when a mailing is created twice with it, then
+    the first is created and the second is a replay."""
     key = "k" * 255
     assert api.post("/mailings", MAILING, headers=keyed(key)).status_code == 201
     assert api.post("/mailings", MAILING, headers=keyed(key)).headers["Idempotent-Replay"]

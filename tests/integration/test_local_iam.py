@@ -3,7 +3,6 @@ allowed or denied by its role's statements as AWS would decide, before anything 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,7 +14,8 @@ import yaml
 from botocore.exceptions import ClientError
 
 from devstack import iam, invocation
-from tests.conftest import API_TOKEN, GATEWAY_TOKEN, JSON_HEADERS
+from tests.conftest import API_TOKEN, GATEWAY_TOKEN
+from tests.support.api import JSON_HEADERS, Api, ApiResponse
 from tests.support.in_process import in_process_stack
 from tests.support.in_process import sqs_event as lambda_sqs_event
 
@@ -432,12 +432,10 @@ class World:
     clock: Any
     denials: list[str]
 
-    def request(self, method: str, path: str, body: Any = None, **headers: str) -> Any:
-        payload = body if isinstance(body, bytes) else json.dumps(body).encode() if body else b""
+    def request(self, method: str, path: str, body: Any = None, **headers: str) -> ApiResponse:
+        api = Api(self.lambdas.http, headers={**JSON_HEADERS, **headers})
         with invocation.running(iam.API_FUNCTION):
-            return self.lambdas.http.request(
-                method, path, headers={**JSON_HEADERS, **headers}, body=payload
-            )
+            return api.call(method, path, body)
 
     def invoke(self, function: str, event: Any) -> Any:
         """Run one of app.py's Lambdas as the local stack does: its handler, a context with a
@@ -526,7 +524,7 @@ def start_mailing(world: World, *phones: str) -> str:
     for kick in world.take("FanoutQueue"):
         world.invoke("advance_mailing", sqs_event([kick], "fanout"))
     world.invoke("scheduler_tick", world.scheduled_event())
-    return json.loads(made.body)["id"]
+    return made.json["id"]
 
 
 def test_a_duplicate_send_job_is_skipped_under_the_senders_role(
@@ -581,7 +579,7 @@ def test_a_client_record_that_does_not_deserialise_fails_only_its_own_message(
     import boto3
 
     mailing = start_mailing(world, "79001230001", "79001230002")
-    [corrupt, *_] = [c["id"] for c in json.loads(world.request("GET", "/clients").body)["items"]]
+    [corrupt, *_] = [c["id"] for c in world.request("GET", "/clients").json["items"]]
     boto3.client("dynamodb", region_name=REGION).update_item(
         TableName=f"{PREFIX}-clients",
         Key={"client_id": {"S": corrupt}},
@@ -591,7 +589,7 @@ def test_a_client_record_that_does_not_deserialise_fails_only_its_own_message(
 
     world.invoke("send_messages", sqs_event(world.take("SendQueue"), "send"))
 
-    stats = json.loads(world.request("GET", f"/mailings/{mailing}/stats").body)["stats"]
+    stats = world.request("GET", f"/mailings/{mailing}/stats").json["stats"]
     assert (stats["sent"], stats["failed"]) == (1, 1), stats
     assert denials(caplog) == []
 
@@ -609,7 +607,7 @@ def test_a_csv_import_with_an_invalid_row_is_accepted_and_written_under_the_role
     for chunk in world.take("ImportQueue"):
         world.invoke("import_clients", sqs_event([chunk], "import"))
 
-    job = json.loads(world.request("GET", f"/clients/imports/{json.loads(answer.body)['id']}").body)
+    job = world.request("GET", f"/clients/imports/{answer.json['id']}").json
     assert (job["created"], job["invalid"]) == (2, 1), job
     assert denials(caplog) == []
 

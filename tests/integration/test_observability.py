@@ -207,6 +207,8 @@ def test_every_stage_of_a_messages_life_is_logged_with_its_three_ids(
 def test_one_filter_finds_a_mailings_api_requests_and_gateway_calls(
     api, pipeline, clock, gateway, captured_logs
 ):
+    """Given a message sent after one failure, when the logs are filtered by its mailing id, then
+    they show the API requests, both gateway calls and the mailing's creation."""
     ids = run_one_message_through_a_failure(api, pipeline, clock, gateway)
     api.get(f"/mailings/{ids['mailing_id']}/stats")
 
@@ -222,6 +224,8 @@ def test_one_filter_finds_a_mailings_api_requests_and_gateway_calls(
 
 
 def test_one_filter_finds_every_operation_on_a_client(api, pipeline, clock, gateway, captured_logs):
+    """Given a client sent to, then edited and deleted, when the logs are filtered by its client
+    id, then they show each operation and request."""
     ids = run_one_message_through_a_failure(api, pipeline, clock, gateway)
     client_id = ids["client_id"]
     assert api.patch(f"/clients/{client_id}", {"tag": "gold"}).status_code == 200
@@ -257,6 +261,8 @@ def test_api_requests_are_logged_with_a_correlation_id_returned_as_a_header(api,
 
 
 def test_an_unusable_correlation_id_is_replaced_not_echoed(api, captured_logs):
+    """Given a correlation id with a space and a line break, when a request carries it, then the
+    answer and the logs use a new id instead."""
     response = api.get("/mailings", headers={**api.headers, "X-Correlation-Id": "a b\nforged"})
     returned = response.headers["X-Correlation-Id"]
     assert returned != "a b\nforged"
@@ -320,6 +326,8 @@ def _mailing(clock, tag: str) -> dict:
 
 
 def test_a_bad_log_level_is_refused_with_its_name():
+    """Given a log level that does not exist, when it is read, then it is refused naming
+    LOG_LEVEL."""
     with pytest.raises(ValueError, match="LOG_LEVEL"):
         logs.level_from("chatty")
 
@@ -486,6 +494,7 @@ def test_a_job_given_up_counts_as_failed_and_as_a_dead_letter_queue_arrival(
 
 
 def test_metrics_can_be_switched_off(monkeypatch: pytest.MonkeyPatch):
+    """Given POWERTOOLS_METRICS_DISABLED=true, when a metric is emitted, then nothing is written."""
     from chalicelib.metrics import MetricsWriter
     from chalicelib.settings import Settings
 
@@ -497,6 +506,8 @@ def test_metrics_can_be_switched_off(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.mark.parametrize("count", [None, 7])
 def test_local_queues_redrive_after_the_receive_count_the_sender_counts_dead_letters_by(aws, count):
+    """Given the local stack's queues made with or without a receive count, when the send queue's
+    redrive policy is read, then it is that count, or the settings' default."""
     import boto3
 
     from chalicelib.settings import Settings
@@ -521,6 +532,8 @@ def test_local_queues_redrive_after_the_receive_count_the_sender_counts_dead_let
     ],
 )
 def test_an_unusable_secret_is_a_settings_error_naming_the_variable(aws, stored, problem):
+    """Given a gateway token secret that is empty or malformed, when the token is read, then it is
+    a settings error naming SENDER_API_TOKEN_SECRET_ID and the problem."""
     import boto3
 
     from chalicelib.container import gateway_token
@@ -534,6 +547,8 @@ def test_an_unusable_secret_is_a_settings_error_naming_the_variable(aws, stored,
 
 
 def test_a_plain_secret_is_the_token(aws):
+    """Given a secret holding a plain string, when the gateway token is read, then it is that
+    string, trimmed."""
     import boto3
 
     from chalicelib.container import gateway_token

@@ -20,6 +20,8 @@ def spec(api):
 
 
 def test_every_route_of_the_app_is_in_the_document(spec):
+    """Given the app's routes, when they are compared with the OpenAPI document, then each route is
+    documented and nothing else is."""
     from app import app
 
     documented = {(path, method.upper()) for path, ops in spec["paths"].items() for method in ops}
@@ -28,11 +30,14 @@ def test_every_route_of_the_app_is_in_the_document(spec):
 
 
 def test_document_is_valid_openapi(spec):
+    """Given the OpenAPI document, when it is validated, then it is valid OpenAPI 3.1."""
     assert spec["openapi"].startswith("3.1")
     validate(spec)  # raises on any violation
 
 
 def test_document_is_generated_from_the_pydantic_models(spec):
+    """Given the ClientCreate model, when its schema is read from the document, then it has the
+    model's fields, the phone pattern and no extra properties."""
     from chalicelib.schemas import ClientCreate
 
     documented = spec["components"]["schemas"]["ClientCreate"]
@@ -42,6 +47,8 @@ def test_document_is_generated_from_the_pydantic_models(spec):
 
 
 def test_protected_routes_declare_bearer_auth_and_public_ones_do_not(spec):
+    """Given the document, when each operation is read, then public ones need no token and every
+    other needs the bearer token and documents its 401."""
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     public = {"/health", "/docs", "/openapi.json", "/docs/assets/{name}"}
     public |= {"/admin", "/admin/assets/{name}", "/admin/config.json"}
@@ -59,6 +66,8 @@ def _resolve(schema, spec):
 
 
 def test_real_responses_match_the_documented_schemas(api, spec):
+    """Given real answers of the API (created, listed, refused), when they are checked against the
+    document, then each matches its documented schema."""
     client = api.post("/clients", {"phone": "79001234567", "tag": "vip"})
     mailing = api.post(
         "/mailings",
@@ -81,6 +90,8 @@ def test_real_responses_match_the_documented_schemas(api, spec):
 
 
 def test_docs_page_loads_only_assets_the_service_serves(api):
+    """Given the docs page, when each asset it loads is asked for, then the service serves it, CSS
+    or JavaScript, and no other host is named."""
     page = api.get("/docs", headers={})
     assert page.status_code == 200
     assert page.headers["Content-Type"].startswith("text/html")
@@ -111,6 +122,8 @@ def test_docs_page_runs_no_inline_script_and_keeps_tokens_out_of_storage(api):
 
 
 def test_docs_use_swagger_ui_5_which_reads_openapi_3_1(api):
+    """Given the served Swagger UI bundle, when its version is read, then it is 5 or later (4
+    cannot render OpenAPI 3.1)."""
     # Swagger UI 4 answers "Unable to render this definition" for an OpenAPI 3.1 document.
     bundle = api.get("/docs/assets/swagger-ui-bundle.js", headers={}).body.decode()
     match = re.search(r'PACKAGE_VERSION:"(\d+)\.\d+\.\d+"', bundle)
@@ -119,12 +132,15 @@ def test_docs_use_swagger_ui_5_which_reads_openapi_3_1(api):
 
 
 def test_unknown_docs_asset_is_404(api):
+    """Given a docs asset path climbing out of its folder, when it is asked for, then the answer is
+    a 404 not_found."""
     response = api.get("/docs/assets/..%2F..%2Fapp.py", headers={})
     assert response.status_code == 404
     assert body(response)["error"] == "not_found"
 
 
 def test_health_needs_no_token(api):
+    """Given no token, when /health is asked, then it answers 200 ok."""
     response = api.get("/health", headers={})
     assert response.status_code == 200
     assert body(response)["status"] == "ok"

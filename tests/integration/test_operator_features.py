@@ -16,8 +16,9 @@ from tests.integration import test_delivery as delivery
 from tests.support.pipeline import SEND_URL
 
 # The delivery suite's fixtures (moto, virtual SQS, the sandbox gateway, the pipeline driver).
-gateway, settings, sqs, services, pipeline = (
+gateway, gateway_client, settings, sqs, services, pipeline = (
     delivery.gateway,
+    delivery.gateway_client,
     delivery.settings,
     delivery.sqs,
     delivery.services,
@@ -68,6 +69,8 @@ def test_preview_counts_the_audience_and_samples_it_without_creating_anything(ap
     [{"sample_size": 51}, {"sample_size": -1}, {"filter": {"tags": ["x"] * 500}}, {"x": 1}],
 )
 def test_a_bad_preview_request_is_a_clear_4xx(api, services, payload):
+    """Given a preview request with a bad sample size, an oversized filter or an unknown field,
+    when it is sent, then the answer is a 400 or 422 with a message."""
     response = api.post("/mailings/preview", payload)
     assert response.status_code in (400, 422)
     assert body(response)["message"]
@@ -145,6 +148,8 @@ def test_a_long_pause_costs_few_queue_trips_and_a_resume_still_sends_everything(
 
 
 def test_a_mailing_paused_before_its_start_starts_only_when_resumed(api, pipeline, clock, gateway):
+    """Given a mailing paused before its start, when its start passes, then nothing is created or
+    sent; when it is resumed, then it runs and sends."""
     add_client(api, "79160000001")
     mailing = create_mailing(api, clock, start=timedelta(minutes=5), end=timedelta(hours=1))
     api.post(f"/mailings/{mailing['id']}/pause")
@@ -160,6 +165,8 @@ def test_a_mailing_paused_before_its_start_starts_only_when_resumed(api, pipelin
 
 
 def test_the_end_still_applies_while_paused(api, pipeline, clock, gateway):
+    """Given a mailing paused after its fan-out, when its end passes, then nothing was sent, its
+    messages expired, it is finished, and resuming it is a 409."""
     for n in range(5):
         add_client(api, f"7916000000{n}")
     mailing = create_mailing(api, clock, end=timedelta(minutes=30))
@@ -176,6 +183,8 @@ def test_the_end_still_applies_while_paused(api, pipeline, clock, gateway):
 
 
 def test_pause_and_resume_refuse_what_makes_no_sense(api, pipeline, clock):
+    """Given a scheduled mailing, when it is resumed, or paused once cancelled, then the answer is
+    a 409 saying why; pausing an unknown mailing is a 404."""
     mailing = create_mailing(api, clock)
     assert api.post(f"/mailings/{mailing['id']}/resume").status_code == 409
     api.post(f"/mailings/{mailing['id']}/cancel")
@@ -186,6 +195,8 @@ def test_pause_and_resume_refuse_what_makes_no_sense(api, pipeline, clock):
 
 
 def test_a_paused_mailing_can_be_cancelled(api, pipeline, clock, gateway):
+    """Given a paused mailing with queued jobs, when it is cancelled, then nothing is sent and
+    every message is cancelled."""
     for n in range(3):
         add_client(api, f"7916000000{n}")
     mailing = create_mailing(api, clock)
@@ -262,6 +273,8 @@ def test_retry_failed_queues_more_failed_messages_than_one_sqs_message_holds(
 def test_retry_failed_is_refused_after_the_end_and_for_a_cancelled_mailing(
     api, pipeline, clock, gateway
 ):
+    """Given a mailing past its end with a failed message, and a cancelled one, when their failed
+    messages are retried, then both answers are a 409 and nothing changes."""
     add_client(api, "79160000007")
     gateway.set_profile(FaultProfile(reject_phone_suffixes=("7",)))
     ended = create_mailing(api, clock, end=timedelta(minutes=10))
@@ -306,6 +319,8 @@ def test_opted_out_clients_are_never_sent_to_and_are_counted_as_skipped(
 
 
 def test_an_opt_out_after_the_fan_out_still_stops_the_send(api, pipeline, clock, gateway):
+    """Given a queued job, when its client opts out before it runs, then nothing is sent and the
+    message is skipped."""
     client = add_client(api, "79160000001")
     mailing = create_mailing(api, clock)
     pipeline.tick()
@@ -319,6 +334,7 @@ def test_an_opt_out_after_the_fan_out_still_stops_the_send(api, pipeline, clock,
 
 
 def test_a_client_can_opt_back_in(api, pipeline, clock, gateway):
+    """Given an opted-out client, when it opts back in, then the next mailing reaches it."""
     client = add_client(api, "79160000001", opted_out=True)
     assert body(api.patch(f"/clients/{client['id']}", {"opted_out": False}))["opted_out"] is False
     create_mailing(api, clock)
@@ -331,6 +347,8 @@ def test_a_client_can_opt_back_in(api, pipeline, clock, gateway):
     [({"phone": "79990000000"}, 404), ({"phone": "12345"}, 422), ({}, 422), ({"phone": 7}, 422)],
 )
 def test_a_bad_opt_out_is_a_clear_4xx(api, services, payload, status):
+    """Given an opt-out for an unknown or malformed phone, when it is sent, then the answer is a
+    404 or 422 with a message."""
     response = api.post("/opt-outs", payload)
     assert response.status_code == status
     assert body(response)["message"]
@@ -340,6 +358,8 @@ def test_a_bad_opt_out_is_a_clear_4xx(api, services, payload, status):
 
 
 def test_placeholders_are_filled_with_each_clients_fields(api, pipeline, clock, gateway):
+    """Given a text with placeholders and escaped braces, when it is sent to two clients, then each
+    gets it filled with its own fields."""
     add_client(api, "79160000001", tag="gold", timezone="Europe/Moscow")
     add_client(api, "79030000002", tag="silver")
     create_mailing(api, clock, text="{tag} member {phone} ({operator_code}, {timezone}): {{50%}}")
@@ -365,6 +385,8 @@ def test_placeholders_are_filled_with_each_clients_fields(api, pipeline, clock, 
 def test_an_unusable_placeholder_is_refused_at_creation_and_on_edit(
     api, services, clock, text, problem
 ):
+    """Given a text with an unknown, malformed or formatted placeholder, when a mailing is created
+    or edited with it, then the answer is a 422 naming body.text and nothing changes."""
     payload = {
         "text": text,
         "start_at": clock().isoformat(),
@@ -431,6 +453,8 @@ def test_the_timeline_rebuilds_the_counts_over_time_from_the_messages(
 def test_the_timeline_of_a_mailing_without_messages_is_empty_and_unknown_ones_are_404(
     api, services, clock
 ):
+    """Given a mailing without messages, when its timeline is read, then it has no points; an
+    unknown mailing's timeline is a 404."""
     mailing = create_mailing(api, clock, start=timedelta(hours=1))
     assert body(api.get(f"/mailings/{mailing['id']}/timeline"))["points"] == []
     missing = api.get("/mailings/00000000-0000-4000-8000-000000000000/timeline")

@@ -186,6 +186,8 @@ def test_daily_report_email_figures_equal_the_stored_data(api, ses, mailings, se
 
 
 def test_the_local_outbox_keeps_a_copy_of_each_email(api, ses, mailings, settings):
+    """Given a local outbox folder, when the daily report is sent, then the folder holds the email
+    and its HTML, matching what SES sent."""
     api.post("/reports/daily")
     from pathlib import Path
 
@@ -197,6 +199,8 @@ def test_the_local_outbox_keeps_a_copy_of_each_email(api, ses, mailings, setting
 
 
 def test_the_scheduled_lambda_sends_the_same_report(api, ses, mailings):
+    """Given yesterday's mailings, when the scheduled daily_report Lambda runs, then it sends one
+    report naming them to both recipients."""
     from chalice.test import Client
 
     from app import app
@@ -215,6 +219,8 @@ def test_the_scheduled_lambda_sends_the_same_report(api, ses, mailings):
     "settings", [{"report_recipients": (), "report_sender": None}], indirect=True
 )
 def test_without_recipients_the_request_is_a_clear_409_and_nothing_is_sent(api, ses, mailings):
+    """Given no report recipients, when the report is asked for, then the answer is a 409 naming
+    REPORT_RECIPIENTS and nothing is sent."""
     response = api.post("/reports/daily")
     assert response.status_code == 409
     assert "REPORT_RECIPIENTS" in body(response)["message"]
@@ -231,6 +237,8 @@ def test_an_unverified_sender_is_a_502_naming_ses_s_reason(api, aws, mailings):
 
 
 def test_an_empty_day_is_still_reported(api, ses):
+    """Given no mailing active yesterday, when the report is asked for, then one is sent saying so
+    in text and HTML."""
     response = api.post("/reports/daily")
     assert response.status_code == 200
     text, html = parts(sent_mail()[0])
@@ -239,6 +247,8 @@ def test_an_empty_day_is_still_reported(api, ses):
 
 
 def test_report_requires_a_token(api, ses):
+    """Given no token, when the report is asked for, then the answer is a 401 and nothing is
+    sent."""
     response = api.post("/reports/daily", headers={"Content-Type": "application/json"})
     assert response.status_code == 401
     assert sent_mail() == []
@@ -254,6 +264,8 @@ def test_report_requires_a_token(api, ses):
     ],
 )
 def test_bad_report_settings_are_refused_by_name(environ, problem):
+    """Given a bad report setting, when the settings are read, then they are refused naming the
+    problem."""
     with pytest.raises(SettingsError, match=problem):
         Settings.from_env(environ)
 
@@ -266,6 +278,8 @@ def families(text: str) -> dict[str, list[Any]]:
 
 
 def test_metrics_endpoint_is_prometheus_text_with_the_stored_counters(api, mailings, services):
+    """Given mailings with stored counters, when /metrics is read, then it is Prometheus text whose
+    message, mailing and per-mailing counts are the stored ones."""
     response = api.get("/metrics")
 
     assert response.status_code == 200
@@ -292,6 +306,8 @@ def test_metrics_endpoint_is_prometheus_text_with_the_stored_counters(api, maili
 
 
 def test_metrics_include_queue_depths(api, services, aws):
+    """Given services whose queues hold one dead letter, when /metrics is read, then the queue
+    depths show it for the send, dead-letter and fan-out queues."""
     import boto3
 
     from chalicelib.container import Services, use_services
@@ -317,4 +333,5 @@ def test_metrics_include_queue_depths(api, services, aws):
 
 
 def test_metrics_require_a_token(api):
+    """Given no token, when /metrics is read, then the answer is a 401."""
     assert api.get("/metrics", headers={}).status_code == 401

@@ -26,8 +26,9 @@ from tests.integration import test_delivery as delivery
 from tests.support.pipeline import FANOUT_URL, SEND_URL
 
 # The delivery suite's fixtures (moto, virtual SQS, the sandbox gateway, the pipeline driver).
-gateway, settings, sqs, services, pipeline = (
+gateway, gateway_client, settings, sqs, services, pipeline = (
     delivery.gateway,
+    delivery.gateway_client,
     delivery.settings,
     delivery.sqs,
     delivery.services,
@@ -111,13 +112,13 @@ def mailing_whose_jobs_were_lost(
     return mailing
 
 
+@pytest.mark.parametrize("settings", [{"fanout_page_size": 10}], indirect=True)
 def test_a_conflict_on_a_fan_out_page_is_tried_again_not_taken_for_a_lost_lease(
     api, pipeline, services, clock, gateway, conflicts
 ):
     # Given a mailing whose start has come, over two fan-out pages
     for n in range(15):
         add_client(api, f"790000000{n:02d}")
-    object.__setattr__(services.settings, "fanout_page_size", 10)
     mailing = create_mailing(api, clock, start=timedelta(minutes=1))
     clock.advance(minutes=1)
     pipeline.sqs.queues[FANOUT_URL].clear()  # the test drives the scheduler itself
@@ -370,6 +371,9 @@ def test_a_message_waiting_for_its_send_window_is_not_queued_again(api, pipeline
 
 
 def test_the_reconcilers_wait_covers_the_send_queues_visibility_timeout():
+    """Given the send queue's visibility timeout in the template, when the reconciler's constants
+    are compared with it, then they agree and a job is taken for lost only after its longest
+    delay plus that timeout."""
     # The template's SendQueue and the reconciler must agree, or a live job is taken for lost
     template = (ROOT / "infra" / "resources.yaml").read_text()
     found = re.search(

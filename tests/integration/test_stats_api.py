@@ -8,7 +8,6 @@ from datetime import timedelta
 import pytest
 
 from chalicelib.storage.models import status_key
-from tests.conftest import body
 
 MAILING = {"text": "Hi", "start_at": "2026-11-23T09:00:00Z", "end_at": "2026-11-24T09:00:00Z"}
 
@@ -16,7 +15,7 @@ MAILING = {"text": "Hi", "start_at": "2026-11-23T09:00:00Z", "end_at": "2026-11-
 def create_mailing(api) -> str:
     response = api.post("/mailings", MAILING)
     assert response.status_code == 201
-    return body(response)["id"]
+    return response.json["id"]
 
 
 def store_messages(services, clock, mailing_id: str, statuses: list[str], first_id: int = 1000):
@@ -46,20 +45,24 @@ def store_messages(services, clock, mailing_id: str, statuses: list[str], first_
 
 
 def test_new_mailing_has_zero_counts_everywhere(api):
+    """Given a new mailing, when its stats and the overall stats are read, then every count is
+    zero."""
     mailing_id = create_mailing(api)
-    stats = body(api.get(f"/mailings/{mailing_id}/stats"))
+    stats = api.get(f"/mailings/{mailing_id}/stats").json
     assert stats["stats"]["total"] == 0
     assert stats["messages"] == []
-    overall = body(api.get("/stats"))
+    overall = api.get("/stats").json
     assert overall["mailings"] == 1
     assert overall["messages"]["total"] == 0
 
 
 def test_mailing_stats_report_counts_and_messages(api, services, clock):
+    """Given messages in several statuses, when the mailing's stats are read, then the counts add
+    up and each message shows its fields and last error."""
     mailing_id = create_mailing(api)
     store_messages(services, clock, mailing_id, ["sent", "sent", "failed", "pending", "expired"])
 
-    stats = body(api.get(f"/mailings/{mailing_id}/stats"))
+    stats = api.get(f"/mailings/{mailing_id}/stats").json
 
     assert stats["stats"] == {
         "total": 5,
@@ -87,13 +90,15 @@ def test_mailing_stats_report_counts_and_messages(api, services, clock):
 
 
 def test_mailing_messages_can_be_filtered_by_status_and_paged(api, services, clock):
+    """Given sent and failed messages, when the sent ones are paged three at a time, then each sent
+    one comes once, in id order."""
     mailing_id = create_mailing(api)
     store_messages(services, clock, mailing_id, ["sent"] * 7 + ["failed"] * 2)
 
     ids, cursor = [], None
     while True:
         query = "status=sent&limit=3" + (f"&cursor={cursor}" if cursor else "")
-        page = body(api.get(f"/mailings/{mailing_id}/stats?{query}"))
+        page = api.get(f"/mailings/{mailing_id}/stats?{query}").json
         assert all(m["status"] == "sent" for m in page["messages"])
         ids.extend(m["id"] for m in page["messages"])
         cursor = page["next_cursor"]
@@ -105,12 +110,14 @@ def test_mailing_messages_can_be_filtered_by_status_and_paged(api, services, clo
 
 
 def test_messages_without_filter_are_paged_exactly_once(api, services, clock):
+    """Given twelve messages, when they are paged five at a time without a filter, then each comes
+    exactly once."""
     mailing_id = create_mailing(api)
     store_messages(services, clock, mailing_id, ["sent", "failed", "pending"] * 4)
     ids, cursor = [], None
     while True:
         query = "limit=5" + (f"&cursor={cursor}" if cursor else "")
-        page = body(api.get(f"/mailings/{mailing_id}/stats?{query}"))
+        page = api.get(f"/mailings/{mailing_id}/stats?{query}").json
         ids.extend(m["id"] for m in page["messages"])
         cursor = page["next_cursor"]
         if not cursor:
@@ -119,11 +126,13 @@ def test_messages_without_filter_are_paged_exactly_once(api, services, clock):
 
 
 def test_overall_stats_add_up_every_mailing(api, services, clock):
+    """Given two mailings with messages, when the overall stats are read, then they add up both and
+    show each mailing's total."""
     first, second = create_mailing(api), create_mailing(api)
     store_messages(services, clock, first, ["sent", "sent", "failed"])
     store_messages(services, clock, second, ["sent", "expired", "cancelled", "pending"], 2000)
 
-    overall = body(api.get("/stats"))
+    overall = api.get("/stats").json
 
     assert overall["mailings"] == 2
     assert overall["messages"] == {
@@ -140,41 +149,50 @@ def test_overall_stats_add_up_every_mailing(api, services, clock):
 
 
 def test_list_of_mailings_carries_each_mailings_counts(api, services, clock):
+    """Given a mailing with a sent and a failed message, when the mailings are listed, then its
+    item carries those counts."""
     mailing_id = create_mailing(api)
     store_messages(services, clock, mailing_id, ["sent", "failed"])
-    [item] = body(api.get("/mailings"))["items"]
+    [item] = api.get("/mailings").json["items"]
     assert item["stats"]["sent"] == 1
     assert item["stats"]["failed"] == 1
 
 
 def test_per_mailing_stats_are_paged(api, clock):
+    """Given five mailings, when the overall stats are read two at a time, then the pages list them
+    newest first."""
     created = []
     for _ in range(5):
         created.append(create_mailing(api))
         clock.advance(seconds=1)
-    first = body(api.get("/stats?limit=2"))
+    first = api.get("/stats?limit=2").json
     assert first["mailings"] == 5
     assert len(first["per_mailing"]) == 2
-    second = body(api.get(f"/stats?limit=2&cursor={first['next_cursor']}"))
+    second = api.get(f"/stats?limit=2&cursor={first['next_cursor']}").json
     assert [m["mailing_id"] for m in first["per_mailing"] + second["per_mailing"]] == list(
         reversed(created)
     )[:4]
 
 
 def test_stats_of_unknown_mailing_is_404(api):
+    """Given no such mailing, when its stats are read, then the answer is a 404."""
     assert api.get(f"/mailings/{uuid.uuid4()}/stats").status_code == 404
 
 
 @pytest.mark.parametrize("query", ["status=delivered", "limit=0", "cursor=abc", "page=2"])
 def test_bad_stats_parameters_are_400(api, query):
+    """Given a bad status, limit or cursor, or an unknown parameter, when a mailing's stats are
+    read, then the answer is a 400 bad_request."""
     mailing_id = create_mailing(api)
     response = api.get(f"/mailings/{mailing_id}/stats?{query}")
     assert response.status_code == 400
-    assert body(response)["error"] == "bad_request"
+    assert response.json["error"] == "bad_request"
 
 
 def test_cursor_of_one_mailing_does_not_work_for_another(api, services, clock):
+    """Given a cursor from one mailing's messages, when it is used on another mailing, then the
+    answer is a 400."""
     first, second = create_mailing(api), create_mailing(api)
     store_messages(services, clock, first, ["sent"] * 3)
-    cursor = body(api.get(f"/mailings/{first}/stats?limit=1"))["next_cursor"]
+    cursor = api.get(f"/mailings/{first}/stats?limit=1").json["next_cursor"]
     assert api.get(f"/mailings/{second}/stats?cursor={cursor}").status_code == 400

@@ -105,6 +105,8 @@ def test_independent_senders_share_one_rate(make_throttle, clock):
 
 
 def test_a_batch_larger_than_the_horizon_gets_part_and_a_wait(make_throttle, clock):
+    """Given a limit of 50 calls a second, when a batch of 150 asks to go, then it gets the 100
+    slots of the horizon, the next batch waits, and a second later it goes."""
     throttle = make_throttle()
     first = throttle.admit(150)
     assert first.count == 100  # 2 s at 50/s
@@ -117,6 +119,8 @@ def test_a_batch_larger_than_the_horizon_gets_part_and_a_wait(make_throttle, clo
 
 
 def test_idle_time_is_not_saved_up_as_a_burst(make_throttle, clock):
+    """Given a sender idle for five minutes, when it asks to send again, then its first slot is now
+    and the spacing is the limit's, with no saved-up burst."""
     throttle = make_throttle()
     throttle.admit(10)
     clock.advance(minutes=5)
@@ -127,6 +131,8 @@ def test_idle_time_is_not_saved_up_as_a_burst(make_throttle, clock):
 
 
 def test_concurrency_permits_are_global_and_come_back(make_throttle, clock):
+    """Given two senders sharing 8 permits, when both ask for 6, then the second gets 2, a third
+    ask waits, and released permits come back."""
     one, two = make_throttle(), make_throttle()
     first = one.admit(6)
     assert first.permits == 6
@@ -141,6 +147,8 @@ def test_concurrency_permits_are_global_and_come_back(make_throttle, clock):
 
 
 def test_permits_of_a_sender_that_died_come_back_after_its_lease(make_throttle, clock):
+    """Given a sender that died holding every permit, when its lease of a minute runs out, then
+    another sender gets them."""
     dead, alive = make_throttle(), make_throttle()
     dead.admit(8)  # never released: the Lambda was killed mid-batch
     assert alive.admit(1).count == 0
@@ -205,6 +213,8 @@ def test_the_status_of_a_gateway_never_used_is_normal_and_writes_nothing(make_th
 
 
 def test_a_sender_knows_the_status_it_last_saw_without_asking(make_throttle):
+    """Given a sender that released three OK answers, when it asks for the status it knows, then it
+    has the three calls and a normal state, with no read."""
     throttle = make_throttle()
     assert throttle.known_status() is None
     throttle.release(throttle.admit(3), [OK, OK, OK])
@@ -271,6 +281,8 @@ def test_an_outage_is_probed_one_call_a_second_and_sending_climbs_back(make_thro
 
 
 def test_bad_answers_that_are_not_about_load_do_not_slow_sending(make_throttle):
+    """Given many malformed and rejected answers, when the next batch is admitted, then it is
+    spaced at the full rate."""
     throttle = make_throttle()
     for _ in range(20):
         throttle.release(throttle.admit(2), [MALFORMED, REJECTED])
@@ -322,6 +334,8 @@ def test_an_item_written_before_the_controller_existed_still_works(make_throttle
 
 
 def test_slots_are_spaced_on_the_clock_they_are_used_with(make_throttle, clock):
+    """Given an admission of five calls, when its slots are read, then the first is now and they
+    are 1/50 s apart on the test's clock."""
     throttle = make_throttle()
     admission = throttle.admit(5)
     moments = [admission.slot(i) for i in range(5)]
@@ -342,6 +356,8 @@ def test_slots_are_spaced_on_the_clock_they_are_used_with(make_throttle, clock):
     ],
 )
 def test_bad_gateway_limits_are_refused_at_start_by_name(environment, named):
+    """Given a bad gateway limit setting, when the settings are read, then they are refused naming
+    it."""
     from chalicelib.settings import Settings, SettingsError
 
     with pytest.raises(SettingsError, match=named):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from pynamodb.connection import Connection
 from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 
 def test_a_cancelled_transaction_changes_nothing(services):
+    """Given items a and b, when a transaction that updates a, adds one, deletes b and fails its
+    condition on a missing item is written, then it is refused and no item changed."""
     Sequence = services.models.Sequence
     Sequence("a", value=1).save()
     Sequence("b", value=1).save()
-    connection = services.clients._connection
+    connection = Connection(region=services.settings.aws_region)
 
     def doomed_transaction() -> None:
         with TransactWrite(connection=connection) as tx:
@@ -31,9 +34,11 @@ def test_a_cancelled_transaction_changes_nothing(services):
 
 
 def test_a_committed_transaction_changes_everything(services):
+    """Given item a, when a transaction updating a and adding another commits, then both writes
+    show."""
     Sequence = services.models.Sequence
     Sequence("a", value=1).save()
-    with TransactWrite(connection=services.clients._connection) as tx:
+    with TransactWrite(connection=Connection(region=services.settings.aws_region)) as tx:
         tx.update(Sequence("a"), actions=[Sequence.value.add(5)])
         tx.save(Sequence("new", value=9))
     assert Sequence.get("a").value == 6

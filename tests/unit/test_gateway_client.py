@@ -41,10 +41,14 @@ def client_for(url: str, token: str = TOKEN, read_timeout: float = 0.5) -> Gatew
     ],
 )
 def test_answers_are_classified(status, body, outcome):
+    """Given a gateway answer's status and body, when the client classifies it, then it is sent,
+    retry, rejected or unauthorized as the table says."""
     assert classify(status, body).outcome is outcome
 
 
 def test_a_send_reaches_the_gateway_in_its_exact_format(sandbox):
+    """Given the sandbox gateway, when a message is sent, then it is accepted with its id, phone
+    and text exactly."""
     result = client_for(sandbox.url).send(4242, "79001234567", "Hi there")
     assert result.outcome is Outcome.SENT
     [accepted] = sandbox.accepted()
@@ -52,6 +56,8 @@ def test_a_send_reaches_the_gateway_in_its_exact_format(sandbox):
 
 
 def test_rejected_subscriber_is_permanent_with_the_reason(sandbox):
+    """Given a gateway that rejects the phone, when a message is sent to it, then the result is
+    rejected and names the 400."""
     sandbox.set_profile(FaultProfile(reject_phone_suffixes=("67",)))
     result = client_for(sandbox.url).send(1, "79001234567", "Hi")
     assert result.outcome is Outcome.REJECTED
@@ -59,11 +65,15 @@ def test_rejected_subscriber_is_permanent_with_the_reason(sandbox):
 
 
 def test_wrong_token_is_a_configuration_error(sandbox):
+    """Given a wrong bearer token, when a message is sent, then the result is unauthorized (a
+    setting to fix), not a retry."""
     result = client_for(sandbox.url, token="wrong-token").send(1, "79001234567", "Hi")
     assert result.outcome is Outcome.UNAUTHORIZED
 
 
 def test_slow_gateway_times_out_as_retry(sandbox):
+    """Given a gateway slower than the read timeout, when a message is sent, then the call gives up
+    in time and the result is a retry naming the timeout."""
     sandbox.set_profile(FaultProfile(slow_rate=1.0, slow_seconds=2.0))
     result = client_for(sandbox.url, read_timeout=0.2).send(1, "79001234567", "Hi")
     assert result.outcome is Outcome.RETRY
@@ -72,6 +82,8 @@ def test_slow_gateway_times_out_as_retry(sandbox):
 
 
 def test_unreachable_gateway_is_retry_not_an_exception():
+    """Given no server on the gateway's port, when a message is sent, then the result is a retry
+    naming the network error, not an exception."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -81,6 +93,8 @@ def test_unreachable_gateway_is_retry_not_an_exception():
 
 
 def test_token_never_appears_in_results_or_logs(sandbox, caplog):
+    """Given failing calls with the right and a wrong token, when their results and debug logs are
+    read, then neither holds the token."""
     caplog.set_level(logging.DEBUG)
     sandbox.set_profile(FaultProfile(error_rate=1.0))
     results = [client_for(sandbox.url).send(n, "79001234567", "Hi") for n in range(3)]

@@ -113,6 +113,8 @@ def test_json_is_the_default_as_in_lambda(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_an_unknown_log_format_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given LOG_FORMAT=yaml, when logging is configured, then it is refused with an error naming
+    LOG_FORMAT."""
     monkeypatch.setenv("LOG_FORMAT", "yaml")
     with pytest.raises(ValueError, match="LOG_FORMAT"):
         logs.configure(stream=io.StringIO())

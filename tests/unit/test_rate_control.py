@@ -120,6 +120,8 @@ def test_each_gateway_answer_is_one_kind(status, body, header, kind, wait):
 
 @pytest.mark.parametrize("answer", [TIMEOUT, REFUSED])
 def test_timeouts_and_network_errors_are_bad_luck(answer):
+    """Given a timeout or a refused connection, when it is classified, then it is bad luck, not
+    overload."""
     assert classify(answer, START).kind is Kind.BAD_LUCK
 
 
@@ -177,6 +179,8 @@ def test_a_429_halves_the_rate_and_pauses_for_its_retry_after():
 
 
 def test_a_batch_of_429s_cuts_once_not_once_per_answer():
+    """Given a sender at full rate, when one batch and then another sender report 429s of the same
+    moment, then the rate is halved once."""
     shared = Shared()
     shared.report([OK] * 10)
     shared.report([too_many("1")] * 5)
@@ -186,6 +190,8 @@ def test_a_batch_of_429s_cuts_once_not_once_per_answer():
 
 
 def test_a_429_without_retry_after_pauses_for_the_default_and_a_huge_one_is_capped():
+    """Given a 429 without Retry-After and later one asking for a day, when each is reported, then
+    sending pauses for the default 2 s, then for the 30 s cap."""
     shared = Shared()
     shared.report([OK] * 10)
     shared.report([OK, too_many()])
@@ -297,6 +303,8 @@ def test_after_an_outage_the_climb_starts_at_a_quarter_and_reaches_90_percent_in
 
 
 def test_sending_climbs_back_after_429s_stop():
+    """Given a rate cut to an eighth by three episodes of 429s, when answers are all OK again, then
+    it climbs back to 90% of the limit within 10 s."""
     shared = Shared()
     shared.report([OK] * 10)
     for _ in range(3):
@@ -330,6 +338,8 @@ def test_the_retry_budget_keeps_retries_to_about_a_fifth_of_the_calls():
 
 
 def test_a_quiet_window_still_allows_a_few_retries():
+    """Given no calls in the window, when the retry budget is asked, then a few retries (10) are
+    still allowed."""
     assert Window({}).retry_budget(START) == 10
 
 
@@ -352,6 +362,8 @@ def test_a_healthy_gateway_is_normal_at_the_configured_rate():
 
 
 def test_no_calls_yet_is_normal_with_no_accept_ratio():
+    """Given no calls yet, when the gateway's status is read, then it is normal, not degraded, with
+    no accept ratio."""
     status = Shared().status()
     assert status.state is GatewayState.NORMAL
     assert status.accept_ratio is None

@@ -19,6 +19,8 @@ class Sequence:
 
 
 def test_pages_get_consecutive_ids_from_blocks_that_double():
+    """Given pages of 10, when seven pages take ids, then they get consecutive ids from
+    reservations that double (10, 20, 40)."""
     sequence = Sequence()
     block = IdBlock(sequence.reserve, page_size=10)
 
@@ -29,6 +31,8 @@ def test_pages_get_consecutive_ids_from_blocks_that_double():
 
 
 def test_blocks_stop_growing_at_sixteen_pages():
+    """Given a hundred pages of 10, when they take ids, then no reservation is larger than sixteen
+    pages."""
     sequence = Sequence()
     block = IdBlock(sequence.reserve, page_size=10)
 
@@ -40,6 +44,8 @@ def test_blocks_stop_growing_at_sixteen_pages():
 
 
 def test_a_page_larger_than_what_is_left_gets_a_fresh_block_and_no_id_twice():
+    """Given pages of several sizes, one larger than the block's rest, when they take ids, then no
+    id is given twice."""
     sequence = Sequence()
     block = IdBlock(sequence.reserve, page_size=10)
     taken = []
@@ -51,6 +57,8 @@ def test_a_page_larger_than_what_is_left_gets_a_fresh_block_and_no_id_twice():
 
 
 def test_a_later_worker_never_reuses_what_an_earlier_one_left_unused():
+    """Given a worker that stopped with part of its block unused, when a later worker takes ids,
+    then it starts after the whole block."""
     sequence = Sequence()
     first_worker = IdBlock(sequence.reserve, page_size=10)
     first_worker.take(10)

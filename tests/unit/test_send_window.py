@@ -28,6 +28,8 @@ NIGHT = SendWindow(time(22), time(6))
     ],
 )
 def test_window_contains_local_times(window, local, inside):
+    """Given a send window (some over midnight), when a local time is checked, then it is inside or
+    outside as the table says."""
     assert window.contains(local) is inside
 
 
@@ -51,10 +53,14 @@ def at(text: str) -> datetime:
     ],
 )
 def test_next_opening_is_the_next_local_start(window, now, zone, opens):
+    """Given a window, a moment and a client's time zone, when the next opening is asked, then it
+    is the next local start of the window."""
     assert window.next_opening(at(now), ZoneInfo(zone)) == at(opens)
 
 
 def test_next_opening_is_inside_the_window():
+    """Given moments over two days in several time zones, when the next opening is asked, then it
+    is never earlier than the moment and always inside the window."""
     now = datetime(2026, 11, 22, 0, 0, tzinfo=UTC)
     for hours in range(0, 48, 5):
         moment = now + timedelta(hours=hours)

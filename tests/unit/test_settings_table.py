@@ -76,10 +76,14 @@ def all_settings() -> set[str]:
 
 
 def test_the_table_documents_every_setting_and_nothing_else():
+    """Given the settings table in the docs, when it is compared with Settings, then each documents
+    the same settings."""
     assert documented() == all_settings()
 
 
 def test_every_variable_the_code_reads_is_a_documented_setting():
+    """Given the environment variables the code reads, when they are compared with the settings,
+    then each is a documented setting."""
     assert read_by_the_code(), "the scan found the code's variables"
     assert read_by_the_code() - all_settings() == set()
 
@@ -93,6 +97,8 @@ NUMERIC = [
 
 @pytest.mark.parametrize("name", NUMERIC)
 def test_a_non_number_is_refused_naming_the_variable(name: str):
+    """Given a numeric setting set to a word, when the settings are read, then they are refused
+    naming the variable."""
     with pytest.raises(SettingsError, match=name.upper()):
         Settings.from_env({name.upper(): "lots"})
 
@@ -118,11 +124,14 @@ def test_a_non_number_is_refused_naming_the_variable(name: str):
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str):
+    """Given a setting with a value out of its rules, when the settings are read, then they are
+    refused naming the variable."""
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env({variable: value})
 
 
 def test_the_log_level_is_read_case_insensitively():
+    """Given LOG_LEVEL=debug, when the settings are read, then the log level is DEBUG."""
     assert Settings.from_env({"LOG_LEVEL": "debug"}).log_level == "DEBUG"
 
 
@@ -148,5 +157,7 @@ def test_per_operator_rates_are_read_as_codes_and_rates():
     ],
 )
 def test_a_bad_per_operator_rate_stops_the_start_naming_the_setting(value: str, why: str):
+    """Given a malformed GATEWAY_RATE_PER_OPERATOR, when the settings are read, then they are
+    refused naming the setting and why."""
     with pytest.raises(SettingsError, match=f"GATEWAY_RATE_PER_OPERATOR.*{why}"):
         Settings.from_env({"GATEWAY_RATE_PER_OPERATOR": value})

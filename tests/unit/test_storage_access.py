@@ -50,6 +50,8 @@ DIRECTORY = [
     [("900", None), (None, "vip"), ("900", "vip"), (None, None)],
 )
 def test_client_listing_uses_query_not_scan(services, dynamodb_calls, operator_code, tag):
+    """Given a directory of clients, when they are listed with or without a filter, then DynamoDB
+    is queried, never scanned."""
     add_clients(services, DIRECTORY)
     dynamodb_calls.clear()
 
@@ -106,6 +108,8 @@ def test_due_mailings_are_found_by_one_query(services, clock, dynamodb_calls):
 
 
 def test_mailing_becomes_due_when_its_start_comes(services, clock):
+    """Given a mailing starting in ten minutes, when the due mailings are asked before and at its
+    start, then it is due only from its start."""
     start = clock() + timedelta(minutes=10)
     mailing = services.mailings.create(
         MailingFields("Hi", start, start + timedelta(hours=1), AudienceFilter(), None)
