@@ -31,6 +31,7 @@ from chalicelib.services.reports import ReportService
 from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, SettingsError, check_api_tokens, get_settings
+from chalicelib.storage.clients import DynamoClientRepository
 from chalicelib.storage.errors import PATIENT
 from chalicelib.storage.models import Models, build_models
 
@@ -193,7 +194,7 @@ class Services:
             fanout_url=settings.fanout_queue_url,
             import_url=settings.import_queue_url,
         )
-        clients = ClientDirectory(models, connection, clock)
+        clients = ClientDirectory(DynamoClientRepository(models, connection), clock)
         messages = MessageStore(models, connection)
         # The scheduler's and retry-failed's writes pause on `clock`: a test's never sleeps.
         writes = replace(

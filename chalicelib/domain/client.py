@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from chalicelib.errors import Conflict, NotFound
+
+# ASCII only, as the API checks them: a record written before that check may hold other digits.
+_PHONE = re.compile(r"^7[0-9]{10}$", re.ASCII)
+_OPERATOR_CODE = re.compile(r"^[0-9]{3}$", re.ASCII)
 
 
 def default_operator_code(phone: str) -> str:
@@ -12,7 +20,21 @@ def default_operator_code(phone: str) -> str:
 
 
 @dataclass(frozen=True)
+class ClientFields:
+    """What a caller sets on a client; `operator_code=None` means "derive from the phone"."""
+
+    phone: str
+    operator_code: str | None
+    tag: str
+    timezone: str
+    opted_out: bool = False
+
+
+@dataclass(frozen=True)
 class Client:
+    """A client; `version` is the revision it was read at (0: never stored), so a write of a
+    client read earlier fails instead of undoing a change made since."""
+
     id: str
     phone: str
     operator_code: str
@@ -21,3 +43,71 @@ class Client:
     created_at: datetime
     updated_at: datetime
     opted_out: bool = False
+    version: int = 0
+
+    @classmethod
+    def new(cls, client_id: str, fields: ClientFields, now: datetime) -> Client:
+        """A client not stored yet."""
+        return cls(client_id, "", "", "", "UTC", now, now).with_fields(fields, now)
+
+    def with_fields(self, fields: ClientFields, now: datetime) -> Client:
+        """This client with every field set as given (the operator code derived if not given)."""
+        return Client(
+            id=self.id,
+            phone=fields.phone,
+            operator_code=fields.operator_code or default_operator_code(fields.phone),
+            tag=fields.tag,
+            timezone=fields.timezone,
+            created_at=self.created_at,
+            updated_at=now,
+            opted_out=fields.opted_out,
+            version=self.version,
+        )
+
+    @property
+    def fields(self) -> ClientFields:
+        """The client's fields as they are: what a PATCH starts from."""
+        return ClientFields(
+            phone=self.phone,
+            operator_code=self.operator_code,
+            tag=self.tag,
+            timezone=self.timezone,
+            opted_out=self.opted_out,
+        )
+
+
+def client_problem(phone: object, operator_code: object, timezone: object) -> str | None:
+    """What makes a stored client unusable for sending (corrupt or older schema), if anything."""
+    problems = []
+    if not isinstance(phone, str) or not _PHONE.fullmatch(phone):
+        problems.append("phone is not 7XXXXXXXXXX")
+    if not isinstance(operator_code, str) or not _OPERATOR_CODE.fullmatch(operator_code):
+        problems.append("operator code is not 3 digits")
+    try:
+        ZoneInfo(timezone)  # type: ignore[arg-type]
+    except (ValueError, TypeError, ZoneInfoNotFoundError):
+        problems.append("timezone is missing or unknown")
+    if not problems:
+        return None
+    return "client record is corrupt: " + ", ".join(problems)
+
+
+class ClientNotFound(NotFound):
+    """No client has this id."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(f"client {client_id} not found")
+
+
+class PhoneTaken(Conflict):
+    """Another client has the phone number: phone numbers are unique."""
+
+    def __init__(self, phone: str) -> None:
+        super().__init__(
+            f"another client already has phone {phone}",
+            [{"field": "body.phone", "message": "already in use", "type": "unique"}],
+        )
+
+
+class ClientChanged(Conflict):
+    """The client was changed or deleted by another request since it was read."""

@@ -38,11 +38,12 @@ from pynamodb.connection import Connection
 from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.domain import ClientImport, Clock, ImportStatus, PageOf, RowProblem
+from chalicelib.domain import Client, ClientImport, Clock, ImportStatus, PageOf, RowProblem
 from chalicelib.errors import DomainError, NotFound
 from chalicelib.pagination import Segment, fingerprint, index_query, paginate
 from chalicelib.services.clients import ClientDirectory, ClientFields
 from chalicelib.services.queues import IMPORT_CHUNK_MAX_ROWS, ImportChunk, ImportRow, Queues
+from chalicelib.storage.clients import client_of, client_record
 from chalicelib.storage.errors import looks_like_id
 from chalicelib.storage.models import (
     IMPORT_JOB,
@@ -358,14 +359,13 @@ class ClientImports:
         owner = owners.get(phone)
         if owner is None:
             client_id = imported_client_id(chunk.import_id, phone)
-            item = self._models.Client(client_id, created_at=now)
             fields = ClientFields(
                 phone=phone,
                 operator_code=operator_code,
                 tag="" if tag is None else tag,
                 timezone=timezone or "UTC",
             )
-            self._directory.apply_fields(item, fields, now)
+            item = client_record(self._models.Client, Client.new(client_id, fields, now))
             claim = self._models.Phone(phone, client_id=client_id)
             return _Outcome(row, "created", client=item, claim=claim)
         item = clients.get(owner)
@@ -386,8 +386,9 @@ class ClientImports:
         }
         if all(getattr(item, name) == value for name, value in given.items()):
             return _Outcome(row, "unchanged")
-        fields = replace(self._directory.fields_of(item), **given)
-        self._directory.apply_fields(item, fields, now)
+        current = client_of(item)
+        changed = current.with_fields(replace(current.fields, **given), now)
+        item = client_record(self._models.Client, changed)
         return _Outcome(row, "updated", client=item)
 
     def _commit_part(

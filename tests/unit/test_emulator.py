@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pynamodb.connection import Connection
 from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
@@ -11,7 +12,7 @@ def test_a_cancelled_transaction_changes_nothing(services):
     Sequence = services.models.Sequence
     Sequence("a", value=1).save()
     Sequence("b", value=1).save()
-    connection = services.clients._connection
+    connection = Connection(region=services.settings.aws_region)
 
     def doomed_transaction() -> None:
         with TransactWrite(connection=connection) as tx:
@@ -33,7 +34,7 @@ def test_a_cancelled_transaction_changes_nothing(services):
 def test_a_committed_transaction_changes_everything(services):
     Sequence = services.models.Sequence
     Sequence("a", value=1).save()
-    with TransactWrite(connection=services.clients._connection) as tx:
+    with TransactWrite(connection=Connection(region=services.settings.aws_region)) as tx:
         tx.update(Sequence("a"), actions=[Sequence.value.add(5)])
         tx.save(Sequence("new", value=9))
     assert Sequence.get("a").value == 6
