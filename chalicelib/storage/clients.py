@@ -88,6 +88,14 @@ class ClientRepository(Protocol):
         """The id of the client with this phone number, if any."""
         ...
 
+    def owners_of(self, phones: list[str]) -> dict[str, str]:
+        """The id of the client with each of these phone numbers, for those that have one."""
+        ...
+
+    def get_many(self, client_ids: list[str]) -> tuple[dict[str, Client], set[str]]:
+        """The clients with these ids (those that exist), and the ids whose record is unreadable."""
+        ...
+
     def page(self, audience: AudienceFilter, *, limit: int, cursor: str | None) -> PageOf[Client]:
         """One page of the clients `audience` selects; `cursor` from the page before."""
         ...
@@ -223,6 +231,26 @@ class DynamoClientRepository:
                 return self._models.Phone.get(phone, consistent_read=True).client_id
             except DoesNotExist:
                 return None
+
+    def owners_of(self, phones: list[str]) -> dict[str, str]:
+        claims = self._models.Phone.batch_get(phones, consistent_read=True)
+        return {claim.phone: claim.client_id for claim in claims}
+
+    def get_many(self, client_ids: list[str]) -> tuple[dict[str, Client], set[str]]:
+        Client_ = self._models.Client
+        unreadable: set[str] = set()
+        try:
+            records = {c.client_id: c for c in Client_.batch_get(client_ids, consistent_read=True)}
+        except Exception:  # a record that does not deserialise: read them one by one
+            records = {}
+            for client_id in client_ids:
+                try:
+                    records[client_id] = Client_.get(client_id, consistent_read=True)
+                except DoesNotExist:
+                    continue
+                except Exception:
+                    unreadable.add(client_id)
+        return {i: client_of(r) for i, r in records.items()}, unreadable
 
     def page(self, audience: AudienceFilter, *, limit: int, cursor: str | None) -> PageOf[Client]:
         segments = self.audience_segments(audience)
