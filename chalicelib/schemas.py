@@ -21,12 +21,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from chalicelib.domain import (
-    PLACEHOLDERS,
     ImportStatus,
     MailingStatus,
     MessageStatus,
     template_problems,
 )
+from chalicelib.domain.text import TEMPLATE_PATTERN
 
 TEXT_MAX_LENGTH = 1000
 FILTER_MAX_VALUES = 100
@@ -131,7 +131,6 @@ def _template(value: str) -> str:
     return value
 
 
-TEMPLATE_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{(?:" + "|".join(PLACEHOLDERS) + r")\})*$"
 NOT_BLANK_PATTERN = r"\S"
 MailingText = Annotated[
     str,
