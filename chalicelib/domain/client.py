@@ -76,6 +76,14 @@ class Client:
         )
 
 
+@dataclass(frozen=True)
+class Recipient:
+    """A client as a mailing's fan-out needs it: a message is made of its id and phone."""
+
+    client_id: str
+    phone: str
+
+
 def client_problem(phone: object, operator_code: object, timezone: object) -> str | None:
     """What makes a stored client unusable for sending (corrupt or older schema), if anything."""
     problems = []

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from chalicelib.domain import AudienceFilter, Client, Clock, PageOf
-from chalicelib.domain.client import ClientFields, ClientNotFound
+from chalicelib.domain.client import ClientFields, ClientNotFound, Recipient
 from chalicelib.errors import NotFound
 from chalicelib.pagination import Segment
 from chalicelib.storage.clients import BATCH_READ_RETRY, ClientRepository, DynamoClientRepository
@@ -69,6 +69,13 @@ class ClientDirectory:
         found, _ = self.find_many(summary.sample_ids)
         sample = [found[i] for i in summary.sample_ids if i in found]
         return summary.count, summary.opted_out, sample
+
+    def recipients(
+        self, audience: AudienceFilter, *, scope: str, cursor: str | None, limit: int
+    ) -> PageOf[Recipient]:
+        """One page of a mailing's fan-out: the id and phone of each client `audience` selects,
+        from the checkpoint `cursor` (made for the same `scope`)."""
+        return self._clients.recipients(audience, scope=scope, cursor=cursor, limit=limit)
 
     def audience_segments(
         self, audience: AudienceFilter, *, attributes: Sequence[str] | None = None

@@ -25,12 +25,15 @@ from chalicelib.domain.client import (
     ClientChanged,
     ClientNotFound,
     PhoneTaken,
+    Recipient,
     client_problem,
 )
 from chalicelib.domain.paging import PageOf
 from chalicelib.pagination import (
     Position,
     Segment,
+    decode_cursor,
+    encode_cursor,
     fingerprint,
     index_query,
     paginate,
@@ -98,6 +101,14 @@ class ClientRepository(Protocol):
 
     def page(self, audience: AudienceFilter, *, limit: int, cursor: str | None) -> PageOf[Client]:
         """One page of the clients `audience` selects; `cursor` from the page before."""
+        ...
+
+    def recipients(
+        self, audience: AudienceFilter, *, scope: str, cursor: str | None, limit: int
+    ) -> PageOf[Recipient]:
+        """One page of the fan-out of `audience` from `cursor`, a cursor this call handed out
+        for the same `scope` (a mailing's own checkpoint; one from before cursors were signed is
+        still read)."""
         ...
 
     def summarize(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
@@ -258,6 +269,16 @@ class DynamoClientRepository:
         with busy_if_transient():
             items, next_cursor = paginate(segments, scope, cursor, limit, client_of)
         return PageOf(items, next_cursor)
+
+    def recipients(
+        self, audience: AudienceFilter, *, scope: str, cursor: str | None, limit: int
+    ) -> PageOf[Recipient]:
+        # A message needs the client's id and phone only; the rest is read by the sender.
+        segments = self.audience_segments(audience, attributes=("client_id", "phone"))
+        position = decode_cursor(cursor, scope, segments) if cursor else Position()
+        page = read_page(segments, position, limit)
+        recipients = [Recipient(item.client_id, item.phone) for item in page.items]
+        return PageOf(recipients, encode_cursor(page.next, scope))
 
     def summarize(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
         """Reads the audience's index entries once (two attributes each), as the fan-out would."""

@@ -216,6 +216,36 @@ def test_pages_of_an_audience_hold_each_matching_client_once(repository, audienc
     assert pages <= len(phones) // 2 + 1
 
 
+@pytest.mark.parametrize("limit", [1, 2, 5])
+def test_a_fan_out_reaches_each_client_of_its_audience_once_page_by_page(repository, limit):
+    # Given a directory of clients
+    for phone, code, tag in DIRECTORY:
+        stored(repository, phone, code, tag)
+    audience = AudienceFilter(tags=("vip", ""))
+    # When the audience's recipients are read from checkpoint to checkpoint
+    reached: list[tuple[str, str]] = []
+    cursor = None
+    while True:
+        page = repository.recipients(audience, scope="mailing-1", cursor=cursor, limit=limit)
+        assert len(page.items) <= limit
+        reached += [(r.client_id, r.phone) for r in page.items]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    # Then each matching client is reached once, with its phone
+    expected = {(c.id, c.phone) for c in repository.page(audience, limit=50, cursor=None).items}
+    assert len(reached) == len(set(reached)) == 4
+    assert set(reached) == expected
+
+
+def test_a_fan_out_checkpoint_of_another_mailing_is_refused(repository):
+    for phone, code, tag in DIRECTORY:
+        stored(repository, phone, code, tag)
+    page = repository.recipients(AudienceFilter(), scope="mailing-1", cursor=None, limit=1)
+    with pytest.raises(MalformedRequest):
+        repository.recipients(AudienceFilter(), scope="mailing-2", cursor=page.next_cursor, limit=1)
+
+
 def test_a_cursor_of_another_audience_is_refused(repository):
     for phone, code, tag in DIRECTORY:
         stored(repository, phone, code, tag)

@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import datetime
 
 from chalicelib.domain import AudienceFilter, Client, PageOf
-from chalicelib.domain.client import ClientChanged, ClientNotFound, PhoneTaken
+from chalicelib.domain.client import ClientChanged, ClientNotFound, PhoneTaken, Recipient
 from chalicelib.pagination import invalid_cursor
 from chalicelib.storage.clients import BATCH_READ_RETRY, AudienceSummary
 from chalicelib.storage.errors import Retry
@@ -54,6 +54,15 @@ class MemoryClientRepository:
         end = start + limit
         next_cursor = offset_cursor(scope, end) if end < len(selected) else None
         return PageOf(selected[start:end], next_cursor)
+
+    def recipients(
+        self, audience: AudienceFilter, *, scope: str, cursor: str | None, limit: int
+    ) -> PageOf[Recipient]:
+        start = read_offset(scope, cursor)
+        selected = self._selected(audience)
+        end = start + limit
+        recipients = [Recipient(c.id, c.phone) for c in selected[start:end]]
+        return PageOf(recipients, offset_cursor(scope, end) if end < len(selected) else None)
 
     def summarize(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
         selected = self._selected(audience)
