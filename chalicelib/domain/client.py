@@ -9,9 +9,22 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from chalicelib.errors import Conflict, NotFound
 
-# ASCII only, as the API checks them: a record written before that check may hold other digits.
-_PHONE = re.compile(r"^7[0-9]{10}$", re.ASCII)
-_OPERATOR_CODE = re.compile(r"^[0-9]{3}$", re.ASCII)
+# ASCII digits only: `\d` (Python's re and pydantic's patterns alike) also matches Arabic-Indic
+# or full-width digits, which `int()` then turns into a different number at the gateway.
+PHONE_PATTERN = "^7[0-9]{10}$"
+OPERATOR_CODE_PATTERN = "^[0-9]{3}$"
+_PHONE = re.compile(PHONE_PATTERN, re.ASCII)
+_OPERATOR_CODE = re.compile(OPERATOR_CODE_PATTERN, re.ASCII)
+
+
+def is_phone(value: object) -> bool:
+    """A phone number as clients have them: 7XXXXXXXXXX, ASCII digits."""
+    return isinstance(value, str) and _PHONE.fullmatch(value) is not None
+
+
+def is_operator_code(value: object) -> bool:
+    """An operator code: three ASCII digits."""
+    return isinstance(value, str) and _OPERATOR_CODE.fullmatch(value) is not None
 
 
 def default_operator_code(phone: str) -> str:
@@ -87,9 +100,9 @@ class Recipient:
 def client_problem(phone: object, operator_code: object, timezone: object) -> str | None:
     """What makes a stored client unusable for sending (corrupt or older schema), if anything."""
     problems = []
-    if not isinstance(phone, str) or not _PHONE.fullmatch(phone):
+    if not is_phone(phone):
         problems.append("phone is not 7XXXXXXXXXX")
-    if not isinstance(operator_code, str) or not _OPERATOR_CODE.fullmatch(operator_code):
+    if not is_operator_code(operator_code):
         problems.append("operator code is not 3 digits")
     try:
         ZoneInfo(timezone)  # type: ignore[arg-type]
