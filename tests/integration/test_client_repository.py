@@ -172,6 +172,18 @@ def test_many_clients_are_found_at_once_and_the_missing_ones_named(repository):
     assert "missing" in problems[missing]
 
 
+def test_the_owners_of_phones_and_those_clients_are_read_at_once(repository):
+    # Given two clients
+    first, second = stored(repository, "79001234567"), stored(repository, "79001234568")
+    # When the owners of their phones and of a free one are read, then those clients
+    owners = repository.owners_of(["79001234567", "79001234568", "79009999999"])
+    found, unreadable = repository.get_many([first.id, second.id, "no-such-client"])
+    # Then the free phone has none, and the clients read back as stored
+    assert owners == {"79001234567": first.id, "79001234568": second.id}
+    assert found == {first.id: first, second.id: second}
+    assert unreadable == set()
+
+
 DIRECTORY = [
     ("79000000001", "900", "vip"),
     ("79000000002", "900", "new"),

@@ -47,6 +47,12 @@ class MemoryClientRepository:
     def owner_of(self, phone: str) -> str | None:
         return self.phones.get(phone)
 
+    def owners_of(self, phones: list[str]) -> dict[str, str]:
+        return {p: self.phones[p] for p in phones if p in self.phones}
+
+    def get_many(self, client_ids: list[str]) -> tuple[dict[str, Client], set[str]]:
+        return {c: self.clients[c] for c in client_ids if c in self.clients}, set()
+
     def page(self, audience: AudienceFilter, *, limit: int, cursor: str | None) -> PageOf[Client]:
         scope = repr((audience.operator_codes, audience.tags))
         start = read_offset(scope, cursor)
