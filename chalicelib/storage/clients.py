@@ -423,3 +423,7 @@ class DynamoClientRepository:
                 return self._models.Client.get(client_id, consistent_read=True)
             except DoesNotExist:
                 raise ClientNotFound(client_id) from None
+
+
+def _conforms(store: DynamoClientRepository) -> ClientRepository:
+    return store  # mypy checks here that the DynamoDB store keeps the whole contract

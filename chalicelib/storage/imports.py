@@ -473,3 +473,7 @@ class DynamoImportRepository:
         if tally.omitted:
             actions.append(Import.errors_omitted.add(tally.omitted))
         return actions
+
+
+def _conforms(store: DynamoImportRepository) -> ImportRepository:
+    return store  # mypy checks here that the DynamoDB store keeps the whole contract
