@@ -320,12 +320,9 @@ class ClientImports:
         while True:
             tally = _Tally()
             tally.add(outcomes, max(0, room))
-            writing = [o for o in outcomes if o.kind in ("created", "updated")]
-            writes = [
-                ClientWrite(o.client, new=o.kind == "created")
-                for o in writing
-                if o.client is not None
-            ]
+            # The outcomes that write a client, in the order of their writes.
+            writing = [(o, o.client) for o in outcomes if o.client is not None]
+            writes = [ClientWrite(client, new=o.kind == "created") for o, client in writing]
             try:
                 outcome = self._imports.commit_part(
                     chunk.import_id, chunk.chunk, number, writes, tally.frozen(), self._expiry()
@@ -340,7 +337,7 @@ class ClientImports:
             if isinstance(outcome, PartAlreadyIn):
                 return 0  # this part is in already (an earlier delivery of the chunk)
             if isinstance(outcome, WritesLost):
-                lost = {id(writing[i]) for i in outcome.indexes}
+                lost = {id(writing[i][0]) for i in outcome.indexes}
                 outcomes = [_lost(o) if id(o) in lost else o for o in outcomes]
                 if not any(o.kind in ("created", "updated") for o in outcomes):
                     return self._commit_counts(chunk, number, outcomes, room)
