@@ -188,16 +188,16 @@ def load_clients(stack: Any, count: int, *, phones: bool = True) -> None:
     Without `phones` the phone-number claims are left out: nothing but the API reads them.
     """
     from chalicelib.container import services
-    from chalicelib.services.clients import ClientFields
+    from chalicelib.domain.client import Client, ClientFields
+    from chalicelib.storage.clients import client_record
 
-    directory = services().clients
     models = services().models
     now = datetime.now(UTC)
     with models.Client.batch_write() as clients, models.Phone.batch_write() as claims:
         for n in range(count):
-            item = models.Client(str(uuid.uuid4()), created_at=now)
             phone = client_phone(n)
-            directory._apply(item, ClientFields(phone, None, "", "UTC"), now)
+            fields = ClientFields(phone, None, "", "UTC")
+            item = client_record(models.Client, Client.new(str(uuid.uuid4()), fields, now))
             clients.save(item)
             if phones:
                 claims.save(models.Phone(phone, client_id=item.client_id))

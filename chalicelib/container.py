@@ -31,7 +31,9 @@ from chalicelib.services.reports import ReportService
 from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, SettingsError, check_api_tokens, get_settings
+from chalicelib.storage.clients import DynamoClientRepository
 from chalicelib.storage.errors import PATIENT
+from chalicelib.storage.imports import DynamoImportRepository
 from chalicelib.storage.models import Models, build_models
 
 
@@ -193,7 +195,8 @@ class Services:
             fanout_url=settings.fanout_queue_url,
             import_url=settings.import_queue_url,
         )
-        clients = ClientDirectory(models, connection, clock)
+        client_store = DynamoClientRepository(models, connection)
+        clients = ClientDirectory(client_store, clock)
         messages = MessageStore(models, connection)
         # The scheduler's and retry-failed's writes pause on `clock`: a test's never sleeps.
         writes = replace(
@@ -216,9 +219,8 @@ class Services:
             models=models,
             clients=clients,
             imports=ClientImports(
-                models,
-                connection,
-                clients,
+                DynamoImportRepository(models, connection),
+                client_store,
                 queues,
                 clock,
                 retention_days=settings.import_retention_days,

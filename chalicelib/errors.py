@@ -64,6 +64,14 @@ class ServiceUnavailable(Exception):
         self.retry_after = retry_after
 
 
+class StorageBusy(ServiceUnavailable):
+    """Storage was throttling or the write met a concurrent transaction: nothing was written,
+    and the same request may succeed when sent again."""
+
+    def __init__(self, message: str = "storage is busy; retry shortly") -> None:
+        super().__init__(message, retry_after=1)
+
+
 class UpstreamFailed(DomainError):
     """A service we depend on (SES) refused the request: a configuration to fix, not a bug."""
 

@@ -21,12 +21,18 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from chalicelib.domain import (
-    PLACEHOLDERS,
     ImportStatus,
     MailingStatus,
     MessageStatus,
     template_problems,
 )
+from chalicelib.domain.client import (
+    OPERATOR_CODE_PATTERN,
+    PHONE_PATTERN,
+    is_operator_code,
+    is_phone,
+)
+from chalicelib.domain.text import TEMPLATE_PATTERN
 
 TEXT_MAX_LENGTH = 1000
 FILTER_MAX_VALUES = 100
@@ -55,22 +61,14 @@ def _unique(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-# ASCII digits only: `\d` (Python's re and pydantic's patterns alike) also matches Arabic-Indic
-# or full-width digits, which `int()` then turns into a different number at the gateway.
-PHONE_PATTERN = "^7[0-9]{10}$"
-OPERATOR_CODE_PATTERN = "^[0-9]{3}$"
-_PHONE = re.compile(PHONE_PATTERN, re.ASCII)
-_OPERATOR_CODE = re.compile(OPERATOR_CODE_PATTERN, re.ASCII)
-
-
 def _phone(value: str) -> str:
-    if not _PHONE.fullmatch(value):
+    if not is_phone(value):
         raise ValueError("phone must be 11 ASCII digits starting with 7, like 79001234567")
     return value
 
 
 def _operator_code(value: str) -> str:
-    if not _OPERATOR_CODE.fullmatch(value):
+    if not is_operator_code(value):
         raise ValueError("operator code must be 3 ASCII digits, like 900")
     return value
 
@@ -131,7 +129,6 @@ def _template(value: str) -> str:
     return value
 
 
-TEMPLATE_PATTERN = r"^(?:[^{}]|\{\{|\}\}|\{(?:" + "|".join(PLACEHOLDERS) + r")\})*$"
 NOT_BLANK_PATTERN = r"\S"
 MailingText = Annotated[
     str,

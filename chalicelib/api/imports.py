@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from chalice import Response
+from chalice.app import Request
 
 from chalicelib import domain
 from chalicelib.api.client_csv import COLUMNS, read_clients_csv
@@ -90,7 +89,7 @@ def get_import(import_id: str) -> ClientImportOut:
     return import_out(services().imports.get(import_id))
 
 
-def _csv_body(request: Any, max_bytes: int) -> bytes:
+def _csv_body(request: Request, max_bytes: int) -> bytes:
     media_type, _, parameters = (request.headers.get("content-type") or "").partition(";")
     media_type = media_type.strip().lower()
     if media_type != CSV:
@@ -111,7 +110,7 @@ def _csv_body(request: Any, max_bytes: int) -> bytes:
     return raw
 
 
-def _location(request: Any, import_id: str) -> str:
+def _location(request: Request, import_id: str) -> str:
     # API Gateway's path carries the stage ("/api/clients/import"); the local server's does not.
     path = (request.context or {}).get("path") or ""
     prefix = path[: -len(IMPORT_PATH)] if path.endswith(IMPORT_PATH) else ""
@@ -130,7 +129,7 @@ def import_out(job: domain.ClientImport) -> ClientImportOut:
     )
 
 
-def _counts(job: domain.ClientImport) -> dict[str, Any]:
+def _counts(job: domain.ClientImport) -> dict[str, object]:
     return {
         "id": job.id,
         "status": job.status,

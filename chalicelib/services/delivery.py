@@ -37,8 +37,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pynamodb.exceptions import DoesNotExist
 
 from chalicelib import logs
-from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow, render
+from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow
 from chalicelib.domain.rate_limit import Kind, classify, unreachable
+from chalicelib.domain.text import personalise
 from chalicelib.gateway import GatewayClient, GatewayResult
 from chalicelib.metrics import MetricsWriter
 from chalicelib.services.clients import ClientDirectory
@@ -919,14 +920,7 @@ def _moment(epoch_seconds: float) -> datetime:
 
 def _text_for(item: _Job) -> str:
     """The mailing's text with the client's fields in its placeholders."""
-    client = item.client
-    values = {
-        "phone": client.phone,
-        "operator_code": client.operator_code,
-        "tag": client.tag,
-        "timezone": client.timezone,
-    }
-    return render(item.mailing.text, values)
+    return personalise(item.mailing.text, item.client)
 
 
 def _with_ids(step: Callable[..., JobResult | None], item: _Job, *args: Any) -> JobResult | None:

@@ -18,9 +18,12 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from chalicelib.errors import StorageBusy
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,7 +83,7 @@ def is_conditional_failure(exc: Exception) -> bool:
 
 def is_transient(exc: Exception) -> bool:
     """True when nothing was written and the same request may succeed if sent again."""
-    if isinstance(exc, TryAgain):
+    if isinstance(exc, (TryAgain, StorageBusy)):
         return True
     code = error_code(exc)
     if code in TRANSIENT_CODES:
@@ -150,3 +153,17 @@ def looks_like_id(value: str) -> bool:
         return str(uuid.UUID(value)) == value
     except ValueError:
         return False
+
+
+@contextmanager
+def busy_if_transient() -> Iterator[None]:
+    """A throttle or a conflict with another transaction, left after the retries, becomes the
+    domain's `StorageBusy` (nothing was written; the caller may send the request again)."""
+    try:
+        yield
+    except StorageBusy:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise StorageBusy() from exc
+        raise

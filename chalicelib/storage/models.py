@@ -14,7 +14,8 @@ Tables (one per kind of record; see docs/architecture.md, "Storage"):
 - messages:  one item per (mailing, client); GSI by_status (keys only) lists a mailing's
              messages by status; a TTL removes them long after the mailing's end.
 - sequences: named counters that hand out blocks of int64 message ids.
-- imports:   CSV imports of clients, several items per import (see `ClientImport`). GSI
+- imports:   CSV imports of clients, several items per import (see `ClientImportRecord`;
+             storage/imports.py maps each kind to its domain type). GSI
              by_created (sparse, keys only: the import's "job" item) lists them newest first.
 - idempotency: one item per (caller, Idempotency-Key) of a create: in progress, then the
              response to replay; a TTL removes it IDEMPOTENCY_TTL_HOURS after the first request.

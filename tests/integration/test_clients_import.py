@@ -60,11 +60,13 @@ def small_chunks(services, clock):
     from pynamodb.connection import Connection
 
     from chalicelib.services.imports import ClientImports
+    from chalicelib.storage.clients import DynamoClientRepository
+    from chalicelib.storage.imports import DynamoImportRepository
 
+    connection = Connection(region=services.settings.aws_region)
     services.imports = ClientImports(
-        services.models,
-        Connection(region=services.settings.aws_region),
-        services.clients,
+        DynamoImportRepository(services.models, connection),
+        DynamoClientRepository(services.models, connection),
         services.queues,
         clock,
         chunk_rows=5,

@@ -1,0 +1,1 @@
+"""In-memory repositories: the storage contracts kept in dictionaries, for fast tests."""
