@@ -38,8 +38,9 @@ from pynamodb.exceptions import DoesNotExist
 
 from chalicelib import logs
 from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow, render
+from chalicelib.domain.gateway_answer import GatewayResult
 from chalicelib.domain.rate_limit import Kind, classify, unreachable
-from chalicelib.gateway import GatewayClient, GatewayResult
+from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome

@@ -58,6 +58,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from chalicelib.domain.gateway_answer import GatewayResult
 from chalicelib.domain.rate_limit import (
     Control,
     GatewayStatus,
@@ -73,7 +74,6 @@ from chalicelib.domain.rate_limit import (
     slots_before,
     slots_starting_before,
 )
-from chalicelib.gateway import GatewayResult
 from chalicelib.settings import Settings
 
 logger = logging.getLogger(__name__)

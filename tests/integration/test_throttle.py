@@ -14,19 +14,19 @@ from datetime import timedelta
 import boto3
 import pytest
 
+from chalicelib.domain.gateway_answer import AnswerKind, GatewayResult
 from chalicelib.domain.rate_limit import GatewayState
-from chalicelib.gateway import GatewayResult, Outcome
 from chalicelib.services.throttle import ITEM_NAME, Admission, GatewayThrottle
 
-OK = GatewayResult(Outcome.SENT, "OK", 200, 0.01)
-REJECTED = GatewayResult(Outcome.REJECTED, "HTTP 400", 400, 0.01)
-SERVER_ERROR = GatewayResult(Outcome.RETRY, "HTTP 503", 503, 0.01)
-TIMEOUT = GatewayResult(Outcome.RETRY, "timeout: ReadTimeout", None, 10.0)
-MALFORMED = GatewayResult(Outcome.RETRY, "HTTP 200 without success code", 200, 0.01)
+OK = GatewayResult(AnswerKind.SENT, "OK", 200, 0.01)
+REJECTED = GatewayResult(AnswerKind.REJECTED, "HTTP 400", 400, 0.01)
+SERVER_ERROR = GatewayResult(AnswerKind.UNAVAILABLE, "HTTP 503", 503, 0.01)
+TIMEOUT = GatewayResult(AnswerKind.TIMEOUT, "timeout: ReadTimeout", None, 10.0)
+MALFORMED = GatewayResult(AnswerKind.BAD_ANSWER, "HTTP 200 without success code", 200, 0.01)
 
 
 def rate_limited(retry_after: str | None = None) -> GatewayResult:
-    return GatewayResult(Outcome.RETRY, "HTTP 429", 429, 0.01, retry_after)
+    return GatewayResult(AnswerKind.TOO_MANY_REQUESTS, "HTTP 429", 429, 0.01, retry_after)
 
 
 @pytest.fixture
