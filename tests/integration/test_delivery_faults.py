@@ -17,7 +17,11 @@ from collections import Counter
 import pytest
 from botocore.client import BaseClient
 from botocore.exceptions import ClientError
-from tests.test_delivery import (  # noqa: F401
+
+from chalicelib.services.delivery import countdown
+from chalicelib.services.queues import JobBatch
+from devstack.gateway import FaultProfile
+from tests.integration.test_delivery import (  # noqa: F401
     add_client,
     assert_counters_match_records,
     calls,
@@ -28,10 +32,6 @@ from tests.test_delivery import (  # noqa: F401
     settings,
     sqs,
 )
-
-from chalicelib.services.delivery import countdown
-from chalicelib.services.queues import JobBatch
-from devstack.gateway import FaultProfile
 from tests.support.pipeline import SEND_URL
 
 

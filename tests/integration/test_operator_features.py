@@ -11,8 +11,8 @@ from datetime import timedelta
 import pytest
 
 from devstack.gateway import FaultProfile
-from tests import test_delivery as delivery
 from tests.conftest import body
+from tests.integration import test_delivery as delivery
 from tests.support.pipeline import SEND_URL
 
 # The delivery suite's fixtures (moto, virtual SQS, the sandbox gateway, the pipeline driver).

@@ -21,8 +21,8 @@ from chalicelib.services.reconciler import (
     SEND_VISIBILITY_TIMEOUT_SECONDS,
 )
 from devstack.gateway import FaultProfile
-from tests import test_delivery as delivery
 from tests.conftest import body
+from tests.integration import test_delivery as delivery
 from tests.support.pipeline import FANOUT_URL, SEND_URL
 
 # The delivery suite's fixtures (moto, virtual SQS, the sandbox gateway, the pipeline driver).
