@@ -32,6 +32,7 @@ from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, SettingsError, check_api_tokens, get_settings
 from chalicelib.storage.errors import PATIENT
+from chalicelib.storage.gateway_limits import DynamoGatewayLimits
 from chalicelib.storage.models import Models, build_models
 
 
@@ -206,7 +207,10 @@ class Services:
         )
         metrics = MetricsWriter(settings, write_metrics)
         # The senders' shared limits; the API reads their state for operators (GET /gateway).
-        throttle = GatewayThrottle(_LazyClient("dynamodb", settings), settings, clock)
+        limits = DynamoGatewayLimits(
+            _LazyClient("dynamodb", settings), settings.table_name("sequences")
+        )
+        throttle = GatewayThrottle(limits, settings, clock)
         for token in settings.api_tokens:
             logs.add_secret(token)
             # ROLE:TOKEN: the bearer token is the part after the role.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
@@ -356,6 +356,44 @@ def _slow(
         return False
     threshold = max(LATENCY_FLOOR_SECONDS, LATENCY_FACTOR * mean)
     return sum(t > threshold for t in answered) * 2 > len(answered)
+
+
+# ---------------------------------------------------------------- the shared limits
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Permits one sender holds until a moment (epoch seconds); a dead sender's come back."""
+
+    permits: int
+    until: float
+
+
+@dataclass(frozen=True)
+class SharedLimits:
+    """What every sender shares (one stored item): the next free slot (`tat`, the generic cell
+    rate algorithm's theoretical arrival time), the permits held and by whom, the controller's
+    state and its version, the calls in a row with none accepted, and the window's counts."""
+
+    tat: float = 0.0
+    held: int = 0
+    holders: Mapping[str, Lease] = field(default_factory=dict)
+    control: Control = field(default_factory=Control)
+    version: int = 0
+    run: int = 0
+    window: Window = field(default_factory=lambda: Window({}))
+    # The last reason sending slowed down or paused, and when (written with that decision).
+    why: str | None = None
+    why_at: float | None = None
+
+
+@dataclass(frozen=True)
+class OperatorSlots:
+    """One rate-limited operator's slots: where its next free one begins, and when its jobs
+    last went back to the queue for want of one (epoch seconds)."""
+
+    tat: float = 0.0
+    deferred_at: float | None = None
 
 
 # ---------------------------------------------------------------- what operators see

@@ -11,6 +11,7 @@ from chalicelib.domain.gateway_answer import AnswerKind, GatewayResult
 from chalicelib.domain.rate_limit import AnswerMix, GatewayState, GatewayStatus, OperatorStatus
 from chalicelib.services.prometheus import exposition
 from chalicelib.services.throttle import GatewayThrottle
+from chalicelib.storage.gateway_limits import DynamoGatewayLimits
 from tests.conftest import body
 
 OK = GatewayResult(AnswerKind.SENT, "OK", 200, 0.01)
@@ -20,9 +21,9 @@ TOO_MANY = GatewayResult(AnswerKind.TOO_MANY_REQUESTS, "HTTP 429", 429, 0.01, "4
 @pytest.fixture
 def sender(services, clock) -> GatewayThrottle:
     """Another Lambda's view of the shared limits: a sender reporting its batches."""
-    return GatewayThrottle(
-        boto3.client("dynamodb", region_name="us-east-1"), services.settings, clock
-    )
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    limits = DynamoGatewayLimits(client, services.settings.table_name("sequences"))
+    return GatewayThrottle(limits, services.settings, clock)
 
 
 def gauges(text: str) -> dict[tuple[str, tuple], float]:

@@ -16,7 +16,8 @@ import pytest
 
 from chalicelib.domain.gateway_answer import AnswerKind, GatewayResult
 from chalicelib.domain.rate_limit import GatewayState
-from chalicelib.services.throttle import ITEM_NAME, Admission, GatewayThrottle
+from chalicelib.services.throttle import Admission, GatewayThrottle
+from chalicelib.storage.gateway_limits import ITEM_NAME, DynamoGatewayLimits
 
 OK = GatewayResult(AnswerKind.SENT, "OK", 200, 0.01)
 REJECTED = GatewayResult(AnswerKind.REJECTED, "HTTP 400", 400, 0.01)
@@ -41,11 +42,17 @@ def limits(settings):
     )
 
 
+def shared_limits(settings) -> DynamoGatewayLimits:
+    """The shared limits item through a client of its own: another Lambda instance's."""
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    return DynamoGatewayLimits(client, settings.table_name("sequences"))
+
+
 @pytest.fixture
 def make_throttle(services, limits, clock):
     def make() -> GatewayThrottle:
         # Each its own client and cache: another Lambda instance.
-        return GatewayThrottle(boto3.client("dynamodb", region_name="us-east-1"), limits, clock)
+        return GatewayThrottle(shared_limits(limits), limits, clock)
 
     return make
 
@@ -373,9 +380,7 @@ def make_operator_throttle(services, limits, clock):
     )
 
     def make() -> GatewayThrottle:
-        return GatewayThrottle(
-            boto3.client("dynamodb", region_name="us-east-1"), operator_limits, clock
-        )
+        return GatewayThrottle(shared_limits(operator_limits), operator_limits, clock)
 
     return make
 
