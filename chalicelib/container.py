@@ -33,6 +33,7 @@ from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, SettingsError, check_api_tokens, get_settings
 from chalicelib.storage.errors import PATIENT
 from chalicelib.storage.gateway_limits import DynamoGatewayLimits
+from chalicelib.storage.messages import DynamoMessageRepository
 from chalicelib.storage.models import Models, build_models
 
 
@@ -195,7 +196,7 @@ class Services:
             import_url=settings.import_queue_url,
         )
         clients = ClientDirectory(models, connection, clock)
-        messages = MessageStore(models, connection)
+        messages = MessageStore(DynamoMessageRepository(models, connection))
         # The scheduler's and retry-failed's writes pause on `clock`: a test's never sleeps.
         writes = replace(
             PATIENT,

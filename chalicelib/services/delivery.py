@@ -25,18 +25,26 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Protocol, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pynamodb.exceptions import DoesNotExist
 
 from chalicelib import logs
-from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow, render
+from chalicelib.domain import (
+    Client,
+    Clock,
+    MailingStatus,
+    Message,
+    MessageStatus,
+    SendWindow,
+    render,
+)
 from chalicelib.domain.delivery_policy import (
     Decision,
     DeliveryAttempt,
@@ -97,7 +105,33 @@ DEFAULT_BUDGET_SECONDS = 900.0
 UNREACHABLE_RUN = 2
 
 Remaining = Callable[[], float]
-LogIds = dict[str, Any]  # the mailing's, client's and message's ids of a log line
+LogIds = dict[str, str | int | float]  # a log line's ids (mailing, client, message) and more
+Step_ = TypeVar("Step_")
+
+
+class SendableMailing(Protocol):
+    """What the sender reads of a stored mailing (possibly corrupt: see mailing_record_problem)."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def start_at(self) -> datetime: ...
+    @property
+    def end_at(self) -> datetime: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def window_start(self) -> float | None: ...
+    @property
+    def window_end(self) -> float | None: ...
+    @property
+    def updated_at(self) -> datetime: ...
+    @property
+    def fanout_done(self) -> bool | None: ...
+    @property
+    def due_key(self) -> str | None: ...
+    @property
+    def count_pending(self) -> float | None: ...
 
 
 def countdown(seconds: float) -> Remaining:
@@ -180,12 +214,17 @@ class _MailingWatch:
     """The batch's mailing as read at most STATUS_MAX_AGE_SECONDS ago by the invocation's clock
     (None: deleted or unusable); one read at a time for all of the batch's threads."""
 
-    def __init__(self, read: Callable[[], Any | None], remaining: Remaining, mailing: Any) -> None:
+    def __init__(
+        self,
+        read: Callable[[], SendableMailing | None],
+        remaining: Remaining,
+        mailing: SendableMailing | None,
+    ) -> None:
         self._read, self._remaining = read, remaining
         self._mailing, self._read_at = mailing, remaining()
         self._lock = threading.Lock()
 
-    def current(self) -> Any | None:
+    def current(self) -> SendableMailing | None:
         with self._lock:
             now = self._remaining()
             if self._read_at - now >= STATUS_MAX_AGE_SECONDS:
@@ -247,8 +286,8 @@ class _Job:
     batch: JobBatch
     job: SendJob
     run: _Delivery
-    mailing: Any
-    client: Any
+    mailing: SendableMailing | None
+    client: Client | None
     # The attempt the policy decides on (None: the mailing cannot be used).
     attempt: DeliveryAttempt | None
     # Why the mailing or the client record cannot be used (missing, corrupt, older schema).
@@ -261,6 +300,11 @@ class _Job:
     operator_slot: tuple[float, float] | None = None
     # The global slot set aside for its call when the batch was admitted.
     planned: datetime | None = None
+
+    @property
+    def recipient(self) -> Client:
+        assert self.client is not None  # only jobs with a usable client get this far
+        return self.client
 
     @property
     def policy_attempt(self) -> DeliveryAttempt:
@@ -292,7 +336,7 @@ class _Settled:
         if done.error is not None:
             self.errors.append(done.error)
 
-    def add_all(self, items: list[_Job], outs: list[Any]) -> list[_Job]:
+    def add_all(self, items: list[_Job], outs: Sequence[_Job | _Done | None]) -> list[_Job]:
         """Record the `_Done` among a step's `outs`; the jobs it passed on (a `_Job` or None,
         for the same job unchanged) go on."""
         going = []
@@ -423,8 +467,11 @@ class Sender:
 
     @staticmethod
     def _each(
-        pool: ThreadPoolExecutor, step: Callable[..., Any], items: list[_Job], *args: Any
-    ) -> list[Any]:
+        pool: ThreadPoolExecutor,
+        step: Callable[..., Step_],
+        items: list[_Job],
+        *args: object,
+    ) -> list[Step_ | _Done]:
         """Run `step` for every item in parallel and return what each returned (an error as a
         `_Done` carrying it): siblings of a failing one still finish."""
         # Each thread runs in a copy of the caller's context: its log ids, and whatever the
@@ -433,7 +480,7 @@ class Sender:
             pool.submit(contextvars.copy_context().run, _with_ids, step, item, *args)
             for item in items
         ]
-        outs: list[Any] = []
+        outs: list[Step_ | _Done] = []
         for future in futures:
             try:
                 outs.append(future.result())
@@ -482,7 +529,7 @@ class Sender:
             self._throttle.retry_budget(),
             _Unreachable(self._spread(PROBING_REQUEUE_SECONDS)),
         )
-        outs: list[Any] = []
+        outs: list[_Done] = []
         try:
             outs = self._each(pool, self._call, admitted, calls)
             settled.add_all(admitted, outs)
@@ -507,7 +554,7 @@ class Sender:
         other SQS messages wait for it)."""
         by_operator: dict[str, list[_Job]] = {}
         for item in claimed:
-            code = item.client.operator_code
+            code = item.recipient.operator_code
             if self._throttle.limited(code):
                 by_operator.setdefault(code, []).append(item)
         if not by_operator:
@@ -733,7 +780,7 @@ class Sender:
                 gateway = self._gateway()
                 assert gateway is not None  # checked by _prepare
                 try:
-                    result = gateway.send(job.message_id, item.client.phone, _text_for(item))
+                    result = gateway.send(job.message_id, item.recipient.phone, _text_for(item))
                 except Exception as exc:
                     return _Done(called=True, error=exc)
                 calls.gone.note(result)
@@ -864,7 +911,9 @@ class Sender:
         )
         return Delayed(batch, min(SQS_MAX_DELAY_SECONDS, max(0, math.ceil(delay_seconds))))
 
-    def _unclaimable(self, item: _Job, message: Any | None, now: datetime, log: LogIds) -> _Done:
+    def _unclaimable(
+        self, item: _Job, message: Message | None, now: datetime, log: LogIds
+    ) -> _Done:
         """Why the claim failed, from the `message` its condition saw: done or claimed
         elsewhere (skip), or not committed yet (wait)."""
         job = item.job
@@ -872,13 +921,13 @@ class Sender:
             # Fan-out enqueues a page's jobs a moment before it commits the page.
             logger.debug("message not committed yet; job comes back shortly", extra=log)
             return _Done(JobResult.DEFERRED, self._later(item, job, UNCOMMITTED_RETRY_SECONDS))
-        if message is None or int(message.message_id) != job.message_id:
+        if message is None or message.id != job.message_id:
             logger.info("job for a message that does not exist; dropped", extra=log)
         return _Done(JobResult.SKIPPED)
 
     def _mailing_checked(
         self, mailing_id: str, retry: Retry
-    ) -> tuple[Any | None, str | None, bool]:
+    ) -> tuple[SendableMailing | None, str | None, bool]:
         """The mailing if it can be sent from, else None and what is wrong with its record;
         and whether the record exists at all. A read that keeps failing transiently raises."""
         try:
@@ -917,14 +966,18 @@ def _moment(epoch_seconds: float) -> datetime:
     return datetime.fromtimestamp(epoch_seconds, UTC)
 
 
-def _paused_since(mailing: Any) -> datetime | None:
+def _paused_since(mailing: SendableMailing) -> datetime | None:
     """When the mailing was paused (its last change), if its record says."""
     since = getattr(mailing, "updated_at", None)
     return since if isinstance(since, datetime) else None
 
 
 def _attempt_of(
-    mailing_id: str, job: SendJob, mailing: Any, client: Any, problem: str | None
+    mailing_id: str,
+    job: SendJob,
+    mailing: SendableMailing | None,
+    client: Client | None,
+    problem: str | None,
 ) -> DeliveryAttempt | None:
     """The attempt the delivery policy decides on (None: the mailing cannot be used)."""
     if mailing is None:
@@ -948,23 +1001,24 @@ def _attempt_of(
 
 def _text_for(item: _Job) -> str:
     """The mailing's text with the client's fields in its placeholders."""
-    client = item.client
+    client = item.recipient
     values = {
         "phone": client.phone,
         "operator_code": client.operator_code,
         "tag": client.tag,
         "timezone": client.timezone,
     }
+    assert item.mailing is not None  # only jobs of a usable mailing get a call
     return render(item.mailing.text, values)
 
 
-def _with_ids(step: Callable[..., Any], item: _Job, *args: Any) -> Any:
+def _with_ids(step: Callable[..., Step_], item: _Job, *args: object) -> Step_:
     """Run one job's step with its ids on every log line, the gateway client's included."""
     with logs.bind(**Sender._log(item), attempt=item.job.retries + 1):
         return step(item, *args)
 
 
-def mailing_record_problem(item: Any) -> str | None:
+def mailing_record_problem(item: SendableMailing) -> str | None:
     """What makes a stored mailing unusable for sending (corrupt or older schema), if anything."""
     problems = []
     if not isinstance(item.text, str) or not item.text.strip():
@@ -983,7 +1037,7 @@ def mailing_record_problem(item: Any) -> str | None:
     return "mailing record is corrupt: " + ", ".join(problems)
 
 
-def _window_of(mailing: Any) -> SendWindow | None:
+def _window_of(mailing: SendableMailing) -> SendWindow | None:
     if mailing.window_start is None or mailing.window_end is None:
         return None
     return SendWindow.from_minutes(int(mailing.window_start), int(mailing.window_end))
