@@ -33,7 +33,9 @@ from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, SettingsError, check_api_tokens, get_settings
 from chalicelib.storage.clients import DynamoClientRepository
 from chalicelib.storage.errors import PATIENT
+from chalicelib.storage.gateway_limits import DynamoGatewayLimits
 from chalicelib.storage.imports import DynamoImportRepository
+from chalicelib.storage.messages import DynamoMessageRepository
 from chalicelib.storage.models import Models, build_models
 
 
@@ -197,7 +199,7 @@ class Services:
         )
         client_store = DynamoClientRepository(models, connection)
         clients = ClientDirectory(client_store, clock)
-        messages = MessageStore(models, connection)
+        messages = MessageStore(DynamoMessageRepository(models, connection))
         # The scheduler's and retry-failed's writes pause on `clock`: a test's never sleeps.
         writes = replace(
             PATIENT,
@@ -209,7 +211,10 @@ class Services:
         )
         metrics = MetricsWriter(settings, write_metrics)
         # The senders' shared limits; the API reads their state for operators (GET /gateway).
-        throttle = GatewayThrottle(_LazyClient("dynamodb", settings), settings, clock)
+        limits = DynamoGatewayLimits(
+            _LazyClient("dynamodb", settings), settings.table_name("sequences")
+        )
+        throttle = GatewayThrottle(limits, settings, clock)
         for token in settings.api_tokens:
             logs.add_secret(token)
             # ROLE:TOKEN: the bearer token is the part after the role.

@@ -1,8 +1,9 @@
 """The external SMS gateway's client: one call per message, every answer classified.
 
-Only HTTP 200 with a JSON body whose `code` is 0 is a success. The rest is sorted into what the
-sender should do: give up on the message (rejected), stop and fix the configuration
-(unauthorized), or try again later (retry).
+Only HTTP 200 with a JSON body whose `code` is 0 is a success. The rest is sorted, here and only
+here, into an `AnswerKind` (chalicelib/domain/gateway_answer.py), from which the sender knows to
+give up on the message (rejected), stop and fix the configuration (unauthorized), or try again
+later, and the throttle knows overload from bad luck.
 """
 
 from __future__ import annotations
@@ -10,33 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
-from enum import StrEnum
+from dataclasses import replace
 
 import requests
 from pydantic import SecretStr
 from requests.adapters import HTTPAdapter
 
+from chalicelib.domain.gateway_answer import AnswerKind, GatewayResult, Outcome
+
 logger = logging.getLogger(__name__)
 
-_PERMANENT_EXCEPTIONS = {401, 403, 408, 429}
 _DETAIL_LIMIT = 200
-
-
-class Outcome(StrEnum):
-    SENT = "sent"
-    REJECTED = "rejected"  # the gateway refused this message for good: do not retry
-    UNAUTHORIZED = "unauthorized"  # our credentials are wrong: a configuration problem
-    RETRY = "retry"  # transient or unknown: try again later
-
-
-@dataclass(frozen=True)
-class GatewayResult:
-    outcome: Outcome
-    detail: str
-    status_code: int | None
-    latency_seconds: float
-    retry_after: str | None = None  # the answer's Retry-After header, as sent
 
 
 class GatewayClient:
@@ -95,22 +80,21 @@ class GatewayClient:
                 allow_redirects=False,
             )
         except requests.Timeout as exc:
-            return self._result(Outcome.RETRY, f"timeout: {type(exc).__name__}", None, started)
+            return self._result(AnswerKind.TIMEOUT, f"timeout: {type(exc).__name__}", started)
         except requests.RequestException as exc:
-            return self._result(
-                Outcome.RETRY, f"network error: {type(exc).__name__}", None, started
-            )
+            return self._result(AnswerKind.NETWORK, f"network error: {type(exc).__name__}", started)
         result = classify(response.status_code, response.text, started)
         retry_after = response.headers.get("Retry-After")
         return replace(result, retry_after=retry_after) if retry_after else result
 
     @staticmethod
-    def _result(outcome: Outcome, detail: str, status: int | None, started: float) -> GatewayResult:
-        return GatewayResult(outcome, detail[:_DETAIL_LIMIT], status, time.monotonic() - started)
+    def _result(kind: AnswerKind, detail: str, started: float) -> GatewayResult:
+        """An answer that never came (no status)."""
+        return GatewayResult(kind, detail[:_DETAIL_LIMIT], None, time.monotonic() - started)
 
 
 def classify(status: int, body: str, started: float | None = None) -> GatewayResult:
-    """What an HTTP answer from the gateway means for the message."""
+    """What an HTTP answer from the gateway is: the one place that reads its status."""
     latency = 0.0 if started is None else time.monotonic() - started
     snippet = " ".join(body.split())[:80]
     if status == 200:
@@ -118,22 +102,35 @@ def classify(status: int, body: str, started: float | None = None) -> GatewayRes
             payload = json.loads(body)
         except ValueError:
             return GatewayResult(
-                Outcome.RETRY, f"HTTP 200 with a body that is not JSON: {snippet}", 200, latency
+                AnswerKind.BAD_ANSWER,
+                f"HTTP 200 with a body that is not JSON: {snippet}",
+                200,
+                latency,
             )
         code = payload.get("code") if isinstance(payload, dict) else None
         if code == 0 and not isinstance(code, bool):
-            return GatewayResult(Outcome.SENT, "OK", 200, latency)
+            return GatewayResult(AnswerKind.SENT, "OK", 200, latency)
         return GatewayResult(
-            Outcome.RETRY, f"HTTP 200 without success code: {snippet}", 200, latency
+            AnswerKind.BAD_ANSWER, f"HTTP 200 without success code: {snippet}", 200, latency
         )
     if status in (401, 403):
         return GatewayResult(
-            Outcome.UNAUTHORIZED, f"HTTP {status}: credentials refused", status, latency
+            AnswerKind.UNAUTHORIZED, f"HTTP {status}: credentials refused", status, latency
         )
-    if 400 <= status < 500 and status not in _PERMANENT_EXCEPTIONS:
-        return GatewayResult(
-            Outcome.REJECTED, f"HTTP {status}: {snippet}"[:_DETAIL_LIMIT], status, latency
-        )
-    return GatewayResult(
-        Outcome.RETRY, f"HTTP {status}: {snippet}"[:_DETAIL_LIMIT], status, latency
-    )
+    detail = f"HTTP {status}: {snippet}"[:_DETAIL_LIMIT]
+    return GatewayResult(_kind_of(status), detail, status, latency)
+
+
+def _kind_of(status: int) -> AnswerKind:
+    """The kind of an answer other than 200, 401 and 403."""
+    if status == 429:
+        return AnswerKind.TOO_MANY_REQUESTS
+    if status == 408:
+        return AnswerKind.REQUEST_TIMEOUT
+    if 400 <= status < 500:
+        return AnswerKind.REJECTED
+    if status == 503:
+        return AnswerKind.UNAVAILABLE
+    if status >= 500:
+        return AnswerKind.SERVER_ERROR
+    return AnswerKind.BAD_ANSWER  # a redirect or another status the gateway never sends

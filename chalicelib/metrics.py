@@ -18,8 +18,8 @@ from typing import Any
 
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
+from chalicelib.domain.gateway_answer import GatewayResult
 from chalicelib.domain.rate_limit import GatewayState, GatewayStatus
-from chalicelib.gateway import GatewayResult, Outcome
 from chalicelib.logs import SERVICE
 from chalicelib.settings import Settings
 
@@ -63,20 +63,7 @@ ERROR_CLASSES = (
 
 def error_class(result: GatewayResult) -> str | None:
     """The class of a gateway answer that was not a success (None for a success)."""
-    if result.outcome is Outcome.SENT:
-        return None
-    if result.outcome is Outcome.UNAUTHORIZED:
-        return "unauthorized"
-    status = result.status_code
-    if status is None:
-        return "timeout" if result.detail.startswith("timeout") else "network"
-    if status == 429:
-        return "http_429"
-    if status >= 500:
-        return "http_5xx"
-    if 400 <= status < 500:
-        return "http_4xx"
-    return "bad_answer"  # HTTP 200 without the success code, or another status
+    return result.kind.error_class
 
 
 def _stdout(line: str) -> None:

@@ -1,9 +1,9 @@
 """Overload or bad luck: what a gateway answer means for the shared sending rate (pure: no I/O,
 time passed in as epoch seconds).
 
-- `classify` is the one place that reads a gateway answer's status for load: sent, rejected
-  (permanent 4xx), unauthorized, overload (429, or 503 with `Retry-After`) or bad luck (other
-  5xx, malformed bodies, timeouts, network errors).
+- `classify` reads a gateway answer's kind (chalicelib/domain/gateway_answer.py) for load: sent,
+  rejected (permanent 4xx), unauthorized, overload (429, or 503 with `Retry-After`) or bad luck
+  (other 5xx, malformed bodies, timeouts, network errors).
 - `Window` counts the calls of the last two minutes (all senders) in buckets; from it come the
   accept ratio (client-side adaptive throttling, SRE book: overloaded when
   requests > K * accepts, K = 2) and the retry budget (Finagle: retries at most ~20% of
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
-from chalicelib.gateway import GatewayResult
-from chalicelib.gateway import Outcome as Answer
+from chalicelib.domain.gateway_answer import AnswerKind, GatewayResult
 
 WINDOW_SECONDS = 120
 BUCKET_SECONDS = 10
@@ -96,16 +95,16 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 def classify(result: GatewayResult, now: float) -> Verdict:
     """What one gateway answer means: for the message, and for the shared rate."""
-    if result.outcome is Answer.SENT:
+    if result.kind is AnswerKind.SENT:
         return Verdict(Kind.SENT)
-    if result.outcome is Answer.REJECTED:
+    if result.kind is AnswerKind.REJECTED:
         return Verdict(Kind.REJECTED)
-    if result.outcome is Answer.UNAUTHORIZED:
+    if result.kind is AnswerKind.UNAUTHORIZED:
         return Verdict(Kind.UNAUTHORIZED)
     retry_after = parse_retry_after(result.retry_after, now)
-    if result.status_code == 429:
+    if result.kind is AnswerKind.TOO_MANY_REQUESTS:
         return Verdict(Kind.OVERLOAD, retry_after)
-    if result.status_code == 503 and retry_after is not None:
+    if result.kind is AnswerKind.UNAVAILABLE and retry_after is not None:
         return Verdict(Kind.OVERLOAD, retry_after)
     # Other 5xx, a 200 without the success code, timeouts, network errors.
     return Verdict(Kind.BAD_LUCK)
@@ -161,7 +160,7 @@ class OperatorSpacing:
 
 def unreachable(result: GatewayResult) -> bool:
     """No answer at all: the connection was refused or dropped (a timeout is not this)."""
-    return result.status_code is None and result.detail.startswith("network error")
+    return result.kind is AnswerKind.NETWORK
 
 
 # ---------------------------------------------------------------- the window
@@ -357,6 +356,44 @@ def _slow(
         return False
     threshold = max(LATENCY_FLOOR_SECONDS, LATENCY_FACTOR * mean)
     return sum(t > threshold for t in answered) * 2 > len(answered)
+
+
+# ---------------------------------------------------------------- the shared limits
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Permits one sender holds until a moment (epoch seconds); a dead sender's come back."""
+
+    permits: int
+    until: float
+
+
+@dataclass(frozen=True)
+class SharedLimits:
+    """What every sender shares (one stored item): the next free slot (`tat`, the generic cell
+    rate algorithm's theoretical arrival time), the permits held and by whom, the controller's
+    state and its version, the calls in a row with none accepted, and the window's counts."""
+
+    tat: float = 0.0
+    held: int = 0
+    holders: Mapping[str, Lease] = field(default_factory=dict)
+    control: Control = field(default_factory=Control)
+    version: int = 0
+    run: int = 0
+    window: Window = field(default_factory=lambda: Window({}))
+    # The last reason sending slowed down or paused, and when (written with that decision).
+    why: str | None = None
+    why_at: float | None = None
+
+
+@dataclass(frozen=True)
+class OperatorSlots:
+    """One rate-limited operator's slots: where its next free one begins, and when its jobs
+    last went back to the queue for want of one (epoch seconds)."""
+
+    tat: float = 0.0
+    deferred_at: float | None = None
 
 
 # ---------------------------------------------------------------- what operators see

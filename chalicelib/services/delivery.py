@@ -25,22 +25,40 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
-from zoneinfo import ZoneInfo
+from typing import Protocol, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pynamodb.exceptions import DoesNotExist
 
 from chalicelib import logs
-from chalicelib.domain import Clock, MailingStatus, MessageStatus, SendWindow
+from chalicelib.domain import (
+    Client,
+    Clock,
+    MailingStatus,
+    Message,
+    MessageStatus,
+    SendWindow,
+)
+from chalicelib.domain.delivery_policy import (
+    Decision,
+    DeliveryAttempt,
+    DeliveryRules,
+    Step,
+    after_answer,
+    before_call,
+    paused,
+    timing,
+    too_late,
+)
+from chalicelib.domain.gateway_answer import GatewayResult
 from chalicelib.domain.rate_limit import Kind, classify, unreachable
 from chalicelib.domain.text import personalise
-from chalicelib.gateway import GatewayClient, GatewayResult
+from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
@@ -73,9 +91,6 @@ OPERATOR_PATIENCE_SECONDS = 1.0
 UNCOMMITTED_GRACE = timedelta(minutes=2)
 UNCOMMITTED_RETRY_SECONDS = 2
 THROTTLED_SPREAD_SECONDS = 5.0
-# How soon a job of a paused mailing looks again (a resume takes effect within this).
-PAUSED_RECHECK_SECONDS = 10
-PAUSED_MAX_RECHECK_SECONDS = 300
 # How old the mailing's status may be when a gateway call starts: a cancel or a pause stops the
 # calls within this, with one read of the mailing per interval for all of a batch's threads.
 STATUS_MAX_AGE_SECONDS = 1.0
@@ -88,12 +103,35 @@ DEADLINE_RESERVE_SECONDS = 0.5
 DEFAULT_BUDGET_SECONDS = 900.0
 # Calls of one batch in a row with no answer at all after which its other calls wait.
 UNREACHABLE_RUN = 2
-# A bad-luck retry the shared budget grants, while most calls succeed, backs off from this and
-# not from RETRY_BASE_SECONDS: the gateway works and the shared rate bounds the load, so a long
-# wait only leaves the rate unused while the end comes closer (1, 1-2, 2-4 s, ...).
-BAD_LUCK_RETRY_BASE_SECONDS = 1.0
 
 Remaining = Callable[[], float]
+LogIds = dict[str, str | int | float]  # a log line's ids (mailing, client, message) and more
+Step_ = TypeVar("Step_")
+
+
+class SendableMailing(Protocol):
+    """What the sender reads of a stored mailing (possibly corrupt: see mailing_record_problem)."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def start_at(self) -> datetime: ...
+    @property
+    def end_at(self) -> datetime: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def window_start(self) -> float | None: ...
+    @property
+    def window_end(self) -> float | None: ...
+    @property
+    def updated_at(self) -> datetime: ...
+    @property
+    def fanout_done(self) -> bool | None: ...
+    @property
+    def due_key(self) -> str | None: ...
+    @property
+    def count_pending(self) -> float | None: ...
 
 
 def countdown(seconds: float) -> Remaining:
@@ -176,12 +214,17 @@ class _MailingWatch:
     """The batch's mailing as read at most STATUS_MAX_AGE_SECONDS ago by the invocation's clock
     (None: deleted or unusable); one read at a time for all of the batch's threads."""
 
-    def __init__(self, read: Callable[[], Any | None], remaining: Remaining, mailing: Any) -> None:
+    def __init__(
+        self,
+        read: Callable[[], SendableMailing | None],
+        remaining: Remaining,
+        mailing: SendableMailing | None,
+    ) -> None:
         self._read, self._remaining = read, remaining
         self._mailing, self._read_at = mailing, remaining()
         self._lock = threading.Lock()
 
-    def current(self) -> Any | None:
+    def current(self) -> SendableMailing | None:
         with self._lock:
             now = self._remaining()
             if self._read_at - now >= STATUS_MAX_AGE_SECONDS:
@@ -209,7 +252,7 @@ class _Unreachable:
             return self._run >= UNREACHABLE_RUN
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Delivery:
     """What the jobs of one delivery share: the invocation's clock, the storage retries bounded
     by it, the mailing's watch and the outcome writer."""
@@ -218,36 +261,91 @@ class _Delivery:
     retry: Retry
     read_retry: Retry
     outcomes: _Outcomes
-    watch: _MailingWatch | None = None
+    watch: _MailingWatch
+
+
+@dataclass(frozen=True)
+class _Calls:
+    """What the gateway calls of one batch share (the threads' only shared state, each part
+    guarding itself): permits, slots, the retry budget and the unreachable run."""
+
+    permits: threading.BoundedSemaphore
+    slots: Slots
     # Retries of bad-luck answers this delivery may still grant (the shared retry budget).
-    budget: RetryBudget | None = None
+    budget: RetryBudget
     # Whether the gateway stopped answering at all during this delivery's calls.
-    gone: _Unreachable | None = None
+    gone: _Unreachable
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Job:
+    """One job as it goes through the sender's steps; a step returns a new `_Job` (claimed,
+    given a slot) or a `_Done`, and only the batch's own thread puts them together."""
+
+    index: int  # its place in the batch
     batch: JobBatch
     job: SendJob
     run: _Delivery
-    mailing: Any
-    client: Any
+    mailing: SendableMailing | None
+    client: Client | None
+    # The attempt the policy decides on (None: the mailing cannot be used).
+    attempt: DeliveryAttempt | None
     # Why the mailing or the client record cannot be used (missing, corrupt, older schema).
     problem: str | None = None
     mailing_exists: bool = True
-    requeue: Delayed | None = None
-    called_gateway: bool = False
-    result: JobResult | None = None
-    # Passed every check and waits for a gateway call; its claim (and until when it holds);
-    # the gateway's answer.
-    ready: bool = False
+    # Its claim (and until when it holds).
     claim: str | None = None
     claim_until: datetime | None = None
-    answer: GatewayResult | None = None
     # A rate-limited operator's job: its call leaves in [earliest, latest] (epoch seconds).
     operator_slot: tuple[float, float] | None = None
     # The global slot set aside for its call when the batch was admitted.
     planned: datetime | None = None
+
+    @property
+    def recipient(self) -> Client:
+        assert self.client is not None  # only jobs with a usable client get this far
+        return self.client
+
+    @property
+    def policy_attempt(self) -> DeliveryAttempt:
+        assert self.attempt is not None  # only jobs of a usable mailing get this far
+        return self.attempt
+
+
+@dataclass(frozen=True)
+class _Done:
+    """What became of a job: its result, when it comes back, whether it called the gateway and
+    what the gateway answered, or the error that stopped it (its SQS message comes back)."""
+
+    result: JobResult | None = None
+    requeue: Delayed | None = None
+    called: bool = False
+    answer: GatewayResult | None = None
+    error: Exception | None = None
+
+
+class _Settled:
+    """The batch's finished jobs, put together by the batch's own thread."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, _Done] = {}
+        self.errors: list[Exception] = []
+
+    def add(self, item: _Job, done: _Done) -> None:
+        self.done[item.index] = done
+        if done.error is not None:
+            self.errors.append(done.error)
+
+    def add_all(self, items: list[_Job], outs: Sequence[_Job | _Done | None]) -> list[_Job]:
+        """Record the `_Done` among a step's `outs`; the jobs it passed on (a `_Job` or None,
+        for the same job unchanged) go on."""
+        going = []
+        for item, out in zip(items, outs, strict=True):
+            if isinstance(out, _Done):
+                self.add(item, out)
+            else:
+                going.append(item if out is None else out)
+        return going
 
 
 class Sender:
@@ -280,64 +378,73 @@ class Sender:
         self._throttle = throttle
         self._wait_until = wait_until
         self._metrics = metrics
-        self._margin = timedelta(seconds=settings.gateway_connect_timeout)
+        self._rules = DeliveryRules(
+            margin=timedelta(seconds=settings.gateway_connect_timeout),
+            max_attempts=settings.max_attempts,
+            retry_base_seconds=settings.retry_base_seconds,
+            retry_max_seconds=settings.retry_max_seconds,
+            auth_retry_seconds=settings.auth_retry_seconds,
+            gateway_pause_seconds=settings.gateway_pause_seconds,
+        )
 
     def deliver(self, batch: JobBatch, remaining: Remaining | None = None) -> BatchReport:
         """Process every job of `batch` within the invocation's `remaining()` seconds; raises (so
         SQS retries it) on unexpected errors and on reads that keep failing transiently."""
-        run = self._delivery(batch.mailing_id, remaining or countdown(DEFAULT_BUDGET_SECONDS))
+        remaining = remaining or countdown(DEFAULT_BUDGET_SECONDS)
+        retry = Retry(remaining, reserve=DEADLINE_RESERVE_SECONDS, rng=self._rng)
+        read_retry = Retry(remaining, attempts=READ_ATTEMPTS, rng=self._rng)
+        outcomes = _Outcomes(
+            lambda group: self._messages.finish_many(
+                batch.mailing_id, group, self._clock(), retry=retry
+            )
+        )
         # One read each for the mailing and the clients of the whole batch, right before its
         # calls start (milliseconds later): a deleted or cancelled mailing or a deleted client is
         # seen here. The message itself is checked by the claim's condition.
         client_ids = [job.client_id for job in batch.jobs]
         mailing, mailing_problem, mailing_exists = self._mailing_checked(
-            batch.mailing_id, run.read_retry
+            batch.mailing_id, read_retry
         )
         clients, problems = (
-            self._clients.find_many(client_ids, retry=run.read_retry) if mailing else ({}, {})
+            self._clients.find_many(client_ids, retry=read_retry) if mailing else ({}, {})
         )
-        run.watch = _MailingWatch(
-            lambda: self._mailing_checked(batch.mailing_id, run.read_retry)[0],
-            run.remaining,
-            mailing,
+        watch = _MailingWatch(
+            lambda: self._mailing_checked(batch.mailing_id, read_retry)[0], remaining, mailing
         )
-        work = [
-            _Job(
-                batch,
-                job,
-                run,
-                mailing,
-                clients.get(job.client_id),
-                mailing_problem or problems.get(job.client_id),
-                mailing_exists,
+        run = _Delivery(remaining, retry, read_retry, outcomes, watch)
+        work = []
+        for index, job in enumerate(batch.jobs):
+            client = clients.get(job.client_id)
+            problem = mailing_problem or problems.get(job.client_id)
+            attempt = _attempt_of(batch.mailing_id, job, mailing, client, problem)
+            work.append(
+                _Job(index, batch, job, run, mailing, client, attempt, problem, mailing_exists)
             )
-            for job in batch.jobs
-        ]
         pool = self._pool or ThreadPoolExecutor(self._settings.sender_concurrency, "sender")
         self._pool = pool
         # First everything that needs no gateway call; then the calls, within the shared limits.
-        errors = self._each(pool, self._prepare, work)
-        ready = [item for item in work if item.ready]
+        settled = _Settled()
+        ready = settled.add_all(work, self._each(pool, self._prepare, work))
         if ready:
-            errors += self._send_all(pool, ready)
+            self._send_all(pool, ready, settled)
         report = BatchReport()
+        answers = []
         for item in work:
-            if item.result is not None:
-                report.results.append(item.result)
-            if item.requeue is not None:
-                report.requeued.append(item.requeue)
-            report.gateway_calls += item.called_gateway
-        self._metrics.delivery(
-            batch.mailing_id,
-            report.results,
-            [item.answer for item in work if item.answer is not None],
-        )
+            done = settled.done.get(item.index, _Done())
+            if done.result is not None:
+                report.results.append(done.result)
+            if done.requeue is not None:
+                report.requeued.append(done.requeue)
+            report.gateway_calls += done.called
+            if done.answer is not None:
+                answers.append(done.answer)
+        self._metrics.delivery(batch.mailing_id, report.results, answers)
         gateway = self._throttle.known_status()  # as this batch left it: no extra request
         if gateway is not None:
             self._metrics.gateway(batch.mailing_id, gateway)
-        if errors:
+        if settled.errors:
             # Re-deliver the whole SQS message; finished jobs are skipped on the next pass.
-            raise errors[0]
+            raise settled.errors[0]
         if report.requeued:
             self._queues.enqueue(coalesce(report.requeued, self._settings.jobs_per_message))
         if (
@@ -345,16 +452,8 @@ class Sender:
             and mailing.fanout_done
             and any(r in _TERMINAL for r in report.results)
         ):
-            self._kick_if_drained(batch.mailing_id, run.read_retry)
+            self._kick_if_drained(batch.mailing_id, read_retry)
         return report
-
-    def _delivery(self, mailing_id: str, remaining: Remaining) -> _Delivery:
-        retry = Retry(remaining, reserve=DEADLINE_RESERVE_SECONDS, rng=self._rng)
-        outcomes = _Outcomes(
-            lambda group: self._messages.finish_many(mailing_id, group, self._clock(), retry=retry)
-        )
-        read_retry = Retry(remaining, attempts=READ_ATTEMPTS, rng=self._rng)
-        return _Delivery(remaining, retry, read_retry, outcomes)
 
     def _call_fits(self, item: _Job) -> bool:
         """Whether a gateway call started now, and its outcome's write, end before the
@@ -368,24 +467,28 @@ class Sender:
 
     @staticmethod
     def _each(
-        pool: ThreadPoolExecutor, step: Callable[..., JobResult | None], items: list, *args: Any
-    ) -> list[Exception]:
-        """Run `step` for every item in parallel; siblings of a failing one still finish."""
+        pool: ThreadPoolExecutor,
+        step: Callable[..., Step_],
+        items: list[_Job],
+        *args: object,
+    ) -> list[Step_ | _Done]:
+        """Run `step` for every item in parallel and return what each returned (an error as a
+        `_Done` carrying it): siblings of a failing one still finish."""
         # Each thread runs in a copy of the caller's context: its log ids, and whatever the
         # runtime tagged the invocation with.
         futures = [
             pool.submit(contextvars.copy_context().run, _with_ids, step, item, *args)
             for item in items
         ]
-        errors = []
-        for item, future in zip(items, futures, strict=True):
+        outs: list[Step_ | _Done] = []
+        for future in futures:
             try:
-                item.result = future.result()
+                outs.append(future.result())
             except Exception as exc:  # collected: siblings still finish first
-                errors.append(exc)
-        return errors
+                outs.append(_Done(error=exc))
+        return outs
 
-    def _send_all(self, pool: ThreadPoolExecutor, ready: list[_Job]) -> list[Exception]:
+    def _send_all(self, pool: ThreadPoolExecutor, ready: list[_Job], settled: _Settled) -> None:
         """The gateway calls of one batch: claims first, then slots and permits from the shared
         throttle, reserved when the calls are ready to leave (claims take time)."""
         paused = self._throttle.paused_for()
@@ -394,53 +497,56 @@ class Sender:
             # later, no attempt spent.
             later = self._spread(paused)
             for item in ready:
-                item.result = self._throttled(item, later, spread=False)
-            return []
+                settled.add(item, self._throttled(item, later, spread=False))
+            return
         # While the gateway seems down a batch makes one probe call: the others are not claimed
         # (two writes each saved, every time the backlog comes round).
         allowed, wait = self._throttle.expected_room(len(ready))
         later = self._spread(wait)
         for item in ready[allowed:]:
-            item.result = self._throttled(item, later, spread=False)
-        errors = self._each(pool, self._claim, ready[:allowed])
-        claimed = [item for item in ready[:allowed] if item.claim is not None]
+            settled.add(item, self._throttled(item, later, spread=False))
+        trying = ready[:allowed]
+        claimed = settled.add_all(trying, self._each(pool, self._claim, trying))
         if not claimed:
-            return errors
-        claimed, later, refused = self._operator_slots(pool, claimed)
-        errors += refused
-        if not claimed and not later:
-            return errors
+            return
+        claimed, later_ones = self._operator_slots(pool, claimed, settled)
+        if not claimed and not later_ones:
+            return
         admission = self._throttle.admit(len(claimed)) if claimed else Admission.none(0)
         admitted, waiting = claimed[: admission.count], claimed[admission.count :]
         # One delay for the batch's jobs that got no slot, so they go back in one SQS message: a
         # backlog split into single jobs costs a sender invocation per job once sending resumes.
         delay = self._spread(admission.retry_after)
-        errors += self._each(pool, self._give_back, waiting, delay, False)
+        settled.add_all(waiting, self._each(pool, self._give_back, waiting, delay, False))
         # Calls whose operator slot comes after the batch's global slots take their own then.
-        admitted += later
-        permits = threading.BoundedSemaphore(max(1, admission.permits))
+        admitted += later_ones
         slots = Slots(admission)
         if any(item.operator_slot for item in admitted):
             admitted = self._plan(admitted, slots)
-        budget = ready[0].run.budget = self._throttle.retry_budget()
-        ready[0].run.gone = _Unreachable(self._spread(PROBING_REQUEUE_SECONDS))
+        calls = _Calls(
+            threading.BoundedSemaphore(max(1, admission.permits)),
+            slots,
+            self._throttle.retry_budget(),
+            _Unreachable(self._spread(PROBING_REQUEUE_SECONDS)),
+        )
+        outs: list[_Done] = []
         try:
-            errors += self._each(pool, self._call, admitted, permits, slots)
+            outs = self._each(pool, self._call, admitted, calls)
+            settled.add_all(admitted, outs)
         finally:
             # The permits back and the answers counted in the shared window, in one write; the
             # shared speed follows them (see services/throttle.py).
-            answers = [item.answer for item in admitted if item.answer is not None]
-            self._throttle.release(admission, answers, budget.taken)
-        return errors
+            answers = [out.answer for out in outs if out.answer is not None]
+            self._throttle.release(admission, answers, calls.budget.taken)
 
     def _operator_slots(
-        self, pool: ThreadPoolExecutor, claimed: list[_Job]
-    ) -> tuple[list[_Job], list[_Job], list[Exception]]:
+        self, pool: ThreadPoolExecutor, claimed: list[_Job], settled: _Settled
+    ) -> tuple[list[_Job], list[_Job]]:
         """Slots of the rate-limited operators (GATEWAY_RATE_PER_OPERATOR) for the batch's calls,
         one write per such operator; their jobs that get none go back to the queue before they
         take a global slot or permit, no attempt spent. Returns the jobs that take the batch's
-        global slots (operators' first), those that take a global slot of their own when their
-        operator slot comes, and the errors.
+        global slots (operators' first) and those that take a global slot of their own when
+        their operator slot comes.
 
         Operator slots fall where the batch's global slots are expected, so the sender does not
         sit waiting on a slow operator while other operators' calls are ready; a batch of one
@@ -448,14 +554,13 @@ class Sender:
         other SQS messages wait for it)."""
         by_operator: dict[str, list[_Job]] = {}
         for item in claimed:
-            code = item.client.operator_code
+            code = item.recipient.operator_code
             if self._throttle.limited(code):
                 by_operator.setdefault(code, []).append(item)
         if not by_operator:
-            return claimed, [], []
+            return claimed, []
         start, interval = self._throttle.expected_slots()
         going: list[_Job] = []
-        errors: list[Exception] = []
         for code, jobs in by_operator.items():
             alone = len(jobs) == len(claimed)
             until = start + (OPERATOR_PATIENCE_SECONDS if alone else len(claimed) * interval)
@@ -469,26 +574,31 @@ class Sender:
                 admission = Admission.none(1.0)
             for index, item in enumerate(jobs[: admission.count]):
                 earliest = admission.start + index * admission.interval
-                item.operator_slot = (earliest, earliest + admission.late)
-            going += jobs[: admission.count]
+                going.append(replace(item, operator_slot=(earliest, earliest + admission.late)))
             deferred = jobs[admission.count :]
-            errors += self._each(pool, self._give_back, deferred, admission.retry_after)
-        going += [item for item in claimed if item.operator_slot is None and item.claim is not None]
+            settled.add_all(
+                deferred, self._each(pool, self._give_back, deferred, admission.retry_after)
+            )
+        limited = {item.index for jobs in by_operator.values() for item in jobs}
+        going += [item for item in claimed if item.index not in limited]
         # The batch's global slots, as expected now that some jobs went back.
         end = start + len(going) * interval
         own = [item for item in going if item.operator_slot and item.operator_slot[0] >= end]
-        return [item for item in going if item not in own], own, errors
+        own_indexes = {item.index for item in own}
+        return [item for item in going if item.index not in own_indexes], own
 
     def _plan(self, admitted: list[_Job], slots: Slots) -> list[_Job]:
         """Set aside each call's global slot (an operator's call: one within its operator slot),
         and order the calls by it, so a sender with few threads makes them in time."""
         now = self._clock()
+        planned: dict[int, datetime | None] = {}
         for item in admitted:
             if item.operator_slot is not None:
-                item.planned = slots.take_between(*item.operator_slot, now)
+                planned[item.index] = slots.take_between(*item.operator_slot, now)
         for item in admitted:
             if item.operator_slot is None:
-                item.planned = slots.take(now)
+                planned[item.index] = slots.take(now)
+        admitted = [replace(item, planned=planned[item.index]) for item in admitted]
 
         def when(item: _Job) -> float:
             if item.planned is not None:
@@ -497,21 +607,20 @@ class Sender:
 
         return sorted(admitted, key=when)
 
-    def _claim(self, item: _Job) -> JobResult | None:
-        """Claim the message for a call; the job's result if it cannot be claimed."""
+    def _claim(self, item: _Job) -> _Job | _Done:
+        """Claim the message for a call: the claimed job, or what became of it if it cannot be
+        claimed."""
         job, now, seconds = item.job, self._clock(), self._settings.claim_seconds
         claim = item.run.retry(
             lambda: self._messages.claim(
                 item.batch.mailing_id, job.client_id, job.message_id, now, seconds
             )
         )
-        item.claim = claim.claim_id
-        if item.claim is None:
+        if claim.claim_id is None:
             return self._unclaimable(item, claim.message, now, self._log(item))
-        item.claim_until = now + timedelta(seconds=seconds)
-        return None
+        return replace(item, claim=claim.claim_id, claim_until=now + timedelta(seconds=seconds))
 
-    def _give_back(self, item: _Job, wait: float = 0.0, spread: bool = True) -> JobResult:
+    def _give_back(self, item: _Job, wait: float = 0.0, spread: bool = True) -> _Done:
         """A claimed message that will not be sent now: unclaimed, its attempt undone, later."""
         self._unclaim(item)
         return self._throttled(item, wait, spread=spread)
@@ -519,7 +628,6 @@ class Sender:
     def _unclaim(self, item: _Job) -> None:
         assert item.claim is not None
         self._release(item, item.claim, item.job.last_error, called=False)
-        item.claim = None
 
     def _release(self, item: _Job, claim: str, error: str | None, *, called: bool = True) -> None:
         """Give the message back, still pending (see MessageStore.release)."""
@@ -534,30 +642,19 @@ class Sender:
             )
         )
 
-    def _too_late_now(self, item: _Job, at: datetime) -> JobResult:
+    def _too_late_now(self, item: _Job, at: datetime) -> _Done:
         """A claimed call that would leave too late: unclaimed, then expired or deferred."""
         self._unclaim(item)
-        return self._timing(item, at) or self._throttled(item)
+        decision = timing(item.policy_attempt, at, self._rules)
+        if decision.step is Step.SEND:  # in time after all: only the slot was missed
+            return self._throttled(item)
+        return self._settle(item, decision)
 
-    def _paused(self, item: _Job) -> JobResult:
-        """The mailing is paused: no claim, no call, no attempt; the job looks again later.
-
-        Soon at first (a short pause ends within PAUSED_RECHECK_SECONDS of the resume), then
-        less often the longer the pause lasts (a sixth of it, at most PAUSED_MAX_RECHECK_SECONDS),
-        so a mailing paused for a day does not bounce every job through SQS every few seconds.
-        """
-        since = getattr(item.mailing, "updated_at", None)  # set by the pause
-        paused_for = (self._clock() - since).total_seconds() if isinstance(since, datetime) else 0
-        wait = min(PAUSED_MAX_RECHECK_SECONDS, max(PAUSED_RECHECK_SECONDS, paused_for / 6))
-        # No random spread: the batch's jobs keep one delay, so they travel in one SQS message.
-        item.requeue = self._later(item, item.job, wait)
-        return JobResult.DEFERRED
-
-    def _throttled(self, item: _Job, wait: float = 0.0, *, spread: bool = True) -> JobResult:
+    def _throttled(self, item: _Job, wait: float = 0.0, *, spread: bool = True) -> _Done:
         """Over the shared rate or paused by back-pressure: back later, no attempt spent
         (after `wait` plus a spread, or after exactly `wait` when it is spread already)."""
-        item.requeue = self._later(item, item.job, self._spread(wait) if spread else wait)
-        return JobResult.THROTTLED
+        later = self._later(item, item.job, self._spread(wait) if spread else wait)
+        return _Done(JobResult.THROTTLED, later)
 
     def _spread(self, wait: float) -> float:
         """`wait` plus up to 5 s, so deferred batches do not all come back in the same second."""
@@ -575,7 +672,7 @@ class Sender:
         if fresh is not None and fresh.due_key is not None and int(fresh.count_pending or 0) == 0:
             self._queues.kick([mailing_id])
 
-    def _cleared(self, item: _Job) -> JobResult | None:
+    def _cleared(self, item: _Job) -> _Done | None:
         """The last look before a gateway call; None when it may go. Too little time left, or a
         mailing that cannot be read now: the claim is given back and the job comes back, no
         attempt spent. A cancelled mailing ends the message; a paused one defers it."""
@@ -584,7 +681,6 @@ class Sender:
                 "too little time left for a gateway call; job requeued", extra=self._log(item)
             )
             return self._give_back(item)
-        assert item.run.watch is not None
         try:
             mailing = item.run.watch.current()
         except Exception as exc:
@@ -597,39 +693,41 @@ class Sender:
             return self._finish(item, MessageStatus.CANCELLED, item.claim, "mailing cancelled")
         if mailing.status == MailingStatus.PAUSED.value:
             self._unclaim(item)
-            item.mailing = mailing
-            return self._paused(item)
+            attempt = replace(item.policy_attempt, paused_since=_paused_since(mailing))
+            return self._settle(item, paused(attempt, self._clock()))
         return None
 
     # ---------------------------------------------------------------- one job
 
-    def _prepare(self, item: _Job) -> JobResult | None:
+    def _prepare(self, item: _Job) -> _Done | None:
         """Settle a job that needs no gateway call; None if it is ready for one."""
-        mailing, client = item.mailing, item.client
-        if mailing is None:
+        if item.attempt is None:
             return self._fail_without_mailing(item, self._clock(), self._log(item))
-        if mailing.status == MailingStatus.CANCELLED.value:
-            return self._finish(item, MessageStatus.CANCELLED, None, "mailing cancelled")
-        if client is None:
-            ended = self._expire_if_ended(item, self._clock())
-            if ended is not None:
-                return ended
+        decision = before_call(item.attempt, self._clock(), self._rules)
+        if decision.step is Step.FAIL:
             logger.warning("message failed: %s", item.problem, extra=self._log(item))
-            return self._finish(item, MessageStatus.FAILED, None, item.problem)
-        if client.opted_out:
-            return self._finish(item, MessageStatus.SKIPPED, None, "client opted out")
-        if mailing.status == MailingStatus.PAUSED.value:
-            return self._expire_if_ended(item, self._clock()) or self._paused(item)
-        timing = self._timing(item, self._clock())
-        if timing is not None:
-            return timing
+        if decision.step is not Step.SEND:
+            return self._settle(item, decision)
         problem = self._gateway_problem()
         if problem is not None:
             logger.error("%s: nothing can be sent; retried later", problem, extra=self._log(item))
-            item.requeue = self._later(item, item.job, self._settings.auth_retry_seconds)
-            return JobResult.CONFIG_ERROR
-        item.ready = True
+            later = self._later(item, item.job, self._settings.auth_retry_seconds)
+            return _Done(JobResult.CONFIG_ERROR, later)
         return None
+
+    def _settle(self, item: _Job, decision: Decision, claim: str | None = None) -> _Done:
+        """Carry out a decision that needs no gateway call (the claim, if any, is ended)."""
+        finished = {
+            Step.CANCEL: MessageStatus.CANCELLED,
+            Step.FAIL: MessageStatus.FAILED,
+            Step.SKIP: MessageStatus.SKIPPED,
+            Step.EXPIRE: MessageStatus.EXPIRED,
+        }
+        if decision.step in finished:
+            return self._finish(item, finished[decision.step], claim, decision.reason)
+        assert decision.step is Step.DEFER, decision
+        # No random spread: the batch's jobs keep one delay, so they travel in one SQS message.
+        return _Done(JobResult.DEFERRED, self._later(item, item.job, decision.wait))
 
     def _gateway_problem(self) -> str | None:
         """Why no gateway call can be made (not configured, token unreadable), if so."""
@@ -643,68 +741,30 @@ class Sender:
             return "SENDER_API_URL / SENDER_API_TOKEN (or SENDER_API_TOKEN_SECRET_ID) are not set"
         return None
 
-    def _timing(self, item: _Job, now: datetime) -> JobResult | None:
-        """Expire a job too close to the end, defer one outside the client's send window."""
-        mailing, job, margin = item.mailing, item.job, self._margin
-        ended = self._expire_if_ended(item, now)
-        if ended is not None:
-            return ended
-        if self._in_window(item, now):
-            return None
-        window, zone = _window_of(mailing), ZoneInfo(item.client.timezone)
-        assert window is not None  # outside a window there is one
-        opens = window.next_opening(now + margin, zone)
-        if opens + margin >= mailing.end_at:
-            reason = "send window does not open again before the end"
-            return self._finish(item, MessageStatus.EXPIRED, None, reason)
-        wait = max(1, math.ceil((opens - now).total_seconds()))
-        item.requeue = self._later(item, job, wait)
-        return JobResult.DEFERRED
-
-    def _expire_if_ended(self, item: _Job, now: datetime) -> JobResult | None:
-        # Starting a call this close to the end could reach the gateway after it.
-        if now + self._margin < item.mailing.end_at:
-            return None
-        error = item.job.last_error or "end passed"
-        return self._finish(item, MessageStatus.EXPIRED, None, error)
-
-    def _too_late(self, item: _Job, at: datetime) -> bool:
-        """Whether a call leaving `at` could pass the end or the client's window."""
-        return at + self._margin >= item.mailing.end_at or not self._in_window(item, at)
-
-    def _in_window(self, item: _Job, at: datetime) -> bool:
-        """Both ends of a call starting `at` are inside the client's window (if any): it must
-        not slip past the close."""
-        window = _window_of(item.mailing)
-        if window is None:
-            return True
-        zone = ZoneInfo(item.client.timezone)
-        return all(window.contains(t.astimezone(zone).timetz()) for t in (at, at + self._margin))
-
-    def _call(self, item: _Job, permits: threading.BoundedSemaphore, slots: Slots) -> JobResult:
+    def _call(self, item: _Job, calls: _Calls) -> _Done:
         """Take a permit and the next free slot, call the gateway on the slot.
 
         The time checks are made for the admission's last slot, so they hold whichever slot the
         call gets. A call whose batch's slots all passed while it waited for a permit takes one
         fresh slot; without one it goes back to SQS instead of leaving late.
         """
-        job, log, claim = item.job, self._log(item), item.claim
+        job, log, claim, slots = item.job, self._log(item), item.claim, calls.slots
         assert claim is not None
         last = max(self._clock(), slots.last)
         if item.operator_slot is not None:
             last = max(last, _moment(item.operator_slot[1]))
-        if self._too_late(item, last):
+        if too_late(item.policy_attempt, last, self._rules):
             return self._too_late_now(item, last)
         if item.operator_slot is not None and item.planned is None:
             # Its slot comes after the batch's: wait for it without holding a permit.
             self._wait_until(_moment(item.operator_slot[0]))
-        with permits:
+        with calls.permits:
             slot = self._slot(item, slots)
             extra = None
             if slot is None:
                 extra = self._fresh_slot(item)
                 fresh = extra.slot(0) if extra.count else None
-                if fresh is None or self._too_late(item, fresh):
+                if fresh is None or too_late(item.policy_attempt, fresh, self._rules):
                     self._throttle.release(extra)
                     if fresh is None:
                         return self._give_back(item, extra.retry_after)
@@ -715,20 +775,23 @@ class Sender:
                 stop = self._cleared(item)
                 if stop is not None:
                     return stop
-                gone = item.run.gone
-                if gone is not None and gone.seems_down:
-                    return self._give_back(item, gone.wait, False)
+                if calls.gone.seems_down:
+                    return self._give_back(item, calls.gone.wait, False)
                 gateway = self._gateway()
                 assert gateway is not None  # checked by _prepare
-                item.called_gateway = True
-                result = gateway.send(job.message_id, item.client.phone, _text_for(item))
-                if gone is not None:
-                    gone.note(result)
+                try:
+                    result = gateway.send(job.message_id, item.recipient.phone, _text_for(item))
+                except Exception as exc:
+                    return _Done(called=True, error=exc)
+                calls.gone.note(result)
             finally:
                 if extra is not None:
                     self._throttle.release(extra)
-        item.answer = result
-        return self._record(item, claim, result, item.mailing, log)
+        try:
+            done = self._record(item, claim, result, calls.budget, log)
+        except Exception as exc:  # the answer still counts in the shared window
+            return _Done(called=True, answer=result, error=exc)
+        return replace(done, called=True, answer=result)
 
     def _slot(self, item: _Job, slots: Slots) -> datetime | None:
         """The call's global slot: the one set aside for it, unless already past (then, for a
@@ -756,15 +819,31 @@ class Sender:
         return extra
 
     def _record(
-        self, item: _Job, claim: str, result: GatewayResult, mailing: Any, log: dict
-    ) -> JobResult:
+        self, item: _Job, claim: str, result: GatewayResult, budget: RetryBudget, log: LogIds
+    ) -> _Done:
+        """Carry out the delivery policy's decision after the gateway's answer."""
         job, now = item.job, self._clock()
         verdict = classify(result, now.timestamp())
-        if verdict.kind is Kind.SENT:
+        granted = works = False
+        if verdict.kind is Kind.BAD_LUCK:
+            granted = budget.take()
+            works = granted and self._throttle.gateway_works()
+        decision = after_answer(
+            item.policy_attempt,
+            verdict,
+            result.detail,
+            now,
+            self._rules,
+            self._rng,
+            retry_granted=granted,
+            gateway_works=works,
+        )
+        step, reason = decision.step, decision.reason
+        if step is Step.SENT:
             return self._finish(item, MessageStatus.SENT, claim, None)
-        if verdict.kind is Kind.REJECTED:
-            return self._finish(item, MessageStatus.FAILED, claim, result.detail)
-        if verdict.kind is Kind.UNAUTHORIZED:
+        if step in (Step.FAIL, Step.EXPIRE):
+            return self._settle(item, decision, claim)
+        if step is Step.CONFIG_ERROR:
             logger.error(
                 "the SMS gateway refused our credentials; check SENDER_API_TOKEN (or the "
                 "secret SENDER_API_TOKEN_SECRET_ID names). Messages stay pending and are retried.",
@@ -774,74 +853,51 @@ class Sender:
             forget = getattr(self._gateway, "cache_clear", None)
             if forget is not None:
                 forget()
-            self._release(item, claim, result.detail)
-            item.requeue = self._later(item, job, self._settings.auth_retry_seconds)
-            return JobResult.CONFIG_ERROR
-        if verdict.kind is Kind.OVERLOAD:
-            # The gateway asks us to slow down: the throttle does; this is no failed attempt.
-            self._release(item, claim, result.detail, called=False)
-            wait = verdict.retry_after
-            delay = (self._settings.gateway_pause_seconds if wait is None else wait) + (
-                self._rng.uniform(0, 1)
-            )
-            item.requeue = self._later(item, job, delay)
-            return JobResult.THROTTLED
-        # Bad luck: retried with backoff while the shared retry budget allows (retries cannot
-        # multiply the load); beyond it, deferred as long without spending an attempt.
-        budget = item.run.budget
-        if budget is not None and not budget.take():
-            delay = self._backoff(job.retries + 1)
-            if now + timedelta(seconds=delay) >= mailing.end_at:
-                return self._finish(item, MessageStatus.EXPIRED, claim, result.detail)
-            self._release(item, claim, result.detail, called=False)
-            item.requeue = self._later(item, job, delay)
-            return JobResult.DEFERRED
-        retries = job.retries + 1
-        if retries >= self._settings.max_attempts:
-            error = f"gave up after {retries} attempts: {result.detail}"
+            self._release(item, claim, reason)
+            return _Done(JobResult.CONFIG_ERROR, self._later(item, job, decision.wait))
+        if step in (Step.THROTTLE, Step.DEFER):
+            # No failed attempt: overload (the throttle slows down), or over the retry budget.
+            self._release(item, claim, reason, called=False)
+            result_of = JobResult.THROTTLED if step is Step.THROTTLE else JobResult.DEFERRED
+            return _Done(result_of, self._later(item, job, decision.wait))
+        assert decision.retries is not None
+        retried = job.model_copy(update={"retries": decision.retries, "last_error": reason})
+        if step is Step.DEAD_LETTER:
+            assert reason is not None
             self._queues.dead_letter(
                 JobBatch(
                     mailing_id=item.batch.mailing_id,
-                    jobs=[job.model_copy(update={"retries": retries, "last_error": error})],
+                    jobs=[retried],
                     enqueued_at=item.batch.enqueued_at,
                 ),
-                error,
+                reason,
             )
-            self._finish(item, MessageStatus.FAILED, claim, error)
-            return JobResult.DEAD_LETTERED
-        # Unless the gateway is known to work, back off as configured: during an outage (or
-        # before the window knows) a short backoff would spend the attempts within minutes.
-        delay = self._backoff(
-            retries, BAD_LUCK_RETRY_BASE_SECONDS if self._throttle.gateway_works() else None
-        )
-        if now + timedelta(seconds=delay) >= mailing.end_at:
-            return self._finish(item, MessageStatus.EXPIRED, claim, result.detail)
+            self._finish(item, MessageStatus.FAILED, claim, reason)
+            return _Done(JobResult.DEAD_LETTERED)
         logger.warning(
             "attempt %d of %d failed; retry in %d s: %s",
-            retries,
+            decision.retries,
             self._settings.max_attempts,
-            delay,
+            decision.wait,
             result.detail,
-            extra={**log, "attempt": retries, "retry_in_seconds": delay},
+            extra={**log, "attempt": decision.retries, "retry_in_seconds": decision.wait},
         )
         self._release(item, claim, result.detail)
-        retry = job.model_copy(update={"retries": retries, "last_error": result.detail})
-        item.requeue = self._later(item, retry, delay)
-        return JobResult.RETRY
+        return _Done(JobResult.RETRY, self._later(item, retried, decision.wait))
 
     # ---------------------------------------------------------------- helpers
 
     def _finish(
         self, item: _Job, status: MessageStatus, claim: str | None, error: str | None
-    ) -> JobResult:
+    ) -> _Done:
         # Written at once, with whatever other outcomes of the batch are waiting (see _Outcomes).
         done = item.run.outcomes.write(
             Outcome(item.job.client_id, status, claim, error, item.job.message_id)
         )
-        return _result_of(status) if done else JobResult.SKIPPED
+        return _Done(_result_of(status) if done else JobResult.SKIPPED)
 
     @staticmethod
-    def _log(item: _Job) -> dict[str, Any]:
+    def _log(item: _Job) -> LogIds:
         job = item.job
         return {
             "mailing_id": item.batch.mailing_id,
@@ -855,31 +911,23 @@ class Sender:
         )
         return Delayed(batch, min(SQS_MAX_DELAY_SECONDS, max(0, math.ceil(delay_seconds))))
 
-    def _backoff(self, retries: int, base: float | None = None) -> float:
-        """Exponential backoff with jitter: spreads retries so a recovering gateway is not hit;
-        from `base` when that is below RETRY_BASE_SECONDS."""
-        first = self._settings.retry_base_seconds
-        if base is not None:
-            first = min(first, base)
-        ceiling = min(self._settings.retry_max_seconds, first * 2 ** (retries - 1))
-        return max(1.0, self._rng.uniform(ceiling / 2, ceiling))
-
-    def _unclaimable(self, item: _Job, message: Any | None, now: Any, log: dict) -> JobResult:
+    def _unclaimable(
+        self, item: _Job, message: Message | None, now: datetime, log: LogIds
+    ) -> _Done:
         """Why the claim failed, from the `message` its condition saw: done or claimed
         elsewhere (skip), or not committed yet (wait)."""
         job = item.job
         if message is None and now - item.batch.enqueued_at < UNCOMMITTED_GRACE:
             # Fan-out enqueues a page's jobs a moment before it commits the page.
             logger.debug("message not committed yet; job comes back shortly", extra=log)
-            item.requeue = self._later(item, job, UNCOMMITTED_RETRY_SECONDS)
-            return JobResult.DEFERRED
-        if message is None or int(message.message_id) != job.message_id:
+            return _Done(JobResult.DEFERRED, self._later(item, job, UNCOMMITTED_RETRY_SECONDS))
+        if message is None or message.id != job.message_id:
             logger.info("job for a message that does not exist; dropped", extra=log)
-        return JobResult.SKIPPED
+        return _Done(JobResult.SKIPPED)
 
     def _mailing_checked(
         self, mailing_id: str, retry: Retry
-    ) -> tuple[Any | None, str | None, bool]:
+    ) -> tuple[SendableMailing | None, str | None, bool]:
         """The mailing if it can be sent from, else None and what is wrong with its record;
         and whether the record exists at all. A read that keeps failing transiently raises."""
         try:
@@ -894,7 +942,7 @@ class Sender:
         problem = mailing_record_problem(item)
         return (None, problem, True) if problem else (item, None, True)
 
-    def _fail_without_mailing(self, item: _Job, now: Any, log: dict) -> JobResult:
+    def _fail_without_mailing(self, item: _Job, now: datetime, log: LogIds) -> _Done:
         """The mailing record is missing or unusable: the message fails with the reason."""
         logger.warning("message failed: %s", item.problem, extra=log)
         if item.mailing_exists:
@@ -911,25 +959,59 @@ class Sender:
                 item.batch.mailing_id, item.job.client_id, item.problem or "", now
             )
         )
-        return JobResult.FAILED if failed else JobResult.SKIPPED
+        return _Done(JobResult.FAILED if failed else JobResult.SKIPPED)
 
 
 def _moment(epoch_seconds: float) -> datetime:
     return datetime.fromtimestamp(epoch_seconds, UTC)
 
 
+def _paused_since(mailing: SendableMailing) -> datetime | None:
+    """When the mailing was paused (its last change), if its record says."""
+    since = getattr(mailing, "updated_at", None)
+    return since if isinstance(since, datetime) else None
+
+
+def _attempt_of(
+    mailing_id: str,
+    job: SendJob,
+    mailing: SendableMailing | None,
+    client: Client | None,
+    problem: str | None,
+) -> DeliveryAttempt | None:
+    """The attempt the delivery policy decides on (None: the mailing cannot be used)."""
+    if mailing is None:
+        return None
+    return DeliveryAttempt(
+        mailing_id=mailing_id,
+        client_id=job.client_id,
+        message_id=job.message_id,
+        retries=job.retries,
+        last_error=job.last_error,
+        mailing_status=MailingStatus(mailing.status),
+        end_at=mailing.end_at,
+        window=_window_of(mailing),
+        paused_since=_paused_since(mailing),
+        client_found=client is not None,
+        timezone="UTC" if client is None else client.timezone,
+        opted_out=client is not None and bool(client.opted_out),
+        problem=problem,
+    )
+
+
 def _text_for(item: _Job) -> str:
     """The mailing's text with the client's fields in its placeholders."""
-    return personalise(item.mailing.text, item.client)
+    assert item.mailing is not None  # only jobs of a usable mailing get a call
+    return personalise(item.mailing.text, item.recipient)
 
 
-def _with_ids(step: Callable[..., JobResult | None], item: _Job, *args: Any) -> JobResult | None:
+def _with_ids(step: Callable[..., Step_], item: _Job, *args: object) -> Step_:
     """Run one job's step with its ids on every log line, the gateway client's included."""
     with logs.bind(**Sender._log(item), attempt=item.job.retries + 1):
         return step(item, *args)
 
 
-def mailing_record_problem(item: Any) -> str | None:
+def mailing_record_problem(item: SendableMailing) -> str | None:
     """What makes a stored mailing unusable for sending (corrupt or older schema), if anything."""
     problems = []
     if not isinstance(item.text, str) or not item.text.strip():
@@ -948,7 +1030,7 @@ def mailing_record_problem(item: Any) -> str | None:
     return "mailing record is corrupt: " + ", ".join(problems)
 
 
-def _window_of(mailing: Any) -> SendWindow | None:
+def _window_of(mailing: SendableMailing) -> SendWindow | None:
     if mailing.window_start is None or mailing.window_end is None:
         return None
     return SendWindow.from_minutes(int(mailing.window_start), int(mailing.window_end))

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import NotRequired, Protocol, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +25,44 @@ SQS_MAX_DELAY_SECONDS = 900
 _SQS_BATCH = 10
 SQS_MAX_BATCH_BYTES = 256 * 1024
 IMPORT_CHUNK_MAX_ROWS = 1000
+
+
+class _Entry(TypedDict):
+    """One message of a SendMessageBatch request."""
+
+    Id: str
+    MessageBody: str
+    DelaySeconds: NotRequired[int]
+
+
+class _Failure(TypedDict):
+    Id: str
+
+
+class _BatchAnswer(TypedDict, total=False):
+    Failed: list[_Failure]
+
+
+class _AttributesAnswer(TypedDict, total=False):
+    Attributes: dict[str, str]
+
+
+class SqsClient(Protocol):
+    """The SQS requests the queues make (boto3's client, created lazily by the caller)."""
+
+    def send_message(
+        self,
+        *,
+        QueueUrl: str,
+        MessageBody: str,
+        MessageAttributes: dict[str, dict[str, str]],
+    ) -> object: ...
+
+    def send_message_batch(self, *, QueueUrl: str, Entries: list[_Entry]) -> _BatchAnswer: ...
+
+    def get_queue_attributes(
+        self, *, QueueUrl: str, AttributeNames: list[str]
+    ) -> _AttributesAnswer: ...
 
 
 class SendJob(BaseModel):
@@ -131,7 +169,7 @@ class Queues:
 
     def __init__(
         self,
-        sqs: Any,
+        sqs: SqsClient,
         *,
         send_url: str | None,
         dlq_url: str | None,
@@ -147,7 +185,7 @@ class Queues:
     def enqueue(self, items: Sequence[Delayed]) -> None:
         """Send job batches, ten SQS messages per request; raises if any is not accepted."""
         url = self._require(self._send_url, "SEND_QUEUE_URL")
-        entries = [
+        entries: list[_Entry] = [
             {
                 "Id": str(n),
                 "MessageBody": item.batch.model_dump_json(),
@@ -172,7 +210,7 @@ class Queues:
             return
         url = self._require(self._fanout_url, "FANOUT_QUEUE_URL")
         delay = max(0, min(SQS_MAX_DELAY_SECONDS, int(delay_seconds)))
-        entries = [
+        entries: list[_Entry] = [
             {
                 "Id": str(n),
                 "MessageBody": json.dumps({"mailing_id": mailing_id}),
@@ -186,7 +224,7 @@ class Queues:
         """Send import chunks in as few requests as SQS's limits allow; raises if any is not
         accepted."""
         url = self._require(self._import_url, "IMPORT_QUEUE_URL")
-        batch: list[dict[str, Any]] = []
+        batch: list[_Entry] = []
         size = 0
         for n, chunk in enumerate(chunks):
             body = chunk.model_dump_json()
@@ -235,7 +273,7 @@ class Queues:
     def can_kick(self) -> bool:
         return self._fanout_url is not None
 
-    def _send_batches(self, url: str, entries: list[dict[str, Any]]) -> None:
+    def _send_batches(self, url: str, entries: list[_Entry]) -> None:
         for start in range(0, len(entries), _SQS_BATCH):
             chunk = entries[start : start + _SQS_BATCH]
             pending = chunk

@@ -16,10 +16,10 @@ of a sender that died come back when its lease ends. Taking permits and slots is
 **Per operator** (`GATEWAY_RATE_PER_OPERATOR`). A limited operator has its own slots item
 (`gateway-limits#<code>`, same algorithm, one conditional write per batch). Its calls leave on
 global slots too, at most `late` after their operator slot, and its slots are `late` more than
-1 / rate apart (`rate_control.OperatorSpacing`), so two of its calls are never closer than
+1 / rate apart (`domain.rate_limit.OperatorSpacing`), so two of its calls are never closer than
 1 / rate. Its jobs that get no slot go back to SQS before they take a global slot or a permit.
 
-**Back-pressure** (decided in `chalicelib/rate_control.py`, pure). Each batch's answers are
+**Back-pressure** (decided in `chalicelib/domain/rate_limit.py`, pure). Each batch's answers are
 counted in the same item, per 10 s bucket over a two-minute window (calls, accepted, overload
 answers, retries granted), folded into the write that gives the batch's permits back, so the
 window costs no extra request. From the window and the batch:
@@ -42,30 +42,32 @@ window's counters (up to 13 buckets of five numbers) add up to about 1 KB to the
 write may cost one more write unit than before. Past 1,000 writes a second the item would be
 sharded: N items each with rate/N and concurrency/N, a sender picking one at
 random per batch (the window then sums the N items when read).
+
+The items' reads and conditional writes are in chalicelib/storage/gateway_limits.py; this module
+orchestrates: what it last saw, what to ask for, and what the pure rate arithmetic decides.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
+from chalicelib.domain.gateway_answer import GatewayResult
 from chalicelib.domain.rate_limit import (
     Control,
     GatewayStatus,
+    Lease,
+    OperatorSlots,
     OperatorSpacing,
     OperatorStatus,
+    SharedLimits,
     Tally,
     Verdict,
-    Window,
     bucket_of,
     classify,
     decide,
@@ -73,12 +75,11 @@ from chalicelib.domain.rate_limit import (
     slots_before,
     slots_starting_before,
 )
-from chalicelib.gateway import GatewayResult
 from chalicelib.settings import Settings
+from chalicelib.storage.gateway_limits import GatewayLimitsStore
 
 logger = logging.getLogger(__name__)
 
-ITEM_NAME = "gateway-limits"
 # How far ahead a sender reserves slots (it waits for them inside its invocation).
 HORIZON_SECONDS = 2.0
 _ATTEMPTS = 6
@@ -88,9 +89,6 @@ PROBING_REQUEUE_SECONDS = 5.0
 LATE_SECONDS = 0.02
 # An operator's jobs sent back for want of a slot this recently: it is "deferring".
 OPERATOR_DEFERRING_SECONDS = 10.0
-# The window's counters: one attribute per kind and bucket, e.g. `r_177342` (ADD creates it).
-_COUNTERS = {"r": "requests", "a": "accepts", "o": "overloads", "t": "retries", "l": "latency"}
-_COUNTER = re.compile(r"^([raotl])_(\d+)$")
 
 
 class RetryBudget:
@@ -182,82 +180,17 @@ class Slots:
         return None
 
 
-@dataclass
-class _State:
-    tat: float = 0.0
-    held: int = 0
-    holders: dict[str, tuple[int, float]] | None = None
-    control: Control = field(default_factory=Control)
-    version: int = 0
-    run: int = 0
-    window: Window = field(default_factory=lambda: Window({}))
-    # The last reason sending slowed down or paused, and when (written with that decision).
-    why: str | None = None
-    why_at: float | None = None
-
-    @classmethod
-    def of(cls, item: dict[str, Any]) -> _State:
-        def number(name: str, default: float = 0.0) -> float:
-            value = item.get(name)
-            return float(value["N"]) if value and "N" in value else default
-
-        holders = {
-            key: (int(value["M"]["n"]["N"]), float(value["M"]["u"]["N"]))
-            for key, value in item.get("holders", {}).get("M", {}).items()
-        }
-        counts: dict[int, dict[str, float]] = {}
-        for name, value in item.items():
-            match = _COUNTER.match(name)
-            if match and "N" in value:
-                bucket = counts.setdefault(int(match[2]), {})
-                bucket[_COUNTERS[match[1]]] = float(value["N"])
-        buckets = {
-            number_: Tally(
-                requests=int(c.get("requests", 0)),
-                accepts=int(c.get("accepts", 0)),
-                overloads=int(c.get("overloads", 0)),
-                retries=int(c.get("retries", 0)),
-                latency=c.get("latency", 0.0),
-            )
-            for number_, c in counts.items()
-        }
-        control = Control(
-            speed=number("speed", 1.0),
-            paused_until=number("paused_until"),
-            probing=bool(number("probing")),
-            cut_at=number("cut_at"),
-            raised_at=number("raised_at"),
-        )
-        return cls(
-            tat=number("tat"),
-            held=int(number("held")),
-            holders=holders,
-            control=control,
-            version=int(number("ver")),
-            run=int(number("run")),
-            window=Window(buckets),
-            why=item.get("why", {}).get("S"),
-            why_at=number("why_at") if "why_at" in item else None,
-        )
-
-
-def _n(value: float) -> dict[str, str]:
-    # Six decimals: microsecond slots; DynamoDB numbers are exact decimals.
-    return {"N": f"{value:.6f}"}
-
-
 class GatewayThrottle:
     """The shared limits; one instance per process, used by every sender thread."""
 
     def __init__(
         self,
-        dynamodb: Any,
+        limits: GatewayLimitsStore,
         settings: Settings,
         clock: Callable[[], datetime],
         lease_seconds: float | None = None,
     ) -> None:
-        self._db = dynamodb
-        self._table = settings.table_name("sequences")
+        self._limits = limits
         self._rate = settings.gateway_rate_per_second
         self._concurrency = settings.gateway_concurrency
         self._pause = settings.gateway_pause_seconds
@@ -265,7 +198,7 @@ class GatewayThrottle:
         self._lease = lease_seconds or float(settings.claim_seconds)
         self._clock = clock
         self._lock = threading.Lock()
-        self._known: _State | None = None
+        self._known: SharedLimits | None = None
         self._operators = settings.operator_rates
         self._operator_tat: dict[str, float] = {}
         self._deferral_noted: dict[str, float] = {}
@@ -342,13 +275,13 @@ class GatewayThrottle:
                 self._note_deferral(operator_code, now)
                 return Admission.none(base - now)
             new = base + count * interval
-            written = self._try_write_operator(operator_code, tat, new, now, count < wanted)
+            written = self._limits.move_operator_slots(operator_code, tat, new, now, count < wanted)
             if written:
                 self._operator_tat[operator_code] = new
                 if count < wanted:
                     self._deferral_noted[operator_code] = now
                 return Admission(count, base, interval, 0, max(0.0, new - now), late=spacing.late)
-            tat = self._read_operator(operator_code).get("tat", 0.0)
+            tat = self._read_operator(operator_code).tat
         return Admission.none(0.5)
 
     def operator_limits_status(self, now: datetime | None = None) -> list[OperatorStatus]:
@@ -358,45 +291,19 @@ class GatewayThrottle:
         moment = (now or self._clock()).timestamp()
         status = []
         for code, rate in sorted(self._operators.items()):
-            item = self._read_operator(code)
-            deferred_at = item.get("deferred_at")
+            slots = self._read_operator(code)
+            deferred_at = slots.deferred_at
             status.append(
                 OperatorStatus(
                     code=code,
                     configured_rate=rate,
                     max_rate=round(1 / OperatorSpacing(rate).interval_on(1 / self._rate), 3),
-                    reserved_ahead_seconds=round(max(0.0, item.get("tat", 0.0) - moment), 3),
+                    reserved_ahead_seconds=round(max(0.0, slots.tat - moment), 3),
                     deferring=deferred_at is not None
                     and moment - deferred_at < OPERATOR_DEFERRING_SECONDS,
                 )
             )
         return status
-
-    def _try_write_operator(
-        self, operator_code: str, seen: float, new: float, now: float, deferring: bool
-    ) -> bool:
-        """Move the operator's slots from `seen` (as this sender last saw them) to `new`."""
-        update = "SET tat = :new"
-        values = {":new": _n(new), ":seen": _n(seen)}
-        if deferring:  # some of the batch's jobs of this operator go back to the queue
-            update += ", deferred_at = :now"
-            values[":now"] = _n(now)
-        condition = "tat = :seen"
-        if seen == 0:
-            condition = "attribute_not_exists(tat) OR tat = :seen"
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key={"name": {"S": _operator_item(operator_code)}},
-                UpdateExpression=update,
-                ConditionExpression=condition,
-                ExpressionAttributeValues=values,
-            )
-        except ClientError as exc:
-            if _conditional(exc):
-                return False
-            raise
-        return True
 
     def _note_deferral(self, operator_code: str, now: float) -> None:
         """Record for the status that this operator's jobs go back to the queue: at most one
@@ -404,25 +311,12 @@ class GatewayThrottle:
         if now - self._deferral_noted.get(operator_code, -math.inf) < 1.0:
             return
         self._deferral_noted[operator_code] = now
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key={"name": {"S": _operator_item(operator_code)}},
-                UpdateExpression="SET deferred_at = :now",
-                ExpressionAttributeValues={":now": _n(now)},
-            )
-        except (ClientError, BotoCoreError):
-            logger.warning("could not note an operator's deferred jobs", exc_info=True)
+        self._limits.note_operator_deferral(operator_code, now)
 
-    def _read_operator(self, operator_code: str) -> dict[str, float]:
-        item = self._db.get_item(
-            TableName=self._table,
-            Key={"name": {"S": _operator_item(operator_code)}},
-            ConsistentRead=True,
-        ).get("Item", {})
-        numbers = {name: float(value["N"]) for name, value in item.items() if "N" in value}
-        self._operator_tat[operator_code] = numbers.get("tat", 0.0)
-        return numbers
+    def _read_operator(self, operator_code: str) -> OperatorSlots:
+        slots = self._limits.read_operator(operator_code)
+        self._operator_tat[operator_code] = slots.tat
+        return slots
 
     @staticmethod
     def _later(control: Control, wait: float) -> float:
@@ -480,10 +374,8 @@ class GatewayThrottle:
     def status(self) -> GatewayStatus:
         """The shared state as it is now, for operators: one consistent read, no write (no item
         yet: nothing has slowed sending, full rate)."""
-        item = self._db.get_item(
-            TableName=self._table, Key={"name": {"S": ITEM_NAME}}, ConsistentRead=True
-        ).get("Item")
-        return self._status_of(_State.of(item or {}), tuple(self.operator_limits_status()))
+        limits = self._limits.peek()
+        return self._status_of(limits, tuple(self.operator_limits_status()))
 
     def known_status(self) -> GatewayStatus | None:
         """The status as this sender last saw the item (no request); None before it saw it."""
@@ -491,7 +383,7 @@ class GatewayThrottle:
         return self._status_of(state) if state else None
 
     def _status_of(
-        self, state: _State, operators: tuple[OperatorStatus, ...] = ()
+        self, state: SharedLimits, operators: tuple[OperatorStatus, ...] = ()
     ) -> GatewayStatus:
         return GatewayStatus.of(
             state.control,
@@ -505,62 +397,20 @@ class GatewayThrottle:
 
     # ---------------------------------------------------------------- back-pressure
 
-    def _count(self, admission: Admission, tally: Tally, now: float) -> _State | None:
+    def _count(self, admission: Admission, tally: Tally, now: float) -> SharedLimits | None:
         """One write: the permits back (if held) and the batch's counts in the window."""
-        bucket = bucket_of(now)
-        names: dict[str, str] = {}
-        values: dict[str, Any] = {}
-        adds, sets = [], []
-        for short, name in _COUNTERS.items():
-            amount = getattr(tally, name)
-            if amount:
-                names[f"#{short}"] = f"{short}_{bucket}"
-                values[f":{short}"] = _n(amount) if short == "l" else {"N": str(int(amount))}
-                adds.append(f"#{short} :{short}")
-        if tally.requests:
-            # Calls in a row with none accepted, across senders: an outage when long.
-            names["#run"] = "run"
-            if tally.accepts:
-                sets.append("#run = :zero")
-                values[":zero"] = {"N": "0"}
-            else:
-                adds.append("#run :failed")
-                values[":failed"] = {"N": str(tally.requests)}
-        if not adds and admission.holder is None:
-            return None
         known = self._known
-        removes = []
-        for number in known.window.expired(now) if known else []:
-            for short in _COUNTERS:
-                names[f"#x{len(removes)}"] = f"{short}_{number}"
-                removes.append(f"#x{len(removes)}")
-
-        def expression(extra_removes: list[str], extra_sets: list[str]) -> str:
-            clauses = [
-                ("ADD", adds),
-                ("REMOVE", extra_removes + removes),
-                ("SET", extra_sets + sets),
-            ]
-            return " ".join(f"{verb} {', '.join(parts)}" for verb, parts in clauses if parts)
-
-        if admission.holder is not None:
-            released = self._try_update(
-                UpdateExpression=expression(["holders.#h"], ["held = held - :k"]),
-                # Else its lease ended and another sender took the permits back already.
-                ConditionExpression="attribute_exists(holders.#h)",
-                ExpressionAttributeNames={**names, "#h": admission.holder},
-                ExpressionAttributeValues={**values, ":k": {"N": str(admission.permits)}},
-            )
-            if released is not None or not adds:
-                return released
-        return self._update(
-            UpdateExpression=expression([], []),
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=values,
+        recorded = self._limits.record(
+            admission.holder,
+            admission.permits,
+            bucket_of(now),
+            tally,
+            known.window.expired(now) if known else [],
         )
+        return self._remember(recorded) if recorded is not None else None
 
     def _adjust(
-        self, state: _State | None, verdicts: list[Verdict], latencies: list[float]
+        self, state: SharedLimits | None, verdicts: list[Verdict], latencies: list[float]
     ) -> None:
         """Apply the controller's decision; a conditional write, only when the state changes."""
         state = state or self._known or self._read()
@@ -579,32 +429,9 @@ class GatewayThrottle:
             new = decision.control
             if new == state.control:
                 return
-            values = {
-                ":speed": _n(new.speed),
-                ":until": _n(new.paused_until),
-                ":probing": {"N": str(int(new.probing))},
-                ":cut": _n(new.cut_at),
-                ":raised": _n(new.raised_at),
-                ":one": {"N": "1"},
-                ":zero": {"N": "0"},
-                ":ver": {"N": str(state.version)},
-            }
-            why = ""
-            if decision.why:
-                # For operators (GET /gateway): in the write this decision makes anyway.
-                why = ", why = :why, why_at = :now"
-                values.update({":why": {"S": decision.why}, ":now": _n(now)})
-            written = self._try_update(
-                UpdateExpression=(
-                    "SET speed = :speed, paused_until = :until, probing = :probing, "
-                    "cut_at = :cut, raised_at = :raised, ver = if_not_exists(ver, :zero) + :one"
-                    + why
-                ),
-                # One decision per state, whichever sender makes it first.
-                ConditionExpression=_same_version(state),
-                ExpressionAttributeValues=values,
-            )
+            written = self._limits.set_control(state.version, new, decision.why, now)
             if written is not None:
+                self._remember(written)
                 if decision.why:
                     logger.warning(
                         "gateway back-pressure: %s",
@@ -620,131 +447,48 @@ class GatewayThrottle:
     # ---------------------------------------------------------------- storage
 
     def _reserve(
-        self, state: _State, now: float, count: int, interval: float, permits: int, holder: str
-    ) -> _State | None:
+        self,
+        state: SharedLimits,
+        now: float,
+        count: int,
+        interval: float,
+        permits: int,
+        holder: str,
+    ) -> SharedLimits | None:
         """Slots and permits in one conditional write; None if the item changed meanwhile."""
         span = count * interval
-        names = {"#h": holder}
-        values = {
-            ":now": _n(now),
-            ":span": _n(span),
-            ":k": {"N": str(permits)},
-            ":max_held": {"N": str(self._concurrency - permits)},
-            ":ver": {"N": str(state.version)},
-            ":lease": {"M": {"n": {"N": str(permits)}, "u": _n(now + self._lease)}},
-        }
-        # Unchanged limits (an item written before the controller existed has no version).
-        common = f"{_same_version(state)} AND held <= :max_held AND paused_until <= :now"
-        if state.tat >= now:
-            # Busy: append to the reserved slots, if they still end where this sender saw them.
-            values[":last"] = _n(now + max(HORIZON_SECONDS, interval) - span + 1e-6)
-            update = "SET tat = tat + :span, holders.#h = :lease, held = held + :k"
-            condition = f"tat >= :now AND tat <= :last AND {common}"
-        else:
-            # Idle: the first slot is now (unused slots of the past are not saved up).
-            update = "SET tat = :now + :span, holders.#h = :lease, held = held + :k"
-            condition = f"tat < :now AND {common}"
-        return self._try_update(
-            UpdateExpression=update,
-            ConditionExpression=condition,
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=values,
+        reserved = self._limits.reserve(
+            state,
+            now,
+            span,
+            holder,
+            Lease(permits, now + self._lease),
+            max_held=self._concurrency - permits,
+            # Busy: the reserved slots must still end where this sender saw them.
+            latest_tat=now + max(HORIZON_SECONDS, interval) - span + 1e-6,
         )
+        return self._remember(reserved) if reserved is not None else None
 
-    def _reclaim(self, state: _State, now: float) -> bool:
+    def _reclaim(self, state: SharedLimits, now: float) -> bool:
         """Take back permits whose lease ended (their sender died); True if any came back."""
         back = False
-        for holder, (count, until) in (state.holders or {}).items():
-            if until >= now:
+        for holder, lease in state.holders.items():
+            if lease.until >= now:
                 continue
-            taken = self._try_update(
-                UpdateExpression="REMOVE holders.#h SET held = held - :k",
-                ConditionExpression="holders.#h.u = :u",
-                ExpressionAttributeNames={"#h": holder},
-                ExpressionAttributeValues={":k": {"N": str(count)}, ":u": _n(until)},
-            )
+            taken = self._limits.take_back(holder, lease)
             if taken is not None:
+                self._remember(taken)
                 back = True
-                logger.warning("gateway permits of an expired lease taken back: %d", count)
+                logger.warning("gateway permits of an expired lease taken back: %d", lease.permits)
         return back
 
-    def _update(self, **request: Any) -> _State:
-        """One UpdateItem on the shared item; the item as it is now."""
-        response = self._db.update_item(
-            TableName=self._table,
-            Key={"name": {"S": ITEM_NAME}},
-            ReturnValues="ALL_NEW",
-            **request,
-        )
-        return self._remember(response["Attributes"])
+    def _read(self) -> SharedLimits:
+        return self._remember(self._limits.read())
 
-    def _try_update(self, **request: Any) -> _State | None:
-        """A conditional `_update`; None when its condition does not hold."""
-        try:
-            return self._update(**request)
-        except ClientError as exc:
-            if _conditional(exc):
-                return None
-            raise
-
-    def _read(self) -> _State:
-        item = self._db.get_item(
-            TableName=self._table, Key={"name": {"S": ITEM_NAME}}, ConsistentRead=True
-        ).get("Item")
-        if item is None:
-            self._create()
-            item = self._db.get_item(
-                TableName=self._table, Key={"name": {"S": ITEM_NAME}}, ConsistentRead=True
-            )["Item"]
-        return self._remember(item)
-
-    def _create(self) -> None:
-        zero = {"N": "0"}
-        try:
-            self._db.put_item(
-                TableName=self._table,
-                Item={
-                    "name": {"S": ITEM_NAME},
-                    "tat": zero,
-                    "speed": {"N": "1"},
-                    "paused_until": zero,
-                    "probing": zero,
-                    "cut_at": zero,
-                    "raised_at": zero,
-                    "ver": zero,
-                    "run": zero,
-                    "held": zero,
-                    "holders": {"M": {}},
-                },
-                ConditionExpression="attribute_not_exists(#name)",
-                ExpressionAttributeNames={"#name": "name"},
-            )
-        except ClientError as exc:
-            if not _conditional(exc):
-                raise
-
-    def _remember(self, item: dict[str, Any]) -> _State:
-        state = _State.of(item)
+    def _remember(self, state: SharedLimits) -> SharedLimits:
         with self._lock:
             self._known = state
         return state
 
     def _now(self) -> float:
         return self._clock().timestamp()
-
-
-def _operator_item(operator_code: str) -> str:
-    """The name of one operator's slots item, beside the global one."""
-    return f"{ITEM_NAME}#{operator_code}"
-
-
-def _same_version(state: _State) -> str:
-    """The controller's state is as `state` has it (an item written before the controller
-    existed has no version: it is version 0)."""
-    if state.version == 0:
-        return "(attribute_not_exists(ver) OR ver = :ver)"
-    return "ver = :ver"
-
-
-def _conditional(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"

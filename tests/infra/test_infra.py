@@ -28,7 +28,7 @@ from app import app as chalice_app
 from chalicelib import workers
 from chalicelib.auth import LoadedTokenVerifier, OidcVerifier, build_verifier
 from chalicelib.domain import AudienceFilter
-from chalicelib.gateway import GatewayResult, Outcome
+from chalicelib.domain.gateway_answer import AnswerKind, GatewayResult
 from chalicelib.metrics import METRICS, MetricsWriter
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS
 from chalicelib.settings import AuthMode, Settings
@@ -2037,8 +2037,8 @@ def test_the_gateway_alarm_reads_the_series_the_sender_writes(
     lines: list[str] = []
     writer = MetricsWriter(Settings(table_prefix=STACK_NAME), write=lines.append)
     answers = [
-        GatewayResult(Outcome.SENT, "ok", 200, 0.05),
-        GatewayResult(Outcome.RETRY, "HTTP 503", 503, 0.2),
+        GatewayResult(AnswerKind.SENT, "ok", 200, 0.05),
+        GatewayResult(AnswerKind.UNAVAILABLE, "HTTP 503", 503, 0.2),
     ]
 
     writer.delivery("mailing-1", ["sent", "retry"], answers)

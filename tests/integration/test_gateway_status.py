@@ -7,22 +7,23 @@ import boto3
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from chalicelib.domain.gateway_answer import AnswerKind, GatewayResult
 from chalicelib.domain.rate_limit import AnswerMix, GatewayState, GatewayStatus, OperatorStatus
-from chalicelib.gateway import GatewayResult, Outcome
 from chalicelib.services.prometheus import exposition
 from chalicelib.services.throttle import GatewayThrottle
+from chalicelib.storage.gateway_limits import DynamoGatewayLimits
 from tests.conftest import body
 
-OK = GatewayResult(Outcome.SENT, "OK", 200, 0.01)
-TOO_MANY = GatewayResult(Outcome.RETRY, "HTTP 429", 429, 0.01, "4")
+OK = GatewayResult(AnswerKind.SENT, "OK", 200, 0.01)
+TOO_MANY = GatewayResult(AnswerKind.TOO_MANY_REQUESTS, "HTTP 429", 429, 0.01, "4")
 
 
 @pytest.fixture
 def sender(services, clock) -> GatewayThrottle:
     """Another Lambda's view of the shared limits: a sender reporting its batches."""
-    return GatewayThrottle(
-        boto3.client("dynamodb", region_name="us-east-1"), services.settings, clock
-    )
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    limits = DynamoGatewayLimits(client, services.settings.table_name("sequences"))
+    return GatewayThrottle(limits, services.settings, clock)
 
 
 def gauges(text: str) -> dict[tuple[str, tuple], float]:
@@ -99,7 +100,8 @@ def test_metrics_carry_the_gateways_state_and_answers(api, services, sender):
     rate = services.settings.gateway_rate_per_second
     # Given a sender whose batch met a 429 after ten good answers and one server error
     sender.release(
-        sender.admit(11), [OK] * 10 + [GatewayResult(Outcome.RETRY, "HTTP 500", 500, 0.01)]
+        sender.admit(11),
+        [OK] * 10 + [GatewayResult(AnswerKind.SERVER_ERROR, "HTTP 500", 500, 0.01)],
     )
     sender.release(sender.admit(1), [TOO_MANY])
     # When Prometheus scrapes the service

@@ -14,19 +14,20 @@ from datetime import timedelta
 import boto3
 import pytest
 
+from chalicelib.domain.gateway_answer import AnswerKind, GatewayResult
 from chalicelib.domain.rate_limit import GatewayState
-from chalicelib.gateway import GatewayResult, Outcome
-from chalicelib.services.throttle import ITEM_NAME, Admission, GatewayThrottle
+from chalicelib.services.throttle import Admission, GatewayThrottle
+from chalicelib.storage.gateway_limits import ITEM_NAME, DynamoGatewayLimits
 
-OK = GatewayResult(Outcome.SENT, "OK", 200, 0.01)
-REJECTED = GatewayResult(Outcome.REJECTED, "HTTP 400", 400, 0.01)
-SERVER_ERROR = GatewayResult(Outcome.RETRY, "HTTP 503", 503, 0.01)
-TIMEOUT = GatewayResult(Outcome.RETRY, "timeout: ReadTimeout", None, 10.0)
-MALFORMED = GatewayResult(Outcome.RETRY, "HTTP 200 without success code", 200, 0.01)
+OK = GatewayResult(AnswerKind.SENT, "OK", 200, 0.01)
+REJECTED = GatewayResult(AnswerKind.REJECTED, "HTTP 400", 400, 0.01)
+SERVER_ERROR = GatewayResult(AnswerKind.UNAVAILABLE, "HTTP 503", 503, 0.01)
+TIMEOUT = GatewayResult(AnswerKind.TIMEOUT, "timeout: ReadTimeout", None, 10.0)
+MALFORMED = GatewayResult(AnswerKind.BAD_ANSWER, "HTTP 200 without success code", 200, 0.01)
 
 
 def rate_limited(retry_after: str | None = None) -> GatewayResult:
-    return GatewayResult(Outcome.RETRY, "HTTP 429", 429, 0.01, retry_after)
+    return GatewayResult(AnswerKind.TOO_MANY_REQUESTS, "HTTP 429", 429, 0.01, retry_after)
 
 
 @pytest.fixture
@@ -41,11 +42,17 @@ def limits(settings):
     )
 
 
+def shared_limits(settings) -> DynamoGatewayLimits:
+    """The shared limits item through a client of its own: another Lambda instance's."""
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    return DynamoGatewayLimits(client, settings.table_name("sequences"))
+
+
 @pytest.fixture
 def make_throttle(services, limits, clock):
     def make() -> GatewayThrottle:
         # Each its own client and cache: another Lambda instance.
-        return GatewayThrottle(boto3.client("dynamodb", region_name="us-east-1"), limits, clock)
+        return GatewayThrottle(shared_limits(limits), limits, clock)
 
     return make
 
@@ -389,9 +396,7 @@ def make_operator_throttle(services, limits, clock):
     )
 
     def make() -> GatewayThrottle:
-        return GatewayThrottle(
-            boto3.client("dynamodb", region_name="us-east-1"), operator_limits, clock
-        )
+        return GatewayThrottle(shared_limits(operator_limits), operator_limits, clock)
 
     return make
 

@@ -8,7 +8,8 @@ import socket
 import pytest
 from pydantic import SecretStr
 
-from chalicelib.gateway import GatewayClient, Outcome, classify
+from chalicelib.domain.gateway_answer import AnswerKind, Outcome
+from chalicelib.gateway import GatewayClient, classify
 from devstack.gateway import FaultProfile
 from tests.conftest import GATEWAY_TOKEN as TOKEN
 
@@ -18,32 +19,33 @@ def client_for(url: str, token: str = TOKEN, read_timeout: float = 0.5) -> Gatew
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "outcome"),
+    ("status", "body", "outcome", "kind"),
     [
-        (200, '{"code": 0, "message": "OK"}', Outcome.SENT),
-        (200, '{"code": 1, "message": "busy"}', Outcome.RETRY),
-        (200, '{"code": false}', Outcome.RETRY),
-        (200, '{"message": "OK"}', Outcome.RETRY),
-        (200, "[0]", Outcome.RETRY),
-        (200, "<html>OK</html>", Outcome.RETRY),
-        (200, "", Outcome.RETRY),
-        (400, '{"code": 1, "message": "bad phone"}', Outcome.REJECTED),
-        (404, "not found", Outcome.REJECTED),
-        (422, "", Outcome.REJECTED),
-        (401, "", Outcome.UNAUTHORIZED),
-        (403, "", Outcome.UNAUTHORIZED),
-        (408, "", Outcome.RETRY),
-        (429, "", Outcome.RETRY),
-        (500, "", Outcome.RETRY),
-        (502, "<html>bad gateway</html>", Outcome.RETRY),
-        (503, "", Outcome.RETRY),
-        (302, "", Outcome.RETRY),
+        (200, '{"code": 0, "message": "OK"}', Outcome.SENT, AnswerKind.SENT),
+        (200, '{"code": 1, "message": "busy"}', Outcome.RETRY, AnswerKind.BAD_ANSWER),
+        (200, '{"code": false}', Outcome.RETRY, AnswerKind.BAD_ANSWER),
+        (200, '{"message": "OK"}', Outcome.RETRY, AnswerKind.BAD_ANSWER),
+        (200, "[0]", Outcome.RETRY, AnswerKind.BAD_ANSWER),
+        (200, "<html>OK</html>", Outcome.RETRY, AnswerKind.BAD_ANSWER),
+        (200, "", Outcome.RETRY, AnswerKind.BAD_ANSWER),
+        (400, '{"code": 1, "message": "bad phone"}', Outcome.REJECTED, AnswerKind.REJECTED),
+        (404, "not found", Outcome.REJECTED, AnswerKind.REJECTED),
+        (422, "", Outcome.REJECTED, AnswerKind.REJECTED),
+        (401, "", Outcome.UNAUTHORIZED, AnswerKind.UNAUTHORIZED),
+        (403, "", Outcome.UNAUTHORIZED, AnswerKind.UNAUTHORIZED),
+        (408, "", Outcome.RETRY, AnswerKind.REQUEST_TIMEOUT),
+        (429, "", Outcome.RETRY, AnswerKind.TOO_MANY_REQUESTS),
+        (500, "", Outcome.RETRY, AnswerKind.SERVER_ERROR),
+        (502, "<html>bad gateway</html>", Outcome.RETRY, AnswerKind.SERVER_ERROR),
+        (503, "", Outcome.RETRY, AnswerKind.UNAVAILABLE),
+        (302, "", Outcome.RETRY, AnswerKind.BAD_ANSWER),
     ],
 )
-def test_answers_are_classified(status, body, outcome):
-    """Given a gateway answer's status and body, when the client classifies it, then it is sent,
-    retry, rejected or unauthorized as the table says."""
-    assert classify(status, body).outcome is outcome
+def test_answers_are_classified_once_into_a_kind_that_says_the_outcome(status, body, outcome, kind):
+    # Given an HTTP answer from the gateway, when it is classified
+    result = classify(status, body)
+    # Then it is one kind of answer, which says what becomes of the message
+    assert (result.kind, result.outcome) == (kind, outcome)
 
 
 def test_a_send_reaches_the_gateway_in_its_exact_format(sandbox):
@@ -77,6 +79,7 @@ def test_slow_gateway_times_out_as_retry(sandbox):
     sandbox.set_profile(FaultProfile(slow_rate=1.0, slow_seconds=2.0))
     result = client_for(sandbox.url, read_timeout=0.2).send(1, "79001234567", "Hi")
     assert result.outcome is Outcome.RETRY
+    assert result.kind is AnswerKind.TIMEOUT
     assert "timeout" in result.detail
     assert result.latency_seconds < 1.5
 
@@ -89,6 +92,7 @@ def test_unreachable_gateway_is_retry_not_an_exception():
         port = sock.getsockname()[1]
     result = client_for(f"http://127.0.0.1:{port}").send(1, "79001234567", "Hi")
     assert result.outcome is Outcome.RETRY
+    assert result.kind is AnswerKind.NETWORK
     assert "network error" in result.detail
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
 
+from chalicelib.domain.gateway_answer import AnswerKind, GatewayResult
 from chalicelib.domain.rate_limit import (
     MIN_SPEED,
     WINDOW_SECONDS,
@@ -29,21 +31,20 @@ from chalicelib.domain.rate_limit import (
     decide,
     parse_retry_after,
 )
-from chalicelib.gateway import GatewayResult, Outcome
 from chalicelib.gateway import classify as read_answer
 
 RATE = 50.0
 START = datetime(2026, 12, 6, 12, 0, tzinfo=UTC).timestamp()
 
-OK = GatewayResult(Outcome.SENT, "OK", 200, 0.05)
-BAD_NUMBER = GatewayResult(Outcome.REJECTED, "HTTP 400", 400, 0.05)
-SERVER_ERROR = GatewayResult(Outcome.RETRY, "HTTP 500", 500, 0.05)
-TIMEOUT = GatewayResult(Outcome.RETRY, "timeout: ReadTimeout", None, 10.0)
-REFUSED = GatewayResult(Outcome.RETRY, "network error: ConnectionError", None, 0.001)
+OK = GatewayResult(AnswerKind.SENT, "OK", 200, 0.05)
+BAD_NUMBER = GatewayResult(AnswerKind.REJECTED, "HTTP 400", 400, 0.05)
+SERVER_ERROR = GatewayResult(AnswerKind.SERVER_ERROR, "HTTP 500", 500, 0.05)
+TIMEOUT = GatewayResult(AnswerKind.TIMEOUT, "timeout: ReadTimeout", None, 10.0)
+REFUSED = GatewayResult(AnswerKind.NETWORK, "network error: ConnectionError", None, 0.001)
 
 
 def too_many(retry_after: str | None = None) -> GatewayResult:
-    return GatewayResult(Outcome.RETRY, "HTTP 429", 429, 0.01, retry_after)
+    return GatewayResult(AnswerKind.TOO_MANY_REQUESTS, "HTTP 429", 429, 0.01, retry_after)
 
 
 class Shared:
@@ -113,7 +114,7 @@ def batches_of(rng: random.Random, share_failing: float, failing: GatewayResult,
 def test_each_gateway_answer_is_one_kind(status, body, header, kind, wait):
     # Given an HTTP answer as the gateway client reads it, with its Retry-After header
     answer = read_answer(status, body)
-    answer = GatewayResult(answer.outcome, answer.detail, status, 0.05, header)
+    answer = replace(answer, latency_seconds=0.05, retry_after=header)
     # When it is classified, then it is sent, rejected, unauthorized, overload or bad luck
     assert classify(answer, START) == Verdict(kind, wait)
 
@@ -224,7 +225,7 @@ def test_latency_far_above_its_baseline_is_overload_but_a_timeout_is_not():
     assert shared.rate() == pytest.approx(RATE)
     # When most of a batch succeeds but takes 3 s each, the rate is cut
     shared.advance(1)
-    slow = GatewayResult(Outcome.SENT, "OK", 200, 3.0)
+    slow = GatewayResult(AnswerKind.SENT, "OK", 200, 3.0)
     shared.report([slow] * 4 + [OK])
     assert shared.rate() == pytest.approx(RATE / 2)
 

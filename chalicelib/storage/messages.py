@@ -1,0 +1,336 @@
+"""Messages as stored, and their one-way status changes: each final status moves the mailing's
+counters in the same transaction, so the counters always equal the message records.
+
+A message leaves `pending` exactly once: the write that takes it out is conditional on it still
+being pending (and on the caller's claim, or on nobody holding one). A failed condition is an
+answer (someone else did it: `False` or no claim); anything else is raised, a conflict or a
+throttle as what `errors.is_transient` recognises, for the caller's `Retry`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, cast
+
+from botocore.exceptions import ClientError
+from pynamodb.attributes import NumberAttribute
+from pynamodb.connection import Connection
+from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
+from pynamodb.expressions.condition import Condition
+from pynamodb.expressions.update import Action
+from pynamodb.transactions import TransactWrite
+
+from chalicelib.domain import MailingStatus, Message, MessageStatus
+from chalicelib.storage.errors import is_conditional_failure
+from chalicelib.storage.models import DUE_KEY, MessageRecord, Models, status_key
+
+# What a message's last error keeps of a long one.
+ERROR_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final status a message should get, and the claim under which it may."""
+
+    client_id: str
+    status: MessageStatus
+    claim_id: str | None = None
+    error: str | None = None
+    message_id: int | None = None  # for the log line only
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim's outcome: its id when taken, else the message as the failed condition saw it
+    (None: not there)."""
+
+    claim_id: str | None
+    message: Message | None = None
+
+
+class MessageRepository(Protocol):
+    """The messages of the mailings, keyed by (mailing id, client id)."""
+
+    def get(self, mailing_id: str, client_id: str) -> Message | None:
+        """The message as it is now (None: not there)."""
+        ...
+
+    def claim(
+        self,
+        mailing_id: str,
+        client_id: str,
+        message_id: int,
+        claim_id: str,
+        now: datetime,
+        until: datetime,
+    ) -> Claim:
+        """Take the message for one gateway call as `claim_id` until `until`, counting an
+        attempt; refused (with the message as it was) when it is not there with this id, not
+        pending, or held by a claim still live at `now`."""
+        ...
+
+    def release(
+        self,
+        mailing_id: str,
+        client_id: str,
+        claim_id: str,
+        now: datetime,
+        error: str | None,
+        *,
+        called: bool = True,
+    ) -> bool:
+        """Give a claimed message back (still pending) with `error`; without `called` the
+        claim's attempt is undone. False when it is not pending under that claim."""
+        ...
+
+    def finish(self, mailing_id: str, outcomes: Sequence[Outcome], now: datetime) -> bool:
+        """Move pending messages of one mailing to their final statuses with the mailing's
+        counters, all in one transaction; False (nothing written) when any is not ours to
+        finish (done, claimed by another) or the mailing is gone."""
+        ...
+
+    def fail_orphan(self, mailing_id: str, outcome: Outcome, now: datetime) -> bool:
+        """Finish a pending message whose mailing cannot keep counters (missing or unusable),
+        without them; False when it is not ours to finish."""
+        ...
+
+    def with_status(
+        self, mailing_id: str, status: MessageStatus, limit: int, after: int | None = None
+    ) -> list[tuple[str, int]]:
+        """Up to `limit` (client id, message id) pairs with `status`, by message id (after
+        `after`, when given)."""
+        ...
+
+    def requeue_failed(
+        self,
+        mailing_id: str,
+        messages: Sequence[tuple[str, int]],
+        now: datetime,
+        *,
+        reopen: bool,
+        token: str | None = None,
+    ) -> bool:
+        """Make failed messages pending again with the mailing's counters, in one transaction
+        (with `reopen`, a finished mailing runs again; every try of one change carries the same
+        `token`). False when any is no longer failed or the mailing was cancelled or deleted."""
+        ...
+
+
+class DynamoMessageRepository:
+    """`MessageRepository` on the stage's messages and mailings tables."""
+
+    def __init__(self, models: Models, connection: Connection) -> None:
+        self._models = models
+        self._connection = connection
+
+    def get(self, mailing_id: str, client_id: str) -> Message | None:
+        try:
+            record = self._models.Message.get(mailing_id, client_id, consistent_read=True)
+        except DoesNotExist:
+            return None
+        return message_of(record)
+
+    def claim(
+        self,
+        mailing_id: str,
+        client_id: str,
+        message_id: int,
+        claim_id: str,
+        now: datetime,
+        until: datetime,
+    ) -> Claim:
+        Message = self._models.Message
+        request = Message(mailing_id, client_id).get_update_kwargs_from_instance(
+            actions=[
+                Message.claim_id.set(claim_id),
+                Message.claim_until.set(until),
+                Message.attempts.add(1),
+                Message.updated_at.set(now),
+            ],
+            condition=(Message.message_id == message_id)
+            & (Message.status == MessageStatus.PENDING.value)
+            & (Message.claim_until.does_not_exist() | (Message.claim_until < now)),
+            return_values_on_condition_failure="ALL_OLD",
+        )
+        try:
+            # PynamoDB's Model.update cannot ask for the item a failed condition saw.
+            self._connection.dispatch("UpdateItem", request)
+        except ClientError as exc:
+            if is_conditional_failure(exc):
+                seen = getattr(exc.__cause__, "response", {}).get("Item")
+                return Claim(None, message_of(Message.from_raw_data(seen)) if seen else None)
+            raise
+        return Claim(claim_id)
+
+    def release(
+        self,
+        mailing_id: str,
+        client_id: str,
+        claim_id: str,
+        now: datetime,
+        error: str | None,
+        *,
+        called: bool = True,
+    ) -> bool:
+        Message = self._models.Message
+        actions: list[Action] = [
+            Message.claim_id.remove(),
+            Message.claim_until.remove(),
+            # None clears the last error, as it always has (the attribute is nullable).
+            Message.last_error.set(error),  # type: ignore[arg-type]
+            Message.updated_at.set(now),
+        ]
+        if not called:
+            actions.append(Message.attempts.add(-1))
+        try:
+            Message(mailing_id, client_id).update(
+                actions=actions,
+                condition=(Message.claim_id == claim_id)
+                & (Message.status == MessageStatus.PENDING.value),
+            )
+        except UpdateError as exc:
+            if is_conditional_failure(exc):
+                return False
+            raise
+        return True
+
+    def finish(self, mailing_id: str, outcomes: Sequence[Outcome], now: datetime) -> bool:
+        models = self._models
+        Message, Mailing = models.Message, models.Mailing
+        moved = Counter(outcome.status for outcome in outcomes)
+        counters: list[Action] = [self._counter(MessageStatus.PENDING).add(-len(outcomes))]
+        counters += [self._counter(status).add(n) for status, n in moved.items()]
+        try:
+            with TransactWrite(connection=self._connection) as tx:
+                for outcome in outcomes:
+                    tx.update(
+                        Message(mailing_id, outcome.client_id),
+                        actions=self._final_actions(mailing_id, outcome, now),
+                        condition=self._still_ours(outcome.claim_id, now),
+                    )
+                tx.update(
+                    Mailing(mailing_id),
+                    actions=counters,
+                    # ADD would otherwise resurrect a deleted mailing as a bare counter item.
+                    condition=Mailing.mailing_id.exists(),
+                )
+        except TransactWriteError as exc:
+            if is_conditional_failure(exc):
+                return False
+            raise
+        return True
+
+    def fail_orphan(self, mailing_id: str, outcome: Outcome, now: datetime) -> bool:
+        Message = self._models.Message
+        try:
+            Message(mailing_id, outcome.client_id).update(
+                actions=self._final_actions(mailing_id, outcome, now),
+                condition=self._still_ours(None, now),
+            )
+        except UpdateError as exc:
+            if is_conditional_failure(exc):
+                return False
+            raise
+        return True
+
+    def with_status(
+        self, mailing_id: str, status: MessageStatus, limit: int, after: int | None = None
+    ) -> list[tuple[str, int]]:
+        Message = self._models.Message
+        key = status_key(mailing_id, status.value)
+        condition = None if after is None else Message.message_id > after
+        return [
+            (item.client_id, int(item.message_id))
+            for item in Message.by_status.query(key, condition, limit=limit, page_size=limit)
+        ]
+
+    def requeue_failed(
+        self,
+        mailing_id: str,
+        messages: Sequence[tuple[str, int]],
+        now: datetime,
+        *,
+        reopen: bool,
+        token: str | None = None,
+    ) -> bool:
+        models = self._models
+        Message, Mailing = models.Message, models.Mailing
+        pending = MessageStatus.PENDING.value
+        mailing_actions: list[Action] = [
+            self._counter(MessageStatus.FAILED).add(-len(messages)),
+            self._counter(MessageStatus.PENDING).add(len(messages)),
+            Mailing.updated_at.set(now),
+        ]
+        if reopen:
+            mailing_actions += [
+                Mailing.status.set(MailingStatus.RUNNING.value),
+                Mailing.due_key.set(DUE_KEY),
+            ]
+        try:
+            with TransactWrite(connection=self._connection, client_request_token=token) as tx:
+                for client_id, _ in messages:
+                    tx.update(
+                        Message(mailing_id, client_id),
+                        actions=[
+                            Message.status.set(pending),
+                            Message.status_key.set(status_key(mailing_id, pending)),
+                            Message.updated_at.set(now),
+                        ],
+                        condition=Message.status == MessageStatus.FAILED.value,
+                    )
+                tx.update(
+                    Mailing(mailing_id),
+                    actions=mailing_actions,
+                    condition=Mailing.mailing_id.exists()
+                    & (Mailing.status != MailingStatus.CANCELLED.value),
+                )
+        except TransactWriteError as exc:
+            if is_conditional_failure(exc):
+                return False
+            raise
+        return True
+
+    def _counter(self, status: MessageStatus) -> NumberAttribute:
+        counter: NumberAttribute = getattr(self._models.Mailing, f"count_{status.value}")
+        return counter
+
+    def _still_ours(self, claim_id: str | None, now: datetime) -> Condition:
+        Message = self._models.Message
+        pending = Message.status == MessageStatus.PENDING.value
+        if claim_id is not None:
+            return cast(Condition, pending & (Message.claim_id == claim_id))
+        free = Message.claim_until.does_not_exist() | (Message.claim_until < now)
+        return cast(Condition, pending & free)
+
+    def _final_actions(self, mailing_id: str, outcome: Outcome, now: datetime) -> list[Action]:
+        Message = self._models.Message
+        actions: list[Action] = [
+            Message.status.set(outcome.status.value),
+            Message.status_key.set(status_key(mailing_id, outcome.status.value)),
+            Message.updated_at.set(now),
+            Message.claim_id.remove(),
+            Message.claim_until.remove(),
+        ]
+        if outcome.status is MessageStatus.SENT:
+            actions.append(Message.sent_at.set(now))
+        if outcome.error is not None:
+            actions.append(Message.last_error.set(outcome.error[:ERROR_LIMIT]))
+        return actions
+
+
+def message_of(record: MessageRecord) -> Message:
+    """The domain message of a stored one."""
+    return Message(
+        id=int(record.message_id),
+        mailing_id=record.mailing_id,
+        client_id=record.client_id,
+        phone=record.phone,
+        status=MessageStatus(record.status),
+        created_at=record.created_at,
+        sent_at=record.sent_at,
+        attempts=int(record.attempts or 0),
+        last_error=record.last_error,
+    )
