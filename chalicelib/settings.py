@@ -151,6 +151,9 @@ class Settings(BaseModel):
     # receive is counted as a DLQ arrival.
     max_receive_count: int = Field(5, ge=1, le=1000)
     jobs_per_message: int = Field(10, ge=1, le=50)
+    # SQS messages per send invocation (the event source's BatchSize, so read when `chalice
+    # package` loads the app); at most what one ReceiveMessage returns, as the local stack polls.
+    sender_batch_size: int = Field(10, ge=1, le=10)
     fanout_page_size: int = Field(99, ge=1, le=99)
     lease_seconds: int = Field(180, ge=10, le=3600)
     claim_seconds: int = Field(60, ge=5, le=900)
@@ -330,6 +333,18 @@ class Settings(BaseModel):
                 for err in exc.errors()
             )
             raise SettingsError(f"invalid settings: {problems}") from None
+
+
+# The settings the app's declarations use when it is loaded: `chalice package` (with the stage's
+# environment applied) writes them into the template.
+_PACKAGE_TIME = ("SENDER_BATCH_SIZE",)
+
+
+def package_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings read when the app is loaded; only the package-time ones are read, so a bad
+    run-time setting still fails at run time, with the rest, not at import."""
+    env = os.environ if environ is None else environ
+    return Settings.from_env({name: env[name] for name in _PACKAGE_TIME if name in env})
 
 
 @lru_cache(maxsize=1)
