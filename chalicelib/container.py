@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
@@ -11,14 +10,13 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import SecretStr
 from pynamodb.connection import Connection
 
 from chalicelib import aws, logs
 from chalicelib.auth import Verifier, build_verifier
 from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
+from chalicelib.secrets import Secrets
 from chalicelib.services.audit import AuditLog
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.delivery import Sender
@@ -30,7 +28,7 @@ from chalicelib.services.queues import Queues
 from chalicelib.services.reports import ReportService
 from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
-from chalicelib.settings import Settings, SettingsError, check_api_tokens, get_settings
+from chalicelib.settings import Settings, get_settings
 from chalicelib.storage.errors import PATIENT
 from chalicelib.storage.models import Models, build_models
 
@@ -61,84 +59,16 @@ def sleep_until(moment: datetime) -> None:
         time.sleep(delay)
 
 
-def gateway_token(settings: Settings, secrets: Any = None) -> SecretStr | None:
-    """SENDER_API_TOKEN, else the secret SENDER_API_TOKEN_SECRET_ID names (read from Secrets
-    Manager: a plain string, or JSON with a "token" key). Never logged."""
-    token = settings.sender_api_token
-    if token is None and settings.sender_api_token_secret_id:
-        client = secrets or aws.client("secretsmanager", settings)
-        answer = client.get_secret_value(SecretId=settings.sender_api_token_secret_id)
-        token = SecretStr(_token_from_secret(answer.get("SecretString") or ""))
-    if token is not None:
-        logs.add_secret(token.get_secret_value())
-    return token
-
-
-def _json_secret_field(text: str, key: str, usable: Callable[[Any], bool], problem: str) -> Any:
-    """The `key` of a JSON secret; SettingsError(`problem`) unless it is there and usable."""
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    value = parsed.get(key) if isinstance(parsed, dict) else None
-    if value is None or not usable(value):
-        raise SettingsError(problem)
-    return value
-
-
-def _token_from_secret(value: str) -> str:
-    text = value.strip()
-    if text.startswith("{"):
-        problem = 'SENDER_API_TOKEN_SECRET_ID: a JSON secret needs a string "token" key'
-        text = _json_secret_field(text, "token", lambda v: isinstance(v, str), problem).strip()
-    if not text:
-        raise SettingsError("SENDER_API_TOKEN_SECRET_ID: the secret is empty")
-    return text
-
-
-def api_tokens_from_secret(settings: Settings, secrets: Any = None) -> tuple[str, ...]:
-    """The static API tokens in the secret API_TOKENS_SECRET_ID names: its SecretString is the
-    tokens separated by commas, or JSON {"tokens": [...]}; each is held to API_TOKENS' rules.
-    Every problem is a SettingsError that names the setting and never holds a token."""
-    client = secrets or aws.client("secretsmanager", settings)
-    try:
-        answer = client.get_secret_value(SecretId=settings.api_tokens_secret_id)
-    except (ClientError, BotoCoreError) as exc:
-        # botocore's text names the error code and the secret, never its value.
-        raise SettingsError(f"API_TOKENS_SECRET_ID: the secret cannot be read ({exc})") from None
-    return _api_tokens_from_secret(answer.get("SecretString") or "")
-
-
-def _api_tokens_from_secret(value: str) -> tuple[str, ...]:
-    text = value.strip()
-    if text.startswith("{"):
-        candidates = _json_secret_field(
-            text,
-            "tokens",
-            lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
-            'API_TOKENS_SECRET_ID: a JSON secret needs a "tokens" key holding a list of strings',
-        )
-    else:
-        candidates = text.split(",")
-    tokens = tuple(token.strip() for token in candidates if token.strip())
-    # Before any check: whatever is read from the secret never reaches a log line.
-    for token in tokens:
-        logs.add_secret(token)
-        logs.add_secret(token.partition(":")[2])
-    if not tokens:
-        raise SettingsError("API_TOKENS_SECRET_ID: the secret holds no token")
-    try:
-        return check_api_tokens(tokens)
-    except ValueError as exc:
-        raise SettingsError(f"API_TOKENS_SECRET_ID: {exc}") from None
-
-
-def gateway_factory(settings: Settings) -> Callable[[], GatewayClient | None]:
-    """The gateway client, made on first use; None while the gateway is not configured."""
+def gateway_factory(
+    settings: Settings, secrets: Secrets | None = None
+) -> Callable[[], GatewayClient | None]:
+    """The gateway client, made on first use; None while the gateway is not configured.
+    Its `cache_clear` makes the next use read the token again (the sender's answer to a 401)."""
+    reader = secrets or Secrets(settings)
 
     @cache
     def make() -> GatewayClient | None:
-        token = gateway_token(settings)
+        token = reader.gateway_token()
         if not settings.sender_api_url or token is None:
             return None
         return GatewayClient(
@@ -185,6 +115,7 @@ class Services:
     ) -> Services:
         """Wire every service for `settings`; nothing touches AWS until a service is used."""
         models = build_models(settings)
+        secrets = Secrets(settings)
         connection = Connection(region=settings.aws_region)
         queues = Queues(
             sqs if sqs is not None else _LazyClient("sqs", settings),
@@ -242,7 +173,7 @@ class Services:
                 messages,
                 clients,
                 queues,
-                gateway or gateway_factory(settings),
+                gateway or gateway_factory(settings, secrets),
                 settings,
                 clock,
                 rng,
@@ -254,7 +185,7 @@ class Services:
             metrics=metrics,
             reports=ReportService(mailings, settings, clock, ses or _LazyClient("ses", settings)),
             # The authorizer reads the tokens' secret (if any) at its first request, not here.
-            verifier=build_verifier(settings, load_tokens=lambda: api_tokens_from_secret(settings)),
+            verifier=build_verifier(settings, load_tokens=secrets.api_tokens),
             idempotency=IdempotencyStore(
                 models, clock, timedelta(hours=settings.idempotency_ttl_hours)
             ),

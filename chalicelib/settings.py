@@ -106,7 +106,7 @@ class Settings(BaseModel):
     api_tokens: tuple[str, ...] = Field((), repr=False)
     # In AWS the static tokens live in Secrets Manager: the authorizer reads them when API_TOKENS
     # is unset, again at most every API_TOKENS_REFRESH_SECONDS, so a removed token stops working
-    # (auth.LoadedTokenVerifier, container.api_tokens_from_secret).
+    # (auth.LoadedTokenVerifier, secrets.Secrets.api_tokens).
     api_tokens_secret_id: str | None = Field(None, pattern=r"^[A-Za-z0-9/_+=.@:-]{1,2048}$")
     api_tokens_refresh_seconds: int = Field(300, ge=30, le=3600)
     oidc_issuer: str | None = None

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from tests.test_api_auth import bearer, oidc_settings, request, route_id, running_app
 
 from app import app
 from chalicelib.api.http import OPERATIONS, Operation
@@ -20,6 +19,7 @@ from chalicelib.container import Services
 from chalicelib.roles import ADMIN, ROUTE_ROLES, Role, parse_role_map, role_from_claim
 from chalicelib.settings import Settings
 from tests.conftest import FakeClock
+from tests.integration.test_api_auth import bearer, oidc_settings, request, route_id, running_app
 from tests.support.oidc import JwksServer, claims_at, sign
 
 # One narrow token per role, and a plain token (no role prefix), which is an admin as before.
