@@ -118,14 +118,14 @@ class Services:
         secrets = Secrets(settings)
         connection = Connection(region=settings.aws_region)
         queues = Queues(
-            sqs if sqs is not None else _LazyClient("sqs", settings),
+            sqs=sqs if sqs is not None else _LazyClient("sqs", settings),
             send_url=settings.send_queue_url,
             dlq_url=settings.send_dlq_url,
             fanout_url=settings.fanout_queue_url,
             import_url=settings.import_queue_url,
         )
-        clients = ClientDirectory(models, connection, clock)
-        messages = MessageStore(models, connection)
+        clients = ClientDirectory(models=models, connection=connection, clock=clock)
+        messages = MessageStore(models=models, connection=connection)
         # The scheduler's and retry-failed's writes pause on `clock`: a test's never sleeps.
         writes = replace(
             PATIENT,
@@ -133,11 +133,18 @@ class Services:
             rng=rng or random.Random(),
         )
         mailings = MailingService(
-            models, clock, queues, messages, settings.jobs_per_message, retry=writes
+            models=models,
+            clock=clock,
+            queues=queues,
+            messages=messages,
+            jobs_per_message=settings.jobs_per_message,
+            retry=writes,
         )
-        metrics = MetricsWriter(settings, write_metrics)
+        metrics = MetricsWriter(settings=settings, write=write_metrics)
         # The senders' shared limits; the API reads their state for operators (GET /gateway).
-        throttle = GatewayThrottle(_LazyClient("dynamodb", settings), settings, clock)
+        throttle = GatewayThrottle(
+            dynamodb=_LazyClient("dynamodb", settings), settings=settings, clock=clock
+        )
         for token in settings.api_tokens:
             logs.add_secret(token)
             # ROLE:TOKEN: the bearer token is the part after the role.
@@ -147,49 +154,59 @@ class Services:
             models=models,
             clients=clients,
             imports=ClientImports(
-                models,
-                connection,
-                clients,
-                queues,
-                clock,
+                models=models,
+                connection=connection,
+                directory=clients,
+                queues=queues,
+                clock=clock,
                 retention_days=settings.import_retention_days,
             ),
             mailings=mailings,
             messages=messages,
             queues=queues,
             scheduler=Scheduler(
-                models,
-                connection,
-                clients,
-                messages,
-                queues,
-                settings,
-                clock,
-                metrics,
+                models=models,
+                connection=connection,
+                clients=clients,
+                messages=messages,
+                queues=queues,
+                settings=settings,
+                clock=clock,
+                metrics=metrics,
                 retry=writes,
             ),
             sender=Sender(
-                models,
-                messages,
-                clients,
-                queues,
-                gateway or gateway_factory(settings, secrets),
-                settings,
-                clock,
-                rng,
+                models=models,
+                messages=messages,
+                clients=clients,
+                queues=queues,
+                gateway=gateway or gateway_factory(settings, secrets),
+                settings=settings,
+                clock=clock,
+                rng=rng,
                 throttle=throttle,
                 wait_until=wait_until,
                 metrics=metrics,
             ),
             throttle=throttle,
             metrics=metrics,
-            reports=ReportService(mailings, settings, clock, ses or _LazyClient("ses", settings)),
+            reports=ReportService(
+                mailings=mailings,
+                settings=settings,
+                clock=clock,
+                ses=ses or _LazyClient("ses", settings),
+            ),
             # The authorizer reads the tokens' secret (if any) at its first request, not here.
             verifier=build_verifier(settings, load_tokens=secrets.api_tokens),
             idempotency=IdempotencyStore(
-                models, clock, timedelta(hours=settings.idempotency_ttl_hours)
+                models=models, clock=clock, ttl=timedelta(hours=settings.idempotency_ttl_hours)
             ),
-            audit=AuditLog(models, clock, settings.audit_retention_days, metrics),
+            audit=AuditLog(
+                models=models,
+                clock=clock,
+                retention_days=settings.audit_retention_days,
+                metrics=metrics,
+            ),
         )
 
 

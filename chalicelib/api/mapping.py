@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from chalicelib import domain
-from chalicelib.container import services
 from chalicelib.domain import MessageStatus
 from chalicelib.domain.rate_limit import GatewayStatus
 from chalicelib.schemas import (
@@ -26,11 +25,11 @@ from chalicelib.schemas import (
 )
 from chalicelib.services.clients import ClientFields
 from chalicelib.services.mailings import MailingFields
+from chalicelib.settings import Settings
 
 
-def page_limit(requested: int | None) -> int:
+def page_limit(requested: int | None, settings: Settings) -> int:
     """The page size: the default when absent, capped at the configured maximum."""
-    settings = services().settings
     return min(requested or settings.default_page_size, settings.max_page_size)
 
 
