@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -25,7 +25,7 @@ from chalicelib.services.imports import ClientImports
 from chalicelib.services.mailings import MailingService
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import Queues
-from chalicelib.services.reports import ReportService
+from chalicelib.services.reports import ReportService, ReportSink, SesReportSink
 from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, get_settings
@@ -112,8 +112,10 @@ class Services:
         wait_until: Callable[[datetime], None] = sleep_until,
         write_metrics: Callable[[str], None] | None = None,
         ses: Any = None,
+        report_sinks: Sequence[ReportSink] = (),
     ) -> Services:
-        """Wire every service for `settings`; nothing touches AWS until a service is used."""
+        """Wire every service for `settings`; nothing touches AWS until a service is used.
+        `report_sinks` get the daily report after SES (the local stack's outbox)."""
         models = build_models(settings)
         secrets = Secrets(settings)
         connection = Connection(region=settings.aws_region)
@@ -194,7 +196,14 @@ class Services:
                 mailings=mailings,
                 settings=settings,
                 clock=clock,
-                ses=ses or _LazyClient("ses", settings),
+                sinks=[
+                    SesReportSink(
+                        ses=ses or _LazyClient("ses", settings),
+                        # Reports are sent only when it is set.
+                        sender=settings.report_sender or "",
+                    ),
+                    *report_sinks,
+                ],
             ),
             # The authorizer reads the tokens' secret (if any) at its first request, not here.
             verifier=build_verifier(settings, load_tokens=secrets.api_tokens),

@@ -163,8 +163,6 @@ class Settings(BaseModel):
     report_sender: str | None = Field(None, pattern=_EMAIL)
     report_recipients: tuple[str, ...] = ()
     report_window_hours: int = Field(24, ge=1, le=24 * 31)
-    # Also write every report e-mail into this folder (the local stack's outbox).
-    report_outbox_dir: str | None = None
     # Read by chalicelib.logs when the app loads; here so a bad value is refused with the rest.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # json: Powertools' JSON lines (Lambda); text: one readable line per event (local default).

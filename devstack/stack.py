@@ -37,6 +37,7 @@ from devstack import faults, stack_file
 from devstack.api import tag_requests
 from devstack.faults import AwsFaults
 from devstack.gateway import FaultProfile, SandboxGateway
+from devstack.outbox import ReportOutbox
 from devstack.poller import InvocationTimedOut, LambdaContext, SqsPoller, invoke
 
 logger = logging.getLogger(__name__)
@@ -859,8 +860,11 @@ class LocalStack:
         from chalicelib.container import Services, use_services
         from chalicelib.storage.models import create_tables
 
+        outbox = ReportOutbox.from_env(self.environ)
         # EMF blobs go with the log lines (stderr): stdout carries the lines programs read.
-        services = Services.build(settings, write_metrics=_to_stderr)
+        services = Services.build(
+            settings, write_metrics=_to_stderr, report_sinks=[outbox] if outbox else []
+        )
         try:
             created = create_tables(services.models)
         except Exception as exc:
@@ -960,10 +964,11 @@ def banner(stack: LocalStack) -> str:
     ]
     if stack.sandbox_url:
         lines.append(f"  Ledger   {stack.sandbox_url}{SANDBOX_LEDGER_PATH}")
-    if settings.report_outbox_dir:
+    outbox = ReportOutbox.from_env(stack.environ)
+    if outbox is not None:
         lines.append(
             f"  Reports  POST {url}/reports/daily e-mails "
-            f"{', '.join(settings.report_recipients)}; copies in {settings.report_outbox_dir}"
+            f"{', '.join(settings.report_recipients)}; copies in {outbox.folder}"
         )
     iam = (
         f"enforced: each function under its role in {stack.iam_template} (LOCAL_IAM=off disables)"
