@@ -29,7 +29,9 @@ from chalicelib.services.reports import ReportService, ReportSink, SesReportSink
 from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
 from chalicelib.settings import Settings, get_settings
+from chalicelib.storage.audit import DynamoAuditTrail
 from chalicelib.storage.errors import PATIENT
+from chalicelib.storage.idempotency import DynamoIdempotencyKeys
 from chalicelib.storage.models import Models, build_models
 
 
@@ -208,10 +210,12 @@ class Services:
             # The authorizer reads the tokens' secret (if any) at its first request, not here.
             verifier=build_verifier(settings, load_tokens=secrets.api_tokens),
             idempotency=IdempotencyStore(
-                models=models, clock=clock, ttl=timedelta(hours=settings.idempotency_ttl_hours)
+                keys=DynamoIdempotencyKeys(models.IdempotencyRecord),
+                clock=clock,
+                ttl=timedelta(hours=settings.idempotency_ttl_hours),
             ),
             audit=AuditLog(
-                models=models,
+                trail=DynamoAuditTrail(models.AuditEntry),
                 clock=clock,
                 retention_days=settings.audit_retention_days,
                 metrics=metrics,

@@ -1,0 +1,1 @@
+"""In-memory repositories: the storage protocols without DynamoDB, for fast tests."""
