@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools.utilities.parameters import SecretsProvider
-from aws_lambda_powertools.utilities.parameters.exceptions import GetParameterError
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import SecretStr
 
 from chalicelib import aws, logs
 from chalicelib.settings import Settings, SettingsError, check_api_tokens
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.parameters import SecretsProvider
 
 
 class Secrets:
@@ -36,13 +37,18 @@ class Secrets:
 
     @cached_property
     def _provider(self) -> SecretsProvider:
-        # Made on first read, so an emulator started after the services are built is the one used;
-        # the client honours AWS_ENDPOINT_URL, the region and the timeouts of the settings.
+        # Made (and Powertools' parameters imported) on first read: most invocations never read
+        # a secret, and an emulator started after the services are built is the one used. The
+        # client honours AWS_ENDPOINT_URL, the region and the timeouts of the settings.
+        from aws_lambda_powertools.utilities.parameters import SecretsProvider
+
         client = self._client or aws.client("secretsmanager", self._settings)
         return SecretsProvider(boto3_client=client)
 
     def _text(self, secret_id: str) -> str:
         """The secret's SecretString ("" for a binary secret); AWS's error as botocore raised it."""
+        from aws_lambda_powertools.utilities.parameters.exceptions import GetParameterError
+
         try:
             value = self._provider.get(secret_id, force_fetch=True)
         except GetParameterError as exc:
