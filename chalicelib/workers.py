@@ -23,7 +23,7 @@ from aws_lambda_powertools.utilities.batch import (
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from chalice import Blueprint, Cron, Rate
-from chalice.app import SQSEvent
+from chalice.app import CloudWatchEvent, SQSEvent
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from chalicelib.container import services
@@ -99,7 +99,7 @@ def _remaining(context: Any) -> Remaining:
 
 
 @blueprint.schedule(Rate(1, unit=Rate.MINUTES), name="scheduler_tick")
-def scheduler_tick(event: Any) -> dict:
+def scheduler_tick(event: CloudWatchEvent) -> dict[str, int]:
     """Every minute: advance every mailing whose start has come and that has not finished."""
     progress = services().scheduler.tick(_remaining(event.context))
     summary = {
@@ -116,7 +116,7 @@ def scheduler_tick(event: Any) -> dict:
 
 # 06:00 UTC by default; the stack's DailyReportSchedule parameter replaces the expression.
 @blueprint.schedule(Cron(0, 6, "*", "*", "?", "*"), name="daily_report")
-def daily_report(event: Any) -> dict:
+def daily_report(event: CloudWatchEvent) -> dict[str, int]:
     """Once a day: e-mail the statistics of the mailings active in the last 24 hours."""
     report = services().reports.send_daily()
     return {"mailings": len(report.rows), "recipients": len(report.recipients)}

@@ -18,6 +18,7 @@ from chalicelib.schemas import (
     GatewayStatusOut,
     MailingCreate,
     MailingOut,
+    MailingPatch,
     MailingSummary,
     MessageOut,
     MessageStats,
@@ -78,7 +79,7 @@ def mailing_fields(body: MailingCreate) -> MailingFields:
     )
 
 
-def mailing_changes(patch: Any) -> dict[str, Any]:
+def mailing_changes(patch: MailingPatch) -> dict[str, Any]:
     """A PATCH body as keyword changes of MailingFields (only the fields that were sent)."""
     sent = patch.model_fields_set
     changes: dict[str, Any] = {}
