@@ -106,7 +106,7 @@ class Settings(BaseModel):
     api_tokens: tuple[str, ...] = Field((), repr=False)
     # In AWS the static tokens live in Secrets Manager: the authorizer reads them when API_TOKENS
     # is unset, again at most every API_TOKENS_REFRESH_SECONDS, so a removed token stops working
-    # (auth.LoadedTokenVerifier, container.api_tokens_from_secret).
+    # (auth.LoadedTokenVerifier, secrets.Secrets.api_tokens).
     api_tokens_secret_id: str | None = Field(None, pattern=r"^[A-Za-z0-9/_+=.@:-]{1,2048}$")
     api_tokens_refresh_seconds: int = Field(300, ge=30, le=3600)
     oidc_issuer: str | None = None
@@ -151,6 +151,9 @@ class Settings(BaseModel):
     # receive is counted as a DLQ arrival.
     max_receive_count: int = Field(5, ge=1, le=1000)
     jobs_per_message: int = Field(10, ge=1, le=50)
+    # SQS messages per send invocation (the event source's BatchSize, so read when `chalice
+    # package` loads the app); at most what one ReceiveMessage returns, as the local stack polls.
+    sender_batch_size: int = Field(10, ge=1, le=10)
     fanout_page_size: int = Field(99, ge=1, le=99)
     lease_seconds: int = Field(180, ge=10, le=3600)
     claim_seconds: int = Field(60, ge=5, le=900)
@@ -160,8 +163,6 @@ class Settings(BaseModel):
     report_sender: str | None = Field(None, pattern=_EMAIL)
     report_recipients: tuple[str, ...] = ()
     report_window_hours: int = Field(24, ge=1, le=24 * 31)
-    # Also write every report e-mail into this folder (the local stack's outbox).
-    report_outbox_dir: str | None = None
     # Read by chalicelib.logs when the app loads; here so a bad value is refused with the rest.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # json: Powertools' JSON lines (Lambda); text: one readable line per event (local default).
@@ -330,6 +331,18 @@ class Settings(BaseModel):
                 for err in exc.errors()
             )
             raise SettingsError(f"invalid settings: {problems}") from None
+
+
+# The settings the app's declarations use when it is loaded: `chalice package` (with the stage's
+# environment applied) writes them into the template.
+_PACKAGE_TIME = ("SENDER_BATCH_SIZE",)
+
+
+def package_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings read when the app is loaded; only the package-time ones are read, so a bad
+    run-time setting still fails at run time, with the rest, not at import."""
+    env = os.environ if environ is None else environ
+    return Settings.from_env({name: env[name] for name in _PACKAGE_TIME if name in env})
 
 
 @lru_cache(maxsize=1)

@@ -37,6 +37,7 @@ from devstack import faults, stack_file
 from devstack.api import tag_requests
 from devstack.faults import AwsFaults
 from devstack.gateway import FaultProfile, SandboxGateway
+from devstack.outbox import ReportOutbox
 from devstack.poller import InvocationTimedOut, LambdaContext, SqsPoller, invoke
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,6 @@ IMPORT_FUNCTION = "import_clients"
 IMPORT_POLLERS = 2
 _CHALICE_DEFAULT_TIMEOUT_SECONDS = 60  # when config.json sets none
 DEFAULT_SCHEDULER_INTERVAL_SECONDS = 10.0
-DEFAULT_SENDER_BATCH_SIZE = 10
 DEFAULT_SENDER_POLLERS = 2
 # Six times the function timeout in AWS; locally a job whose sender crashed comes back after a
 # minute. Never below the function's timeout, which Lambda requires of a queue.
@@ -77,7 +77,6 @@ FANOUT_VISIBILITY_SECONDS = 120
 MAX_RECEIVE_COUNT = Settings.model_fields["max_receive_count"].default
 _MAX_VISIBILITY_SECONDS = 43200
 _MAX_SENDER_POLLERS = 32
-_MAX_SQS_BATCH = 10
 # Lambda allows a function at most 15 minutes.
 _MAX_LAMBDA_TIMEOUT_SECONDS = 900
 SANDBOX_LEDGER_PATH = "/_sandbox/ledger"
@@ -116,7 +115,6 @@ class LocalConfig:
     # Set: use that AWS endpoint (a shared emulator, LocalStack, ...) and embed none.
     aws_endpoint_url: str | None = None
     scheduler_interval: float = DEFAULT_SCHEDULER_INTERVAL_SECONDS
-    sender_batch_size: int = DEFAULT_SENDER_BATCH_SIZE
     sender_pollers: int = DEFAULT_SENDER_POLLERS
     # None: DEFAULT_SEND_VISIBILITY_SECONDS, or the sender's timeout if that is longer.
     send_visibility_timeout: int | None = None
@@ -161,9 +159,6 @@ class LocalConfig:
             aws_endpoint_url=environ.get("AWS_ENDPOINT_URL") or None,
             scheduler_interval=_positive_seconds(
                 environ, "SCHEDULER_INTERVAL_SECONDS", DEFAULT_SCHEDULER_INTERVAL_SECONDS
-            ),
-            sender_batch_size=_whole_number(
-                environ, "SENDER_BATCH_SIZE", DEFAULT_SENDER_BATCH_SIZE, 1, _MAX_SQS_BATCH
             ),
             sender_pollers=_whole_number(
                 environ, "SENDER_POLLERS", DEFAULT_SENDER_POLLERS, 1, _MAX_SENDER_POLLERS
@@ -811,7 +806,8 @@ class LocalStack:
                 sqs,
                 settings.send_queue_url or self.queues.send,
                 handlers[SEND_FUNCTION],
-                batch_size=self.config.sender_batch_size,
+                # As the deployed event source: the service's setting.
+                batch_size=settings.sender_batch_size,
                 concurrency=self.config.sender_pollers,
                 report_batch_item_failures=True,
                 function_timeout=self.timeouts[SEND_FUNCTION],
@@ -864,8 +860,11 @@ class LocalStack:
         from chalicelib.container import Services, use_services
         from chalicelib.storage.models import create_tables
 
+        outbox = ReportOutbox.from_env(self.environ)
         # EMF blobs go with the log lines (stderr): stdout carries the lines programs read.
-        services = Services.build(settings, write_metrics=_to_stderr)
+        services = Services.build(
+            settings, write_metrics=_to_stderr, report_sinks=[outbox] if outbox else []
+        )
         try:
             created = create_tables(services.models)
         except Exception as exc:
@@ -965,10 +964,11 @@ def banner(stack: LocalStack) -> str:
     ]
     if stack.sandbox_url:
         lines.append(f"  Ledger   {stack.sandbox_url}{SANDBOX_LEDGER_PATH}")
-    if settings.report_outbox_dir:
+    outbox = ReportOutbox.from_env(stack.environ)
+    if outbox is not None:
         lines.append(
             f"  Reports  POST {url}/reports/daily e-mails "
-            f"{', '.join(settings.report_recipients)}; copies in {settings.report_outbox_dir}"
+            f"{', '.join(settings.report_recipients)}; copies in {outbox.folder}"
         )
     iam = (
         f"enforced: each function under its role in {stack.iam_template} (LOCAL_IAM=off disables)"
@@ -979,8 +979,8 @@ def banner(stack: LocalStack) -> str:
     config = stack.config
     lines.append(
         f"  Workers  scheduler tick every {config.scheduler_interval:g} s; "
-        f"{config.sender_pollers} sender(s) x batch {config.sender_batch_size}; 1 fan-out worker; "
-        f"{IMPORT_POLLERS} import workers"
+        f"{config.sender_pollers} sender(s) x batch {settings.sender_batch_size}; "
+        f"1 fan-out worker; {IMPORT_POLLERS} import workers"
     )
     if settings.auth_mode is AuthMode.STATIC and settings.api_tokens:
         role, token = split_token_entry(settings.api_tokens[0])

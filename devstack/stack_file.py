@@ -25,6 +25,8 @@ DEFAULT_PATH = PROJECT_DIR / "build" / "local-stack.json"
 # Set by the `local` stage in .chalice/config.json: this process serves beside `make run`.
 ATTACH_VARIABLE = "LOCAL_STACK_ATTACH"
 _AWS_VARIABLES = ("AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# The local stack's own variables that `chalice local` serves with too.
+_LOCAL_VARIABLES = ("REPORT_OUTBOX_DIR",)
 # Real credentials never go to the loopback emulator (the local stack drops them too).
 _REAL_CREDENTIAL_VARIABLES = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE")
 
@@ -40,7 +42,11 @@ def path(environ: Mapping[str, str]) -> Path:
 
 def service_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables of `environ` the service reads: its settings and the AWS connection."""
-    names = [*(name.upper() for name in Settings.model_fields), *_AWS_VARIABLES]
+    names = [
+        *(name.upper() for name in Settings.model_fields),
+        *_AWS_VARIABLES,
+        *_LOCAL_VARIABLES,
+    ]
     return {name: environ[name] for name in names if environ.get(name)}
 
 
@@ -109,12 +115,30 @@ def attach_or_exit(environ: MutableMapping[str, str]) -> None:
     try:
         attach(environ)
         serve_as_the_stack_does()
+        keep_reports_in_the_outbox(environ)
     except NoLocalStack as exc:
         # Not an exception: `chalice local` imports the app in its server thread, where one
         # would print a traceback and leave a process that serves nothing.
         sys.stderr.write(f"{exc}\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+def keep_reports_in_the_outbox(environ: Mapping[str, str]) -> None:
+    """Daily reports that chalice local's API sends are copied into the stack's outbox too."""
+    from devstack.outbox import ReportOutbox
+
+    outbox = ReportOutbox.from_env(environ)
+    if outbox is None:
+        return
+    from chalicelib.container import Services, use_services
+    from chalicelib.settings import SettingsError, get_settings
+
+    try:
+        settings = get_settings()
+    except SettingsError:
+        return  # the first request says what is wrong, as it would without an outbox
+    use_services(Services.build(settings, report_sinks=[outbox]))
 
 
 def serve_as_the_stack_does() -> None:

@@ -24,7 +24,10 @@ def list_audit(query: AuditQuery) -> AuditPage:
     """Every write through the API (who, what, which target, when, the fields it set), newest
     first; `target` and `actor` narrow it. Entries are kept AUDIT_RETENTION_DAYS."""
     page = services().audit.list(
-        target=query.target, actor=query.actor, limit=page_limit(query.limit), cursor=query.cursor
+        target=query.target,
+        actor=query.actor,
+        limit=page_limit(query.limit, services().settings),
+        cursor=query.cursor,
     )
     return AuditPage(items=[entry_out(e) for e in page.items], next_cursor=page.next_cursor)
 

@@ -45,7 +45,7 @@ def list_clients(query: ClientListQuery) -> ClientPage:
     """Clients a page at a time, optionally only those with an operator code and/or tag, or
     the one with a phone number."""
     page = services().clients.list(
-        limit=page_limit(query.limit),
+        limit=page_limit(query.limit, services().settings),
         cursor=query.cursor,
         operator_code=query.operator_code,
         tag=query.tag,

@@ -71,7 +71,9 @@ def start_client_import() -> Response:
 )
 def list_imports(query: PageQuery) -> ClientImportPage:
     """Imports a page at a time, newest first, with their counts (the errors are on each one)."""
-    page = services().imports.list(limit=page_limit(query.limit), cursor=query.cursor)
+    page = services().imports.list(
+        limit=page_limit(query.limit, services().settings), cursor=query.cursor
+    )
     return ClientImportPage(
         items=[import_summary(job) for job in page.items], next_cursor=page.next_cursor
     )

@@ -58,7 +58,9 @@ def create_mailing(body: MailingCreate) -> MailingOut:
 )
 def list_mailings(query: PageQuery) -> MailingPage:
     """Mailings a page at a time, newest first, each with its message counts."""
-    page = services().mailings.list(limit=page_limit(query.limit), cursor=query.cursor)
+    page = services().mailings.list(
+        limit=page_limit(query.limit, services().settings), cursor=query.cursor
+    )
     return MailingPage(items=[mailing_out(m) for m in page.items], next_cursor=page.next_cursor)
 
 
@@ -190,7 +192,10 @@ def retry_failed(mailing_id: str) -> RetryFailedOut:
 def mailing_stats(mailing_id: str, query: MessageListQuery) -> MailingStatsOut:
     """Message counts by status and the mailing's messages, a page at a time."""
     mailing, page = services().mailings.messages(
-        mailing_id, status=query.status, limit=page_limit(query.limit), cursor=query.cursor
+        mailing_id,
+        status=query.status,
+        limit=page_limit(query.limit, services().settings),
+        cursor=query.cursor,
     )
     return MailingStatsOut(
         mailing_id=mailing.id,

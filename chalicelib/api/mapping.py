@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from chalicelib import domain
-from chalicelib.container import services
 from chalicelib.domain import MessageStatus
 from chalicelib.domain.rate_limit import GatewayStatus
 from chalicelib.schemas import (
@@ -19,6 +18,7 @@ from chalicelib.schemas import (
     GatewayStatusOut,
     MailingCreate,
     MailingOut,
+    MailingPatch,
     MailingSummary,
     MessageOut,
     MessageStats,
@@ -26,11 +26,11 @@ from chalicelib.schemas import (
 )
 from chalicelib.services.clients import ClientFields
 from chalicelib.services.mailings import MailingFields
+from chalicelib.settings import Settings
 
 
-def page_limit(requested: int | None) -> int:
+def page_limit(requested: int | None, settings: Settings) -> int:
     """The page size: the default when absent, capped at the configured maximum."""
-    settings = services().settings
     return min(requested or settings.default_page_size, settings.max_page_size)
 
 
@@ -79,7 +79,7 @@ def mailing_fields(body: MailingCreate) -> MailingFields:
     )
 
 
-def mailing_changes(patch: Any) -> dict[str, Any]:
+def mailing_changes(patch: MailingPatch) -> dict[str, Any]:
     """A PATCH body as keyword changes of MailingFields (only the fields that were sent)."""
     sent = patch.model_fields_set
     changes: dict[str, Any] = {}

@@ -22,7 +22,7 @@ api = ApiBlueprint(__name__, "statistics", authorizer=bearer_auth)
 def overall_stats(query: PageQuery) -> OverallStats:
     """Number of mailings, message counts by status overall, and a page of per-mailing counts."""
     count, totals, page = services().mailings.overview(
-        limit=page_limit(query.limit), cursor=query.cursor
+        limit=page_limit(query.limit, services().settings), cursor=query.cursor
     )
     return OverallStats(
         mailings=count,

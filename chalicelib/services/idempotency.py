@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from pynamodb.exceptions import DeleteError, PutError, UpdateError
-
+from chalicelib.domain.idempotency import Claim, KeyClaim, SavedResponse
 from chalicelib.errors import IdempotencyKeyReused, RequestInProgress
-from chalicelib.storage.errors import is_conditional_failure
-from chalicelib.storage.models import Models
+from chalicelib.storage.idempotency import IdempotencyKeys
+
+__all__ = ["CLAIM_SECONDS", "Claim", "IdempotencyStore", "SavedResponse"]
 
 # Longer than API Gateway's 29 s integration timeout: a claim older than this belongs to a run
 # that died (its Lambda timed out), so a retry may take the key over instead of waiting a day.
@@ -25,28 +24,13 @@ CLAIM_SECONDS = 60
 _SCOPE_SEPARATOR = "\x1f"
 
 
-@dataclass(frozen=True)
-class SavedResponse:
-    """The first response to a request with a key, as replayed."""
-
-    status: int
-    body: str
-    content_type: str | None
-
-
-@dataclass(frozen=True)
-class Claim:
-    """The right to run the request once and save its response."""
-
-    scope: str
-    attempt: str
-
-
 class IdempotencyStore:
     """Claims keys, saves first responses and finds them again."""
 
-    def __init__(self, models: Models, clock: Callable[[], datetime], ttl: timedelta) -> None:
-        self._record = models.IdempotencyRecord
+    def __init__(
+        self, keys: IdempotencyKeys, clock: Callable[[], datetime], ttl: timedelta
+    ) -> None:
+        self._keys = keys
         self._clock = clock
         self._ttl = ttl
 
@@ -56,31 +40,19 @@ class IdempotencyStore:
         Raises IdempotencyKeyReused for another request under the key, RequestInProgress while
         the first one runs.
         """
-        record = self._record
         scope = f"{caller}{_SCOPE_SEPARATOR}{key}"
         now = self._clock()
-        item = record(
+        claim = KeyClaim(
             scope,
             fingerprint=fingerprint,
             attempt=uuid.uuid4().hex,
             claimed_until=now + timedelta(seconds=CLAIM_SECONDS),
             expires_at=now + self._ttl,
         )
-        abandoned = (
-            record.response_status.does_not_exist()
-            & (record.claimed_until < now)
-            & (record.fingerprint == fingerprint)
-        )
-        try:
-            item.save(record.scope.does_not_exist() | (record.expires_at < now) | abandoned)
-            return Claim(scope, item.attempt)
-        except PutError as exc:
-            if not is_conditional_failure(exc):
-                raise
-        try:
-            first = record.get(scope, consistent_read=True)
-        except record.DoesNotExist:
-            first = None  # given back (its run failed) since our put: that run is not over
+        if self._keys.claim(claim, now):
+            return Claim(scope, claim.attempt)
+        # Gone again since our claim failed: given back (its run failed), that run is not over.
+        first = self._keys.find(scope)
         if first is None:
             raise self._in_progress()
         if first.fingerprint != fingerprint:
@@ -95,11 +67,9 @@ class IdempotencyStore:
                     }
                 ],
             )
-        if first.response_status is None:
+        if first.response is None:
             raise self._in_progress()
-        return SavedResponse(
-            first.response_status, first.response_body or "", first.response_content_type
-        )
+        return first.response
 
     @staticmethod
     def _in_progress() -> RequestInProgress:
@@ -110,25 +80,8 @@ class IdempotencyStore:
 
     def save(self, claim: Claim, response: SavedResponse) -> None:
         """Keep the response for replays (unless the claim was lost meanwhile)."""
-        record = self._record
-        try:
-            record(claim.scope).update(
-                actions=[
-                    record.response_status.set(response.status),
-                    record.response_body.set(response.body),
-                    record.response_content_type.set(response.content_type),
-                ],
-                condition=record.attempt == claim.attempt,
-            )
-        except UpdateError as exc:
-            if not is_conditional_failure(exc):
-                raise
+        self._keys.save_response(claim.scope, claim.attempt, response)
 
     def release(self, claim: Claim) -> None:
         """Give the key back: the request failed on our side and may be sent again."""
-        record = self._record
-        try:
-            record(claim.scope).delete(condition=record.attempt == claim.attempt)
-        except DeleteError as exc:
-            if not is_conditional_failure(exc):
-                raise
+        self._keys.release(claim.scope, claim.attempt)

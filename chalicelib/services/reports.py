@@ -1,8 +1,7 @@
 """The daily statistics e-mail: the mailings active in the last 24 hours, with their figures.
 
-Sent through SES as one MIME message with a plain-text and an HTML part. With
-REPORT_OUTBOX_DIR set (the local stack sets it), each e-mail is also written to that folder as
-an `.eml` file and an `.html` file, so it can be read without any mail server.
+Sent as one MIME message with a plain-text and an HTML part to each of the service's report
+sinks, in order: SES in AWS; the local stack adds a folder of readable copies (devstack/outbox.py).
 """
 
 from __future__ import annotations
@@ -10,12 +9,12 @@ from __future__ import annotations
 import html
 import logging
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from chalicelib.domain import Clock, Mailing, MailingStatus, MessageCounts
 from chalicelib.errors import Conflict
@@ -51,8 +50,8 @@ class DailyReport:
     until: datetime
     rows: list[ReportRow]
     recipients: tuple[str, ...] = ()
+    # The id the first sink that names its e-mails (SES) gave this one.
     message_id: str | None = None
-    outbox_files: list[str] = field(default_factory=list)
 
     @property
     def totals(self) -> MessageCounts:
@@ -178,16 +177,53 @@ def was_active(mailing: Mailing, since: datetime, until: datetime) -> bool:
     return not (mailing.status is MailingStatus.CANCELLED and mailing.counts.total == 0)
 
 
+class ReportSink(Protocol):
+    """Where a report's e-mail goes."""
+
+    def deliver(self, report: DailyReport, email: bytes) -> str | None:
+        """Deliver `email` (the report as MIME bytes); the id it was given, if any."""
+        ...
+
+
+class RawEmailSender(Protocol):
+    """What the SES sink needs of an SES client."""
+
+    def send_raw_email(
+        self, *, Source: str, Destinations: list[str], RawMessage: Mapping[str, bytes]
+    ) -> Mapping[str, object]: ...
+
+
+class SesReportSink:
+    """E-mails the report through SES, from REPORT_SENDER to REPORT_RECIPIENTS."""
+
+    def __init__(self, ses: RawEmailSender, sender: str) -> None:
+        self._ses = ses
+        self._sender = sender
+
+    def deliver(self, report: DailyReport, email: bytes) -> str | None:
+        answer = self._ses.send_raw_email(
+            Source=self._sender,
+            Destinations=list(report.recipients),
+            RawMessage={"Data": email},
+        )
+        message_id = answer.get("MessageId")
+        return message_id if isinstance(message_id, str) else None
+
+
 class ReportService:
-    """Builds the daily report from the mailings' counters and sends it."""
+    """Builds the daily report from the mailings' counters and sends it to its sinks."""
 
     def __init__(
-        self, mailings: MailingService, settings: Settings, clock: Clock, ses: Any
+        self,
+        mailings: MailingService,
+        settings: Settings,
+        clock: Clock,
+        sinks: Sequence[ReportSink],
     ) -> None:
         self._mailings = mailings
         self._settings = settings
         self._clock = clock
-        self._ses = ses
+        self._sinks = tuple(sinks)
 
     def build(self, until: datetime | None = None) -> DailyReport:
         until = until or self._clock()
@@ -212,16 +248,11 @@ class ReportService:
                 )
             logger.warning("daily report not sent: REPORT_RECIPIENTS is not set")
             return report
-        message = report.mime(settings.report_sender)
-        raw = message.as_bytes()
-        answer = self._ses.send_raw_email(
-            Source=settings.report_sender,
-            Destinations=list(settings.report_recipients),
-            RawMessage={"Data": raw},
-        )
-        report.message_id = answer.get("MessageId")
-        if settings.report_outbox_dir:
-            report.outbox_files = self._write_outbox(report, raw)
+        email = report.mime(settings.report_sender).as_bytes()
+        for sink in self._sinks:
+            # In order, so a later sink (the local outbox) names its copy after SES's id.
+            given = sink.deliver(report, email)
+            report.message_id = report.message_id or given
         logger.info(
             "daily report sent",
             extra={
@@ -231,14 +262,3 @@ class ReportService:
             },
         )
         return report
-
-    def _write_outbox(self, report: DailyReport, raw: bytes) -> list[str]:
-        folder = Path(self._settings.report_outbox_dir or ".")
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = f"daily-report-{report.until:%Y%m%dT%H%M%S}-{report.message_id or 'unsent'}"
-        stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem)
-        eml, page = folder / f"{stem}.eml", folder / f"{stem}.html"
-        eml.write_bytes(raw)
-        page.write_text(report.html(), encoding="utf-8")
-        logger.info("daily report written to the outbox: %s", eml)
-        return [str(eml), str(page)]

@@ -20,7 +20,8 @@ from app import app
 from chalicelib import logs
 from chalicelib.api.http import OPERATIONS, Operation
 from chalicelib.auth import LoadedTokenVerifier
-from chalicelib.container import Services, api_tokens_from_secret, use_services
+from chalicelib.container import Services, use_services
+from chalicelib.secrets import Secrets
 from chalicelib.settings import Settings, get_settings
 from chalicelib.storage.models import create_tables
 from tests.conftest import API_TOKEN, AUTH, Api, FakeClock
@@ -430,7 +431,7 @@ def test_a_secret_created_after_the_deploy_is_picked_up_without_a_cold_start(
     settings = secret_settings(name)
     seconds = [0.0]
     verifier = LoadedTokenVerifier(
-        lambda: api_tokens_from_secret(settings), clock=lambda: seconds[0], retry_seconds=30
+        Secrets(settings).api_tokens, clock=lambda: seconds[0], retry_seconds=30
     )
     services = replace(Services.build(settings, clock=clock), verifier=verifier)
 
@@ -465,7 +466,7 @@ def test_a_token_removed_from_the_secret_is_refused_after_the_refresh_interval(
     settings = secret_settings(arn)
     seconds = [0.0]
     verifier = LoadedTokenVerifier(
-        lambda: api_tokens_from_secret(settings),
+        Secrets(settings).api_tokens,
         clock=lambda: seconds[0],
         refresh_seconds=settings.api_tokens_refresh_seconds,
     )

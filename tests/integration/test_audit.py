@@ -189,11 +189,15 @@ def test_entries_expire_after_the_retention_period(api, services, clock):
 def test_a_failed_audit_write_does_not_fail_the_users_write(api, services, clock, caplog):
     from chalicelib.metrics import MetricsWriter
     from chalicelib.services.audit import AuditLog
+    from chalicelib.storage.audit import DynamoAuditTrail
 
     # Given the audit table is gone, and the audit log's metrics are watched
     emf: list[str] = []
     services.audit = AuditLog(
-        services.models, clock, 365, MetricsWriter(services.settings, emf.append)
+        trail=DynamoAuditTrail(services.models.AuditEntry),
+        clock=clock,
+        retention_days=365,
+        metrics=MetricsWriter(services.settings, emf.append),
     )
     services.models.AuditEntry.delete_table()
 

@@ -536,14 +536,14 @@ def test_an_unusable_secret_is_a_settings_error_naming_the_variable(aws, stored,
     a settings error naming SENDER_API_TOKEN_SECRET_ID and the problem."""
     import boto3
 
-    from chalicelib.container import gateway_token
+    from chalicelib.secrets import Secrets
     from chalicelib.settings import Settings, SettingsError
 
     client = boto3.client("secretsmanager", region_name="us-east-1")
     arn = client.create_secret(Name="sms-test/bad", SecretString=stored)["ARN"]
     settings = Settings(sender_api_token_secret_id=arn)
     with pytest.raises(SettingsError, match=f"SENDER_API_TOKEN_SECRET_ID: .*{re.escape(problem)}"):
-        gateway_token(settings)
+        Secrets(settings).gateway_token()
 
 
 def test_a_plain_secret_is_the_token(aws):
@@ -551,12 +551,12 @@ def test_a_plain_secret_is_the_token(aws):
     string, trimmed."""
     import boto3
 
-    from chalicelib.container import gateway_token
+    from chalicelib.secrets import Secrets
     from chalicelib.settings import Settings
 
     client = boto3.client("secretsmanager", region_name="us-east-1")
     arn = client.create_secret(Name="sms-test/plain", SecretString=" plain-token-1234 \n")["ARN"]
-    token = gateway_token(Settings(sender_api_token_secret_id=arn))
+    token = Secrets(Settings(sender_api_token_secret_id=arn)).gateway_token()
     assert token is not None
     assert token.get_secret_value() == "plain-token-1234"
 

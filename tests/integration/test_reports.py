@@ -20,14 +20,13 @@ ACCOUNT = "123456789012"  # moto's default account
 
 
 @pytest.fixture
-def settings(monkeypatch: pytest.MonkeyPatch, request, tmp_path):
+def settings(monkeypatch: pytest.MonkeyPatch, request):
     monkeypatch.setenv("API_TOKENS", API_TOKEN)
     values = dict(
         table_prefix="sms-test",
         api_tokens=(API_TOKEN,),
         report_sender=SENDER,
         report_recipients=RECIPIENTS,
-        report_outbox_dir=str(tmp_path / "outbox"),
     )
     values.update(getattr(request, "param", {}))
     return Settings(**values)
@@ -185,13 +184,21 @@ def test_daily_report_email_figures_equal_the_stored_data(api, ses, mailings, se
     assert "2 mailing(s), 100 sent, 8 failed, 4 expired" in subject
 
 
-def test_the_local_outbox_keeps_a_copy_of_each_email(api, ses, mailings, settings):
-    """Given a local outbox folder, when the daily report is sent, then the folder holds the email
-    and its HTML, matching what SES sent."""
-    api.post("/reports/daily")
-    from pathlib import Path
+def test_the_local_outbox_keeps_a_copy_of_each_email(api, ses, mailings, services, clock, tmp_path):
+    from chalicelib.container import Services, use_services
+    from devstack.outbox import ReportOutbox
 
-    files = sorted(Path(settings.report_outbox_dir).iterdir())
+    # Given the services as the local stack wires them: SES, then its outbox folder
+    outbox = tmp_path / "outbox"
+    use_services(
+        Services.build(services.settings, clock=clock, report_sinks=[ReportOutbox(outbox)])
+    )
+
+    # When an operator asks for the report
+    api.post("/reports/daily")
+
+    # Then the outbox holds a readable copy of the e-mail SES sent
+    files = sorted(outbox.iterdir())
     assert [f.suffix for f in files] == [".eml", ".html"]
     saved = email.message_from_bytes(files[0].read_bytes())
     assert saved["Subject"] == sent_mail()[0]["Subject"]

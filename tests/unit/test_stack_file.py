@@ -26,6 +26,7 @@ def stack_environ(path: Path) -> dict[str, str]:
         "SEND_QUEUE_URL": f"{EMULATOR}/123456789012/sms-local-send",
         "API_TOKENS": "run-token-abcdefghijklmnop",
         "LOG_FORMAT": "text",
+        "REPORT_OUTBOX_DIR": "/work/build/outbox",
         "HOME": "/home/someone",  # not the service's: stays out of the file
     }
 
@@ -53,6 +54,8 @@ def test_chalice_local_gets_the_stacks_endpoint_tables_queues_and_token(tmp_path
     assert environ["SEND_QUEUE_URL"].endswith("/sms-local-send")
     assert environ["API_TOKENS"] == "run-token-abcdefghijklmnop"
     assert environ["LOG_FORMAT"] == "text"
+    # And its daily reports go to the stack's outbox too
+    assert environ["REPORT_OUTBOX_DIR"] == "/work/build/outbox"
     assert "AWS_PROFILE" not in environ
     assert "HOME" not in environ
     # And the stage chalice local runs keeps its own name
