@@ -16,6 +16,7 @@ from pynamodb.exceptions import DoesNotExist, UpdateError
 
 from chalicelib.domain import (
     MAILING_HORIZON,
+    Action,
     AudienceFilter,
     Clock,
     Mailing,
@@ -26,6 +27,7 @@ from chalicelib.domain import (
     PageOf,
     SendWindow,
 )
+from chalicelib.domain.mailing import audience_frozen, may_have_fanned_out, transition
 from chalicelib.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from chalicelib.pagination import Segment, fingerprint, index_query, paginate
 from chalicelib.services.messages import MessageStore
@@ -126,15 +128,15 @@ class MailingService:
         """Stop sending; messages not yet sent become `cancelled`, statistics stay."""
         Mailing = self._models.Mailing
         item = self._load(mailing_id)
-        if item.status == MailingStatus.CANCELLED.value:
+        status = MailingStatus(item.status)
+        target = transition(mailing_id, status, Action.CANCEL)
+        if target is status:
             return self._to_domain(item)
-        if item.status == MailingStatus.FINISHED.value:
-            raise Conflict(f"mailing {mailing_id} has finished; there is nothing left to cancel")
         actions = [
-            Mailing.status.set(MailingStatus.CANCELLED.value),
+            Mailing.status.set(target.value),
             Mailing.updated_at.set(self._clock()),
         ]
-        started = item.status in (MailingStatus.RUNNING.value, MailingStatus.PAUSED.value)
+        started = may_have_fanned_out(status)
         if not started:
             # Nothing was created yet: no sweep needed, and it never needs the scheduler again.
             actions.append(Mailing.due_key.remove())
@@ -153,11 +155,10 @@ class MailingService:
         """Stop sending (jobs wait, no attempt spent) until `resume`; idempotent."""
         item = self._load(mailing_id)
         status = MailingStatus(item.status)
-        if status is MailingStatus.PAUSED:
+        target = transition(mailing_id, status, Action.PAUSE)
+        if target is status:
             return self._to_domain(item)
-        if status not in (MailingStatus.SCHEDULED, MailingStatus.RUNNING):
-            raise Conflict(f"mailing {mailing_id} is {status.value}; there is nothing to pause")
-        self._set_status(item, status, MailingStatus.PAUSED)
+        self._set_status(item, status, target)
         logger.info("mailing paused", extra={"mailing_id": mailing_id})
         return self._to_domain(item)
 
@@ -165,10 +166,8 @@ class MailingService:
         """Continue a paused mailing where it stopped; jobs waiting come back within seconds."""
         item = self._load(mailing_id)
         status = MailingStatus(item.status)
-        if status is not MailingStatus.PAUSED:
-            raise Conflict(f"mailing {mailing_id} is {status.value}, not paused")
         started = item.start_at <= self._clock()
-        target = MailingStatus.RUNNING if started else MailingStatus.SCHEDULED
+        target = transition(mailing_id, status, Action.RESUME, started=started)
         self._set_status(item, status, target)
         logger.info("mailing resumed", extra={"mailing_id": mailing_id})
         if started:
@@ -188,12 +187,11 @@ class MailingService:
         caller gets ServiceUnavailable saying so."""
         item = self._load(mailing_id)
         status = MailingStatus(item.status)
-        if status is MailingStatus.CANCELLED:
-            raise Conflict(f"mailing {mailing_id} is cancelled; nothing is sent any more")
+        # A finished mailing runs again: the requeue's transaction reopens it.
+        reopen = transition(mailing_id, status, Action.RETRY_FAILED) is not status
         if self._clock() >= item.end_at:
             raise Conflict(f"mailing {mailing_id} has ended; failed messages can no longer go")
         started, queued, after = time.monotonic(), 0, None
-        reopen = status is MailingStatus.FINISHED
         while time.monotonic() - started < budget_seconds:
             page = self._messages.with_status(
                 mailing_id, MessageStatus.FAILED, RETRY_PAGE, after=after
@@ -448,11 +446,8 @@ class MailingService:
 
     def _check_editable(self, item: Any, fields: MailingFields) -> None:
         status = MailingStatus(item.status)
-        if status in (MailingStatus.FINISHED, MailingStatus.CANCELLED):
-            raise Conflict(f"mailing {item.mailing_id} is {status.value}; it can no longer change")
-        if status is MailingStatus.RUNNING or (
-            status is MailingStatus.PAUSED and item.start_at <= self._clock()
-        ):
+        transition(item.mailing_id, status, Action.EDIT)
+        if audience_frozen(status, item.start_at, self._clock()):
             current = self._fields_of(item)
             frozen = [
                 name

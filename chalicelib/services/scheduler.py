@@ -31,7 +31,8 @@ from pynamodb.connection import Connection
 from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.domain import AudienceFilter, Clock, MailingStatus, MessageStatus
+from chalicelib.domain import Action, AudienceFilter, Clock, MailingStatus, MessageStatus
+from chalicelib.domain.mailing import allows, may_finish, moves, pending_become, transition
 from chalicelib.metrics import MetricsWriter
 from chalicelib.pagination import Position, decode_cursor, encode_cursor, fingerprint, read_page
 from chalicelib.services.clients import ClientDirectory
@@ -193,9 +194,11 @@ class Scheduler:
         if not self._take_lease(item, owner, remaining):
             return progress
         log = {"mailing_id": item.mailing_id}
+        status = MailingStatus(item.status)
         try:
-            if item.status == MailingStatus.CANCELLED.value:
-                cancelled, left = self._sweep(item, MessageStatus.CANCELLED, remaining)
+            cancelled_as = pending_become(status, ended=False)
+            if cancelled_as is not None:
+                cancelled, left = self._sweep(item, cancelled_as, remaining)
                 progress.cancelled += cancelled
                 if left:
                     progress.continued.append(item.mailing_id)
@@ -208,21 +211,20 @@ class Scheduler:
                     if self._clock() >= item.end_at:
                         # The end came before the audience was walked: nobody else is added.
                         self._mark_fanout_done(item, owner, remaining)
-                    elif item.status == MailingStatus.PAUSED.value:
+                    elif not allows(status, Action.FAN_OUT):
                         return progress  # resume kicks it; the end is still watched by ticks
                     elif not self._timed_fan_out(item, owner, remaining, progress):
                         progress.continued.append(item.mailing_id)
                         return progress
-                if self._clock() >= item.end_at:
-                    expired, left = self._sweep(item, MessageStatus.EXPIRED, remaining)
+                expired_as = pending_become(status, ended=self._clock() >= item.end_at)
+                if expired_as is not None:
+                    expired, left = self._sweep(item, expired_as, remaining)
                     progress.expired += expired
                     if left:
                         progress.continued.append(item.mailing_id)
                         return progress
                 elif (
-                    walked
-                    and item.status == MailingStatus.RUNNING.value
-                    and int(item.count_pending or 0) > 0
+                    walked and allows(status, Action.RECONCILE) and int(item.count_pending or 0) > 0
                 ):
                     run = self._reconciler.run(item, owner, remaining)
                     progress.requeued += run.requeued
@@ -254,17 +256,18 @@ class Scheduler:
             Mailing.lease_owner.set(owner),
             Mailing.lease_until.set(now + timedelta(seconds=self._settings.lease_seconds)),
         ]
-        starting = item.status == MailingStatus.SCHEDULED.value
+        current = MailingStatus(item.status)
+        starting = moves(current, Action.START)
         # Ours already: a retried write whose first try was applied after all (a 500).
         condition = Mailing.due_key.exists() & (
             Mailing.lease_until.does_not_exist()
             | (Mailing.lease_until < now)
             | (Mailing.lease_owner == owner)
         )
-        if starting:
-            actions.append(Mailing.status.set(MailingStatus.RUNNING.value))
+        if starting is not None:
+            actions.append(Mailing.status.set(starting.value))
             # A pause or cancel that lands meanwhile wins; the next tick sees it.
-            condition &= Mailing.status == MailingStatus.SCHEDULED.value
+            condition &= Mailing.status == current.value
         try:
             self._retry(
                 lambda: item.update(actions=actions, condition=condition),
@@ -276,7 +279,7 @@ class Scheduler:
             if is_conditional_failure(exc):
                 return False
             raise
-        if starting:
+        if starting is not None:
             logger.info("mailing started", extra={"mailing_id": item.mailing_id})
         return True
 
@@ -498,15 +501,11 @@ class Scheduler:
             item = Mailing.get(mailing_id, consistent_read=True)
         except DoesNotExist:
             return False  # deleted while we worked on it
-        if not item.fanout_done and item.status != MailingStatus.CANCELLED.value:
+        status = MailingStatus(item.status)
+        pending = int(item.count_pending or 0)
+        if not may_finish(status, fanout_done=bool(item.fanout_done), pending=pending):
             return False
-        if int(item.count_pending or 0) > 0:
-            return False
-        final = (
-            MailingStatus.CANCELLED
-            if item.status == MailingStatus.CANCELLED.value
-            else MailingStatus.FINISHED
-        )
+        final = transition(mailing_id, status, Action.FINISH)
         try:
             self._retry(
                 lambda: item.update(
