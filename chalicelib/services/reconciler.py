@@ -73,16 +73,6 @@ def counters_mark(item: Any) -> str:
     return ":".join(str(int(getattr(item, f"count_{s.value}") or 0)) for s in MessageStatus)
 
 
-def open_throughout(window: SendWindow, zone: ZoneInfo, since: datetime, until: datetime) -> bool:
-    """Whether the window was open in `zone` at every minute from `since` to `until`."""
-    moment = since
-    while moment < until:
-        if not window.contains(moment.astimezone(zone).timetz()):
-            return False
-        moment += timedelta(minutes=1)
-    return window.contains(until.astimezone(zone).timetz())
-
-
 class Reconciler:
     """Finds the pending messages of one mailing that no job will ever send, and queues them."""
 
@@ -187,7 +177,7 @@ class Reconciler:
             except (KeyError, ValueError, ZoneInfoNotFoundError):
                 kept.append((client_id, message_id))  # the sender settles a missing client
                 continue
-            if open_throughout(window, zone, since, now):
+            if window.open_throughout(zone, since, now):
                 kept.append((client_id, message_id))
         return kept
 
