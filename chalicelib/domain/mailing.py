@@ -14,7 +14,7 @@ from enum import StrEnum
 
 from chalicelib.domain.audience import AudienceFilter
 from chalicelib.domain.send_window import SendWindow
-from chalicelib.errors import Conflict
+from chalicelib.errors import Conflict, NotFound
 
 # How far ahead of now a mailing may start or end. Dates beyond it are mistakes (year 9999), and
 # arithmetic on them overflows in every later scheduler tick.
@@ -220,6 +220,22 @@ class MessageCounts:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """The scheduler's bookkeeping on a mailing (never shown to callers)."""
+
+    # On the due index: its audience still has to be walked, or it has not finished yet.
+    due: bool = False
+    # Where the fan-out stopped last (an opaque audience cursor); None before it starts.
+    fanout_cursor: str | None = None
+    fanout_done: bool = False
+    # The reconciler: the counters as last seen, since when they have not moved, and where a
+    # pass over the pending messages stands (a message id).
+    quiet_mark: str | None = None
+    quiet_since: datetime | None = None
+    reconcile_after: int | None = None
+
+
+@dataclass(frozen=True)
 class Mailing:
     id: str
     text: str
@@ -231,6 +247,28 @@ class Mailing:
     counts: MessageCounts
     created_at: datetime
     updated_at: datetime
+    schedule: Schedule = Schedule()
+
+    def started(self, now: datetime) -> bool:
+        """Whether its start has come."""
+        return self.start_at <= now
+
+    def ended(self, now: datetime) -> bool:
+        """Whether its end has come: nothing may be sent any more."""
+        return now >= self.end_at
+
+
+class MailingNotFound(NotFound):
+    """No mailing has this id (HTTP 404 when a caller asked)."""
+
+    def __init__(self, mailing_id: str) -> None:
+        super().__init__(f"mailing {mailing_id} not found")
+        self.mailing_id = mailing_id
+
+
+class MailingChanged(Exception):
+    """A conditional write found the mailing other than expected: another request or worker
+    changed it meanwhile, holds its lease, or it is gone. An answer, never worth a retry."""
 
 
 @dataclass(frozen=True)
