@@ -35,6 +35,7 @@ from chalicelib.storage.errors import PATIENT
 from chalicelib.storage.gateway_limits import DynamoGatewayLimits
 from chalicelib.storage.idempotency import DynamoIdempotencyKeys
 from chalicelib.storage.imports import DynamoImportRepository
+from chalicelib.storage.mailings import DynamoMailingRepository
 from chalicelib.storage.messages import DynamoMessageRepository
 from chalicelib.storage.models import Models, build_models
 
@@ -141,12 +142,14 @@ class Services:
             sleep=lambda seconds: wait_until(clock() + timedelta(seconds=seconds)),
             rng=rng or random.Random(),
         )
+        mailing_records = DynamoMailingRepository(models, connection)
         mailings = MailingService(
             models=models,
             clock=clock,
             queues=queues,
             messages=messages,
             jobs_per_message=settings.jobs_per_message,
+            mailings=mailing_records,
             retry=writes,
         )
         metrics = MetricsWriter(settings=settings, write=write_metrics)
@@ -174,14 +177,13 @@ class Services:
             messages=messages,
             queues=queues,
             scheduler=Scheduler(
-                models=models,
-                connection=connection,
                 clients=clients,
                 messages=messages,
                 queues=queues,
                 settings=settings,
                 clock=clock,
                 metrics=metrics,
+                mailings=mailing_records,
                 retry=writes,
             ),
             sender=Sender(

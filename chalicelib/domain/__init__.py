@@ -9,11 +9,13 @@ from chalicelib.domain.client_import import ClientImport, ImportStatus, RowProbl
 from chalicelib.domain.clock import Clock
 from chalicelib.domain.mailing import (
     MAILING_HORIZON,
+    Action,
     Mailing,
     MailingStatus,
     Message,
     MessageCounts,
     MessageStatus,
+    TransitionRefused,
 )
 from chalicelib.domain.paging import PageOf
 from chalicelib.domain.send_window import SendWindow
@@ -22,6 +24,7 @@ from chalicelib.domain.text import PLACEHOLDERS, render, template_problems
 __all__ = [
     "MAILING_HORIZON",
     "PLACEHOLDERS",
+    "Action",
     "AudienceFilter",
     "Client",
     "ClientImport",
@@ -35,6 +38,7 @@ __all__ = [
     "PageOf",
     "RowProblem",
     "SendWindow",
+    "TransitionRefused",
     "default_operator_code",
     "render",
     "template_problems",

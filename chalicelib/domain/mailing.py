@@ -1,13 +1,20 @@
-"""A mailing and its messages: statuses, counters and the horizon of its dates."""
+"""A mailing and its messages: statuses, the lifecycle, counters and the horizon of its dates.
+
+The lifecycle is one table, `LIFECYCLE`: for each status and each thing that can happen to a
+mailing, the status it moves to or why it is refused. The services ask `transition` (and the few
+predicates below, read off the same rules) instead of comparing statuses themselves.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
 from chalicelib.domain.audience import AudienceFilter
 from chalicelib.domain.send_window import SendWindow
+from chalicelib.errors import Conflict, NotFound
 
 # How far ahead of now a mailing may start or end. Dates beyond it are mistakes (year 9999), and
 # arithmetic on them overflows in every later scheduler tick.
@@ -29,6 +36,165 @@ class MailingStatus(StrEnum):
     PAUSED = "paused"
     FINISHED = "finished"
     CANCELLED = "cancelled"
+
+
+class Action(StrEnum):
+    """What can happen to a mailing, from a caller or from the scheduler."""
+
+    START = "start"  # the scheduler takes a due mailing's lease; a scheduled one starts running
+    FAN_OUT = "fan_out"  # its audience is walked and the messages created
+    PAUSE = "pause"
+    RESUME = "resume"
+    CANCEL = "cancel"
+    EDIT = "edit"
+    RETRY_FAILED = "retry_failed"  # its failed messages go again; a finished one runs again
+    EXPIRE = "expire"  # its end passed: the messages still pending expire
+    RECONCILE = "reconcile"  # pending messages whose job was lost are queued again
+    FINISH = "finish"  # nothing is pending and the audience was walked (or it was cancelled)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The action is refused in this status; `reason` may name `{id}` and `{status}`."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ByStart:
+    """The next status depends on whether the mailing's start has come."""
+
+    before: MailingStatus
+    after: MailingStatus
+
+
+Next = MailingStatus | ByStart | Refused
+
+_S = MailingStatus
+_CHANGES_NO_MORE = Refused("mailing {id} is {status}; it can no longer change")
+_NOT_SENDING = Refused("mailing {id} is {status}; nothing is sent any more")
+
+LIFECYCLE: Mapping[tuple[MailingStatus, Action], Next] = {
+    # scheduled: created, its start not yet taken up by the scheduler
+    (_S.SCHEDULED, Action.START): _S.RUNNING,
+    (_S.SCHEDULED, Action.FAN_OUT): _S.RUNNING,
+    (_S.SCHEDULED, Action.PAUSE): _S.PAUSED,
+    (_S.SCHEDULED, Action.RESUME): Refused("mailing {id} is {status}, not paused"),
+    (_S.SCHEDULED, Action.CANCEL): _S.CANCELLED,
+    (_S.SCHEDULED, Action.EDIT): _S.SCHEDULED,
+    (_S.SCHEDULED, Action.RETRY_FAILED): _S.SCHEDULED,
+    (_S.SCHEDULED, Action.EXPIRE): _S.SCHEDULED,
+    (_S.SCHEDULED, Action.RECONCILE): Refused("mailing {id} is {status}; no job was queued yet"),
+    (_S.SCHEDULED, Action.FINISH): _S.FINISHED,
+    # running: its fan-out has begun
+    (_S.RUNNING, Action.START): _S.RUNNING,
+    (_S.RUNNING, Action.FAN_OUT): _S.RUNNING,
+    (_S.RUNNING, Action.PAUSE): _S.PAUSED,
+    (_S.RUNNING, Action.RESUME): Refused("mailing {id} is {status}, not paused"),
+    (_S.RUNNING, Action.CANCEL): _S.CANCELLED,
+    (_S.RUNNING, Action.EDIT): _S.RUNNING,
+    (_S.RUNNING, Action.RETRY_FAILED): _S.RUNNING,
+    (_S.RUNNING, Action.EXPIRE): _S.RUNNING,
+    (_S.RUNNING, Action.RECONCILE): _S.RUNNING,
+    (_S.RUNNING, Action.FINISH): _S.FINISHED,
+    # paused: jobs wait (no attempt spent) until resume; the end is still watched
+    (_S.PAUSED, Action.START): _S.PAUSED,
+    (_S.PAUSED, Action.FAN_OUT): Refused("mailing {id} is {status}; resume continues it"),
+    (_S.PAUSED, Action.PAUSE): _S.PAUSED,
+    (_S.PAUSED, Action.RESUME): ByStart(before=_S.SCHEDULED, after=_S.RUNNING),
+    (_S.PAUSED, Action.CANCEL): _S.CANCELLED,
+    (_S.PAUSED, Action.EDIT): _S.PAUSED,
+    (_S.PAUSED, Action.RETRY_FAILED): _S.PAUSED,
+    (_S.PAUSED, Action.EXPIRE): _S.PAUSED,
+    (_S.PAUSED, Action.RECONCILE): Refused("mailing {id} is {status}; its jobs wait on purpose"),
+    (_S.PAUSED, Action.FINISH): _S.FINISHED,
+    # finished: every message settled; only retry-failed opens it again
+    (_S.FINISHED, Action.START): Refused("mailing {id} is {status}; it is no longer due"),
+    (_S.FINISHED, Action.FAN_OUT): Refused("mailing {id} is {status}; its audience was walked"),
+    (_S.FINISHED, Action.PAUSE): Refused("mailing {id} is {status}; there is nothing to pause"),
+    (_S.FINISHED, Action.RESUME): Refused("mailing {id} is {status}, not paused"),
+    (_S.FINISHED, Action.CANCEL): Refused(
+        "mailing {id} has finished; there is nothing left to cancel"
+    ),
+    (_S.FINISHED, Action.EDIT): _CHANGES_NO_MORE,
+    (_S.FINISHED, Action.RETRY_FAILED): _S.RUNNING,
+    (_S.FINISHED, Action.EXPIRE): _S.FINISHED,
+    (_S.FINISHED, Action.RECONCILE): Refused("mailing {id} is {status}; nothing is pending"),
+    (_S.FINISHED, Action.FINISH): _S.FINISHED,
+    # cancelled: its pending messages are cancelled (not expired), then it stays so for good
+    (_S.CANCELLED, Action.START): _S.CANCELLED,
+    (_S.CANCELLED, Action.FAN_OUT): _NOT_SENDING,
+    (_S.CANCELLED, Action.PAUSE): Refused("mailing {id} is {status}; there is nothing to pause"),
+    (_S.CANCELLED, Action.RESUME): Refused("mailing {id} is {status}, not paused"),
+    (_S.CANCELLED, Action.CANCEL): _S.CANCELLED,
+    (_S.CANCELLED, Action.EDIT): _CHANGES_NO_MORE,
+    (_S.CANCELLED, Action.RETRY_FAILED): Refused(
+        "mailing {id} is cancelled; nothing is sent any more"
+    ),
+    (_S.CANCELLED, Action.EXPIRE): Refused("mailing {id} is {status}; its messages are cancelled"),
+    (_S.CANCELLED, Action.RECONCILE): _NOT_SENDING,
+    (_S.CANCELLED, Action.FINISH): _S.CANCELLED,
+}
+
+
+class TransitionRefused(Conflict):
+    """The mailing's status does not allow the action (HTTP 409 when a caller asked)."""
+
+
+def allows(status: MailingStatus, action: Action) -> bool:
+    """Whether `action` may happen to a mailing in `status`."""
+    return not isinstance(LIFECYCLE[status, action], Refused)
+
+
+def transition(
+    mailing_id: str, status: MailingStatus, action: Action, *, started: bool = True
+) -> MailingStatus:
+    """The status `action` moves a mailing to (the same one when it changes nothing);
+    TransitionRefused when the status does not allow it. `started`: its start has come."""
+    step = LIFECYCLE[status, action]
+    if isinstance(step, Refused):
+        raise TransitionRefused(step.reason.format(id=mailing_id, status=status.value))
+    if isinstance(step, ByStart):
+        return step.after if started else step.before
+    return step
+
+
+def moves(status: MailingStatus, action: Action, *, started: bool = True) -> MailingStatus | None:
+    """The new status `action` moves a mailing to; None when it stays as it is or the action
+    is refused (the scheduler's view: it acts on what it finds, it never refuses a caller)."""
+    step = LIFECYCLE[status, action]
+    if isinstance(step, Refused):
+        return None
+    target = step if isinstance(step, MailingStatus) else (step.after if started else step.before)
+    return None if target is status else target
+
+
+def may_have_fanned_out(status: MailingStatus) -> bool:
+    """Whether messages may exist: cancelling it then needs a sweep of the pending ones (a
+    mailing paused before its start counts too, as it keeps its place on the due index)."""
+    return status in (MailingStatus.RUNNING, MailingStatus.PAUSED)
+
+
+def audience_frozen(status: MailingStatus, start_at: datetime, now: datetime) -> bool:
+    """Whether its start and audience can no longer change: sending has begun (or would have,
+    for a mailing paused after its start)."""
+    return status is MailingStatus.RUNNING or (status is MailingStatus.PAUSED and start_at <= now)
+
+
+def pending_become(status: MailingStatus, *, ended: bool) -> MessageStatus | None:
+    """What the mailing's unclaimed pending messages become now: cancelled once it is
+    cancelled, expired once its end passed; None while they may still be sent."""
+    if status is MailingStatus.CANCELLED:
+        return MessageStatus.CANCELLED
+    if ended:
+        return MessageStatus.EXPIRED
+    return None
+
+
+def may_finish(status: MailingStatus, *, fanout_done: bool, pending: int) -> bool:
+    """Whether nothing is left to do: no message pending, and the audience walked (a
+    cancelled mailing walks no more of it)."""
+    return pending == 0 and (fanout_done or status is MailingStatus.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -54,6 +220,22 @@ class MessageCounts:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """The scheduler's bookkeeping on a mailing (never shown to callers)."""
+
+    # On the due index: its audience still has to be walked, or it has not finished yet.
+    due: bool = False
+    # Where the fan-out stopped last (an opaque audience cursor); None before it starts.
+    fanout_cursor: str | None = None
+    fanout_done: bool = False
+    # The reconciler: the counters as last seen, since when they have not moved, and where a
+    # pass over the pending messages stands (a message id).
+    quiet_mark: str | None = None
+    quiet_since: datetime | None = None
+    reconcile_after: int | None = None
+
+
+@dataclass(frozen=True)
 class Mailing:
     id: str
     text: str
@@ -65,6 +247,28 @@ class Mailing:
     counts: MessageCounts
     created_at: datetime
     updated_at: datetime
+    schedule: Schedule = Schedule()
+
+    def started(self, now: datetime) -> bool:
+        """Whether its start has come."""
+        return self.start_at <= now
+
+    def ended(self, now: datetime) -> bool:
+        """Whether its end has come: nothing may be sent any more."""
+        return now >= self.end_at
+
+
+class MailingNotFound(NotFound):
+    """No mailing has this id (HTTP 404 when a caller asked)."""
+
+    def __init__(self, mailing_id: str) -> None:
+        super().__init__(f"mailing {mailing_id} not found")
+        self.mailing_id = mailing_id
+
+
+class MailingChanged(Exception):
+    """A conditional write found the mailing other than expected: another request or worker
+    changed it meanwhile, holds its lease, or it is gone. An answer, never worth a retry."""
 
 
 @dataclass(frozen=True)

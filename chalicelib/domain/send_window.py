@@ -34,6 +34,15 @@ class SendWindow:
                 return opening.astimezone(now.tzinfo)
         raise AssertionError("a daily window opens within two days")  # pragma: no cover
 
+    def open_throughout(self, zone: ZoneInfo, since: datetime, until: datetime) -> bool:
+        """Whether the window was open in `zone` at every minute from `since` to `until`."""
+        moment = since
+        while moment < until:
+            if not self.contains(moment.astimezone(zone).timetz()):
+                return False
+            moment += timedelta(minutes=1)
+        return self.contains(until.astimezone(zone).timetz())
+
     @staticmethod
     def parse(value: str) -> time:
         hours, minutes = value.split(":")

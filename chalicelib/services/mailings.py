@@ -7,15 +7,13 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
-
-from pynamodb.exceptions import DoesNotExist, UpdateError
 
 from chalicelib.domain import (
     MAILING_HORIZON,
+    Action,
     AudienceFilter,
     Clock,
     Mailing,
@@ -26,13 +24,22 @@ from chalicelib.domain import (
     PageOf,
     SendWindow,
 )
-from chalicelib.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
+from chalicelib.domain.mailing import (
+    MailingChanged,
+    MailingNotFound,
+    Schedule,
+    audience_frozen,
+    may_have_fanned_out,
+    transition,
+)
+from chalicelib.errors import Conflict, ServiceUnavailable, ValidationFailed
 from chalicelib.pagination import Segment, fingerprint, index_query, paginate
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
 from chalicelib.services.reconciler import LOST_JOB_AFTER
-from chalicelib.storage.errors import PATIENT, Retry, is_conditional_failure, looks_like_id
-from chalicelib.storage.models import DUE_KEY, MAILING_LISTING_KEY, Models, status_key
+from chalicelib.storage.errors import PATIENT, Retry, looks_like_id
+from chalicelib.storage.mailings import MailingRepository
+from chalicelib.storage.models import MessageRecord, Models, status_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +50,6 @@ TIMELINE_MAX_MESSAGES = 50_000
 RETRY_PAGE = 99
 # What a caller whose retry-failed could not queue its jobs is told to wait before asking again.
 RETRY_AFTER_SECONDS = 5
-_COUNTER_ATTRIBUTES = ["mailing_id", *(f"count_{status.value}" for status in MessageStatus)]
-_MAILING_LISTING_KEYS = ("listing_key", "created_at", "mailing_id")
 
 
 @dataclass(frozen=True)
@@ -69,10 +74,14 @@ class MailingService:
         messages: MessageStore,
         jobs_per_message: int,
         *,
+        mailings: MailingRepository,
         retry: Retry = PATIENT,
     ) -> None:
         self._retry = retry
+        # The messages table is read here for listings and the timeline; the mailings table
+        # only through `mailings`.
         self._models = models
+        self._mailings = mailings
         self._jobs_per_message = jobs_per_message
         self._clock = clock
         self._queues = queues
@@ -84,98 +93,90 @@ class MailingService:
         """Schedule a mailing; its end must be in the future."""
         self._check(fields)
         now = self._clock()
-        item = self._models.Mailing(
-            str(uuid.uuid4()),
-            status=MailingStatus.SCHEDULED.value,
+        mailing = Mailing(
+            id=str(uuid.uuid4()),
+            text=fields.text,
+            start_at=fields.start_at.astimezone(UTC),
+            end_at=fields.end_at.astimezone(UTC),
+            audience=fields.audience,
+            send_window=fields.send_window,
+            status=MailingStatus.SCHEDULED,
+            counts=MessageCounts(),
             created_at=now,
-            listing_key=MAILING_LISTING_KEY,
-            due_key=DUE_KEY,
+            updated_at=now,
+            schedule=Schedule(due=True),
         )
-        self._apply(item, fields, now)
-        item.save(condition=self._models.Mailing.mailing_id.does_not_exist())
-        logger.info("mailing created", extra={"mailing_id": item.mailing_id})
-        self._kick_if_starting_soon(item)
-        return self._to_domain(item)
+        self._mailings.add(mailing)
+        logger.info("mailing created", extra={"mailing_id": mailing.id})
+        self._kick_if_starting_soon(mailing)
+        return mailing
 
     def replace(self, mailing_id: str, fields: MailingFields) -> Mailing:
         """Overwrite every field of a mailing (PUT)."""
-        item = self._load(mailing_id)
+        current = self._load(mailing_id)
         self._check(fields)
-        mailing = self._save(item, fields)
+        mailing = self._save(current, fields)
         logger.info("mailing replaced", extra={"mailing_id": mailing_id})
         return mailing
 
-    def update(self, mailing_id: str, changes: dict[str, Any]) -> Mailing:
+    def update(self, mailing_id: str, changes: Mapping[str, object]) -> Mailing:
         """Change only the given fields (PATCH)."""
-        item = self._load(mailing_id)
-        current = self._fields_of(item)
-        fields = replace(current, **changes)
+        mailing = self._load(mailing_id)
+        fields = replace(_fields_of(mailing), **changes)
         if fields.end_at <= fields.start_at:
             raise ValidationFailed(
                 "end_at must be after start_at",
                 [{"field": "body.end_at", "message": "must be after start_at", "type": "range"}],
             )
         self._check(fields, changes)
-        mailing = self._save(item, fields)
+        saved = self._save(mailing, fields)
         logger.info(
             "mailing updated: %s", ", ".join(sorted(changes)), extra={"mailing_id": mailing_id}
         )
-        return mailing
+        return saved
 
     def cancel(self, mailing_id: str) -> Mailing:
         """Stop sending; messages not yet sent become `cancelled`, statistics stay."""
-        Mailing = self._models.Mailing
-        item = self._load(mailing_id)
-        if item.status == MailingStatus.CANCELLED.value:
-            return self._to_domain(item)
-        if item.status == MailingStatus.FINISHED.value:
-            raise Conflict(f"mailing {mailing_id} has finished; there is nothing left to cancel")
-        actions = [
-            Mailing.status.set(MailingStatus.CANCELLED.value),
-            Mailing.updated_at.set(self._clock()),
-        ]
-        started = item.status in (MailingStatus.RUNNING.value, MailingStatus.PAUSED.value)
-        if not started:
-            # Nothing was created yet: no sweep needed, and it never needs the scheduler again.
-            actions.append(Mailing.due_key.remove())
+        mailing = self._load(mailing_id)
+        target = transition(mailing_id, mailing.status, Action.CANCEL)
+        if target is mailing.status:
+            return mailing
+        started = may_have_fanned_out(mailing.status)
         try:
-            item.update(actions=actions, condition=Mailing.status == item.status)
-        except UpdateError as exc:
-            if is_conditional_failure(exc):
-                return self.cancel(mailing_id)
-            raise
+            # Nothing was created yet if it never started: no sweep needed, and it never
+            # needs the scheduler again.
+            cancelled = self._mailings.set_status(
+                mailing_id, mailing.status, target, self._clock(), off_due=not started
+            )
+        except MailingChanged:
+            return self.cancel(mailing_id)
         logger.info("mailing cancelled", extra={"mailing_id": mailing_id})
         if started:
-            self._kick(item.mailing_id, 0)
-        return self._to_domain(item)
+            self._kick(mailing_id, 0)
+        return cancelled
 
     def pause(self, mailing_id: str) -> Mailing:
         """Stop sending (jobs wait, no attempt spent) until `resume`; idempotent."""
-        item = self._load(mailing_id)
-        status = MailingStatus(item.status)
-        if status is MailingStatus.PAUSED:
-            return self._to_domain(item)
-        if status not in (MailingStatus.SCHEDULED, MailingStatus.RUNNING):
-            raise Conflict(f"mailing {mailing_id} is {status.value}; there is nothing to pause")
-        self._set_status(item, status, MailingStatus.PAUSED)
+        mailing = self._load(mailing_id)
+        target = transition(mailing_id, mailing.status, Action.PAUSE)
+        if target is mailing.status:
+            return mailing
+        paused = self._set_status(mailing, target)
         logger.info("mailing paused", extra={"mailing_id": mailing_id})
-        return self._to_domain(item)
+        return paused
 
     def resume(self, mailing_id: str) -> Mailing:
         """Continue a paused mailing where it stopped; jobs waiting come back within seconds."""
-        item = self._load(mailing_id)
-        status = MailingStatus(item.status)
-        if status is not MailingStatus.PAUSED:
-            raise Conflict(f"mailing {mailing_id} is {status.value}, not paused")
-        started = item.start_at <= self._clock()
-        target = MailingStatus.RUNNING if started else MailingStatus.SCHEDULED
-        self._set_status(item, status, target)
+        mailing = self._load(mailing_id)
+        started = mailing.started(self._clock())
+        target = transition(mailing_id, mailing.status, Action.RESUME, started=started)
+        resumed = self._set_status(mailing, target)
         logger.info("mailing resumed", extra={"mailing_id": mailing_id})
         if started:
-            self._kick(item.mailing_id, 0)  # continue the fan-out now, not at the next tick
+            self._kick(mailing_id, 0)  # continue the fan-out now, not at the next tick
         else:
-            self._kick_if_starting_soon(item)
-        return self._to_domain(item)
+            self._kick_if_starting_soon(resumed)
+        return resumed
 
     def retry_failed(self, mailing_id: str, budget_seconds: float = 20.0) -> tuple[int, bool]:
         """Queue the mailing's failed messages again, with the same message ids; the number
@@ -186,14 +187,12 @@ class MailingService:
         nothing. If the jobs cannot go after the commit, the messages are pending with no job;
         the scheduler's reconciler queues them once the mailing has been quiet a while, and the
         caller gets ServiceUnavailable saying so."""
-        item = self._load(mailing_id)
-        status = MailingStatus(item.status)
-        if status is MailingStatus.CANCELLED:
-            raise Conflict(f"mailing {mailing_id} is cancelled; nothing is sent any more")
-        if self._clock() >= item.end_at:
+        mailing = self._load(mailing_id)
+        # A finished mailing runs again: the requeue's transaction reopens it.
+        reopen = transition(mailing_id, mailing.status, Action.RETRY_FAILED) is not mailing.status
+        if mailing.ended(self._clock()):
             raise Conflict(f"mailing {mailing_id} has ended; failed messages can no longer go")
         started, queued, after = time.monotonic(), 0, None
-        reopen = status is MailingStatus.FINISHED
         while time.monotonic() - started < budget_seconds:
             page = self._messages.with_status(
                 mailing_id, MessageStatus.FAILED, RETRY_PAGE, after=after
@@ -233,40 +232,32 @@ class MailingService:
         left = self._messages.with_status(mailing_id, MessageStatus.FAILED, 1, after=after)
         return queued, bool(left)
 
-    def _set_status(self, item: Any, current: MailingStatus, target: MailingStatus) -> None:
-        Mailing = self._models.Mailing
+    def _set_status(self, mailing: Mailing, target: MailingStatus) -> Mailing:
         try:
-            item.update(
-                actions=[Mailing.status.set(target.value), Mailing.updated_at.set(self._clock())],
-                condition=Mailing.status == current.value,
-            )
-        except UpdateError as exc:
-            if is_conditional_failure(exc):
-                raise Conflict(
-                    f"mailing {item.mailing_id} changed meanwhile; read it again and retry"
-                ) from None
-            raise
+            return self._mailings.set_status(mailing.id, mailing.status, target, self._clock())
+        except MailingChanged:
+            raise Conflict(
+                f"mailing {mailing.id} changed meanwhile; read it again and retry"
+            ) from None
 
     def delete(self, mailing_id: str) -> None:
         """Remove a mailing; every send of it stops, in-flight jobs included."""
-        item = self._load(mailing_id)
-        item.delete()
+        self._load(mailing_id)
+        self._mailings.delete(mailing_id)
         logger.info("mailing deleted", extra={"mailing_id": mailing_id})
 
     # ---------------------------------------------------------------- reads
 
     def get(self, mailing_id: str) -> Mailing:
-        return self._to_domain(self._load(mailing_id))
+        return self._load(mailing_id)
 
-    def list(self, *, limit: int, cursor: str | None) -> PageOf:
+    def list(self, *, limit: int, cursor: str | None) -> PageOf[Mailing]:
         """One page of mailings, newest first."""
-        segments = [self._all_mailings_segment()]
-        keys, next_cursor = paginate(segments, fingerprint("mailings"), cursor, limit, _mailing_id)
-        return PageOf([self._to_domain(item) for item in self._load_many(keys)], next_cursor)
+        return self._mailings.page(limit=limit, cursor=cursor)
 
     def messages(
         self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
-    ) -> tuple[Mailing, PageOf]:
+    ) -> tuple[Mailing, PageOf[Message]]:
         """The mailing (with its counters) and one page of its messages, optionally by status."""
         mailing = self.get(mailing_id)
         message = self._models.Message
@@ -332,51 +323,27 @@ class MailingService:
 
     def due(self, now: datetime, *, limit: int = 100) -> list[Mailing]:
         """Mailings whose start has come and whose audience is not fully enqueued yet."""
-        Mailing = self._models.Mailing
-        keys = Mailing.due.query(
-            DUE_KEY, Mailing.start_at <= now.astimezone(UTC), limit=limit, page_size=limit
-        )
-        return [self._to_domain(item) for item in self._load_many([k.mailing_id for k in keys])]
+        return self._mailings.get_many(self._mailings.due_ids(now, limit=limit))
 
-    def overview(self, *, limit: int, cursor: str | None) -> tuple[int, MessageCounts, PageOf]:
+    def overview(
+        self, *, limit: int, cursor: str | None
+    ) -> tuple[int, MessageCounts, PageOf[Mailing]]:
         """Number of mailings, counts over all of them, and one page of per-mailing counts."""
         total = MessageCounts()
-        ids = self._all_ids()
+        ids = self._mailings.ids()
         # Counters live on the mailing items: the cost grows with mailings, never with messages.
-        for item in self._load_many(ids, attributes=_COUNTER_ATTRIBUTES):
-            total = total + _counts_of(item)
-        count = len(ids)
-        return count, total, self.list(limit=limit, cursor=cursor)
+        for counts in self._mailings.counts(ids):
+            total = total + counts
+        return len(ids), total, self.list(limit=limit, cursor=cursor)
 
     def all(self) -> list[Mailing]:
         """Every mailing with its counters, newest first (reports and /metrics).
 
         Keys come from the listing index, items from BatchGetItem: the cost grows with the
         number of mailings, never with their messages."""
-        return [self._to_domain(item) for item in self._load_many(self._all_ids())]
+        return self._mailings.get_many(self._mailings.ids())
 
     # ---------------------------------------------------------------- helpers
-
-    def _all_ids(self) -> list[str]:
-        """Every mailing's id, newest first, from the keys-only listing index."""
-        index = self._models.Mailing.by_created
-        return [
-            key.mailing_id for key in index.query(MAILING_LISTING_KEY, scan_index_forward=False)
-        ]
-
-    def _all_mailings_segment(self) -> Segment:
-        query = index_query(
-            self._models.Mailing.by_created.query, MAILING_LISTING_KEY, forward=False
-        )
-        return Segment(query, _MAILING_LISTING_KEYS)
-
-    def _load_many(self, ids: list[str], attributes: list[str] | None = None) -> list[Any]:
-        """Mailings by id, in the order given (the listing indexes hold keys only)."""
-        found = {
-            item.mailing_id: item
-            for item in self._models.Mailing.batch_get(ids, attributes_to_get=attributes)
-        }
-        return [found[i] for i in ids if i in found]
 
     def _check(self, fields: MailingFields, given: Iterable[str] = ("start_at", "end_at")) -> None:
         """The dates are sane: the end in the future, both within the horizon; a start before
@@ -410,50 +377,24 @@ class MailingService:
         if details:
             raise ValidationFailed(f"a mailing may be scheduled at most {days} days ahead", details)
 
-    def _save(self, item: Any, fields: MailingFields) -> Mailing:
-        self._check_editable(item, fields)
-        Mailing = self._models.Mailing
-        before = item.updated_at
-        self._apply(item, fields, self._clock())
-        # Only the caller's fields, never a whole-item save: senders move the counters meanwhile.
-        actions = [
-            Mailing.text.set(item.text),
-            Mailing.start_at.set(item.start_at),
-            Mailing.end_at.set(item.end_at),
-            Mailing.operator_codes.set(item.operator_codes),
-            Mailing.tags.set(item.tags),
-            Mailing.updated_at.set(item.updated_at),
-        ]
-        if item.window_start is None:
-            actions += [Mailing.window_start.remove(), Mailing.window_end.remove()]
-        else:
-            actions += [
-                Mailing.window_start.set(item.window_start),
-                Mailing.window_end.set(item.window_end),
-            ]
+    def _save(self, mailing: Mailing, fields: MailingFields) -> Mailing:
+        self._check_editable(mailing, fields)
         try:
-            item.update(
-                actions=actions,
-                condition=(Mailing.updated_at == before) & (Mailing.status == item.status),
+            saved = self._mailings.save_fields(
+                _with_fields(mailing, fields, self._clock()), before=mailing.updated_at
             )
-        except UpdateError as exc:
-            if is_conditional_failure(exc):
-                raise Conflict(
-                    f"mailing {item.mailing_id} was changed, started or deleted by another "
-                    "request; read it again and retry"
-                ) from None
-            raise
-        self._kick_if_starting_soon(item)
-        return self._to_domain(item)
+        except MailingChanged:
+            raise Conflict(
+                f"mailing {mailing.id} was changed, started or deleted by another "
+                "request; read it again and retry"
+            ) from None
+        self._kick_if_starting_soon(saved)
+        return saved
 
-    def _check_editable(self, item: Any, fields: MailingFields) -> None:
-        status = MailingStatus(item.status)
-        if status in (MailingStatus.FINISHED, MailingStatus.CANCELLED):
-            raise Conflict(f"mailing {item.mailing_id} is {status.value}; it can no longer change")
-        if status is MailingStatus.RUNNING or (
-            status is MailingStatus.PAUSED and item.start_at <= self._clock()
-        ):
-            current = self._fields_of(item)
+    def _check_editable(self, mailing: Mailing, fields: MailingFields) -> None:
+        transition(mailing.id, mailing.status, Action.EDIT)
+        if audience_frozen(mailing.status, mailing.start_at, self._clock()):
+            current = _fields_of(mailing)
             frozen = [
                 name
                 for name, old, new in (
@@ -464,7 +405,7 @@ class MailingService:
             ]
             if frozen:
                 raise Conflict(
-                    f"mailing {item.mailing_id} is running: {', '.join(frozen)} can no longer "
+                    f"mailing {mailing.id} is running: {', '.join(frozen)} can no longer "
                     "change (text, end_at and send_window still can)",
                     [
                         {
@@ -476,11 +417,11 @@ class MailingService:
                     ],
                 )
 
-    def _kick_if_starting_soon(self, item: Any) -> None:
+    def _kick_if_starting_soon(self, mailing: Mailing) -> None:
         # Start on time, not at the next scheduler tick: a delayed kick lands at start_at.
-        wait = (item.start_at - self._clock()).total_seconds()
-        if item.due_key is not None and wait <= SQS_MAX_DELAY_SECONDS:
-            self._kick(item.mailing_id, max(0, math.ceil(wait)))
+        wait = (mailing.start_at - self._clock()).total_seconds()
+        if mailing.schedule.due and wait <= SQS_MAX_DELAY_SECONDS:
+            self._kick(mailing.id, max(0, math.ceil(wait)))
 
     def _kick(self, mailing_id: str, delay: int) -> None:
         if not self._queues.can_kick:
@@ -493,67 +434,36 @@ class MailingService:
                 "could not kick the scheduler", exc_info=True, extra={"mailing_id": mailing_id}
             )
 
-    @staticmethod
-    def _apply(item: Any, fields: MailingFields, now: datetime) -> None:
-        item.text = fields.text
-        item.start_at = fields.start_at.astimezone(UTC)
-        item.end_at = fields.end_at.astimezone(UTC)
-        item.operator_codes = list(fields.audience.operator_codes)
-        item.tags = list(fields.audience.tags)
-        if fields.send_window is None:
-            item.window_start = item.window_end = None
-        else:
-            item.window_start, item.window_end = fields.send_window.to_minutes()
-        item.updated_at = now
-
-    def _load(self, mailing_id: str) -> Any:
+    def _load(self, mailing_id: str) -> Mailing:
         if not looks_like_id(mailing_id):
-            raise NotFound(f"mailing {mailing_id} not found")
-        try:
-            return self._models.Mailing.get(mailing_id, consistent_read=True)
-        except DoesNotExist:
-            raise NotFound(f"mailing {mailing_id} not found") from None
-
-    @staticmethod
-    def _fields_of(item: Any) -> MailingFields:
-        window = None
-        if item.window_start is not None and item.window_end is not None:
-            window = SendWindow.from_minutes(int(item.window_start), int(item.window_end))
-        return MailingFields(
-            text=item.text,
-            start_at=item.start_at,
-            end_at=item.end_at,
-            audience=AudienceFilter(tuple(item.operator_codes or ()), tuple(item.tags or ())),
-            send_window=window,
-        )
-
-    def _to_domain(self, item: Any) -> Mailing:
-        fields = self._fields_of(item)
-        return Mailing(
-            id=item.mailing_id,
-            text=fields.text,
-            start_at=fields.start_at,
-            end_at=fields.end_at,
-            audience=fields.audience,
-            send_window=fields.send_window,
-            status=MailingStatus(item.status),
-            counts=_counts_of(item),
-            created_at=item.created_at,
-            updated_at=item.updated_at,
-        )
+            raise MailingNotFound(mailing_id)
+        return self._mailings.get(mailing_id)
 
 
-def _mailing_id(key: Any) -> str:
-    return key.mailing_id
-
-
-def _counts_of(item: Any) -> MessageCounts:
-    return MessageCounts(
-        **{s.value: int(getattr(item, f"count_{s.value}") or 0) for s in MessageStatus}
+def _fields_of(mailing: Mailing) -> MailingFields:
+    return MailingFields(
+        text=mailing.text,
+        start_at=mailing.start_at,
+        end_at=mailing.end_at,
+        audience=mailing.audience,
+        send_window=mailing.send_window,
     )
 
 
-def _message_to_domain(item: Any) -> Message:
+def _with_fields(mailing: Mailing, fields: MailingFields, now: datetime) -> Mailing:
+    """The mailing with the caller's fields (dates in UTC, as stored) changed `now`."""
+    return replace(
+        mailing,
+        text=fields.text,
+        start_at=fields.start_at.astimezone(UTC),
+        end_at=fields.end_at.astimezone(UTC),
+        audience=fields.audience,
+        send_window=fields.send_window,
+        updated_at=now,
+    )
+
+
+def _message_to_domain(item: MessageRecord) -> Message:
     return Message(
         id=int(item.message_id),
         mailing_id=item.mailing_id,

@@ -155,6 +155,13 @@ class MessageStore:
         _log_final(mailing_id, outcome)
         return True
 
+    def touch_if_lost(
+        self, mailing_id: str, client_id: str, message_id: int, now: datetime, since: datetime
+    ) -> bool:
+        """Mark the message as queued again now, if it is still pending, unclaimed and untouched
+        after `since`; False otherwise (a live job or a sender has it)."""
+        return self._repository.touch_if_lost(mailing_id, client_id, message_id, now, since)
+
     def pending(self, mailing_id: str, limit: int) -> list[tuple[str, int]]:
         """Up to `limit` (client id, message id) pairs whose message is still pending."""
         return self.with_status(mailing_id, MessageStatus.PENDING, limit)

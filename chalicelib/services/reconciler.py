@@ -26,19 +26,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pynamodb.exceptions import UpdateError
-
-from chalicelib.domain import Clock, MessageStatus, SendWindow
+from chalicelib.domain import Clock, Mailing, MessageCounts, MessageStatus
 from chalicelib.metrics import MetricsWriter
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
 from chalicelib.settings import Settings
-from chalicelib.storage.errors import Retry, is_conditional_failure
-from chalicelib.storage.models import Models
+from chalicelib.storage.errors import Retry
+from chalicelib.storage.mailings import MailingRepository
 
 logger = logging.getLogger(__name__)
 
@@ -68,19 +65,9 @@ class ReconcileRun:
     complete: bool = True
 
 
-def counters_mark(item: Any) -> str:
+def counters_mark(counts: MessageCounts) -> str:
     """The mailing's counters as one value: it changes whenever a message moves."""
-    return ":".join(str(int(getattr(item, f"count_{s.value}") or 0)) for s in MessageStatus)
-
-
-def open_throughout(window: SendWindow, zone: ZoneInfo, since: datetime, until: datetime) -> bool:
-    """Whether the window was open in `zone` at every minute from `since` to `until`."""
-    moment = since
-    while moment < until:
-        if not window.contains(moment.astimezone(zone).timetz()):
-            return False
-        moment += timedelta(minutes=1)
-    return window.contains(until.astimezone(zone).timetz())
+    return ":".join(str(getattr(counts, s.value)) for s in MessageStatus)
 
 
 class Reconciler:
@@ -88,7 +75,7 @@ class Reconciler:
 
     def __init__(
         self,
-        models: Models,
+        mailings: MailingRepository,
         clients: ClientDirectory,
         messages: MessageStore,
         queues: Queues,
@@ -97,7 +84,7 @@ class Reconciler:
         metrics: MetricsWriter,
         retry: Retry,
     ) -> None:
-        self._models = models
+        self._mailings = mailings
         self._clients = clients
         self._messages = messages
         self._queues = queues
@@ -106,78 +93,81 @@ class Reconciler:
         self._metrics = metrics
         self._retry = retry
 
-    def run(self, item: Any, owner: str, remaining: Remaining) -> ReconcileRun:
+    def run(self, mailing: Mailing, owner: str, remaining: Remaining) -> ReconcileRun:
         """One step for a running mailing whose fan-out is done (the caller holds its lease)."""
-        Mailing = self._models.Mailing
-        now, mark = self._clock(), counters_mark(item)
-        after, since = item.reconcile_after, item.quiet_since
+        now, mark = self._clock(), counters_mark(mailing.counts)
+        after, since = mailing.schedule.reconcile_after, mailing.schedule.quiet_since
         # Paused, resumed, edited or retried since: jobs parked meanwhile come back on their own.
-        touched = item.updated_at is not None and since is not None and item.updated_at > since
-        if touched or (after is None and (item.quiet_mark != mark or since is None)):
-            self._quiet_from(item, owner, remaining, mark, now)
+        touched = since is not None and mailing.updated_at > since
+        if touched or (after is None and (mailing.schedule.quiet_mark != mark or since is None)):
+            self._quiet_from(mailing, owner, remaining, mark, now)
             return ReconcileRun()
-        if after is None:  # no pass under way: is one due?
-            if now - since < LOST_JOB_AFTER or self._senders_behind(item.mailing_id):
+        if after is None and since is not None:  # no pass under way: is one due?
+            if now - since < LOST_JOB_AFTER or self._senders_behind(mailing.id):
                 return ReconcileRun()
             logger.info(
                 "mailing quiet since %s: looking for pending messages whose job was lost",
                 since.isoformat(),
-                extra={"mailing_id": item.mailing_id},
+                extra={"mailing_id": mailing.id},
             )
         requeued = looked = 0
         while True:
             if remaining() < SAFETY_SECONDS or looked >= RECONCILE_MAX_PER_RUN:
-                self._save(item, owner, remaining, Mailing.reconcile_after.set(after or 0))
+                self._save(
+                    mailing,
+                    lambda at=after or 0: self._mailings.save_reconcile_position(
+                        mailing.id, owner, at
+                    ),
+                    remaining,
+                )
                 return ReconcileRun(requeued, complete=False)
             page = self._messages.with_status(
-                item.mailing_id, MessageStatus.PENDING, RECONCILE_PAGE, after=after
+                mailing.id, MessageStatus.PENDING, RECONCILE_PAGE, after=after
             )
             if not page:
                 # The next pass only if nothing moves for LOST_JOB_AFTER again.
-                self._quiet_from(item, owner, remaining, mark, now)
+                self._quiet_from(mailing, owner, remaining, mark, now)
                 return ReconcileRun(requeued)
-            requeued += self._requeue_lost(item, page, now, remaining)
+            requeued += self._requeue_lost(mailing, page, now, remaining)
             looked, after = looked + len(page), page[-1][1]
 
     # ---------------------------------------------------------------- steps
 
     def _requeue_lost(
-        self, item: Any, page: list[tuple[str, int]], now: datetime, remaining: Remaining
+        self, mailing: Mailing, page: list[tuple[str, int]], now: datetime, remaining: Remaining
     ) -> int:
         since = now - LOST_JOB_AFTER
-        candidates = self._outside_window_skipped(item, page, since, now)
+        candidates = self._outside_window_skipped(mailing, page, since, now)
         # Touch first, then queue: a job that fails to go leaves a touched message, found again
         # by a later pass; a touch that fails (claimed or changed meanwhile) queues nothing.
         lost = [
             (client_id, message_id)
             for client_id, message_id in candidates
-            if self._touch(item.mailing_id, client_id, message_id, now, since, remaining)
+            if self._touch(mailing.id, client_id, message_id, now, since, remaining)
         ]
         if not lost:
             return 0
-        self._queues.enqueue(
-            job_batches(item.mailing_id, lost, now, self._settings.jobs_per_message)
-        )
+        self._queues.enqueue(job_batches(mailing.id, lost, now, self._settings.jobs_per_message))
         for client_id, message_id in lost:
             logger.warning(
                 "pending message had no job left; queued again",
                 extra={
-                    "mailing_id": item.mailing_id,
+                    "mailing_id": mailing.id,
                     "client_id": client_id,
                     "message_id": message_id,
                     "status": MessageStatus.PENDING.value,
                 },
             )
-        self._metrics.requeued(item.mailing_id, len(lost))
+        self._metrics.requeued(mailing.id, len(lost))
         return len(lost)
 
     def _outside_window_skipped(
-        self, item: Any, page: list[tuple[str, int]], since: datetime, now: datetime
+        self, mailing: Mailing, page: list[tuple[str, int]], since: datetime, now: datetime
     ) -> list[tuple[str, int]]:
         """The page without messages whose client's send window was closed since `since`."""
-        if item.window_start is None or item.window_end is None:
+        window = mailing.send_window
+        if window is None:
             return page
-        window = SendWindow.from_minutes(int(item.window_start), int(item.window_end))
         found, _ = self._clients.find_many([client_id for client_id, _ in page])
         zones = {client_id: client.timezone for client_id, client in found.items()}
         kept = []
@@ -187,7 +177,7 @@ class Reconciler:
             except (KeyError, ValueError, ZoneInfoNotFoundError):
                 kept.append((client_id, message_id))  # the sender settles a missing client
                 continue
-            if open_throughout(window, zone, since, now):
+            if window.open_throughout(zone, since, now):
                 kept.append((client_id, message_id))
         return kept
 
@@ -202,28 +192,13 @@ class Reconciler:
     ) -> bool:
         """Mark the message as queued again now, if it is still pending, unclaimed and untouched
         after `since`; False otherwise (a live job or a sender has it)."""
-        Message = self._models.Message
-        try:
-            replace(
-                self._retry,
-                remaining=remaining,
-                reserve=SAFETY_SECONDS / 2,
-                what="marking a message queued again",
-                log={"mailing_id": mailing_id, "client_id": client_id, "message_id": message_id},
-            )(
-                lambda: Message(mailing_id, client_id).update(
-                    actions=[Message.updated_at.set(now)],
-                    condition=(Message.message_id == message_id)
-                    & (Message.status == MessageStatus.PENDING.value)
-                    & (Message.updated_at <= since)
-                    & (Message.claim_until.does_not_exist() | (Message.claim_until < now)),
-                )
-            )
-        except UpdateError as exc:
-            if is_conditional_failure(exc):
-                return False
-            raise
-        return True
+        return replace(
+            self._retry,
+            remaining=remaining,
+            reserve=SAFETY_SECONDS / 2,
+            what="marking a message queued again",
+            log={"mailing_id": mailing_id, "client_id": client_id, "message_id": message_id},
+        )(lambda: self._messages.touch_if_lost(mailing_id, client_id, message_id, now, since))
 
     def _senders_behind(self, mailing_id: str) -> bool:
         """Whether the send queue holds a backlog (unknown counts as none: a duplicate job is
@@ -239,25 +214,18 @@ class Reconciler:
         return False
 
     def _quiet_from(
-        self, item: Any, owner: str, remaining: Remaining, mark: str, now: datetime
+        self, mailing: Mailing, owner: str, remaining: Remaining, mark: str, now: datetime
     ) -> None:
         """Count the mailing quiet from `now` at counters `mark`, with no pass under way."""
-        Mailing = self._models.Mailing
         self._save(
-            item,
-            owner,
-            remaining,
-            Mailing.quiet_mark.set(mark),
-            Mailing.quiet_since.set(now),
-            Mailing.reconcile_after.remove(),
+            mailing, lambda: self._mailings.save_quiet(mailing.id, owner, mark, now), remaining
         )
 
-    def _save(self, item: Any, owner: str, remaining: Remaining, *actions: Any) -> None:
-        Mailing = self._models.Mailing
+    def _save(self, mailing: Mailing, write: Callable[[], Mailing], remaining: Remaining) -> None:
         replace(
             self._retry,
             remaining=remaining,
             reserve=SAFETY_SECONDS / 2,
             what="saving the reconciler's position",
-            log={"mailing_id": item.mailing_id},
-        )(lambda: item.update(actions=list(actions), condition=Mailing.lease_owner == owner))
+            log={"mailing_id": mailing.id},
+        )(write)

@@ -17,21 +17,27 @@ for the next invocation, which a kick starts at once.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Protocol, TypeVar
 
-from pynamodb.connection import Connection
-from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
-from pynamodb.transactions import TransactWrite
-
-from chalicelib.domain import AudienceFilter, Clock, MailingStatus, MessageStatus
+from chalicelib.domain import Action, Clock, Mailing, Message, MessageStatus
+from chalicelib.domain.mailing import (
+    MailingChanged,
+    MailingNotFound,
+    allows,
+    may_finish,
+    moves,
+    pending_become,
+    transition,
+)
 from chalicelib.metrics import MetricsWriter
 from chalicelib.pagination import Position, decode_cursor, encode_cursor, fingerprint, read_page
 from chalicelib.services.clients import ClientDirectory
@@ -39,8 +45,8 @@ from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import Queues, job_batches
 from chalicelib.services.reconciler import Reconciler
 from chalicelib.settings import Settings
-from chalicelib.storage.errors import PATIENT, Retry, is_conditional_failure
-from chalicelib.storage.models import DUE_KEY, MESSAGE_ID_SEQUENCE, Models, status_key
+from chalicelib.storage.errors import PATIENT, Retry
+from chalicelib.storage.mailings import MailingRepository
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,14 @@ SWEEP_PAGE = 99
 RETRY_RESERVE_SECONDS = SAFETY_SECONDS / 2
 
 Remaining = Callable[[], float]
+T = TypeVar("T")
+
+
+class Recipient(Protocol):
+    """What fan-out reads of a client: who gets the message, at which number."""
+
+    client_id: str
+    phone: str
 
 
 def message_expiry(end_at: datetime, retention_days: int) -> datetime:
@@ -120,8 +134,6 @@ class Scheduler:
 
     def __init__(
         self,
-        models: Models,
-        connection: Connection,
         clients: ClientDirectory,
         messages: MessageStore,
         queues: Queues,
@@ -129,10 +141,10 @@ class Scheduler:
         clock: Clock,
         metrics: MetricsWriter,
         *,
+        mailings: MailingRepository,
         retry: Retry = PATIENT,
     ) -> None:
-        self._models = models
-        self._connection = connection
+        self._mailings = mailings
         self._clients = clients
         self._messages = messages
         self._queues = queues
@@ -141,29 +153,23 @@ class Scheduler:
         self._metrics = metrics
         self._retry_writes = retry
         self._reconciler = Reconciler(
-            models, clients, messages, queues, settings, clock, metrics, retry
+            mailings, clients, messages, queues, settings, clock, metrics, retry
         )
 
     # ---------------------------------------------------------------- entry points
 
     def tick(self, remaining: Remaining) -> Progress:
         """Advance every due mailing while time remains (the scheduled Lambda)."""
-        Mailing = self._models.Mailing
         progress = Progress()
-        now = self._clock()
-        due = [
-            k.mailing_id
-            for k in Mailing.due.query(DUE_KEY, Mailing.start_at <= now.astimezone(UTC))
-        ]
-        for mailing_id in due:
+        for mailing_id in self._mailings.due_ids(self._clock()):
             if remaining() < SAFETY_SECONDS:
                 # Whatever is left is picked up by the next tick.
                 break
             # The index holds keys only; read the mailing as it is now.
             try:
-                item = Mailing.get(mailing_id, consistent_read=True)
-                progress.add(self._advance(item, remaining))
-            except DoesNotExist:
+                mailing = self._mailings.get(mailing_id)
+                progress.add(self._advance(mailing, remaining))
+            except MailingNotFound:
                 continue  # deleted meanwhile
             except Exception:
                 # One broken mailing must not stop the others; it is retried next tick.
@@ -175,69 +181,70 @@ class Scheduler:
     def advance(self, mailing_id: str, remaining: Remaining) -> Progress:
         """Advance one mailing now (a fan-out kick: immediate start or continuation)."""
         try:
-            item = self._models.Mailing.get(mailing_id, consistent_read=True)
-        except DoesNotExist:
+            mailing = self._mailings.get(mailing_id)
+        except MailingNotFound:
             return Progress()
-        if item.due_key is None or item.start_at > self._clock():
+        if not mailing.schedule.due or not mailing.started(self._clock()):
             return Progress()
-        progress = self._advance(item, remaining)
+        progress = self._advance(mailing, remaining)
         if progress.continued and self._queues.can_kick:
             self._queues.kick(progress.continued)
         return progress
 
     # ---------------------------------------------------------------- one mailing
 
-    def _advance(self, item: Any, remaining: Remaining) -> Progress:
+    def _advance(self, found: Mailing, remaining: Remaining) -> Progress:
         progress = Progress(mailings=1)
         owner = uuid.uuid4().hex
-        if not self._take_lease(item, owner, remaining):
+        mailing = self._take_lease(found, owner, remaining)
+        if mailing is None:
             return progress
-        log = {"mailing_id": item.mailing_id}
+        log = {"mailing_id": mailing.id}
         try:
-            if item.status == MailingStatus.CANCELLED.value:
-                cancelled, left = self._sweep(item, MessageStatus.CANCELLED, remaining)
+            cancelled_as = pending_become(mailing.status, ended=False)
+            if cancelled_as is not None:
+                cancelled, left = self._sweep(mailing, cancelled_as, remaining)
                 progress.cancelled += cancelled
                 if left:
-                    progress.continued.append(item.mailing_id)
+                    progress.continued.append(mailing.id)
                     return progress
             else:
                 # As read when the lease was taken: a fan-out that completes below just queued
                 # every job, so there is nothing to reconcile yet.
-                walked = bool(item.fanout_done)
-                if not item.fanout_done:
-                    if self._clock() >= item.end_at:
+                walked = mailing.schedule.fanout_done
+                if not walked:
+                    if mailing.ended(self._clock()):
                         # The end came before the audience was walked: nobody else is added.
-                        self._mark_fanout_done(item, owner, remaining)
-                    elif item.status == MailingStatus.PAUSED.value:
+                        self._close_fan_out(mailing, owner, remaining)
+                    elif not allows(mailing.status, Action.FAN_OUT):
                         return progress  # resume kicks it; the end is still watched by ticks
-                    elif not self._timed_fan_out(item, owner, remaining, progress):
-                        progress.continued.append(item.mailing_id)
+                    elif not self._timed_fan_out(mailing, owner, remaining, progress):
+                        progress.continued.append(mailing.id)
                         return progress
-                if self._clock() >= item.end_at:
-                    expired, left = self._sweep(item, MessageStatus.EXPIRED, remaining)
+                expired_as = pending_become(mailing.status, ended=mailing.ended(self._clock()))
+                if expired_as is not None:
+                    expired, left = self._sweep(mailing, expired_as, remaining)
                     progress.expired += expired
                     if left:
-                        progress.continued.append(item.mailing_id)
+                        progress.continued.append(mailing.id)
                         return progress
                 elif (
                     walked
-                    and item.status == MailingStatus.RUNNING.value
-                    and int(item.count_pending or 0) > 0
+                    and allows(mailing.status, Action.RECONCILE)
+                    and mailing.counts.pending > 0
                 ):
-                    run = self._reconciler.run(item, owner, remaining)
+                    run = self._reconciler.run(mailing, owner, remaining)
                     progress.requeued += run.requeued
                     if not run.complete:
-                        progress.continued.append(item.mailing_id)
-            if self._finish_if_done(item.mailing_id, owner, remaining):
-                progress.finished.append(item.mailing_id)
+                        progress.continued.append(mailing.id)
+            if self._finish_if_done(mailing.id, owner, remaining):
+                progress.finished.append(mailing.id)
                 logger.info("mailing finished", extra=log)
         finally:
-            self._release_lease(item.mailing_id, owner, remaining)
+            self._release_lease(mailing.id, owner, remaining)
         return progress
 
-    def _retry(
-        self, call: Callable[[], Any], what: str, mailing_id: str, remaining: Remaining
-    ) -> Any:
+    def _retry(self, call: Callable[[], T], what: str, mailing_id: str, remaining: Remaining) -> T:
         """`call()`, tried again after a transaction conflict, a throttle or a 500."""
         return replace(
             self._retry_writes,
@@ -247,82 +254,65 @@ class Scheduler:
             log={"mailing_id": mailing_id},
         )(call)
 
-    def _take_lease(self, item: Any, owner: str, remaining: Remaining) -> bool:
-        Mailing = self._models.Mailing
+    def _take_lease(self, mailing: Mailing, owner: str, remaining: Remaining) -> Mailing | None:
+        """The mailing as it is once `owner` holds its lease; None if another worker does."""
         now = self._clock()
-        actions = [
-            Mailing.lease_owner.set(owner),
-            Mailing.lease_until.set(now + timedelta(seconds=self._settings.lease_seconds)),
-        ]
-        starting = item.status == MailingStatus.SCHEDULED.value
-        # Ours already: a retried write whose first try was applied after all (a 500).
-        condition = Mailing.due_key.exists() & (
-            Mailing.lease_until.does_not_exist()
-            | (Mailing.lease_until < now)
-            | (Mailing.lease_owner == owner)
-        )
-        if starting:
-            actions.append(Mailing.status.set(MailingStatus.RUNNING.value))
-            # A pause or cancel that lands meanwhile wins; the next tick sees it.
-            condition &= Mailing.status == MailingStatus.SCHEDULED.value
+        until = now + timedelta(seconds=self._settings.lease_seconds)
+        # A pause or cancel that lands meanwhile wins the start; the next tick sees it.
+        start = moves(mailing.status, Action.START)
         try:
-            self._retry(
-                lambda: item.update(actions=actions, condition=condition),
+            leased = self._retry(
+                lambda: self._mailings.take_lease(
+                    mailing.id, owner, now, until, current=mailing.status, start=start
+                ),
                 "taking the mailing's lease",
-                item.mailing_id,
+                mailing.id,
                 remaining,
             )
-        except UpdateError as exc:
-            if is_conditional_failure(exc):
-                return False
-            raise
-        if starting:
-            logger.info("mailing started", extra={"mailing_id": item.mailing_id})
-        return True
+        except MailingChanged:
+            return None
+        if start is not None:
+            logger.info("mailing started", extra={"mailing_id": mailing.id})
+        return leased
 
     def _release_lease(self, mailing_id: str, owner: str, remaining: Remaining) -> None:
-        Mailing = self._models.Mailing
-        try:
+        with contextlib.suppress(MailingChanged):  # not ours any more: nothing to give back
             self._retry(
-                lambda: Mailing(mailing_id).update(
-                    actions=[Mailing.lease_owner.remove(), Mailing.lease_until.remove()],
-                    condition=Mailing.lease_owner == owner,
-                ),
+                lambda: self._mailings.release_lease(mailing_id, owner),
                 "giving the mailing's lease back",
                 mailing_id,
                 remaining,
             )
-        except UpdateError as exc:
-            if not is_conditional_failure(exc):
-                raise
 
     # ---------------------------------------------------------------- fan-out
 
     def _timed_fan_out(
-        self, item: Any, owner: str, remaining: Remaining, progress: Progress
+        self, mailing: Mailing, owner: str, remaining: Remaining, progress: Progress
     ) -> bool:
         started, before = time.monotonic(), progress.messages_created
         try:
-            return self._fan_out(item, owner, remaining, progress)
+            return self._fan_out(mailing, owner, remaining, progress)
         finally:
             created = progress.messages_created - before
-            self._metrics.fanout(item.mailing_id, created, time.monotonic() - started)
+            self._metrics.fanout(mailing.id, created, time.monotonic() - started)
 
-    def _fan_out(self, item: Any, owner: str, remaining: Remaining, progress: Progress) -> bool:
+    def _fan_out(
+        self, mailing: Mailing, owner: str, remaining: Remaining, progress: Progress
+    ) -> bool:
         """Walk the audience from the checkpoint; True when it is complete.
 
         The next page of the audience is read while the current one is committed. Reading
         changes nothing, so this only hides the Query's round trip; pages are still committed
         one at a time, in order, each with its checkpoint.
         """
-        audience = AudienceFilter(tuple(item.operator_codes or ()), tuple(item.tags or ()))
+        audience = mailing.audience
         # A message needs the client's id and phone only; the rest is read by the sender.
         segments = self._clients.audience_segments(audience, attributes=("client_id", "phone"))
-        scope = fingerprint("audience", item.mailing_id, audience.operator_codes, audience.tags)
-        cursor = item.fanout_cursor
+        scope = fingerprint("audience", mailing.id, audience.operator_codes, audience.tags)
+        cursor = mailing.schedule.fanout_cursor
         position = decode_cursor(cursor, scope, segments) if cursor else Position()
         size = self._settings.fanout_page_size
-        ids = IdBlock(lambda count: self._allocate_ids(item.mailing_id, count, remaining), size)
+        ids = IdBlock(lambda count: self._allocate_ids(mailing.id, count, remaining), size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audience") as reader:
             upcoming = reader.submit(
                 contextvars.copy_context().run, read_page, segments, position, size
@@ -338,7 +328,7 @@ class Scheduler:
                     )
                 next_cursor = encode_cursor(page.next, scope)
                 created = self._commit_page(
-                    item, owner, cursor, next_cursor, page.items, ids, remaining
+                    mailing, owner, cursor, next_cursor, page.items, ids, remaining
                 )
                 if created is None:
                     # Someone else moved the checkpoint (our lease was lost): stop here.
@@ -352,79 +342,67 @@ class Scheduler:
 
     def _commit_page(
         self,
-        item: Any,
+        mailing: Mailing,
         owner: str,
         cursor: str | None,
         next_cursor: str | None,
-        clients: list[Any],
+        clients: Sequence[Recipient],
         ids: IdBlock,
         remaining: Remaining,
     ) -> int | None:
-        Mailing, Message = self._models.Mailing, self._models.Message
         now = self._clock()
         first_id = ids.take(len(clients)) if clients else 0
         messages = [
             Message(
-                item.mailing_id,
-                client.client_id,
-                message_id=first_id + n,
+                id=first_id + n,
+                mailing_id=mailing.id,
+                client_id=client.client_id,
                 phone=client.phone,
-                status=MessageStatus.PENDING.value,
-                status_key=status_key(item.mailing_id, MessageStatus.PENDING.value),
+                status=MessageStatus.PENDING,
                 created_at=now,
-                updated_at=now,
+                sent_at=None,
                 attempts=0,
-                expires_at=message_expiry(item.end_at, self._settings.message_retention_days),
+                last_error=None,
             )
             for n, client in enumerate(clients)
         ]
         # Jobs first: a crash after the commit below must not leave messages nobody will send.
-        self._enqueue_jobs(item.mailing_id, messages, now)
-        checkpoint = (
-            Mailing.fanout_cursor.does_not_exist()
-            if cursor is None
-            else Mailing.fanout_cursor == cursor
-        )
-        actions = [
-            Mailing.count_pending.add(len(messages)),
-            Mailing.lease_until.set(now + timedelta(seconds=self._settings.lease_seconds)),
-        ]
-        if next_cursor is None:
-            actions.append(Mailing.fanout_done.set(True))
-        else:
-            actions.append(Mailing.fanout_cursor.set(next_cursor))
+        self._enqueue_jobs(mailing.id, messages, now)
+        lease_until = now + timedelta(seconds=self._settings.lease_seconds)
+        expires_at = message_expiry(mailing.end_at, self._settings.message_retention_days)
         # One token for every try of this page: if a try that ended in a 500 was applied after
         # all, DynamoDB answers the next one as a success instead of failing its conditions.
         token = uuid.uuid4().hex
-
-        def commit() -> None:
-            with TransactWrite(connection=self._connection, client_request_token=token) as tx:
-                for message in messages:
-                    tx.save(message, condition=Message.client_id.does_not_exist())
-                tx.update(
-                    Mailing(item.mailing_id),
-                    actions=actions,
-                    condition=(Mailing.lease_owner == owner) & checkpoint,
-                )
-
         try:
             # The jobs above stay queued once: only the commit is tried again.
-            self._retry(commit, "committing a fan-out page", item.mailing_id, remaining)
-        except TransactWriteError as exc:
-            if is_conditional_failure(exc):
-                logger.warning(
-                    "fan-out page not committed: checkpoint moved or message exists",
-                    extra={"mailing_id": item.mailing_id},
-                )
-                return None
-            raise
+            self._retry(
+                lambda: self._mailings.commit_fan_out_page(
+                    mailing.id,
+                    owner,
+                    cursor=cursor,
+                    next_cursor=next_cursor,
+                    messages=messages,
+                    expires_at=expires_at,
+                    lease_until=lease_until,
+                    token=token,
+                ),
+                "committing a fan-out page",
+                mailing.id,
+                remaining,
+            )
+        except MailingChanged:
+            logger.warning(
+                "fan-out page not committed: checkpoint moved or message exists",
+                extra={"mailing_id": mailing.id},
+            )
+            return None
         for message in messages:
             logger.info(
                 "message created, pending",
                 extra={
-                    "mailing_id": item.mailing_id,
+                    "mailing_id": mailing.id,
                     "client_id": message.client_id,
-                    "message_id": message.message_id,
+                    "message_id": message.id,
                     "status": MessageStatus.PENDING.value,
                 },
             )
@@ -433,46 +411,41 @@ class Scheduler:
     def _allocate_ids(self, mailing_id: str, count: int, remaining: Remaining) -> int:
         """Reserve `count` consecutive message ids; returns the first. Ids are never reused
         (a retried reservation whose first try was applied only leaves a gap)."""
-        Sequence = self._models.Sequence
-        sequence = Sequence(MESSAGE_ID_SEQUENCE)
-        self._retry(
-            lambda: sequence.update(actions=[Sequence.value.add(count)]),
+        return self._retry(
+            lambda: self._mailings.reserve_message_ids(count),
             "reserving message ids",
             mailing_id,
             remaining,
         )
-        return int(sequence.value) - count + 1
 
-    def _enqueue_jobs(self, mailing_id: str, messages: list[Any], now: datetime) -> None:
-        pairs = [(m.client_id, m.message_id) for m in messages]
+    def _enqueue_jobs(self, mailing_id: str, messages: list[Message], now: datetime) -> None:
+        pairs = [(m.client_id, m.id) for m in messages]
         batches = job_batches(mailing_id, pairs, now, self._settings.jobs_per_message)
         if batches:
             self._queues.enqueue(batches)
 
-    def _mark_fanout_done(self, item: Any, owner: str, remaining: Remaining) -> None:
-        Mailing = self._models.Mailing
+    def _close_fan_out(self, mailing: Mailing, owner: str, remaining: Remaining) -> None:
         self._retry(
-            lambda: item.update(
-                actions=[Mailing.fanout_done.set(True)],
-                condition=Mailing.lease_owner == owner,
-            ),
+            lambda: self._mailings.close_fan_out(mailing.id, owner),
             "closing the fan-out at the end",
-            item.mailing_id,
+            mailing.id,
             remaining,
         )
 
     # ---------------------------------------------------------------- ending
 
-    def _sweep(self, item: Any, status: MessageStatus, remaining: Remaining) -> tuple[int, bool]:
+    def _sweep(
+        self, mailing: Mailing, status: MessageStatus, remaining: Remaining
+    ) -> tuple[int, bool]:
         """Move the mailing's unclaimed pending messages to `status` (end passed, cancelled),
         a page of them per transaction with one counter update; how many, and whether it
         stopped for lack of time with messages left (each page moved is committed)."""
         changed = 0
         while True:
             if remaining() < SAFETY_SECONDS:
-                left = self._messages.pending(item.mailing_id, limit=1)
+                left = self._messages.pending(mailing.id, limit=1)
                 return changed, bool(left)
-            pending = self._messages.pending(item.mailing_id, limit=SWEEP_PAGE)
+            pending = self._messages.pending(mailing.id, limit=SWEEP_PAGE)
             if not pending:
                 return changed, False
             outcomes = [Outcome(client_id, status, None, None, id_) for client_id, id_ in pending]
@@ -480,10 +453,10 @@ class Scheduler:
             moved = len(
                 self._retry(
                     lambda outcomes=outcomes: self._messages.finish_many(
-                        item.mailing_id, outcomes, self._clock()
+                        mailing.id, outcomes, self._clock()
                     ),
                     f"moving pending messages to {status.value}",
-                    item.mailing_id,
+                    mailing.id,
                     remaining,
                 )
             )
@@ -493,36 +466,24 @@ class Scheduler:
                 return changed, False
 
     def _finish_if_done(self, mailing_id: str, owner: str, remaining: Remaining) -> bool:
-        Mailing = self._models.Mailing
         try:
-            item = Mailing.get(mailing_id, consistent_read=True)
-        except DoesNotExist:
+            mailing = self._mailings.get(mailing_id)
+        except MailingNotFound:
             return False  # deleted while we worked on it
-        if not item.fanout_done and item.status != MailingStatus.CANCELLED.value:
+        if not may_finish(
+            mailing.status,
+            fanout_done=mailing.schedule.fanout_done,
+            pending=mailing.counts.pending,
+        ):
             return False
-        if int(item.count_pending or 0) > 0:
-            return False
-        final = (
-            MailingStatus.CANCELLED
-            if item.status == MailingStatus.CANCELLED.value
-            else MailingStatus.FINISHED
-        )
+        final = transition(mailing_id, mailing.status, Action.FINISH)
         try:
             self._retry(
-                lambda: item.update(
-                    actions=[
-                        Mailing.status.set(final.value),
-                        Mailing.due_key.remove(),
-                        Mailing.fanout_done.set(True),
-                    ],
-                    condition=(Mailing.lease_owner == owner) & (Mailing.count_pending == 0),
-                ),
+                lambda: self._mailings.finish(mailing_id, owner, final),
                 "finishing the mailing",
                 mailing_id,
                 remaining,
             )
-        except UpdateError as exc:
-            if is_conditional_failure(exc):
-                return False
-            raise
+        except MailingChanged:
+            return False
         return True

@@ -314,27 +314,20 @@ class DynamoClientRepository:
             wanted = None if attributes is None else sorted({*keys, *attributes})
             return Segment(index_query(method, key, condition, attributes=wanted), keys)
 
-        if audience.operator_codes and audience.tags:
-            return [
-                query(
-                    client.by_operator.query,
-                    code,
-                    by_operator,
-                    client.tag_sort.startswith(tag_prefix(tag)),
+        segments = []
+        for look_up in audience.selection(CLIENT_SHARDS):
+            if look_up.operator_code is not None:
+                condition = None
+                if look_up.tag is not None:
+                    condition = client.tag_sort.startswith(tag_prefix(look_up.tag))
+                segments.append(
+                    query(client.by_operator.query, look_up.operator_code, by_operator, condition)
                 )
-                for code in sorted(audience.operator_codes)
-                for tag in sorted(audience.tags)
-            ]
-        if audience.operator_codes:
-            return [
-                query(client.by_operator.query, code, by_operator)
-                for code in sorted(audience.operator_codes)
-            ]
-        if audience.tags:
-            return [
-                query(client.by_tag.query, tag_key(tag), by_tag) for tag in sorted(audience.tags)
-            ]
-        return [query(client.by_shard.query, shard, by_shard) for shard in range(CLIENT_SHARDS)]
+            elif look_up.tag is not None:
+                segments.append(query(client.by_tag.query, tag_key(look_up.tag), by_tag))
+            else:
+                segments.append(query(client.by_shard.query, look_up.shard, by_shard))
+        return segments
 
     # ---------------------------------------------------------------- writes
 

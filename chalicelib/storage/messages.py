@@ -104,6 +104,13 @@ class MessageRepository(Protocol):
         `after`, when given)."""
         ...
 
+    def touch_if_lost(
+        self, mailing_id: str, client_id: str, message_id: int, now: datetime, since: datetime
+    ) -> bool:
+        """Mark the message touched `now` if it is still pending, unclaimed and untouched
+        after `since` (its job was lost); False otherwise (a live job or a sender has it)."""
+        ...
+
     def requeue_failed(
         self,
         mailing_id: str,
@@ -229,6 +236,24 @@ class DynamoMessageRepository:
             Message(mailing_id, outcome.client_id).update(
                 actions=self._final_actions(mailing_id, outcome, now),
                 condition=self._still_ours(None, now),
+            )
+        except UpdateError as exc:
+            if is_conditional_failure(exc):
+                return False
+            raise
+        return True
+
+    def touch_if_lost(
+        self, mailing_id: str, client_id: str, message_id: int, now: datetime, since: datetime
+    ) -> bool:
+        Message = self._models.Message
+        try:
+            Message(mailing_id, client_id).update(
+                actions=[Message.updated_at.set(now)],
+                condition=(Message.message_id == message_id)
+                & (Message.status == MessageStatus.PENDING.value)
+                & (Message.updated_at <= since)
+                & (Message.claim_until.does_not_exist() | (Message.claim_until < now)),
             )
         except UpdateError as exc:
             if is_conditional_failure(exc):

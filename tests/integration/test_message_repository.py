@@ -290,3 +290,32 @@ def test_the_failed_messages_of_a_cancelled_mailing_stay_failed(world):
     world.add_message(_message("c-3", 103, MessageStatus.FAILED))
     assert not world.messages.requeue_failed(MAILING, [("c-3", 103)], NOW, reopen=True)
     assert world.mailing(MAILING) == (MailingStatus.CANCELLED, counts(world, failed=1))
+
+
+# ---------------------------------------------------------------- lost jobs
+
+
+def test_a_pending_message_untouched_since_then_is_marked_once_as_queued_again(running):
+    # Given pending messages untouched since their creation at NOW
+    since = NOW + timedelta(minutes=1)
+    touched_at = NOW + timedelta(minutes=2)
+
+    # When the reconciler marks c-1 as queued again, then a second time
+    first = running.messages.touch_if_lost(MAILING, "c-1", 101, touched_at, since)
+    second = running.messages.touch_if_lost(MAILING, "c-1", 101, touched_at, since)
+
+    # Then only the first holds: the message was touched after `since` by it
+    assert (first, second) == (True, False)
+
+
+def test_a_claimed_failed_or_other_message_is_not_marked_as_queued_again(running):
+    # Given c-1 claimed by a sender until LATER, c-3 failed
+    claim(running)
+    since, now = NOW + timedelta(minutes=1), LATER - timedelta(seconds=1)
+
+    # When the reconciler tries to mark them, or c-2 under another id
+    # Then none is marked: a sender, a final status or another message has it
+    assert not running.messages.touch_if_lost(MAILING, "c-1", 101, now, since)
+    assert not running.messages.touch_if_lost(MAILING, "c-3", 103, now, since)
+    assert not running.messages.touch_if_lost(MAILING, "c-2", 999, now, since)
+    assert running.messages.touch_if_lost(MAILING, "c-2", 102, now, since)

@@ -68,3 +68,25 @@ def test_next_opening_is_inside_the_window():
             opening = NIGHT.next_opening(moment, ZoneInfo(zone))
             assert opening >= moment
             assert NIGHT.contains(opening.astimezone(ZoneInfo(zone)).time())
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "open_all_along"),
+    [
+        ("2026-11-22T10:00:00+00:00", "2026-11-22T11:00:00+00:00", True),
+        # The window closes at 21:00 in the middle of the span
+        ("2026-11-22T20:30:00+00:00", "2026-11-22T21:30:00+00:00", False),
+        # Closed at the very end: the last moment counts
+        ("2026-11-22T20:00:00+00:00", "2026-11-22T21:00:00+00:00", False),
+        ("2026-11-22T08:00:00+00:00", "2026-11-22T10:00:00+00:00", False),
+    ],
+)
+def test_a_window_is_open_throughout_a_span_only_if_open_at_every_minute(
+    since, until, open_all_along
+):
+    # Given a 09:00-21:00 window in UTC and a span of time
+    # When asked whether it was open all along
+    answer = DAY.open_throughout(ZoneInfo("UTC"), at(since), at(until))
+
+    # Then it says so only when no minute of the span fell outside
+    assert answer is open_all_along

@@ -18,6 +18,8 @@ class _Stored:
     message: Message
     claim_id: str | None = None
     claim_until: datetime | None = None
+    # When a write last changed it (None: when it was created).
+    updated_at: datetime | None = None
 
 
 @dataclass
@@ -85,6 +87,7 @@ class MemoryMessageRepository:
                 return Claim(None, message)
             stored.message = replace(message, attempts=message.attempts + 1)
             stored.claim_id, stored.claim_until = claim_id, until
+            stored.updated_at = now
             return Claim(claim_id)
 
     def release(
@@ -108,6 +111,7 @@ class MemoryMessageRepository:
             attempts = stored.message.attempts - (0 if called else 1)
             stored.message = replace(stored.message, last_error=error, attempts=attempts)
             stored.claim_id = stored.claim_until = None
+            stored.updated_at = now
             return True
 
     def finish(self, mailing_id: str, outcomes: Sequence[Outcome], now: datetime) -> bool:
@@ -126,6 +130,22 @@ class MemoryMessageRepository:
             if not self._ours(mailing_id, replace(outcome, claim_id=None), now):
                 return False
             self._final(mailing_id, outcome, now)
+            return True
+
+    def touch_if_lost(
+        self, mailing_id: str, client_id: str, message_id: int, now: datetime, since: datetime
+    ) -> bool:
+        with self._lock:
+            stored = self._messages.get((mailing_id, client_id))
+            if (
+                stored is None
+                or stored.message.id != message_id
+                or stored.message.status is not MessageStatus.PENDING
+                or (stored.updated_at or stored.message.created_at) > since
+                or (stored.claim_until is not None and stored.claim_until >= now)
+            ):
+                return False
+            stored.updated_at = now
             return True
 
     def with_status(
@@ -162,6 +182,7 @@ class MemoryMessageRepository:
             for s in stored:
                 assert s is not None
                 s.message = replace(s.message, status=MessageStatus.PENDING)
+                s.updated_at = now
             mailing.counts[MessageStatus.FAILED] -= len(messages)
             mailing.counts[MessageStatus.PENDING] += len(messages)
             if reopen:
@@ -184,3 +205,4 @@ class MemoryMessageRepository:
         if outcome.error is not None:
             message = replace(message, last_error=outcome.error[:ERROR_LIMIT])
         stored.message, stored.claim_id, stored.claim_until = message, None, None
+        stored.updated_at = now

@@ -1,0 +1,434 @@
+"""The mailings table behind a repository that speaks domain `Mailing`s.
+
+Every write here is the one request the services made before (the same conditions, the same
+actions in the same order, counters as ADD), so the table sees the same traffic. A failed
+condition becomes `MailingChanged` and a missing item `MailingNotFound`; a transient error (a
+throttle, a transaction conflict, a 500) is raised as it came, for the caller's `Retry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Protocol, cast
+
+from pynamodb.attributes import UnicodeAttribute
+from pynamodb.connection import Connection
+from pynamodb.exceptions import DoesNotExist, PutError, TransactWriteError, UpdateError
+from pynamodb.expressions.condition import Condition
+from pynamodb.expressions.update import Action
+from pynamodb.transactions import TransactWrite
+
+from chalicelib.domain.audience import AudienceFilter
+from chalicelib.domain.mailing import (
+    Mailing,
+    MailingChanged,
+    MailingNotFound,
+    MailingStatus,
+    Message,
+    MessageCounts,
+    MessageStatus,
+    Schedule,
+)
+from chalicelib.domain.paging import PageOf
+from chalicelib.domain.send_window import SendWindow
+from chalicelib.pagination import Segment, fingerprint, index_query, paginate
+from chalicelib.storage.errors import is_conditional_failure
+from chalicelib.storage.models import (
+    DUE_KEY,
+    MAILING_LISTING_KEY,
+    MESSAGE_ID_SEQUENCE,
+    MailingRecord,
+    Models,
+    status_key,
+)
+
+_COUNTER_ATTRIBUTES = ["mailing_id", *(f"count_{status.value}" for status in MessageStatus)]
+_LISTING_KEYS = ("listing_key", "created_at", "mailing_id")
+
+
+class MailingRepository(Protocol):
+    """Where mailings live; every method is one request (or one transaction)."""
+
+    def add(self, mailing: Mailing) -> None:
+        """Store a new mailing; MailingChanged if its id is taken."""
+
+    def get(self, mailing_id: str) -> Mailing:
+        """The mailing as it is now (a consistent read); MailingNotFound if there is none."""
+
+    def get_many(self, mailing_ids: Sequence[str]) -> list[Mailing]:
+        """The mailings with these ids, in the order given; missing ones are left out."""
+
+    def counts(self, mailing_ids: Sequence[str]) -> list[MessageCounts]:
+        """The message counters of these mailings (only those are read)."""
+
+    def ids(self) -> list[str]:
+        """Every mailing's id, newest first."""
+
+    def page(self, *, limit: int, cursor: str | None) -> PageOf[Mailing]:
+        """One page of mailings, newest first."""
+
+    def due_ids(self, now: datetime, *, limit: int | None = None) -> list[str]:
+        """The ids of due mailings whose start is at or before `now`, earliest first."""
+
+    def save_fields(self, mailing: Mailing, *, before: datetime) -> Mailing:
+        """Write the fields a caller sets (text, dates, audience, window, `updated_at`), if
+        it is unchanged since `before` and still in its status; MailingChanged otherwise."""
+
+    def set_status(
+        self,
+        mailing_id: str,
+        current: MailingStatus,
+        target: MailingStatus,
+        now: datetime,
+        *,
+        off_due: bool = False,
+    ) -> Mailing:
+        """Move it from `current` to `target` (`off_due`: the scheduler never needs it
+        again); MailingChanged if it is no longer in `current`."""
+
+    def delete(self, mailing_id: str) -> None:
+        """Remove the mailing (its messages stay until their expiry)."""
+
+    def take_lease(
+        self,
+        mailing_id: str,
+        owner: str,
+        now: datetime,
+        until: datetime,
+        *,
+        current: MailingStatus,
+        start: MailingStatus | None,
+    ) -> Mailing:
+        """Hold the due mailing's lease for `owner` until `until` (free, expired, or its own
+        already); with `start`, move it from `current` to `start` in the same write.
+        MailingChanged if the lease is held, it is no longer due, or its status moved."""
+
+    def release_lease(self, mailing_id: str, owner: str) -> None:
+        """Give `owner`'s lease back; MailingChanged if `owner` no longer holds it."""
+
+    def close_fan_out(self, mailing_id: str, owner: str) -> Mailing:
+        """Mark its audience walked (nobody more is added); MailingChanged without the lease."""
+
+    def commit_fan_out_page(
+        self,
+        mailing_id: str,
+        owner: str,
+        *,
+        cursor: str | None,
+        next_cursor: str | None,
+        messages: Sequence[Message],
+        expires_at: datetime,
+        lease_until: datetime,
+        token: str,
+    ) -> None:
+        """One transaction: create `messages` (each only if new), add them to the pending
+        counter, move the checkpoint from `cursor` to `next_cursor` (None: the fan-out is
+        done) and extend the lease. MailingChanged if the lease or the checkpoint moved or a
+        message exists. Tries with the same `token` are applied once."""
+
+    def finish(self, mailing_id: str, owner: str, final: MailingStatus) -> None:
+        """Settle it in `final` and take it off the due index, if `owner` holds the lease and
+        nothing is pending; MailingChanged otherwise."""
+
+    def reserve_message_ids(self, count: int) -> int:
+        """Reserve `count` consecutive message ids nobody else gets; the first of them."""
+
+    def save_quiet(self, mailing_id: str, owner: str, mark: str, since: datetime) -> Mailing:
+        """Count the mailing quiet from `since` at counters `mark`, with no reconciler pass
+        under way; MailingChanged if `owner` no longer holds the lease."""
+
+    def save_reconcile_position(self, mailing_id: str, owner: str, after: int) -> Mailing:
+        """Where the reconciler's pass stands (a message id); MailingChanged without the lease."""
+
+
+class DynamoMailingRepository:
+    """MailingRepository on the stage's DynamoDB tables."""
+
+    def __init__(self, models: Models, connection: Connection) -> None:
+        self._record = models.Mailing
+        self._message = models.Message
+        self._sequence = models.Sequence
+        self._connection = connection
+
+    # ---------------------------------------------------------------- reads
+
+    def get(self, mailing_id: str) -> Mailing:
+        try:
+            return _to_domain(self._record.get(mailing_id, consistent_read=True))
+        except DoesNotExist:
+            raise MailingNotFound(mailing_id) from None
+
+    def get_many(self, mailing_ids: Sequence[str]) -> list[Mailing]:
+        return [_to_domain(record) for record in self._records(mailing_ids)]
+
+    def counts(self, mailing_ids: Sequence[str]) -> list[MessageCounts]:
+        return [_counts_of(r) for r in self._records(mailing_ids, _COUNTER_ATTRIBUTES)]
+
+    def ids(self) -> list[str]:
+        keys = self._record.by_created.query(MAILING_LISTING_KEY, scan_index_forward=False)
+        return [key.mailing_id for key in keys]
+
+    def page(self, *, limit: int, cursor: str | None) -> PageOf[Mailing]:
+        query = index_query(self._record.by_created.query, MAILING_LISTING_KEY, forward=False)
+        ids, next_cursor = paginate(
+            [Segment(query, _LISTING_KEYS)], fingerprint("mailings"), cursor, limit, _mailing_id
+        )
+        return PageOf(self.get_many(ids), next_cursor)
+
+    def due_ids(self, now: datetime, *, limit: int | None = None) -> list[str]:
+        condition = self._record.start_at <= now.astimezone(UTC)
+        if limit is None:
+            keys = self._record.due.query(DUE_KEY, condition)
+        else:
+            keys = self._record.due.query(DUE_KEY, condition, limit=limit, page_size=limit)
+        return [key.mailing_id for key in keys]
+
+    def _records(
+        self, mailing_ids: Sequence[str], attributes: list[str] | None = None
+    ) -> list[MailingRecord]:
+        """Records by id, in the order given (the listing indexes hold keys only)."""
+        found = {
+            record.mailing_id: record
+            for record in self._record.batch_get(mailing_ids, attributes_to_get=attributes)
+        }
+        return [found[i] for i in mailing_ids if i in found]
+
+    # ---------------------------------------------------------------- a caller's writes
+
+    def add(self, mailing: Mailing) -> None:
+        record = self._record(
+            mailing.id,
+            status=mailing.status.value,
+            created_at=mailing.created_at,
+            listing_key=MAILING_LISTING_KEY,
+            due_key=DUE_KEY if mailing.schedule.due else None,
+        )
+        _set_fields(record, mailing)
+        with _changed(PutError):
+            record.save(condition=self._record.mailing_id.does_not_exist())
+
+    def save_fields(self, mailing: Mailing, *, before: datetime) -> Mailing:
+        M = self._record
+        record = M(mailing.id)
+        _set_fields(record, mailing)
+        # Only the caller's fields, never a whole-item save: senders move the counters meanwhile.
+        actions: list[Action] = [
+            M.text.set(record.text),
+            M.start_at.set(record.start_at),
+            M.end_at.set(record.end_at),
+            M.operator_codes.set(record.operator_codes),
+            M.tags.set(record.tags),
+            M.updated_at.set(record.updated_at),
+        ]
+        if record.window_start is None or record.window_end is None:
+            actions += [M.window_start.remove(), M.window_end.remove()]
+        else:
+            actions += [
+                M.window_start.set(record.window_start),
+                M.window_end.set(record.window_end),
+            ]
+        condition = (M.updated_at == before) & (M.status == mailing.status.value)
+        return self._update(record, actions, condition)
+
+    def set_status(
+        self,
+        mailing_id: str,
+        current: MailingStatus,
+        target: MailingStatus,
+        now: datetime,
+        *,
+        off_due: bool = False,
+    ) -> Mailing:
+        M = self._record
+        actions: list[Action] = [M.status.set(target.value), M.updated_at.set(now)]
+        if off_due:
+            actions.append(M.due_key.remove())
+        return self._update(M(mailing_id), actions, M.status == current.value)
+
+    def delete(self, mailing_id: str) -> None:
+        self._record(mailing_id).delete()
+
+    # ---------------------------------------------------------------- the scheduler's writes
+
+    def take_lease(
+        self,
+        mailing_id: str,
+        owner: str,
+        now: datetime,
+        until: datetime,
+        *,
+        current: MailingStatus,
+        start: MailingStatus | None,
+    ) -> Mailing:
+        M = self._record
+        actions: list[Action] = [M.lease_owner.set(owner), M.lease_until.set(until)]
+        # Ours already: a retried write whose first try was applied after all (a 500).
+        condition = M.due_key.exists() & (
+            M.lease_until.does_not_exist() | (M.lease_until < now) | (M.lease_owner == owner)
+        )
+        if start is not None:
+            actions.append(M.status.set(start.value))
+            condition &= M.status == current.value
+        return self._update(M(mailing_id), actions, condition)
+
+    def release_lease(self, mailing_id: str, owner: str) -> None:
+        M = self._record
+        with _changed(UpdateError):
+            M(mailing_id).update(
+                actions=[M.lease_owner.remove(), M.lease_until.remove()],
+                condition=M.lease_owner == owner,
+            )
+
+    def close_fan_out(self, mailing_id: str, owner: str) -> Mailing:
+        M = self._record
+        return self._update(M(mailing_id), [M.fanout_done.set(True)], M.lease_owner == owner)
+
+    def commit_fan_out_page(
+        self,
+        mailing_id: str,
+        owner: str,
+        *,
+        cursor: str | None,
+        next_cursor: str | None,
+        messages: Sequence[Message],
+        expires_at: datetime,
+        lease_until: datetime,
+        token: str,
+    ) -> None:
+        M, Record = self._record, self._message
+        records = [
+            Record(
+                mailing_id,
+                message.client_id,
+                message_id=message.id,
+                phone=message.phone,
+                status=message.status.value,
+                status_key=status_key(mailing_id, message.status.value),
+                created_at=message.created_at,
+                updated_at=message.created_at,
+                attempts=message.attempts,
+                expires_at=expires_at,
+            )
+            for message in messages
+        ]
+        checkpoint = (
+            M.fanout_cursor.does_not_exist() if cursor is None else M.fanout_cursor == cursor
+        )
+        actions: list[Action] = [M.count_pending.add(len(records)), M.lease_until.set(lease_until)]
+        if next_cursor is None:
+            actions.append(M.fanout_done.set(True))
+        else:
+            actions.append(M.fanout_cursor.set(next_cursor))
+        with (
+            _changed(TransactWriteError),
+            TransactWrite(connection=self._connection, client_request_token=token) as tx,
+        ):
+            for record in records:
+                tx.save(record, condition=Record.client_id.does_not_exist())
+            tx.update(
+                M(mailing_id), actions=actions, condition=(M.lease_owner == owner) & checkpoint
+            )
+
+    def finish(self, mailing_id: str, owner: str, final: MailingStatus) -> None:
+        M = self._record
+        self._update(
+            M(mailing_id),
+            [M.status.set(final.value), M.due_key.remove(), M.fanout_done.set(True)],
+            (M.lease_owner == owner) & (M.count_pending == 0),
+        )
+
+    def reserve_message_ids(self, count: int) -> int:
+        S = self._sequence
+        sequence = S(MESSAGE_ID_SEQUENCE)
+        sequence.update(actions=[S.value.add(count)])
+        return int(sequence.value) - count + 1
+
+    def save_quiet(self, mailing_id: str, owner: str, mark: str, since: datetime) -> Mailing:
+        M = self._record
+        actions = [M.quiet_mark.set(mark), M.quiet_since.set(since), M.reconcile_after.remove()]
+        return self._update(M(mailing_id), actions, M.lease_owner == owner)
+
+    def save_reconcile_position(self, mailing_id: str, owner: str, after: int) -> Mailing:
+        M = self._record
+        return self._update(M(mailing_id), [M.reconcile_after.set(after)], M.lease_owner == owner)
+
+    def _update(
+        self, record: MailingRecord, actions: Sequence[Action], condition: Condition
+    ) -> Mailing:
+        """One conditional UpdateItem; the mailing as the write left it."""
+        with _changed(UpdateError):
+            record.update(actions=list(actions), condition=condition)
+        return _to_domain(record)
+
+
+@contextmanager
+def _changed(error: type[Exception]) -> Iterator[None]:
+    """A failed condition of `error` becomes MailingChanged; anything else goes on as it is."""
+    try:
+        yield
+    except error as exc:
+        if is_conditional_failure(exc):
+            raise MailingChanged(str(exc)) from None
+        raise
+
+
+def _set_fields(record: MailingRecord, mailing: Mailing) -> None:
+    record.text = mailing.text
+    record.start_at = mailing.start_at.astimezone(UTC)
+    record.end_at = mailing.end_at.astimezone(UTC)
+    record.operator_codes = _as_stored(mailing.audience.operator_codes)
+    record.tags = _as_stored(mailing.audience.tags)
+    if mailing.send_window is None:
+        record.window_start = record.window_end = None
+    else:
+        record.window_start, record.window_end = mailing.send_window.to_minutes()
+    record.updated_at = mailing.updated_at
+
+
+def _to_domain(record: MailingRecord) -> Mailing:
+    window = None
+    if record.window_start is not None and record.window_end is not None:
+        window = SendWindow.from_minutes(int(record.window_start), int(record.window_end))
+    return Mailing(
+        id=record.mailing_id,
+        text=record.text,
+        start_at=record.start_at,
+        end_at=record.end_at,
+        audience=AudienceFilter(_strings(record.operator_codes), _strings(record.tags)),
+        send_window=window,
+        status=MailingStatus(record.status),
+        counts=_counts_of(record),
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        schedule=Schedule(
+            due=record.due_key is not None,
+            fanout_cursor=record.fanout_cursor,
+            fanout_done=bool(record.fanout_done),
+            quiet_mark=record.quiet_mark,
+            quiet_since=record.quiet_since,
+            reconcile_after=(
+                None if record.reconcile_after is None else int(record.reconcile_after)
+            ),
+        ),
+    )
+
+
+def _as_stored(values: tuple[str, ...]) -> list[UnicodeAttribute]:
+    # PynamoDB types a ListAttribute(of=UnicodeAttribute) as a list of attributes; it holds str.
+    return cast("list[UnicodeAttribute]", list(values))
+
+
+def _strings(values: list[UnicodeAttribute] | None) -> tuple[str, ...]:
+    return tuple(cast("list[str]", values or []))
+
+
+def _counts_of(record: MailingRecord) -> MessageCounts:
+    return MessageCounts(
+        **{s.value: int(getattr(record, f"count_{s.value}") or 0) for s in MessageStatus}
+    )
+
+
+def _mailing_id(key: MailingRecord) -> str:
+    return key.mailing_id
