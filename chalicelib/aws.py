@@ -33,24 +33,3 @@ def client(service: str, settings: Settings) -> Any:
 def reset() -> None:
     """Forget cached sessions (tests start a fresh emulator per test)."""
     _session.cache_clear()
-
-
-@cache
-def share_botocore_data() -> None:
-    """Make PynamoDB's per-connection botocore sessions share one data loader.
-
-    PynamoDB opens a botocore session per model class, and each would parse the DynamoDB
-    service description again (~0.2 s apiece): a second of every cold start for five tables.
-    """
-    import botocore.loaders
-    import botocore.session
-    import pynamodb.connection.base as pynamodb_base
-
-    loader = botocore.loaders.create_loader()
-
-    def get_session() -> botocore.session.Session:
-        session = botocore.session.get_session()
-        session.register_component("data_loader", loader)
-        return session
-
-    pynamodb_base.get_session = get_session

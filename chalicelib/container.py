@@ -10,8 +10,6 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
-from pynamodb.connection import Connection
-
 from chalicelib import aws, logs
 from chalicelib.auth import Verifier, build_verifier
 from chalicelib.gateway import GatewayClient
@@ -37,7 +35,7 @@ from chalicelib.storage.idempotency import DynamoIdempotencyKeys
 from chalicelib.storage.imports import DynamoImportRepository
 from chalicelib.storage.mailings import DynamoMailingRepository
 from chalicelib.storage.messages import DynamoMessageRepository
-from chalicelib.storage.models import Models, build_models
+from chalicelib.storage.models import Models, build_models, connection_for
 
 
 def utc_now() -> datetime:
@@ -125,7 +123,7 @@ class Services:
         `report_sinks` get the daily report after SES (the local stack's outbox)."""
         models = build_models(settings)
         secrets = Secrets(settings)
-        connection = Connection(region=settings.aws_region)
+        connection = connection_for(settings)
         queues = Queues(
             sqs=sqs if sqs is not None else _LazyClient("sqs", settings),
             send_url=settings.send_queue_url,
@@ -187,7 +185,7 @@ class Services:
                 retry=writes,
             ),
             sender=Sender(
-                models=models,
+                mailings=mailing_records,
                 messages=messages,
                 clients=clients,
                 queues=queues,

@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from botocore.exceptions import ClientError
 from chalice import Blueprint, Chalice, Response
 from pydantic import BaseModel, ValidationError
-from pynamodb.exceptions import PynamoDBException
 
 from chalicelib import logs, roles
 from chalicelib.errors import (
@@ -492,7 +490,7 @@ def unexpected_error(exc: Exception, method: str, path: str) -> Response:
         return response
     # A transaction cancelled for a conflict, or a throttle left after the SDK's own retries:
     # nothing was written, so the same request may succeed when sent again.
-    if isinstance(exc, (PynamoDBException, ClientError)) and is_transient(exc):
+    if is_transient(exc):
         logger.warning("storage busy during %s %s: %s", method, path, error_code(exc))
         return error_response(503, "unavailable", "storage is busy; retry shortly")
     logger.exception("unhandled error during %s %s", method, path)

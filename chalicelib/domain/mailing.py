@@ -266,6 +266,15 @@ class MailingNotFound(NotFound):
         self.mailing_id = mailing_id
 
 
+class MailingUnusable(Exception):
+    """The stored mailing cannot be sent from: its record is corrupt or of an older schema.
+    `problem` says what is wrong, in words an operator reads on the failed message."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
 class MailingChanged(Exception):
     """A conditional write found the mailing other than expected: another request or worker
     changed it meanwhile, holds its lease, or it is gone. An answer, never worth a retry."""

@@ -10,9 +10,9 @@ from dataclasses import replace
 from chalicelib.domain import AudienceFilter, Client, Clock, PageOf
 from chalicelib.domain.client import ClientFields, ClientNotFound, Recipient
 from chalicelib.errors import NotFound
-from chalicelib.pagination import Segment
 from chalicelib.storage.clients import BATCH_READ_RETRY, ClientRepository, DynamoClientRepository
 from chalicelib.storage.errors import Retry
+from chalicelib.storage.pagination import Segment
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pynamodb.exceptions import DoesNotExist
 
 from chalicelib import logs
 from chalicelib.domain import (
@@ -42,7 +41,6 @@ from chalicelib.domain import (
     MailingStatus,
     Message,
     MessageStatus,
-    SendWindow,
 )
 from chalicelib.domain.delivery_policy import (
     Decision,
@@ -56,6 +54,7 @@ from chalicelib.domain.delivery_policy import (
     too_late,
 )
 from chalicelib.domain.gateway_answer import GatewayResult
+from chalicelib.domain.mailing import Mailing, MailingNotFound, MailingUnusable
 from chalicelib.domain.rate_limit import Kind, classify, unreachable
 from chalicelib.domain.text import personalise
 from chalicelib.gateway import GatewayClient
@@ -80,7 +79,7 @@ from chalicelib.services.throttle import (
 )
 from chalicelib.settings import OUTCOME_WRITE_SECONDS, Settings, SettingsError
 from chalicelib.storage.errors import Retry, is_transient
-from chalicelib.storage.models import Models
+from chalicelib.storage.mailings import MailingRepository
 
 logger = logging.getLogger(__name__)
 
@@ -107,31 +106,6 @@ UNREACHABLE_RUN = 2
 Remaining = Callable[[], float]
 LogIds = dict[str, str | int | float]  # a log line's ids (mailing, client, message) and more
 Step_ = TypeVar("Step_")
-
-
-class SendableMailing(Protocol):
-    """What the sender reads of a stored mailing (possibly corrupt: see mailing_record_problem)."""
-
-    @property
-    def text(self) -> str: ...
-    @property
-    def start_at(self) -> datetime: ...
-    @property
-    def end_at(self) -> datetime: ...
-    @property
-    def status(self) -> str: ...
-    @property
-    def window_start(self) -> float | None: ...
-    @property
-    def window_end(self) -> float | None: ...
-    @property
-    def updated_at(self) -> datetime: ...
-    @property
-    def fanout_done(self) -> bool | None: ...
-    @property
-    def due_key(self) -> str | None: ...
-    @property
-    def count_pending(self) -> float | None: ...
 
 
 def countdown(seconds: float) -> Remaining:
@@ -216,15 +190,15 @@ class _MailingWatch:
 
     def __init__(
         self,
-        read: Callable[[], SendableMailing | None],
+        read: Callable[[], Mailing | None],
         remaining: Remaining,
-        mailing: SendableMailing | None,
+        mailing: Mailing | None,
     ) -> None:
         self._read, self._remaining = read, remaining
         self._mailing, self._read_at = mailing, remaining()
         self._lock = threading.Lock()
 
-    def current(self) -> SendableMailing | None:
+    def current(self) -> Mailing | None:
         with self._lock:
             now = self._remaining()
             if self._read_at - now >= STATUS_MAX_AGE_SECONDS:
@@ -286,7 +260,7 @@ class _Job:
     batch: JobBatch
     job: SendJob
     run: _Delivery
-    mailing: SendableMailing | None
+    mailing: Mailing | None
     client: Client | None
     # The attempt the policy decides on (None: the mailing cannot be used).
     attempt: DeliveryAttempt | None
@@ -353,7 +327,7 @@ class Sender:
 
     def __init__(
         self,
-        models: Models,
+        mailings: MailingRepository,
         messages: MessageStore,
         clients: ClientDirectory,
         queues: Queues,
@@ -366,7 +340,7 @@ class Sender:
         wait_until: Callable[[datetime], None],
         metrics: MetricsWriter,
     ) -> None:
-        self._models = models
+        self._mailings = mailings
         self._messages = messages
         self._clients = clients
         self._queues = queues
@@ -449,7 +423,7 @@ class Sender:
             self._queues.enqueue(coalesce(report.requeued, self._settings.jobs_per_message))
         if (
             mailing is not None
-            and mailing.fanout_done
+            and mailing.schedule.fanout_done
             and any(r in _TERMINAL for r in report.results)
         ):
             self._kick_if_drained(batch.mailing_id, read_retry)
@@ -669,7 +643,7 @@ class Sender:
                 raise
             logger.info("mailing unreadable for now; its next tick finishes it", exc_info=True)
             return
-        if fresh is not None and fresh.due_key is not None and int(fresh.count_pending or 0) == 0:
+        if fresh is not None and fresh.schedule.due and fresh.counts.pending == 0:
             self._queues.kick([mailing_id])
 
     def _cleared(self, item: _Job) -> _Done | None:
@@ -689,11 +663,11 @@ class Sender:
             mailing = None
         if mailing is None:  # deleted, unusable or unreadable: the next delivery says which
             return self._give_back(item)
-        if mailing.status == MailingStatus.CANCELLED.value:
+        if mailing.status is MailingStatus.CANCELLED:
             return self._finish(item, MessageStatus.CANCELLED, item.claim, "mailing cancelled")
-        if mailing.status == MailingStatus.PAUSED.value:
+        if mailing.status is MailingStatus.PAUSED:
             self._unclaim(item)
-            attempt = replace(item.policy_attempt, paused_since=_paused_since(mailing))
+            attempt = replace(item.policy_attempt, paused_since=mailing.updated_at)
             return self._settle(item, paused(attempt, self._clock()))
         return None
 
@@ -927,20 +901,15 @@ class Sender:
 
     def _mailing_checked(
         self, mailing_id: str, retry: Retry
-    ) -> tuple[SendableMailing | None, str | None, bool]:
+    ) -> tuple[Mailing | None, str | None, bool]:
         """The mailing if it can be sent from, else None and what is wrong with its record;
         and whether the record exists at all. A read that keeps failing transiently raises."""
         try:
-            item = retry(lambda: self._models.Mailing.get(mailing_id, consistent_read=True))
-        except DoesNotExist:
+            return retry(lambda: self._mailings.get_for_sending(mailing_id)), None, True
+        except MailingNotFound:
             return None, "mailing record is missing (the mailing was deleted)", False
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            # Corrupt beyond deserialising.
-            return None, f"mailing record is unreadable: {type(exc).__name__}", True
-        problem = mailing_record_problem(item)
-        return (None, problem, True) if problem else (item, None, True)
+        except MailingUnusable as unusable:
+            return None, unusable.problem, True
 
     def _fail_without_mailing(self, item: _Job, now: datetime, log: LogIds) -> _Done:
         """The mailing record is missing or unusable: the message fails with the reason."""
@@ -966,16 +935,10 @@ def _moment(epoch_seconds: float) -> datetime:
     return datetime.fromtimestamp(epoch_seconds, UTC)
 
 
-def _paused_since(mailing: SendableMailing) -> datetime | None:
-    """When the mailing was paused (its last change), if its record says."""
-    since = getattr(mailing, "updated_at", None)
-    return since if isinstance(since, datetime) else None
-
-
 def _attempt_of(
     mailing_id: str,
     job: SendJob,
-    mailing: SendableMailing | None,
+    mailing: Mailing | None,
     client: Client | None,
     problem: str | None,
 ) -> DeliveryAttempt | None:
@@ -988,10 +951,10 @@ def _attempt_of(
         message_id=job.message_id,
         retries=job.retries,
         last_error=job.last_error,
-        mailing_status=MailingStatus(mailing.status),
+        mailing_status=mailing.status,
         end_at=mailing.end_at,
-        window=_window_of(mailing),
-        paused_since=_paused_since(mailing),
+        window=mailing.send_window,
+        paused_since=mailing.updated_at,
         client_found=client is not None,
         timezone="UTC" if client is None else client.timezone,
         opted_out=client is not None and bool(client.opted_out),
@@ -1009,28 +972,3 @@ def _with_ids(step: Callable[..., Step_], item: _Job, *args: object) -> Step_:
     """Run one job's step with its ids on every log line, the gateway client's included."""
     with logs.bind(**Sender._log(item), attempt=item.job.retries + 1):
         return step(item, *args)
-
-
-def mailing_record_problem(item: SendableMailing) -> str | None:
-    """What makes a stored mailing unusable for sending (corrupt or older schema), if anything."""
-    problems = []
-    if not isinstance(item.text, str) or not item.text.strip():
-        problems.append("text is missing")
-    if not isinstance(item.start_at, datetime) or not isinstance(item.end_at, datetime):
-        problems.append("start or end is missing")
-    if item.status not in {status.value for status in MailingStatus}:
-        problems.append("status is unknown")
-    window = (item.window_start, item.window_end)
-    if window != (None, None) and not all(
-        isinstance(m, (int, float)) and 0 <= m < 24 * 60 for m in window
-    ):
-        problems.append("send window is invalid")
-    if not problems:
-        return None
-    return "mailing record is corrupt: " + ", ".join(problems)
-
-
-def _window_of(mailing: SendableMailing) -> SendWindow | None:
-    if mailing.window_start is None or mailing.window_end is None:
-        return None
-    return SendWindow.from_minutes(int(mailing.window_start), int(mailing.window_end))

@@ -33,13 +33,13 @@ from chalicelib.domain.mailing import (
     transition,
 )
 from chalicelib.errors import Conflict, ServiceUnavailable, ValidationFailed
-from chalicelib.pagination import Segment, fingerprint, index_query, paginate
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
 from chalicelib.services.reconciler import LOST_JOB_AFTER
 from chalicelib.storage.errors import PATIENT, Retry, looks_like_id
 from chalicelib.storage.mailings import MailingRepository
 from chalicelib.storage.models import MessageRecord, Models, status_key
+from chalicelib.storage.pagination import Segment, fingerprint, index_query, paginate
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,6 @@ from chalicelib.domain.mailing import (
     transition,
 )
 from chalicelib.metrics import MetricsWriter
-from chalicelib.pagination import Position, decode_cursor, encode_cursor, fingerprint, read_page
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import Queues, job_batches
@@ -47,6 +46,13 @@ from chalicelib.services.reconciler import Reconciler
 from chalicelib.settings import Settings
 from chalicelib.storage.errors import PATIENT, Retry
 from chalicelib.storage.mailings import MailingRepository
+from chalicelib.storage.pagination import (
+    Position,
+    decode_cursor,
+    encode_cursor,
+    fingerprint,
+    read_page,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any, Protocol
 
 from chalicelib.domain.audit import Actor, AuditEntry
 from chalicelib.domain.paging import PageOf
-from chalicelib.pagination import RawKey, Segment, fingerprint, paginate
 from chalicelib.storage.models import AUDIT_LISTING_KEY, AuditEntryRecord
+from chalicelib.storage.pagination import RawKey, Segment, fingerprint, paginate
 
 
 class AuditTrail(Protocol):

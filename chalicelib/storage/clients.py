@@ -29,16 +29,6 @@ from chalicelib.domain.client import (
     client_problem,
 )
 from chalicelib.domain.paging import PageOf
-from chalicelib.pagination import (
-    Position,
-    Segment,
-    decode_cursor,
-    encode_cursor,
-    fingerprint,
-    index_query,
-    paginate,
-    read_page,
-)
 from chalicelib.storage.errors import (
     Retry,
     TryAgain,
@@ -53,6 +43,16 @@ from chalicelib.storage.models import (
     tag_key,
     tag_prefix,
     tag_sort_key,
+)
+from chalicelib.storage.pagination import (
+    Position,
+    Segment,
+    decode_cursor,
+    encode_cursor,
+    fingerprint,
+    index_query,
+    paginate,
+    read_page,
 )
 
 logger = logging.getLogger(__name__)

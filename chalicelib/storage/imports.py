@@ -36,7 +36,6 @@ from chalicelib.domain.client_import import (
 )
 from chalicelib.domain.paging import PageOf
 from chalicelib.errors import StorageBusy
-from chalicelib.pagination import Segment, fingerprint, index_query, paginate
 from chalicelib.storage.clients import client_record
 from chalicelib.storage.errors import CONDITION_FAILED, busy_if_transient, is_conditional_failure
 from chalicelib.storage.models import (
@@ -48,6 +47,7 @@ from chalicelib.storage.models import (
     import_chunk_part,
     import_invalid_part,
 )
+from chalicelib.storage.pagination import Segment, fingerprint, index_query, paginate
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from chalicelib.domain.mailing import (
     MailingChanged,
     MailingNotFound,
     MailingStatus,
+    MailingUnusable,
     Message,
     MessageCounts,
     MessageStatus,
@@ -33,8 +34,7 @@ from chalicelib.domain.mailing import (
 )
 from chalicelib.domain.paging import PageOf
 from chalicelib.domain.send_window import SendWindow
-from chalicelib.pagination import Segment, fingerprint, index_query, paginate
-from chalicelib.storage.errors import is_conditional_failure
+from chalicelib.storage.errors import is_conditional_failure, is_transient
 from chalicelib.storage.models import (
     DUE_KEY,
     MAILING_LISTING_KEY,
@@ -43,6 +43,7 @@ from chalicelib.storage.models import (
     Models,
     status_key,
 )
+from chalicelib.storage.pagination import Segment, fingerprint, index_query, paginate
 
 _COUNTER_ATTRIBUTES = ["mailing_id", *(f"count_{status.value}" for status in MessageStatus)]
 _LISTING_KEYS = ("listing_key", "created_at", "mailing_id")
@@ -56,6 +57,10 @@ class MailingRepository(Protocol):
 
     def get(self, mailing_id: str) -> Mailing:
         """The mailing as it is now (a consistent read); MailingNotFound if there is none."""
+
+    def get_for_sending(self, mailing_id: str) -> Mailing:
+        """As `get`, for a sender: MailingUnusable, naming what is wrong, when the stored
+        record cannot be sent from (corrupt or of an older schema)."""
 
     def get_many(self, mailing_ids: Sequence[str]) -> list[Mailing]:
         """The mailings with these ids, in the order given; missing ones are left out."""
@@ -159,6 +164,21 @@ class DynamoMailingRepository:
             return _to_domain(self._record.get(mailing_id, consistent_read=True))
         except DoesNotExist:
             raise MailingNotFound(mailing_id) from None
+
+    def get_for_sending(self, mailing_id: str) -> Mailing:
+        try:
+            record = self._record.get(mailing_id, consistent_read=True)
+        except DoesNotExist:
+            raise MailingNotFound(mailing_id) from None
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            # Corrupt beyond deserialising.
+            raise MailingUnusable(f"mailing record is unreadable: {type(exc).__name__}") from None
+        problem = _record_problem(record)
+        if problem:
+            raise MailingUnusable(problem)
+        return _to_domain(record)
 
     def get_many(self, mailing_ids: Sequence[str]) -> list[Mailing]:
         return [_to_domain(record) for record in self._records(mailing_ids)]
@@ -385,6 +405,28 @@ def _set_fields(record: MailingRecord, mailing: Mailing) -> None:
     else:
         record.window_start, record.window_end = mailing.send_window.to_minutes()
     record.updated_at = mailing.updated_at
+
+
+def _record_problem(record: MailingRecord) -> str | None:
+    """What makes a stored mailing unusable for sending (corrupt or older schema), if anything."""
+    problems = []
+    text: object = record.text
+    if not isinstance(text, str) or not text.strip():
+        problems.append("text is missing")
+    start_at: object = record.start_at
+    end_at: object = record.end_at
+    if not isinstance(start_at, datetime) or not isinstance(end_at, datetime):
+        problems.append("start or end is missing")
+    if record.status not in {status.value for status in MailingStatus}:
+        problems.append("status is unknown")
+    window: tuple[object, object] = (record.window_start, record.window_end)
+    if window != (None, None) and not all(
+        isinstance(m, (int, float)) and 0 <= m < 24 * 60 for m in window
+    ):
+        problems.append("send window is invalid")
+    if not problems:
+        return None
+    return "mailing record is corrupt: " + ", ".join(problems)
 
 
 def _to_domain(record: MailingRecord) -> Mailing:

@@ -40,10 +40,10 @@ from pynamodb.attributes import (
     UTCDateTimeAttribute,
     VersionAttribute,
 )
+from pynamodb.connection import Connection
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
 from pynamodb.models import Model
 
-from chalicelib.aws import share_botocore_data
 from chalicelib.settings import Settings
 
 # Tags cannot contain control characters, so this one separates tag and client id in a sort key.
@@ -417,7 +417,7 @@ def _bound(record: type[R], table_name: str, region: str) -> type[R]:
 @cache
 def build_models(settings: Settings) -> Models:
     """Record classes bound to the tables named by `settings` (cached per settings)."""
-    share_botocore_data()
+    _share_botocore_data()
 
     def bound(record: type[R]) -> type[R]:
         return _bound(record, settings.table_name(record.Meta.table_name), settings.aws_region)
@@ -442,3 +442,29 @@ def create_tables(models: Models) -> list[str]:
             model.create_table(wait=True)
             created.append(model.Meta.table_name)
     return created
+
+
+@cache
+def _share_botocore_data() -> None:
+    """Make PynamoDB's per-connection botocore sessions share one data loader.
+
+    PynamoDB opens a botocore session per model class, and each would parse the DynamoDB
+    service description again (~0.2 s apiece): a second of every cold start for five tables.
+    """
+    import botocore.loaders
+    import botocore.session
+    import pynamodb.connection.base as pynamodb_base
+
+    loader = botocore.loaders.create_loader()
+
+    def get_session() -> botocore.session.Session:
+        session = botocore.session.get_session()
+        session.register_component("data_loader", loader)
+        return session
+
+    pynamodb_base.get_session = get_session  # type: ignore[attr-defined]
+
+
+def connection_for(settings: Settings) -> Connection:
+    """A low-level PynamoDB connection (transactions, batch reads) in the stage's region."""
+    return Connection(region=settings.aws_region)

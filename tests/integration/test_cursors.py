@@ -17,8 +17,8 @@ from urllib.parse import quote
 
 import pytest
 
-from chalicelib.pagination import fingerprint
 from chalicelib.storage.models import status_key
+from chalicelib.storage.pagination import fingerprint
 from tests.conftest import API_TOKEN, AUTH, body
 
 CURSOR_ERROR = "cursor is not valid; start again without it"

@@ -9,9 +9,9 @@ import botocore.client
 import pytest
 
 from chalicelib.domain import AudienceFilter
-from chalicelib.pagination import Position, read_page
 from chalicelib.services.clients import ClientFields
 from chalicelib.services.mailings import MailingFields
+from chalicelib.storage.pagination import Position, read_page
 
 
 @pytest.fixture

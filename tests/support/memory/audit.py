@@ -7,7 +7,7 @@ from datetime import datetime
 
 from chalicelib.domain.audit import AuditEntry
 from chalicelib.domain.paging import PageOf
-from chalicelib.pagination import fingerprint, invalid_cursor
+from chalicelib.storage.pagination import fingerprint, invalid_cursor
 
 
 class MemoryAuditTrail:

@@ -7,9 +7,9 @@ from datetime import datetime
 
 from chalicelib.domain import AudienceFilter, Client, PageOf
 from chalicelib.domain.client import ClientChanged, ClientNotFound, PhoneTaken, Recipient
-from chalicelib.pagination import invalid_cursor
 from chalicelib.storage.clients import BATCH_READ_RETRY, AudienceSummary
 from chalicelib.storage.errors import Retry
+from chalicelib.storage.pagination import invalid_cursor
 
 
 def offset_cursor(scope: str, offset: int) -> str:

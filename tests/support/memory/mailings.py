@@ -40,6 +40,10 @@ class MemoryMailingRepository:
             raise MailingNotFound(mailing_id)
         return stored.mailing
 
+    def get_for_sending(self, mailing_id: str) -> Mailing:
+        # A mailing kept in memory is always a whole domain value: never unusable.
+        return self.get(mailing_id)
+
     def get_many(self, mailing_ids: Sequence[str]) -> list[Mailing]:
         return [self._items[i].mailing for i in mailing_ids if i in self._items]
 
