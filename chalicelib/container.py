@@ -142,7 +142,6 @@ class Services:
         )
         mailing_records = DynamoMailingRepository(models, connection)
         mailings = MailingService(
-            models=models,
             clock=clock,
             queues=queues,
             messages=messages,

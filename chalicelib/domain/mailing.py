@@ -291,3 +291,13 @@ class Message:
     sent_at: datetime | None
     attempts: int
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class MessageChange:
+    """A message's history as its record keeps it: when it was created and, once it left
+    `pending`, to what status and when (the timeline is rebuilt from these)."""
+
+    created_at: datetime
+    status: MessageStatus
+    changed_at: datetime | None

@@ -38,8 +38,6 @@ from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batche
 from chalicelib.services.reconciler import LOST_JOB_AFTER
 from chalicelib.storage.errors import PATIENT, Retry, looks_like_id
 from chalicelib.storage.mailings import MailingRepository
-from chalicelib.storage.models import MessageRecord, Models, status_key
-from chalicelib.storage.pagination import Segment, fingerprint, index_query, paginate
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +66,6 @@ class MailingService:
 
     def __init__(
         self,
-        models: Models,
         clock: Clock,
         queues: Queues,
         messages: MessageStore,
@@ -78,9 +75,6 @@ class MailingService:
         retry: Retry = PATIENT,
     ) -> None:
         self._retry = retry
-        # The messages table is read here for listings and the timeline; the mailings table
-        # only through `mailings`.
-        self._models = models
         self._mailings = mailings
         self._jobs_per_message = jobs_per_message
         self._clock = clock
@@ -260,21 +254,7 @@ class MailingService:
     ) -> tuple[Mailing, PageOf[Message]]:
         """The mailing (with its counters) and one page of its messages, optionally by status."""
         mailing = self.get(mailing_id)
-        message = self._models.Message
-        if status is None:
-            query = index_query(message.query, mailing_id)
-            segments = [Segment(query, ("mailing_id", "client_id"))]
-            scope = fingerprint("messages", mailing_id, None)
-            return mailing, PageOf(*paginate(segments, scope, cursor, limit, _message_to_domain))
-        # The status index holds keys only (cheaper status changes); fetch the page's records.
-        query = index_query(message.by_status.query, status_key(mailing_id, status.value))
-        segments = [Segment(query, ("status_key", "message_id", "mailing_id", "client_id"))]
-        scope = fingerprint("messages", mailing_id, status.value)
-        keys, next_cursor = paginate(segments, scope, cursor, limit, lambda k: k.client_id)
-        found = {m.client_id: m for m in message.batch_get([(mailing_id, c) for c in keys])}
-        # A message may change status between the two reads; list it as it is now.
-        items = [_message_to_domain(found[c]) for c in keys if c in found]
-        return mailing, PageOf(items, next_cursor)
+        return mailing, self._messages.page(mailing_id, status=status, limit=limit, cursor=cursor)
 
     def timeline(
         self, mailing_id: str, *, points: int = TIMELINE_POINTS
@@ -284,21 +264,12 @@ class MailingService:
         the counts as they stood then. Reads at most TIMELINE_MAX_MESSAGES records (a few
         attributes each); True as the third value when the mailing has more."""
         mailing = self.get(mailing_id)
-        Message = self._models.Message
+        changes, truncated = self._messages.history(mailing_id, limit=TIMELINE_MAX_MESSAGES)
         events: list[tuple[datetime, str]] = []  # (created_at, "created"), (changed at, status)
-        records = Message.query(
-            mailing_id,
-            attributes_to_get=["client_id", "status", "created_at", "updated_at", "sent_at"],
-            page_size=1000,
-        )
-        truncated = False
-        for number, record in enumerate(records):
-            if number >= TIMELINE_MAX_MESSAGES:
-                truncated = True
-                break
-            events.append((record.created_at, "created"))
-            if record.status != MessageStatus.PENDING.value:
-                events.append((record.sent_at or record.updated_at, record.status))
+        for change in changes:
+            events.append((change.created_at, "created"))
+            if change.changed_at is not None:
+                events.append((change.changed_at, change.status.value))
         if not events:
             return mailing, [], False
         events.sort(key=lambda event: event[0])
@@ -460,18 +431,4 @@ def _with_fields(mailing: Mailing, fields: MailingFields, now: datetime) -> Mail
         audience=fields.audience,
         send_window=fields.send_window,
         updated_at=now,
-    )
-
-
-def _message_to_domain(item: MessageRecord) -> Message:
-    return Message(
-        id=int(item.message_id),
-        mailing_id=item.mailing_id,
-        client_id=item.client_id,
-        phone=item.phone,
-        status=MessageStatus(item.status),
-        created_at=item.created_at,
-        sent_at=item.sent_at,
-        attempts=int(item.attempts or 0),
-        last_error=item.last_error,
     )

@@ -13,7 +13,9 @@ import logging
 import uuid
 from datetime import datetime, timedelta
 
-from chalicelib.domain import MessageStatus
+from chalicelib.domain import Message, MessageStatus
+from chalicelib.domain.mailing import MessageChange
+from chalicelib.domain.paging import PageOf
 from chalicelib.storage.errors import ONCE, Retry
 from chalicelib.storage.messages import Claim, MessageRepository, Outcome
 
@@ -53,6 +55,16 @@ class MessageStore:
 
     def __init__(self, repository: MessageRepository) -> None:
         self._repository = repository
+
+    def page(
+        self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
+    ) -> PageOf[Message]:
+        """One page of a mailing's messages, optionally only those with `status`."""
+        return self._repository.page(mailing_id, status=status, limit=limit, cursor=cursor)
+
+    def history(self, mailing_id: str, *, limit: int) -> tuple[list[MessageChange], bool]:
+        """The changes of up to `limit` of a mailing's messages; True when it has more."""
+        return self._repository.history(mailing_id, limit=limit)
 
     def claim(
         self, mailing_id: str, client_id: str, message_id: int, now: datetime, seconds: int

@@ -24,8 +24,11 @@ from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import MailingStatus, Message, MessageStatus
+from chalicelib.domain.mailing import MessageChange
+from chalicelib.domain.paging import PageOf
 from chalicelib.storage.errors import is_conditional_failure
 from chalicelib.storage.models import DUE_KEY, MessageRecord, Models, status_key
+from chalicelib.storage.pagination import Segment, fingerprint, index_query, paginate
 
 # What a message's last error keeps of a long one.
 ERROR_LIMIT = 500
@@ -102,6 +105,17 @@ class MessageRepository(Protocol):
     ) -> list[tuple[str, int]]:
         """Up to `limit` (client id, message id) pairs with `status`, by message id (after
         `after`, when given)."""
+        ...
+
+    def page(
+        self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
+    ) -> PageOf[Message]:
+        """One page of the mailing's messages, optionally only those with `status`; a cursor
+        this listing did not hand out is a MalformedRequest."""
+        ...
+
+    def history(self, mailing_id: str, *, limit: int) -> tuple[list[MessageChange], bool]:
+        """The changes of up to `limit` of the mailing's messages; True when it has more."""
         ...
 
     def touch_if_lost(
@@ -242,6 +256,45 @@ class DynamoMessageRepository:
                 return False
             raise
         return True
+
+    def page(
+        self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
+    ) -> PageOf[Message]:
+        message = self._models.Message
+        if status is None:
+            query = index_query(message.query, mailing_id)
+            segments = [Segment(query, ("mailing_id", "client_id"))]
+            scope = fingerprint("messages", mailing_id, None)
+            return PageOf(*paginate(segments, scope, cursor, limit, message_of))
+        # The status index holds keys only (cheaper status changes); fetch the page's records.
+        query = index_query(message.by_status.query, status_key(mailing_id, status.value))
+        segments = [Segment(query, ("status_key", "message_id", "mailing_id", "client_id"))]
+        scope = fingerprint("messages", mailing_id, status.value)
+        keys, next_cursor = paginate(segments, scope, cursor, limit, lambda k: k.client_id)
+        found = {m.client_id: m for m in message.batch_get([(mailing_id, c) for c in keys])}
+        # A message may change status between the two reads; list it as it is now.
+        return PageOf([message_of(found[c]) for c in keys if c in found], next_cursor)
+
+    def history(self, mailing_id: str, *, limit: int) -> tuple[list[MessageChange], bool]:
+        records = self._models.Message.query(
+            mailing_id,
+            attributes_to_get=["client_id", "status", "created_at", "updated_at", "sent_at"],
+            page_size=1000,
+        )
+        changes: list[MessageChange] = []
+        for record in records:
+            if len(changes) >= limit:
+                return changes, True
+            status = MessageStatus(record.status)
+            changed_at = None if status is MessageStatus.PENDING else record.sent_at
+            changes.append(
+                MessageChange(
+                    record.created_at,
+                    status,
+                    None if status is MessageStatus.PENDING else changed_at or record.updated_at,
+                )
+            )
+        return changes, False
 
     def touch_if_lost(
         self, mailing_id: str, client_id: str, message_id: int, now: datetime, since: datetime

@@ -11,6 +11,7 @@ import pytest
 from pynamodb.connection import Connection
 
 from chalicelib.domain import MailingStatus, Message, MessageStatus
+from chalicelib.errors import MalformedRequest
 from chalicelib.storage.messages import DynamoMessageRepository, MessageRepository, Outcome
 from chalicelib.storage.models import status_key
 from tests.support.memory.messages import MemoryMessageRepository
@@ -270,6 +271,45 @@ def test_messages_are_listed_by_status_in_message_id_order_and_paged(running):
         ("c-2", 102)
     ]
     assert running.messages.get(MAILING, "c-9") is None
+
+
+def test_a_mailings_messages_are_listed_a_page_at_a_time_whole_or_by_status(running):
+    # When the mailing's messages are listed two at a time
+    first = running.messages.page(MAILING, status=None, limit=2, cursor=None)
+    rest = running.messages.page(MAILING, status=None, limit=2, cursor=first.next_cursor)
+    # Then every message is listed once, and the last page says there is no more
+    listed = [m.client_id for m in first.items + rest.items]
+    assert sorted(listed) == ["c-1", "c-2", "c-3"]
+    assert first.next_cursor is not None
+    assert rest.next_cursor is None
+    # And by status, only the messages with it are listed, as they are now
+    failed = running.messages.page(MAILING, status=MessageStatus.FAILED, limit=10, cursor=None)
+    assert [(m.client_id, m.status) for m in failed.items] == [("c-3", MessageStatus.FAILED)]
+
+
+def test_a_cursor_the_listing_did_not_hand_out_is_refused(running):
+    # When a listing is asked to start from a made-up cursor
+    # Then it is refused as a bad request, naming the cursor
+    with pytest.raises(MalformedRequest) as refused:
+        running.messages.page(MAILING, status=None, limit=2, cursor="made-up")
+    assert refused.value.details[0]["field"] == "query.cursor"
+
+
+def test_the_history_of_a_mailings_messages_says_when_each_left_pending(running):
+    # Given one message sent now, one still pending and one failed earlier
+    claim(running)
+    assert running.messages.finish(MAILING, [Outcome("c-1", MessageStatus.SENT, "claim-a")], NOW)
+    # When its history is read, at most two messages of it
+    changes, more = running.messages.history(MAILING, limit=2)
+    # Then two messages are told, and that there are more
+    assert (len(changes), more) == (2, True)
+    # And read whole, the sent message changed when it was sent, the pending one not yet
+    changes, more = running.messages.history(MAILING, limit=10)
+    assert more is False
+    by_status = {change.status: change for change in changes}
+    assert by_status[MessageStatus.SENT].changed_at == NOW
+    assert by_status[MessageStatus.PENDING].changed_at is None
+    assert by_status[MessageStatus.FAILED].changed_at is not None
 
 
 def test_failed_messages_are_requeued_with_the_counters_and_reopen_the_mailing(world):

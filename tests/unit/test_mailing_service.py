@@ -52,11 +52,10 @@ def repository() -> MemoryMailingRepository:
 
 @pytest.fixture
 def service(repository: MemoryMailingRepository, clock: Clock, kicks: Kicks) -> MailingService:
-    # The messages table and its store are not used by these lifecycle calls.
-    models: Any = None
+    # The messages' store is not used by these lifecycle calls.
     messages: Any = None
     queues: Any = kicks
-    return MailingService(models, clock, queues, messages, 10, mailings=repository)
+    return MailingService(clock, queues, messages, 10, mailings=repository)
 
 
 def fields(start_in: timedelta = timedelta(hours=1), **changes: Any) -> MailingFields:

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from chalicelib.domain import MailingStatus, Message, MessageStatus
+from chalicelib.domain.mailing import MessageChange
+from chalicelib.domain.paging import PageOf
 from chalicelib.storage.messages import ERROR_LIMIT, Claim, Outcome
+from chalicelib.storage.pagination import invalid_cursor
 
 
 @dataclass
@@ -160,6 +163,43 @@ class MemoryMessageRepository:
                 and (after is None or s.message.id > after)
             )
             return [(client_id, message_id) for message_id, client_id in found[:limit]]
+
+    def page(
+        self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
+    ) -> PageOf[Message]:
+        # By client id, as the table's sort key orders them; the cursor is the last one listed.
+        with self._lock:
+            listed = sorted(
+                (s.message for (mailing, _), s in self._messages.items() if mailing == mailing_id),
+                key=lambda message: message.client_id,
+            )
+        if status is not None:
+            # The status index orders by message id.
+            listed = sorted((m for m in listed if m.status is status), key=lambda m: m.id)
+        keys = [m.client_id for m in listed]
+        start = 0
+        if cursor is not None:
+            if cursor not in keys:
+                raise invalid_cursor()
+            start = keys.index(cursor) + 1
+        items = listed[start : start + limit]
+        more = start + limit < len(listed)
+        return PageOf(items, items[-1].client_id if more and items else None)
+
+    def history(self, mailing_id: str, *, limit: int) -> tuple[list[MessageChange], bool]:
+        with self._lock:
+            stored = [s for (mailing, _), s in self._messages.items() if mailing == mailing_id]
+        changes = [
+            MessageChange(
+                s.message.created_at,
+                s.message.status,
+                None
+                if s.message.status is MessageStatus.PENDING
+                else s.message.sent_at or s.updated_at or s.message.created_at,
+            )
+            for s in stored
+        ]
+        return changes[:limit], len(changes) > limit
 
     def requeue_failed(
         self,
