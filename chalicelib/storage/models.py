@@ -8,9 +8,10 @@ Tables (one per kind of record; see docs/architecture.md, "Storage"):
 - clients:   one item per client. Three sparse-free GSIs make every audience filter a Query:
              by_operator (operator_code + tag), by_tag (tag), by_shard (all clients, in shards).
 - phones:    one item per phone number, owned by a client; makes phone numbers unique.
-- mailings:  one item per mailing, with its per-status message counters. GSIs: due (sparse,
-             only mailings whose audience still has to be enqueued, by start time) and
-             by_created (all mailings, newest first).
+- mailings:  one item per mailing, with its per-status message counters, and one `#totals`
+             item (TOTALS_KEY: the statistics over every settled mailing). GSIs: due (sparse,
+             only mailings whose audience still has to be enqueued, by start time),
+             by_created (all mailings, newest first) and by_end (all mailings, by end).
 - messages:  one item per (mailing, client); GSI by_status (keys only) lists a mailing's
              messages by status; a TTL removes them long after the mailing's end.
 - sequences: named counters that hand out blocks of int64 message ids.
