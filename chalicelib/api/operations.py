@@ -34,9 +34,11 @@ def me() -> WhoAmI:
 def metrics() -> Response:
     """Message counts by status (overall and per unfinished mailing), mailings by status, queue
     depths and the gateway's back-pressure state (`sms_gateway_*`), read from storage at each
-    scrape. Scrape every 30 to 60 s: each scrape reads every mailing's counters."""
+    scrape. Each scrape reads the all-time totals and the unfinished mailings' counters."""
     current = services()
-    text = exposition(current.mailings.all(), current.queues.depths(), current.throttle.status())
+    text = exposition(
+        current.mailings.statistics(), current.queues.depths(), current.throttle.status()
+    )
     return Response(body=text, status_code=200, headers={"Content-Type": CONTENT_TYPE})
 
 

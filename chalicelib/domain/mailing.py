@@ -7,8 +7,8 @@ predicates below, read off the same rules) instead of comparing statuses themsel
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -218,6 +218,14 @@ class MessageCounts:
             }
         )
 
+    def __sub__(self, other: MessageCounts) -> MessageCounts:
+        return MessageCounts(
+            **{
+                status.value: getattr(self, status.value) - getattr(other, status.value)
+                for status in MessageStatus
+            }
+        )
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -301,3 +309,73 @@ class MessageChange:
     created_at: datetime
     status: MessageStatus
     changed_at: datetime | None
+
+
+# ---------------------------------------------------------------- statistics over all mailings
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What one mailing adds to the all-time totals: its counts and status when it last
+    settled (finished, or cancelled before it started). A mailing that runs again (retry-failed)
+    keeps it, so the totals change only by the difference when it settles again."""
+
+    counts: MessageCounts
+    status: MailingStatus
+    times: int  # how many times it settled: the mark the next settling write is conditioned on
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The all-time totals item: the sum of every stored mailing's `Settled` part."""
+
+    counts: MessageCounts = MessageCounts()
+    mailings: Mapping[MailingStatus, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Messages and mailings by status over every stored mailing, and the mailings that can
+    still change (not settled: listed one by one)."""
+
+    counts: MessageCounts
+    mailings: Mapping[MailingStatus, int]
+    unsettled: list[Mailing]
+
+    @property
+    def mailing_count(self) -> int:
+        return sum(self.mailings.values())
+
+
+def statistics(totals: Totals, unsettled: Sequence[tuple[Mailing, Settled | None]]) -> Statistics:
+    """The totals with each unsettled mailing's live figures in place of what it last settled
+    with (a mailing running again after retry-failed is in both)."""
+    counts = totals.counts
+    by_status = {status: totals.mailings.get(status, 0) for status in MailingStatus}
+    for mailing, settled in unsettled:
+        counts = counts + mailing.counts
+        by_status[mailing.status] += 1
+        if settled is not None:
+            counts = counts - settled.counts
+            by_status[settled.status] -= 1
+    return Statistics(counts, by_status, [mailing for mailing, _ in unsettled])
+
+
+def was_active(mailing: Mailing, since: datetime, until: datetime) -> bool:
+    """Whether the mailing could send anything between `since` and `until`."""
+    if mailing.start_at > until or mailing.end_at < since:
+        return False
+    # Cancelled before it started and nothing was ever created: nothing was processed.
+    return not (mailing.status is MailingStatus.CANCELLED and mailing.counts.total == 0)
+
+
+def settling(
+    settled: Settled | None, counts: MessageCounts, status: MailingStatus
+) -> tuple[MessageCounts, dict[MailingStatus, int]]:
+    """What settling a mailing now (with `counts`, in `status`) adds to the totals: the message
+    counts and mailings by status, as differences from what it settled with before."""
+    delta = counts if settled is None else counts - settled.counts
+    mailings = {status: 1}
+    if settled is not None:
+        mailings[settled.status] = mailings.get(settled.status, 0) - 1
+    return delta, {s: n for s, n in mailings.items() if n}

@@ -7,7 +7,7 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -28,9 +28,11 @@ from chalicelib.domain.mailing import (
     MailingChanged,
     MailingNotFound,
     Schedule,
+    Statistics,
     audience_frozen,
     may_have_fanned_out,
     transition,
+    was_active,
 )
 from chalicelib.errors import Conflict, ServiceUnavailable, ValidationFailed
 from chalicelib.services.messages import MessageStore
@@ -300,19 +302,19 @@ class MailingService:
         self, *, limit: int, cursor: str | None
     ) -> tuple[int, MessageCounts, PageOf[Mailing]]:
         """Number of mailings, counts over all of them, and one page of per-mailing counts."""
-        total = MessageCounts()
-        ids = self._mailings.ids()
-        # Counters live on the mailing items: the cost grows with mailings, never with messages.
-        for counts in self._mailings.counts(ids):
-            total = total + counts
-        return len(ids), total, self.list(limit=limit, cursor=cursor)
+        overall = self.statistics()
+        return overall.mailing_count, overall.counts, self.list(limit=limit, cursor=cursor)
 
-    def all(self) -> list[Mailing]:
-        """Every mailing with its counters, newest first (reports and /metrics).
+    def statistics(self) -> Statistics:
+        """Messages and mailings by status over every mailing, and the unsettled mailings
+        (/stats and /metrics): the all-time totals item plus the mailings not yet settled,
+        so the cost grows with the mailings still open, never with history or messages."""
+        return self._mailings.statistics()
 
-        Keys come from the listing index, items from BatchGetItem: the cost grows with the
-        number of mailings, never with their messages."""
-        return self._mailings.get_many(self._mailings.ids())
+    def active_between(self, since: datetime, until: datetime) -> Sequence[Mailing]:
+        """The mailings that could send between `since` and `until` (the daily report): read
+        from those whose end is at or after `since`, never every mailing."""
+        return [m for m in self._mailings.ending_since(since) if was_active(m, since, until)]
 
     # ---------------------------------------------------------------- helpers
 

@@ -8,10 +8,10 @@ the totals.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 
 from chalicelib.domain import Mailing, MailingStatus, MessageStatus
+from chalicelib.domain.mailing import Statistics, Totals, statistics
 from chalicelib.domain.rate_limit import GatewayState, GatewayStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -104,26 +104,26 @@ def _gateway(status: GatewayStatus) -> list[str]:
 
 
 def exposition(
-    mailings: list[Mailing],
+    mailings: Statistics | list[Mailing],
     depths: dict[str, dict[str, int]],
     gateway: GatewayStatus | None = None,
 ) -> str:
-    totals: Counter = Counter()
-    for mailing in mailings:
-        for status in MessageStatus:
-            totals[status.value] += getattr(mailing.counts, status.value)
-    by_status = Counter(mailing.status.value for mailing in mailings)
-    live = [m for m in mailings if m.status in _LIVE]
+    """The exposition of `mailings`: their statistics (the service's bounded read), or every
+    mailing as a list (summed here)."""
+    if not isinstance(mailings, Statistics):
+        mailings = statistics(Totals(), [(mailing, None) for mailing in mailings])
+    counts = mailings.counts
+    live = [m for m in mailings.unsettled if m.status in _LIVE]
     lines = [
         *_family(
             "sms_messages",
             "Messages by status over all stored mailings.",
-            (({"status": s.value}, totals[s.value]) for s in MessageStatus),
+            (({"status": s.value}, getattr(counts, s.value)) for s in MessageStatus),
         ),
         *_family(
             "sms_mailings",
             "Mailings by status.",
-            (({"status": s.value}, by_status[s.value]) for s in MailingStatus),
+            (({"status": s.value}, mailings.mailings.get(s, 0)) for s in MailingStatus),
         ),
         *_family(
             "sms_mailing_messages",

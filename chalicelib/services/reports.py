@@ -16,7 +16,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Protocol
 
-from chalicelib.domain import Clock, Mailing, MailingStatus, MessageCounts
+from chalicelib.domain import Clock, MessageCounts
 from chalicelib.errors import Conflict
 from chalicelib.services.mailings import MailingService
 from chalicelib.settings import Settings
@@ -169,14 +169,6 @@ def _preview(text: str) -> str:
     return one_line if len(one_line) <= _TEXT_PREVIEW else one_line[: _TEXT_PREVIEW - 1] + "…"
 
 
-def was_active(mailing: Mailing, since: datetime, until: datetime) -> bool:
-    """Whether the mailing could send anything between `since` and `until`."""
-    if mailing.start_at > until or mailing.end_at < since:
-        return False
-    # Cancelled before it started and nothing was ever created: nothing was processed.
-    return not (mailing.status is MailingStatus.CANCELLED and mailing.counts.total == 0)
-
-
 class ReportSink(Protocol):
     """Where a report's e-mail goes."""
 
@@ -230,8 +222,7 @@ class ReportService:
         since = until - timedelta(hours=self._settings.report_window_hours)
         rows = [
             ReportRow(m.id, m.text, m.status.value, m.start_at, m.end_at, m.counts)
-            for m in self._mailings.all()
-            if was_active(m, since, until)
+            for m in self._mailings.active_between(since, until)
         ]
         rows.sort(key=lambda row: (row.start_at, row.mailing_id))
         return DailyReport(since, until, rows, self._settings.report_recipients)

@@ -8,14 +8,22 @@ throttle, a transaction conflict, a 500) is raised as it came, for the caller's 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol, cast
 
-from pynamodb.attributes import UnicodeAttribute
+from pynamodb.attributes import NumberAttribute, UnicodeAttribute
 from pynamodb.connection import Connection
-from pynamodb.exceptions import DoesNotExist, PutError, TransactWriteError, UpdateError
+from pynamodb.exceptions import (
+    DeleteError,
+    DoesNotExist,
+    PutError,
+    TransactWriteError,
+    UpdateError,
+)
 from pynamodb.expressions.condition import Condition
 from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
@@ -31,6 +39,11 @@ from chalicelib.domain.mailing import (
     MessageCounts,
     MessageStatus,
     Schedule,
+    Settled,
+    Statistics,
+    Totals,
+    settling,
+    statistics,
 )
 from chalicelib.domain.paging import PageOf
 from chalicelib.domain.send_window import SendWindow
@@ -39,6 +52,7 @@ from chalicelib.storage.models import (
     DUE_KEY,
     MAILING_LISTING_KEY,
     MESSAGE_ID_SEQUENCE,
+    TOTALS_KEY,
     MailingRecord,
     Models,
     status_key,
@@ -73,6 +87,18 @@ class MailingRepository(Protocol):
 
     def page(self, *, limit: int, cursor: str | None) -> PageOf[Mailing]:
         """One page of mailings, newest first."""
+
+    def statistics(self) -> Statistics:
+        """Messages and mailings by status over every stored mailing: the totals item and the
+        unsettled mailings (the due index), so the cost grows with the mailings still open,
+        never with the finished ones."""
+
+    def ending_since(self, since: datetime) -> list[Mailing]:
+        """The mailings whose end is at or after `since` (the by_end index), earliest end first."""
+
+    def backfill_totals(self) -> int:
+        """Add to the totals every settled mailing that is not in them yet (a stage whose
+        mailings finished before the totals existed); the number added. Safe to run again."""
 
     def due_ids(self, now: datetime, *, limit: int | None = None) -> list[str]:
         """The ids of due mailings whose start is at or before `now`, earliest first."""
@@ -135,7 +161,8 @@ class MailingRepository(Protocol):
 
     def finish(self, mailing_id: str, owner: str, final: MailingStatus) -> None:
         """Settle it in `final` and take it off the due index, if `owner` holds the lease and
-        nothing is pending; MailingChanged otherwise."""
+        nothing is pending; MailingChanged otherwise. Its counts go into the totals item in
+        the same transaction (only the difference, when it had settled before)."""
 
     def reserve_message_ids(self, count: int) -> int:
         """Reserve `count` consecutive message ids nobody else gets; the first of them."""
@@ -189,6 +216,31 @@ class DynamoMailingRepository:
     def ids(self) -> list[str]:
         keys = self._record.by_created.query(MAILING_LISTING_KEY, scan_index_forward=False)
         return [key.mailing_id for key in keys]
+
+    def statistics(self) -> Statistics:
+        ids = [key.mailing_id for key in self._record.due.query(DUE_KEY)]
+        # One BatchGetItem for the totals and the open mailings (100 keys a request).
+        found = {record.mailing_id: record for record in self._record.batch_get([TOTALS_KEY, *ids])}
+        unsettled = [(_to_domain(found[i]), _settled_of(found[i])) for i in ids if i in found]
+        return statistics(_totals_of(found.get(TOTALS_KEY)), unsettled)
+
+    def ending_since(self, since: datetime) -> list[Mailing]:
+        keys = self._record.by_end.query(
+            MAILING_LISTING_KEY, self._record.end_at >= since.astimezone(UTC)
+        )
+        return self.get_many([key.mailing_id for key in keys])
+
+    def backfill_totals(self) -> int:
+        M, added = self._record, 0
+        for record in self._records(self.ids()):
+            if record.due_key is not None or record.settled_times is not None:
+                continue
+            try:
+                self._settle(record, MailingStatus(record.status), [], M.due_key.does_not_exist())
+            except MailingChanged:
+                continue  # it moved meanwhile (deleted, reopened, settled): a rerun sees it
+            added += 1
+        return added
 
     def page(self, *, limit: int, cursor: str | None) -> PageOf[Mailing]:
         query = index_query(self._record.by_created.query, MAILING_LISTING_KEY, forward=False)
@@ -263,12 +315,44 @@ class DynamoMailingRepository:
     ) -> Mailing:
         M = self._record
         actions: list[Action] = [M.status.set(target.value), M.updated_at.set(now)]
-        if off_due:
-            actions.append(M.due_key.remove())
-        return self._update(M(mailing_id), actions, M.status == current.value)
+        if not off_due:
+            return self._update(M(mailing_id), actions, M.status == current.value)
+        # Off the due index for good (cancelled before it started): it settles now.
+        record = self._existing(mailing_id)
+        self._settle(record, target, [*actions, M.due_key.remove()], M.status == current.value)
+        mailing = _to_domain(record)
+        return replace(
+            mailing, status=target, updated_at=now, schedule=replace(mailing.schedule, due=False)
+        )
 
     def delete(self, mailing_id: str) -> None:
-        self._record(mailing_id).delete()
+        M = self._record
+        for _ in range(_DELETE_TRIES):
+            try:
+                record = M.get(mailing_id, consistent_read=True)
+            except DoesNotExist:
+                return
+            settled = _settled_of(record)
+            try:
+                if settled is None:
+                    with _changed(DeleteError):
+                        record.delete(condition=M.settled_times.does_not_exist())
+                    return
+                # Settled: what it added to the totals goes out with it.
+                take_back = _totals_actions(
+                    M, MessageCounts() - settled.counts, {settled.status: -1}
+                )
+                token = _token("delete", mailing_id, settled.times)
+                with (
+                    _changed(TransactWriteError),
+                    TransactWrite(connection=self._connection, client_request_token=token) as tx,
+                ):
+                    tx.delete(M(mailing_id), condition=M.settled_times == settled.times)
+                    tx.update(M(TOTALS_KEY), actions=take_back)
+                return
+            except MailingChanged:
+                continue  # settled (or settled again) meanwhile: read it again
+        raise MailingChanged(f"mailing {mailing_id} kept changing while being deleted")
 
     # ---------------------------------------------------------------- the scheduler's writes
 
@@ -353,11 +437,68 @@ class DynamoMailingRepository:
 
     def finish(self, mailing_id: str, owner: str, final: MailingStatus) -> None:
         M = self._record
-        self._update(
-            M(mailing_id),
+        record = self._existing(mailing_id)
+        if record.lease_owner != owner or int(record.count_pending or 0) != 0:
+            raise MailingChanged(f"mailing {mailing_id} is not leased by {owner} or has pending")
+        self._settle(
+            record,
+            final,
             [M.status.set(final.value), M.due_key.remove(), M.fanout_done.set(True)],
             (M.lease_owner == owner) & (M.count_pending == 0),
+            owner,
         )
+
+    def _existing(self, mailing_id: str) -> MailingRecord:
+        """The record (a consistent read); MailingChanged when it is gone, as a failed
+        condition on a missing item would say."""
+        try:
+            return self._record.get(mailing_id, consistent_read=True)
+        except DoesNotExist:
+            raise MailingChanged(f"mailing {mailing_id} is gone") from None
+
+    def _settle(
+        self,
+        record: MailingRecord,
+        status: MailingStatus,
+        actions: Sequence[Action],
+        condition: Condition,
+        *salt: str,
+    ) -> None:
+        """One transaction: `actions` on the mailing, marked settled in `status` with its
+        counts as read in `record`, and the difference added to the totals item. Conditioned
+        on `condition`, the counts and the settle mark as read: a counter that moved meanwhile,
+        or a concurrent settling, fails it (MailingChanged). Each settling is written once: a
+        try repeated after a lost answer carries the same token; one repeated after a fresh
+        read finds the counts already in and adds nothing."""
+        M = self._record
+        counts, settled = _counts_of(record), _settled_of(record)
+        times = 0 if settled is None else settled.times
+        delta, mailings = settling(settled, counts, status)
+        mark: list[Action] = [
+            M.settled_times.set(times + 1),
+            M.settled_status.set(status.value),
+            *(_settled_attribute(M, s).set(getattr(counts, s.value)) for s in MessageStatus),
+        ]
+        unchanged = M.mailing_id.exists() & (
+            M.settled_times.does_not_exist() if settled is None else M.settled_times == times
+        )
+        for s in MessageStatus:
+            value = getattr(counts, s.value)
+            counter = _counter_attribute(M, s)
+            unchanged &= (
+                (counter == value) if value else (counter.does_not_exist() | (counter == 0))
+            )
+        token = _token("settle", record.mailing_id, times, status.value, str(counts), *salt)
+        with (
+            _changed(TransactWriteError),
+            TransactWrite(connection=self._connection, client_request_token=token) as tx,
+        ):
+            tx.update(
+                M(record.mailing_id), actions=[*actions, *mark], condition=condition & unchanged
+            )
+            totals = _totals_actions(M, delta, mailings)
+            if totals:
+                tx.update(M(TOTALS_KEY), actions=totals)
 
     def reserve_message_ids(self, count: int) -> int:
         S = self._sequence
@@ -470,6 +611,55 @@ def _counts_of(record: MailingRecord) -> MessageCounts:
     return MessageCounts(
         **{s.value: int(getattr(record, f"count_{s.value}") or 0) for s in MessageStatus}
     )
+
+
+_DELETE_TRIES = 5
+
+
+def _token(*parts: object) -> str:
+    """A transaction's idempotency token: the same for the same write (36 characters)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "/".join(str(part) for part in parts)))
+
+
+def _counter_attribute(M: type[MailingRecord], status: MessageStatus) -> NumberAttribute:
+    return cast(NumberAttribute, getattr(M, f"count_{status.value}"))
+
+
+def _settled_attribute(M: type[MailingRecord], status: MessageStatus) -> NumberAttribute:
+    return cast(NumberAttribute, getattr(M, f"settled_{status.value}"))
+
+
+def _totals_actions(
+    M: type[MailingRecord], counts: MessageCounts, mailings: Mapping[MailingStatus, int]
+) -> list[Action]:
+    """ADDs to the totals item: message counts and mailings by status (zeros left out)."""
+    actions: list[Action] = [
+        _counter_attribute(M, s).add(getattr(counts, s.value))
+        for s in MessageStatus
+        if getattr(counts, s.value)
+    ]
+    actions += [
+        cast(NumberAttribute, getattr(M, f"mailings_{status.value}")).add(n)
+        for status, n in mailings.items()
+        if n
+    ]
+    return actions
+
+
+def _settled_of(record: MailingRecord) -> Settled | None:
+    if record.settled_times is None or record.settled_status is None:
+        return None
+    counts = MessageCounts(
+        **{s.value: int(getattr(record, f"settled_{s.value}") or 0) for s in MessageStatus}
+    )
+    return Settled(counts, MailingStatus(record.settled_status), int(record.settled_times))
+
+
+def _totals_of(record: MailingRecord | None) -> Totals:
+    if record is None:
+        return Totals()
+    mailings = {s: int(getattr(record, f"mailings_{s.value}") or 0) for s in MailingStatus}
+    return Totals(_counts_of(record), mailings)
 
 
 def _mailing_id(key: MailingRecord) -> str:

@@ -8,9 +8,10 @@ Tables (one per kind of record; see docs/architecture.md, "Storage"):
 - clients:   one item per client. Three sparse-free GSIs make every audience filter a Query:
              by_operator (operator_code + tag), by_tag (tag), by_shard (all clients, in shards).
 - phones:    one item per phone number, owned by a client; makes phone numbers unique.
-- mailings:  one item per mailing, with its per-status message counters. GSIs: due (sparse,
-             only mailings whose audience still has to be enqueued, by start time) and
-             by_created (all mailings, newest first).
+- mailings:  one item per mailing, with its per-status message counters, and one `#totals`
+             item (TOTALS_KEY: the statistics over every settled mailing). GSIs: due (sparse,
+             only mailings whose audience still has to be enqueued, by start time),
+             by_created (all mailings, newest first) and by_end (all mailings, by end).
 - messages:  one item per (mailing, client); GSI by_status (keys only) lists a mailing's
              messages by status; a TTL removes them long after the mailing's end.
 - sequences: named counters that hand out blocks of int64 message ids.
@@ -53,6 +54,9 @@ TAG_SEPARATOR = "\x1f"
 CLIENT_SHARDS = 16
 MAILING_LISTING_KEY = "mailing"
 DUE_KEY = "due"
+# The mailings table's one item that is not a mailing: the all-time totals (see
+# storage/mailings.py, "Statistics"). Not a UUID, so no caller can name it.
+TOTALS_KEY = "#totals"
 MESSAGE_ID_SEQUENCE = "message_id"
 # The parts of a client import (the sort key of the imports table).
 IMPORT_JOB = "job"
@@ -174,6 +178,16 @@ class MailingByCreated(GlobalSecondaryIndex["MailingRecord"]):
     created_at = UTCDateTimeAttribute(range_key=True)
 
 
+class MailingByEnd(GlobalSecondaryIndex["MailingRecord"]):
+    class Meta:
+        index_name = "by_end"
+        # Keys only: the daily report reads the mailings whose end is within its window or later.
+        projection = KeysOnlyProjection()
+
+    listing_key = UnicodeAttribute(hash_key=True)
+    end_at = UTCDateTimeAttribute(range_key=True)
+
+
 class MailingRecord(Model):
     class Meta:
         # The stage's table name and region are set by `bind`.
@@ -211,9 +225,26 @@ class MailingRecord(Model):
     count_expired = NumberAttribute(default=0)
     count_cancelled = NumberAttribute(default=0)
     count_skipped = NumberAttribute(default=0)
+    # What the mailing added to the totals item when it last settled, and how many times it
+    # settled (the condition of the next settling write). Absent until it first settles.
+    settled_times = NumberAttribute(null=True)
+    settled_status = UnicodeAttribute(null=True)
+    settled_pending = NumberAttribute(null=True)
+    settled_sent = NumberAttribute(null=True)
+    settled_failed = NumberAttribute(null=True)
+    settled_expired = NumberAttribute(null=True)
+    settled_cancelled = NumberAttribute(null=True)
+    settled_skipped = NumberAttribute(null=True)
+    # Only on the TOTALS_KEY item (with the count_* above): mailings by settled status.
+    mailings_scheduled = NumberAttribute(null=True)
+    mailings_running = NumberAttribute(null=True)
+    mailings_paused = NumberAttribute(null=True)
+    mailings_finished = NumberAttribute(null=True)
+    mailings_cancelled = NumberAttribute(null=True)
 
     due = MailingDue()
     by_created = MailingByCreated()
+    by_end = MailingByEnd()
 
 
 class MessageByStatus(GlobalSecondaryIndex["MessageRecord"]):

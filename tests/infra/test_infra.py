@@ -69,8 +69,9 @@ AUDIENCE_INDEXES = {
     "clients/index/by_shard": {QUERY},
 }
 TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
-    # chalicelib/api: client and mailing CRUD, listings, statistics, GET /metrics and
-    # POST /reports/daily (mailings: keys from by_created, items by BatchGetItem); opt-outs
+    # chalicelib/api: client and mailing CRUD, listings, statistics and GET /metrics (the
+    # totals item and the unsettled mailings: keys from due, items by BatchGetItem), POST
+    # /reports/daily (keys from by_end); settling on cancel and delete (transactions); opt-outs
     # and the preview's sample (clients); retry-failed (messages back to pending).
     "APIHandler": {
         "clients": {GET, BATCH_GET, PUT, UPDATE, DELETE},
@@ -78,6 +79,8 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "phones": {GET, PUT, DELETE},
         "mailings": {GET, BATCH_GET, PUT, UPDATE, DELETE},
         "mailings/index/by_created": {QUERY},
+        "mailings/index/due": {QUERY},
+        "mailings/index/by_end": {QUERY},
         "messages": {QUERY, BATCH_GET, UPDATE},
         "messages/index/by_status": {QUERY},
         # CSV imports: the job and its invalid rows (a put per page), reads, the listing.
@@ -118,8 +121,9 @@ TABLE_ACCESS: dict[str, dict[str, set[str]]] = {
         "clients": {BATCH_GET},
         "sequences": {GET, PUT, UPDATE},  # the shared gateway limits
     },
-    # The daily report: every mailing (keys from by_created, then the items); it writes nothing.
-    "DailyReport": {"mailings/index/by_created": {QUERY}, "mailings": {BATCH_GET}},
+    # The daily report: the mailings ending in its window or later (keys from by_end, then the
+    # items); it writes nothing.
+    "DailyReport": {"mailings/index/by_end": {QUERY}, "mailings": {BATCH_GET}},
     # ClientImports.process: the job and the chunk's record, the phones' owners and those
     # clients (batch gets), new clients, claims and changes (transaction puts), the counts.
     "ImportClients": {

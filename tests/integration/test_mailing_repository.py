@@ -504,3 +504,48 @@ def test_the_reconciler_position_is_kept_under_the_lease(mailings):
     # And a worker without the lease cannot write them
     with pytest.raises(MailingChanged):
         mailings.save_reconcile_position(mailing.id, "worker-2", 7)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_statistics_count_every_stored_mailing_and_list_only_the_open_ones(mailings):
+    # Given a finished mailing, one cancelled before its start, a scheduled one, and a
+    # finished one that was deleted
+    finished, cancelled, scheduled, deleted = (a_mailing(start_at=NOW) for _ in range(4))
+    for mailing in (finished, cancelled, scheduled, deleted):
+        mailings.add(mailing)
+    for mailing in (finished, deleted):
+        leased(mailings, mailing)
+        mailings.close_fan_out(mailing.id, "worker-1")
+        mailings.finish(mailing.id, "worker-1", MailingStatus.FINISHED)
+    mailings.set_status(
+        cancelled.id, MailingStatus.SCHEDULED, MailingStatus.CANCELLED, LATER, off_due=True
+    )
+    mailings.delete(deleted.id)
+
+    # When the statistics are read
+    overall = mailings.statistics()
+
+    # Then every stored mailing is counted by its status, and only the open one is listed
+    assert overall.mailing_count == 3
+    assert {s: n for s, n in overall.mailings.items() if n} == {
+        MailingStatus.FINISHED: 1,
+        MailingStatus.CANCELLED: 1,
+        MailingStatus.SCHEDULED: 1,
+    }
+    assert [m.id for m in overall.unsettled] == [scheduled.id]
+
+
+def test_the_mailings_ending_after_a_moment_are_listed_without_the_older_ones(mailings):
+    # Given mailings that ended two days ago, end today, and end tomorrow
+    old = a_mailing(start_at=NOW - timedelta(days=3), end_at=NOW - timedelta(days=2))
+    today = a_mailing(start_at=NOW - timedelta(hours=3), end_at=NOW - timedelta(hours=1))
+    tomorrow = a_mailing()
+    for mailing in (old, today, tomorrow):
+        mailings.add(mailing)
+
+    # When those ending within the last day or later are asked for
+    # Then the old one is not among them
+    ending = mailings.ending_since(NOW - timedelta(days=1))
+    assert [m.id for m in ending] == [today.id, tomorrow.id]

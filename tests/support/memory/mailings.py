@@ -13,6 +13,9 @@ from chalicelib.domain.mailing import (
     MailingStatus,
     Message,
     MessageCounts,
+    Statistics,
+    Totals,
+    statistics,
 )
 from chalicelib.domain.paging import PageOf
 
@@ -70,6 +73,19 @@ class MemoryMailingRepository:
         )
         ids = [m.id for m in due if m.start_at <= now]
         return ids if limit is None else ids[:limit]
+
+    def statistics(self) -> Statistics:
+        # Nothing to keep bounded in memory: the totals are the sum of every mailing.
+        mailings = [stored.mailing for stored in self._items.values()]
+        every = statistics(Totals(), [(mailing, None) for mailing in mailings])
+        return replace(every, unsettled=[m for m in mailings if m.schedule.due])
+
+    def ending_since(self, since: datetime) -> list[Mailing]:
+        ending = [s.mailing for s in self._items.values() if s.mailing.end_at >= since]
+        return sorted(ending, key=lambda m: m.end_at)
+
+    def backfill_totals(self) -> int:
+        return 0  # the totals are never stored apart
 
     # ---------------------------------------------------------------- a caller's writes
 
