@@ -231,6 +231,9 @@ def run_size(count: int) -> dict[str, Any]:
             "start_at": now.isoformat(),
             "end_at": (now + timedelta(hours=2)).isoformat(),
         }
+        emulator = next((c for c in stack.components if c.name == "aws-emulator"), None)
+        emulator_pid = emulator.pid if emulator is not None else None
+        cpu_started = (time.process_time(), cpu_seconds(emulator_pid))
         meter.on = True
         started = time.perf_counter()
         response = requests.post(
@@ -252,10 +255,28 @@ def run_size(count: int) -> dict[str, Any]:
                 break
             time.sleep(0.5)
         meter.on = False
+        cpu = {
+            "stack": time.process_time() - cpu_started[0],
+            "emulator": cpu_seconds(emulator_pid) - cpu_started[1],
+        }
         duplicates = stack.sandbox.duplicates()
     finally:
         stack.stop()
-    return summarize(count, meter, post_seconds, delivered_seconds, stats, duplicates)
+    return summarize(count, meter, post_seconds, delivered_seconds, stats, duplicates) | {
+        "cpu_ms_per_message": {k: round(v / count * 1000, 3) for k, v in cpu.items()}
+    }
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) a process has used so far; 0 when it is not known."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summarize(
@@ -320,6 +341,7 @@ def _mark(ok: bool) -> str:
 def report(result: dict[str, Any]) -> str:
     """The benchmark's printout for one audience size: every figure with its target."""
     p, usd, count = result["per_message"], result["usd_per_million"], result["clients"]
+    cpu = result.get("cpu_ms_per_message", {})
     seconds = result["all_accepted_seconds"]
     lines = [
         f"== {count:,} clients",
@@ -338,6 +360,8 @@ def report(result: dict[str, Any]) -> str:
         ]
     lines += [
         f"final stats                         {result['final_stats']}",
+        f"CPU per message, ms (stack / emulator) {cpu.get('stack', 0):.2f} / "
+        f"{cpu.get('emulator', 0):.2f}  (the emulator's one core bounds the rate)",
         f"gateway duplicates                  {result['gateway_duplicates']}",
         "per delivered message:",
         f"  DynamoDB write units              {p['dynamodb_wru']:.3f}  (target <= "
