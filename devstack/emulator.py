@@ -38,6 +38,10 @@
    percent of the emulator's time, and one more lock every request, DynamoDB or SQS, queued
    behind. A signed DynamoDB or SQS request's service follows from its signature scope and
    target header alone, so the answer is remembered per (service, region, target prefix).
+9. Update expression cost. moto parses an item's update expression twice (to validate the request
+   and to apply it): within a transaction, about a sixth of each item's cost. The parse is a pure
+   function of the expression's text and its tree is only read (the validator works on a deep
+   copy), so the last few hundred are remembered, as the conditions are (5).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def patch_moto() -> None:
     make_records_untracked()
     make_sqs_sends_constant_time()
     make_dispatch_cached()
+    make_update_parses_cached()
 
 
 def make_dynamodb_atomic() -> None:
@@ -526,6 +531,33 @@ def make_sqs_sends_constant_time() -> None:
     SQSBackend.send_message = sending(SQSBackend.send_message)  # type: ignore[method-assign]
     SQSBackend.send_message_batch = sending(SQSBackend.send_message_batch)  # type: ignore[method-assign]
     _PATCHED.add("sqs_sends")
+
+
+def make_update_parses_cached() -> None:
+    """Patch in-process moto (idempotent): an update expression is parsed once, not per item."""
+    if "updates" in _PATCHED:
+        return
+    from moto.dynamodb.parsing.expressions import UpdateExpressionParser
+
+    make = UpdateExpressionParser.make
+    parsed: OrderedDict[str, Any] = OrderedDict()
+
+    def remembered(cls: Any, expression: str) -> Any:
+        with _LOCK:
+            tree = parsed.get(expression)
+            if tree is not None:
+                parsed.move_to_end(expression)
+                return tree
+        tree = make(expression)  # a bad expression raises here, every time, as before
+        with _LOCK:
+            parsed[expression] = tree
+            if len(parsed) > _PARSES_KEPT:
+                parsed.popitem(last=False)
+        return tree
+
+    remembered.__wrapped__ = make  # type: ignore[attr-defined]
+    UpdateExpressionParser.make = classmethod(remembered)  # type: ignore[method-assign,assignment]
+    _PATCHED.add("updates")
 
 
 _CACHED_SERVICES = frozenset({"dynamodb", "sqs"})
