@@ -94,6 +94,7 @@ def moto_only(monkeypatch: pytest.MonkeyPatch) -> Any:
     from moto.core.serialize import JSONSerializer
     from moto.dynamodb.comparisons import ConditionExpressionParser
     from moto.dynamodb.models.table import Table
+    from moto.dynamodb.parsing.expressions import UpdateExpressionParser
 
     @contextlib.contextmanager
     def unpatched() -> Iterator[None]:
@@ -107,6 +108,7 @@ def moto_only(monkeypatch: pytest.MonkeyPatch) -> Any:
             patcher.setattr(
                 ConditionExpressionParser, "parse", ConditionExpressionParser.parse.__wrapped__
             )
+            patcher.setattr(UpdateExpressionParser, "make", UpdateExpressionParser.make.__wrapped__)
             yield
 
     return unpatched
@@ -537,6 +539,68 @@ def test_an_invalid_condition_is_refused_every_time_as_moto_refuses_it(dynamodb,
         theirs = refusal()
     assert first == again == theirs
     assert first["Code"] == "ValidationException"
+
+
+def test_one_update_expression_on_many_items_updates_each_as_moto_does(dynamodb, moto_only):
+    """Given one update expression (a counter from nothing, a value, a list append), when it
+    updates a new item, existing items and the items of a transaction with different values,
+    then every item ends as unpatched moto leaves it, and a bad expression is refused each time
+    with moto's own error."""
+    update = {
+        "UpdateExpression": "SET #n = if_not_exists(#n, :zero) + :one, tag = :t, "
+        "tags = list_append(if_not_exists(tags, :none), :more) REMOVE nothing",
+        "ExpressionAttributeNames": {"#n": "count"},
+    }
+
+    def values(tag: str) -> dict[str, Any]:
+        return {
+            ":zero": {"N": "0"},
+            ":one": {"N": "1"},
+            ":t": {"S": tag},
+            ":none": {"L": []},
+            ":more": {"L": [{"S": tag}]},
+        }
+
+    def scenario(base: int) -> tuple[list[dict], dict]:
+        dynamodb.put_item(TableName=TABLE, Item=_person(base))
+        for n, tag in ((base, "a"), (base, "b"), (base + 1, "new")):
+            dynamodb.update_item(
+                TableName=TABLE, Key=_key(n), ExpressionAttributeValues=values(tag), **update
+            )
+        dynamodb.transact_write_items(
+            TransactItems=[
+                {
+                    "Update": {
+                        "TableName": TABLE,
+                        "Key": _key(n),
+                        "ExpressionAttributeValues": values(f"t{n - base}"),
+                        **update,
+                    }
+                }
+                for n in (base, base + 1, base + 2)
+            ]
+        )
+        items = []
+        for n in (base, base + 1, base + 2):
+            item = dynamodb.get_item(TableName=TABLE, Key=_key(n))["Item"]
+            # The person's own attributes name its number; what the updates wrote does not.
+            items.append({k: item[k] for k in ("count", "tag")} | {"added": item["tags"]["L"][-3:]})
+        with pytest.raises(ClientError) as refused:
+            dynamodb.update_item(
+                TableName=TABLE,
+                Key=_key(base),
+                UpdateExpression="SET #n = :one,",
+                ExpressionAttributeNames={"#n": "count"},
+                ExpressionAttributeValues={":one": {"N": "1"}},
+            )
+        return items, refused.value.response["Error"]
+
+    ours, ours_again = scenario(800), scenario(810)
+    with moto_only():
+        theirs = scenario(820)
+    assert ours == ours_again == theirs
+    assert [item["count"]["N"] for item in ours[0]] == ["3", "2", "1"]
+    assert ours[1]["Code"] == "ValidationException"
 
 
 # ---------------------------------------------------------------- SQS
