@@ -563,14 +563,15 @@ def make_update_parses_cached() -> None:
 _CACHED_SERVICES = frozenset({"dynamodb", "sqs"})
 
 
-def dispatch_key(environ: dict[str, Any]) -> tuple[str, str, str] | None:
+def dispatch_key(request: dict[str, Any]) -> tuple[str, str, str] | None:
     """What decides which moto app answers a signed DynamoDB or SQS request; None otherwise.
 
     moto infers it from the SigV4 credential scope (service and region) and, for DynamoDB, the
     target's API version (DynamoDB Streams and the 2011 API are other apps).
     """
-    path = environ.get("PATH_INFO", "")
-    auth = environ.get("HTTP_AUTHORIZATION") or ""
+    # `request` is the WSGI environ of one HTTP request, not the process's settings.
+    path = request.get("PATH_INFO", "")
+    auth = request.get("HTTP_AUTHORIZATION") or ""
     if not isinstance(path, str) or path.startswith(("/moto-api", "/latest/")):
         return None
     try:
@@ -579,7 +580,7 @@ def dispatch_key(environ: dict[str, Any]) -> tuple[str, str, str] | None:
         return None
     if service.lower() not in _CACHED_SERVICES:
         return None
-    target = (environ.get("HTTP_X_AMZ_TARGET") or "").split(".", 1)[0]
+    target = (request.get("HTTP_X_AMZ_TARGET") or "").split(".", 1)[0]
     return service.lower(), region, target
 
 
