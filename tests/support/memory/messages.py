@@ -13,6 +13,7 @@ from chalicelib.domain import MailingStatus, Message, MessageStatus
 from chalicelib.domain.mailing import MessageChange
 from chalicelib.domain.paging import PageOf
 from chalicelib.storage.messages import ERROR_LIMIT, Claim, Outcome
+from chalicelib.storage.models import status_key
 from chalicelib.storage.pagination import invalid_cursor
 
 
@@ -174,8 +175,10 @@ class MemoryMessageRepository:
                 key=lambda message: message.client_id,
             )
         if status is not None:
-            # The status index orders by message id.
-            listed = sorted((m for m in listed if m.status is status), key=lambda m: m.id)
+            listed = [m for m in listed if m.status is status]
+            if status_key(mailing_id, status.value) is not None:
+                # The status index orders by message id; the others stay by client id.
+                listed = sorted(listed, key=lambda m: m.id)
         keys = [m.client_id for m in listed]
         start = 0
         if cursor is not None:
