@@ -116,6 +116,13 @@ class MessageRepository(Protocol):
         `after`, when given)."""
         ...
 
+    def pending(
+        self, mailing_id: str, limit: int, after: str | None = None
+    ) -> list[tuple[str, int]]:
+        """Up to `limit` (client id, message id) pairs of pending messages, by client id (after
+        client `after`, when given): each call reads only as far as its page."""
+        ...
+
     def page(
         self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
     ) -> PageOf[Message]:
@@ -354,6 +361,22 @@ class DynamoMessageRepository:
             )
         )
         return [(client_id, message_id) for message_id, client_id in found[:limit]]
+
+    def pending(
+        self, mailing_id: str, limit: int, after: str | None = None
+    ) -> list[tuple[str, int]]:
+        Message = self._models.Message
+        return [
+            (item.client_id, int(item.message_id))
+            for item in Message.query(
+                mailing_id,
+                None if after is None else Message.client_id > after,
+                filter_condition=Message.status == MessageStatus.PENDING.value,
+                attributes_to_get=["client_id", "message_id"],
+                limit=limit,
+                page_size=max(limit, PARTITION_PAGE),
+            )
+        ]
 
     def _partition_query(self, mailing_id: str, status: MessageStatus | None) -> QueryFn:
         Message = self._models.Message

@@ -400,3 +400,13 @@ def test_pending_messages_cost_no_status_index_entry(services):
     assert entries == [(f"{MAILING}#sent", 101)]
     # And the pending one is still listed as pending
     assert world.messages.with_status(MAILING, MessageStatus.PENDING, 10) == [("c-2", 102)]
+
+
+def test_pending_messages_are_walked_a_page_at_a_time_by_client(running):
+    # Given c-1 and c-2 pending, c-3 failed
+    # When the pending ones are read one at a time, each page on from the last
+    first = running.messages.pending(MAILING, 1)
+    second = running.messages.pending(MAILING, 1, after=first[-1][0])
+    third = running.messages.pending(MAILING, 1, after=second[-1][0])
+    # Then each pending message comes once, and the failed one never
+    assert (first, second, third) == ([("c-1", 101)], [("c-2", 102)], [])

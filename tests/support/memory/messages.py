@@ -165,6 +165,19 @@ class MemoryMessageRepository:
             )
             return [(client_id, message_id) for message_id, client_id in found[:limit]]
 
+    def pending(
+        self, mailing_id: str, limit: int, after: str | None = None
+    ) -> list[tuple[str, int]]:
+        with self._lock:
+            found = sorted(
+                (s.message.client_id, s.message.id)
+                for (mailing, _), s in self._messages.items()
+                if mailing == mailing_id
+                and s.message.status is MessageStatus.PENDING
+                and (after is None or s.message.client_id > after)
+            )
+        return found[:limit]
+
     def page(
         self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
     ) -> PageOf[Message]:
