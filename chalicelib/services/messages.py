@@ -174,9 +174,12 @@ class MessageStore:
         after `since`; False otherwise (a live job or a sender has it)."""
         return self._repository.touch_if_lost(mailing_id, client_id, message_id, now, since)
 
-    def pending(self, mailing_id: str, limit: int) -> list[tuple[str, int]]:
-        """Up to `limit` (client id, message id) pairs whose message is still pending."""
-        return self.with_status(mailing_id, MessageStatus.PENDING, limit)
+    def pending(
+        self, mailing_id: str, limit: int, after: str | None = None
+    ) -> list[tuple[str, int]]:
+        """Up to `limit` (client id, message id) pairs whose message is still pending, by client
+        id (after client `after`, when given; a pass over them reads each message once)."""
+        return self._repository.pending(mailing_id, limit, after)
 
     def with_status(
         self, mailing_id: str, status: MessageStatus, limit: int, after: int | None = None

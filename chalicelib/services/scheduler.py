@@ -446,14 +446,17 @@ class Scheduler:
         """Move the mailing's unclaimed pending messages to `status` (end passed, cancelled),
         a page of them per transaction with one counter update; how many, and whether it
         stopped for lack of time with messages left (each page moved is committed)."""
-        changed = 0
+        changed, after = 0, None
         while True:
             if remaining() < SAFETY_SECONDS:
                 left = self._messages.pending(mailing.id, limit=1)
                 return changed, bool(left)
-            pending = self._messages.pending(mailing.id, limit=SWEEP_PAGE)
+            # On from the last page: pending messages are not indexed, and reading the mailing's
+            # partition from its start for every page would read it once per page.
+            pending = self._messages.pending(mailing.id, limit=SWEEP_PAGE, after=after)
             if not pending:
                 return changed, False
+            after = pending[-1][0]
             outcomes = [Outcome(client_id, status, None, None, id_) for client_id, id_ in pending]
             # One transaction for the page; one each if a sender holds any of them right now.
             moved = len(

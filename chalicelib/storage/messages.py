@@ -10,7 +10,7 @@ throttle as what `errors.is_transient` recognises, for the caller's `Retry`.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, cast
@@ -28,10 +28,19 @@ from chalicelib.domain.mailing import MessageChange
 from chalicelib.domain.paging import PageOf
 from chalicelib.storage.errors import is_conditional_failure
 from chalicelib.storage.models import DUE_KEY, MessageRecord, Models, status_key
-from chalicelib.storage.pagination import Segment, fingerprint, index_query, paginate
+from chalicelib.storage.pagination import (
+    QueryFn,
+    RawKey,
+    Segment,
+    fingerprint,
+    index_query,
+    paginate,
+)
 
 # What a message's last error keeps of a long one.
 ERROR_LIMIT = 500
+# Items per Query page when the mailing's partition is read with a status filter.
+PARTITION_PAGE = 500
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,13 @@ class MessageRepository(Protocol):
     ) -> list[tuple[str, int]]:
         """Up to `limit` (client id, message id) pairs with `status`, by message id (after
         `after`, when given)."""
+        ...
+
+    def pending(
+        self, mailing_id: str, limit: int, after: str | None = None
+    ) -> list[tuple[str, int]]:
+        """Up to `limit` (client id, message id) pairs of pending messages, by client id (after
+        client `after`, when given): each call reads only as far as its page."""
         ...
 
     def page(
@@ -261,13 +277,17 @@ class DynamoMessageRepository:
         self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
     ) -> PageOf[Message]:
         message = self._models.Message
-        if status is None:
-            query = index_query(message.query, mailing_id)
+        key = None if status is None else status_key(mailing_id, status.value)
+        if key is None:
+            # All of them, or a status the index does not hold: the mailing's partition, by
+            # client id, filtered on the status (DynamoDB reads past the others).
+            query = self._partition_query(mailing_id, status)
             segments = [Segment(query, ("mailing_id", "client_id"))]
-            scope = fingerprint("messages", mailing_id, None)
+            scope = fingerprint("messages", mailing_id, None if status is None else status.value)
             return PageOf(*paginate(segments, scope, cursor, limit, message_of))
         # The status index holds keys only (cheaper status changes); fetch the page's records.
-        query = index_query(message.by_status.query, status_key(mailing_id, status.value))
+        assert status is not None
+        query = index_query(message.by_status.query, key)
         segments = [Segment(query, ("status_key", "message_id", "mailing_id", "client_id"))]
         scope = fingerprint("messages", mailing_id, status.value)
         keys, next_cursor = paginate(segments, scope, cursor, limit, lambda k: k.client_id)
@@ -318,12 +338,61 @@ class DynamoMessageRepository:
         self, mailing_id: str, status: MessageStatus, limit: int, after: int | None = None
     ) -> list[tuple[str, int]]:
         Message = self._models.Message
-        key = status_key(mailing_id, status.value)
         condition = None if after is None else Message.message_id > after
+        key = status_key(mailing_id, status.value)
+        if key is not None:
+            return [
+                (item.client_id, int(item.message_id))
+                for item in Message.by_status.query(key, condition, limit=limit, page_size=limit)
+            ]
+        # Pending: not indexed (that saves two index writes per message), so the mailing's
+        # partition is read with a filter and ordered here. Its callers (the reconciler of a
+        # quiet mailing, the sweep at the end) are rare and find few pending messages.
+        wanted = Message.status == status.value
+        if condition is not None:
+            wanted &= condition
+        found = sorted(
+            (int(item.message_id), item.client_id)
+            for item in Message.query(
+                mailing_id,
+                filter_condition=wanted,
+                attributes_to_get=["client_id", "message_id"],
+                page_size=PARTITION_PAGE,
+            )
+        )
+        return [(client_id, message_id) for message_id, client_id in found[:limit]]
+
+    def pending(
+        self, mailing_id: str, limit: int, after: str | None = None
+    ) -> list[tuple[str, int]]:
+        Message = self._models.Message
         return [
             (item.client_id, int(item.message_id))
-            for item in Message.by_status.query(key, condition, limit=limit, page_size=limit)
+            for item in Message.query(
+                mailing_id,
+                None if after is None else Message.client_id > after,
+                filter_condition=Message.status == MessageStatus.PENDING.value,
+                attributes_to_get=["client_id", "message_id"],
+                limit=limit,
+                page_size=max(limit, PARTITION_PAGE),
+            )
         ]
+
+    def _partition_query(self, mailing_id: str, status: MessageStatus | None) -> QueryFn:
+        Message = self._models.Message
+        wanted = None if status is None else Message.status == status.value
+
+        def query(last_key: RawKey | None, limit: int) -> Iterable[MessageRecord]:
+            return Message.query(
+                mailing_id,
+                filter_condition=wanted,
+                limit=limit,
+                # A filter applies after the read: ask for more than the page needs at once.
+                page_size=limit if wanted is None else max(limit, PARTITION_PAGE),
+                last_evaluated_key=last_key,
+            )
+
+        return query
 
     def requeue_failed(
         self,
@@ -354,7 +423,8 @@ class DynamoMessageRepository:
                         Message(mailing_id, client_id),
                         actions=[
                             Message.status.set(pending),
-                            Message.status_key.set(status_key(mailing_id, pending)),
+                            # Pending messages are not in the status index.
+                            Message.status_key.remove(),
                             Message.updated_at.set(now),
                         ],
                         condition=Message.status == MessageStatus.FAILED.value,
@@ -387,11 +457,14 @@ class DynamoMessageRepository:
         Message = self._models.Message
         actions: list[Action] = [
             Message.status.set(outcome.status.value),
-            Message.status_key.set(status_key(mailing_id, outcome.status.value)),
             Message.updated_at.set(now),
             Message.claim_id.remove(),
             Message.claim_until.remove(),
         ]
+        key = status_key(mailing_id, outcome.status.value)
+        if key is not None:
+            # Leaving pending (never indexed): one index put, not a delete and a put.
+            actions.append(Message.status_key.set(key))
         if outcome.status is MessageStatus.SENT:
             actions.append(Message.sent_at.set(now))
         if outcome.error is not None:

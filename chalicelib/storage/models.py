@@ -12,8 +12,10 @@ Tables (one per kind of record; see docs/architecture.md, "Storage"):
              item (TOTALS_KEY: the statistics over every settled mailing). GSIs: due (sparse,
              only mailings whose audience still has to be enqueued, by start time),
              by_created (all mailings, newest first) and by_end (all mailings, by end).
-- messages:  one item per (mailing, client); GSI by_status (keys only) lists a mailing's
-             messages by status; a TTL removes them long after the mailing's end.
+- messages:  one item per (mailing, client); GSI by_status (sparse, keys only) lists a
+             mailing's messages by final status, in message id order; pending messages are
+             not in it (creating one costs no index write, sending it one put, not a move).
+             A TTL removes them long after the mailing's end.
 - sequences: named counters that hand out blocks of int64 message ids.
 - imports:   CSV imports of clients, several items per import (see `ClientImportRecord`;
              storage/imports.py maps each kind to its domain type). GSI
@@ -85,8 +87,16 @@ def tag_key(tag: str) -> str:
     return f"#{tag}"
 
 
-def status_key(mailing_id: str, status: str) -> str:
-    return f"{mailing_id}#{status}"
+# Statuses the by_status index holds. Every message is pending first: kept out, it costs no index
+# write when created and one (not a delete and a put) when it leaves; pending ones are listed by
+# a filtered Query on the mailing's partition. Sent stays in: the API lists sent messages in id
+# order, which only the index gives cheaply (without it: one index write less per message).
+INDEXED_STATUSES = frozenset({"sent", "failed", "expired", "cancelled", "skipped"})
+
+
+def status_key(mailing_id: str, status: str) -> str | None:
+    """The message's by_status key; None for a status the index does not hold."""
+    return f"{mailing_id}#{status}" if status in INDEXED_STATUSES else None
 
 
 class RowError(MapAttribute[str, Any]):
@@ -268,7 +278,7 @@ class MessageRecord(Model):
     message_id = NumberAttribute()
     phone = UnicodeAttribute()
     status = UnicodeAttribute()
-    status_key = UnicodeAttribute()
+    status_key = UnicodeAttribute(null=True)  # only in INDEXED_STATUSES
     created_at = UTCDateTimeAttribute()
     updated_at = UTCDateTimeAttribute()
     sent_at = UTCDateTimeAttribute(null=True)

@@ -1335,3 +1335,40 @@ def test_slow_claims_cost_no_trip_through_the_queue(
     assert pipeline.sqs.depth(SEND_URL) == 0
     assert gateway.duplicates() == []
     assert {int(m.attempts) for m in pipeline.messages(mailing["id"])} == {1}
+
+
+# The defaults: a batch's ten calls under way at once.
+@pytest.mark.parametrize("settings", [{"sender_concurrency": 10}], indirect=True)
+def test_a_batchs_outcomes_are_written_in_one_transaction(
+    api, pipeline, clock, gateway, monkeypatch
+):
+    # Given ten clients, whose jobs go out in one batch, all called at once
+    for n in range(10):
+        add_client(api, f"790000001{n:02d}")
+    import botocore.client
+
+    original = botocore.client.BaseClient._make_api_call
+    outcome_writes: list[int] = []
+
+    def counting(client, operation, params):
+        if operation == "TransactWriteItems":
+            names = [
+                part["Update"]["TableName"] for part in params["TransactItems"] if "Update" in part
+            ]
+            sent = sum(name.endswith("-messages") for name in names)
+            if sent and all("-messages" in n or "-mailings" in n for n in names):
+                outcome_writes.append(sent)
+        return original(client, operation, params)
+
+    # When the mailing is created and its batch delivered
+    mailing = create_mailing(api, clock)
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counting)
+    pipeline.kicks()
+    pipeline.send_once()
+    monkeypatch.undo()
+
+    # Then all ten are sent, their outcomes and the counters in one transaction (two write
+    # units a transaction item: one counter update for the batch, not one per outcome or two)
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 10})
+    assert outcome_writes == [10]
+    assert_counters_match_records(pipeline, mailing["id"])

@@ -359,3 +359,54 @@ def test_a_claimed_failed_or_other_message_is_not_marked_as_queued_again(running
     assert not running.messages.touch_if_lost(MAILING, "c-3", 103, now, since)
     assert not running.messages.touch_if_lost(MAILING, "c-2", 999, now, since)
     assert running.messages.touch_if_lost(MAILING, "c-2", 102, now, since)
+
+
+# ---------------------------------------------------------------- what listing by status costs
+
+
+def test_a_requeued_then_sent_message_is_listed_under_its_status_at_each_step(running):
+    # Given c-3 failed, then made pending again
+    assert running.messages.requeue_failed(MAILING, [("c-3", 103)], NOW, reopen=False)
+    pending = running.messages.page(MAILING, status=MessageStatus.PENDING, limit=10, cursor=None)
+    # Then it is listed as pending, no longer as failed
+    assert sorted(m.client_id for m in pending.items) == ["c-1", "c-2", "c-3"]
+    assert running.messages.with_status(MAILING, MessageStatus.FAILED, 10) == []
+
+    # When it is sent
+    claimed = running.messages.claim(MAILING, "c-3", 103, "claim-c", NOW, LATER)
+    sent = Outcome("c-3", MessageStatus.SENT, claimed.claim_id)
+    assert running.messages.finish(MAILING, [sent], NOW)
+
+    # Then it is listed as sent only
+    assert running.messages.with_status(MAILING, MessageStatus.SENT, 10) == [("c-3", 103)]
+    assert running.messages.with_status(MAILING, MessageStatus.PENDING, 10) == [
+        ("c-1", 101),
+        ("c-2", 102),
+    ]
+
+
+def test_pending_messages_cost_no_status_index_entry(services):
+    # Given the DynamoDB repository with two pending messages, one of which is then sent
+    world = _dynamodb_world(services)
+    world.add_mailing(MAILING, MailingStatus.RUNNING)
+    world.add_message(_message("c-1", 101, MessageStatus.PENDING))
+    world.add_message(_message("c-2", 102, MessageStatus.PENDING))
+    taken = claim(world)
+    assert world.messages.finish(MAILING, [Outcome("c-1", MessageStatus.SENT, taken.claim_id)], NOW)
+
+    # Then the status index holds the sent message alone: creating a pending message wrote no
+    # entry, and sending it wrote one (a put, not a move out of `pending`)
+    entries = [(e.status_key, int(e.message_id)) for e in services.models.Message.by_status.scan()]
+    assert entries == [(f"{MAILING}#sent", 101)]
+    # And the pending one is still listed as pending
+    assert world.messages.with_status(MAILING, MessageStatus.PENDING, 10) == [("c-2", 102)]
+
+
+def test_pending_messages_are_walked_a_page_at_a_time_by_client(running):
+    # Given c-1 and c-2 pending, c-3 failed
+    # When the pending ones are read one at a time, each page on from the last
+    first = running.messages.pending(MAILING, 1)
+    second = running.messages.pending(MAILING, 1, after=first[-1][0])
+    third = running.messages.pending(MAILING, 1, after=second[-1][0])
+    # Then each pending message comes once, and the failed one never
+    assert (first, second, third) == ([("c-1", 101)], [("c-2", 102)], [])

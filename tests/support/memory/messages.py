@@ -13,6 +13,7 @@ from chalicelib.domain import MailingStatus, Message, MessageStatus
 from chalicelib.domain.mailing import MessageChange
 from chalicelib.domain.paging import PageOf
 from chalicelib.storage.messages import ERROR_LIMIT, Claim, Outcome
+from chalicelib.storage.models import status_key
 from chalicelib.storage.pagination import invalid_cursor
 
 
@@ -164,6 +165,19 @@ class MemoryMessageRepository:
             )
             return [(client_id, message_id) for message_id, client_id in found[:limit]]
 
+    def pending(
+        self, mailing_id: str, limit: int, after: str | None = None
+    ) -> list[tuple[str, int]]:
+        with self._lock:
+            found = sorted(
+                (s.message.client_id, s.message.id)
+                for (mailing, _), s in self._messages.items()
+                if mailing == mailing_id
+                and s.message.status is MessageStatus.PENDING
+                and (after is None or s.message.client_id > after)
+            )
+        return found[:limit]
+
     def page(
         self, mailing_id: str, *, status: MessageStatus | None, limit: int, cursor: str | None
     ) -> PageOf[Message]:
@@ -174,8 +188,10 @@ class MemoryMessageRepository:
                 key=lambda message: message.client_id,
             )
         if status is not None:
-            # The status index orders by message id.
-            listed = sorted((m for m in listed if m.status is status), key=lambda m: m.id)
+            listed = [m for m in listed if m.status is status]
+            if status_key(mailing_id, status.value) is not None:
+                # The status index orders by message id; the others stay by client id.
+                listed = sorted(listed, key=lambda m: m.id)
         keys = [m.client_id for m in listed]
         start = 0
         if cursor is not None:
