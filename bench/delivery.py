@@ -118,16 +118,19 @@ def _capacity(service: str, operation: str, params: dict, result: dict) -> tuple
 
 
 def _index_writes(item: dict) -> float:
-    """Index entries a write adds or moves: new messages enter by_status; a status change
-    moves the entry (a delete and a put); the mailing leaves the due index when it finishes."""
-    if "Put" in item and item["Put"]["TableName"].endswith("-messages"):
-        return 1.0
+    """Index entries a write adds or removes. by_status is sparse: only messages in a final
+    status are in it, so a message enters it (one put) when it leaves `pending` and leaves it
+    (one delete) when retry-failed makes it pending again; a new pending message is not in it.
+    The mailing leaves the due index when it finishes."""
+    put = item.get("Put")
+    if put and put["TableName"].endswith("-messages"):
+        return 1.0 if "status_key" in put.get("Item", {}) else 0.0
     update = item.get("Update")
     if update:
         expression = update.get("UpdateExpression", "")
         names = update.get("ExpressionAttributeNames", {})
         if "status_key" in names.values():
-            return 2.0
+            return 1.0
         if "due_key" in names.values() and "REMOVE" in expression:
             return 1.0
     return 0.0

@@ -103,3 +103,22 @@ def test_transactions_are_billed_two_write_units_an_item() -> None:
     # Then it counts one request and 4 write units, under its operation
     assert meter.calls[("dynamodb", "TransactWriteItems")] == 1
     assert meter.wru["TransactWriteItems"] == 4.0
+
+
+def test_the_sparse_status_index_is_charged_only_when_a_message_enters_or_leaves_it():
+    """Given the message writes of one delivery, when the meter prices them, then a new pending
+    message costs no index write and its move to a final status one put, not a move."""
+    from bench.delivery import _capacity
+
+    created = {"Put": {"TableName": "sms-messages", "Item": {"client_id": {"S": "c"}}}}
+    sent = {
+        "Update": {
+            "TableName": "sms-messages",
+            "UpdateExpression": "SET #0 = :0",
+            "ExpressionAttributeNames": {"#0": "status_key"},
+        }
+    }
+    creation = _capacity("dynamodb", "TransactWriteItems", {"TransactItems": [created]}, {})
+    outcome = _capacity("dynamodb", "TransactWriteItems", {"TransactItems": [sent]}, {})
+    assert creation == (2.0, 0.0)
+    assert outcome == (3.0, 0.0)
