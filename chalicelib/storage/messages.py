@@ -306,14 +306,10 @@ class DynamoMessageRepository:
             if len(changes) >= limit:
                 return changes, True
             status = MessageStatus(record.status)
-            changed_at = None if status is MessageStatus.PENDING else record.sent_at
-            changes.append(
-                MessageChange(
-                    record.created_at,
-                    status,
-                    None if status is MessageStatus.PENDING else changed_at or record.updated_at,
-                )
-            )
+            # A message that left `pending` changed when it was sent, else at its last update.
+            pending = status is MessageStatus.PENDING
+            changed_at = None if pending else record.sent_at or record.updated_at
+            changes.append(MessageChange(record.created_at, status, changed_at))
         return changes, False
 
     def touch_if_lost(
