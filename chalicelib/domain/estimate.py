@@ -30,7 +30,7 @@ MIN_SEGMENT_ENTRIES = 8
 Z95 = 1.96
 # The leading hex digits of a uuid4 that are random (the 13th is the version, always 4).
 ID_DIGITS = 12
-_ID_SPACE = 16**ID_DIGITS
+_ID_SPACE = float(1 << (4 * ID_DIGITS))
 
 
 @dataclass(frozen=True)
