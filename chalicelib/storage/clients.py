@@ -322,9 +322,10 @@ class DynamoClientRepository:
 
     def _estimate(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
         """One Query per look-up of the audience, each reading its share of PREVIEW_ENTRIES
-        from the segment's start (more for the sample, at most 50); an operator code without
-        a tag that does not fit adds one pass over the shards, filtered on the code(s), of
-        PREVIEW_ENTRIES in all. See `domain.estimate` for the arithmetic."""
+        (and one entry more) from the segment's start, or the sample's size if larger (at most
+        50). An operator code without a tag whose segment does not fit adds one Query per shard,
+        filtered on the code(s), of PREVIEW_ENTRIES entries in all: its index is ordered by tag
+        first, so its own first entries say nothing of its size. See `domain.estimate`."""
         look_ups = audience.selection(CLIENT_SHARDS)
         budget = segment_budget(len(look_ups))
         whole: list[SegmentRead] = []
@@ -332,7 +333,8 @@ class DynamoClientRepository:
         sample_ids: list[str] = []
         with busy_if_transient():
             for look_up in look_ups:
-                limit = max(budget, sample_size - len(sample_ids))
+                # One more than the share: a segment of exactly its share is counted exactly.
+                limit = max(budget, sample_size - len(sample_ids)) + 1
                 read, ids = self._read_segment(look_up, limit)
                 sample_ids.extend(ids[: sample_size - len(sample_ids)])
                 by_tag_first = look_up.operator_code is not None and look_up.tag is None
@@ -341,7 +343,7 @@ class DynamoClientRepository:
                     continue
                 whole.append(read)
             shares = [
-                self._read_shard(shard, segment_budget(CLIENT_SHARDS), too_many)
+                self._read_shard(shard, segment_budget(CLIENT_SHARDS) + 1, too_many)
                 for shard in (range(CLIENT_SHARDS) if too_many else ())
             ]
         result = estimate_audience(whole, shares)
@@ -379,7 +381,7 @@ class DynamoClientRepository:
             evaluated=int(answer.get("ScannedCount", len(items))),
             matched=len(items),
             opted_out=sum(_opted_out(item) for item in items),
-            last_id=_last_id(answer),
+            last_id=_last_id(answer, limit),
         )
         return read, ids
 
@@ -399,7 +401,7 @@ class DynamoClientRepository:
             evaluated=int(answer["ScannedCount"]),
             matched=len(items),
             opted_out=sum(_opted_out(item) for item in items),
-            last_id=_last_id(answer),
+            last_id=_last_id(answer, limit),
         )
 
     def _query(
@@ -553,10 +555,13 @@ def _opted_out(item: dict[str, Any]) -> bool:
     return item.get("opted_out", {}).get("BOOL") is True
 
 
-def _last_id(answer: dict[str, Any]) -> str | None:
-    """The client id where a Query stopped short of its segment's end; None if it reached it."""
+def _last_id(answer: dict[str, Any], limit: int) -> str | None:
+    """The client id where a Query stopped short of its segment's end; None if it reached it
+    (DynamoDB may hand out a last key when the end falls exactly on the limit)."""
     last_key = answer.get("LastEvaluatedKey")
-    return None if not last_key else str(last_key["client_id"]["S"])
+    if not last_key or int(answer.get("ScannedCount", limit)) < limit:
+        return None
+    return str(last_key["client_id"]["S"])
 
 
 def _conforms(store: DynamoClientRepository) -> ClientRepository:
