@@ -100,14 +100,14 @@ def _whole_segments(reads: Sequence[SegmentRead]) -> _Part:
     return _Part(count, opted_out, variance, seen)
 
 
-def _filtered_segments(reads: Sequence[SegmentRead]) -> _Part:
+def _filtered_segments(reads: Sequence[SegmentRead], at_least: int) -> _Part:
     """Random segments (shards) of which the audience is a share: matches among the entries
-    read, scaled by the segments' estimated sizes."""
+    read, scaled by the segments' estimated sizes; never fewer than `at_least` seen elsewhere."""
     ended = [r for r in reads if r.last_id is None]
     cut = [r for r in reads if r.last_id is not None]
     count = float(sum(r.matched for r in ended))
     opted_out = float(sum(r.opted_out for r in ended))
-    seen = sum(r.matched for r in reads)
+    seen = max(sum(r.matched for r in reads), at_least)
     if not cut:
         return _Part(count, opted_out, 0.0, seen)
     sizes = [_segment_size(r) for r in cut]
@@ -127,19 +127,22 @@ def _filtered_segments(reads: Sequence[SegmentRead]) -> _Part:
 
 
 def estimate_audience(
-    whole: Sequence[SegmentRead], filtered: Sequence[SegmentRead] = ()
+    whole: Sequence[SegmentRead],
+    filtered: Sequence[SegmentRead] = (),
+    *,
+    filtered_at_least: int = 0,
 ) -> AudienceCount:
-    """The audience made of the `whole` segments and the `filtered` share of other segments;
-    exact when every segment ended within its read."""
-    parts = [_whole_segments(whole), _filtered_segments(filtered)]
+    """The audience made of the `whole` segments and the `filtered` share of other segments
+    (of which `filtered_at_least` clients are known to exist); exact when every segment ended
+    within its read."""
+    parts = [_whole_segments(whole), _filtered_segments(filtered, filtered_at_least)]
     approximate = any(r.last_id is not None for r in (*whole, *filtered))
-    count = round(sum(p.count for p in parts))
+    count = round(sum(max(p.count, p.seen) for p in parts))
     opted_out = min(round(sum(p.opted_out for p in parts)), count)
     if not approximate:
         return AudienceCount(count, opted_out, False, count, count)
     margin = Z95 * math.sqrt(sum(p.variance for p in parts))
     seen = sum(p.seen for p in parts)
-    count = max(count, seen)
     low = max(math.floor(count - margin), seen)
     high = max(math.ceil(count + margin), count)
     return AudienceCount(count, opted_out, True, low, high)

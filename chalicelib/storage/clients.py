@@ -330,6 +330,7 @@ class DynamoClientRepository:
         budget = segment_budget(len(look_ups))
         whole: list[SegmentRead] = []
         too_many: list[str] = []  # operator codes whose by_operator segment did not fit
+        known = 0  # clients of those codes already read
         sample_ids: list[str] = []
         with busy_if_transient():
             for look_up in look_ups:
@@ -340,13 +341,14 @@ class DynamoClientRepository:
                 by_tag_first = look_up.operator_code is not None and look_up.tag is None
                 if by_tag_first and read.last_id is not None:  # its order gives no estimate
                     too_many.append(str(look_up.operator_code))
+                    known += read.matched
                     continue
                 whole.append(read)
             shares = [
                 self._read_shard(shard, segment_budget(CLIENT_SHARDS) + 1, too_many)
                 for shard in (range(CLIENT_SHARDS) if too_many else ())
             ]
-        result = estimate_audience(whole, shares)
+        result = estimate_audience(whole, shares, filtered_at_least=known)
         return AudienceSummary(
             result.count,
             result.opted_out,
@@ -381,7 +383,7 @@ class DynamoClientRepository:
             evaluated=int(answer.get("ScannedCount", len(items))),
             matched=len(items),
             opted_out=sum(_opted_out(item) for item in items),
-            last_id=_last_id(answer, limit),
+            last_id=_last_id(answer),
         )
         return read, ids
 
@@ -401,7 +403,7 @@ class DynamoClientRepository:
             evaluated=int(answer["ScannedCount"]),
             matched=len(items),
             opted_out=sum(_opted_out(item) for item in items),
-            last_id=_last_id(answer, limit),
+            last_id=_last_id(answer),
         )
 
     def _query(
@@ -555,13 +557,12 @@ def _opted_out(item: dict[str, Any]) -> bool:
     return item.get("opted_out", {}).get("BOOL") is True
 
 
-def _last_id(answer: dict[str, Any], limit: int) -> str | None:
-    """The client id where a Query stopped short of its segment's end; None if it reached it
-    (DynamoDB may hand out a last key when the end falls exactly on the limit)."""
+def _last_id(answer: dict[str, Any]) -> str | None:
+    """The client id where a Query stopped before its segment's end; None if it reached it.
+    (A segment of exactly the Limit may still get a last key: it is then estimated, which is
+    why reads ask for one entry more than their share.)"""
     last_key = answer.get("LastEvaluatedKey")
-    if not last_key or int(answer.get("ScannedCount", limit)) < limit:
-        return None
-    return str(last_key["client_id"]["S"])
+    return str(last_key["client_id"]["S"]) if last_key else None
 
 
 def _conforms(store: DynamoClientRepository) -> ClientRepository:

@@ -146,3 +146,16 @@ def test_a_filtered_share_that_found_no_match_still_has_an_upper_bound():
     # Then the count is 0 but the interval admits a small share of the 8,000 entries
     assert (result.count, result.low, result.approximate) == (0, 0, True)
     assert 0 < result.high < 8_000 * 0.02
+
+
+def test_a_filtered_share_is_never_below_what_was_already_seen_of_it():
+    # Given shards where the wanted code was not met, though its own index showed 1,001 clients
+    rng = random.Random(8)
+    reads = [read_filtered(random_ids(rng, 500), set(), segment_budget(16)) for _ in range(16)]
+    # When estimated, knowing those 1,001
+    result = estimate_audience([], reads, filtered_at_least=1_001)
+    # Then neither the count nor its low end falls below them
+    assert result.approximate
+    assert result.count >= 1_001
+    assert result.low >= 1_001
+    assert result.high >= result.count
