@@ -612,7 +612,8 @@ class AudiencePreviewOut(_Response):
         description="Of those, clients who opted out (they will be skipped); estimated likewise"
     )
     approximate: bool = Field(
-        description="The counts are estimated from about 1,000 index entries; false: exact"
+        description="The counts are estimated from a bounded read of the audience (about 1,000 "
+        "index entries; see the API guide); false: exact"
     )
     count_low: int = Field(description="The count's 95 % interval, low end (= count when exact)")
     count_high: int = Field(description="The count's 95 % interval, high end (= count when exact)")

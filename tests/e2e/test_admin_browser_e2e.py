@@ -838,6 +838,14 @@ def test_a_large_audience_is_previewed_as_about_n_and_counted_exactly_on_request
     page.get_by_role("button", name="Count exactly").click()
     expect(audience).to_have_text("1,100 clients match this filter")
     expect(page.get_by_role("button", name="Count exactly")).to_have_count(0)
+    # And the clients list says "about" for that tag too, until asked to count exactly
+    search_clients(page, tag=tag)
+    total = page.locator("#clients-total")
+    estimated = re.compile(r"^about [\d,]+ clients match; listed in a fixed order\.$")
+    expect(total).to_have_text(estimated)
+    page.get_by_role("button", name="Count exactly").click()
+    expect(total).to_have_text("1,100 clients match; listed in a fixed order.")
+    expect(page.get_by_role("button", name="Count exactly")).to_be_hidden()
 
 
 # ---------------------------------------------------------------- the API reference at /docs
