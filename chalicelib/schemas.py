@@ -599,11 +599,24 @@ class AudiencePreviewIn(_Request):
 
     filter: AudienceFilter = Field(default_factory=AudienceFilter)
     sample_size: int = Field(10, ge=0, le=50, description="How many matching clients to return")
+    exact: bool = Field(
+        False,
+        description="Count every matching client (reads grow with the audience); by default a "
+        "large audience is estimated from a bounded read",
+    )
 
 
 class AudiencePreviewOut(_Response):
-    count: int = Field(description="Clients the filter selects")
-    opted_out: int = Field(description="Of those, clients who opted out (they will be skipped)")
+    count: int = Field(description="Clients the filter selects (an estimate if `approximate`)")
+    opted_out: int = Field(
+        description="Of those, clients who opted out (they will be skipped); estimated likewise"
+    )
+    approximate: bool = Field(
+        description="The counts are estimated from a bounded read of the audience (about 1,000 "
+        "index entries; see the API guide); false: exact"
+    )
+    count_low: int = Field(description="The count's 95 % interval, low end (= count when exact)")
+    count_high: int = Field(description="The count's 95 % interval, high end (= count when exact)")
     sample: list[ClientOut] = Field(description="The first `sample_size` of them")
 
 

@@ -69,6 +69,9 @@
     return el;
   }
 
+  /** A count as people read it: 5,167. */
+  const number = (n) => Number(n).toLocaleString("en-US");
+
   const SVG = "http://www.w3.org/2000/svg";
   function svg(tag, attrs, ...children) {
     const el = document.createElementNS(SVG, tag);
@@ -694,28 +697,34 @@
     const results = h("div", { class: "table-wrap", id: "clients-table" });
     const pager = h("div", { class: "row pager" });
     const total = h("p", { class: "list-total", id: "clients-total", "aria-live": "polite" });
+    const exactTotal = h("button", { type: "button", class: "secondary", hidden: true, onclick: () => loadTotal(true) },
+      "Count exactly");
 
-    /** How many clients the search matches: the audience count the mailing form uses (one pass
-     * over the matching index entries, two attributes each), asked once per search. */
-    async function loadTotal() {
-      let matched;
+    /** How many clients the search matches: the audience count the mailing form uses, asked
+     * once per search. A large audience comes back estimated from a bounded read ("about");
+     * `exact` asks the server to count every matching client. */
+    async function loadTotal(exact = false) {
+      let answer;
       if (filters.phone) {
-        matched = null; // the list itself is the answer: one client or none
+        answer = null; // the list itself is the answer: one client or none
       } else {
         const filter = {
           operator_codes: filters.operator_code ? [filters.operator_code] : [],
           tags: filters.tag ? [filters.tag] : [],
         };
         try {
-          matched = (await api("POST", "mailings/preview", { body: { filter, sample_size: 0 } })).count;
+          answer = await api("POST", "mailings/preview", { body: { filter, sample_size: 0, exact } });
         } catch (err) {
           return; // the list shows the error, if any
         }
       }
-      if (!current(view) || matched === null) return;
+      exactTotal.hidden = !(answer && answer.approximate);
+      if (!current(view) || answer === null) return;
+      const matched = answer.count;
       const noun = matched === 1 ? "client" : "clients";
       const filtered = filters.tag || filters.operator_code;
-      total.textContent = `${matched} ${noun} ${filtered ? (matched === 1 ? "matches" : "match") : "in total"}; listed in a fixed order.`;
+      const about = answer.approximate ? "about " : "";
+      total.textContent = `${about}${number(matched)} ${noun} ${filtered ? (matched === 1 ? "matches" : "match") : "in total"}; listed in a fixed order.`;
     }
 
     // After a change (a delete, an import) the total may have moved too; paging keeps it.
@@ -752,7 +761,7 @@
         h("h1", {}, "Clients"),
         writer(h("a", { class: "button", href: "#/clients/new" }, "New client"))),
       h("section", { class: "panel", "aria-label": "Search" }, search),
-      h("section", { class: "panel", "aria-label": "Client list" }, total, results, pager),
+      h("section", { class: "panel", "aria-label": "Client list" }, total, exactTotal, results, pager),
       writer(importPanel(refresh)),
     );
     await Promise.all([load(), loadTotal()]);
@@ -1107,16 +1116,25 @@
 
     const filter = () => ({ operator_codes: list(inputs.operator_codes.value), tags: list(inputs.tags.value) });
     let previewSeq = 0;
-    async function runPreview() {
+    /** Count the audience of the filter; a large one comes back estimated from a bounded read
+     * and says "about", with a button that asks for the exact count (which reads it all). */
+    async function runPreview(exact = false) {
+      exact = exact === true; // a click passes its event
       const seq = ++previewSeq;
-      fill(preview, h("p", { class: "muted" }, "Counting the audience…"));
+      fill(preview, h("p", { class: "muted" }, exact ? "Counting every client of the audience…" : "Counting the audience…"));
       try {
-        const answer = await api("POST", "mailings/preview", { body: { filter: filter(), sample_size: 5 } });
+        const answer = await api("POST", "mailings/preview", { body: { filter: filter(), sample_size: 5, exact } });
         if (seq !== previewSeq || !current(view)) return;
         const count = answer.count;
+        const clients = `${number(count)} ${count === 1 ? "client matches" : "clients match"} this filter`;
         fill(preview,
-          h("p", { class: "count-line", id: "audience-count", "data-count": String(count) },
-            `${count} ${count === 1 ? "client matches" : "clients match"} this filter`),
+          h("p", { class: "count-line", id: "audience-count", "data-count": String(count), "data-approximate": String(answer.approximate) },
+            answer.approximate ? `About ${clients}` : clients),
+          answer.approximate
+            ? h("p", { class: "hint" },
+              `Estimated from part of the audience: between ${number(answer.count_low)} and ${number(answer.count_high)} (95 % sure). `,
+              h("button", { type: "button", class: "secondary", onclick: () => runPreview(true) }, "Count exactly"))
+            : null,
           answer.sample && answer.sample.length
             ? h("div", {}, h("p", { class: "hint" }, "For example:"),
               h("ul", {}, answer.sample.map((c) => h("li", {}, `${c.phone} · operator ${c.operator_code}${c.tag ? ` · ${c.tag}` : ""}`))))

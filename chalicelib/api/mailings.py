@@ -128,10 +128,16 @@ def cancel_mailing(mailing_id: str) -> MailingOut:
 )
 def preview_audience(body: AudiencePreviewIn) -> AudiencePreviewOut:
     """How many clients a mailing with this filter would reach, how many of them opted out,
-    and a sample; nothing is created. It reads the audience's index entries once."""
-    count, opted_out, sample = services().clients.preview(audience(body.filter), body.sample_size)
+    and a sample; nothing is created. A large audience is estimated from a bounded read
+    (`approximate`, with a 95 % interval) unless `exact` asks to count every client."""
+    preview = services().clients.preview(audience(body.filter), body.sample_size, exact=body.exact)
     return AudiencePreviewOut(
-        count=count, opted_out=opted_out, sample=[client_out(c) for c in sample]
+        count=preview.count,
+        opted_out=preview.opted_out,
+        approximate=preview.approximate,
+        count_low=preview.count_low,
+        count_high=preview.count_high,
+        sample=[client_out(c) for c in preview.sample],
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from chalicelib.domain import AudienceFilter, Client, Clock, PageOf
 from chalicelib.domain.client import ClientFields, ClientNotFound, Recipient
@@ -16,7 +16,19 @@ from chalicelib.storage.pagination import Segment
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientDirectory", "ClientFields"]
+__all__ = ["AudiencePreview", "ClientDirectory", "ClientFields"]
+
+
+@dataclass(frozen=True)
+class AudiencePreview:
+    """An audience counted (exactly, or estimated with a 95 % interval) and its first clients."""
+
+    count: int
+    opted_out: int
+    approximate: bool
+    count_low: int
+    count_high: int
+    sample: list[Client]
 
 
 class ClientDirectory:
@@ -62,13 +74,23 @@ class ClientDirectory:
             return self._with_phone(phone, audience)
         return self._clients.page(audience, limit=limit, cursor=cursor)
 
-    def preview(self, audience: AudienceFilter, sample_size: int) -> tuple[int, int, list[Client]]:
+    def preview(
+        self, audience: AudienceFilter, sample_size: int, *, exact: bool = False
+    ) -> AudiencePreview:
         """How many clients `audience` selects, how many of those opted out, and the first
-        `sample_size` of them, without creating anything."""
-        summary = self._clients.summarize(audience, sample_size)
+        `sample_size` of them, without creating anything. A large audience is estimated from a
+        bounded read unless `exact`, which reads all of it."""
+        summary = self._clients.summarize(audience, sample_size, exact=exact)
         found, _ = self.find_many(summary.sample_ids)
         sample = [found[i] for i in summary.sample_ids if i in found]
-        return summary.count, summary.opted_out, sample
+        return AudiencePreview(
+            count=summary.count,
+            opted_out=summary.opted_out,
+            approximate=summary.approximate,
+            count_low=summary.count_low,
+            count_high=summary.count_high,
+            sample=sample,
+        )
 
     def recipients(
         self, audience: AudienceFilter, *, scope: str, cursor: str | None, limit: int

@@ -19,7 +19,7 @@ from pynamodb.connection import Connection
 from pynamodb.exceptions import DoesNotExist, PynamoDBException
 from pynamodb.transactions import TransactWrite
 
-from chalicelib.domain.audience import AudienceFilter
+from chalicelib.domain.audience import AudienceFilter, AudienceQuery
 from chalicelib.domain.client import (
     Client,
     ClientChanged,
@@ -28,6 +28,7 @@ from chalicelib.domain.client import (
     Recipient,
     client_problem,
 )
+from chalicelib.domain.estimate import SegmentRead, estimate_audience, segment_budget
 from chalicelib.domain.paging import PageOf
 from chalicelib.storage.errors import (
     Retry,
@@ -65,11 +66,22 @@ BATCH_READ_RETRY = Retry(attempts=5)
 
 @dataclass(frozen=True)
 class AudienceSummary:
-    """How many clients an audience selects, how many of them opted out, and the first few ids."""
+    """How many clients an audience selects, how many of them opted out, and the first few ids.
+
+    An approximate summary is an estimate whose 95 % interval is [count_low, count_high]; an
+    exact one has both equal to `count`."""
 
     count: int
     opted_out: int
     sample_ids: list[str]
+    approximate: bool
+    count_low: int
+    count_high: int
+
+    @classmethod
+    def exact(cls, count: int, opted_out: int, sample_ids: list[str]) -> AudienceSummary:
+        """A summary that counted every client."""
+        return cls(count, opted_out, sample_ids, False, count, count)
 
 
 class ClientRepository(Protocol):
@@ -111,8 +123,12 @@ class ClientRepository(Protocol):
         still read)."""
         ...
 
-    def summarize(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
-        """Count the clients `audience` selects (and those opted out); the first few ids."""
+    def summarize(
+        self, audience: AudienceFilter, sample_size: int, *, exact: bool = False
+    ) -> AudienceSummary:
+        """Count the clients `audience` selects (and those opted out); the first `sample_size`
+        ids. An audience that fits in a bounded read is counted exactly; a larger one is
+        estimated (`approximate`) unless `exact`, which reads every entry."""
         ...
 
     def add(self, client: Client) -> Client:
@@ -280,7 +296,14 @@ class DynamoClientRepository:
         recipients = [Recipient(item.client_id, item.phone) for item in page.items]
         return PageOf(recipients, encode_cursor(page.next, scope))
 
-    def summarize(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
+    def summarize(
+        self, audience: AudienceFilter, sample_size: int, *, exact: bool = False
+    ) -> AudienceSummary:
+        if exact:
+            return self._count_every_entry(audience, sample_size)
+        return self._estimate(audience, sample_size)
+
+    def _count_every_entry(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
         """Reads the audience's index entries once (two attributes each), as the fan-out would."""
         segments = self.audience_segments(audience, attributes=("client_id", "opted_out"))
         count = opted_out = 0
@@ -295,7 +318,119 @@ class DynamoClientRepository:
                     if len(sample_ids) < sample_size:
                         sample_ids.append(item.client_id)
                 position = page.next
-        return AudienceSummary(count, opted_out, sample_ids)
+        return AudienceSummary.exact(count, opted_out, sample_ids)
+
+    def _estimate(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
+        """One Query per look-up of the audience, each reading its share of PREVIEW_ENTRIES
+        (and one entry more) from the segment's start, or the sample's size if larger (at most
+        50). An operator code without a tag whose segment does not fit adds one Query per shard,
+        filtered on the code(s), of PREVIEW_ENTRIES entries in all: its index is ordered by tag
+        first, so its own first entries say nothing of its size. See `domain.estimate`."""
+        look_ups = audience.selection(CLIENT_SHARDS)
+        budget = segment_budget(len(look_ups))
+        whole: list[SegmentRead] = []
+        too_many: list[str] = []  # operator codes whose by_operator segment did not fit
+        known = 0  # clients of those codes already read
+        sample_ids: list[str] = []
+        with busy_if_transient():
+            for look_up in look_ups:
+                # One more than the share: a segment of exactly its share is counted exactly.
+                limit = max(budget, sample_size - len(sample_ids)) + 1
+                read, ids = self._read_segment(look_up, limit)
+                sample_ids.extend(ids[: sample_size - len(sample_ids)])
+                by_tag_first = look_up.operator_code is not None and look_up.tag is None
+                if by_tag_first and read.last_id is not None:  # its order gives no estimate
+                    too_many.append(str(look_up.operator_code))
+                    known += read.matched
+                    continue
+                whole.append(read)
+            shares = [
+                self._read_shard(shard, segment_budget(CLIENT_SHARDS) + 1, too_many)
+                for shard in (range(CLIENT_SHARDS) if too_many else ())
+            ]
+        result = estimate_audience(whole, shares, filtered_at_least=known)
+        return AudienceSummary(
+            result.count,
+            result.opted_out,
+            sample_ids,
+            approximate=result.approximate,
+            count_low=result.low,
+            count_high=result.high,
+        )
+
+    def _read_segment(self, look_up: AudienceQuery, limit: int) -> tuple[SegmentRead, list[str]]:
+        """The first `limit` entries of one look-up's segment: what they show, and their ids."""
+        names = {"#id": "client_id", "#out": "opted_out"}
+        if look_up.operator_code is not None:
+            names["#key"] = "operator_code"
+            values = {":key": {"S": look_up.operator_code}}
+            condition = "#key = :key"
+            index = "by_operator"
+            if look_up.tag is not None:
+                names["#sort"] = "tag_sort"
+                values[":prefix"] = {"S": tag_prefix(look_up.tag)}
+                condition += " AND begins_with(#sort, :prefix)"
+        elif look_up.tag is not None:
+            names["#key"], index = "tag_key", "by_tag"
+            values, condition = {":key": {"S": tag_key(look_up.tag)}}, "#key = :key"
+        else:
+            names["#key"], index = "shard", "by_shard"
+            values, condition = {":key": {"N": str(look_up.shard)}}, "#key = :key"
+        answer = self._query(index, condition, names, values, limit)
+        items = answer.get("Items", [])
+        ids = [item["client_id"]["S"] for item in items]
+        read = SegmentRead(
+            evaluated=int(answer.get("ScannedCount", len(items))),
+            matched=len(items),
+            opted_out=sum(_opted_out(item) for item in items),
+            last_id=_last_id(answer),
+        )
+        return read, ids
+
+    def _read_shard(self, shard: int, limit: int, operator_codes: list[str]) -> SegmentRead:
+        """The first `limit` entries of one shard, of which those with one of `operator_codes`
+        are returned (DynamoDB bills and limits the entries it evaluates, not those returned)."""
+        names = {"#id": "client_id", "#out": "opted_out", "#key": "shard", "#op": "operator_code"}
+        values = {":key": {"N": str(shard)}}
+        for n, code in enumerate(operator_codes):
+            values[f":c{n}"] = {"S": code}
+        codes = ", ".join(f":c{n}" for n in range(len(operator_codes)))
+        answer = self._query(
+            "by_shard", "#key = :key", names, values, limit, filter_expression=f"#op IN ({codes})"
+        )
+        items = answer.get("Items", [])
+        return SegmentRead(
+            evaluated=int(answer["ScannedCount"]),
+            matched=len(items),
+            opted_out=sum(_opted_out(item) for item in items),
+            last_id=_last_id(answer),
+        )
+
+    def _query(
+        self,
+        index: str,
+        condition: str,
+        names: dict[str, str],
+        values: dict[str, dict[str, str]],
+        limit: int,
+        *,
+        filter_expression: str | None = None,
+    ) -> dict[str, Any]:
+        """One Query request on a clients index, as DynamoDB answers it (with ScannedCount and
+        LastEvaluatedKey, which PynamoDB's iterators keep to themselves)."""
+        request: dict[str, Any] = {
+            "TableName": self._models.Client.Meta.table_name,
+            "IndexName": index,
+            "KeyConditionExpression": condition,
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
+            "ProjectionExpression": "#id, #out",
+            "Limit": limit,
+        }
+        if filter_expression is not None:
+            request["FilterExpression"] = filter_expression
+        answer: dict[str, Any] = self._connection.dispatch("Query", request)
+        return answer
 
     def audience_segments(
         self, audience: AudienceFilter, *, attributes: Sequence[str] | None = None
@@ -416,6 +551,18 @@ class DynamoClientRepository:
                 return self._models.Client.get(client_id, consistent_read=True)
             except DoesNotExist:
                 raise ClientNotFound(client_id) from None
+
+
+def _opted_out(item: dict[str, Any]) -> bool:
+    return item.get("opted_out", {}).get("BOOL") is True
+
+
+def _last_id(answer: dict[str, Any]) -> str | None:
+    """The client id where a Query stopped before its segment's end; None if it reached it.
+    (A segment of exactly the Limit may still get a last key: it is then estimated, which is
+    why reads ask for one entry more than their share.)"""
+    last_key = answer.get("LastEvaluatedKey")
+    return str(last_key["client_id"]["S"]) if last_key else None
 
 
 def _conforms(store: DynamoClientRepository) -> ClientRepository:

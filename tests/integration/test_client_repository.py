@@ -281,3 +281,30 @@ def test_an_audience_summary_counts_the_opted_out_and_samples_the_first(reposito
         c.id for c in repository.page(AudienceFilter(tags=("vip",)), limit=9, cursor=None).items
     }
     assert set(summary.sample_ids) <= vip_ids
+
+
+@pytest.mark.parametrize(
+    ("audience", "expected"),
+    [
+        (AudienceFilter(), 5),
+        (AudienceFilter(tags=("vip",)), 3),
+        (AudienceFilter(operator_codes=("900", "901")), 4),
+        (AudienceFilter(operator_codes=("901",), tags=("vip", "new")), 2),
+    ],
+)
+def test_an_audience_that_fits_the_bounded_read_is_counted_exactly(repository, audience, expected):
+    # Given a small directory, one vip client opted out
+    clients = [stored(repository, phone, code, tag) for phone, code, tag in DIRECTORY]
+    repository.opt_out(clients[2], NOW)
+    # When an audience is summarised, by default and asking for an exact count
+    default = repository.summarize(audience, 50)
+    exact = repository.summarize(audience, 50, exact=True)
+    # Then both count it exactly and say so: no estimate, no interval
+    for summary in (default, exact):
+        assert summary.count == expected
+        assert summary.approximate is False
+        assert (summary.count_low, summary.count_high) == (expected, expected)
+        assert len(summary.sample_ids) == expected
+    # And both agree on who opted out and on the sample's members
+    assert default.opted_out == exact.opted_out
+    assert set(default.sample_ids) == set(exact.sample_ids)

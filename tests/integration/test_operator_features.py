@@ -61,12 +61,26 @@ def test_preview_counts_the_audience_and_samples_it_without_creating_anything(ap
     # ...and nothing was created
     assert body(api.get("/mailings"))["items"] == []
     everyone = body(api.post("/mailings/preview", {"sample_size": 0}))
-    assert everyone == {"count": 9, "opted_out": 1, "sample": []}
+    # ...and an audience this small is counted exactly, and says so
+    assert everyone == {
+        "count": 9,
+        "opted_out": 1,
+        "approximate": False,
+        "count_low": 9,
+        "count_high": 9,
+        "sample": [],
+    }
 
 
 @pytest.mark.parametrize(
     "payload",
-    [{"sample_size": 51}, {"sample_size": -1}, {"filter": {"tags": ["x"] * 500}}, {"x": 1}],
+    [
+        {"sample_size": 51},
+        {"sample_size": -1},
+        {"filter": {"tags": ["x"] * 500}},
+        {"x": 1},
+        {"exact": "maybe"},
+    ],
 )
 def test_a_bad_preview_request_is_a_clear_4xx(api, services, payload):
     """Given a preview request with a bad sample size, an oversized filter or an unknown field,

@@ -74,5 +74,6 @@ def test_a_preview_counts_the_opted_out_and_samples(directory):
     directory.opt_out("79000000001")
     from chalicelib.domain import AudienceFilter
 
-    count, opted_out, sample = directory.preview(AudienceFilter(tags=("vip",)), 2)
-    assert (count, opted_out, len(sample)) == (3, 1, 2)
+    preview = directory.preview(AudienceFilter(tags=("vip",)), 2)
+    assert (preview.count, preview.opted_out, len(preview.sample)) == (3, 1, 2)
+    assert not preview.approximate

@@ -70,10 +70,13 @@ class MemoryClientRepository:
         recipients = [Recipient(c.id, c.phone) for c in selected[start:end]]
         return PageOf(recipients, offset_cursor(scope, end) if end < len(selected) else None)
 
-    def summarize(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
+    def summarize(
+        self, audience: AudienceFilter, sample_size: int, *, exact: bool = False
+    ) -> AudienceSummary:
+        # Always exact: the contract lets any audience be counted exactly, and memory is cheap.
         selected = self._selected(audience)
         sample = [c.id for c in selected[:sample_size]]
-        return AudienceSummary(len(selected), sum(c.opted_out for c in selected), sample)
+        return AudienceSummary.exact(len(selected), sum(c.opted_out for c in selected), sample)
 
     def add(self, client: Client) -> Client:
         if client.id in self.clients or client.phone in self.phones:
