@@ -288,6 +288,15 @@ class MailingChanged(Exception):
     changed it meanwhile, holds its lease, or it is gone. An answer, never worth a retry."""
 
 
+class MessagesExist(Exception):
+    """A fan-out page was not committed because some of its clients already have a message of
+    the mailing (a client met again in a later segment after its tag or operator changed)."""
+
+    def __init__(self, client_ids: frozenset[str]) -> None:
+        super().__init__(f"{len(client_ids)} of the page's clients already have a message")
+        self.client_ids = client_ids
+
+
 @dataclass(frozen=True)
 class Message:
     id: int

@@ -32,6 +32,7 @@ from chalicelib.domain import Action, Clock, Mailing, Message, MessageStatus
 from chalicelib.domain.mailing import (
     MailingChanged,
     MailingNotFound,
+    MessagesExist,
     allows,
     may_finish,
     moves,
@@ -376,29 +377,43 @@ class Scheduler:
         self._enqueue_jobs(mailing.id, messages, now)
         lease_until = now + timedelta(seconds=self._settings.lease_seconds)
         expires_at = message_expiry(mailing.end_at, self._settings.message_retention_days)
-        # One token for every try of this page: if a try that ended in a 500 was applied after
-        # all, DynamoDB answers the next one as a success instead of failing its conditions.
-        token = uuid.uuid4().hex
         try:
-            # The jobs above stay queued once: only the commit is tried again.
-            self._retry(
-                lambda: self._mailings.commit_fan_out_page(
-                    mailing.id,
-                    owner,
-                    cursor=cursor,
-                    next_cursor=next_cursor,
-                    messages=messages,
-                    expires_at=expires_at,
-                    lease_until=lease_until,
-                    token=token,
-                ),
-                "committing a fan-out page",
-                mailing.id,
-                remaining,
-            )
+            while True:
+                # One token for every try of this page: if a try that ended in a 500 was
+                # applied after all, DynamoDB answers the next one as a success instead of
+                # failing its conditions.
+                token = uuid.uuid4().hex
+                try:
+                    # The jobs above stay queued once: only the commit is tried again.
+                    self._retry(
+                        lambda token=token, messages=messages: self._mailings.commit_fan_out_page(
+                            mailing.id,
+                            owner,
+                            cursor=cursor,
+                            next_cursor=next_cursor,
+                            messages=messages,
+                            expires_at=expires_at,
+                            lease_until=lease_until,
+                            token=token,
+                        ),
+                        "committing a fan-out page",
+                        mailing.id,
+                        remaining,
+                    )
+                    break
+                except MessagesExist as exists:
+                    # A client met again in a later segment (its tag or operator changed
+                    # during the walk) keeps the message it has; the page goes without it.
+                    # Its job here names a message id that never exists: the sender drops it.
+                    logger.info(
+                        "fan-out page: %d clients already have a message",
+                        len(exists.client_ids),
+                        extra={"mailing_id": mailing.id},
+                    )
+                    messages = [m for m in messages if m.client_id not in exists.client_ids]
         except MailingChanged:
             logger.warning(
-                "fan-out page not committed: checkpoint moved or message exists",
+                "fan-out page not committed: the checkpoint moved (the lease was lost)",
                 extra={"mailing_id": mailing.id},
             )
             return None

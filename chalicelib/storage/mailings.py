@@ -37,6 +37,7 @@ from chalicelib.domain.mailing import (
     MailingUnusable,
     Message,
     MessageCounts,
+    MessagesExist,
     MessageStatus,
     Schedule,
     Settled,
@@ -47,7 +48,7 @@ from chalicelib.domain.mailing import (
 )
 from chalicelib.domain.paging import PageOf
 from chalicelib.domain.send_window import SendWindow
-from chalicelib.storage.errors import is_conditional_failure, is_transient
+from chalicelib.storage.errors import CONDITION_FAILED, is_conditional_failure, is_transient
 from chalicelib.storage.models import (
     DUE_KEY,
     MAILING_LISTING_KEY,
@@ -425,15 +426,26 @@ class DynamoMailingRepository:
             actions.append(M.fanout_done.set(True))
         else:
             actions.append(M.fanout_cursor.set(next_cursor))
-        with (
-            _changed(TransactWriteError),
-            TransactWrite(connection=self._connection, client_request_token=token) as tx,
-        ):
-            for record in records:
-                tx.save(record, condition=Record.client_id.does_not_exist())
-            tx.update(
-                M(mailing_id), actions=actions, condition=(M.lease_owner == owner) & checkpoint
-            )
+        try:
+            with TransactWrite(connection=self._connection, client_request_token=token) as tx:
+                for record in records:
+                    tx.save(record, condition=Record.client_id.does_not_exist())
+                tx.update(
+                    M(mailing_id), actions=actions, condition=(M.lease_owner == owner) & checkpoint
+                )
+        except TransactWriteError as exc:
+            if not is_conditional_failure(exc):
+                raise
+            # The reasons come in the items' order: the messages, then the mailing last.
+            failed = [
+                getattr(reason, "code", None) == CONDITION_FAILED
+                for reason in exc.cancellation_reasons or ()
+            ]
+            if len(failed) == len(records) + 1 and not failed[-1]:
+                raise MessagesExist(
+                    frozenset(r.client_id for r, no in zip(records, failed, strict=False) if no)
+                ) from None
+            raise MailingChanged(str(exc)) from None
 
     def finish(self, mailing_id: str, owner: str, final: MailingStatus) -> None:
         M = self._record

@@ -341,7 +341,7 @@ class DynamoMessageRepository:
                 (item.client_id, int(item.message_id))
                 for item in Message.by_status.query(key, condition, limit=limit, page_size=limit)
             ]
-        # Pending: not indexed (that saves two index writes per message), so the mailing's
+        # Pending or sent: not indexed (that saves an index write per message), so the mailing's
         # partition is read with a filter and ordered here. Its callers (the reconciler of a
         # quiet mailing, the sweep at the end) are rare and find few pending messages.
         wanted = Message.status == status.value

@@ -18,6 +18,7 @@ from chalicelib.domain.mailing import (
     MailingStatus,
     Message,
     MessageCounts,
+    MessagesExist,
     MessageStatus,
     Schedule,
 )
@@ -420,8 +421,9 @@ def test_a_message_that_exists_is_never_created_twice(mailings):
     )
 
     # When a page names c1 again
-    # Then the whole page is refused, its checkpoint included
-    with pytest.raises(MailingChanged):
+    # Then the whole page is refused, its checkpoint included, naming c1 as the one that has
+    # a message already
+    with pytest.raises(MessagesExist) as refused:
         mailings.commit_fan_out_page(
             mailing.id,
             "worker-1",
@@ -431,9 +433,23 @@ def test_a_message_that_exists_is_never_created_twice(mailings):
             token=uuid.uuid4().hex,
             **page,
         )
+    assert refused.value.client_ids == {"c1"}
     stored = mailings.get(mailing.id)
     assert stored.counts.pending == 1
     assert stored.schedule.fanout_cursor == "p2"
+    # And the page without c1 is committed
+    mailings.commit_fan_out_page(
+        mailing.id,
+        "worker-1",
+        cursor="p2",
+        next_cursor=None,
+        messages=[a_message(mailing, "c2", 2)],
+        token=uuid.uuid4().hex,
+        **page,
+    )
+    stored = mailings.get(mailing.id)
+    assert stored.counts.pending == 2
+    assert stored.schedule.fanout_done
 
 
 def test_a_mailing_finishes_only_with_nothing_pending_under_the_lease(mailings):

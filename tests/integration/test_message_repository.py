@@ -385,21 +385,32 @@ def test_a_requeued_then_sent_message_is_listed_under_its_status_at_each_step(ru
     ]
 
 
-def test_pending_messages_cost_no_status_index_entry(services):
-    # Given the DynamoDB repository with two pending messages, one of which is then sent
+def test_only_rare_statuses_cost_a_status_index_entry(services):
+    # Given the DynamoDB repository with three pending messages
     world = _dynamodb_world(services)
     world.add_mailing(MAILING, MailingStatus.RUNNING)
-    world.add_message(_message("c-1", 101, MessageStatus.PENDING))
-    world.add_message(_message("c-2", 102, MessageStatus.PENDING))
-    taken = claim(world)
-    assert world.messages.finish(MAILING, [Outcome("c-1", MessageStatus.SENT, taken.claim_id)], NOW)
+    for client_id, message_id in (("c-1", 101), ("c-2", 102), ("c-3", 103)):
+        world.add_message(_message(client_id, message_id, MessageStatus.PENDING))
 
-    # Then the status index holds the sent message alone: creating a pending message wrote no
-    # entry, and sending it wrote one (a put, not a move out of `pending`)
+    # When c-1 is sent and c-2 fails
+    first, second = claim(world, "c-1", 101), claim(world, "c-2", 102, "claim-b")
+    assert world.messages.finish(
+        MAILING,
+        [
+            Outcome("c-1", MessageStatus.SENT, first.claim_id),
+            Outcome("c-2", MessageStatus.FAILED, second.claim_id, "HTTP 400"),
+        ],
+        NOW,
+    )
+
+    # Then the status index holds the failed message alone: creating a pending message wrote no
+    # entry, sending one wrote none, failing one wrote one (a put, not a move out of `pending`)
     entries = [(e.status_key, int(e.message_id)) for e in services.models.Message.by_status.scan()]
-    assert entries == [(f"{MAILING}#sent", 101)]
-    # And the pending one is still listed as pending
-    assert world.messages.with_status(MAILING, MessageStatus.PENDING, 10) == [("c-2", 102)]
+    assert entries == [(f"{MAILING}#failed", 102)]
+    # And each is still listed by its status
+    assert world.messages.with_status(MAILING, MessageStatus.SENT, 10) == [("c-1", 101)]
+    assert world.messages.with_status(MAILING, MessageStatus.FAILED, 10) == [("c-2", 102)]
+    assert world.messages.with_status(MAILING, MessageStatus.PENDING, 10) == [("c-3", 103)]
 
 
 def test_pending_messages_are_walked_a_page_at_a_time_by_client(running):

@@ -93,6 +93,8 @@ def test_a_bad_preview_request_is_a_clear_4xx(api, services, payload):
 # ---------------------------------------------------------------- pause and resume
 
 
+# Ten jobs an SQS message, so the first message leaves twenty of the thirty pending.
+@pytest.mark.parametrize("settings", [{"jobs_per_message": 10}], indirect=True)
 def test_pause_stops_sends_and_resume_sends_the_rest_exactly_once(
     api, pipeline, clock, gateway, sqs
 ):
@@ -422,6 +424,8 @@ def test_an_unusable_placeholder_is_refused_at_creation_and_on_edit(
 # ---------------------------------------------------------------- timeline
 
 
+# Ten jobs an SQS message, so the twelve messages go in two batches.
+@pytest.mark.parametrize("settings", [{"jobs_per_message": 10}], indirect=True)
 def test_the_timeline_rebuilds_the_counts_over_time_from_the_messages(
     api, pipeline, clock, gateway
 ):

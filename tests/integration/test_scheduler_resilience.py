@@ -417,3 +417,61 @@ def test_one_broken_mailing_does_not_stop_the_tick_and_a_far_end_still_sends(
     errors = [r for r in caplog.records if r.getMessage() == "could not advance mailing"]
     assert errors
     assert {r.mailing_id for r in errors} == {broken["id"]}
+
+
+# ---------------------------------------------------------------- audience changes
+
+
+@pytest.mark.parametrize("settings", [{"fanout_page_size": 5}], indirect=True)
+def test_a_client_whose_tag_changes_mid_fan_out_gets_one_message_and_the_rest_still_go(
+    api, pipeline, services, clock, gateway, monkeypatch
+):
+    # Given ten clients tagged "a" and ten tagged "b", and a mailing to both tags, fanned out
+    # five clients a page
+    tagged_a = [add_client(api, f"790000000{n:02d}", tag="a") for n in range(10)]
+    for n in range(10):
+        add_client(api, f"790100000{n:02d}", tag="b")
+    mailing = create_mailing(api, clock, start=timedelta(minutes=1), filter={"tags": ["a", "b"]})
+    clock.advance(minutes=1)
+    pipeline.sqs.queues[FANOUT_URL].clear()  # the test drives the scheduler itself
+    # ...and a client of the first page moves to "b" as soon as that page is committed
+    original = botocore.client.BaseClient._make_api_call
+    moved: list[str] = []
+
+    def make_api_call(client, operation, params):
+        answer = original(client, operation, params)
+        writes_messages = any(
+            "messages" in (item.get("Put") or {}).get("TableName", "")
+            for item in params.get("TransactItems", [])
+        ) or any("messages" in table for table in params.get("RequestItems", {}))
+        if operation in ("TransactWriteItems", "BatchWriteItem") and writes_messages and not moved:
+            written = {
+                item["Put"]["Item"]["client_id"]["S"]
+                for item in params.get("TransactItems", [])
+                if "Put" in item
+            } | {
+                request["PutRequest"]["Item"]["client_id"]["S"]
+                for requests in params.get("RequestItems", {}).values()
+                for request in requests
+                if "PutRequest" in request
+            }
+            client_id = next(c["id"] for c in tagged_a if c["id"] in written)
+            moved.append(client_id)
+            assert api.patch(f"/clients/{client_id}", {"tag": "b"}).status_code == 200
+        return answer
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", make_api_call)
+
+    # When the scheduler walks the audience
+    services.scheduler.tick(lambda: 60.0)
+    monkeypatch.undo()
+
+    # Then every client has exactly one message, the moved one included, and the walk is done
+    assert moved
+    pipeline.settle()
+    messages = pipeline.messages(mailing["id"])
+    assert len(messages) == 20 == len({m.client_id for m in messages})
+    assert pipeline.statuses(mailing["id"]) == Counter({"sent": 20})
+    assert sorted(gateway.accepted_ids().values()) == [1] * 20
+    assert pipeline.counters(mailing["id"])["sent"] == 20
+    assert pipeline.mailing_status(mailing["id"]) == "finished"

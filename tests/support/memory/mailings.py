@@ -13,6 +13,7 @@ from chalicelib.domain.mailing import (
     MailingStatus,
     Message,
     MessageCounts,
+    MessagesExist,
     Statistics,
     Totals,
     statistics,
@@ -168,8 +169,11 @@ class MemoryMailingRepository:
         stored = self._leased(mailing_id, owner)
         if stored.mailing.schedule.fanout_cursor != cursor:
             raise MailingChanged(f"mailing {mailing_id}: the checkpoint moved")
-        if any((mailing_id, m.client_id) in self.messages for m in messages):
-            raise MailingChanged(f"mailing {mailing_id}: a message exists")
+        existing = frozenset(
+            m.client_id for m in messages if (mailing_id, m.client_id) in self.messages
+        )
+        if existing:
+            raise MessagesExist(existing)
         for message in messages:
             self.messages[mailing_id, message.client_id] = message
         stored.lease_until = lease_until
