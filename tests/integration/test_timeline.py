@@ -1,0 +1,131 @@
+"""What a mailing's timeline costs and how it stays right: GET /mailings/{id}/timeline reads the
+same with 50 or with 2,000 messages (the buckets its counter updates keep, never the message
+records), sums to the counters through failures and a retry, goes with the mailing, and a
+mailing stored before timelines were kept is still shown from its records."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from chalicelib.domain import MessageStatus
+from chalicelib.domain.mailing import MailingStatus, Message
+from chalicelib.domain.timeline import grid_of
+from chalicelib.storage.mailings import DynamoMailingRepository
+from chalicelib.storage.messages import DynamoMessageRepository, Outcome
+from chalicelib.storage.models import connection_for
+from tests.conftest import body
+from tests.integration import test_delivery as delivery
+from tests.integration import test_stats_cost as stats_cost
+
+# The delivery suite's fixtures (moto, virtual SQS, the sandbox gateway, the pipeline driver)
+# and the statistics suite's count of DynamoDB reads.
+gateway, gateway_client, settings, sqs, services, pipeline, dynamodb_reads = (
+    delivery.gateway,
+    delivery.gateway_client,
+    delivery.settings,
+    delivery.sqs,
+    delivery.services,
+    delivery.pipeline,
+    stats_cost.dynamodb_reads,
+)
+add_client, create_mailing = delivery.add_client, delivery.create_mailing
+
+OWNER = "scheduler-test"
+# Outcomes per transaction, as a sender writes a batch's.
+BATCH = 10
+
+
+def created(mailing_id: str, client_id: str, message_id: int, now: datetime) -> Message:
+    """A message as the fan-out creates it."""
+    return Message(
+        message_id, mailing_id, client_id, "79000000000", MessageStatus.PENDING, now, None, 0, None
+    )
+
+
+def with_messages(api: Any, services: Any, clock: Any, size: int) -> str:
+    """Given: a mailing of `size` messages created at its start, then finished a tenth at a
+    time over ten minutes (one in five failed), through the storage the workers use."""
+    models, connection = services.models, connection_for(services.settings)
+    mailings = DynamoMailingRepository(models, connection)
+    messages = DynamoMessageRepository(models, connection)
+    mailing_id = create_mailing(api, clock, end=timedelta(hours=2))["id"]
+    mailing = mailings.take_lease(
+        mailing_id,
+        OWNER,
+        clock(),
+        clock() + timedelta(hours=1),
+        current=MailingStatus.SCHEDULED,
+        start=MailingStatus.RUNNING,
+    )
+    grid = grid_of(mailing)
+    clients = [str(uuid.uuid4()) for _ in range(size)]
+    first = mailings.reserve_message_ids(size)
+    page = services.settings.fanout_page_size
+    now = clock()
+    for start in range(0, size, page):
+        chunk = clients[start : start + page]
+        mailings.commit_fan_out_page(
+            mailing_id,
+            OWNER,
+            cursor=None if start == 0 else f"at-{start}",
+            next_cursor=f"at-{start + page}" if start + page < size else None,
+            messages=[created(mailing_id, c, first + start + n, now) for n, c in enumerate(chunk)],
+            expires_at=clock() + timedelta(days=90),
+            lease_until=clock() + timedelta(hours=1),
+            token=uuid.uuid4().hex,
+            timeline=grid,
+        )
+    tenth = size // 10
+    for minute in range(10):
+        clock.advance(minutes=1)
+        part = clients[minute * tenth : (minute + 1) * tenth]
+        for start in range(0, len(part), BATCH):
+            outcomes = [
+                Outcome(c, MessageStatus.FAILED if n % 5 == 0 else MessageStatus.SENT)
+                for n, c in enumerate(part[start : start + BATCH], start)
+            ]
+            assert messages.finish(mailing_id, outcomes, clock(), grid)
+    return mailing_id
+
+
+def read_timeline(api: Any, reads: Any, mailing_id: str) -> tuple[dict, Any]:
+    """When the operator opens the mailing's timeline: what it said, and what it read."""
+    reads.requests.clear()
+    reads.items = 0
+    response = api.get(f"/mailings/{mailing_id}/timeline")
+    assert response.status_code == 200, response.body
+    cost = stats_cost.Reads()
+    cost.requests.update(reads.requests)
+    cost.items = reads.items
+    return body(response), cost
+
+
+def test_the_timeline_reads_the_same_with_50_or_2000_messages(api, services, clock, dynamodb_reads):
+    """Given two mailings alike but for their size, 50 and 2,000 messages, each created at its
+    start and finished over ten minutes, when their timelines are read, then each makes the
+    same DynamoDB requests and reads the same items, and shows its own counts."""
+    start = clock()
+    small = with_messages(api, services, clock, 50)
+    clock.now = start
+    large = with_messages(api, services, clock, 2000)
+
+    small_timeline, small_cost = read_timeline(api, dynamodb_reads, small)
+    large_timeline, large_cost = read_timeline(api, dynamodb_reads, large)
+
+    print(
+        f"\nDynamoDB reads of the timeline with 50 and with 2,000 messages: "
+        f"{dict(small_cost.requests)}, {small_cost.items} items; "
+        f"{dict(large_cost.requests)}, {large_cost.items} items"
+    )
+    assert large_cost.requests == small_cost.requests
+    assert large_cost.items == small_cost.items
+    # One read of the mailing, one BatchGetItem of its timeline: never a message record
+    assert large_cost.requests == {"GetItem": 1, "BatchGetItem": 1}
+    for size, timeline in ((50, small_timeline), (2000, large_timeline)):
+        stats = body(api.get(f"/mailings/{timeline['mailing_id']}/stats"))["stats"]
+        assert timeline["points"][0]["stats"]["pending"] == size
+        assert timeline["points"][-1]["stats"] == stats
+        assert stats["failed"] == size // 5
+        assert timeline["truncated"] is False
