@@ -14,7 +14,8 @@ from chalicelib.domain.mailing import MailingStatus, Message
 from chalicelib.domain.timeline import grid_of
 from chalicelib.storage.mailings import DynamoMailingRepository
 from chalicelib.storage.messages import DynamoMessageRepository, Outcome
-from chalicelib.storage.models import connection_for
+from chalicelib.storage.models import connection_for, timeline_part_key
+from devstack.gateway import FaultProfile
 from tests.conftest import body
 from tests.integration import test_delivery as delivery
 from tests.integration import test_stats_cost as stats_cost
@@ -129,3 +130,99 @@ def test_the_timeline_reads_the_same_with_50_or_2000_messages(api, services, clo
         assert timeline["points"][-1]["stats"] == stats
         assert stats["failed"] == size // 5
         assert timeline["truncated"] is False
+
+
+def total(stats: dict) -> int:
+    return sum(n for status, n in stats.items() if status != "total")
+
+
+def part_keys_stored(services: Any, mailing_id: str) -> list[str]:
+    """The parts of the mailing's timeline that are in the mailings table."""
+    import boto3
+
+    table = services.models.Mailing.Meta.table_name
+    client = boto3.client("dynamodb", region_name=services.settings.aws_region)
+    keys = [timeline_part_key(mailing_id, part) for part in range(16)]
+    return [
+        key
+        for key in keys
+        if "Item" in client.get_item(TableName=table, Key={"mailing_id": {"S": key}})
+    ]
+
+
+def test_the_timeline_follows_the_counters_through_failures_and_a_retry(
+    api, pipeline, clock, gateway
+):
+    # Given a mailing of six clients, two of whom the gateway rejects at first
+    for n in range(6):
+        add_client(api, f"7916{n:06d}" + ("7" if n < 2 else "0"))
+    gateway.set_profile(FaultProfile(reject_phone_suffixes=("7",)))
+    mailing = create_mailing(api, clock, end=timedelta(hours=2))
+    pipeline.tick()
+    pipeline.kicks()
+    pipeline.settle()
+    # And their messages go again ten minutes later, when the gateway takes them
+    clock.advance(minutes=10)
+    gateway.set_profile(FaultProfile())
+    assert api.post(f"/mailings/{mailing['id']}/retry-failed").status_code == 200
+    pipeline.settle()
+
+    # When the operator opens its timeline
+    points = body(api.get(f"/mailings/{mailing['id']}/timeline"))["points"]
+
+    # Then it shows the two failures, then everything sent, as the counters say
+    stats = body(api.get(f"/mailings/{mailing['id']}/stats"))["stats"]
+    assert stats["sent"] == 6
+    assert points[-1]["stats"] == stats
+    assert any(p["stats"]["failed"] == 2 and p["stats"]["sent"] == 4 for p in points)
+    # And at every moment each of the six messages is counted once
+    assert all(total(p["stats"]) == 6 for p in points)
+
+
+def test_deleting_a_mailing_removes_its_timeline(api, pipeline, services, clock):
+    # Given a finished mailing and a running one, each with a timeline
+    add_client(api, "79160000001")
+    finished = create_mailing(api, clock, end=timedelta(hours=2))
+    pipeline.tick()
+    pipeline.kicks()
+    pipeline.settle()
+    assert body(api.get(f"/mailings/{finished['id']}"))["status"] == "finished"
+    running = create_mailing(api, clock, end=timedelta(hours=2))
+    pipeline.tick()
+    pipeline.kicks()
+    assert body(api.get(f"/mailings/{running['id']}"))["status"] == "running"
+    for mailing in (finished, running):
+        assert part_keys_stored(services, mailing["id"])
+
+    # When both are deleted
+    for mailing in (finished, running):
+        assert api.delete(f"/mailings/{mailing['id']}").status_code == 204
+
+    # Then no part of their timelines is left
+    for mailing in (finished, running):
+        assert part_keys_stored(services, mailing["id"]) == []
+
+
+def test_a_mailing_stored_before_timelines_is_shown_from_its_message_records(
+    api, pipeline, services, clock
+):
+    # Given a mailing stored as before timelines were kept (no bucket width), then sent
+    for n in range(3):
+        add_client(api, f"791600000{n:02d}")
+    mailing = create_mailing(api, clock, end=timedelta(hours=2))
+    Record = services.models.Mailing
+    Record(mailing["id"]).update(actions=[Record.timeline_step.remove()])
+    pipeline.tick()
+    pipeline.kicks()
+    pipeline.settle()
+
+    # When its timeline is read
+    timeline = body(api.get(f"/mailings/{mailing['id']}/timeline"))
+
+    # Then it is rebuilt from the message records, up to the counts of the end
+    stats = body(api.get(f"/mailings/{mailing['id']}/stats"))["stats"]
+    assert timeline["points"][0]["stats"]["pending"] == 3
+    assert timeline["points"][-1]["stats"] == stats == {**stats, "sent": 3}
+    assert timeline["truncated"] is False
+    # And no timeline was kept for it
+    assert part_keys_stored(services, mailing["id"]) == []
