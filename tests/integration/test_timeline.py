@@ -226,3 +226,63 @@ def test_a_mailing_stored_before_timelines_is_shown_from_its_message_records(
     assert timeline["truncated"] is False
     # And no timeline was kept for it
     assert part_keys_stored(services, mailing["id"]) == []
+
+
+def test_keeping_the_timeline_adds_one_small_item_to_each_counter_transaction_and_no_request(
+    api, pipeline, services, clock, monkeypatch
+):
+    """Given 100 clients, when a mailing is fanned out and delivered, then every transaction
+    that moves its counters carries exactly one timeline part, no other request touches a
+    part, and a part stays under 1 KB (one write unit, two in a transaction)."""
+    import boto3
+    import botocore.client
+
+    for n in range(100):
+        add_client(api, f"79161{n:06d}")
+    original = botocore.client.BaseClient._make_api_call
+    writes: list[tuple[str, list[str]]] = []  # (operation, the mailings-table keys it wrote)
+
+    def recording(client: Any, operation: str, params: dict) -> Any:
+        if client.meta.service_model.service_name == "dynamodb":
+            items = [next(iter(i.values())) for i in params.get("TransactItems", [])]
+            keys = [i["Key"]["mailing_id"]["S"] for i in items if "mailing_id" in i.get("Key", {})]
+            keys += (
+                [params["Key"]["mailing_id"]["S"]] if "mailing_id" in params.get("Key", {}) else []
+            )
+            writes.append((operation, keys))
+        return original(client, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", recording)
+    mailing = create_mailing(api, clock, end=timedelta(hours=2))
+    pipeline.tick()
+    pipeline.kicks()
+    pipeline.settle()
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", original)
+
+    parts = [k for _, keys in writes for k in keys if k.startswith("#timeline#")]
+    moving = [
+        keys
+        for operation, keys in writes
+        if operation == "TransactWriteItems" and mailing["id"] in keys
+    ]
+    counted = [keys for keys in moving if any(k.startswith("#timeline#") for k in keys)]
+    assert all(
+        op == "TransactWriteItems"
+        for op, keys in writes
+        if any(k.startswith("#timeline#") for k in keys)
+    )
+    print(
+        f"\nTimeline parts written for 100 messages: {len(parts)} items in {len(moving)} "
+        f"transactions that touch the mailing ({len(parts) / 100:.3f} per message, "
+        f"{2 * len(parts) / 100:.3f} write units per message)"
+    )
+    # Every counter transaction (fan-out page, outcomes) has its part; the finish (which
+    # settles, moving no counter) has none
+    assert len(counted) == len(parts)
+    assert len(moving) - len(counted) <= 1
+    table = services.models.Mailing.Meta.table_name
+    client = boto3.client("dynamodb", region_name=services.settings.aws_region)
+    for key in set(parts):
+        item = client.get_item(TableName=table, Key={"mailing_id": {"S": key}})["Item"]
+        size = sum(len(name) + len(next(iter(value.values()))) for name, value in item.items())
+        assert size < 1024
