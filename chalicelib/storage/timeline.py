@@ -6,8 +6,10 @@ Each part item (`timeline_part_key`: the mailing id and the part number) holds
 messages that became sent in the part's bucket 7; negative when they left the status) and the
 time of its last change. Every write that moves a mailing's counters ADDs the same amounts to
 the bucket of its time in the same transaction, so the timeline always sums to the counters and
-costs no request of its own. The parts are written by update actions that set no index key, so
-no index (and no listing of mailings) ever sees them; a mailing's delete removes them with it.
+costs no request of its own (one more item in it: two write units, as the counters' own). A
+message failed without its mailing (`fail_orphan`) moves no counter, so no bucket either. The
+parts are written by update actions that set no index key, so no index (and no listing of
+mailings) ever sees them; a mailing's delete removes them with it.
 """
 
 from __future__ import annotations
