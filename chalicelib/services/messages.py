@@ -143,9 +143,9 @@ class MessageStore:
     ) -> set[str]:
         """Finish several messages of one mailing in one transaction (one counter update for
         all, and one for the bucket of `now` in its `timeline`); the clients whose message was
-        finished. Falls back to one transaction each when
-        any of them cannot be (its claim lapsed and another sender took it). Each transaction
-        goes through `retry`: a conflict or a throttle is never read as "already done"."""
+        finished. Falls back to one transaction each when any of them cannot be (its claim
+        lapsed and another sender took it). Each transaction goes through `retry`: a conflict
+        or a throttle is never read as "already done"."""
         if not outcomes:
             return set()
         done = retry(lambda: self._commit(mailing_id, outcomes, now, timeline))
