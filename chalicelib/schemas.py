@@ -643,7 +643,10 @@ class TimelineOut(_Response):
     points: list[TimelinePoint] = Field(
         description="Counts by status as they stood at each moment, oldest first (≤ 120)"
     )
-    truncated: bool = Field(description="Rebuilt from the first 50,000 messages only")
+    truncated: bool = Field(
+        description="A mailing created before timelines were kept is rebuilt from its first "
+        "50,000 messages: true when it has more"
+    )
 
 
 # ---------------------------------------------------------------- errors in words

@@ -156,7 +156,9 @@ class Settings(BaseModel):
     # SQS messages per send invocation (the event source's BatchSize, so read when `chalice
     # package` loads the app); at most what one ReceiveMessage returns, as the local stack polls.
     sender_batch_size: int = Field(10, ge=1, le=10)
-    fanout_page_size: int = Field(99, ge=1, le=99)
+    # A fan-out transaction: this many messages, the mailing and its timeline's part (DynamoDB
+    # allows 100 items).
+    fanout_page_size: int = Field(98, ge=1, le=98)
     lease_seconds: int = Field(180, ge=10, le=3600)
     claim_seconds: int = Field(60, ge=5, le=900)
     message_retention_days: int = Field(90, ge=1, le=3650)

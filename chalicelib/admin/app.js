@@ -1462,7 +1462,7 @@
       await loadFailed(answer.stats.failed || 0).catch(() => {});
     }
 
-    // The history so far (rebuilt on the server from the messages); live samples follow it.
+    // The history so far (kept on the server as the counters move); live samples follow it.
     try {
       const history = await api("GET", `mailings/${id}/timeline`);
       if (!current(view)) return;
@@ -1480,7 +1480,7 @@
       gatewayPanel(view),
       h("section", { class: "panel", "aria-labelledby": "chart-title" },
         h("h2", { id: "chart-title" }, "Over time"),
-        h("p", { class: "hint" }, "The history rebuilt from the message records, then live every few seconds."), chart),
+        h("p", { class: "hint" }, "The history kept as messages change, then live every few seconds."), chart),
       h("section", { class: "panel", "aria-labelledby": "failed-title" },
         h("h2", { id: "failed-title" }, "Failed messages"), failedPart),
       h("section", { class: "panel", "aria-labelledby": "history-title" },

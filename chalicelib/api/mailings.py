@@ -220,8 +220,8 @@ def mailing_stats(mailing_id: str, query: MessageListQuery) -> MailingStatsOut:
     errors=(404,),
 )
 def mailing_timeline(mailing_id: str) -> TimelineOut:
-    """Counts by status at up to 120 moments from the first message to the last change,
-    rebuilt from the message records (when each was created, sent or otherwise finished)."""
+    """Counts by status at up to 120 moments from the first message to the last change, read
+    from the timeline the counter updates keep (a fixed number of reads)."""
     mailing, series, truncated = services().mailings.timeline(mailing_id)
     return TimelineOut(
         mailing_id=mailing.id,

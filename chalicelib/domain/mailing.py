@@ -256,6 +256,9 @@ class Mailing:
     created_at: datetime
     updated_at: datetime
     schedule: Schedule = Schedule()
+    # The width in seconds of its timeline's buckets (domain/timeline.py); None when it was
+    # stored before timelines were kept.
+    timeline_step: int | None = None
 
     def started(self, now: datetime) -> bool:
         """Whether its start has come."""

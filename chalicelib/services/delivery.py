@@ -58,6 +58,7 @@ from chalicelib.domain.gateway_answer import GatewayResult
 from chalicelib.domain.mailing import Mailing, MailingNotFound, MailingUnusable
 from chalicelib.domain.rate_limit import Kind, classify, unreachable
 from chalicelib.domain.text import personalise
+from chalicelib.domain.timeline import grid_of
 from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
 from chalicelib.services.clients import ClientDirectory
@@ -400,18 +401,20 @@ class Sender:
         remaining = remaining or countdown(DEFAULT_BUDGET_SECONDS)
         retry = Retry(remaining, reserve=DEADLINE_RESERVE_SECONDS, rng=self._rng)
         read_retry = Retry(remaining, attempts=READ_ATTEMPTS, rng=self._rng)
-        outcomes = _Outcomes(
-            lambda group: self._messages.finish_many(
-                batch.mailing_id, group, self._clock(), retry=retry
-            ),
-            remaining,
-        )
         # One read each for the mailing and the clients of the whole batch, right before its
         # calls start (milliseconds later): a deleted or cancelled mailing or a deleted client is
         # seen here. The message itself is checked by the claim's condition.
         client_ids = [job.client_id for job in batch.jobs]
         mailing, mailing_problem, mailing_exists = self._mailing_checked(
             batch.mailing_id, read_retry
+        )
+        # The outcomes move the counters and the timeline's bucket of their time together.
+        timeline = None if mailing is None else grid_of(mailing)
+        outcomes = _Outcomes(
+            lambda group: self._messages.finish_many(
+                batch.mailing_id, group, self._clock(), retry=retry, timeline=timeline
+            ),
+            remaining,
         )
         clients, problems = (
             self._clients.find_many(client_ids, retry=read_retry) if mailing else ({}, {})

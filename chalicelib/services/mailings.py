@@ -6,7 +6,6 @@ import logging
 import math
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from chalicelib.domain import (
     MessageStatus,
     PageOf,
     SendWindow,
+    timeline,
 )
 from chalicelib.domain.mailing import (
     MailingChanged,
@@ -43,11 +43,11 @@ from chalicelib.storage.mailings import MailingRepository
 
 logger = logging.getLogger(__name__)
 
-# The timeline: at most this many points, rebuilt from at most this many message records.
-TIMELINE_POINTS = 120
+# A timeline stored before timelines were kept is rebuilt from at most this many messages.
 TIMELINE_MAX_MESSAGES = 50_000
-# Failed messages queued again per transaction (DynamoDB allows 100 items with the mailing).
-RETRY_PAGE = 99
+# Failed messages queued again per transaction (DynamoDB allows 100 items with the mailing and
+# its timeline's part).
+RETRY_PAGE = 98
 # What a caller whose retry-failed could not queue its jobs is told to wait before asking again.
 RETRY_AFTER_SECONDS = 5
 
@@ -102,6 +102,7 @@ class MailingService:
             updated_at=now,
             schedule=Schedule(due=True),
         )
+        mailing = timeline.with_step(mailing)
         self._mailings.add(mailing)
         logger.info("mailing created", extra={"mailing_id": mailing.id})
         self._kick_if_starting_soon(mailing)
@@ -203,7 +204,14 @@ class MailingService:
                 log={"mailing_id": mailing_id},
             )(
                 lambda page=page, now=now, reopen=reopen, token=token: (
-                    self._messages.requeue_failed(mailing_id, page, now, reopen=reopen, token=token)
+                    self._messages.requeue_failed(
+                        mailing_id,
+                        page,
+                        now,
+                        reopen=reopen,
+                        token=token,
+                        timeline=timeline.grid_of(mailing),
+                    )
                 )
             )
             if not committed:
@@ -259,40 +267,25 @@ class MailingService:
         return mailing, self._messages.page(mailing_id, status=status, limit=limit, cursor=cursor)
 
     def timeline(
-        self, mailing_id: str, *, points: int = TIMELINE_POINTS
+        self, mailing_id: str, *, points: int = timeline.POINTS
     ) -> tuple[Mailing, list[tuple[datetime, MessageCounts]], bool]:
-        """The mailing's message counts by status over time, rebuilt from its message records:
-        up to `points` moments from its first message to its last change (or now), each with
-        the counts as they stood then. Reads at most TIMELINE_MAX_MESSAGES records (a few
-        attributes each); True as the third value when the mailing has more."""
+        """The mailing's message counts by status over time: up to `points` moments from its
+        first message to its last change (or now while some are pending), each with the
+        counts as they stood then; True as the third value when only part of it was read.
+
+        Read from the timeline its counter updates keep (one BatchGetItem, whatever the number
+        of messages). A mailing stored before timelines were kept has none: it is rebuilt from
+        its first TIMELINE_MAX_MESSAGES message records, as it always was."""
         mailing = self.get(mailing_id)
-        changes, truncated = self._messages.history(mailing_id, limit=TIMELINE_MAX_MESSAGES)
-        events: list[tuple[datetime, str]] = []  # (created_at, "created"), (changed at, status)
-        for change in changes:
-            events.append((change.created_at, "created"))
-            if change.changed_at is not None:
-                events.append((change.changed_at, change.status.value))
-        if not events:
-            return mailing, [], False
-        events.sort(key=lambda event: event[0])
-        first = events[0][0]
-        last = events[-1][0] if mailing.counts.pending == 0 else max(events[-1][0], self._clock())
-        # At most `points` moments, at least a second apart, the first and the last included.
-        count = max(2, min(points, int((last - first).total_seconds()) + 1))
-        moments = (
-            [first + (last - first) * i / (count - 1) for i in range(count)]
-            if last > first
-            else [first]
-        )
-        series, seen, index = [], Counter[str](), 0
-        for moment in moments:
-            while index < len(events) and events[index][0] <= moment:
-                seen[events[index][1]] += 1
-                index += 1
-            done = {s.value: seen[s.value] for s in MessageStatus if s is not MessageStatus.PENDING}
-            pending = seen["created"] - sum(done.values())
-            series.append((moment, MessageCounts(pending=max(pending, 0), **done)))
-        return mailing, series, truncated
+        now = self._clock()
+        grid = timeline.grid_of(mailing)
+        if grid is None:
+            changes, truncated = self._messages.history(mailing_id, limit=TIMELINE_MAX_MESSAGES)
+            pending = mailing.counts.pending
+            return mailing, timeline.rebuilt(changes, pending, now, points), truncated
+        activity = self._mailings.timeline(mailing_id, grid, now)
+        series = timeline.points(grid, activity.buckets, activity.last_change, now, points)
+        return mailing, series, False
 
     def due(self, now: datetime, *, limit: int = 100) -> list[Mailing]:
         """Mailings whose start has come and whose audience is not fully enqueued yet."""
@@ -352,10 +345,13 @@ class MailingService:
 
     def _save(self, mailing: Mailing, fields: MailingFields) -> Mailing:
         self._check_editable(mailing, fields)
+        now = self._clock()
+        changed = _with_fields(mailing, fields, now)
+        if not audience_frozen(mailing.status, mailing.start_at, now):
+            # No message exists yet: the timeline's buckets follow the new dates.
+            changed = timeline.with_step(changed)
         try:
-            saved = self._mailings.save_fields(
-                _with_fields(mailing, fields, self._clock()), before=mailing.updated_at
-            )
+            saved = self._mailings.save_fields(changed, before=mailing.updated_at)
         except MailingChanged:
             raise Conflict(
                 f"mailing {mailing.id} was changed, started or deleted by another "

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from chalicelib.domain import Message, MessageStatus
 from chalicelib.domain.mailing import MessageChange
 from chalicelib.domain.paging import PageOf
+from chalicelib.domain.timeline import TimelineGrid
 from chalicelib.storage.errors import ONCE, Retry
 from chalicelib.storage.messages import Claim, MessageRepository, Outcome
 
@@ -120,14 +121,16 @@ class MessageStore:
         error: str | None = None,
         message_id: int | None = None,
         retry: Retry = ONCE,
+        timeline: TimelineGrid | None = None,
     ) -> bool:
-        """Move a pending message to a final status with the mailing's counters, atomically.
+        """Move a pending message to a final status with the mailing's counters (and its
+        `timeline`), atomically.
 
         With `claim_id`, only the holder of that claim may do it; without, only while nobody
         holds a live claim. False when the message was not in a state to change (already done).
         """
         outcome = Outcome(client_id, status, claim_id, error, message_id)
-        return bool(retry(lambda: self._commit(mailing_id, [outcome], now)))
+        return bool(retry(lambda: self._commit(mailing_id, [outcome], now, timeline)))
 
     def finish_many(
         self,
@@ -136,24 +139,32 @@ class MessageStore:
         now: datetime,
         *,
         retry: Retry = ONCE,
+        timeline: TimelineGrid | None = None,
     ) -> set[str]:
         """Finish several messages of one mailing in one transaction (one counter update for
-        all); the clients whose message was finished. Falls back to one transaction each when
-        any of them cannot be (its claim lapsed and another sender took it). Each transaction
-        goes through `retry`: a conflict or a throttle is never read as "already done"."""
+        all, and one for the bucket of `now` in its `timeline`); the clients whose message was
+        finished. Falls back to one transaction each when any of them cannot be (its claim
+        lapsed and another sender took it). Each transaction goes through `retry`: a conflict
+        or a throttle is never read as "already done"."""
         if not outcomes:
             return set()
-        done = retry(lambda: self._commit(mailing_id, outcomes, now))
+        done = retry(lambda: self._commit(mailing_id, outcomes, now, timeline))
         if done or len(outcomes) == 1:
             return done
 
         def alone(outcome: Outcome) -> set[str]:
-            return retry(lambda: self._commit(mailing_id, [outcome], now))
+            return retry(lambda: self._commit(mailing_id, [outcome], now, timeline))
 
         return {o.client_id for o in outcomes if alone(o)}
 
-    def _commit(self, mailing_id: str, outcomes: list[Outcome], now: datetime) -> set[str]:
-        if not self._repository.finish(mailing_id, outcomes, now):
+    def _commit(
+        self,
+        mailing_id: str,
+        outcomes: list[Outcome],
+        now: datetime,
+        timeline: TimelineGrid | None,
+    ) -> set[str]:
+        if not self._repository.finish(mailing_id, outcomes, now, timeline):
             return set()
         for outcome in outcomes:
             _log_final(mailing_id, outcome)
@@ -196,15 +207,17 @@ class MessageStore:
         *,
         reopen: bool,
         token: str | None = None,
+        timeline: TimelineGrid | None = None,
     ) -> bool:
-        """Make these failed messages pending again (same ids), with the mailing's counters,
-        in one transaction; with `reopen`, a finished mailing runs again. False when any of
-        them is no longer failed or the mailing was cancelled or deleted meanwhile.
+        """Make these failed messages pending again (same ids), with the mailing's counters
+        (and its `timeline`), in one transaction; with `reopen`, a finished mailing runs
+        again. False when any of them is no longer failed or the mailing was cancelled or
+        deleted meanwhile.
 
         Give every try of one change the same `token`: a try after a 500 whose first try was
         applied after all then succeeds instead of failing its conditions."""
         if not self._repository.requeue_failed(
-            mailing_id, messages, now, reopen=reopen, token=token
+            mailing_id, messages, now, reopen=reopen, token=token, timeline=timeline
         ):
             return False
         pending = MessageStatus.PENDING.value

@@ -39,6 +39,7 @@ from chalicelib.domain.mailing import (
     pending_become,
     transition,
 )
+from chalicelib.domain.timeline import grid_of
 from chalicelib.metrics import MetricsWriter
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
@@ -59,8 +60,9 @@ logger = logging.getLogger(__name__)
 
 # Stop starting new work when less than this is left of the invocation.
 SAFETY_SECONDS = 10.0
-# Messages a sweep moves per transaction (DynamoDB's limit is 100 items, one is the mailing).
-SWEEP_PAGE = 99
+# Messages a sweep moves per transaction (DynamoDB's limit is 100 items; the mailing and its
+# timeline's part are two).
+SWEEP_PAGE = 98
 # A write being retried may use the invocation's time down to this (the lease must still go back).
 RETRY_RESERVE_SECONDS = SAFETY_SECONDS / 2
 
@@ -395,6 +397,7 @@ class Scheduler:
                             expires_at=expires_at,
                             lease_until=lease_until,
                             token=token,
+                            timeline=grid_of(mailing),
                         ),
                         "committing a fan-out page",
                         mailing.id,
@@ -477,7 +480,7 @@ class Scheduler:
             moved = len(
                 self._retry(
                     lambda outcomes=outcomes: self._messages.finish_many(
-                        mailing.id, outcomes, self._clock()
+                        mailing.id, outcomes, self._clock(), timeline=grid_of(mailing)
                     ),
                     f"moving pending messages to {status.value}",
                     mailing.id,

@@ -8,6 +8,7 @@ throttle, a transaction conflict, a 500) is raised as it came, for the caller's 
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,6 +49,8 @@ from chalicelib.domain.mailing import (
 )
 from chalicelib.domain.paging import PageOf
 from chalicelib.domain.send_window import SendWindow
+from chalicelib.domain.timeline import TimelineGrid
+from chalicelib.storage import timeline as _timeline
 from chalicelib.storage.errors import CONDITION_FAILED, is_conditional_failure, is_transient
 from chalicelib.storage.models import (
     DUE_KEY,
@@ -59,6 +62,9 @@ from chalicelib.storage.models import (
     status_key,
 )
 from chalicelib.storage.pagination import Segment, fingerprint, index_query, paginate
+from chalicelib.storage.timeline import Activity
+
+logger = logging.getLogger(__name__)
 
 _COUNTER_ATTRIBUTES = ["mailing_id", *(f"count_{status.value}" for status in MessageStatus)]
 _LISTING_KEYS = ("listing_key", "created_at", "mailing_id")
@@ -97,6 +103,10 @@ class MailingRepository(Protocol):
     def ending_since(self, since: datetime) -> list[Mailing]:
         """The mailings whose end is at or after `since` (the by_end index), earliest end first."""
 
+    def timeline(self, mailing_id: str, grid: TimelineGrid, now: datetime) -> Activity:
+        """How the mailing's counters moved in each bucket of `grid` up to `now`, and when they
+        last moved: a fixed number of reads, whatever the number of its messages."""
+
     def backfill_totals(self) -> int:
         """Add to the totals every settled mailing that is not in them yet (a stage whose
         mailings finished before the totals existed); the number added. Safe to run again."""
@@ -121,7 +131,7 @@ class MailingRepository(Protocol):
         again); MailingChanged if it is no longer in `current`."""
 
     def delete(self, mailing_id: str) -> None:
-        """Remove the mailing (its messages stay until their expiry)."""
+        """Remove the mailing and its timeline (its messages stay until their expiry)."""
 
     def take_lease(
         self,
@@ -154,11 +164,13 @@ class MailingRepository(Protocol):
         expires_at: datetime,
         lease_until: datetime,
         token: str,
+        timeline: TimelineGrid | None = None,
     ) -> None:
         """One transaction: create `messages` (each only if new), add them to the pending
-        counter, move the checkpoint from `cursor` to `next_cursor` (None: the fan-out is
-        done) and extend the lease. MailingChanged if the lease or the checkpoint moved or a
-        message exists. Tries with the same `token` are applied once."""
+        counter and to the `timeline` at their creation, move the checkpoint from `cursor` to
+        `next_cursor` (None: the fan-out is done) and extend the lease. MailingChanged if the
+        lease or the checkpoint moved or a message exists. Tries with the same `token` are
+        applied once."""
 
     def finish(self, mailing_id: str, owner: str, final: MailingStatus) -> None:
         """Settle it in `final` and take it off the due index, if `owner` holds the lease and
@@ -231,6 +243,9 @@ class DynamoMailingRepository:
         )
         return self.get_many([key.mailing_id for key in keys])
 
+    def timeline(self, mailing_id: str, grid: TimelineGrid, now: datetime) -> Activity:
+        return _timeline.read(self._connection, self._record.Meta.table_name, mailing_id, grid, now)
+
     def backfill_totals(self) -> int:
         M, added = self._record, 0
         for record in self._records(self.ids()):
@@ -277,6 +292,7 @@ class DynamoMailingRepository:
             created_at=mailing.created_at,
             listing_key=MAILING_LISTING_KEY,
             due_key=DUE_KEY if mailing.schedule.due else None,
+            timeline_step=mailing.timeline_step,
         )
         _set_fields(record, mailing)
         with _changed(PutError):
@@ -302,6 +318,8 @@ class DynamoMailingRepository:
                 M.window_start.set(record.window_start),
                 M.window_end.set(record.window_end),
             ]
+        if mailing.timeline_step is not None:
+            actions.append(M.timeline_step.set(mailing.timeline_step))
         condition = (M.updated_at == before) & (M.status == mailing.status.value)
         return self._update(record, actions, condition)
 
@@ -334,12 +352,14 @@ class DynamoMailingRepository:
             except DoesNotExist:
                 return
             settled = _settled_of(record)
+            parts = _timeline.part_keys(mailing_id) if record.timeline_step is not None else []
             try:
                 if settled is None:
                     with _changed(DeleteError):
                         record.delete(condition=M.settled_times.does_not_exist())
+                    self._delete_timeline(mailing_id, parts)
                     return
-                # Settled: what it added to the totals goes out with it.
+                # Settled: what it added to the totals goes out with it, and its timeline.
                 take_back = _totals_actions(
                     M, MessageCounts() - settled.counts, {settled.status: -1}
                 )
@@ -350,10 +370,30 @@ class DynamoMailingRepository:
                 ):
                     tx.delete(M(mailing_id), condition=M.settled_times == settled.times)
                     tx.update(M(TOTALS_KEY), actions=take_back)
+                    for part in parts:
+                        tx.delete(M(part))
                 return
             except MailingChanged:
                 continue  # settled (or settled again) meanwhile: read it again
         raise MailingChanged(f"mailing {mailing_id} kept changing while being deleted")
+
+    def _delete_timeline(self, mailing_id: str, parts: Sequence[str]) -> None:
+        """Remove the timeline of a mailing just deleted (one transaction of deletes: no write
+        can add to it any more, each needs the mailing). Should this fail, the parts stay
+        behind unseen: nothing lists them, and no mailing has that id any more."""
+        if not parts:
+            return
+        M = self._record
+        try:
+            with TransactWrite(connection=self._connection) as tx:
+                for part in parts:
+                    tx.delete(M(part))
+        except Exception:
+            logger.warning(
+                "the timeline of a deleted mailing could not be removed; it stays unseen",
+                exc_info=True,
+                extra={"mailing_id": mailing_id},
+            )
 
     # ---------------------------------------------------------------- the scheduler's writes
 
@@ -401,6 +441,7 @@ class DynamoMailingRepository:
         expires_at: datetime,
         lease_until: datetime,
         token: str,
+        timeline: TimelineGrid | None = None,
     ) -> None:
         M, Record = self._record, self._message
         records = [
@@ -433,15 +474,19 @@ class DynamoMailingRepository:
                 tx.update(
                     M(mailing_id), actions=actions, condition=(M.lease_owner == owner) & checkpoint
                 )
+                created = [(m.created_at, MessageStatus.PENDING, 1) for m in messages]
+                for part, part_actions in _timeline.part_updates(M, mailing_id, timeline, created):
+                    tx.update(part, actions=part_actions)
         except TransactWriteError as exc:
             if not is_conditional_failure(exc):
                 raise
-            # The reasons come in the items' order: the messages, then the mailing last.
+            # The reasons come in the items' order: the messages, the mailing, its timeline.
             failed = [
                 getattr(reason, "code", None) == CONDITION_FAILED
                 for reason in exc.cancellation_reasons or ()
             ]
-            if len(failed) == len(records) + 1 and not failed[-1]:
+            mailing_failed = len(failed) <= len(records) or failed[len(records)]
+            if not mailing_failed and any(failed[: len(records)]):
                 raise MessagesExist(
                     frozenset(r.client_id for r, no in zip(records, failed, strict=False) if no)
                 ) from None
@@ -607,6 +652,7 @@ def _to_domain(record: MailingRecord) -> Mailing:
                 None if record.reconcile_after is None else int(record.reconcile_after)
             ),
         ),
+        timeline_step=None if record.timeline_step is None else int(record.timeline_step),
     )
 
 

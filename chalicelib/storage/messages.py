@@ -26,6 +26,7 @@ from pynamodb.transactions import TransactWrite
 from chalicelib.domain import MailingStatus, Message, MessageStatus
 from chalicelib.domain.mailing import MessageChange
 from chalicelib.domain.paging import PageOf
+from chalicelib.domain.timeline import TimelineGrid
 from chalicelib.storage.errors import is_conditional_failure
 from chalicelib.storage.models import DUE_KEY, MessageRecord, Models, status_key
 from chalicelib.storage.pagination import (
@@ -36,6 +37,7 @@ from chalicelib.storage.pagination import (
     index_query,
     paginate,
 )
+from chalicelib.storage.timeline import part_updates
 
 # What a message's last error keeps of a long one.
 ERROR_LIMIT = 500
@@ -98,10 +100,16 @@ class MessageRepository(Protocol):
         claim's attempt is undone. False when it is not pending under that claim."""
         ...
 
-    def finish(self, mailing_id: str, outcomes: Sequence[Outcome], now: datetime) -> bool:
+    def finish(
+        self,
+        mailing_id: str,
+        outcomes: Sequence[Outcome],
+        now: datetime,
+        timeline: TimelineGrid | None = None,
+    ) -> bool:
         """Move pending messages of one mailing to their final statuses with the mailing's
-        counters, all in one transaction; False (nothing written) when any is not ours to
-        finish (done, claimed by another) or the mailing is gone."""
+        counters and its `timeline` at `now`, all in one transaction; False (nothing written)
+        when any is not ours to finish (done, claimed by another) or the mailing is gone."""
         ...
 
     def fail_orphan(self, mailing_id: str, outcome: Outcome, now: datetime) -> bool:
@@ -149,10 +157,12 @@ class MessageRepository(Protocol):
         *,
         reopen: bool,
         token: str | None = None,
+        timeline: TimelineGrid | None = None,
     ) -> bool:
-        """Make failed messages pending again with the mailing's counters, in one transaction
-        (with `reopen`, a finished mailing runs again; every try of one change carries the same
-        `token`). False when any is no longer failed or the mailing was cancelled or deleted."""
+        """Make failed messages pending again with the mailing's counters and its `timeline`
+        at `now`, in one transaction (with `reopen`, a finished mailing runs again; every try
+        of one change carries the same `token`). False when any is no longer failed or the
+        mailing was cancelled or deleted."""
         ...
 
 
@@ -234,12 +244,18 @@ class DynamoMessageRepository:
             raise
         return True
 
-    def finish(self, mailing_id: str, outcomes: Sequence[Outcome], now: datetime) -> bool:
+    def finish(
+        self,
+        mailing_id: str,
+        outcomes: Sequence[Outcome],
+        now: datetime,
+        timeline: TimelineGrid | None = None,
+    ) -> bool:
         models = self._models
         Message, Mailing = models.Message, models.Mailing
         moved = Counter(outcome.status for outcome in outcomes)
-        counters: list[Action] = [self._counter(MessageStatus.PENDING).add(-len(outcomes))]
-        counters += [self._counter(status).add(n) for status, n in moved.items()]
+        moves = [(MessageStatus.PENDING, -len(outcomes)), *moved.items()]
+        counters: list[Action] = [self._counter(status).add(n) for status, n in moves]
         try:
             with TransactWrite(connection=self._connection) as tx:
                 for outcome in outcomes:
@@ -254,6 +270,9 @@ class DynamoMessageRepository:
                     # ADD would otherwise resurrect a deleted mailing as a bare counter item.
                     condition=Mailing.mailing_id.exists(),
                 )
+                timed = [(now, status, n) for status, n in moves]
+                for part, actions in part_updates(Mailing, mailing_id, timeline, timed):
+                    tx.update(part, actions=actions)
         except TransactWriteError as exc:
             if is_conditional_failure(exc):
                 return False
@@ -398,6 +417,7 @@ class DynamoMessageRepository:
         *,
         reopen: bool,
         token: str | None = None,
+        timeline: TimelineGrid | None = None,
     ) -> bool:
         models = self._models
         Message, Mailing = models.Message, models.Mailing
@@ -431,6 +451,10 @@ class DynamoMessageRepository:
                     condition=Mailing.mailing_id.exists()
                     & (Mailing.status != MailingStatus.CANCELLED.value),
                 )
+                moves = [(now, MessageStatus.FAILED, -len(messages))]
+                moves.append((now, MessageStatus.PENDING, len(messages)))
+                for part, actions in part_updates(Mailing, mailing_id, timeline, moves):
+                    tx.update(part, actions=actions)
         except TransactWriteError as exc:
             if is_conditional_failure(exc):
                 return False

@@ -8,8 +8,10 @@ Tables (one per kind of record; see docs/architecture.md, "Storage"):
 - clients:   one item per client. Three sparse-free GSIs make every audience filter a Query:
              by_operator (operator_code + tag), by_tag (tag), by_shard (all clients, in shards).
 - phones:    one item per phone number, owned by a client; makes phone numbers unique.
-- mailings:  one item per mailing, with its per-status message counters, and one `#totals`
-             item (TOTALS_KEY: the statistics over every settled mailing). GSIs: due (sparse,
+- mailings:  one item per mailing, with its per-status message counters, one `#totals`
+             item (TOTALS_KEY: the statistics over every settled mailing), and a mailing's
+             timeline in a few `#timeline#<id>#NN` items (timeline_part_key: how its counters
+             moved, by time; in no index). GSIs: due (sparse,
              only mailings whose audience still has to be enqueued, by start time),
              by_created (all mailings, newest first) and by_end (all mailings, by end).
 - messages:  one item per (mailing, client); GSI by_status (sparse, keys only) lists a
@@ -56,9 +58,16 @@ TAG_SEPARATOR = "\x1f"
 CLIENT_SHARDS = 16
 MAILING_LISTING_KEY = "mailing"
 DUE_KEY = "due"
-# The mailings table's one item that is not a mailing: the all-time totals (see
-# storage/mailings.py, "Statistics"). Not a UUID, so no caller can name it.
+# An item of the mailings table that is not a mailing: the all-time totals (see
+# storage/mailings.py, "Statistics"). Not a UUID, so no caller can name it (nor a timeline part).
 TOTALS_KEY = "#totals"
+
+
+def timeline_part_key(mailing_id: str, part: int) -> str:
+    """The key of one part of a mailing's timeline (storage/timeline.py), in the mailings table."""
+    return f"#timeline#{mailing_id}#{part:02d}"
+
+
 MESSAGE_ID_SEQUENCE = "message_id"
 # The parts of a client import (the sort key of the imports table).
 IMPORT_JOB = "job"
@@ -230,6 +239,9 @@ class MailingRecord(Model):
     quiet_mark = UnicodeAttribute(null=True)
     quiet_since = UTCDateTimeAttribute(null=True)
     reconcile_after = NumberAttribute(null=True)
+    # The width in seconds of its timeline's buckets (domain/timeline.py); absent on mailings
+    # stored before timelines were kept.
+    timeline_step = NumberAttribute(null=True)
     count_pending = NumberAttribute(default=0)
     count_sent = NumberAttribute(default=0)
     count_failed = NumberAttribute(default=0)

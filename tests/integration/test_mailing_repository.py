@@ -22,6 +22,7 @@ from chalicelib.domain.mailing import (
     MessageStatus,
     Schedule,
 )
+from chalicelib.domain.timeline import grid_of
 from chalicelib.storage.mailings import MailingRepository
 from tests.support.memory.mailings import MemoryMailingRepository
 
@@ -565,3 +566,110 @@ def test_the_mailings_ending_after_a_moment_are_listed_without_the_older_ones(ma
     # Then the old one is not among them
     ending = mailings.ending_since(NOW - timedelta(days=1))
     assert [m.id for m in ending] == [today.id, tomorrow.id]
+
+
+# ---------------------------------------------------------------- timeline
+
+
+def fanned_out(mailings: MailingRepository, at: datetime, clients: int = 3) -> Mailing:
+    """Given: a running mailing (buckets of 30 s from NOW) whose `clients` messages were
+    created at `at` in one fan-out page."""
+    mailing = a_mailing(start_at=NOW, timeline_step=30)
+    mailings.add(mailing)
+    leased(mailings, mailing)
+    mailings.commit_fan_out_page(
+        mailing.id,
+        "worker-1",
+        cursor=None,
+        next_cursor=None,
+        messages=[
+            replace(a_message(mailing, f"c{n}", n + 1), created_at=at) for n in range(clients)
+        ],
+        expires_at=NOW + timedelta(days=30),
+        lease_until=LATER,
+        token=uuid.uuid4().hex,
+        timeline=grid_of(mailing),
+    )
+    return mailing
+
+
+def test_a_mailings_bucket_width_reads_back_and_an_older_one_has_none(mailings):
+    # Given a mailing stored with its timeline's bucket width, and one stored before timelines
+    current, older = a_mailing(timeline_step=30), a_mailing()
+    mailings.add(current)
+    mailings.add(older)
+
+    # Then each reads back as it was stored
+    assert mailings.get(current.id).timeline_step == 30
+    assert mailings.get(older.id).timeline_step is None
+    # And a width given with an edit is saved with it
+    edited = replace(older, timeline_step=60, updated_at=LATER)
+    assert mailings.save_fields(edited, before=older.updated_at).timeline_step == 60
+    assert mailings.get(older.id).timeline_step == 60
+
+
+def test_a_fan_out_page_adds_its_messages_to_the_timeline_at_their_creation(mailings):
+    # Given a mailing whose three messages were created 95 seconds after its start
+    created_at = NOW + timedelta(seconds=95)
+    mailing = fanned_out(mailings, created_at)
+
+    # When its timeline is read a minute later
+    grid = grid_of(mailing)
+    assert grid is not None
+    activity = mailings.timeline(mailing.id, grid, created_at + timedelta(minutes=1))
+
+    # Then the bucket of their creation (the fourth of 30 s) holds them as pending
+    assert activity.buckets == {3: MessageCounts(pending=3)}
+    assert activity.last_change == created_at
+
+
+def test_a_refused_fan_out_page_adds_nothing_to_the_timeline(mailings):
+    # Given a mailing whose first page is committed
+    mailing = fanned_out(mailings, NOW)
+    grid = grid_of(mailing)
+
+    # When a page from a worker without the lease is refused, a minute later
+    with pytest.raises(MailingChanged):
+        mailings.commit_fan_out_page(
+            mailing.id,
+            "worker-2",
+            cursor=None,
+            next_cursor=None,
+            messages=[replace(a_message(mailing, "c9", 9), created_at=LATER)],
+            expires_at=NOW + timedelta(days=30),
+            lease_until=LATER,
+            token=uuid.uuid4().hex,
+            timeline=grid,
+        )
+
+    # Then the timeline holds the first page only
+    assert grid is not None
+    assert mailings.timeline(mailing.id, grid, LATER).buckets == {0: MessageCounts(pending=3)}
+
+
+def test_timeline_parts_are_never_listed_counted_or_settled_as_mailings(mailings):
+    # Given a mailing with a timeline
+    mailing = fanned_out(mailings, NOW)
+
+    # Then the listings, the statistics, the report's mailings and the backfill see the
+    # mailing alone
+    assert mailings.ids() == [mailing.id]
+    assert [m.id for m in mailings.page(limit=50, cursor=None).items] == [mailing.id]
+    overall = mailings.statistics()
+    assert overall.mailing_count == 1
+    assert [m.id for m in overall.unsettled] == [mailing.id]
+    assert [m.id for m in mailings.ending_since(NOW)] == [mailing.id]
+    assert mailings.backfill_totals() == 0
+
+
+def test_a_deleted_mailing_takes_its_timeline_with_it(mailings):
+    # Given a mailing with a timeline
+    mailing = fanned_out(mailings, NOW)
+    grid = grid_of(mailing)
+    assert grid is not None
+
+    # When it is deleted
+    mailings.delete(mailing.id)
+
+    # Then nothing of its timeline is read back
+    assert mailings.timeline(mailing.id, grid, LATER).buckets == {}

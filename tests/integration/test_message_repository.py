@@ -11,9 +11,13 @@ import pytest
 from pynamodb.connection import Connection
 
 from chalicelib.domain import MailingStatus, Message, MessageStatus
+from chalicelib.domain.mailing import MessageCounts
+from chalicelib.domain.timeline import TimelineGrid
 from chalicelib.errors import MalformedRequest
+from chalicelib.storage.mailings import DynamoMailingRepository
 from chalicelib.storage.messages import DynamoMessageRepository, MessageRepository, Outcome
 from chalicelib.storage.models import status_key
+from chalicelib.storage.timeline import Activity
 from tests.support.memory.messages import MemoryMessageRepository
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -31,6 +35,8 @@ class World:
     add_message: Callable[[Message], None]
     delete_mailing: Callable[[str], None]
     mailing: Callable[[str], tuple[MailingStatus, dict[MessageStatus, int]]]
+    # The mailing's timeline as the mailing repository reads it back.
+    timeline: Callable[[str, TimelineGrid, datetime], Activity]
 
 
 def _message(client_id: str, message_id: int, status: MessageStatus) -> Message:
@@ -83,14 +89,21 @@ def _dynamodb_world(services) -> World:
         counts = {s: int(getattr(record, f"count_{s.value}") or 0) for s in MessageStatus}
         return MailingStatus(record.status), counts
 
-    repository = DynamoMessageRepository(models, Connection(region="us-east-1"))
-    return World(repository, add_mailing, add_message, delete_mailing, mailing)
+    connection = Connection(region="us-east-1")
+    repository = DynamoMessageRepository(models, connection)
+    timeline = DynamoMailingRepository(models, connection).timeline
+    return World(repository, add_mailing, add_message, delete_mailing, mailing, timeline)
 
 
 def _memory_world() -> World:
     memory = MemoryMessageRepository()
     return World(
-        memory, memory.add_mailing, memory.add_message, memory.delete_mailing, memory.mailing
+        memory,
+        memory.add_mailing,
+        memory.add_message,
+        memory.delete_mailing,
+        memory.mailing,
+        memory.timelines.read,
     )
 
 
@@ -421,3 +434,40 @@ def test_pending_messages_are_walked_a_page_at_a_time_by_client(running):
     third = running.messages.pending(MAILING, 1, after=second[-1][0])
     # Then each pending message comes once, and the failed one never
     assert (first, second, third) == ([("c-1", 101)], [("c-2", 102)], [])
+
+
+# ---------------------------------------------------------------- timeline
+
+GRID = TimelineGrid(NOW, 30)
+
+
+def test_finishing_moves_the_timeline_with_the_counters(running):
+    # When two pending messages are finished together a minute after the start
+    outcomes = [Outcome("c-1", MessageStatus.SENT), Outcome("c-2", MessageStatus.FAILED)]
+    assert running.messages.finish(MAILING, outcomes, LATER, GRID)
+
+    # Then the bucket of that minute (the third of 30 s) moved as the counters did
+    activity = running.timeline(MAILING, GRID, LATER)
+    assert activity.buckets == {2: MessageCounts(pending=-2, sent=1, failed=1)}
+    assert activity.last_change == LATER
+
+
+def test_a_finish_that_is_not_ours_or_of_a_deleted_mailing_leaves_the_timeline(running):
+    # When one finish names another sender's claim, and one comes after the mailing was deleted
+    claim(running)
+    other = [Outcome("c-1", MessageStatus.SENT, claim_id="claim-b")]
+    assert not running.messages.finish(MAILING, other, LATER, GRID)
+    running.delete_mailing(MAILING)
+    assert not running.messages.finish(MAILING, [Outcome("c-2", MessageStatus.SENT)], LATER, GRID)
+
+    # Then nothing was added to the timeline
+    assert running.timeline(MAILING, GRID, LATER).buckets == {}
+
+
+def test_requeued_messages_move_from_failed_to_pending_in_the_timeline(running):
+    # When the failed message is queued again two minutes after the start
+    at = NOW + timedelta(minutes=2)
+    assert running.messages.requeue_failed(MAILING, [("c-3", 103)], at, reopen=False, timeline=GRID)
+
+    # Then its bucket says one left failed and one became pending
+    assert running.timeline(MAILING, GRID, at).buckets == {4: MessageCounts(pending=1, failed=-1)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -462,7 +462,7 @@ def test_the_timeline_rebuilds_the_counts_over_time_from_the_messages(
     assert final["failed"] == 3
     # ...and in between the counts only grow, and the first batch shows before the second
     for earlier, later in itertools.pairwise(points):
-        assert earlier["at"] < later["at"]
+        assert datetime.fromisoformat(earlier["at"]) < datetime.fromisoformat(later["at"])
         for status in ("sent", "failed", "expired", "cancelled", "skipped"):
             assert earlier["stats"][status] <= later["stats"][status]
     assert any(p["stats"]["pending"] == 2 for p in points)  # between the two batches

@@ -20,6 +20,7 @@ from chalicelib.services.reconciler import (
     MAX_BACKLOG,
     SEND_VISIBILITY_TIMEOUT_SECONDS,
 )
+from chalicelib.services.scheduler import SWEEP_PAGE
 from devstack.gateway import FaultProfile
 from tests.conftest import body
 from tests.integration import test_delivery as delivery
@@ -162,8 +163,9 @@ def test_a_sweep_out_of_time_keeps_what_it_did_and_is_continued_at_once(
     progress = services.scheduler.advance(mailing["id"], remaining)
 
     # Then the page it moved is recorded, counters and records agree, and a kick continues it
-    assert progress.cancelled == 99
-    assert pipeline.statuses(mailing["id"]) == Counter({"cancelled": 99, "pending": 21})
+    assert progress.cancelled == SWEEP_PAGE
+    left = 120 - SWEEP_PAGE
+    assert pipeline.statuses(mailing["id"]) == Counter({"cancelled": SWEEP_PAGE, "pending": left})
     assert pipeline.counters(mailing["id"]) == pipeline.statuses(mailing["id"])
     assert pipeline.sqs.depth(FANOUT_URL) == 1
     # And the continuation finishes the rest without waiting for a tick

@@ -174,3 +174,31 @@ def test_an_unknown_or_malformed_id_is_not_found(service):
         service.get("0b9a3c9e-2f8f-4a43-9d8e-3d1c1f1b2a10")
     with pytest.raises(NotFound):
         service.get("not-an-id")
+
+
+def test_the_timelines_bucket_width_follows_the_dates_until_sending_starts(
+    service, repository, clock
+):
+    # Given a mailing of a day (fields() start in an hour, end a day from now)
+    mailing = service.create(fields())
+    assert mailing.timeline_step == 600  # 23 hours over 200 buckets: ten minutes
+
+    # When its end is brought to two hours from now before it starts
+    edited = service.update(mailing.id, {"end_at": NOW + timedelta(hours=2)})
+
+    # Then its buckets follow: an hour over 200 buckets, thirty seconds
+    assert edited.timeline_step == 30
+
+    # And once the scheduler started it, a later end keeps the buckets its messages are in
+    clock.now = NOW + timedelta(hours=1, minutes=5)
+    repository.take_lease(
+        mailing.id,
+        "worker",
+        clock.now,
+        clock.now + timedelta(minutes=5),
+        current=MailingStatus.SCHEDULED,
+        start=MailingStatus.RUNNING,
+    )
+    extended = service.update(mailing.id, {"end_at": NOW + timedelta(days=2)})
+    assert extended.timeline_step == 30
+    assert repository.get(mailing.id).timeline_step == 30

@@ -14,11 +14,15 @@ from chalicelib.domain.mailing import (
     Message,
     MessageCounts,
     MessagesExist,
+    MessageStatus,
     Statistics,
     Totals,
     statistics,
 )
 from chalicelib.domain.paging import PageOf
+from chalicelib.domain.timeline import TimelineGrid
+from chalicelib.storage.timeline import Activity
+from tests.support.memory.timeline import MemoryTimelines
 
 
 @dataclass
@@ -31,7 +35,9 @@ class _Stored:
 class MemoryMailingRepository:
     """MailingRepository in a dict; each method does what its DynamoDB request would."""
 
-    def __init__(self) -> None:
+    def __init__(self, timelines: MemoryTimelines | None = None) -> None:
+        # Shared with the in-memory messages when both stand for one stage's tables.
+        self.timelines = timelines or MemoryTimelines()
         self._items: dict[str, _Stored] = {}
         self.messages: dict[tuple[str, str], Message] = {}
         self._sequence = 0
@@ -85,6 +91,9 @@ class MemoryMailingRepository:
         ending = [s.mailing for s in self._items.values() if s.mailing.end_at >= since]
         return sorted(ending, key=lambda m: m.end_at)
 
+    def timeline(self, mailing_id: str, grid: TimelineGrid, now: datetime) -> Activity:
+        return self.timelines.read(mailing_id, grid, now)
+
     def backfill_totals(self) -> int:
         return 0  # the totals are never stored apart
 
@@ -108,6 +117,7 @@ class MemoryMailingRepository:
             audience=mailing.audience,
             send_window=mailing.send_window,
             updated_at=mailing.updated_at,
+            timeline_step=mailing.timeline_step or stored.mailing.timeline_step,
         )
 
     def set_status(
@@ -125,6 +135,7 @@ class MemoryMailingRepository:
 
     def delete(self, mailing_id: str) -> None:
         self._items.pop(mailing_id, None)
+        self.timelines.drop(mailing_id)
 
     # ---------------------------------------------------------------- the scheduler's writes
 
@@ -165,6 +176,7 @@ class MemoryMailingRepository:
         expires_at: datetime,
         lease_until: datetime,
         token: str,
+        timeline: TimelineGrid | None = None,
     ) -> None:
         stored = self._leased(mailing_id, owner)
         if stored.mailing.schedule.fanout_cursor != cursor:
@@ -176,6 +188,8 @@ class MemoryMailingRepository:
             raise MessagesExist(existing)
         for message in messages:
             self.messages[mailing_id, message.client_id] = message
+        created = [(m.created_at, MessageStatus.PENDING, 1) for m in messages]
+        self.timelines.add(mailing_id, timeline, created)
         stored.lease_until = lease_until
         counts = stored.mailing.counts
         self._set(stored, counts=replace(counts, pending=counts.pending + len(messages)))

@@ -12,9 +12,11 @@ from datetime import datetime
 from chalicelib.domain import MailingStatus, Message, MessageStatus
 from chalicelib.domain.mailing import MessageChange
 from chalicelib.domain.paging import PageOf
+from chalicelib.domain.timeline import TimelineGrid
 from chalicelib.storage.messages import ERROR_LIMIT, Claim, Outcome
 from chalicelib.storage.models import status_key
 from chalicelib.storage.pagination import invalid_cursor
+from tests.support.memory.timeline import MemoryTimelines
 
 
 @dataclass
@@ -37,7 +39,9 @@ class MemoryMessageRepository:
     """One process's messages and mailing counters; every change is checked and applied under
     one lock, all of a transaction or none of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, timelines: MemoryTimelines | None = None) -> None:
+        # Shared with the in-memory mailings when both stand for one stage's tables.
+        self.timelines = timelines or MemoryTimelines()
         self._messages: dict[tuple[str, str], _Stored] = {}
         self._mailings: dict[str, _Mailing] = {}
         self._lock = threading.Lock()
@@ -118,7 +122,13 @@ class MemoryMessageRepository:
             stored.updated_at = now
             return True
 
-    def finish(self, mailing_id: str, outcomes: Sequence[Outcome], now: datetime) -> bool:
+    def finish(
+        self,
+        mailing_id: str,
+        outcomes: Sequence[Outcome],
+        now: datetime,
+        timeline: TimelineGrid | None = None,
+    ) -> bool:
         with self._lock:
             mailing = self._mailings.get(mailing_id)
             if mailing is None or not all(self._ours(mailing_id, o, now) for o in outcomes):
@@ -127,6 +137,9 @@ class MemoryMessageRepository:
                 self._final(mailing_id, outcome, now)
                 mailing.counts[MessageStatus.PENDING] -= 1
                 mailing.counts[outcome.status] += 1
+            moves = [(now, MessageStatus.PENDING, -len(outcomes))]
+            moves += [(now, outcome.status, 1) for outcome in outcomes]
+            self.timelines.add(mailing_id, timeline, moves)
             return True
 
     def fail_orphan(self, mailing_id: str, outcome: Outcome, now: datetime) -> bool:
@@ -225,6 +238,7 @@ class MemoryMessageRepository:
         *,
         reopen: bool,
         token: str | None = None,
+        timeline: TimelineGrid | None = None,
     ) -> bool:
         with self._lock:
             mailing = self._mailings.get(mailing_id)
@@ -241,6 +255,9 @@ class MemoryMessageRepository:
                 s.updated_at = now
             mailing.counts[MessageStatus.FAILED] -= len(messages)
             mailing.counts[MessageStatus.PENDING] += len(messages)
+            moved = len(messages)
+            moves = [(now, MessageStatus.FAILED, -moved), (now, MessageStatus.PENDING, moved)]
+            self.timelines.add(mailing_id, timeline, moves)
             if reopen:
                 mailing.status, mailing.due = MailingStatus.RUNNING, True
             return True
