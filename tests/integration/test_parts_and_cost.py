@@ -161,9 +161,7 @@ def test_a_text_too_long_for_max_parts_because_of_a_tag_is_refused_naming_the_ta
     assert body(api.get("/mailings"))["items"] == []
 
 
-def test_a_text_too_long_by_itself_is_refused_and_the_mailing_stays_as_it_was(
-    api, services, clock
-):
+def test_a_text_too_long_by_itself_is_refused_and_the_mailing_stays_as_it_was(api, services, clock):
     # Given a mailing of a short text, with max_parts 1
     add_client(api, "79160000001")
     mailing = create_mailing(api, clock, start=delivery.timedelta(hours=1), max_parts=1)
