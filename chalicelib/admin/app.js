@@ -1130,6 +1130,7 @@
       end_at: h("input", { type: "datetime-local", name: "end_at", required: true, value: toLocalInput(mailing ? mailing.end_at : new Date(now.getTime() + 86400000).toISOString()) }),
       operator_codes: h("input", { name: "operator_codes", inputmode: "numeric", placeholder: "any (e.g. 900, 901)", value: mailing ? mailing.filter.operator_codes.join(", ") : "" }),
       tags: h("input", { name: "tags", placeholder: "any (e.g. vip, new)", value: mailing ? mailing.filter.tags.join(", ") : "" }),
+      max_parts: h("input", { type: "number", name: "max_parts", min: 1, max: 10, step: 1, inputmode: "numeric", placeholder: "default", value: mailing && mailing.max_parts ? String(mailing.max_parts) : "" }),
       windowOn: h("input", { type: "checkbox", name: "window_on", checked: Boolean(mailing && mailing.send_window) }),
       windowStart: h("input", { type: "time", name: "window_start", value: mailing && mailing.send_window ? mailing.send_window.start : "09:00" }),
       windowEnd: h("input", { type: "time", name: "window_end", value: mailing && mailing.send_window ? mailing.send_window.end : "21:00" }),
@@ -1234,6 +1235,7 @@
       field("End", inputs.end_at, { hint: "Unsent messages expire after it" }),
       field("Operator codes", inputs.operator_codes, { hint: "Comma-separated; empty: any operator" }),
       field("Tags", inputs.tags, { hint: "Comma-separated; empty: any tag" }),
+      field("Max SMS parts", inputs.max_parts, { hint: "1–10 parts a message; empty: the server's default (4 unless configured)" }),
       windowSet,
       h("div", { class: "form-actions wide" }, previewButton),
       preview,
@@ -1252,6 +1254,8 @@
         filter: filter(),
         send_window: inputs.windowOn.checked ? { start: inputs.windowStart.value, end: inputs.windowEnd.value } : null,
       };
+      // Empty: the default on a new mailing, unchanged on an edit.
+      if (inputs.max_parts.value.trim()) body.max_parts = Number(inputs.max_parts.value);
       for (const key of ["start_at", "end_at"]) if (body[key] === undefined) delete body[key];
       if (!editing && body.send_window === null) delete body.send_window;
       if (editing) {

@@ -59,7 +59,7 @@ def test_the_live_counter_counts_the_reference_texts_as_the_service_does(
         ), reference.name
 
 
-def test_typing_cyrillic_turns_the_counter_from_one_gsm7_part_to_two_ucs2_parts(
+def test_typing_cyrillic_turns_the_counter_to_two_ucs2_parts_and_max_parts_is_enforced(
     page: Any, stack: Stack
 ) -> None:
     # Given two clients of a tag, and the new mailing form for that tag
@@ -94,3 +94,20 @@ def test_typing_cyrillic_turns_the_counter_from_one_gsm7_part_to_two_ucs2_parts(
         "Messages: UCS-2, 2 parts each; 4 parts in all, costing 2.00 RUB.", timeout=10_000
     )
     shot(page, "parts-live-counter")
+
+    # When the operator allows one part a message and creates the mailing
+    page.get_by_label("Max SMS parts", exact=True).fill("1")
+    page.get_by_role("button", name="Create mailing").click()
+    # Then it is refused beside the text, saying why, and the form stays open
+    expect(page.locator('[data-field="text"] .field-error')).to_contain_text(
+        "the text alone takes 2 parts in UCS-2"
+    )
+    expect(page.get_by_role("heading", name="New mailing")).to_be_visible()
+    # When they allow two
+    page.get_by_label("Max SMS parts", exact=True).fill("2")
+    page.get_by_role("button", name="Create mailing").click()
+    # Then the mailing is created, and its page shows its parts and cost
+    expect(page.get_by_text("Mailing created.")).to_be_visible()
+    expect(page.locator("#mailing-parts")).to_have_text(
+        "UCS-2, 2 parts a message (at most 2); 4 in all, 2.00 RUB"
+    )
