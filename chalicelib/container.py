@@ -22,6 +22,7 @@ from chalicelib.services.idempotency import IdempotencyStore
 from chalicelib.services.imports import ClientImports
 from chalicelib.services.mailings import MailingService
 from chalicelib.services.messages import MessageStore
+from chalicelib.services.parts import PartsCounter, prices_of
 from chalicelib.services.queues import Queues
 from chalicelib.services.reports import ReportService, ReportSink, SesReportSink
 from chalicelib.services.scheduler import Scheduler
@@ -132,7 +133,7 @@ class Services:
             import_url=settings.import_queue_url,
         )
         client_store = DynamoClientRepository(models, connection)
-        clients = ClientDirectory(clients=client_store, clock=clock)
+        clients = ClientDirectory(clients=client_store, clock=clock, prices=prices_of(settings))
         messages = MessageStore(repository=DynamoMessageRepository(models, connection))
         # The scheduler's and retry-failed's writes pause on `clock`: a test's never sleeps.
         writes = replace(
@@ -148,6 +149,7 @@ class Services:
             jobs_per_message=settings.jobs_per_message,
             mailings=mailing_records,
             retry=writes,
+            parts=PartsCounter(client_store, prices_of(settings), settings.max_parts_default),
         )
         metrics = MetricsWriter(settings=settings, write=write_metrics)
         # The senders' shared limits; the API reads their state for operators (GET /gateway).

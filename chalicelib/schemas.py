@@ -32,6 +32,7 @@ from chalicelib.domain.client import (
     is_operator_code,
     is_phone,
 )
+from chalicelib.domain.sms_parts import MAX_PARTS_LIMIT
 from chalicelib.domain.text import TEMPLATE_PATTERN
 
 TEXT_MAX_LENGTH = 1000
@@ -350,6 +351,41 @@ class SendWindow(_Request):
         return self
 
 
+# ---------------------------------------------------------------- parts and cost
+
+MaxParts = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=MAX_PARTS_LIMIT,
+        description="The most SMS parts one message may take (default MAX_PARTS_DEFAULT, 4): "
+        "a text whose longest message takes more is refused (422 on body.text)",
+    ),
+]
+
+
+class PartsOut(_Response):
+    """SMS parts of the text over the audience (carriers bill and throttle by part)."""
+
+    encoding: Literal["GSM-7", "UCS-2"] = Field(
+        description="UCS-2 if any message needs it (one character outside GSM-7 does)"
+    )
+    per_message_min: int = Field(description="Parts of the shortest message")
+    per_message_max: int = Field(description="Parts of the longest message")
+    total: int = Field(description="Parts of all messages (clients who opted out excluded)")
+    approximate: bool = Field(
+        description="The total was scaled from a bounded read of the audience (as the "
+        "preview's count); a mailing's figures are those of when its text or filter was set"
+    )
+
+
+class CostEstimate(_Response):
+    """The parts' cost at the configured prices (PRICE_PER_PART...)."""
+
+    amount: float = Field(description="Total parts times their price, rounded to cents")
+    currency: str = Field(description="PRICE_CURRENCY, e.g. RUB")
+
+
 class MailingCreate(_Request):
     """A mailing to schedule (PUT takes the same full representation)."""
 
@@ -358,6 +394,7 @@ class MailingCreate(_Request):
     end_at: Timestamp
     filter: AudienceFilter = Field(default_factory=AudienceFilter)
     send_window: SendWindow | None = None
+    max_parts: MaxParts | None = None
 
     @model_validator(mode="after")
     def _end_after_start(self) -> MailingCreate:
@@ -374,6 +411,7 @@ class MailingPatch(_Patch):
     end_at: Timestamp | None = None
     filter: AudienceFilter | None = None
     send_window: SendWindow | None = None
+    max_parts: MaxParts | None = None
 
     NULLABLE: ClassVar[frozenset[str]] = frozenset({"send_window"})
 
@@ -401,6 +439,11 @@ class MailingOut(_Response):
     stats: MessageStats
     created_at: datetime
     updated_at: datetime
+    max_parts: int | None = Field(None, description="null: created before parts were counted")
+    parts: PartsOut | None = Field(
+        None, description="Estimated when the text or filter is set; null before parts existed"
+    )
+    cost_estimate: CostEstimate | None = Field(None, description="Only with prices configured")
 
 
 class MailingPage(_Response):
@@ -604,6 +647,9 @@ class AudiencePreviewIn(_Request):
         description="Count every matching client (reads grow with the audience); by default a "
         "large audience is estimated from a bounded read",
     )
+    text: MailingText | None = Field(
+        None, description="A mailing text: the answer then carries its `parts` (and cost)"
+    )
 
 
 class AudiencePreviewOut(_Response):
@@ -618,6 +664,10 @@ class AudiencePreviewOut(_Response):
     count_low: int = Field(description="The count's 95 % interval, low end (= count when exact)")
     count_high: int = Field(description="The count's 95 % interval, high end (= count when exact)")
     sample: list[ClientOut] = Field(description="The first `sample_size` of them")
+    parts: PartsOut | None = Field(None, description="Only when a `text` was given")
+    cost_estimate: CostEstimate | None = Field(
+        None, description="Only when a `text` was given and prices are configured"
+    )
 
 
 class RetryFailedOut(_Response):

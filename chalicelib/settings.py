@@ -88,6 +88,15 @@ def parse_operator_rates(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
+def parse_operator_prices(text: str) -> tuple[tuple[str, float], ...]:
+    """`916=0.8,903=0.9` as ((code, price), ...); ValueError naming the part that is not
+    `code=price`."""
+    try:
+        return parse_operator_rates(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not operator=price pairs, like 916=0.8,903=0.9") from None
+
+
 class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
 
@@ -187,6 +196,13 @@ class Settings(BaseModel):
     default_page_size: int = Field(50, ge=1, le=1000)
     max_page_size: int = Field(500, ge=1, le=1000)
 
+    # Parts and cost (domain/sms_parts.py): a mailing's max_parts when it sets none, and what a
+    # part costs (unset: no cost estimate), optionally per operator code, like `916=0.8,903=0.9`.
+    max_parts_default: int = Field(4, ge=1, le=10)
+    price_per_part: float | None = Field(None, ge=0, le=1_000_000)
+    price_per_part_by_operator: tuple[tuple[str, float], ...] = ()
+    price_currency: str = Field("RUB", pattern=r"^[A-Z]{3}$")
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _level_upper(cls, value: object) -> object:
@@ -239,6 +255,27 @@ class Settings(BaseModel):
             raise ValueError(f"operator {', '.join(duplicates)} is given more than once")
         return value
 
+    @field_validator("price_per_part_by_operator", mode="before")
+    @classmethod
+    def _parse_operator_prices(cls, value: object) -> object:
+        return parse_operator_prices(value) if isinstance(value, str) else value
+
+    @field_validator("price_per_part_by_operator")
+    @classmethod
+    def _operator_prices_are_usable(
+        cls, value: tuple[tuple[str, float], ...]
+    ) -> tuple[tuple[str, float], ...]:
+        codes = [code for code, _ in value]
+        for code, price in value:
+            if not _OPERATOR_CODE.fullmatch(code):
+                raise ValueError(f"{code!r} is not an operator code (3 ASCII digits, like 916)")
+            if not 0 <= price <= 1_000_000:
+                raise ValueError(f"the price of operator {code} must be from 0 to 1000000")
+        duplicates = sorted({code for code in codes if codes.count(code) > 1})
+        if duplicates:
+            raise ValueError(f"operator {', '.join(duplicates)} is given more than once")
+        return value
+
     @field_validator("report_recipients")
     @classmethod
     def _recipients_are_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -282,6 +319,9 @@ class Settings(BaseModel):
             raise ValueError("REPORT_RECIPIENTS needs REPORT_SENDER (an SES-verified address)")
         if self.default_page_size > self.max_page_size:
             raise ValueError("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
+        if self.price_per_part_by_operator and self.price_per_part is None:
+            # Operators not listed would have no price, and a cost over them would be wrong.
+            raise ValueError("PRICE_PER_PART_BY_OPERATOR needs PRICE_PER_PART (the others' price)")
         return self
 
     def _sign_in_is_complete(self) -> None:

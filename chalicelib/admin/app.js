@@ -72,6 +72,55 @@
   /** A count as people read it: 5,167. */
   const number = (n) => Number(n).toLocaleString("en-US");
 
+  // ------------------------------------------------------------------ SMS parts
+  // A port of chalicelib/domain/sms_parts.py, for the live counter under a mailing's text; the
+  // browser tests run the Python reference table (tests/support/sms_reference.py) through it.
+  const GSM7_BASIC = new Set(Array.from(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?" +
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"));
+  // Two septets each: an escape and the character.
+  const GSM7_EXTENSION = new Set(Array.from("\f^{}\\[~]|€"));
+  const SMS_LIMITS = { "GSM-7": { single: 160, perPart: 153 }, "UCS-2": { single: 70, perPart: 67 } };
+  const TEMPLATE = /^(?:[^{}]|\{\{|\}\}|\{(?:phone|operator_code|tag|timezone)\})*$/u;
+
+  /** A text's encoding, characters (code points), units (septets or 16-bit units) and parts;
+   * an escape pair or an emoji's surrogate pair is never cut between parts. */
+  function smsParts(text) {
+    const chars = Array.from(text);
+    const gsm = chars.every((c) => GSM7_BASIC.has(c) || GSM7_EXTENSION.has(c));
+    const encoding = gsm ? "GSM-7" : "UCS-2";
+    const widths = chars.map((c) => (gsm ? (GSM7_EXTENSION.has(c) ? 2 : 1) : (c.codePointAt(0) > 0xffff ? 2 : 1)));
+    const units = widths.reduce((sum, w) => sum + w, 0);
+    const { single, perPart } = SMS_LIMITS[encoding];
+    let parts = 1;
+    if (units > single) {
+      let used = 0;
+      for (const w of widths) {
+        if (used + w > perPart) { parts += 1; used = 0; }
+        used += w;
+      }
+    }
+    return { encoding, characters: chars.length, units, parts };
+  }
+  window.SmsParts = Object.freeze({ count: smsParts });
+
+  /** A mailing text as the counter counts it: the phone and operator code are always 11 and 3
+   * digits; a tag and a timezone differ per client, so they count as empty here (the preview
+   * counts each client's message). */
+  function templateSkeleton(text) {
+    return text.replace(/\{\{|\}\}|\{(phone|operator_code|tag|timezone)\}/gu, (match, name) => {
+      if (match === "{{") return "{";
+      if (match === "}}") return "}";
+      return name === "phone" ? "70000000000" : name === "operator_code" ? "000" : "";
+    });
+  }
+
+  /** "UCS-2, 2 parts" and the like. */
+  function partsWords(encoding, low, high) {
+    const range = low === high ? String(low) : `${low}–${high}`;
+    return `${encoding}, ${range} ${high === 1 ? "part" : "parts"}`;
+  }
+
   const SVG = "http://www.w3.org/2000/svg";
   function svg(tag, attrs, ...children) {
     const el = document.createElementNS(SVG, tag);
@@ -1081,6 +1130,7 @@
       end_at: h("input", { type: "datetime-local", name: "end_at", required: true, value: toLocalInput(mailing ? mailing.end_at : new Date(now.getTime() + 86400000).toISOString()) }),
       operator_codes: h("input", { name: "operator_codes", inputmode: "numeric", placeholder: "any (e.g. 900, 901)", value: mailing ? mailing.filter.operator_codes.join(", ") : "" }),
       tags: h("input", { name: "tags", placeholder: "any (e.g. vip, new)", value: mailing ? mailing.filter.tags.join(", ") : "" }),
+      max_parts: h("input", { type: "number", name: "max_parts", min: 1, max: 10, step: 1, inputmode: "numeric", placeholder: "default", value: mailing && mailing.max_parts ? String(mailing.max_parts) : "" }),
       windowOn: h("input", { type: "checkbox", name: "window_on", checked: Boolean(mailing && mailing.send_window) }),
       windowStart: h("input", { type: "time", name: "window_start", value: mailing && mailing.send_window ? mailing.send_window.start : "09:00" }),
       windowEnd: h("input", { type: "time", name: "window_end", value: mailing && mailing.send_window ? mailing.send_window.end : "21:00" }),
@@ -1090,6 +1140,17 @@
     const countText = () => { counter.textContent = `${inputs.text.value.length} / 1000`; };
     inputs.text.addEventListener("input", countText);
     countText();
+    // Characters, encoding and SMS parts, live as the operator types.
+    const partsCounter = h("span", { class: "hint", id: "text-parts", "aria-live": "off" });
+    const countParts = () => {
+      const counted = smsParts(templateSkeleton(inputs.text.value));
+      partsCounter.dataset.encoding = counted.encoding;
+      partsCounter.dataset.parts = String(counted.parts);
+      const placeholders = /\{(tag|timezone)\}/u.test(inputs.text.value) ? " (without {tag} and {timezone}: each client's own)" : "";
+      partsCounter.textContent = ` · ${number(counted.characters)} characters · ${partsWords(counted.encoding, counted.parts, counted.parts)}${placeholders}`;
+    };
+    inputs.text.addEventListener("input", countParts);
+    countParts();
 
     const windowTimes = h("div", { class: "window-times" },
       h("label", { for: "window-start" }, "from"), inputs.windowStart,
@@ -1123,7 +1184,10 @@
       const seq = ++previewSeq;
       fill(preview, h("p", { class: "muted" }, exact ? "Counting every client of the audience…" : "Counting the audience…"));
       try {
-        const answer = await api("POST", "mailings/preview", { body: { filter: filter(), sample_size: 5, exact } });
+        const text = inputs.text.value;
+        // A text whose placeholders are not complete yet would be refused: previewed without it.
+        const withText = text && TEMPLATE.test(text) ? { text } : {};
+        const answer = await api("POST", "mailings/preview", { body: { filter: filter(), sample_size: 5, exact, ...withText } });
         if (seq !== previewSeq || !current(view)) return;
         const count = answer.count;
         const clients = `${number(count)} ${count === 1 ? "client matches" : "clients match"} this filter`;
@@ -1135,6 +1199,7 @@
               `Estimated from part of the audience: between ${number(answer.count_low)} and ${number(answer.count_high)} (95 % sure). `,
               h("button", { type: "button", class: "secondary", onclick: () => runPreview(true) }, "Count exactly"))
             : null,
+          previewParts(answer),
           answer.sample && answer.sample.length
             ? h("div", {}, h("p", { class: "hint" }, "For example:"),
               h("ul", {}, answer.sample.map((c) => h("li", {}, `${c.phone} · operator ${c.operator_code}${c.tag ? ` · ${c.tag}` : ""}`))))
@@ -1151,7 +1216,7 @@
     }
     previewButton.addEventListener("click", runPreview);
     let debounce = null;
-    for (const input of [inputs.operator_codes, inputs.tags]) {
+    for (const input of [inputs.operator_codes, inputs.tags, inputs.text]) {
       input.addEventListener("input", () => {
         clearTimeout(debounce);
         debounce = setTimeout(runPreview, 400);
@@ -1165,11 +1230,12 @@
         wide: true,
         hint: `Up to 1000 characters. Placeholders: ${PLACEHOLDERS.join(", ")} (write {{ and }} for literal braces).`,
       }),
-      h("div", { class: "wide" }, counter),
+      h("div", { class: "wide" }, counter, partsCounter),
       field("Start", inputs.start_at, { hint: `Your local time (${utcOffset()}); now or earlier starts at once` }),
       field("End", inputs.end_at, { hint: "Unsent messages expire after it" }),
       field("Operator codes", inputs.operator_codes, { hint: "Comma-separated; empty: any operator" }),
       field("Tags", inputs.tags, { hint: "Comma-separated; empty: any tag" }),
+      field("Max SMS parts", inputs.max_parts, { hint: "1–10 parts a message; empty: the server's default (4 unless configured)" }),
       windowSet,
       h("div", { class: "form-actions wide" }, previewButton),
       preview,
@@ -1188,6 +1254,8 @@
         filter: filter(),
         send_window: inputs.windowOn.checked ? { start: inputs.windowStart.value, end: inputs.windowEnd.value } : null,
       };
+      // Empty: the default on a new mailing, unchanged on an edit.
+      if (inputs.max_parts.value.trim()) body.max_parts = Number(inputs.max_parts.value);
       for (const key of ["start_at", "end_at"]) if (body[key] === undefined) delete body[key];
       if (!editing && body.send_window === null) delete body.send_window;
       if (editing) {
@@ -1220,6 +1288,27 @@
     );
     inputs.text.focus();
     runPreview();
+  }
+
+  /** A mailing's parts and cost as estimated when its text or filter was set. */
+  function mailingParts(mailing) {
+    const parts = mailing.parts;
+    const about = parts.approximate ? "about " : "";
+    const cost = mailing.cost_estimate;
+    return `${partsWords(parts.encoding, parts.per_message_min, parts.per_message_max)} a message (at most ${mailing.max_parts}); ${about}${number(parts.total)} in all` +
+      (cost ? `, ${about}${cost.amount.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 })} ${cost.currency}` : "");
+  }
+
+  /** The preview's parts and cost of the text over the audience, if it was given a text. */
+  function previewParts(answer) {
+    const parts = answer.parts;
+    if (!parts) return null;
+    const about = parts.approximate ? "about " : "";
+    const cost = answer.cost_estimate;
+    return h("p", { id: "audience-parts", dataset: { encoding: parts.encoding, total: String(parts.total) } },
+      `Messages: ${partsWords(parts.encoding, parts.per_message_min, parts.per_message_max)} each; ${about}${number(parts.total)} ${parts.total === 1 ? "part" : "parts"} in all`,
+      cost ? `, costing ${about}${cost.amount.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 })} ${cost.currency}` : "",
+      ".");
   }
 
   function normalise(key, value) {
@@ -1368,6 +1457,7 @@
         h("dt", {}, "Operator codes"), h("dd", {}, f.operator_codes.length ? f.operator_codes.join(", ") : "any"),
         h("dt", {}, "Tags"), h("dd", {}, f.tags.length ? f.tags.join(", ") : "any"),
         h("dt", {}, "Send window"), h("dd", {}, mailing.send_window ? `${mailing.send_window.start}–${mailing.send_window.end} local time` : "any time"),
+        mailing.parts ? [h("dt", {}, "SMS parts"), h("dd", { id: "mailing-parts" }, mailingParts(mailing))] : null,
         h("dt", {}, "Id"), h("dd", {}, h("code", {}, mailing.id)),
       );
       fill(actions, ...mailingActions(mailing, async (m) => { renderMailing(m); await poll(); await loadHistory(); }), writer(retry));

@@ -6,11 +6,13 @@ from chalicelib.api.http import ApiBlueprint
 from chalicelib.api.mapping import (
     audience,
     client_out,
+    cost_out,
     mailing_changes,
     mailing_fields,
     mailing_out,
     message_out,
     page_limit,
+    parts_out,
     stats_out,
 )
 from chalicelib.api.security import bearer_auth
@@ -129,8 +131,11 @@ def cancel_mailing(mailing_id: str) -> MailingOut:
 def preview_audience(body: AudiencePreviewIn) -> AudiencePreviewOut:
     """How many clients a mailing with this filter would reach, how many of them opted out,
     and a sample; nothing is created. A large audience is estimated from a bounded read
-    (`approximate`, with a 95 % interval) unless `exact` asks to count every client."""
-    preview = services().clients.preview(audience(body.filter), body.sample_size, exact=body.exact)
+    (`approximate`, with a 95 % interval) unless `exact` asks to count every client. With a
+    `text`, also its SMS `parts` over the audience (and `cost_estimate` with prices set)."""
+    preview = services().clients.preview(
+        audience(body.filter), body.sample_size, exact=body.exact, text=body.text
+    )
     return AudiencePreviewOut(
         count=preview.count,
         opted_out=preview.opted_out,
@@ -138,6 +143,8 @@ def preview_audience(body: AudiencePreviewIn) -> AudiencePreviewOut:
         count_low=preview.count_low,
         count_high=preview.count_high,
         sample=[client_out(c) for c in preview.sample],
+        parts=parts_out(preview.parts),
+        cost_estimate=cost_out(preview.parts),
     )
 
 

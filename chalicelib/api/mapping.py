@@ -8,10 +8,12 @@ from typing import Any
 from chalicelib import domain
 from chalicelib.domain import MessageStatus
 from chalicelib.domain.rate_limit import GatewayStatus
+from chalicelib.domain.sms_parts import PartsEstimate
 from chalicelib.schemas import (
     AudienceFilter,
     ClientCreate,
     ClientOut,
+    CostEstimate,
     GatewayAnswers,
     GatewayOperator,
     GatewaySlowdown,
@@ -22,6 +24,7 @@ from chalicelib.schemas import (
     MailingSummary,
     MessageOut,
     MessageStats,
+    PartsOut,
     SendWindow,
 )
 from chalicelib.services.clients import ClientFields
@@ -76,6 +79,7 @@ def mailing_fields(body: MailingCreate) -> MailingFields:
         end_at=body.end_at,
         audience=audience(body.filter),
         send_window=send_window(body.send_window),
+        max_parts=body.max_parts,
     )
 
 
@@ -90,6 +94,8 @@ def mailing_changes(patch: MailingPatch) -> dict[str, Any]:
         changes["audience"] = audience(patch.filter)
     if "send_window" in sent:
         changes["send_window"] = send_window(patch.send_window)
+    if "max_parts" in sent:
+        changes["max_parts"] = patch.max_parts
     return changes
 
 
@@ -120,7 +126,28 @@ def mailing_out(mailing: domain.Mailing) -> MailingOut:
         stats=stats_out(mailing.counts),
         created_at=mailing.created_at,
         updated_at=mailing.updated_at,
+        max_parts=mailing.max_parts,
+        parts=parts_out(mailing.parts),
+        cost_estimate=cost_out(mailing.parts),
     )
+
+
+def parts_out(parts: PartsEstimate | None) -> PartsOut | None:
+    if parts is None:
+        return None
+    return PartsOut(
+        encoding=parts.encoding,
+        per_message_min=parts.per_message_min,
+        per_message_max=parts.per_message_max,
+        total=parts.total,
+        approximate=parts.approximate,
+    )
+
+
+def cost_out(parts: PartsEstimate | None) -> CostEstimate | None:
+    if parts is None or parts.cost is None or parts.currency is None:
+        return None
+    return CostEstimate(amount=parts.cost, currency=parts.currency)
 
 
 def mailing_summary(mailing: domain.Mailing) -> MailingSummary:

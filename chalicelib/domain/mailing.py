@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from chalicelib.domain.audience import AudienceFilter
 from chalicelib.domain.send_window import SendWindow
+from chalicelib.domain.sms_parts import PartsEstimate
 from chalicelib.errors import Conflict, NotFound
 
 # How far ahead of now a mailing may start or end. Dates beyond it are mistakes (year 9999), and
@@ -259,6 +260,11 @@ class Mailing:
     # The width in seconds of its timeline's buckets (domain/timeline.py); None when it was
     # stored before timelines were kept.
     timeline_step: int | None = None
+    # The most SMS parts one of its messages may take (domain/sms_parts.py), and its text's
+    # parts and cost over its audience as estimated when the text or the filter was last set;
+    # None when it was stored before parts were counted.
+    max_parts: int | None = None
+    parts: PartsEstimate | None = None
 
     def started(self, now: datetime) -> bool:
         """Whether its start has come."""

@@ -9,7 +9,9 @@ from dataclasses import dataclass, replace
 
 from chalicelib.domain import AudienceFilter, Client, Clock, PageOf
 from chalicelib.domain.client import ClientFields, ClientNotFound, Recipient
+from chalicelib.domain.sms_parts import PartsEstimate, Prices
 from chalicelib.errors import NotFound
+from chalicelib.services.parts import parts_over
 from chalicelib.storage.clients import BATCH_READ_RETRY, ClientRepository, DynamoClientRepository
 from chalicelib.storage.errors import Retry
 from chalicelib.storage.pagination import Segment
@@ -29,14 +31,19 @@ class AudiencePreview:
     count_low: int
     count_high: int
     sample: list[Client]
+    # The parts (and cost) of a text sent to them, when the preview was given one.
+    parts: PartsEstimate | None = None
 
 
 class ClientDirectory:
     """Clients and the audience queries over them."""
 
-    def __init__(self, clients: ClientRepository, clock: Clock) -> None:
+    def __init__(
+        self, clients: ClientRepository, clock: Clock, *, prices: Prices | None = None
+    ) -> None:
         self._clients = clients
         self._clock = clock
+        self._prices = prices
 
     # ---------------------------------------------------------------- reads
 
@@ -75,11 +82,17 @@ class ClientDirectory:
         return self._clients.page(audience, limit=limit, cursor=cursor)
 
     def preview(
-        self, audience: AudienceFilter, sample_size: int, *, exact: bool = False
+        self,
+        audience: AudienceFilter,
+        sample_size: int,
+        *,
+        exact: bool = False,
+        text: str | None = None,
     ) -> AudiencePreview:
         """How many clients `audience` selects, how many of those opted out, and the first
         `sample_size` of them, without creating anything. A large audience is estimated from a
-        bounded read unless `exact`, which reads all of it."""
+        bounded read unless `exact`, which reads all of it. With a `text`, also the parts (and
+        cost) of sending it to them, from the same read."""
         summary = self._clients.summarize(audience, sample_size, exact=exact)
         found, _ = self.find_many(summary.sample_ids)
         sample = [found[i] for i in summary.sample_ids if i in found]
@@ -90,6 +103,7 @@ class ClientDirectory:
             count_low=summary.count_low,
             count_high=summary.count_high,
             sample=sample,
+            parts=None if text is None else parts_over(text, summary, audience, self._prices),
         )
 
     def recipients(

@@ -36,6 +36,7 @@ from chalicelib.domain.mailing import (
 )
 from chalicelib.errors import Conflict, ServiceUnavailable, ValidationFailed
 from chalicelib.services.messages import MessageStore
+from chalicelib.services.parts import PartsCounter
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
 from chalicelib.services.reconciler import LOST_JOB_AFTER
 from chalicelib.storage.errors import PATIENT, Retry, looks_like_id
@@ -61,6 +62,8 @@ class MailingFields:
     end_at: datetime
     audience: AudienceFilter
     send_window: SendWindow | None
+    # The most SMS parts a message may take; None: the default (MAX_PARTS_DEFAULT).
+    max_parts: int | None = None
 
 
 class MailingService:
@@ -75,7 +78,9 @@ class MailingService:
         *,
         mailings: MailingRepository,
         retry: Retry = PATIENT,
+        parts: PartsCounter | None = None,
     ) -> None:
+        self._parts = parts
         self._retry = retry
         self._mailings = mailings
         self._jobs_per_message = jobs_per_message
@@ -102,6 +107,7 @@ class MailingService:
             updated_at=now,
             schedule=Schedule(due=True),
         )
+        mailing = self._with_parts(mailing, fields)
         mailing = timeline.with_step(mailing)
         self._mailings.add(mailing)
         logger.info("mailing created", extra={"mailing_id": mailing.id})
@@ -347,6 +353,8 @@ class MailingService:
         self._check_editable(mailing, fields)
         now = self._clock()
         changed = _with_fields(mailing, fields, now)
+        if _parts_may_change(mailing, fields):
+            changed = self._with_parts(changed, fields)
         if not audience_frozen(mailing.status, mailing.start_at, now):
             # No message exists yet: the timeline's buckets follow the new dates.
             changed = timeline.with_step(changed)
@@ -386,6 +394,15 @@ class MailingService:
                     ],
                 )
 
+    def _with_parts(self, mailing: Mailing, fields: MailingFields) -> Mailing:
+        """The mailing with its max_parts and its text's parts over its audience, estimated
+        now; ValidationFailed when a message would take more than max_parts."""
+        if self._parts is None:
+            return mailing
+        max_parts = fields.max_parts or self._parts.max_parts_default
+        estimate = self._parts.for_mailing(fields.text, fields.audience, max_parts)
+        return replace(mailing, max_parts=max_parts, parts=estimate)
+
     def _kick_if_starting_soon(self, mailing: Mailing) -> None:
         # Start on time, not at the next scheduler tick: a delayed kick lands at start_at.
         wait = (mailing.start_at - self._clock()).total_seconds()
@@ -416,6 +433,18 @@ def _fields_of(mailing: Mailing) -> MailingFields:
         end_at=mailing.end_at,
         audience=mailing.audience,
         send_window=mailing.send_window,
+        max_parts=mailing.max_parts,
+    )
+
+
+def _parts_may_change(mailing: Mailing, fields: MailingFields) -> bool:
+    """Whether the parts must be counted again: the text, filter or max_parts change, or the
+    mailing has no estimate yet (stored before parts were counted)."""
+    return (
+        mailing.parts is None
+        or fields.text != mailing.text
+        or fields.audience != mailing.audience
+        or fields.max_parts != mailing.max_parts
     )
 
 

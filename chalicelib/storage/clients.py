@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -30,6 +31,7 @@ from chalicelib.domain.client import (
 )
 from chalicelib.domain.estimate import SegmentRead, estimate_audience, segment_budget
 from chalicelib.domain.paging import PageOf
+from chalicelib.domain.sms_parts import ClientValues
 from chalicelib.storage.errors import (
     Retry,
     TryAgain,
@@ -77,11 +79,20 @@ class AudienceSummary:
     approximate: bool
     count_low: int
     count_high: int
+    # The operator code, tag and timezone of the clients read who have not opted out (how many
+    # have each): what their messages' parts depend on. Every such client when exact.
+    values: Counter[ClientValues] = field(default_factory=Counter)
 
     @classmethod
-    def exact(cls, count: int, opted_out: int, sample_ids: list[str]) -> AudienceSummary:
+    def exact(
+        cls,
+        count: int,
+        opted_out: int,
+        sample_ids: list[str],
+        values: Counter[ClientValues] | None = None,
+    ) -> AudienceSummary:
         """A summary that counted every client."""
-        return cls(count, opted_out, sample_ids, False, count, count)
+        return cls(count, opted_out, sample_ids, False, count, count, values or Counter())
 
 
 class ClientRepository(Protocol):
@@ -305,9 +316,10 @@ class DynamoClientRepository:
 
     def _count_every_entry(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
         """Reads the audience's index entries once (two attributes each), as the fan-out would."""
-        segments = self.audience_segments(audience, attributes=("client_id", "opted_out"))
+        segments = self.audience_segments(audience, attributes=_SUMMARY_ATTRIBUTES)
         count = opted_out = 0
         sample_ids: list[str] = []
+        values: Counter[ClientValues] = Counter()
         position: Position | None = Position()
         with busy_if_transient():
             while position is not None:
@@ -315,10 +327,12 @@ class DynamoClientRepository:
                 for item in page.items:
                     count += 1
                     opted_out += bool(item.opted_out)
+                    if not item.opted_out:
+                        values[ClientValues(item.operator_code, item.tag, item.timezone)] += 1
                     if len(sample_ids) < sample_size:
                         sample_ids.append(item.client_id)
                 position = page.next
-        return AudienceSummary.exact(count, opted_out, sample_ids)
+        return AudienceSummary.exact(count, opted_out, sample_ids, values)
 
     def _estimate(self, audience: AudienceFilter, sample_size: int) -> AudienceSummary:
         """One Query per look-up of the audience, each reading its share of PREVIEW_ENTRIES
@@ -332,20 +346,22 @@ class DynamoClientRepository:
         too_many: list[str] = []  # operator codes whose by_operator segment did not fit
         known = 0  # clients of those codes already read
         sample_ids: list[str] = []
+        values: Counter[ClientValues] = Counter()
         with busy_if_transient():
             for look_up in look_ups:
                 # One more than the share: a segment of exactly its share is counted exactly.
                 limit = max(budget, sample_size - len(sample_ids)) + 1
-                read, ids = self._read_segment(look_up, limit)
+                read, ids, seen = self._read_segment(look_up, limit)
                 sample_ids.extend(ids[: sample_size - len(sample_ids)])
                 by_tag_first = look_up.operator_code is not None and look_up.tag is None
                 if by_tag_first and read.last_id is not None:  # its order gives no estimate
-                    too_many.append(str(look_up.operator_code))
+                    too_many.append(str(look_up.operator_code))  # (nor a fair sample of tags)
                     known += read.matched
                     continue
                 whole.append(read)
+                values.update(seen)
             shares = [
-                self._read_shard(shard, segment_budget(CLIENT_SHARDS) + 1, too_many)
+                self._read_shard(shard, segment_budget(CLIENT_SHARDS) + 1, too_many, values)
                 for shard in (range(CLIENT_SHARDS) if too_many else ())
             ]
         result = estimate_audience(whole, shares, filtered_at_least=known)
@@ -356,27 +372,31 @@ class DynamoClientRepository:
             approximate=result.approximate,
             count_low=result.low,
             count_high=result.high,
+            values=values,
         )
 
-    def _read_segment(self, look_up: AudienceQuery, limit: int) -> tuple[SegmentRead, list[str]]:
-        """The first `limit` entries of one look-up's segment: what they show, and their ids."""
-        names = {"#id": "client_id", "#out": "opted_out"}
+    def _read_segment(
+        self, look_up: AudienceQuery, limit: int
+    ) -> tuple[SegmentRead, list[str], Counter[ClientValues]]:
+        """The first `limit` entries of one look-up's segment: what they show, their ids, and
+        the client values of those not opted out."""
+        names = dict(_VALUE_NAMES)
         if look_up.operator_code is not None:
             names["#key"] = "operator_code"
-            values = {":key": {"S": look_up.operator_code}}
+            key_values = {":key": {"S": look_up.operator_code}}
             condition = "#key = :key"
             index = "by_operator"
             if look_up.tag is not None:
                 names["#sort"] = "tag_sort"
-                values[":prefix"] = {"S": tag_prefix(look_up.tag)}
+                key_values[":prefix"] = {"S": tag_prefix(look_up.tag)}
                 condition += " AND begins_with(#sort, :prefix)"
         elif look_up.tag is not None:
             names["#key"], index = "tag_key", "by_tag"
-            values, condition = {":key": {"S": tag_key(look_up.tag)}}, "#key = :key"
+            key_values, condition = {":key": {"S": tag_key(look_up.tag)}}, "#key = :key"
         else:
             names["#key"], index = "shard", "by_shard"
-            values, condition = {":key": {"N": str(look_up.shard)}}, "#key = :key"
-        answer = self._query(index, condition, names, values, limit)
+            key_values, condition = {":key": {"N": str(look_up.shard)}}, "#key = :key"
+        answer = self._query(index, condition, names, key_values, limit)
         items = answer.get("Items", [])
         ids = [item["client_id"]["S"] for item in items]
         read = SegmentRead(
@@ -385,20 +405,29 @@ class DynamoClientRepository:
             opted_out=sum(_opted_out(item) for item in items),
             last_id=_last_id(answer),
         )
-        return read, ids
+        return read, ids, _values_of(items)
 
-    def _read_shard(self, shard: int, limit: int, operator_codes: list[str]) -> SegmentRead:
+    def _read_shard(
+        self, shard: int, limit: int, operator_codes: list[str], values: Counter[ClientValues]
+    ) -> SegmentRead:
         """The first `limit` entries of one shard, of which those with one of `operator_codes`
-        are returned (DynamoDB bills and limits the entries it evaluates, not those returned)."""
-        names = {"#id": "client_id", "#out": "opted_out", "#key": "shard", "#op": "operator_code"}
-        values = {":key": {"N": str(shard)}}
+        are returned (DynamoDB bills and limits the entries it evaluates, not those returned);
+        their client values are added to `values`."""
+        names = {**_VALUE_NAMES, "#key": "shard"}
+        key_values = {":key": {"N": str(shard)}}
         for n, code in enumerate(operator_codes):
-            values[f":c{n}"] = {"S": code}
+            key_values[f":c{n}"] = {"S": code}
         codes = ", ".join(f":c{n}" for n in range(len(operator_codes)))
         answer = self._query(
-            "by_shard", "#key = :key", names, values, limit, filter_expression=f"#op IN ({codes})"
+            "by_shard",
+            "#key = :key",
+            names,
+            key_values,
+            limit,
+            filter_expression=f"#op IN ({codes})",
         )
         items = answer.get("Items", [])
+        values.update(_values_of(items))
         return SegmentRead(
             evaluated=int(answer["ScannedCount"]),
             matched=len(items),
@@ -424,7 +453,7 @@ class DynamoClientRepository:
             "KeyConditionExpression": condition,
             "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": values,
-            "ProjectionExpression": "#id, #out",
+            "ProjectionExpression": _PROJECTION,
             "Limit": limit,
         }
         if filter_expression is not None:
@@ -551,6 +580,32 @@ class DynamoClientRepository:
                 return self._models.Client.get(client_id, consistent_read=True)
             except DoesNotExist:
                 raise ClientNotFound(client_id) from None
+
+
+# What a summary reads of each index entry: the count needs the id and opt-out, the parts of a
+# text the values its placeholders and price depend on (small attributes: no more reads).
+_VALUE_NAMES = {
+    "#id": "client_id",
+    "#out": "opted_out",
+    "#op": "operator_code",
+    "#tag": "tag",
+    "#tz": "timezone",
+}
+_PROJECTION = ", ".join(_VALUE_NAMES)
+_SUMMARY_ATTRIBUTES = tuple(_VALUE_NAMES.values())
+
+
+def _values_of(items: list[dict[str, Any]]) -> Counter[ClientValues]:
+    """The client values of the entries that are not opted out."""
+    return Counter(
+        ClientValues(
+            item.get("operator_code", {}).get("S", ""),
+            item.get("tag", {}).get("S", ""),
+            item.get("timezone", {}).get("S", "UTC"),
+        )
+        for item in items
+        if not _opted_out(item)
+    )
 
 
 def _opted_out(item: dict[str, Any]) -> bool:

@@ -8,6 +8,7 @@ throttle, a transaction conflict, a 500) is raised as it came, for the caller's 
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,6 +50,7 @@ from chalicelib.domain.mailing import (
 )
 from chalicelib.domain.paging import PageOf
 from chalicelib.domain.send_window import SendWindow
+from chalicelib.domain.sms_parts import GSM7, UCS2, PartsEstimate
 from chalicelib.domain.timeline import TimelineGrid
 from chalicelib.storage import timeline as _timeline
 from chalicelib.storage.errors import CONDITION_FAILED, is_conditional_failure, is_transient
@@ -295,6 +297,7 @@ class DynamoMailingRepository:
             timeline_step=mailing.timeline_step,
         )
         _set_fields(record, mailing)
+        _set_parts(record, mailing)
         with _changed(PutError):
             record.save(condition=self._record.mailing_id.does_not_exist())
 
@@ -320,6 +323,7 @@ class DynamoMailingRepository:
             ]
         if mailing.timeline_step is not None:
             actions.append(M.timeline_step.set(mailing.timeline_step))
+        actions += _parts_actions(M, mailing)
         condition = (M.updated_at == before) & (M.status == mailing.status.value)
         return self._update(record, actions, condition)
 
@@ -605,6 +609,59 @@ def _set_fields(record: MailingRecord, mailing: Mailing) -> None:
     record.updated_at = mailing.updated_at
 
 
+# ---------------------------------------------------------------- parts and cost
+
+
+def _set_parts(record: MailingRecord, mailing: Mailing) -> None:
+    record.max_parts = mailing.max_parts
+    record.parts_estimate = None if mailing.parts is None else _parts_json(mailing.parts)
+
+
+def _parts_actions(M: type[MailingRecord], mailing: Mailing) -> list[Action]:
+    """A caller's save keeps the parts it does not give (an older writer gives none)."""
+    actions: list[Action] = []
+    if mailing.max_parts is not None:
+        actions.append(M.max_parts.set(mailing.max_parts))
+    if mailing.parts is not None:
+        actions.append(M.parts_estimate.set(_parts_json(mailing.parts)))
+    return actions
+
+
+def _parts_json(parts: PartsEstimate) -> str:
+    return json.dumps(
+        {
+            "encoding": parts.encoding,
+            "min": parts.per_message_min,
+            "max": parts.per_message_max,
+            "total": parts.total,
+            "approximate": parts.approximate,
+            "cost": parts.cost,
+            "currency": parts.currency,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _parts_of(stored: str | None) -> PartsEstimate | None:
+    """The stored estimate; None when absent or unreadable (it is only ever shown)."""
+    if not stored:
+        return None
+    try:
+        raw = json.loads(stored)
+        cost = raw.get("cost")
+        return PartsEstimate(
+            encoding=UCS2 if raw["encoding"] == UCS2 else GSM7,
+            per_message_min=int(raw["min"]),
+            per_message_max=int(raw["max"]),
+            total=int(raw["total"]),
+            approximate=bool(raw["approximate"]),
+            cost=None if cost is None else float(cost),
+            currency=None if raw.get("currency") is None else str(raw["currency"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _record_problem(record: MailingRecord) -> str | None:
     """What makes a stored mailing unusable for sending (corrupt or older schema), if anything."""
     problems = []
@@ -653,6 +710,8 @@ def _to_domain(record: MailingRecord) -> Mailing:
             ),
         ),
         timeline_step=None if record.timeline_step is None else int(record.timeline_step),
+        max_parts=None if record.max_parts is None else int(record.max_parts),
+        parts=_parts_of(record.parts_estimate),
     )
 
 

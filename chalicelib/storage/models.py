@@ -242,6 +242,10 @@ class MailingRecord(Model):
     # The width in seconds of its timeline's buckets (domain/timeline.py); absent on mailings
     # stored before timelines were kept.
     timeline_step = NumberAttribute(null=True)
+    # The most SMS parts a message may take, and the text's parts and cost over the audience
+    # (a small JSON object, see storage/mailings.py `_parts_of`); absent on older mailings.
+    max_parts = NumberAttribute(null=True)
+    parts_estimate = UnicodeAttribute(null=True)
     count_pending = NumberAttribute(default=0)
     count_sent = NumberAttribute(default=0)
     count_failed = NumberAttribute(default=0)

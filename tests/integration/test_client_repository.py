@@ -308,3 +308,21 @@ def test_an_audience_that_fits_the_bounded_read_is_counted_exactly(repository, a
     # And both agree on who opted out and on the sample's members
     assert default.opted_out == exact.opted_out
     assert set(default.sample_ids) == set(exact.sample_ids)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_summary_tells_the_values_of_the_clients_that_would_get_a_message(repository, exact):
+    from collections import Counter
+
+    from chalicelib.domain.sms_parts import ClientValues
+
+    # Given a small directory, one vip client opted out
+    clients = [stored(repository, phone, code, tag) for phone, code, tag in DIRECTORY]
+    repository.opt_out(clients[2], NOW)
+    # When the vip audience is summarised
+    summary = repository.summarize(AudienceFilter(tags=("vip",)), 0, exact=exact)
+    # Then it tells the operator code, tag and timezone of each vip client not opted out: what
+    # their messages' parts and price depend on
+    assert summary.values == Counter(
+        {ClientValues("900", "vip", "UTC"): 1, ClientValues("901", "vip", "UTC"): 1}
+    )

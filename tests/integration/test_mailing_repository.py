@@ -673,3 +673,25 @@ def test_a_deleted_mailing_takes_its_timeline_with_it(mailings):
 
     # Then nothing of its timeline is read back
     assert mailings.timeline(mailing.id, grid, LATER).buckets == {}
+
+
+def test_a_mailings_parts_estimate_and_max_parts_are_kept_and_replaced_by_an_edit(mailings):
+    from chalicelib.domain.sms_parts import PartsEstimate
+
+    # Given a mailing stored with its max_parts and its text's parts and cost
+    estimate = PartsEstimate("UCS-2", 1, 2, 1_234, True, cost=617.5, currency="RUB")
+    mailing = a_mailing(max_parts=3, parts=estimate)
+    mailings.add(mailing)
+    # Then it reads back with them
+    stored = mailings.get(mailing.id)
+    assert (stored.max_parts, stored.parts) == (3, estimate)
+    # When an edit gives a new estimate and limit
+    again = PartsEstimate("GSM-7", 1, 1, 10, False)
+    edited = replace(stored, text="Hi", updated_at=LATER, max_parts=1, parts=again)
+    mailings.save_fields(edited, before=stored.updated_at)
+    # Then the mailing has them, the cost gone with the prices
+    assert (mailings.get(mailing.id).max_parts, mailings.get(mailing.id).parts) == (1, again)
+    # And an edit by a writer that gives none (an older one) keeps them
+    older = replace(edited, updated_at=LATER + timedelta(minutes=1), max_parts=None, parts=None)
+    mailings.save_fields(older, before=LATER)
+    assert mailings.get(mailing.id).parts == again

@@ -69,6 +69,9 @@ def test_preview_counts_the_audience_and_samples_it_without_creating_anything(ap
         "count_low": 9,
         "count_high": 9,
         "sample": [],
+        # (no text was given: no SMS parts to count)
+        "parts": None,
+        "cost_estimate": None,
     }
 
 

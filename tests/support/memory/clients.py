@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from datetime import datetime
 
 from chalicelib.domain import AudienceFilter, Client, PageOf
 from chalicelib.domain.client import ClientChanged, ClientNotFound, PhoneTaken, Recipient
+from chalicelib.domain.sms_parts import ClientValues
 from chalicelib.storage.clients import BATCH_READ_RETRY, AudienceSummary
 from chalicelib.storage.errors import Retry
 from chalicelib.storage.pagination import invalid_cursor
@@ -76,7 +78,12 @@ class MemoryClientRepository:
         # Always exact: the contract lets any audience be counted exactly, and memory is cheap.
         selected = self._selected(audience)
         sample = [c.id for c in selected[:sample_size]]
-        return AudienceSummary.exact(len(selected), sum(c.opted_out for c in selected), sample)
+        values = Counter(
+            ClientValues(c.operator_code, c.tag, c.timezone) for c in selected if not c.opted_out
+        )
+        return AudienceSummary.exact(
+            len(selected), sum(c.opted_out for c in selected), sample, values
+        )
 
     def add(self, client: Client) -> Client:
         if client.id in self.clients or client.phone in self.phones:

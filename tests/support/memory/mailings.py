@@ -118,6 +118,8 @@ class MemoryMailingRepository:
             send_window=mailing.send_window,
             updated_at=mailing.updated_at,
             timeline_step=mailing.timeline_step or stored.mailing.timeline_step,
+            max_parts=mailing.max_parts or stored.mailing.max_parts,
+            parts=mailing.parts or stored.mailing.parts,
         )
 
     def set_status(
