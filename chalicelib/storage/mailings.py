@@ -48,6 +48,7 @@ from chalicelib.domain.mailing import (
     statistics,
 )
 from chalicelib.domain.paging import PageOf
+from chalicelib.domain.receipt import DeliveryCounts
 from chalicelib.domain.send_window import SendWindow
 from chalicelib.domain.timeline import TimelineGrid
 from chalicelib.storage import timeline as _timeline
@@ -653,6 +654,14 @@ def _to_domain(record: MailingRecord) -> Mailing:
             ),
         ),
         timeline_step=None if record.timeline_step is None else int(record.timeline_step),
+        delivery=_delivery_counts_of(record),
+    )
+
+
+def _delivery_counts_of(record: MailingRecord) -> DeliveryCounts:
+    return DeliveryCounts(
+        delivered=int(record.count_delivered or 0),
+        undelivered=int(record.count_undelivered or 0),
     )
 
 
