@@ -8,10 +8,13 @@ from typing import Any
 from chalicelib import domain
 from chalicelib.domain import MessageStatus
 from chalicelib.domain.rate_limit import GatewayStatus
+from chalicelib.domain.receipt import Delivery
 from chalicelib.schemas import (
     AudienceFilter,
     ClientCreate,
     ClientOut,
+    DeliveryOut,
+    DeliveryStats,
     GatewayAnswers,
     GatewayOperator,
     GatewaySlowdown,
@@ -118,6 +121,7 @@ def mailing_out(mailing: domain.Mailing) -> MailingOut:
         send_window=window,
         status=mailing.status,
         stats=stats_out(mailing.counts),
+        delivery=delivery_stats_out(mailing),
         created_at=mailing.created_at,
         updated_at=mailing.updated_at,
     )
@@ -125,7 +129,10 @@ def mailing_out(mailing: domain.Mailing) -> MailingOut:
 
 def mailing_summary(mailing: domain.Mailing) -> MailingSummary:
     return MailingSummary(
-        mailing_id=mailing.id, status=mailing.status, stats=stats_out(mailing.counts)
+        mailing_id=mailing.id,
+        status=mailing.status,
+        stats=stats_out(mailing.counts),
+        delivery=delivery_stats_out(mailing),
     )
 
 
@@ -139,6 +146,26 @@ def message_out(message: domain.Message) -> MessageOut:
         sent_at=message.sent_at,
         attempts=message.attempts,
         last_error=message.last_error,
+        delivery=None if message.delivery is None else delivery_out(message.delivery),
+    )
+
+
+def delivery_stats_out(mailing: domain.Mailing) -> DeliveryStats:
+    """A mailing's delivery receipts so far, with the delivered share of its sent messages."""
+    counts = mailing.delivery
+    return DeliveryStats(
+        delivered=counts.delivered,
+        undelivered=counts.undelivered,
+        delivered_rate=counts.rate(mailing.counts.sent),
+    )
+
+
+def delivery_out(delivery: Delivery) -> DeliveryOut:
+    return DeliveryOut(
+        status=delivery.status,
+        at=delivery.at,
+        received_at=delivery.received_at,
+        error=delivery.error,
     )
 
 
