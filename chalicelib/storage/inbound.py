@@ -73,7 +73,7 @@ class DynamoInboundRepository:
             tx.update(
                 Reply(inbound_key(reply.client_id), reply.id),
                 actions=actions,
-                condition=Reply.reply_id.does_not_exist(),
+                condition=Reply.client_id.does_not_exist(),
             )
             tx.update(Mailing(TOTALS_KEY), actions=[Mailing.inbound_replies.add(1)])
         return reply
@@ -86,7 +86,7 @@ class DynamoInboundRepository:
         Reply = self._models.InboundReply
         query = index_query(Reply.query, inbound_key(client_id), forward=False)
         items, next_cursor = paginate(
-            [Segment(query, ("owner", "reply_id"))],
+            [Segment(query, ("mailing_id", "client_id"))],
             fingerprint("inbound", client_id),
             cursor,
             limit,
@@ -120,8 +120,8 @@ def _counter(Mailing: type[MailingRecord], result: InboundResult) -> NumberAttri
 
 def _reply(item: InboundReplyRecord) -> InboundReply:
     return InboundReply(
-        id=item.reply_id,
-        client_id=item.owner.removeprefix(INBOUND_PREFIX),
+        id=item.client_id,
+        client_id=item.mailing_id.removeprefix(INBOUND_PREFIX),
         phone=item.phone,
         text=item.text,
         received_at=item.received_at,

@@ -359,15 +359,17 @@ class MessageIdPageRecord(Model):
 
 class InboundReplyRecord(Model):
     """A client's reply that was not an opt-out keyword, under `#inbound#<client_id>`;
-    `reply_id` (the time it came, then a random suffix) orders them."""
+    its id (the time it came, then a random suffix) orders them."""
 
     class Meta:
         # The messages table (set by `bind`); see INBOUND_PREFIX.
         table_name = "messages"
         billing_mode = "PAY_PER_REQUEST"
 
-    owner = UnicodeAttribute(hash_key=True, attr_name="mailing_id")
-    reply_id = UnicodeAttribute(range_key=True, attr_name="client_id")
+    # The table's key names (the cursors of storage/pagination.py name keys by attribute):
+    # `mailing_id` holds `#inbound#<client_id>`, `client_id` the reply's id.
+    mailing_id = UnicodeAttribute(hash_key=True)
+    client_id = UnicodeAttribute(range_key=True)
     phone = UnicodeAttribute()
     text = UnicodeAttribute()
     received_at = UTCDateTimeAttribute()
