@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from chalicelib.domain import Clock, PageOf
@@ -24,6 +24,7 @@ from chalicelib.domain.inbound import (
 )
 from chalicelib.errors import NotFound
 from chalicelib.services.clients import ClientDirectory
+from chalicelib.services.receipts import WEBHOOK_WRITES
 from chalicelib.storage.errors import busy_if_transient
 from chalicelib.storage.inbound import InboundRepository
 
@@ -61,7 +62,7 @@ class InboundSms:
         with busy_if_transient():
             client = self._clients.by_phone(phone)
             if client is None:
-                self._inbound.count(InboundResult.UNKNOWN_PHONE)
+                self._count(InboundResult.UNKNOWN_PHONE)
                 logger.info("inbound SMS from a number no client has")
                 return InboundOutcome(InboundResult.UNKNOWN_PHONE, None)
             if is_opt_out(text, self._keywords):
@@ -74,7 +75,10 @@ class InboundSms:
                 text=text[:REPLY_TEXT_LIMIT],
                 received_at=now,
             )
-            self._inbound.add_reply(reply, now + self._retention)
+            # The count is on the statistics' totals item, which settling mailings also write.
+            replace(WEBHOOK_WRITES, what="keeping an inbound reply")(
+                lambda: self._inbound.add_reply(reply, now + self._retention)
+            )
         logger.info("inbound reply kept", extra={"client_id": client.id})
         return InboundOutcome(InboundResult.STORED, client.id)
 
@@ -87,16 +91,19 @@ class InboundSms:
         """Every inbound SMS so far, by what it did."""
         return self._inbound.counts()
 
+    def _count(self, result: InboundResult) -> None:
+        replace(WEBHOOK_WRITES, what="counting an inbound SMS")(lambda: self._inbound.count(result))
+
     def _opt_out(self, phone: str, client_id: str, *, already: bool) -> InboundOutcome:
         if already:
-            self._inbound.count(InboundResult.ALREADY_OPTED_OUT)
+            self._count(InboundResult.ALREADY_OPTED_OUT)
             logger.info("opt-out keyword again", extra={"client_id": client_id})
             return InboundOutcome(InboundResult.ALREADY_OPTED_OUT, client_id)
         try:
             client = self._clients.opt_out(phone)
         except NotFound:
             # Deleted, or its number changed, between the two reads.
-            self._inbound.count(InboundResult.UNKNOWN_PHONE)
+            self._count(InboundResult.UNKNOWN_PHONE)
             return InboundOutcome(InboundResult.UNKNOWN_PHONE, None)
-        self._inbound.count(InboundResult.OPTED_OUT)
+        self._count(InboundResult.OPTED_OUT)
         return InboundOutcome(InboundResult.OPTED_OUT, client.id)

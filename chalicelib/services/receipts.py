@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 
 from chalicelib.domain import Clock
 from chalicelib.domain.receipt import Delivery, DeliveryStatus, ReceiptOutcome
 from chalicelib.errors import NotFound
-from chalicelib.storage.errors import busy_if_transient
+from chalicelib.storage.errors import Retry, busy_if_transient
 from chalicelib.storage.receipts import ReceiptRepository
 
 logger = logging.getLogger(__name__)
+
+# A receipt's transaction moves its mailing's counters, as the sender's outcomes do: while the
+# mailing is sending, the two meet on that item and one is cancelled. A few quick tries absorb
+# it; what is left is a 503, and the gateway sends the receipt again.
+WEBHOOK_WRITES = Retry(attempts=5, first_pause=0.05, max_pause=0.5)
 
 
 class UnknownMessage(NotFound):
@@ -64,7 +70,11 @@ class DeliveryReceipts:
                 raise UnknownMessage(message_id)
             mailing_id, client_id = where
             delivery = Delivery(status=status, at=at, received_at=self._clock(), error=error)
-            outcome = self._receipts.record(mailing_id, client_id, message_id, delivery)
+            outcome = replace(
+                WEBHOOK_WRITES,
+                what="recording a delivery receipt",
+                log={"mailing_id": mailing_id, "message_id": message_id},
+            )(lambda: self._receipts.record(mailing_id, client_id, message_id, delivery))
         if outcome is None:
             raise UnknownMessage(message_id)
         logger.info(
