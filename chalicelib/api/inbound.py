@@ -76,8 +76,8 @@ def record_delivery_receipt(body: DeliveryReceiptIn) -> DeliveryReceiptOut:
     """The message keeps its status (`sent`) and gains `delivery`; its mailing counts it as
     `delivered` or `undelivered` (an `expired` receipt is undelivered). The first receipt of a
     message counts: a second one changes nothing and answers `duplicate: true`. A receipt that
-    comes before the sender wrote `sent` is kept all the same. 404 for an id no message has
-    (or with DELIVERY_RECEIPTS off)."""
+    comes before the sender wrote `sent` is kept all the same. 404 for an id no message has,
+    or whose mailing fanned out while DELIVERY_RECEIPTS was off."""
     outcome = services().receipts.record(body.id, body.status, error=body.error, at=body.at)
     return DeliveryReceiptOut(
         id=outcome.message_id,
