@@ -18,6 +18,7 @@ from chalicelib.api import (
     audit,
     clients,
     imports,
+    inbound,
     mailings,
     operations,
     security,
@@ -30,7 +31,7 @@ from chalicelib.container import services
 logs.ensure_configured()
 app = Chalice(app_name="sms-campaigns")
 app.register_blueprint(security.blueprint)
-for module in (system, clients, imports, mailings, stats, operations, admin, audit):
+for module in (system, clients, imports, mailings, stats, operations, admin, audit, inbound):
     # JSON bodies above MAX_BODY_BYTES get a 413 (read at request time, from the settings).
     module.api.limit_bodies(lambda: services().settings.max_body_bytes)
     # Creates sent with an Idempotency-Key run once per caller and key (see docs/api.md).

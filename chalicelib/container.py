@@ -20,10 +20,12 @@ from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.delivery import Sender
 from chalicelib.services.idempotency import IdempotencyStore
 from chalicelib.services.imports import ClientImports
+from chalicelib.services.inbound import InboundSms
 from chalicelib.services.mailings import MailingService
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.parts import PartsCounter, prices_of
 from chalicelib.services.queues import Queues
+from chalicelib.services.receipts import DeliveryReceipts
 from chalicelib.services.reports import ReportService, ReportSink, SesReportSink
 from chalicelib.services.scheduler import Scheduler
 from chalicelib.services.throttle import GatewayThrottle
@@ -34,9 +36,11 @@ from chalicelib.storage.errors import PATIENT
 from chalicelib.storage.gateway_limits import DynamoGatewayLimits
 from chalicelib.storage.idempotency import DynamoIdempotencyKeys
 from chalicelib.storage.imports import DynamoImportRepository
+from chalicelib.storage.inbound import DynamoInboundRepository
 from chalicelib.storage.mailings import DynamoMailingRepository
 from chalicelib.storage.messages import DynamoMessageRepository
 from chalicelib.storage.models import Models, build_models, connection_for
+from chalicelib.storage.receipts import DynamoReceiptRepository
 
 
 def utc_now() -> datetime:
@@ -105,6 +109,8 @@ class Services:
     verifier: Verifier
     idempotency: IdempotencyStore
     audit: AuditLog
+    receipts: DeliveryReceipts
+    inbound: InboundSms
 
     @classmethod
     def build(
@@ -152,6 +158,11 @@ class Services:
             parts=PartsCounter(client_store, prices_of(settings), settings.max_parts_default),
         )
         metrics = MetricsWriter(settings=settings, write=write_metrics)
+        receipts = DeliveryReceipts(
+            DynamoReceiptRepository(models, connection),
+            clock,
+            enabled=settings.delivery_receipts,
+        )
         # The senders' shared limits; the API reads their state for operators (GET /gateway).
         limits = DynamoGatewayLimits(
             _LazyClient("dynamodb", settings), settings.table_name("sequences")
@@ -184,6 +195,7 @@ class Services:
                 metrics=metrics,
                 mailings=mailing_records,
                 retry=writes,
+                receipts=receipts,
             ),
             sender=Sender(
                 mailings=mailing_records,
@@ -225,6 +237,14 @@ class Services:
                 clock=clock,
                 retention_days=settings.audit_retention_days,
                 metrics=metrics,
+            ),
+            receipts=receipts,
+            inbound=InboundSms(
+                clients,
+                DynamoInboundRepository(models, connection),
+                clock,
+                keywords=settings.inbound_opt_out_keywords,
+                retention_days=settings.message_retention_days,
             ),
         )
 

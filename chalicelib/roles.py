@@ -38,6 +38,10 @@ ROUTE_ROLES: dict[tuple[str, str], frozenset[Role]] = {
     ("PATCH", "/clients/{client_id}"): _OPERATE,
     ("DELETE", "/clients/{client_id}"): _OPERATE,
     ("POST", "/opt-outs"): frozenset({OPERATOR, ADMIN, OPTOUT}),
+    # The gateway's webhooks (a token of the narrow optout role) and the replies they keep.
+    ("POST", "/inbound-sms"): frozenset({OPERATOR, ADMIN, OPTOUT}),
+    ("POST", "/delivery-receipts"): frozenset({OPERATOR, ADMIN, OPTOUT}),
+    ("GET", "/clients/{client_id}/replies"): _READ,
     ("POST", "/clients/import"): _OPERATE,
     ("GET", "/clients/imports"): _READ,
     ("GET", "/clients/imports/{import_id}"): _READ,

@@ -13,6 +13,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -32,6 +33,8 @@ from chalicelib.domain.client import (
     is_operator_code,
     is_phone,
 )
+from chalicelib.domain.inbound import InboundResult
+from chalicelib.domain.receipt import DeliveryStatus
 from chalicelib.domain.sms_parts import MAX_PARTS_LIMIT
 from chalicelib.domain.text import TEMPLATE_PATTERN
 
@@ -444,6 +447,7 @@ class MailingOut(_Response):
         None, description="Estimated when the text or filter is set; null before parts existed"
     )
     cost_estimate: CostEstimate | None = Field(None, description="Only with prices configured")
+    delivery: DeliveryStats | None = Field(None, description="Delivery receipts so far")
 
 
 class MailingPage(_Response):
@@ -470,6 +474,9 @@ class MessageOut(_Response):
     sent_at: datetime | None
     attempts: int
     last_error: str | None
+    delivery: DeliveryOut | None = Field(
+        None, description="The gateway's delivery receipt; null until one comes (if ever)"
+    )
 
 
 class MessageListQuery(PageQuery):
@@ -482,12 +489,14 @@ class MailingStatsOut(_Response):
     stats: MessageStats
     messages: list[MessageOut]
     next_cursor: str | None
+    delivery: DeliveryStats | None = Field(None, description="Delivery receipts so far")
 
 
 class MailingSummary(_Response):
     mailing_id: str
     status: MailingStatus
     stats: MessageStats
+    delivery: DeliveryStats | None = Field(None, description="Delivery receipts so far")
 
 
 class OverallStats(_Response):
@@ -526,6 +535,7 @@ class ReportMailing(_Response):
     success_rate: float | None = Field(
         description="sent / (sent + failed + expired); null while none has an outcome"
     )
+    delivery: DeliveryStats | None = Field(None, description="Delivery receipts so far")
 
 
 class DailyReportOut(_Response):
@@ -802,3 +812,95 @@ class AuditEntryOut(_Response):
 class AuditPage(_Response):
     items: list[AuditEntryOut] = Field(description="Newest first")
     next_cursor: str | None
+
+
+# ---------------------------------------------------------------- inbound SMS and delivery receipts
+
+
+def _without_plus(value: object) -> object:
+    # Gateways post E.164 numbers ("+79001234567"); clients are stored without the "+".
+    return value[1:] if isinstance(value, str) and value.startswith("+") else value
+
+
+InboundPhone = Annotated[
+    str,
+    BeforeValidator(_without_plus),
+    AfterValidator(_phone),
+    Field(
+        description="The sender: 7XXXXXXXXXX, with or without a leading +",
+        examples=["79001234567"],
+    ),
+]
+
+
+class InboundSmsIn(_Request):
+    """An SMS a client sent back, as the gateway's reply webhook posts it."""
+
+    phone: InboundPhone
+    text: str = Field(
+        min_length=1, max_length=1600, description="The reply's text", examples=["STOP"]
+    )
+
+
+class InboundSmsOut(_Response):
+    result: InboundResult = Field(
+        description="`opted_out`: an opt-out keyword, the client is opted out now; "
+        "`already_opted_out`: a keyword from a client opted out before; `stored`: another "
+        "reply, kept on the client's page; `unknown_phone`: no client has the number "
+        "(counted, not kept)"
+    )
+    client_id: str | None
+
+
+class InboundReplyOut(_Response):
+    id: str
+    phone: str
+    text: str
+    received_at: datetime
+
+
+class InboundReplyPage(_Response):
+    items: list[InboundReplyOut] = Field(description="Newest first")
+    next_cursor: str | None
+
+
+class DeliveryReceiptIn(_Request):
+    """A gateway's delivery receipt for one message it accepted."""
+
+    id: int = Field(ge=1, le=2**63 - 1, description="The message id (the gateway's msgId)")
+    status: DeliveryStatus
+    error: str | None = Field(
+        None, max_length=500, description="The gateway's or the carrier's reason, if any"
+    )
+    at: Timestamp | None = Field(None, description="When it happened, as the gateway says")
+
+
+class DeliveryOut(_Response):
+    status: DeliveryStatus
+    at: datetime | None = Field(description="When it happened, as the gateway said")
+    received_at: datetime = Field(description="When the receipt came")
+    error: str | None
+
+
+class DeliveryReceiptOut(_Response):
+    id: int
+    mailing_id: str
+    delivery: DeliveryOut = Field(description="The message's delivery: its first receipt")
+    duplicate: bool = Field(
+        description="True when the message had a receipt already: nothing changed"
+    )
+
+
+class DeliveryStats(_Response):
+    """A mailing's messages with a delivery receipt (zero when the gateway sends none)."""
+
+    delivered: int
+    undelivered: int = Field(description="Receipts `undelivered` or `expired`")
+    delivered_rate: float | None = Field(
+        description="delivered / sent, at most 1; null while nothing was sent"
+    )
+
+
+# The models above that name these before they are defined.
+for _model in (MailingOut, MessageOut, MailingStatsOut, MailingSummary, ReportMailing):
+    _model.model_rebuild()

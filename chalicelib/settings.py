@@ -22,6 +22,8 @@ from pydantic import (
 
 from chalicelib.roles import Role, parse_role_map, split_token_entry
 
+# Inbound SMS made only of one of these opt their sender out (INBOUND_OPT_OUT_KEYWORDS).
+DEFAULT_OPT_OUT_KEYWORDS = ("STOP", "СТОП", "ОТПИСКА", "UNSUBSCRIBE", "ОТПИСАТЬСЯ")
 _EMAIL = r"^[^@\s,<>]+@[^@\s,<>]+\.[^@\s,<>]+$"
 _URL = r"^https?://[^\s\"'<>]+$"
 
@@ -172,6 +174,12 @@ class Settings(BaseModel):
     claim_seconds: int = Field(60, ge=5, le=900)
     message_retention_days: int = Field(90, ge=1, le=3650)
 
+    # Delivery receipts (POST /delivery-receipts): on, the fan-out also writes a message-id
+    # lookup (one small item per page) so that a receipt finds its message. Off, nothing changes.
+    delivery_receipts: bool = False
+    # Inbound SMS (POST /inbound-sms): a reply made only of one of these opts its sender out.
+    inbound_opt_out_keywords: tuple[str, ...] = DEFAULT_OPT_OUT_KEYWORDS
+
     # Daily statistics e-mail (SES) and operations.
     report_sender: str | None = Field(None, pattern=_EMAIL)
     report_recipients: tuple[str, ...] = ()
@@ -224,6 +232,22 @@ class Settings(BaseModel):
     @classmethod
     def _parse_role_map(cls, value: object) -> object:
         return parse_role_map(value) if isinstance(value, str) else value
+
+    @field_validator("inbound_opt_out_keywords", mode="before")
+    @classmethod
+    def _split_keywords(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(word.strip() for word in value.split(",") if word.strip())
+        return value
+
+    @field_validator("inbound_opt_out_keywords")
+    @classmethod
+    def _keywords_are_words(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("give at least one opt-out keyword (comma-separated)")
+        if any(len(word) > 64 for word in value):
+            raise ValueError("an opt-out keyword is at most 64 characters")
+        return value
 
     @field_validator("report_recipients", mode="before")
     @classmethod

@@ -1016,8 +1016,49 @@
     mount(
       h("p", {}, h("a", { href: "#/clients" }, "← Clients")),
       h("section", { class: "panel" }, h("h1", { id: "client-title" }, editing ? `Client ${client.phone}` : "New client"), form),
+      editing ? repliesPanel(view, clientId) : null,
     );
     inputs.phone.focus();
+  }
+
+  /** The SMS replies a client sent (POST /inbound-sms keeps those that are not STOP keywords),
+   * newest first, a page at a time. */
+  function repliesPanel(view, clientId) {
+    const list = h("div", { id: "client-replies" });
+    const more = h("button", { type: "button", class: "small secondary", id: "more-replies", hidden: true }, "Older replies");
+    const rows = h("tbody", {});
+    let cursor = null;
+    async function load() {
+      more.disabled = true;
+      let page;
+      try {
+        page = await api("GET", `clients/${encodeURIComponent(clientId)}/replies`, { query: { limit: 20, cursor } });
+      } catch (err) {
+        if (current(view)) fill(list, h("p", { class: "muted" }, unavailable(err) ? "Replies are not available on this server." : `The replies cannot be read: ${err.message}`));
+        return;
+      }
+      if (!current(view)) return;
+      if (!cursor && !page.items.length) {
+        fill(list, h("p", { class: "muted" }, "No replies."));
+        return;
+      }
+      if (!cursor) {
+        fill(list, h("table", { class: "cards", id: "replies-table" },
+          h("thead", {}, h("tr", {}, ["When", "Text"].map((t) => h("th", { scope: "col" }, t)))), rows));
+      }
+      appendAll(rows, page.items.map((r) => h("tr", {},
+        h("td", { "data-label": "When" }, when(r.received_at)),
+        h("td", { "data-label": "Text", class: "text" }, r.text))));
+      cursor = page.next_cursor;
+      more.hidden = !cursor;
+      more.disabled = false;
+    }
+    more.addEventListener("click", load);
+    load();
+    return h("section", { class: "panel", "aria-labelledby": "replies-title" },
+      h("h2", { id: "replies-title" }, "Replies"),
+      h("p", { class: "hint" }, "SMS the client sent back, newest first; a reply that is only STOP (or СТОП…) opts it out instead."),
+      list, more);
   }
 
   // ------------------------------------------------------------------ mailings
@@ -1423,6 +1464,7 @@
     const bar = h("div", { class: "progress-bar" });
     const progress = h("div", { class: "progress", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": 0, "aria-labelledby": "progress-label" }, bar);
     const counts = h("dl", { class: "counts", id: "status-counts" });
+    const delivery = h("p", { id: "delivery-summary" }, deliverySummary(mailing.delivery));
     const chart = h("div", { id: "chart" });
     const failedPart = h("div", { id: "failed-messages" });
     // Shown only while there are failed messages to retry.
@@ -1547,6 +1589,7 @@
       samples.push({ at: Date.now(), stats: answer.stats });
       if (samples.length > 900) samples.splice(0, samples.length - 900);
       renderStats(answer.status, answer.stats);
+      delivery.textContent = deliverySummary(answer.delivery);
       fill(chart, drawChart(samples, chart.clientWidth));
       updated.textContent = `Updated ${clock.format(new Date())}; refreshes every ${POLL_MS / 1000} s.`;
       await loadFailed(answer.stats.failed || 0).catch(() => {});
@@ -1566,7 +1609,7 @@
       h("p", {}, h("a", { href: "#/mailings" }, "← Mailings")),
       h("section", { class: "panel", "aria-labelledby": "mailing-heading" }, title, text, meta, actions),
       h("section", { class: "panel", "aria-labelledby": "progress-title" },
-        h("h2", { id: "progress-title" }, "Progress"), progressLabel, progress, counts, updated),
+        h("h2", { id: "progress-title" }, "Progress"), progressLabel, progress, counts, delivery, updated),
       gatewayPanel(view),
       h("section", { class: "panel", "aria-labelledby": "chart-title" },
         h("h2", { id: "chart-title" }, "Over time"),
@@ -1578,6 +1621,15 @@
     );
     loadHistory();
     every(POLL_MS, poll);
+  }
+
+  /** The mailing's delivery receipts in a sentence ("sent" is only the gateway's acceptance). */
+  function deliverySummary(delivery) {
+    if (!delivery || !(delivery.delivered + delivery.undelivered)) {
+      return "Delivery: no receipts from the gateway yet.";
+    }
+    const rate = delivery.delivered_rate === null ? "" : `; delivered rate ${percent(delivery.delivered_rate)} of sent`;
+    return `Delivery: ${delivery.delivered} delivered, ${delivery.undelivered} undelivered${rate}.`;
   }
 
   /** A line per status over the samples taken while the page is open, as inline SVG. */

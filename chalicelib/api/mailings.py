@@ -7,6 +7,7 @@ from chalicelib.api.mapping import (
     audience,
     client_out,
     cost_out,
+    delivery_stats_out,
     mailing_changes,
     mailing_fields,
     mailing_out,
@@ -216,6 +217,7 @@ def mailing_stats(mailing_id: str, query: MessageListQuery) -> MailingStatsOut:
         stats=stats_out(mailing.counts),
         messages=[message_out(m) for m in page.items],
         next_cursor=page.next_cursor,
+        delivery=delivery_stats_out(mailing),
     )
 
 

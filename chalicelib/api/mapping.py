@@ -8,12 +8,15 @@ from typing import Any
 from chalicelib import domain
 from chalicelib.domain import MessageStatus
 from chalicelib.domain.rate_limit import GatewayStatus
+from chalicelib.domain.receipt import Delivery
 from chalicelib.domain.sms_parts import PartsEstimate
 from chalicelib.schemas import (
     AudienceFilter,
     ClientCreate,
     ClientOut,
     CostEstimate,
+    DeliveryOut,
+    DeliveryStats,
     GatewayAnswers,
     GatewayOperator,
     GatewaySlowdown,
@@ -124,6 +127,7 @@ def mailing_out(mailing: domain.Mailing) -> MailingOut:
         send_window=window,
         status=mailing.status,
         stats=stats_out(mailing.counts),
+        delivery=delivery_stats_out(mailing),
         created_at=mailing.created_at,
         updated_at=mailing.updated_at,
         max_parts=mailing.max_parts,
@@ -152,7 +156,10 @@ def cost_out(parts: PartsEstimate | None) -> CostEstimate | None:
 
 def mailing_summary(mailing: domain.Mailing) -> MailingSummary:
     return MailingSummary(
-        mailing_id=mailing.id, status=mailing.status, stats=stats_out(mailing.counts)
+        mailing_id=mailing.id,
+        status=mailing.status,
+        stats=stats_out(mailing.counts),
+        delivery=delivery_stats_out(mailing),
     )
 
 
@@ -166,6 +173,26 @@ def message_out(message: domain.Message) -> MessageOut:
         sent_at=message.sent_at,
         attempts=message.attempts,
         last_error=message.last_error,
+        delivery=None if message.delivery is None else delivery_out(message.delivery),
+    )
+
+
+def delivery_stats_out(mailing: domain.Mailing) -> DeliveryStats:
+    """A mailing's delivery receipts so far, with the delivered share of its sent messages."""
+    counts = mailing.delivery
+    return DeliveryStats(
+        delivered=counts.delivered,
+        undelivered=counts.undelivered,
+        delivered_rate=counts.rate(mailing.counts.sent),
+    )
+
+
+def delivery_out(delivery: Delivery) -> DeliveryOut:
+    return DeliveryOut(
+        status=delivery.status,
+        at=delivery.at,
+        received_at=delivery.received_at,
+        error=delivery.error,
     )
 
 

@@ -11,8 +11,14 @@ from chalicelib.api.mapping import gateway_status_out, stats_out
 from chalicelib.api.security import bearer_auth
 from chalicelib.container import services
 from chalicelib.errors import UpstreamFailed
-from chalicelib.schemas import DailyReportOut, GatewayStatusOut, ReportMailing, WhoAmI
-from chalicelib.services.prometheus import CONTENT_TYPE, exposition
+from chalicelib.schemas import (
+    DailyReportOut,
+    DeliveryStats,
+    GatewayStatusOut,
+    ReportMailing,
+    WhoAmI,
+)
+from chalicelib.services.prometheus import CONTENT_TYPE, exposition, receipts_exposition
 
 api = ApiBlueprint(__name__, "operations", authorizer=bearer_auth)
 
@@ -34,11 +40,14 @@ def me() -> WhoAmI:
 def metrics() -> Response:
     """Message counts by status (overall and per unfinished mailing), mailings by status, queue
     depths and the gateway's back-pressure state (`sms_gateway_*`), read from storage at each
-    scrape. Each scrape reads the all-time totals and the unfinished mailings' counters."""
+    scrape, with the live mailings' delivery receipts (`sms_mailing_delivery_receipts`,
+    `sms_mailing_delivered_rate`) and inbound SMS counts (`sms_inbound_messages`). Each scrape
+    reads the all-time totals and the unfinished mailings' counters."""
     current = services()
-    text = exposition(
-        current.mailings.statistics(), current.queues.depths(), current.throttle.status()
-    )
+    stats = current.mailings.statistics()
+    text = exposition(stats, current.queues.depths(), current.throttle.status())
+    # Delivery receipts of the live mailings, and the inbound SMS counts (one more read).
+    text += receipts_exposition(stats.unsettled, current.inbound.counts())
     return Response(body=text, status_code=200, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -85,6 +94,11 @@ def send_daily_report() -> DailyReportOut:
                 end_at=row.end_at,
                 stats=stats_out(row.counts),
                 success_rate=row.success_rate,
+                delivery=DeliveryStats(
+                    delivered=row.delivery.delivered,
+                    undelivered=row.delivery.undelivered,
+                    delivered_rate=row.delivered_rate,
+                ),
             )
             for row in report.rows
         ],

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from chalicelib.domain.audience import AudienceFilter
+from chalicelib.domain.receipt import Delivery, DeliveryCounts
 from chalicelib.domain.send_window import SendWindow
 from chalicelib.domain.sms_parts import PartsEstimate
 from chalicelib.errors import Conflict, NotFound
@@ -265,6 +266,8 @@ class Mailing:
     # None when it was stored before parts were counted.
     max_parts: int | None = None
     parts: PartsEstimate | None = None
+    # Its messages with a delivery receipt, by outcome (all zero for a gateway that sends none).
+    delivery: DeliveryCounts = field(default_factory=DeliveryCounts)
 
     def started(self, now: datetime) -> bool:
         """Whether its start has come."""
@@ -317,6 +320,8 @@ class Message:
     sent_at: datetime | None
     attempts: int
     last_error: str | None
+    # What the gateway's delivery receipt said (None: no receipt came, or none ever will).
+    delivery: Delivery | None = None
 
 
 @dataclass(frozen=True)

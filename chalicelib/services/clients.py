@@ -62,6 +62,16 @@ class ClientDirectory:
         """
         return self._clients.find_many(client_ids, retry=retry)
 
+    def by_phone(self, phone: str) -> Client | None:
+        """The client that has this phone number, if any."""
+        owner = self._clients.owner_of(phone)
+        if owner is None:
+            return None
+        try:
+            return self._clients.get(owner)
+        except ClientNotFound:  # deleted between the two reads
+            return None
+
     def list(
         self,
         *,

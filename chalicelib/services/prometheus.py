@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from chalicelib.domain import Mailing, MailingStatus, MessageStatus
+from chalicelib.domain.inbound import InboundCounts
 from chalicelib.domain.mailing import Statistics, Totals, statistics
 from chalicelib.domain.rate_limit import GatewayState, GatewayStatus
 
@@ -144,5 +145,41 @@ def exposition(
             ),
         ),
         *(_gateway(gateway) if gateway is not None else []),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def receipts_exposition(unsettled: Iterable[Mailing], inbound: InboundCounts) -> str:
+    """Delivery receipts of the scheduled and running mailings and the inbound SMS counts, in
+    the same format (appended to `exposition`)."""
+    live = [m for m in unsettled if m.status in _LIVE]
+    rates = [(m, m.delivery.rate(m.counts.sent)) for m in live]
+    lines = [
+        *_family(
+            "sms_mailing_delivery_receipts",
+            "Delivery receipts of each scheduled or running mailing, by outcome.",
+            (
+                ({"mailing_id": m.id, "outcome": outcome}, value)
+                for m in live
+                for outcome, value in (
+                    ("delivered", m.delivery.delivered),
+                    ("undelivered", m.delivery.undelivered),
+                )
+            ),
+        ),
+        *_family(
+            "sms_mailing_delivered_rate",
+            "Delivered / sent of each scheduled or running mailing that sent anything.",
+            (({"mailing_id": m.id}, round(rate, 4)) for m, rate in rates if rate is not None),
+        ),
+        *_family(
+            "sms_inbound_messages",
+            "Inbound SMS (POST /inbound-sms) so far, by what they did.",
+            [
+                ({"result": "reply"}, inbound.replies),
+                ({"result": "opt_out"}, inbound.opt_outs),
+                ({"result": "unknown_phone"}, inbound.unknown),
+            ],
+        ),
     ]
     return "\n".join(lines) + "\n"

@@ -10,13 +10,14 @@ import html
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Protocol
 
 from chalicelib.domain import Clock, MessageCounts
+from chalicelib.domain.receipt import DeliveryCounts
 from chalicelib.errors import Conflict
 from chalicelib.services.mailings import MailingService
 from chalicelib.settings import Settings
@@ -38,10 +39,16 @@ class ReportRow:
     start_at: datetime
     end_at: datetime
     counts: MessageCounts
+    # Its delivery receipts (all zero for a gateway that sends none).
+    delivery: DeliveryCounts = field(default_factory=DeliveryCounts)
 
     @property
     def success_rate(self) -> float | None:
         return success_rate(self.counts)
+
+    @property
+    def delivered_rate(self) -> float | None:
+        return self.delivery.rate(self.counts.sent)
 
 
 @dataclass
@@ -104,7 +111,25 @@ class DailyReport:
         for row in self.rows:
             lines.append(f"{row.mailing_id}: {_preview(row.text)!r}")
             lines.append(f"  from {_when(row.start_at)} to {_when(row.end_at)}")
+        lines += self._receipt_lines()
         return "\n".join(lines) + "\n"
+
+    def _receipted(self) -> list[ReportRow]:
+        """The mailings with a delivery receipt (none for a gateway that sends none)."""
+        return [row for row in self.rows if row.delivery.delivered or row.delivery.undelivered]
+
+    def _receipt_lines(self) -> list[str]:
+        rows = self._receipted()
+        if not rows:
+            return []
+        lines = ["", "Delivery receipts (delivered rate: delivered / sent):"]
+        for row in rows:
+            lines.append(
+                f"  {row.mailing_id}: {row.delivery.delivered} delivered, "
+                f"{row.delivery.undelivered} undelivered, "
+                f"delivered rate {_rate(row.delivered_rate)}"
+            )
+        return lines
 
     def html(self) -> str:
         e = html.escape
@@ -133,7 +158,23 @@ class DailyReport:
             "td:nth-child(-n+3),th:nth-child(-n+3){text-align:left}"
             ".total td{font-weight:bold}</style></head><body>"
             f"<h1>SMS campaigns: daily statistics</h1><p>Mailings active between "
-            f"{e(_when(self.since))} and {e(_when(self.until))} (UTC).</p>{table}</body></html>"
+            f"{e(_when(self.since))} and {e(_when(self.until))} (UTC).</p>{table}"
+            f"{self._receipts_html()}</body></html>"
+        )
+
+    def _receipts_html(self) -> str:
+        rows = self._receipted()
+        if not rows:
+            return ""
+        body = "".join(
+            f"<tr><td>{html.escape(row.mailing_id)}</td><td>{row.delivery.delivered}</td>"
+            f"<td>{row.delivery.undelivered}</td><td>{_rate(row.delivered_rate)}</td></tr>"
+            for row in rows
+        )
+        return (
+            "<h2>Delivery receipts</h2><table><thead><tr><th>Mailing</th><th>Delivered</th>"
+            f"<th>Undelivered</th><th>Delivered rate</th></tr></thead><tbody>{body}</tbody>"
+            "</table>"
         )
 
     def mime(self, sender: str) -> EmailMessage:
@@ -221,7 +262,7 @@ class ReportService:
         until = until or self._clock()
         since = until - timedelta(hours=self._settings.report_window_hours)
         rows = [
-            ReportRow(m.id, m.text, m.status.value, m.start_at, m.end_at, m.counts)
+            ReportRow(m.id, m.text, m.status.value, m.start_at, m.end_at, m.counts, m.delivery)
             for m in self._mailings.active_between(since, until)
         ]
         rows.sort(key=lambda row: (row.start_at, row.mailing_id))

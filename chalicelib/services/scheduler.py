@@ -44,6 +44,7 @@ from chalicelib.metrics import MetricsWriter
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import Queues, job_batches
+from chalicelib.services.receipts import DeliveryReceipts
 from chalicelib.services.reconciler import Reconciler
 from chalicelib.settings import Settings
 from chalicelib.storage.errors import PATIENT, Retry
@@ -152,8 +153,11 @@ class Scheduler:
         *,
         mailings: MailingRepository,
         retry: Retry = PATIENT,
+        receipts: DeliveryReceipts | None = None,
     ) -> None:
         self._mailings = mailings
+        # With delivery receipts on, each page's ids are registered for their lookup.
+        self._receipts = receipts
         self._clients = clients
         self._messages = messages
         self._queues = queues
@@ -379,6 +383,8 @@ class Scheduler:
         self._enqueue_jobs(mailing.id, messages, now)
         lease_until = now + timedelta(seconds=self._settings.lease_seconds)
         expires_at = message_expiry(mailing.end_at, self._settings.message_retention_days)
+        # The receipts' id lookup too: a receipt can come as soon as the gateway has a message.
+        self._register_ids(mailing.id, first_id, messages, expires_at, remaining)
         try:
             while True:
                 # One token for every try of this page: if a try that ended in a 500 was
@@ -431,6 +437,26 @@ class Scheduler:
                 },
             )
         return len(messages)
+
+    def _register_ids(
+        self,
+        mailing_id: str,
+        first_id: int,
+        messages: Sequence[Message],
+        expires_at: datetime | None,
+        remaining: Remaining,
+    ) -> None:
+        """Write the page's message-id lookup for delivery receipts (when they are on)."""
+        receipts = self._receipts
+        if receipts is None or not receipts.enabled or not messages:
+            return
+        client_ids = [message.client_id for message in messages]
+        self._retry(
+            lambda: receipts.register_ids(mailing_id, first_id, client_ids, expires_at),
+            "registering message ids for receipts",
+            mailing_id,
+            remaining,
+        )
 
     def _allocate_ids(self, mailing_id: str, count: int, remaining: Remaining) -> int:
         """Reserve `count` consecutive message ids; returns the first. Ids are never reused

@@ -49,6 +49,7 @@ from chalicelib.domain.mailing import (
     statistics,
 )
 from chalicelib.domain.paging import PageOf
+from chalicelib.domain.receipt import DeliveryCounts
 from chalicelib.domain.send_window import SendWindow
 from chalicelib.domain.sms_parts import GSM7, UCS2, PartsEstimate
 from chalicelib.domain.timeline import TimelineGrid
@@ -712,6 +713,14 @@ def _to_domain(record: MailingRecord) -> Mailing:
         timeline_step=None if record.timeline_step is None else int(record.timeline_step),
         max_parts=None if record.max_parts is None else int(record.max_parts),
         parts=_parts_of(record.parts_estimate),
+        delivery=_delivery_counts_of(record),
+    )
+
+
+def _delivery_counts_of(record: MailingRecord) -> DeliveryCounts:
+    return DeliveryCounts(
+        delivered=int(record.count_delivered or 0),
+        undelivered=int(record.count_undelivered or 0),
     )
 
 

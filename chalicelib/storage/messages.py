@@ -26,6 +26,7 @@ from pynamodb.transactions import TransactWrite
 from chalicelib.domain import MailingStatus, Message, MessageStatus
 from chalicelib.domain.mailing import MessageChange
 from chalicelib.domain.paging import PageOf
+from chalicelib.domain.receipt import Delivery, DeliveryStatus
 from chalicelib.domain.timeline import TimelineGrid
 from chalicelib.storage.errors import is_conditional_failure
 from chalicelib.storage.models import DUE_KEY, MessageRecord, Models, status_key
@@ -504,4 +505,17 @@ def message_of(record: MessageRecord) -> Message:
         sent_at=record.sent_at,
         attempts=int(record.attempts or 0),
         last_error=record.last_error,
+        delivery=delivery_of(record),
+    )
+
+
+def delivery_of(record: MessageRecord) -> Delivery | None:
+    """The message's delivery as its first receipt reported it (None: no receipt yet)."""
+    if record.delivery_status is None or record.delivery_received_at is None:
+        return None
+    return Delivery(
+        status=DeliveryStatus(record.delivery_status),
+        at=record.delivery_at,
+        received_at=record.delivery_received_at,
+        error=record.delivery_error,
     )

@@ -252,6 +252,13 @@ class MailingRecord(Model):
     count_expired = NumberAttribute(default=0)
     count_cancelled = NumberAttribute(default=0)
     count_skipped = NumberAttribute(default=0)
+    # Messages with a delivery receipt, by outcome (storage/receipts.py); absent until one comes.
+    count_delivered = NumberAttribute(null=True)
+    count_undelivered = NumberAttribute(null=True)
+    # Only on the TOTALS_KEY item: inbound SMS by what they did (storage/inbound.py).
+    inbound_replies = NumberAttribute(null=True)
+    inbound_opt_outs = NumberAttribute(null=True)
+    inbound_unknown = NumberAttribute(null=True)
     # What the mailing added to the totals item when it last settled, and how many times it
     # settled (the condition of the next settling write). Absent until it first settles.
     settled_times = NumberAttribute(null=True)
@@ -306,8 +313,71 @@ class MessageRecord(Model):
     claim_until = UTCDateTimeAttribute(null=True)
     # DynamoDB deletes the record this long after the mailing's end (orphans included).
     expires_at = TTLAttribute(null=True)
+    # The gateway's first delivery receipt (storage/receipts.py); absent until one comes.
+    delivery_status = UnicodeAttribute(null=True)
+    delivery_at = UTCDateTimeAttribute(null=True)
+    delivery_received_at = UTCDateTimeAttribute(null=True)
+    delivery_error = UnicodeAttribute(null=True)
 
     by_status = MessageByStatus()
+
+
+# Partitions of the messages table that hold no message (their keys are not mailing ids, which
+# are UUIDs): a page of message ids (`#ids#<bucket>`, storage/receipts.py) and a client's
+# replies (`#inbound#<client_id>`, storage/inbound.py). Neither carries a status key, so the
+# by_status index never sees them, and each has its own TTL.
+MESSAGE_IDS_PREFIX = "#ids#"
+INBOUND_PREFIX = "#inbound#"
+
+
+def message_ids_key(bucket: int) -> str:
+    return f"{MESSAGE_IDS_PREFIX}{bucket}"
+
+
+def message_id_sort(message_id: int) -> str:
+    # Zero-padded: the sort key is a string, and ids must sort as numbers.
+    return f"{message_id:020d}"
+
+
+def inbound_key(client_id: str) -> str:
+    return f"{INBOUND_PREFIX}{client_id}"
+
+
+class MessageIdPageRecord(Model):
+    """Which clients one fan-out page's message ids went to, in id order: `first_id + n` is
+    the message of `clients[n]`. Written (only with DELIVERY_RECEIPTS) in the lookup bucket of
+    each id it holds, so a receipt finds its message with one Query and one read."""
+
+    class Meta:
+        # The messages table (set by `bind`); see MESSAGE_IDS_PREFIX.
+        table_name = "messages"
+        billing_mode = "PAY_PER_REQUEST"
+
+    bucket = UnicodeAttribute(hash_key=True, attr_name="mailing_id")
+    first_id_key = UnicodeAttribute(range_key=True, attr_name="client_id")
+    first_id = NumberAttribute()
+    page_mailing_id = UnicodeAttribute()
+    page_clients = ListAttribute(of=UnicodeAttribute)
+    expires_at = TTLAttribute(null=True)
+
+
+class InboundReplyRecord(Model):
+    """A client's reply that was not an opt-out keyword, under `#inbound#<client_id>`;
+    its id (the time it came, then a random suffix) orders them."""
+
+    class Meta:
+        # The messages table (set by `bind`); see INBOUND_PREFIX.
+        table_name = "messages"
+        billing_mode = "PAY_PER_REQUEST"
+
+    # The table's key names (the cursors of storage/pagination.py name keys by attribute):
+    # `mailing_id` holds `#inbound#<client_id>`, `client_id` the reply's id.
+    mailing_id = UnicodeAttribute(hash_key=True)
+    client_id = UnicodeAttribute(range_key=True)
+    phone = UnicodeAttribute()
+    text = UnicodeAttribute()
+    received_at = UTCDateTimeAttribute()
+    expires_at = TTLAttribute(null=True)
 
 
 class SequenceRecord(Model):
@@ -449,6 +519,9 @@ class Models:
     ClientImport: type[ClientImportRecord]
     IdempotencyRecord: type[IdempotencyRecord]
     AuditEntry: type[AuditEntryRecord]
+    # On the messages table (not tables of their own, so not in `all`).
+    MessageIdPage: type[MessageIdPageRecord]
+    InboundReply: type[InboundReplyRecord]
 
     def all(self) -> tuple[type[Model], ...]:
         return (
@@ -489,6 +562,8 @@ def build_models(settings: Settings) -> Models:
         ClientImport=bound(ClientImportRecord),
         IdempotencyRecord=bound(IdempotencyRecord),
         AuditEntry=bound(AuditEntryRecord),
+        MessageIdPage=bound(MessageIdPageRecord),
+        InboundReply=bound(InboundReplyRecord),
     )
 
 

@@ -549,6 +549,41 @@ def test_a_client_is_opted_out_edited_and_deleted_from_the_list(page: Any, stack
     expect(page.get_by_text("No clients match.")).to_be_visible()
 
 
+def test_a_clients_replies_show_on_its_page_and_a_stop_reply_opts_it_out(
+    page: Any, stack: Stack
+) -> None:
+    # Given a client that replied twice to a mailing, through the gateway's webhook
+    phone = unique_phone()
+    client_id = api_client(stack, phone, f"ui-replies-{uuid.uuid4().hex[:6]}")
+
+    def reply(text: str) -> dict[str, Any]:
+        answer = requests.post(
+            f"{stack.url}/inbound-sms",
+            json={"phone": f"+{phone}", "text": text},
+            headers=stack.auth,
+            timeout=10,
+        )
+        assert answer.status_code == 202, answer.text
+        return answer.json()
+
+    assert reply("Thanks!")["result"] == "stored"
+    assert reply("When is the sale?")["result"] == "stored"
+    # When the operator opens the client
+    sign_in(page, stack, f"#/clients/{client_id}")
+    # Then its replies are listed, newest first, and it is still subscribed
+    replies = page.locator("#replies-table tbody tr")
+    expect(replies).to_have_count(2)
+    expect(replies.first).to_contain_text("When is the sale?")
+    expect(page.get_by_label("Opted out (never sent to)", exact=True)).not_to_be_checked()
+    shot(page, "client-replies")
+    # When the client answers STOP, in its own spelling
+    assert reply(" Стоп ")["result"] == "opted_out"
+    page.reload()
+    # Then its page shows it opted out, and the keyword is not kept as a reply
+    expect(page.get_by_label("Opted out (never sent to)", exact=True)).to_be_checked()
+    expect(page.locator("#replies-table tbody tr")).to_have_count(2)
+
+
 def test_clients_are_imported_from_a_csv_file_with_a_report_of_bad_rows(
     page: Any, stack: Stack
 ) -> None:

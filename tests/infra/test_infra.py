@@ -2192,7 +2192,8 @@ def mailing_with_a_failed_message(clock: Any) -> str:
     """Given (written straight to storage): a running mailing with one failed message."""
     from chalicelib.container import services
     from chalicelib.services.mailings import MailingFields
-    from chalicelib.storage.models import status_key
+    from chalicelib.storage.models import connection_for, status_key
+    from chalicelib.storage.receipts import DynamoReceiptRepository
 
     current = services()
     Mailing, Message = current.models.Mailing, current.models.Message
@@ -2217,6 +2218,9 @@ def mailing_with_a_failed_message(clock: Any) -> str:
         attempts=1,
     ).save()
     Mailing(made.id).update(actions=[Mailing.count_failed.add(1)])
+    # Its id is registered as the fan-out does with DELIVERY_RECEIPTS on, for a receipt.
+    lookup = DynamoReceiptRepository(current.models, connection_for(current.settings))
+    lookup.register_ids(made.id, 1, ["client-1"], None)
     return made.id
 
 
@@ -2262,6 +2266,13 @@ def test_every_route_of_the_api_needs_only_what_its_role_allows(
         request(client, "POST", f"{mailing_path}/resume")
         request(client, "POST", f"/mailings/{failed_mailing}/retry-failed")
         request(client, "POST", "/opt-outs", {"phone": "79001234568"})
+        # The gateway's webhooks: a reply kept, a keyword, a receipt; the client's replies.
+        request(client, "POST", "/inbound-sms", {"phone": "79001234568", "text": "Thanks"})
+        request(client, "POST", "/inbound-sms", {"phone": "79001234568", "text": "STOP"})
+        request(client, "POST", "/inbound-sms", {"phone": "79009999999", "text": "?"})
+        request(client, "GET", f"{client_path}/replies")
+        request(client, "POST", "/delivery-receipts", {"id": 1, "status": "delivered"})
+        request(client, "POST", "/delivery-receipts", {"id": 1, "status": "delivered"})
         imported = import_csv(client, "phone,tag\n79001234567,vip\n79001234570,new\nbad,\n")
         request(client, "GET", f"/clients/imports/{imported['id']}")
         request(client, "GET", "/clients/imports")

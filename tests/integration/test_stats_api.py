@@ -85,8 +85,11 @@ def test_mailing_stats_report_counts_and_messages(api, services, clock):
         "sent_at",
         "attempts",
         "last_error",
+        "delivery",
     }
     assert isinstance(failed["id"], int)
+    # No delivery receipt came: the gateway's word on the phone is not there
+    assert failed["delivery"] is None
 
 
 def test_mailing_messages_can_be_filtered_by_status_and_paged(api, services, clock):
