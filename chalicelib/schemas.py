@@ -32,6 +32,7 @@ from chalicelib.domain.client import (
     is_operator_code,
     is_phone,
 )
+from chalicelib.domain.mailing import SkipReason
 from chalicelib.domain.text import TEMPLATE_PATTERN
 
 TEXT_MAX_LENGTH = 1000
@@ -358,6 +359,10 @@ class MailingCreate(_Request):
     end_at: Timestamp
     filter: AudienceFilter = Field(default_factory=AudienceFilter)
     send_window: SendWindow | None = None
+    frequency_cap_exempt: bool = Field(
+        False,
+        description="A service message: the FREQUENCY_CAP neither stops nor counts its messages",
+    )
 
     @model_validator(mode="after")
     def _end_after_start(self) -> MailingCreate:
@@ -374,6 +379,7 @@ class MailingPatch(_Patch):
     end_at: Timestamp | None = None
     filter: AudienceFilter | None = None
     send_window: SendWindow | None = None
+    frequency_cap_exempt: bool | None = None
 
     NULLABLE: ClassVar[frozenset[str]] = frozenset({"send_window"})
 
@@ -387,7 +393,15 @@ class MessageStats(_Response):
     failed: int
     expired: int
     cancelled: int
-    skipped: int = Field(description="Not sent: the client opted out")
+    skipped: int = Field(description="Not sent: see `skipped_by_reason`")
+
+
+class SkippedByReason(_Response):
+    """The mailing's skipped messages by reason."""
+
+    opted_out: int = Field(description="The client opted out")
+    frequency_cap: int = Field(description="The client had its FREQUENCY_CAP of messages already")
+    holdout: int = Field(description="The client is in the mailing's holdout group")
 
 
 class MailingOut(_Response):
@@ -397,8 +411,10 @@ class MailingOut(_Response):
     end_at: datetime
     filter: AudienceFilter
     send_window: SendWindow | None
+    frequency_cap_exempt: bool = False
     status: MailingStatus
     stats: MessageStats
+    skipped_by_reason: SkippedByReason
     created_at: datetime
     updated_at: datetime
 
@@ -427,6 +443,9 @@ class MessageOut(_Response):
     sent_at: datetime | None
     attempts: int
     last_error: str | None
+    skip_reason: SkipReason | None = Field(
+        None, description="Why a skipped message was not sent: opted_out, frequency_cap, holdout"
+    )
 
 
 class MessageListQuery(PageQuery):
@@ -437,6 +456,7 @@ class MailingStatsOut(_Response):
     mailing_id: str
     status: MailingStatus
     stats: MessageStats
+    skipped_by_reason: SkippedByReason
     messages: list[MessageOut]
     next_cursor: str | None
 

@@ -11,6 +11,7 @@ from chalicelib.api.mapping import (
     mailing_out,
     message_out,
     page_limit,
+    skipped_by_reason,
     stats_out,
 )
 from chalicelib.api.security import bearer_auth
@@ -207,6 +208,7 @@ def mailing_stats(mailing_id: str, query: MessageListQuery) -> MailingStatsOut:
         mailing_id=mailing.id,
         status=mailing.status,
         stats=stats_out(mailing.counts),
+        skipped_by_reason=skipped_by_reason(mailing),
         messages=[message_out(m) for m in page.items],
         next_cursor=page.next_cursor,
     )

@@ -23,6 +23,7 @@ from chalicelib.schemas import (
     MessageOut,
     MessageStats,
     SendWindow,
+    SkippedByReason,
 )
 from chalicelib.services.clients import ClientFields
 from chalicelib.services.mailings import MailingFields
@@ -76,6 +77,7 @@ def mailing_fields(body: MailingCreate) -> MailingFields:
         end_at=body.end_at,
         audience=audience(body.filter),
         send_window=send_window(body.send_window),
+        frequency_cap_exempt=body.frequency_cap_exempt,
     )
 
 
@@ -90,7 +92,13 @@ def mailing_changes(patch: MailingPatch) -> dict[str, Any]:
         changes["audience"] = audience(patch.filter)
     if "send_window" in sent:
         changes["send_window"] = send_window(patch.send_window)
+    if "frequency_cap_exempt" in sent and patch.frequency_cap_exempt is not None:
+        changes["frequency_cap_exempt"] = patch.frequency_cap_exempt
     return changes
+
+
+def skipped_by_reason(mailing: domain.Mailing) -> SkippedByReason:
+    return SkippedByReason(**mailing.skip_counts.as_dict())
 
 
 def stats_out(counts: domain.MessageCounts) -> MessageStats:
@@ -116,8 +124,10 @@ def mailing_out(mailing: domain.Mailing) -> MailingOut:
             operator_codes=list(mailing.audience.operator_codes), tags=list(mailing.audience.tags)
         ),
         send_window=window,
+        frequency_cap_exempt=mailing.frequency_cap_exempt,
         status=mailing.status,
         stats=stats_out(mailing.counts),
+        skipped_by_reason=skipped_by_reason(mailing),
         created_at=mailing.created_at,
         updated_at=mailing.updated_at,
     )
@@ -139,6 +149,7 @@ def message_out(message: domain.Message) -> MessageOut:
         sent_at=message.sent_at,
         attempts=message.attempts,
         last_error=message.last_error,
+        skip_reason=message.skip_reason,
     )
 
 

@@ -27,7 +27,28 @@ class MessageStatus(StrEnum):
     FAILED = "failed"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
-    SKIPPED = "skipped"  # the client opted out: never sent
+    SKIPPED = "skipped"  # never sent, for the message's `skip_reason`
+
+
+class SkipReason(StrEnum):
+    """Why a `skipped` message was never sent."""
+
+    OPTED_OUT = "opted_out"  # the client opted out
+    FREQUENCY_CAP = "frequency_cap"  # the client had its FREQUENCY_CAP of messages already
+    HOLDOUT = "holdout"  # the client is in the mailing's holdout group
+
+
+@dataclass(frozen=True)
+class SkipCounts:
+    """A mailing's skipped messages by reason (they add up to its `skipped` counter, for the
+    messages skipped since reasons were kept)."""
+
+    opted_out: int = 0
+    frequency_cap: int = 0
+    holdout: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {reason.value: getattr(self, reason.value) for reason in SkipReason}
 
 
 class MailingStatus(StrEnum):
@@ -259,6 +280,9 @@ class Mailing:
     # The width in seconds of its timeline's buckets (domain/timeline.py); None when it was
     # stored before timelines were kept.
     timeline_step: int | None = None
+    # A service message: the FREQUENCY_CAP neither stops it nor counts it.
+    frequency_cap_exempt: bool = False
+    skip_counts: SkipCounts = SkipCounts()
 
     def started(self, now: datetime) -> bool:
         """Whether its start has come."""
@@ -311,6 +335,7 @@ class Message:
     sent_at: datetime | None
     attempts: int
     last_error: str | None
+    skip_reason: SkipReason | None = None  # only on a `skipped` message
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,8 @@ class MailingFields:
     end_at: datetime
     audience: AudienceFilter
     send_window: SendWindow | None
+    # A service message: the frequency cap neither stops it nor counts it.
+    frequency_cap_exempt: bool = False
 
 
 class MailingService:
@@ -96,6 +98,7 @@ class MailingService:
             end_at=fields.end_at.astimezone(UTC),
             audience=fields.audience,
             send_window=fields.send_window,
+            frequency_cap_exempt=fields.frequency_cap_exempt,
             status=MailingStatus.SCHEDULED,
             counts=MessageCounts(),
             created_at=now,
@@ -416,6 +419,7 @@ def _fields_of(mailing: Mailing) -> MailingFields:
         end_at=mailing.end_at,
         audience=mailing.audience,
         send_window=mailing.send_window,
+        frequency_cap_exempt=mailing.frequency_cap_exempt,
     )
 
 
@@ -428,5 +432,6 @@ def _with_fields(mailing: Mailing, fields: MailingFields, now: datetime) -> Mail
         end_at=fields.end_at.astimezone(UTC),
         audience=fields.audience,
         send_window=fields.send_window,
+        frequency_cap_exempt=fields.frequency_cap_exempt,
         updated_at=now,
     )

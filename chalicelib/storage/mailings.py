@@ -42,6 +42,8 @@ from chalicelib.domain.mailing import (
     MessageStatus,
     Schedule,
     Settled,
+    SkipCounts,
+    SkipReason,
     Statistics,
     Totals,
     settling,
@@ -320,6 +322,7 @@ class DynamoMailingRepository:
             ]
         if mailing.timeline_step is not None:
             actions.append(M.timeline_step.set(mailing.timeline_step))
+        actions.append(_exempt_action(M, mailing))
         condition = (M.updated_at == before) & (M.status == mailing.status.value)
         return self._update(record, actions, condition)
 
@@ -603,6 +606,7 @@ def _set_fields(record: MailingRecord, mailing: Mailing) -> None:
     else:
         record.window_start, record.window_end = mailing.send_window.to_minutes()
     record.updated_at = mailing.updated_at
+    record.frequency_cap_exempt = mailing.frequency_cap_exempt or None
 
 
 def _record_problem(record: MailingRecord) -> str | None:
@@ -653,6 +657,22 @@ def _to_domain(record: MailingRecord) -> Mailing:
             ),
         ),
         timeline_step=None if record.timeline_step is None else int(record.timeline_step),
+        frequency_cap_exempt=bool(record.frequency_cap_exempt),
+        skip_counts=_skip_counts_of(record),
+    )
+
+
+def _exempt_action(M: type[MailingRecord], mailing: Mailing) -> Action:
+    """The write of the mailing's frequency-cap exemption (absent when not exempt)."""
+    if mailing.frequency_cap_exempt:
+        return M.frequency_cap_exempt.set(True)
+    return M.frequency_cap_exempt.remove()
+
+
+def _skip_counts_of(record: MailingRecord) -> SkipCounts:
+    """The skipped messages by reason, as the mailing's counters keep them."""
+    return SkipCounts(
+        **{r.value: int(getattr(record, f"skipped_{r.value}") or 0) for r in SkipReason}
     )
 
 

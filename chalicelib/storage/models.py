@@ -248,6 +248,13 @@ class MailingRecord(Model):
     count_expired = NumberAttribute(default=0)
     count_cancelled = NumberAttribute(default=0)
     count_skipped = NumberAttribute(default=0)
+    # The skipped messages by reason (absent until one is skipped for it): `skipped_opted_out`,
+    # `skipped_frequency_cap`, `skipped_holdout`, ADDed with `count_skipped`.
+    skipped_opted_out = NumberAttribute(null=True)
+    skipped_frequency_cap = NumberAttribute(null=True)
+    skipped_holdout = NumberAttribute(null=True)
+    # A service message: the frequency cap neither stops it nor counts it.
+    frequency_cap_exempt = BooleanAttribute(null=True)
     # What the mailing added to the totals item when it last settled, and how many times it
     # settled (the condition of the next settling write). Absent until it first settles.
     settled_times = NumberAttribute(null=True)
@@ -297,6 +304,8 @@ class MessageRecord(Model):
     sent_at = UTCDateTimeAttribute(null=True)
     attempts = NumberAttribute(default=0)
     last_error = UnicodeAttribute(null=True)
+    # Why a skipped message was never sent (domain SkipReason); absent on other statuses.
+    skip_reason = UnicodeAttribute(null=True)
     # A sender holds the message while it calls the gateway; no other sender may until then.
     claim_id = UnicodeAttribute(null=True)
     claim_until = UTCDateTimeAttribute(null=True)
