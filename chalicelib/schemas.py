@@ -351,10 +351,27 @@ class SendWindow(_Request):
         return self
 
 
+class VariantIn(_Request):
+    """One A/B text and its share of the clients not held out."""
+
+    text: MailingText
+    weight: int = Field(1, ge=1, le=100, description="Relative share (1-100), default 1")
+
+
+class VariantOut(_Response):
+    text: str
+    weight: int
+    sent: int = Field(description="Messages sent with this text")
+
+
 class MailingCreate(_Request):
     """A mailing to schedule (PUT takes the same full representation)."""
 
-    text: MailingText
+    text: MailingText | None = Field(
+        None,  # filled in from `variants` when they are given
+        description="The message text (required unless `variants` are given: then the first "
+        "variant's text, and it may be omitted)",
+    )
     start_at: Timestamp
     end_at: Timestamp
     filter: AudienceFilter = Field(default_factory=AudienceFilter)
@@ -363,6 +380,28 @@ class MailingCreate(_Request):
         False,
         description="A service message: the FREQUENCY_CAP neither stops nor counts its messages",
     )
+    variants: list[VariantIn] | None = Field(
+        None,
+        min_length=2,
+        max_length=5,
+        description="A/B texts (2-5), each client getting one by weight, the same every time",
+    )
+    holdout_percent: int = Field(
+        0, ge=0, le=50, description="Share of the audience never sent to, counted apart (0-50)"
+    )
+
+    @model_validator(mode="after")
+    def _text_or_variants(self) -> MailingCreate:
+        if self.variants:
+            first = self.variants[0].text
+            if self.text is not None and self.text != first:
+                raise PydanticCustomError(
+                    "variants", "with variants, text is the first variant's text: omit it"
+                )
+            self.text = first
+        elif self.text is None:
+            raise PydanticCustomError("missing", "text (or variants) is required")
+        return self
 
     @model_validator(mode="after")
     def _end_after_start(self) -> MailingCreate:
@@ -380,6 +419,8 @@ class MailingPatch(_Patch):
     filter: AudienceFilter | None = None
     send_window: SendWindow | None = None
     frequency_cap_exempt: bool | None = None
+    variants: list[VariantIn] | None = Field(None, min_length=2, max_length=5)
+    holdout_percent: int | None = Field(None, ge=0, le=50)
 
     NULLABLE: ClassVar[frozenset[str]] = frozenset({"send_window"})
 
@@ -412,6 +453,10 @@ class MailingOut(_Response):
     filter: AudienceFilter
     send_window: SendWindow | None
     frequency_cap_exempt: bool = False
+    variants: list[VariantOut] | None = Field(
+        None, description="The A/B texts with their sent counts; null for a single text"
+    )
+    holdout_percent: int = 0
     status: MailingStatus
     stats: MessageStats
     skipped_by_reason: SkippedByReason
@@ -446,6 +491,9 @@ class MessageOut(_Response):
     skip_reason: SkipReason | None = Field(
         None, description="Why a skipped message was not sent: opted_out, frequency_cap, holdout"
     )
+    variant: int | None = Field(
+        None, description="The A/B variant (index in the mailing's variants) a sent message had"
+    )
 
 
 class MessageListQuery(PageQuery):
@@ -457,6 +505,7 @@ class MailingStatsOut(_Response):
     status: MailingStatus
     stats: MessageStats
     skipped_by_reason: SkippedByReason
+    variants: list[VariantOut] | None = None
     messages: list[MessageOut]
     next_cursor: str | None
 

@@ -13,6 +13,7 @@ from chalicelib.api.mapping import (
     page_limit,
     skipped_by_reason,
     stats_out,
+    variants_out,
 )
 from chalicelib.api.security import bearer_auth
 from chalicelib.container import services
@@ -209,6 +210,7 @@ def mailing_stats(mailing_id: str, query: MessageListQuery) -> MailingStatsOut:
         status=mailing.status,
         stats=stats_out(mailing.counts),
         skipped_by_reason=skipped_by_reason(mailing),
+        variants=variants_out(mailing),
         messages=[message_out(m) for m in page.items],
         next_cursor=page.next_cursor,
     )

@@ -7,6 +7,7 @@ from typing import Any
 
 from chalicelib import domain
 from chalicelib.domain import MessageStatus
+from chalicelib.domain import variants as domain_variants
 from chalicelib.domain.rate_limit import GatewayStatus
 from chalicelib.schemas import (
     AudienceFilter,
@@ -24,6 +25,8 @@ from chalicelib.schemas import (
     MessageStats,
     SendWindow,
     SkippedByReason,
+    VariantIn,
+    VariantOut,
 )
 from chalicelib.services.clients import ClientFields
 from chalicelib.services.mailings import MailingFields
@@ -78,7 +81,22 @@ def mailing_fields(body: MailingCreate) -> MailingFields:
         audience=audience(body.filter),
         send_window=send_window(body.send_window),
         frequency_cap_exempt=body.frequency_cap_exempt,
+        variants=variants_in(body.variants),
+        holdout_percent=body.holdout_percent,
     )
+
+
+def variants_in(values: list[VariantIn] | None) -> tuple[domain_variants.Variant, ...]:
+    return tuple(domain_variants.Variant(v.text, v.weight) for v in values or ())
+
+
+def variants_out(mailing: domain.Mailing) -> list[VariantOut] | None:
+    if not mailing.variants:
+        return None
+    return [
+        VariantOut(text=v.text, weight=v.weight, sent=sent)
+        for v, sent in zip(mailing.variants, mailing.variant_sent, strict=False)
+    ]
 
 
 def mailing_changes(patch: MailingPatch) -> dict[str, Any]:
@@ -94,6 +112,10 @@ def mailing_changes(patch: MailingPatch) -> dict[str, Any]:
         changes["send_window"] = send_window(patch.send_window)
     if "frequency_cap_exempt" in sent and patch.frequency_cap_exempt is not None:
         changes["frequency_cap_exempt"] = patch.frequency_cap_exempt
+    if "variants" in sent and patch.variants is not None:
+        changes["variants"] = variants_in(patch.variants)
+    if "holdout_percent" in sent and patch.holdout_percent is not None:
+        changes["holdout_percent"] = patch.holdout_percent
     return changes
 
 
@@ -125,6 +147,8 @@ def mailing_out(mailing: domain.Mailing) -> MailingOut:
         ),
         send_window=window,
         frequency_cap_exempt=mailing.frequency_cap_exempt,
+        variants=variants_out(mailing),
+        holdout_percent=mailing.holdout_percent,
         status=mailing.status,
         stats=stats_out(mailing.counts),
         skipped_by_reason=skipped_by_reason(mailing),
@@ -150,6 +174,7 @@ def message_out(message: domain.Message) -> MessageOut:
         attempts=message.attempts,
         last_error=message.last_error,
         skip_reason=message.skip_reason,
+        variant=message.variant,
     )
 
 

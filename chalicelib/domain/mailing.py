@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from chalicelib.domain.audience import AudienceFilter
 from chalicelib.domain.send_window import SendWindow
+from chalicelib.domain.variants import Variant
 from chalicelib.errors import Conflict, NotFound
 
 # How far ahead of now a mailing may start or end. Dates beyond it are mistakes (year 9999), and
@@ -283,6 +284,11 @@ class Mailing:
     # A service message: the FREQUENCY_CAP neither stops it nor counts it.
     frequency_cap_exempt: bool = False
     skip_counts: SkipCounts = SkipCounts()
+    # A/B texts (domain/variants.py; `text` is the first one's) and the share of clients held
+    # out; `variant_sent` counts the sent messages of each variant.
+    variants: tuple[Variant, ...] = ()
+    holdout_percent: int = 0
+    variant_sent: tuple[int, ...] = ()
 
     def started(self, now: datetime) -> bool:
         """Whether its start has come."""
@@ -336,6 +342,7 @@ class Message:
     attempts: int
     last_error: str | None
     skip_reason: SkipReason | None = None  # only on a `skipped` message
+    variant: int | None = None  # the A/B variant a sent message carried
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from chalicelib.domain.mailing import Mailing, MailingNotFound, MailingUnusable,
 from chalicelib.domain.rate_limit import Kind, classify, unreachable
 from chalicelib.domain.text import personalise
 from chalicelib.domain.timeline import grid_of
+from chalicelib.domain.variants import in_holdout, variant_of
 from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
 from chalicelib.services.clients import ClientDirectory
@@ -132,6 +133,7 @@ class JobResult(StrEnum):
     SKIPPED = "skipped"  # nothing to do: already done, claimed elsewhere, or stale
     OPTED_OUT = "opted_out"  # the client opted out: the message is `skipped`, never sent
     FREQUENCY_CAPPED = "frequency_capped"  # over FREQUENCY_CAP: `skipped`, never sent
+    HELD_OUT = "held_out"  # in the mailing's holdout group: `skipped`, never sent
 
 
 _TERMINAL = frozenset(
@@ -143,6 +145,7 @@ _TERMINAL = frozenset(
         JobResult.DEAD_LETTERED,
         JobResult.OPTED_OUT,
         JobResult.FREQUENCY_CAPPED,
+        JobResult.HELD_OUT,
     }
 )
 
@@ -151,6 +154,8 @@ def _result_of(status: MessageStatus, skip_reason: SkipReason | None = None) -> 
     """What finishing a message with `status` means for its job."""
     if skip_reason is SkipReason.FREQUENCY_CAP:
         return JobResult.FREQUENCY_CAPPED
+    if skip_reason is SkipReason.HOLDOUT:
+        return JobResult.HELD_OUT
     return JobResult.OPTED_OUT if status is MessageStatus.SKIPPED else JobResult(status.value)
 
 
@@ -773,6 +778,10 @@ class Sender:
             logger.warning("message failed: %s", item.problem, extra=self._log(item))
         if decision.step is not Step.SEND:
             return self._settle(item, decision)
+        if _held_out(item):
+            return self._finish(
+                item, MessageStatus.SKIPPED, None, "holdout group", SkipReason.HOLDOUT
+            )
         problem = self._gateway_problem()
         if problem is not None:
             logger.error("%s: nothing can be sent; retried later", problem, extra=self._log(item))
@@ -967,8 +976,17 @@ class Sender:
         skip_reason: SkipReason | None = None,
     ) -> _Done:
         # Written at once, with whatever other outcomes of the batch are waiting (see _Outcomes).
+        variant = _variant_index(item) if status is MessageStatus.SENT else None
         done = item.run.outcomes.write(
-            Outcome(item.job.client_id, status, claim, error, item.job.message_id, skip_reason)
+            Outcome(
+                item.job.client_id,
+                status,
+                claim,
+                error,
+                item.job.message_id,
+                skip_reason,
+                variant,
+            )
         )
         if done and status is not MessageStatus.SENT:
             self._cap_give_back(item)
@@ -1067,9 +1085,28 @@ def _attempt_of(
 
 
 def _text_for(item: _Job) -> str:
-    """The mailing's text with the client's fields in its placeholders."""
+    """The mailing's text (the client's A/B variant's) with the client's fields in its
+    placeholders."""
     assert item.mailing is not None  # only jobs of a usable mailing get a call
-    return personalise(item.mailing.text, item.recipient)
+    index = _variant_index(item)
+    text = item.mailing.text if index is None else item.mailing.variants[index].text
+    return personalise(text, item.recipient)
+
+
+def _variant_index(item: _Job) -> int | None:
+    """The A/B variant the job's client gets (None: the mailing has a single text)."""
+    mailing = item.mailing
+    if mailing is None or not mailing.variants:
+        return None
+    return variant_of(mailing.id, item.job.client_id, mailing.variants)
+
+
+def _held_out(item: _Job) -> bool:
+    """Whether the job's client is in its mailing's holdout group (skipped, never sent)."""
+    mailing = item.mailing
+    return mailing is not None and in_holdout(
+        mailing.id, item.job.client_id, mailing.holdout_percent
+    )
 
 
 def _with_ids(step: Callable[..., Step_], item: _Job, *args: object) -> Step_:

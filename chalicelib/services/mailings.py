@@ -34,6 +34,7 @@ from chalicelib.domain.mailing import (
     transition,
     was_active,
 )
+from chalicelib.domain.variants import Variant
 from chalicelib.errors import Conflict, ServiceUnavailable, ValidationFailed
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.queues import SQS_MAX_DELAY_SECONDS, Queues, job_batches
@@ -63,6 +64,9 @@ class MailingFields:
     send_window: SendWindow | None
     # A service message: the frequency cap neither stops it nor counts it.
     frequency_cap_exempt: bool = False
+    # A/B texts (`text` is the first one's) and the share of the audience held out.
+    variants: tuple[Variant, ...] = ()
+    holdout_percent: int = 0
 
 
 class MailingService:
@@ -99,6 +103,8 @@ class MailingService:
             audience=fields.audience,
             send_window=fields.send_window,
             frequency_cap_exempt=fields.frequency_cap_exempt,
+            variants=fields.variants,
+            holdout_percent=fields.holdout_percent,
             status=MailingStatus.SCHEDULED,
             counts=MessageCounts(),
             created_at=now,
@@ -123,6 +129,7 @@ class MailingService:
         """Change only the given fields (PATCH)."""
         mailing = self._load(mailing_id)
         fields = replace(_fields_of(mailing), **changes)
+        fields = _text_of_variants(fields, changes)
         if fields.end_at <= fields.start_at:
             raise ValidationFailed(
                 "end_at must be after start_at",
@@ -372,6 +379,9 @@ class MailingService:
                 for name, old, new in (
                     ("start_at", current.start_at, fields.start_at),
                     ("filter", current.audience, fields.audience),
+                    # Who gets which text, and who is held out, stay as they were assigned.
+                    ("variants", _shares(current), _shares(fields)),
+                    ("holdout_percent", current.holdout_percent, fields.holdout_percent),
                 )
                 if old != new
             ]
@@ -420,7 +430,28 @@ def _fields_of(mailing: Mailing) -> MailingFields:
         audience=mailing.audience,
         send_window=mailing.send_window,
         frequency_cap_exempt=mailing.frequency_cap_exempt,
+        variants=mailing.variants,
+        holdout_percent=mailing.holdout_percent,
     )
+
+
+def _shares(fields: MailingFields) -> tuple[int, ...]:
+    """The variants' weights: what decides which client gets which text."""
+    return tuple(v.weight for v in fields.variants)
+
+
+def _text_of_variants(fields: MailingFields, changes: Mapping[str, object]) -> MailingFields:
+    """A PATCH's fields with `text` kept as the first variant's; a text alone cannot change on
+    a mailing with variants (its variants are what is sent)."""
+    if not fields.variants:
+        return fields
+    text_alone = "text" in changes and "variants" not in changes
+    if text_alone and fields.text != fields.variants[0].text:
+        raise ValidationFailed(
+            "this mailing has A/B variants: change their texts with `variants`",
+            [{"field": "body.text", "message": "change `variants` instead", "type": "variants"}],
+        )
+    return replace(fields, text=fields.variants[0].text)
 
 
 def _with_fields(mailing: Mailing, fields: MailingFields, now: datetime) -> Mailing:
@@ -433,5 +464,7 @@ def _with_fields(mailing: Mailing, fields: MailingFields, now: datetime) -> Mail
         audience=fields.audience,
         send_window=fields.send_window,
         frequency_cap_exempt=fields.frequency_cap_exempt,
+        variants=fields.variants,
+        holdout_percent=fields.holdout_percent,
         updated_at=now,
     )

@@ -8,6 +8,7 @@ throttle, a transaction conflict, a 500) is raised as it came, for the caller's 
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,6 +53,7 @@ from chalicelib.domain.mailing import (
 from chalicelib.domain.paging import PageOf
 from chalicelib.domain.send_window import SendWindow
 from chalicelib.domain.timeline import TimelineGrid
+from chalicelib.domain.variants import Variant
 from chalicelib.storage import timeline as _timeline
 from chalicelib.storage.errors import CONDITION_FAILED, is_conditional_failure, is_transient
 from chalicelib.storage.models import (
@@ -323,6 +325,7 @@ class DynamoMailingRepository:
         if mailing.timeline_step is not None:
             actions.append(M.timeline_step.set(mailing.timeline_step))
         actions.append(_exempt_action(M, mailing))
+        actions += _variant_actions(M, record)
         condition = (M.updated_at == before) & (M.status == mailing.status.value)
         return self._update(record, actions, condition)
 
@@ -607,6 +610,8 @@ def _set_fields(record: MailingRecord, mailing: Mailing) -> None:
         record.window_start, record.window_end = mailing.send_window.to_minutes()
     record.updated_at = mailing.updated_at
     record.frequency_cap_exempt = mailing.frequency_cap_exempt or None
+    record.variants = _variants_stored(mailing.variants)
+    record.holdout_percent = mailing.holdout_percent or None
 
 
 def _record_problem(record: MailingRecord) -> str | None:
@@ -659,7 +664,38 @@ def _to_domain(record: MailingRecord) -> Mailing:
         timeline_step=None if record.timeline_step is None else int(record.timeline_step),
         frequency_cap_exempt=bool(record.frequency_cap_exempt),
         skip_counts=_skip_counts_of(record),
+        variants=_variants_of(record.variants),
+        holdout_percent=int(record.holdout_percent or 0),
+        variant_sent=tuple(
+            int(getattr(record, f"variant_sent_{i}") or 0)
+            for i in range(len(_variants_of(record.variants)))
+        ),
     )
+
+
+def _variants_stored(variants: tuple[Variant, ...]) -> str | None:
+    if not variants:
+        return None
+    return json.dumps([{"text": v.text, "weight": v.weight} for v in variants])
+
+
+def _variants_of(stored: str | None) -> tuple[Variant, ...]:
+    """The stored A/B texts (none: a single text, or a value this code cannot read)."""
+    if not stored:
+        return ()
+    try:
+        return tuple(Variant(str(v["text"]), int(v["weight"])) for v in json.loads(stored))
+    except (ValueError, TypeError, KeyError):
+        return ()
+
+
+def _variant_actions(M: type[MailingRecord], record: MailingRecord) -> list[Action]:
+    """The writes of the mailing's A/B texts and holdout share (removed when not set)."""
+    variants, holdout = record.variants, record.holdout_percent
+    return [
+        M.variants.remove() if variants is None else M.variants.set(variants),
+        M.holdout_percent.remove() if holdout is None else M.holdout_percent.set(holdout),
+    ]
 
 
 def _exempt_action(M: type[MailingRecord], mailing: Mailing) -> Action:

@@ -55,6 +55,7 @@ class Outcome:
     error: str | None = None
     message_id: int | None = None  # for the log line only
     skip_reason: SkipReason | None = None  # why a `skipped` message was not sent
+    variant: int | None = None  # the A/B variant a `sent` message carried
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ class DynamoMessageRepository:
         moves = [(MessageStatus.PENDING, -len(outcomes)), *moved.items()]
         counters: list[Action] = [self._counter(status).add(n) for status, n in moves]
         counters += self._skip_counters(outcomes)
+        counters += self._variant_counters(outcomes)
         try:
             with TransactWrite(connection=self._connection) as tx:
                 for outcome in outcomes:
@@ -476,6 +478,17 @@ class DynamoMessageRepository:
             for reason, n in reasons.items()
         ]
 
+    def _variant_counters(self, outcomes: Sequence[Outcome]) -> list[Action]:
+        """The mailing's sent-per-variant counters the `outcomes` move."""
+        sent = Counter(
+            o.variant for o in outcomes if o.variant is not None and o.status is MessageStatus.SENT
+        )
+        Mailing = self._models.Mailing
+        return [
+            cast(NumberAttribute, getattr(Mailing, f"variant_sent_{index}")).add(n)
+            for index, n in sent.items()
+        ]
+
     def _still_ours(self, claim_id: str | None, now: datetime) -> Condition:
         Message = self._models.Message
         pending = Message.status == MessageStatus.PENDING.value
@@ -502,6 +515,8 @@ class DynamoMessageRepository:
             actions.append(Message.last_error.set(outcome.error[:ERROR_LIMIT]))
         if outcome.skip_reason is not None:
             actions.append(Message.skip_reason.set(outcome.skip_reason.value))
+        if outcome.variant is not None:
+            actions.append(Message.variant.set(outcome.variant))
         return actions
 
 
@@ -518,6 +533,7 @@ def message_of(record: MessageRecord) -> Message:
         attempts=int(record.attempts or 0),
         last_error=record.last_error,
         skip_reason=_skip_reason(record.skip_reason),
+        variant=None if record.variant is None else int(record.variant),
     )
 
 
