@@ -85,7 +85,10 @@ def test_mailing_stats_report_counts_and_messages(api, services, clock):
         "sent_at",
         "attempts",
         "last_error",
+        "skip_reason",
+        "variant",
     }
+    assert (failed["skip_reason"], failed["variant"]) == (None, None)
     assert isinstance(failed["id"], int)
 
 
