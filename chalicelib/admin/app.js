@@ -1432,7 +1432,14 @@
     const progress = h("div", { class: "progress", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": 0, "aria-labelledby": "progress-label" }, bar);
     const counts = h("dl", { class: "counts", id: "status-counts" });
     const abPanel = h("section", { class: "panel", id: "variants-panel", "aria-labelledby": "variants-title", hidden: true });
+    // Why the skipped messages were not sent ("2 frequency cap, 1 opted out").
+    const skipReasons = h("p", { class: "hint", id: "skip-reasons", hidden: true });
     const showVariants = (answer) => {
+      const reasons = Object.entries((answer || mailing).skipped_by_reason || {}).filter(([, n]) => n > 0);
+      skipReasons.hidden = !reasons.length;
+      skipReasons.textContent = reasons.length
+        ? `Skipped: ${reasons.map(([reason, n]) => `${n} ${reason.replace("_", " ")}`).join(", ")}`
+        : "";
       const parts = variantPanel(mailing, answer);
       abPanel.hidden = !parts.length;
       fill(abPanel, ...parts);
@@ -1581,7 +1588,7 @@
       h("p", {}, h("a", { href: "#/mailings" }, "← Mailings")),
       h("section", { class: "panel", "aria-labelledby": "mailing-heading" }, title, text, meta, actions),
       h("section", { class: "panel", "aria-labelledby": "progress-title" },
-        h("h2", { id: "progress-title" }, "Progress"), progressLabel, progress, counts, updated),
+        h("h2", { id: "progress-title" }, "Progress"), progressLabel, progress, counts, skipReasons, updated),
       abPanel,
       gatewayPanel(view),
       h("section", { class: "panel", "aria-labelledby": "chart-title" },

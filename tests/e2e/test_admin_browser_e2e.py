@@ -1228,6 +1228,9 @@ def test_an_ab_mailing_with_a_holdout_is_created_and_its_variants_shown_side_by_
     for name, sent in by_text.items():
         expect(panel.locator(f'[data-count="variant-{name}"]')).to_have_text(str(sent))
     expect(panel.locator('[data-count="holdout"]')).to_have_text(str(12 - len(accepted)))
+    held_out = 12 - len(accepted)
+    if held_out:
+        expect(page.locator("#skip-reasons")).to_have_text(f"Skipped: {held_out} holdout")
     mailing = requests.get(f"{stack.url}/mailings/{mailing_id}", headers=stack.auth, timeout=5)
     assert mailing.json()["holdout_percent"] == 25
     assert mailing.json()["skipped_by_reason"]["holdout"] == 12 - len(accepted)
