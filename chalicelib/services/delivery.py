@@ -672,14 +672,18 @@ class Sender:
             )
         return replace(item, cap_slot=slot)
 
-    def _cap_give_back(self, item: _Job) -> None:
-        """Free the cap slot of a message that ended, or went back, without being sent. A
-        give-back that fails leaves the slot busy until its window ends: logged, not raised."""
-        caps, slot = self._caps, item.cap_slot
-        if caps is None or slot is None:
+    def _cap_give_back(self, item: _Job, *, look_up: bool = False) -> None:
+        """Free the cap slot of a message that ended, or went back, without being sent; with
+        `look_up`, also one this job does not know of (taken by an earlier attempt that kept it).
+        A give-back that fails leaves the slot busy until its window ends: logged, not raised."""
+        caps, slot, mailing = self._caps, item.cap_slot, item.mailing
+        if caps is None or mailing is None or mailing.frequency_cap_exempt:
             return
+        if slot is None and not look_up:
+            return
+        client_id, mailing_id = item.job.client_id, item.batch.mailing_id
         try:
-            item.run.retry(lambda: caps.give_back(item.job.client_id, item.batch.mailing_id, slot))
+            item.run.retry(lambda: caps.give_back(client_id, mailing_id, slot, self._clock()))
         except Exception:
             logger.warning(
                 "frequency-cap slot not given back; busy until its window ends",
@@ -988,8 +992,10 @@ class Sender:
                 variant,
             )
         )
-        if done and status is not MessageStatus.SENT:
-            self._cap_give_back(item)
+        if done and status is not MessageStatus.SENT and skip_reason is None:
+            # Ended unsent (failed, expired, cancelled): its place, if an earlier attempt kept
+            # one (a retry after a 5xx), goes back too.
+            self._cap_give_back(item, look_up=True)
         return _Done(_result_of(status, skip_reason) if done else JobResult.SKIPPED)
 
     @staticmethod

@@ -10,7 +10,8 @@ Where the slot is taken, and what becomes of it:
 - given back (a conditional remove, only while this mailing holds it) when the message ends
   without a send: failed, expired, cancelled, dead-lettered, or a claim given back with no call
   (over the shared rate, paused, too late). A bad-luck answer (a timeout, a 5xx) keeps the slot:
-  the gateway may have sent it, and the retry uses the same slot;
+  the gateway may have sent it, and the retry uses the same slot; when that message later ends
+  unsent (its retry comes back after the end), the sender finds the slot it holds and frees it;
 - a sender that dies between taking the slot and writing the outcome leaves the slot busy until
   its window ends, never longer: every slot is busy only until `window` after it was taken.
 """
@@ -59,8 +60,15 @@ class FrequencyCapGuard:
             index = found.free
         raise CapContended(f"client {client_id}: its frequency-cap slots kept changing")
 
-    def give_back(self, client_id: str, mailing_id: str, index: int) -> None:
-        """Free the slot the message of `mailing_id` held (it was not sent)."""
+    def give_back(self, client_id: str, mailing_id: str, index: int | None, now: datetime) -> None:
+        """Free the slot the message of `mailing_id` held (it was not sent); with no `index`,
+        the one the client's slots show it holding at `now`, if any (one read)."""
+        if index is None:
+            index = look(
+                self._store.slots(client_id, self._cap.limit), mailing_id, now.timestamp()
+            ).held
+            if index is None:
+                return
         if self._store.give_back(client_id, mailing_id, index):
             logger.info(
                 "frequency-cap slot given back: the message was not sent",

@@ -245,3 +245,28 @@ def test_a_message_given_back_before_its_call_gives_its_place_back(api, pipeline
     # Then the second got the client's place (the 429 sent nothing), and the first is capped
     assert [s.text for s in gateway.accepted()] == ["Second"]
     assert skip_reasons(api, slowed["id"]) == Counter({"frequency_cap": 1})
+
+
+@ONE_A_DAY
+def test_a_retried_message_that_expires_unsent_gives_its_place_back(api, pipeline, clock, gateway):
+    # Given a cap of one a day and a campaign whose first attempt failed (5xx): its message
+    # keeps the client's place for its retry
+    add_client(api, "79000000001")
+    gateway.set_profile(FaultProfile(error_rate=1.0, seed=1))
+    expiring = create_mailing(api, clock, text="Expiring", end=timedelta(minutes=30))
+    pipeline.kicks()
+    pipeline.send_once()
+    assert stats(api, expiring["id"])["stats"]["pending"] == 1
+
+    # When its retry comes back only after the end (the sender expires it, never sent), and a
+    # second campaign goes out afterwards
+    gateway.set_profile(FaultProfile())
+    clock.now = clock() + timedelta(minutes=31)
+    pipeline.send_once()
+    second = create_mailing(api, clock, text="Second")
+    pipeline.settle()
+
+    # Then the expired message gave the place back, and the client got the second campaign
+    assert stats(api, expiring["id"])["stats"]["expired"] == 1
+    assert [s.text for s in gateway.accepted()] == ["Second"]
+    assert stats(api, second["id"])["stats"]["sent"] == 1
