@@ -364,8 +364,19 @@ class VariantOut(_Response):
     sent: int = Field(description="Messages sent with this text")
 
 
+def _text_or_variants(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    # `text` or `variants` (or both, the text being the first variant's); neither may be null.
+    properties = schema.get("properties", {})
+    for name in ("text", "variants"):
+        if name in properties:
+            properties[name] = without_null(properties[name])
+    schema["anyOf"] = [{"required": ["text"]}, {"required": ["variants"]}]
+
+
 class MailingCreate(_Request):
     """A mailing to schedule (PUT takes the same full representation)."""
+
+    model_config = ConfigDict(json_schema_extra=_text_or_variants)  # merged with _Request's
 
     text: MailingText | None = Field(
         None,  # filled in from `variants` when they are given
@@ -392,15 +403,22 @@ class MailingCreate(_Request):
 
     @model_validator(mode="after")
     def _text_or_variants(self) -> MailingCreate:
+        nulls = sorted(
+            n
+            for n in ("text", "variants")
+            if n in self.model_fields_set and getattr(self, n) is None
+        )
+        if nulls:
+            raise ValueError(f"{', '.join(nulls)} may be omitted but not null")
         if self.variants:
             first = self.variants[0].text
             if self.text is not None and self.text != first:
                 raise PydanticCustomError(
-                    "variants", "with variants, text is the first variant's text: omit it"
+                    "variants_text", "with variants, text is the first variant's text: omit it"
                 )
             self.text = first
         elif self.text is None:
-            raise PydanticCustomError("missing", "text (or variants) is required")
+            raise PydanticCustomError("text_or_variants", "text (or variants) is required")
         return self
 
     @model_validator(mode="after")

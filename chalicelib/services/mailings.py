@@ -449,7 +449,13 @@ def _text_of_variants(fields: MailingFields, changes: Mapping[str, object]) -> M
     if text_alone and fields.text != fields.variants[0].text:
         raise ValidationFailed(
             "this mailing has A/B variants: change their texts with `variants`",
-            [{"field": "body.text", "message": "change `variants` instead", "type": "variants"}],
+            [
+                {
+                    "field": "body.text",
+                    "message": "change `variants` instead",
+                    "type": "variants_text",
+                }
+            ],
         )
     return replace(fields, text=fields.variants[0].text)
 
