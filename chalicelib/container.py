@@ -18,6 +18,7 @@ from chalicelib.secrets import Secrets
 from chalicelib.services.audit import AuditLog
 from chalicelib.services.clients import ClientDirectory
 from chalicelib.services.delivery import Sender
+from chalicelib.services.frequency_cap import FrequencyCapGuard
 from chalicelib.services.idempotency import IdempotencyStore
 from chalicelib.services.imports import ClientImports
 from chalicelib.services.inbound import InboundSms
@@ -33,6 +34,7 @@ from chalicelib.settings import Settings, get_settings
 from chalicelib.storage.audit import DynamoAuditTrail
 from chalicelib.storage.clients import DynamoClientRepository
 from chalicelib.storage.errors import PATIENT
+from chalicelib.storage.frequency_caps import DynamoFrequencyCaps
 from chalicelib.storage.gateway_limits import DynamoGatewayLimits
 from chalicelib.storage.idempotency import DynamoIdempotencyKeys
 from chalicelib.storage.imports import DynamoImportRepository
@@ -60,6 +62,14 @@ class _LazyClient:
     @cache  # noqa: B019 - one client per instance, for the life of the process
     def _client(self) -> Any:
         return aws.client(self._service, self._settings)
+
+
+def frequency_cap_guard(settings: Settings) -> FrequencyCapGuard | None:
+    """The senders' frequency cap (FREQUENCY_CAP), or None when it is off."""
+    if settings.frequency_cap is None:
+        return None
+    store = DynamoFrequencyCaps(_LazyClient("dynamodb", settings), settings.table_name("sequences"))
+    return FrequencyCapGuard(settings.frequency_cap, store)
 
 
 def sleep_until(moment: datetime) -> None:
@@ -209,6 +219,7 @@ class Services:
                 throttle=throttle,
                 wait_until=wait_until,
                 metrics=metrics,
+                caps=frequency_cap_guard(settings),
             ),
             throttle=throttle,
             metrics=metrics,

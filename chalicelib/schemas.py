@@ -34,6 +34,7 @@ from chalicelib.domain.client import (
     is_phone,
 )
 from chalicelib.domain.inbound import InboundResult
+from chalicelib.domain.mailing import SkipReason
 from chalicelib.domain.receipt import DeliveryStatus
 from chalicelib.domain.sms_parts import MAX_PARTS_LIMIT
 from chalicelib.domain.text import TEMPLATE_PATTERN
@@ -389,15 +390,76 @@ class CostEstimate(_Response):
     currency: str = Field(description="PRICE_CURRENCY, e.g. RUB")
 
 
+class VariantIn(_Request):
+    """One A/B text and its share of the clients not held out."""
+
+    text: MailingText
+    weight: int = Field(1, ge=1, le=100, description="Relative share (1-100), default 1")
+
+
+class VariantOut(_Response):
+    text: str
+    weight: int
+    sent: int = Field(description="Messages sent with this text")
+
+
+def _text_or_variants(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    # `text` or `variants` (or both, the text being the first variant's); neither may be null.
+    properties = schema.get("properties", {})
+    for name in ("text", "variants"):
+        if name in properties:
+            properties[name] = without_null(properties[name])
+    schema["anyOf"] = [{"required": ["text"]}, {"required": ["variants"]}]
+
+
 class MailingCreate(_Request):
     """A mailing to schedule (PUT takes the same full representation)."""
 
-    text: MailingText
+    model_config = ConfigDict(json_schema_extra=_text_or_variants)  # merged with _Request's
+
+    text: MailingText | None = Field(
+        None,  # filled in from `variants` when they are given
+        description="The message text (required unless `variants` are given: then the first "
+        "variant's text, and it may be omitted)",
+    )
     start_at: Timestamp
     end_at: Timestamp
     filter: AudienceFilter = Field(default_factory=AudienceFilter)
     send_window: SendWindow | None = None
     max_parts: MaxParts | None = None
+    frequency_cap_exempt: bool = Field(
+        False,
+        description="A service message: the FREQUENCY_CAP neither stops nor counts its messages",
+    )
+    variants: list[VariantIn] | None = Field(
+        None,
+        min_length=2,
+        max_length=5,
+        description="A/B texts (2-5), each client getting one by weight, the same every time",
+    )
+    holdout_percent: int = Field(
+        0, ge=0, le=50, description="Share of the audience never sent to, counted apart (0-50)"
+    )
+
+    @model_validator(mode="after")
+    def _text_or_variants(self) -> MailingCreate:
+        nulls = sorted(
+            n
+            for n in ("text", "variants")
+            if n in self.model_fields_set and getattr(self, n) is None
+        )
+        if nulls:
+            raise ValueError(f"{', '.join(nulls)} may be omitted but not null")
+        if self.variants:
+            first = self.variants[0].text
+            if self.text is not None and self.text != first:
+                raise PydanticCustomError(
+                    "variants_text", "with variants, text is the first variant's text: omit it"
+                )
+            self.text = first
+        elif self.text is None:
+            raise PydanticCustomError("text_or_variants", "text (or variants) is required")
+        return self
 
     @model_validator(mode="after")
     def _end_after_start(self) -> MailingCreate:
@@ -415,6 +477,9 @@ class MailingPatch(_Patch):
     filter: AudienceFilter | None = None
     send_window: SendWindow | None = None
     max_parts: MaxParts | None = None
+    frequency_cap_exempt: bool | None = None
+    variants: list[VariantIn] | None = Field(None, min_length=2, max_length=5)
+    holdout_percent: int | None = Field(None, ge=0, le=50)
 
     NULLABLE: ClassVar[frozenset[str]] = frozenset({"send_window"})
 
@@ -428,7 +493,15 @@ class MessageStats(_Response):
     failed: int
     expired: int
     cancelled: int
-    skipped: int = Field(description="Not sent: the client opted out")
+    skipped: int = Field(description="Not sent: see `skipped_by_reason`")
+
+
+class SkippedByReason(_Response):
+    """The mailing's skipped messages by reason."""
+
+    opted_out: int = Field(description="The client opted out")
+    frequency_cap: int = Field(description="The client had its FREQUENCY_CAP of messages already")
+    holdout: int = Field(description="The client is in the mailing's holdout group")
 
 
 class MailingOut(_Response):
@@ -438,8 +511,14 @@ class MailingOut(_Response):
     end_at: datetime
     filter: AudienceFilter
     send_window: SendWindow | None
+    frequency_cap_exempt: bool = False
+    variants: list[VariantOut] | None = Field(
+        None, description="The A/B texts with their sent counts; null for a single text"
+    )
+    holdout_percent: int = 0
     status: MailingStatus
     stats: MessageStats
+    skipped_by_reason: SkippedByReason
     created_at: datetime
     updated_at: datetime
     max_parts: int | None = Field(None, description="null: created before parts were counted")
@@ -477,6 +556,12 @@ class MessageOut(_Response):
     delivery: DeliveryOut | None = Field(
         None, description="The gateway's delivery receipt; null until one comes (if ever)"
     )
+    skip_reason: SkipReason | None = Field(
+        None, description="Why a skipped message was not sent: opted_out, frequency_cap, holdout"
+    )
+    variant: int | None = Field(
+        None, description="The A/B variant (index in the mailing's variants) a sent message had"
+    )
 
 
 class MessageListQuery(PageQuery):
@@ -487,6 +572,8 @@ class MailingStatsOut(_Response):
     mailing_id: str
     status: MailingStatus
     stats: MessageStats
+    skipped_by_reason: SkippedByReason
+    variants: list[VariantOut] | None = None
     messages: list[MessageOut]
     next_cursor: str | None
     delivery: DeliveryStats | None = Field(None, description="Delivery receipts so far")

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from chalicelib.domain.frequency_cap import FrequencyCap, FrequencyCapInvalid
 from chalicelib.roles import Role, parse_role_map, split_token_entry
 
 # Inbound SMS made only of one of these opt their sender out (INBOUND_OPT_OUT_KEYWORDS).
@@ -158,6 +159,9 @@ class Settings(BaseModel):
     # Most calls a second per mobile operator code, e.g. `916=20,903=10` (each operator's own
     # limit at the aggregator); operators not listed have only the global limits.
     gateway_rate_per_operator: tuple[tuple[str, float], ...] = ()
+    # At most N messages per client within a rolling window across all mailings, e.g. `1/24h`
+    # (domain/frequency_cap.py); None (unset): no cap.
+    frequency_cap: FrequencyCap | None = None
     # The send queue's redrive maxReceiveCount (infra/resources.yaml): a job failing its last
     # receive is counted as a DLQ arrival.
     max_receive_count: int = Field(5, ge=1, le=1000)
@@ -254,6 +258,16 @@ class Settings(BaseModel):
     def _split_recipients(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(address.strip() for address in value.split(",") if address.strip())
+        return value
+
+    @field_validator("frequency_cap", mode="before")
+    @classmethod
+    def _parse_frequency_cap(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return FrequencyCap.parse(value)
+            except FrequencyCapInvalid as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("gateway_rate_per_operator", mode="before")

@@ -1264,6 +1264,7 @@
       });
     }
 
+    const campaign = campaignFields(mailing, inputs.text);
     const keys = idempotencyKeys();
     const form = h("form", { class: "grid", "aria-labelledby": "mailing-title" },
       formError(),
@@ -1278,6 +1279,7 @@
       field("Tags", inputs.tags, { hint: "Comma-separated; empty: any tag" }),
       field("Max SMS parts", inputs.max_parts, { hint: "1–10 parts a message; empty: the server's default (4 unless configured)" }),
       windowSet,
+      campaign.element,
       h("div", { class: "form-actions wide" }, previewButton),
       preview,
       h("div", { class: "form-actions" },
@@ -1299,6 +1301,7 @@
       if (inputs.max_parts.value.trim()) body.max_parts = Number(inputs.max_parts.value);
       for (const key of ["start_at", "end_at"]) if (body[key] === undefined) delete body[key];
       if (!editing && body.send_window === null) delete body.send_window;
+      campaign.apply(body);
       if (editing) {
         // Only what changed: a running mailing refuses some changes (its start, its filter).
         for (const key of Object.keys(body)) {
@@ -1327,6 +1330,7 @@
       h("p", {}, h("a", { href: "#/mailings" }, "← Mailings")),
       h("section", { class: "panel" }, h("h1", { id: "mailing-title" }, editing ? "Edit mailing" : "New mailing"), form),
     );
+    campaign.sync();
     inputs.text.focus();
     runPreview();
   }
@@ -1355,7 +1359,100 @@
   function normalise(key, value) {
     if (value && (key === "start_at" || key === "end_at")) return new Date(value).getTime();
     if (key === "filter" && value) return { operator_codes: [...value.operator_codes].sort(), tags: [...value.tags].sort() };
+    if (key === "variants" && value) return value.map((v) => ({ text: v.text, weight: v.weight }));
     return value ?? null;
+  }
+
+  // ------------------------------------------------------------------ A/B variants, holdout, frequency cap
+
+  const VARIANT_NAMES = ["A", "B", "C", "D", "E"];
+
+  /** The mailing form's campaign part: A/B variant texts with their weights (2-5), the holdout
+   * share and the frequency-cap exemption. `apply(body)` puts them in a request body (with
+   * variants, the text is variant A's and `text` is left out); `sync()` shows the text box or
+   * the variants once the form is built. */
+  function campaignFields(mailing, textInput) {
+    const hadVariants = Boolean(mailing && mailing.variants);
+    const abOn = h("input", { type: "checkbox", id: "ab-on", name: "ab_on", checked: hadVariants, disabled: hadVariants });
+    let variants = hadVariants
+      ? mailing.variants.map((v) => ({ text: v.text, weight: v.weight }))
+      : [{ text: "", weight: 1 }, { text: "", weight: 1 }];
+    const rows = h("div", { class: "variant-rows", id: "variant-rows" });
+    const add = h("button", { type: "button", class: "secondary", id: "add-variant" }, "Add variant");
+    const holdout = h("input", { type: "number", name: "holdout_percent", id: "holdout-percent", min: 0, max: 50, step: 1, value: String(mailing ? mailing.holdout_percent || 0 : 0) });
+    const exempt = h("input", { type: "checkbox", name: "frequency_cap_exempt", id: "cap-exempt", checked: Boolean(mailing && mailing.frequency_cap_exempt) });
+
+    function render() {
+      fill(rows, variants.map((v, index) => {
+        const name = VARIANT_NAMES[index];
+        const text = h("textarea", { name: "variant_text", rows: 3, maxlength: 1000, "aria-label": `Variant ${name} text`, dataset: { variant: name } });
+        text.value = v.text;
+        text.addEventListener("input", () => { v.text = text.value; });
+        const weight = h("input", { type: "number", name: "variant_weight", min: 1, max: 100, step: 1, value: String(v.weight), "aria-label": `Variant ${name} weight` });
+        weight.addEventListener("input", () => { v.weight = Number(weight.value); });
+        const remove = h("button", { type: "button", class: "secondary", disabled: variants.length <= 2 || hadVariants, onclick: () => { variants.splice(index, 1); render(); } }, "Remove");
+        return h("div", { class: "variant-row", dataset: { field: `variants.${index}` } },
+          h("strong", {}, `Variant ${name}`), text,
+          h("label", { class: "variant-weight" }, "Weight ", weight), remove,
+          h("p", { class: "field-error" }));
+      }));
+      add.disabled = variants.length >= VARIANT_NAMES.length || hadVariants;
+    }
+    add.addEventListener("click", () => { variants.push({ text: "", weight: 1 }); render(); });
+
+    function sync() {
+      const on = abOn.checked;
+      const textField = textInput.closest(".field");
+      if (textField) textField.hidden = on;
+      textInput.required = !on;
+      abPart.hidden = !on;
+      if (on && !hadVariants && !variants[0].text && textInput.value) {
+        variants[0].text = textInput.value;
+        render();
+      }
+    }
+    abOn.addEventListener("change", sync);
+    render();
+    const abPart = h("div", { class: "ab-part", dataset: { field: "variants" } },
+      h("p", { class: "hint" }, "Each client gets one text, by weight, the same every time; the statistics count each text apart."),
+      rows, h("div", { class: "form-actions" }, add), h("p", { class: "field-error" }));
+    const element = h("fieldset", { class: "wide campaign", id: "campaign-fields" },
+      h("legend", {}, "A/B test, holdout, frequency cap"),
+      h("div", { class: "row" }, abOn, h("label", { for: "ab-on" }, "A/B test: send 2 to 5 texts")),
+      abPart,
+      field("Holdout (% of the audience)", holdout, { hint: "0-50: these clients get nothing and are counted apart, to measure the campaign against" }),
+      field("Service message: exempt from the frequency cap", exempt, { check: true }));
+
+    function apply(body) {
+      if (abOn.checked) {
+        body.variants = variants.map((v) => ({ text: v.text, weight: v.weight }));
+        delete body.text;
+      }
+      body.holdout_percent = Number(holdout.value || 0);
+      body.frequency_cap_exempt = exempt.checked;
+    }
+    return { element, apply, sync };
+  }
+
+  /** A mailing's A/B variants side by side, each with its share and sent count, and its
+   * holdout group. */
+  function variantPanel(mailing, answer) {
+    const variants = (answer && answer.variants) || mailing.variants;
+    const heldOut = answer && answer.skipped_by_reason ? answer.skipped_by_reason.holdout : (mailing.skipped_by_reason || {}).holdout || 0;
+    if (!variants && !mailing.holdout_percent) return [];
+    const total = (variants || []).reduce((sum, v) => sum + v.weight, 0);
+    const cards = (variants || []).map((v, index) => h("div", { class: "variant-card", dataset: { variant: VARIANT_NAMES[index] } },
+      h("h3", {}, `Variant ${VARIANT_NAMES[index]}`),
+      h("p", { class: "quote" }, v.text),
+      h("p", { class: "hint" }, `Weight ${v.weight} (${Math.round((v.weight / total) * 100)}% of those not held out)`),
+      h("p", { class: "variant-sent" }, h("strong", { "data-count": `variant-${VARIANT_NAMES[index]}` }, String(v.sent)), " sent")));
+    if (mailing.holdout_percent) {
+      cards.push(h("div", { class: "variant-card holdout", dataset: { variant: "holdout" } },
+        h("h3", {}, "Holdout"),
+        h("p", { class: "hint" }, `${mailing.holdout_percent}% of the audience, never sent to`),
+        h("p", { class: "variant-sent" }, h("strong", { "data-count": "holdout" }, String(heldOut)), " held out")));
+    }
+    return [h("h2", { id: "variants-title" }, variants ? "A/B variants" : "Holdout"), h("div", { class: "variant-cards" }, cards)];
   }
 
   // ------------------------------------------------------------------ gateway
@@ -1465,6 +1562,19 @@
     const progress = h("div", { class: "progress", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": 0, "aria-labelledby": "progress-label" }, bar);
     const counts = h("dl", { class: "counts", id: "status-counts" });
     const delivery = h("p", { id: "delivery-summary" }, deliverySummary(mailing.delivery));
+    const abPanel = h("section", { class: "panel", id: "variants-panel", "aria-labelledby": "variants-title", hidden: true });
+    // Why the skipped messages were not sent ("2 frequency cap, 1 opted out").
+    const skipReasons = h("p", { class: "hint", id: "skip-reasons", hidden: true });
+    const showVariants = (answer) => {
+      const reasons = Object.entries((answer || mailing).skipped_by_reason || {}).filter(([, n]) => n > 0);
+      skipReasons.hidden = !reasons.length;
+      skipReasons.textContent = reasons.length
+        ? `Skipped: ${reasons.map(([reason, n]) => `${n} ${reason.replace("_", " ")}`).join(", ")}`
+        : "";
+      const parts = variantPanel(mailing, answer);
+      abPanel.hidden = !parts.length;
+      fill(abPanel, ...parts);
+    };
     const chart = h("div", { id: "chart" });
     const failedPart = h("div", { id: "failed-messages" });
     // Shown only while there are failed messages to retry.
@@ -1590,6 +1700,7 @@
       if (samples.length > 900) samples.splice(0, samples.length - 900);
       renderStats(answer.status, answer.stats);
       delivery.textContent = deliverySummary(answer.delivery);
+      showVariants(answer);
       fill(chart, drawChart(samples, chart.clientWidth));
       updated.textContent = `Updated ${clock.format(new Date())}; refreshes every ${POLL_MS / 1000} s.`;
       await loadFailed(answer.stats.failed || 0).catch(() => {});
@@ -1605,11 +1716,13 @@
     }
 
     renderMailing(mailing);
+    showVariants(null);
     mount(
       h("p", {}, h("a", { href: "#/mailings" }, "← Mailings")),
       h("section", { class: "panel", "aria-labelledby": "mailing-heading" }, title, text, meta, actions),
       h("section", { class: "panel", "aria-labelledby": "progress-title" },
-        h("h2", { id: "progress-title" }, "Progress"), progressLabel, progress, counts, delivery, updated),
+        h("h2", { id: "progress-title" }, "Progress"), progressLabel, progress, counts, delivery, skipReasons, updated),
+      abPanel,
       gatewayPanel(view),
       h("section", { class: "panel", "aria-labelledby": "chart-title" },
         h("h2", { id: "chart-title" }, "Over time"),

@@ -14,7 +14,9 @@ from chalicelib.api.mapping import (
     message_out,
     page_limit,
     parts_out,
+    skipped_by_reason,
     stats_out,
+    variants_out,
 )
 from chalicelib.api.security import bearer_auth
 from chalicelib.container import services
@@ -215,6 +217,8 @@ def mailing_stats(mailing_id: str, query: MessageListQuery) -> MailingStatsOut:
         mailing_id=mailing.id,
         status=mailing.status,
         stats=stats_out(mailing.counts),
+        skipped_by_reason=skipped_by_reason(mailing),
+        variants=variants_out(mailing),
         messages=[message_out(m) for m in page.items],
         next_cursor=page.next_cursor,
         delivery=delivery_stats_out(mailing),

@@ -7,6 +7,7 @@ from typing import Any
 
 from chalicelib import domain
 from chalicelib.domain import MessageStatus
+from chalicelib.domain import variants as domain_variants
 from chalicelib.domain.rate_limit import GatewayStatus
 from chalicelib.domain.receipt import Delivery
 from chalicelib.domain.sms_parts import PartsEstimate
@@ -29,6 +30,9 @@ from chalicelib.schemas import (
     MessageStats,
     PartsOut,
     SendWindow,
+    SkippedByReason,
+    VariantIn,
+    VariantOut,
 )
 from chalicelib.services.clients import ClientFields
 from chalicelib.services.mailings import MailingFields
@@ -83,7 +87,23 @@ def mailing_fields(body: MailingCreate) -> MailingFields:
         audience=audience(body.filter),
         send_window=send_window(body.send_window),
         max_parts=body.max_parts,
+        frequency_cap_exempt=body.frequency_cap_exempt,
+        variants=variants_in(body.variants),
+        holdout_percent=body.holdout_percent,
     )
+
+
+def variants_in(values: list[VariantIn] | None) -> tuple[domain_variants.Variant, ...]:
+    return tuple(domain_variants.Variant(v.text, v.weight) for v in values or ())
+
+
+def variants_out(mailing: domain.Mailing) -> list[VariantOut] | None:
+    if not mailing.variants:
+        return None
+    return [
+        VariantOut(text=v.text, weight=v.weight, sent=sent)
+        for v, sent in zip(mailing.variants, mailing.variant_sent, strict=False)
+    ]
 
 
 def mailing_changes(patch: MailingPatch) -> dict[str, Any]:
@@ -99,7 +119,17 @@ def mailing_changes(patch: MailingPatch) -> dict[str, Any]:
         changes["send_window"] = send_window(patch.send_window)
     if "max_parts" in sent:
         changes["max_parts"] = patch.max_parts
+    if "frequency_cap_exempt" in sent and patch.frequency_cap_exempt is not None:
+        changes["frequency_cap_exempt"] = patch.frequency_cap_exempt
+    if "variants" in sent and patch.variants is not None:
+        changes["variants"] = variants_in(patch.variants)
+    if "holdout_percent" in sent and patch.holdout_percent is not None:
+        changes["holdout_percent"] = patch.holdout_percent
     return changes
+
+
+def skipped_by_reason(mailing: domain.Mailing) -> SkippedByReason:
+    return SkippedByReason(**mailing.skip_counts.as_dict())
 
 
 def stats_out(counts: domain.MessageCounts) -> MessageStats:
@@ -125,9 +155,13 @@ def mailing_out(mailing: domain.Mailing) -> MailingOut:
             operator_codes=list(mailing.audience.operator_codes), tags=list(mailing.audience.tags)
         ),
         send_window=window,
+        frequency_cap_exempt=mailing.frequency_cap_exempt,
+        variants=variants_out(mailing),
+        holdout_percent=mailing.holdout_percent,
         status=mailing.status,
         stats=stats_out(mailing.counts),
         delivery=delivery_stats_out(mailing),
+        skipped_by_reason=skipped_by_reason(mailing),
         created_at=mailing.created_at,
         updated_at=mailing.updated_at,
         max_parts=mailing.max_parts,
@@ -173,6 +207,8 @@ def message_out(message: domain.Message) -> MessageOut:
         sent_at=message.sent_at,
         attempts=message.attempts,
         last_error=message.last_error,
+        skip_reason=message.skip_reason,
+        variant=message.variant,
         delivery=None if message.delivery is None else delivery_out(message.delivery),
     )
 

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
-from chalicelib.domain.mailing import MailingStatus
+from chalicelib.domain.mailing import MailingStatus, SkipReason
 from chalicelib.domain.rate_limit import Kind, Verdict
 from chalicelib.domain.send_window import SendWindow
 
@@ -76,7 +76,7 @@ class DeliveryAttempt:
 class Step(StrEnum):
     SEND = "send"  # call the gateway now
     CANCEL = "cancel"  # the mailing was cancelled
-    SKIP = "skip"  # the client opted out: never sent
+    SKIP = "skip"  # never sent, for the decision's `skip_reason` (the client opted out)
     FAIL = "fail"  # refused for good, or the client cannot be used
     EXPIRE = "expire"  # the end (or the window's last opening before it) has passed
     DEFER = "defer"  # back after `wait`, no attempt spent
@@ -93,6 +93,7 @@ class Decision:
     reason: str | None = None  # the message's error (or why it expired, failed, was cancelled)
     wait: float = 0.0  # seconds until the job comes back
     retries: int | None = None  # attempts spent, this one included (RETRY, DEAD_LETTER)
+    skip_reason: SkipReason | None = None  # why a SKIP is never sent
 
 
 SEND = Decision(Step.SEND)
@@ -164,7 +165,7 @@ def before_call(attempt: DeliveryAttempt, now: datetime, rules: DeliveryRules) -
             return expiry(attempt)
         return Decision(Step.FAIL, attempt.problem)
     if attempt.opted_out:
-        return Decision(Step.SKIP, "client opted out")
+        return Decision(Step.SKIP, "client opted out", skip_reason=SkipReason.OPTED_OUT)
     if attempt.mailing_status is MailingStatus.PAUSED:
         if ended(attempt.end_at, now, rules):
             return expiry(attempt)

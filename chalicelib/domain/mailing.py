@@ -16,6 +16,7 @@ from chalicelib.domain.audience import AudienceFilter
 from chalicelib.domain.receipt import Delivery, DeliveryCounts
 from chalicelib.domain.send_window import SendWindow
 from chalicelib.domain.sms_parts import PartsEstimate
+from chalicelib.domain.variants import Variant
 from chalicelib.errors import Conflict, NotFound
 
 # How far ahead of now a mailing may start or end. Dates beyond it are mistakes (year 9999), and
@@ -29,7 +30,28 @@ class MessageStatus(StrEnum):
     FAILED = "failed"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
-    SKIPPED = "skipped"  # the client opted out: never sent
+    SKIPPED = "skipped"  # never sent, for the message's `skip_reason`
+
+
+class SkipReason(StrEnum):
+    """Why a `skipped` message was never sent."""
+
+    OPTED_OUT = "opted_out"  # the client opted out
+    FREQUENCY_CAP = "frequency_cap"  # the client had its FREQUENCY_CAP of messages already
+    HOLDOUT = "holdout"  # the client is in the mailing's holdout group
+
+
+@dataclass(frozen=True)
+class SkipCounts:
+    """A mailing's skipped messages by reason (they add up to its `skipped` counter, for the
+    messages skipped since reasons were kept)."""
+
+    opted_out: int = 0
+    frequency_cap: int = 0
+    holdout: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {reason.value: getattr(self, reason.value) for reason in SkipReason}
 
 
 class MailingStatus(StrEnum):
@@ -268,6 +290,14 @@ class Mailing:
     parts: PartsEstimate | None = None
     # Its messages with a delivery receipt, by outcome (all zero for a gateway that sends none).
     delivery: DeliveryCounts = field(default_factory=DeliveryCounts)
+    # A service message: the FREQUENCY_CAP neither stops it nor counts it.
+    frequency_cap_exempt: bool = False
+    skip_counts: SkipCounts = SkipCounts()
+    # A/B texts (domain/variants.py; `text` is the first one's) and the share of clients held
+    # out; `variant_sent` counts the sent messages of each variant.
+    variants: tuple[Variant, ...] = ()
+    holdout_percent: int = 0
+    variant_sent: tuple[int, ...] = ()
 
     def started(self, now: datetime) -> bool:
         """Whether its start has come."""
@@ -322,6 +352,8 @@ class Message:
     last_error: str | None
     # What the gateway's delivery receipt said (None: no receipt came, or none ever will).
     delivery: Delivery | None = None
+    skip_reason: SkipReason | None = None  # only on a `skipped` message
+    variant: int | None = None  # the A/B variant a sent message carried
 
 
 @dataclass(frozen=True)

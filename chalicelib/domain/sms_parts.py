@@ -20,7 +20,7 @@ this module; tests run the same reference table through both.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -171,6 +171,25 @@ def estimate_parts(
         approximate=approximate,
         cost=cost,
         currency=None if prices is None else prices.currency,
+    )
+
+
+def mixed(shares: Sequence[tuple[PartsEstimate, float]]) -> PartsEstimate:
+    """The parts of a mailing whose clients get several texts (A/B variants, a held-out share
+    getting none): each text's estimate over the whole audience, weighed by the share of the
+    audience that gets it. The encoding and the per-message bounds are those of every text."""
+    first = shares[0][0]
+    costs = [estimate.cost for estimate, _ in shares]
+    return PartsEstimate(
+        encoding=UCS2 if any(e.encoding == UCS2 for e, _ in shares) else GSM7,
+        per_message_min=min(e.per_message_min for e, _ in shares),
+        per_message_max=max(e.per_message_max for e, _ in shares),
+        total=round(sum(e.total * share for e, share in shares)),
+        approximate=first.approximate,
+        cost=None
+        if any(c is None for c in costs)
+        else round(sum((e.cost or 0.0) * share for e, share in shares), 2),
+        currency=first.currency,
     )
 
 

@@ -55,13 +55,15 @@ from chalicelib.domain.delivery_policy import (
     too_late,
 )
 from chalicelib.domain.gateway_answer import GatewayResult
-from chalicelib.domain.mailing import Mailing, MailingNotFound, MailingUnusable
+from chalicelib.domain.mailing import Mailing, MailingNotFound, MailingUnusable, SkipReason
 from chalicelib.domain.rate_limit import Kind, classify, unreachable
 from chalicelib.domain.text import personalise
 from chalicelib.domain.timeline import grid_of
+from chalicelib.domain.variants import in_holdout, variant_of
 from chalicelib.gateway import GatewayClient
 from chalicelib.metrics import MetricsWriter
 from chalicelib.services.clients import ClientDirectory
+from chalicelib.services.frequency_cap import CapContended, FrequencyCapGuard
 from chalicelib.services.messages import MessageStore, Outcome
 from chalicelib.services.queues import (
     SQS_MAX_DELAY_SECONDS,
@@ -130,6 +132,8 @@ class JobResult(StrEnum):
     CONFIG_ERROR = "config_error"
     SKIPPED = "skipped"  # nothing to do: already done, claimed elsewhere, or stale
     OPTED_OUT = "opted_out"  # the client opted out: the message is `skipped`, never sent
+    FREQUENCY_CAPPED = "frequency_capped"  # over FREQUENCY_CAP: `skipped`, never sent
+    HELD_OUT = "held_out"  # in the mailing's holdout group: `skipped`, never sent
 
 
 _TERMINAL = frozenset(
@@ -140,12 +144,18 @@ _TERMINAL = frozenset(
         JobResult.CANCELLED,
         JobResult.DEAD_LETTERED,
         JobResult.OPTED_OUT,
+        JobResult.FREQUENCY_CAPPED,
+        JobResult.HELD_OUT,
     }
 )
 
 
-def _result_of(status: MessageStatus) -> JobResult:
+def _result_of(status: MessageStatus, skip_reason: SkipReason | None = None) -> JobResult:
     """What finishing a message with `status` means for its job."""
+    if skip_reason is SkipReason.FREQUENCY_CAP:
+        return JobResult.FREQUENCY_CAPPED
+    if skip_reason is SkipReason.HOLDOUT:
+        return JobResult.HELD_OUT
     return JobResult.OPTED_OUT if status is MessageStatus.SKIPPED else JobResult(status.value)
 
 
@@ -308,6 +318,8 @@ class _Job:
     operator_slot: tuple[float, float] | None = None
     # The global slot set aside for its call when the batch was admitted.
     planned: datetime | None = None
+    # The client's frequency-cap slot its message holds (services/frequency_cap.py).
+    cap_slot: int | None = None
 
     @property
     def recipient(self) -> Client:
@@ -373,7 +385,9 @@ class Sender:
         throttle: GatewayThrottle,
         wait_until: Callable[[datetime], None],
         metrics: MetricsWriter,
+        caps: FrequencyCapGuard | None = None,
     ) -> None:
+        self._caps = caps
         self._mailings = mailings
         self._messages = messages
         self._clients = clients
@@ -629,7 +643,53 @@ class Sender:
         )
         if claim.claim_id is None:
             return self._unclaimable(item, claim.message, now, self._log(item))
-        return replace(item, claim=claim.claim_id, claim_until=now + timedelta(seconds=seconds))
+        claimed = replace(item, claim=claim.claim_id, claim_until=now + timedelta(seconds=seconds))
+        return self._cap_take(claimed, now)
+
+    # ---------------------------------------------------------------- the frequency cap
+
+    def _cap_take(self, item: _Job, now: datetime) -> _Job | _Done:
+        """Take the client's frequency-cap slot for the claimed message (see
+        services/frequency_cap.py): the job holding it, or the message skipped when the client
+        had its cap already. Taken after the claim, so only the claim's holder takes it."""
+        caps, mailing = self._caps, item.mailing
+        if caps is None or mailing is None or mailing.frequency_cap_exempt:
+            return item
+        client_id = item.job.client_id
+        try:
+            slot = item.run.retry(lambda: caps.take(client_id, mailing.id, now))
+        except CapContended:
+            logger.warning("frequency-cap slots busy; job comes back", extra=self._log(item))
+            return self._give_back(item)
+        if slot is None:
+            logger.info("client reached the frequency cap; message skipped", extra=self._log(item))
+            return self._finish(
+                item,
+                MessageStatus.SKIPPED,
+                item.claim,
+                "frequency cap reached",
+                SkipReason.FREQUENCY_CAP,
+            )
+        return replace(item, cap_slot=slot)
+
+    def _cap_give_back(self, item: _Job, *, look_up: bool = False) -> None:
+        """Free the cap slot of a message that ended, or went back, without being sent; with
+        `look_up`, also one this job does not know of (taken by an earlier attempt that kept it).
+        A give-back that fails leaves the slot busy until its window ends: logged, not raised."""
+        caps, slot, mailing = self._caps, item.cap_slot, item.mailing
+        if caps is None or mailing is None or mailing.frequency_cap_exempt:
+            return
+        if slot is None and not look_up:
+            return
+        client_id, mailing_id = item.job.client_id, item.batch.mailing_id
+        try:
+            item.run.retry(lambda: caps.give_back(client_id, mailing_id, slot, self._clock()))
+        except Exception:
+            logger.warning(
+                "frequency-cap slot not given back; busy until its window ends",
+                exc_info=True,
+                extra=self._log(item),
+            )
 
     def _give_back(self, item: _Job, wait: float = 0.0, spread: bool = True) -> _Done:
         """A claimed message that will not be sent now: unclaimed, its attempt undone, later."""
@@ -641,7 +701,10 @@ class Sender:
         self._release(item, item.claim, item.job.last_error, called=False)
 
     def _release(self, item: _Job, claim: str, error: str | None, *, called: bool = True) -> None:
-        """Give the message back, still pending (see MessageStore.release)."""
+        """Give the message back, still pending (see MessageStore.release); with no call made
+        (or one the gateway refused to take), its frequency-cap slot goes back too."""
+        if not called:
+            self._cap_give_back(item)
         item.run.retry(
             lambda: self._messages.release(
                 item.batch.mailing_id,
@@ -719,6 +782,10 @@ class Sender:
             logger.warning("message failed: %s", item.problem, extra=self._log(item))
         if decision.step is not Step.SEND:
             return self._settle(item, decision)
+        if _held_out(item):
+            return self._finish(
+                item, MessageStatus.SKIPPED, None, "holdout group", SkipReason.HOLDOUT
+            )
         problem = self._gateway_problem()
         if problem is not None:
             logger.error("%s: nothing can be sent; retried later", problem, extra=self._log(item))
@@ -735,7 +802,9 @@ class Sender:
             Step.EXPIRE: MessageStatus.EXPIRED,
         }
         if decision.step in finished:
-            return self._finish(item, finished[decision.step], claim, decision.reason)
+            return self._finish(
+                item, finished[decision.step], claim, decision.reason, decision.skip_reason
+            )
         assert decision.step is Step.DEFER, decision
         # No random spread: the batch's jobs keep one delay, so they travel in one SQS message.
         return _Done(JobResult.DEFERRED, self._later(item, item.job, decision.wait))
@@ -903,13 +972,31 @@ class Sender:
     # ---------------------------------------------------------------- helpers
 
     def _finish(
-        self, item: _Job, status: MessageStatus, claim: str | None, error: str | None
+        self,
+        item: _Job,
+        status: MessageStatus,
+        claim: str | None,
+        error: str | None,
+        skip_reason: SkipReason | None = None,
     ) -> _Done:
         # Written at once, with whatever other outcomes of the batch are waiting (see _Outcomes).
+        variant = _variant_index(item) if status is MessageStatus.SENT else None
         done = item.run.outcomes.write(
-            Outcome(item.job.client_id, status, claim, error, item.job.message_id)
+            Outcome(
+                item.job.client_id,
+                status,
+                claim,
+                error,
+                item.job.message_id,
+                skip_reason,
+                variant,
+            )
         )
-        return _Done(_result_of(status) if done else JobResult.SKIPPED)
+        if done and status is not MessageStatus.SENT and skip_reason is None:
+            # Ended unsent (failed, expired, cancelled): its place, if an earlier attempt kept
+            # one (a retry after a 5xx), goes back too.
+            self._cap_give_back(item, look_up=True)
+        return _Done(_result_of(status, skip_reason) if done else JobResult.SKIPPED)
 
     @staticmethod
     def _log(item: _Job) -> LogIds:
@@ -1004,9 +1091,28 @@ def _attempt_of(
 
 
 def _text_for(item: _Job) -> str:
-    """The mailing's text with the client's fields in its placeholders."""
+    """The mailing's text (the client's A/B variant's) with the client's fields in its
+    placeholders."""
     assert item.mailing is not None  # only jobs of a usable mailing get a call
-    return personalise(item.mailing.text, item.recipient)
+    index = _variant_index(item)
+    text = item.mailing.text if index is None else item.mailing.variants[index].text
+    return personalise(text, item.recipient)
+
+
+def _variant_index(item: _Job) -> int | None:
+    """The A/B variant the job's client gets (None: the mailing has a single text)."""
+    mailing = item.mailing
+    if mailing is None or not mailing.variants:
+        return None
+    return variant_of(mailing.id, item.job.client_id, mailing.variants)
+
+
+def _held_out(item: _Job) -> bool:
+    """Whether the job's client is in its mailing's holdout group (skipped, never sent)."""
+    mailing = item.mailing
+    return mailing is not None and in_holdout(
+        mailing.id, item.job.client_id, mailing.holdout_percent
+    )
 
 
 def _with_ids(step: Callable[..., Step_], item: _Job, *args: object) -> Step_:

@@ -34,6 +34,7 @@ from chalicelib.domain.mailing import (
     transition,
     was_active,
 )
+from chalicelib.domain.variants import Variant
 from chalicelib.errors import Conflict, ServiceUnavailable, ValidationFailed
 from chalicelib.services.messages import MessageStore
 from chalicelib.services.parts import PartsCounter
@@ -64,6 +65,11 @@ class MailingFields:
     send_window: SendWindow | None
     # The most SMS parts a message may take; None: the default (MAX_PARTS_DEFAULT).
     max_parts: int | None = None
+    # A service message: the frequency cap neither stops it nor counts it.
+    frequency_cap_exempt: bool = False
+    # A/B texts (`text` is the first one's) and the share of the audience held out.
+    variants: tuple[Variant, ...] = ()
+    holdout_percent: int = 0
 
 
 class MailingService:
@@ -101,6 +107,9 @@ class MailingService:
             end_at=fields.end_at.astimezone(UTC),
             audience=fields.audience,
             send_window=fields.send_window,
+            frequency_cap_exempt=fields.frequency_cap_exempt,
+            variants=fields.variants,
+            holdout_percent=fields.holdout_percent,
             status=MailingStatus.SCHEDULED,
             counts=MessageCounts(),
             created_at=now,
@@ -126,6 +135,7 @@ class MailingService:
         """Change only the given fields (PATCH)."""
         mailing = self._load(mailing_id)
         fields = replace(_fields_of(mailing), **changes)
+        fields = _text_of_variants(fields, changes)
         if fields.end_at <= fields.start_at:
             raise ValidationFailed(
                 "end_at must be after start_at",
@@ -377,6 +387,9 @@ class MailingService:
                 for name, old, new in (
                     ("start_at", current.start_at, fields.start_at),
                     ("filter", current.audience, fields.audience),
+                    # Who gets which text, and who is held out, stay as they were assigned.
+                    ("variants", _shares(current), _shares(fields)),
+                    ("holdout_percent", current.holdout_percent, fields.holdout_percent),
                 )
                 if old != new
             ]
@@ -400,7 +413,7 @@ class MailingService:
         if self._parts is None:
             return mailing
         max_parts = fields.max_parts or self._parts.max_parts_default
-        estimate = self._parts.for_mailing(fields.text, fields.audience, max_parts)
+        estimate = self._parts.for_mailing(_text_shares(fields), fields.audience, max_parts)
         return replace(mailing, max_parts=max_parts, parts=estimate)
 
     def _kick_if_starting_soon(self, mailing: Mailing) -> None:
@@ -434,6 +447,9 @@ def _fields_of(mailing: Mailing) -> MailingFields:
         audience=mailing.audience,
         send_window=mailing.send_window,
         max_parts=mailing.max_parts,
+        frequency_cap_exempt=mailing.frequency_cap_exempt,
+        variants=mailing.variants,
+        holdout_percent=mailing.holdout_percent,
     )
 
 
@@ -445,7 +461,43 @@ def _parts_may_change(mailing: Mailing, fields: MailingFields) -> bool:
         or fields.text != mailing.text
         or fields.audience != mailing.audience
         or fields.max_parts != mailing.max_parts
+        or fields.variants != mailing.variants
+        or fields.holdout_percent != mailing.holdout_percent
     )
+
+
+def _text_shares(fields: MailingFields) -> list[tuple[str, float]]:
+    """Each text the mailing sends and the share of its audience that gets it."""
+    sent = 1 - fields.holdout_percent / 100
+    if not fields.variants:
+        return [(fields.text, sent)]
+    weights = sum(v.weight for v in fields.variants)
+    return [(v.text, sent * v.weight / weights) for v in fields.variants]
+
+
+def _shares(fields: MailingFields) -> tuple[int, ...]:
+    """The variants' weights: what decides which client gets which text."""
+    return tuple(v.weight for v in fields.variants)
+
+
+def _text_of_variants(fields: MailingFields, changes: Mapping[str, object]) -> MailingFields:
+    """A PATCH's fields with `text` kept as the first variant's; a text alone cannot change on
+    a mailing with variants (its variants are what is sent)."""
+    if not fields.variants:
+        return fields
+    text_alone = "text" in changes and "variants" not in changes
+    if text_alone and fields.text != fields.variants[0].text:
+        raise ValidationFailed(
+            "this mailing has A/B variants: change their texts with `variants`",
+            [
+                {
+                    "field": "body.text",
+                    "message": "change `variants` instead",
+                    "type": "variants_text",
+                }
+            ],
+        )
+    return replace(fields, text=fields.variants[0].text)
 
 
 def _with_fields(mailing: Mailing, fields: MailingFields, now: datetime) -> Mailing:
@@ -457,5 +509,8 @@ def _with_fields(mailing: Mailing, fields: MailingFields, now: datetime) -> Mail
         end_at=fields.end_at.astimezone(UTC),
         audience=fields.audience,
         send_window=fields.send_window,
+        frequency_cap_exempt=fields.frequency_cap_exempt,
+        variants=fields.variants,
+        holdout_percent=fields.holdout_percent,
         updated_at=now,
     )

@@ -9,6 +9,7 @@ when no client read has them yet, so they bound a message's length too.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from chalicelib.domain import AudienceFilter
 from chalicelib.domain.sms_parts import (
@@ -16,6 +17,7 @@ from chalicelib.domain.sms_parts import (
     PartsEstimate,
     Prices,
     estimate_parts,
+    mixed,
     too_many_parts,
 )
 from chalicelib.errors import ValidationFailed
@@ -71,16 +73,29 @@ class PartsCounter:
         self._prices = prices
         self.max_parts_default = max_parts_default
 
-    def for_mailing(self, text: str, audience: AudienceFilter, max_parts: int) -> PartsEstimate:
-        """The estimate of `text` over `audience`; ValidationFailed (on `body.text`) when some
+    def for_mailing(
+        self,
+        texts: Sequence[tuple[str, float]],
+        audience: AudienceFilter,
+        max_parts: int,
+        *,
+        field: str = "body.text",
+    ) -> PartsEstimate:
+        """The estimate over `audience` of a mailing whose texts each go to a share of it (one
+        text with share 1.0; A/B variants with their weights' shares, less the holdout);
+        ValidationFailed (on `field`, or `body.variants[i].text` for several texts) when some
         client's message would take more than `max_parts` parts, naming the client field that
         makes it long when one does."""
         summary = self._clients.summarize(audience, _NO_SAMPLE)
         values = [*summary.values, *possible_values(summary, audience)]
-        problem = too_many_parts(text, values, max_parts)
-        if problem:
-            raise ValidationFailed(
-                f"the text is too long: {problem}",
-                [{"field": "body.text", "message": problem, "type": "too_many_parts"}],
-            )
-        return parts_over(text, summary, audience, self._prices)
+        for index, (text, _) in enumerate(texts):
+            problem = too_many_parts(text, values, max_parts)
+            if problem:
+                where = field if len(texts) == 1 else f"body.variants[{index}].text"
+                raise ValidationFailed(
+                    f"the text is too long: {problem}",
+                    [{"field": where, "message": problem, "type": "too_many_parts"}],
+                )
+        return mixed(
+            [(parts_over(text, summary, audience, self._prices), share) for text, share in texts]
+        )

@@ -43,6 +43,8 @@ from chalicelib.domain.mailing import (
     MessageStatus,
     Schedule,
     Settled,
+    SkipCounts,
+    SkipReason,
     Statistics,
     Totals,
     settling,
@@ -53,6 +55,7 @@ from chalicelib.domain.receipt import DeliveryCounts
 from chalicelib.domain.send_window import SendWindow
 from chalicelib.domain.sms_parts import GSM7, UCS2, PartsEstimate
 from chalicelib.domain.timeline import TimelineGrid
+from chalicelib.domain.variants import Variant
 from chalicelib.storage import timeline as _timeline
 from chalicelib.storage.errors import CONDITION_FAILED, is_conditional_failure, is_transient
 from chalicelib.storage.models import (
@@ -325,6 +328,8 @@ class DynamoMailingRepository:
         if mailing.timeline_step is not None:
             actions.append(M.timeline_step.set(mailing.timeline_step))
         actions += _parts_actions(M, mailing)
+        actions.append(_exempt_action(M, mailing))
+        actions += _variant_actions(M, record)
         condition = (M.updated_at == before) & (M.status == mailing.status.value)
         return self._update(record, actions, condition)
 
@@ -608,6 +613,9 @@ def _set_fields(record: MailingRecord, mailing: Mailing) -> None:
     else:
         record.window_start, record.window_end = mailing.send_window.to_minutes()
     record.updated_at = mailing.updated_at
+    record.frequency_cap_exempt = mailing.frequency_cap_exempt or None
+    record.variants = _variants_stored(mailing.variants)
+    record.holdout_percent = mailing.holdout_percent or None
 
 
 # ---------------------------------------------------------------- parts and cost
@@ -714,6 +722,14 @@ def _to_domain(record: MailingRecord) -> Mailing:
         max_parts=None if record.max_parts is None else int(record.max_parts),
         parts=_parts_of(record.parts_estimate),
         delivery=_delivery_counts_of(record),
+        frequency_cap_exempt=bool(record.frequency_cap_exempt),
+        skip_counts=_skip_counts_of(record),
+        variants=_variants_of(record.variants),
+        holdout_percent=int(record.holdout_percent or 0),
+        variant_sent=tuple(
+            int(getattr(record, f"variant_sent_{i}") or 0)
+            for i in range(len(_variants_of(record.variants)))
+        ),
     )
 
 
@@ -721,6 +737,45 @@ def _delivery_counts_of(record: MailingRecord) -> DeliveryCounts:
     return DeliveryCounts(
         delivered=int(record.count_delivered or 0),
         undelivered=int(record.count_undelivered or 0),
+    )
+
+
+def _variants_stored(variants: tuple[Variant, ...]) -> str | None:
+    if not variants:
+        return None
+    return json.dumps([{"text": v.text, "weight": v.weight} for v in variants])
+
+
+def _variants_of(stored: str | None) -> tuple[Variant, ...]:
+    """The stored A/B texts (none: a single text, or a value this code cannot read)."""
+    if not stored:
+        return ()
+    try:
+        return tuple(Variant(str(v["text"]), int(v["weight"])) for v in json.loads(stored))
+    except (ValueError, TypeError, KeyError):
+        return ()
+
+
+def _variant_actions(M: type[MailingRecord], record: MailingRecord) -> list[Action]:
+    """The writes of the mailing's A/B texts and holdout share (removed when not set)."""
+    variants, holdout = record.variants, record.holdout_percent
+    return [
+        M.variants.remove() if variants is None else M.variants.set(variants),
+        M.holdout_percent.remove() if holdout is None else M.holdout_percent.set(holdout),
+    ]
+
+
+def _exempt_action(M: type[MailingRecord], mailing: Mailing) -> Action:
+    """The write of the mailing's frequency-cap exemption (absent when not exempt)."""
+    if mailing.frequency_cap_exempt:
+        return M.frequency_cap_exempt.set(True)
+    return M.frequency_cap_exempt.remove()
+
+
+def _skip_counts_of(record: MailingRecord) -> SkipCounts:
+    """The skipped messages by reason, as the mailing's counters keep them."""
+    return SkipCounts(
+        **{r.value: int(getattr(record, f"skipped_{r.value}") or 0) for r in SkipReason}
     )
 
 

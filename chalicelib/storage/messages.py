@@ -24,7 +24,7 @@ from pynamodb.expressions.update import Action
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import MailingStatus, Message, MessageStatus
-from chalicelib.domain.mailing import MessageChange
+from chalicelib.domain.mailing import MessageChange, SkipReason
 from chalicelib.domain.paging import PageOf
 from chalicelib.domain.receipt import Delivery, DeliveryStatus
 from chalicelib.domain.timeline import TimelineGrid
@@ -55,6 +55,8 @@ class Outcome:
     claim_id: str | None = None
     error: str | None = None
     message_id: int | None = None  # for the log line only
+    skip_reason: SkipReason | None = None  # why a `skipped` message was not sent
+    variant: int | None = None  # the A/B variant a `sent` message carried
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,8 @@ class DynamoMessageRepository:
         moved = Counter(outcome.status for outcome in outcomes)
         moves = [(MessageStatus.PENDING, -len(outcomes)), *moved.items()]
         counters: list[Action] = [self._counter(status).add(n) for status, n in moves]
+        counters += self._skip_counters(outcomes)
+        counters += self._variant_counters(outcomes)
         try:
             with TransactWrite(connection=self._connection) as tx:
                 for outcome in outcomes:
@@ -466,6 +470,26 @@ class DynamoMessageRepository:
         counter: NumberAttribute = getattr(self._models.Mailing, f"count_{status.value}")
         return counter
 
+    def _skip_counters(self, outcomes: Sequence[Outcome]) -> list[Action]:
+        """The mailing's skipped-by-reason counters the `outcomes` move."""
+        reasons = Counter(o.skip_reason for o in outcomes if o.skip_reason is not None)
+        Mailing = self._models.Mailing
+        return [
+            cast(NumberAttribute, getattr(Mailing, f"skipped_{reason.value}")).add(n)
+            for reason, n in reasons.items()
+        ]
+
+    def _variant_counters(self, outcomes: Sequence[Outcome]) -> list[Action]:
+        """The mailing's sent-per-variant counters the `outcomes` move."""
+        sent = Counter(
+            o.variant for o in outcomes if o.variant is not None and o.status is MessageStatus.SENT
+        )
+        Mailing = self._models.Mailing
+        return [
+            cast(NumberAttribute, getattr(Mailing, f"variant_sent_{index}")).add(n)
+            for index, n in sent.items()
+        ]
+
     def _still_ours(self, claim_id: str | None, now: datetime) -> Condition:
         Message = self._models.Message
         pending = Message.status == MessageStatus.PENDING.value
@@ -490,6 +514,10 @@ class DynamoMessageRepository:
             actions.append(Message.sent_at.set(now))
         if outcome.error is not None:
             actions.append(Message.last_error.set(outcome.error[:ERROR_LIMIT]))
+        if outcome.skip_reason is not None:
+            actions.append(Message.skip_reason.set(outcome.skip_reason.value))
+        if outcome.variant is not None:
+            actions.append(Message.variant.set(outcome.variant))
         return actions
 
 
@@ -505,6 +533,8 @@ def message_of(record: MessageRecord) -> Message:
         sent_at=record.sent_at,
         attempts=int(record.attempts or 0),
         last_error=record.last_error,
+        skip_reason=_skip_reason(record.skip_reason),
+        variant=None if record.variant is None else int(record.variant),
         delivery=delivery_of(record),
     )
 
@@ -519,3 +549,11 @@ def delivery_of(record: MessageRecord) -> Delivery | None:
         received_at=record.delivery_received_at,
         error=record.delivery_error,
     )
+
+
+def _skip_reason(value: str | None) -> SkipReason | None:
+    """A stored skip reason (None: none, or one this code does not know)."""
+    try:
+        return None if value is None else SkipReason(value)
+    except ValueError:
+        return None

@@ -259,6 +259,22 @@ class MailingRecord(Model):
     inbound_replies = NumberAttribute(null=True)
     inbound_opt_outs = NumberAttribute(null=True)
     inbound_unknown = NumberAttribute(null=True)
+    # The skipped messages by reason (absent until one is skipped for it): `skipped_opted_out`,
+    # `skipped_frequency_cap`, `skipped_holdout`, ADDed with `count_skipped`.
+    skipped_opted_out = NumberAttribute(null=True)
+    skipped_frequency_cap = NumberAttribute(null=True)
+    skipped_holdout = NumberAttribute(null=True)
+    # A service message: the frequency cap neither stops it nor counts it.
+    frequency_cap_exempt = BooleanAttribute(null=True)
+    # A/B texts as JSON (`[{"text", "weight"}]`, absent for a single text), the holdout share,
+    # and the sent messages of each variant (ADDed with `count_sent`).
+    variants = UnicodeAttribute(null=True)
+    holdout_percent = NumberAttribute(null=True)
+    variant_sent_0 = NumberAttribute(null=True)
+    variant_sent_1 = NumberAttribute(null=True)
+    variant_sent_2 = NumberAttribute(null=True)
+    variant_sent_3 = NumberAttribute(null=True)
+    variant_sent_4 = NumberAttribute(null=True)
     # What the mailing added to the totals item when it last settled, and how many times it
     # settled (the condition of the next settling write). Absent until it first settles.
     settled_times = NumberAttribute(null=True)
@@ -308,6 +324,10 @@ class MessageRecord(Model):
     sent_at = UTCDateTimeAttribute(null=True)
     attempts = NumberAttribute(default=0)
     last_error = UnicodeAttribute(null=True)
+    # Why a skipped message was never sent (domain SkipReason); absent on other statuses.
+    skip_reason = UnicodeAttribute(null=True)
+    # The A/B variant a sent message carried (its index in the mailing's variants).
+    variant = NumberAttribute(null=True)
     # A sender holds the message while it calls the gateway; no other sender may until then.
     claim_id = UnicodeAttribute(null=True)
     claim_until = UTCDateTimeAttribute(null=True)

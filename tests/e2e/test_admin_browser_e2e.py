@@ -1216,3 +1216,56 @@ def test_an_id_token_without_the_nonce_is_refused(
         assert page.evaluate("sessionStorage.getItem('smsAdmin.token')") is None
     finally:
         provider.omit_nonce = False
+
+
+# ---------------------------------------------------------------- A/B variants and holdout
+
+
+def test_an_ab_mailing_with_a_holdout_is_created_and_its_variants_shown_side_by_side(
+    page: Any, stack: Stack
+) -> None:
+    tag = f"ab-{uuid.uuid4().hex[:8]}"
+    phones = [unique_phone() for _ in range(12)]
+    for phone in phones:
+        api_client(stack, phone, tag)
+
+    # Given a signed-in operator writing a mailing to twelve clients
+    sign_in(page, stack)
+    fill_mailing(page, "", tags=tag)
+    expect(page.locator("#audience-count")).to_have_text("12 clients match this filter")
+    # When the A/B test is switched on, two texts written, and a quarter held out
+    page.get_by_label("A/B test: send 2 to 5 texts").check()
+    expect(page.get_by_label("Text", exact=True)).to_be_hidden()
+    page.get_by_label("Variant A text").fill("Spring sale: -20%, {tag}")
+    page.get_by_label("Variant B text").fill("Spring sale: a gift for you, {tag}")
+    page.get_by_label("Holdout (% of the audience)").fill("25")
+    shot(page, "20-ab-mailing-form")
+    page.get_by_role("button", name="Create mailing").click()
+    expect(page.get_by_text("Mailing created.")).to_be_visible()
+
+    # Then the statistics show both variants side by side and the holdout, once finished
+    expect(status_badge(page)).to_have_text("finished", timeout=FINISH_TIMEOUT_MS)
+    panel = page.locator("#variants-panel")
+    expect(panel.locator(".variant-card")).to_have_count(3)
+    expect(panel.locator('[data-variant="A"]')).to_contain_text("Spring sale: -20%, {tag}")
+    expect(panel.locator('[data-variant="B"]')).to_contain_text("Spring sale: a gift for you")
+    expect(panel.locator('[data-variant="holdout"]')).to_contain_text("25% of the audience")
+    shot(page, "21-ab-mailing-statistics")
+
+    # And the counts on the cards are the gateway's: each variant's texts, and the rest held out
+    mailing_id = page.url.rsplit("/", 1)[1]
+    accepted = [s for s in sandbox_ledger(stack)["accepted"] if str(s["phone"]) in phones]
+    by_text = {
+        "A": sum(s["text"] == f"Spring sale: -20%, {tag}" for s in accepted),
+        "B": sum(s["text"] == f"Spring sale: a gift for you, {tag}" for s in accepted),
+    }
+    assert by_text["A"] + by_text["B"] == len(accepted)
+    for name, sent in by_text.items():
+        expect(panel.locator(f'[data-count="variant-{name}"]')).to_have_text(str(sent))
+    expect(panel.locator('[data-count="holdout"]')).to_have_text(str(12 - len(accepted)))
+    held_out = 12 - len(accepted)
+    if held_out:
+        expect(page.locator("#skip-reasons")).to_have_text(f"Skipped: {held_out} holdout")
+    mailing = requests.get(f"{stack.url}/mailings/{mailing_id}", headers=stack.auth, timeout=5)
+    assert mailing.json()["holdout_percent"] == 25
+    assert mailing.json()["skipped_by_reason"]["holdout"] == 12 - len(accepted)

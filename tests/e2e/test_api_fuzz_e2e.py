@@ -156,6 +156,9 @@ UNSTATED_RULES = {
     # An Idempotency-Key names one request: the same key with another body (or route) is a 422,
     # and a generated key may well repeat.
     "idempotency_key_reused": "an Idempotency-Key sent before with another body",
+    # A mailing's text given beside its variants must be the first variant's text (or, on a
+    # PATCH, the stored one's): two values compared.
+    "variants_text": "a mailing's text compared with its first variant's",
 }
 
 

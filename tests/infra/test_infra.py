@@ -1170,6 +1170,28 @@ def test_the_token_key_parameter_takes_a_key_arn_or_nothing(
     assert bool(re.fullmatch(pattern, value)) is accepted
 
 
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ("", True),
+        ("1/24h", True),
+        ("3/7d", True),
+        ("20/90m", True),
+        ("daily", False),
+        ("1/24", False),
+    ],
+)
+def test_the_frequency_cap_parameter_takes_what_the_settings_accept(
+    template: dict, value: str, accepted: bool
+) -> None:
+    """Given the FrequencyCap parameter, when deploying, then a value its pattern lets through is
+    one the sender's settings read (empty: no cap), and one they refuse never reaches it."""
+    pattern = template["Parameters"]["FrequencyCap"]["AllowedPattern"]
+    assert bool(re.fullmatch(pattern, value)) is accepted
+    if accepted:
+        Settings.from_env({"FREQUENCY_CAP": value})
+
+
 def test_gateway_url_defaults_to_the_public_gateway_and_settings_accept_it(template: dict) -> None:
     """Given the SenderApiUrl parameter, when left at its default, then it is the public gateway
     and both CloudFormation's pattern and the settings' validation accept it."""

@@ -86,7 +86,10 @@ def test_mailing_stats_report_counts_and_messages(api, services, clock):
         "attempts",
         "last_error",
         "delivery",
+        "skip_reason",
+        "variant",
     }
+    assert (failed["skip_reason"], failed["variant"]) == (None, None)
     assert isinstance(failed["id"], int)
     # No delivery receipt came: the gateway's word on the phone is not there
     assert failed["delivery"] is None

@@ -24,6 +24,7 @@ from chalicelib.domain.delivery_policy import (
     timing,
     too_late,
 )
+from chalicelib.domain.mailing import SkipReason
 from chalicelib.domain.rate_limit import Kind, Verdict
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -91,7 +92,10 @@ def test_an_attempt_of_a_running_mailing_inside_its_time_is_sent_now():
             replace(ATTEMPT, client_found=False, problem="client record is missing"),
             Decision(Step.FAIL, "client record is missing"),
         ),
-        (replace(ATTEMPT, opted_out=True), Decision(Step.SKIP, "client opted out")),
+        (
+            replace(ATTEMPT, opted_out=True),
+            Decision(Step.SKIP, "client opted out", skip_reason=SkipReason.OPTED_OUT),
+        ),
     ],
 )
 def test_a_cancelled_mailing_a_missing_client_and_an_opt_out_settle_without_a_call(

@@ -277,5 +277,9 @@ class MemoryMessageRepository:
             message = replace(message, sent_at=now)
         if outcome.error is not None:
             message = replace(message, last_error=outcome.error[:ERROR_LIMIT])
+        if outcome.skip_reason is not None:
+            message = replace(message, skip_reason=outcome.skip_reason)
+        if outcome.variant is not None:
+            message = replace(message, variant=outcome.variant)
         stored.message, stored.claim_id, stored.claim_until = message, None, None
         stored.updated_at = now
