@@ -218,3 +218,56 @@ def test_max_parts_out_of_range_is_a_clear_error(api, services, clock, max_parts
     assert response.status_code == 422, response.body
     assert body(response)["details"][0]["field"] == "body.max_parts"
     assert body(api.get("/mailings"))["items"] == []
+
+
+def test_an_ab_mailing_counts_each_variants_parts_for_its_share_less_the_holdout(
+    api, services, clock
+):
+    # Given four vip clients
+    for n in range(4):
+        add_client(api, f"7916000000{n}", tag="vip")
+    # When a mailing sends a one-part Latin text and a two-part Cyrillic one, in equal shares,
+    # with half the audience held out
+    response = api.post(
+        "/mailings",
+        {
+            "variants": [{"text": "Sale today", "weight": 1}, {"text": "Ж" * 71, "weight": 1}],
+            "holdout_percent": 50,
+            "start_at": clock().isoformat(),
+            "end_at": (clock() + delivery.timedelta(hours=1)).isoformat(),
+            "filter": {"tags": ["vip"]},
+        },
+    )
+    assert response.status_code == 201, response.body
+    mailing = body(response)
+    # Then its parts span both texts: UCS-2 (one variant needs it), one to two parts a message,
+    # and a total of the two messages sent: one of each text on average, 1 + 2 parts
+    assert mailing["parts"] == {
+        "encoding": "UCS-2",
+        "per_message_min": 1,
+        "per_message_max": 2,
+        "total": 3,
+        "approximate": False,
+    }
+
+
+def test_a_variant_too_long_for_max_parts_is_refused_on_its_own_field(api, services, clock):
+    # Given a vip client
+    add_client(api, "79160000001", tag="vip")
+    # When a mailing's second variant takes two parts and max_parts is 1
+    response = api.post(
+        "/mailings",
+        {
+            "variants": [{"text": "Short"}, {"text": "Ж" * 71}],
+            "max_parts": 1,
+            "start_at": clock().isoformat(),
+            "end_at": (clock() + delivery.timedelta(hours=1)).isoformat(),
+            "filter": {"tags": ["vip"]},
+        },
+    )
+    # Then it is a 422 on that variant's text, and nothing is created
+    assert response.status_code == 422, response.body
+    [detail] = body(response)["details"]
+    assert detail["field"] == "body.variants[1].text"
+    assert detail["type"] == "too_many_parts"
+    assert body(api.get("/mailings"))["items"] == []
