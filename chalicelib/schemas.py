@@ -916,6 +916,7 @@ InboundPhone = Annotated[
     Field(
         description="The sender: 7XXXXXXXXXX, with or without a leading +",
         examples=["79001234567"],
+        json_schema_extra={"pattern": r"^\+?7[0-9]{10}$"},
     ),
 ]
 

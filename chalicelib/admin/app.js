@@ -104,6 +104,16 @@
   }
   window.SmsParts = Object.freeze({ count: smsParts });
 
+  /** Show in `element` a text's characters, encoding and SMS parts, as the operator types it
+   * ({tag} and {timezone} count as empty: each client's own). */
+  function showParts(element, text) {
+    const counted = smsParts(templateSkeleton(text));
+    element.dataset.encoding = counted.encoding;
+    element.dataset.parts = String(counted.parts);
+    const placeholders = /\{(tag|timezone)\}/u.test(text) ? " (without {tag} and {timezone}: each client's own)" : "";
+    element.textContent = ` · ${number(counted.characters)} characters · ${partsWords(counted.encoding, counted.parts, counted.parts)}${placeholders}`;
+  }
+
   /** A mailing text as the counter counts it: the phone and operator code are always 11 and 3
    * digits; a tag and a timezone differ per client, so they count as empty here (the preview
    * counts each client's message). */
@@ -1183,13 +1193,7 @@
     countText();
     // Characters, encoding and SMS parts, live as the operator types.
     const partsCounter = h("span", { class: "hint", id: "text-parts", "aria-live": "off" });
-    const countParts = () => {
-      const counted = smsParts(templateSkeleton(inputs.text.value));
-      partsCounter.dataset.encoding = counted.encoding;
-      partsCounter.dataset.parts = String(counted.parts);
-      const placeholders = /\{(tag|timezone)\}/u.test(inputs.text.value) ? " (without {tag} and {timezone}: each client's own)" : "";
-      partsCounter.textContent = ` · ${number(counted.characters)} characters · ${partsWords(counted.encoding, counted.parts, counted.parts)}${placeholders}`;
-    };
+    const countParts = () => showParts(partsCounter, inputs.text.value);
     inputs.text.addEventListener("input", countParts);
     countParts();
 
@@ -1387,12 +1391,15 @@
         const name = VARIANT_NAMES[index];
         const text = h("textarea", { name: "variant_text", rows: 3, maxlength: 1000, "aria-label": `Variant ${name} text`, dataset: { variant: name } });
         text.value = v.text;
-        text.addEventListener("input", () => { v.text = text.value; });
+        // The same live count of characters, encoding and parts as the single text box.
+        const parts = h("span", { class: "hint variant-parts", "aria-live": "off", dataset: { variant: name } });
+        text.addEventListener("input", () => { v.text = text.value; showParts(parts, v.text); });
+        showParts(parts, v.text);
         const weight = h("input", { type: "number", name: "variant_weight", min: 1, max: 100, step: 1, value: String(v.weight), "aria-label": `Variant ${name} weight` });
         weight.addEventListener("input", () => { v.weight = Number(weight.value); });
         const remove = h("button", { type: "button", class: "secondary", disabled: variants.length <= 2 || hadVariants, onclick: () => { variants.splice(index, 1); render(); } }, "Remove");
         return h("div", { class: "variant-row", dataset: { field: `variants.${index}` } },
-          h("strong", {}, `Variant ${name}`), text,
+          h("strong", {}, `Variant ${name}`), text, parts,
           h("label", { class: "variant-weight" }, "Weight ", weight), remove,
           h("p", { class: "field-error" }));
       }));

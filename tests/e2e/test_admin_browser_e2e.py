@@ -1237,7 +1237,16 @@ def test_an_ab_mailing_with_a_holdout_is_created_and_its_variants_shown_side_by_
     page.get_by_label("A/B test: send 2 to 5 texts").check()
     expect(page.get_by_label("Text", exact=True)).to_be_hidden()
     page.get_by_label("Variant A text").fill("Spring sale: -20%, {tag}")
+    # ...each text box counting its SMS parts live as the operator types: a Cyrillic draft of B
+    # turns it to UCS-2, two parts; the final Latin text back to GSM-7, one part
+    counter_b = page.locator('.variant-parts[data-variant="B"]')
+    expect(page.locator('.variant-parts[data-variant="A"]')).to_contain_text("GSM-7, 1 part")
+    page.get_by_label("Variant B text").fill("Ж" * 71)
+    expect(counter_b).to_have_attribute("data-encoding", "UCS-2")
+    expect(counter_b).to_contain_text("71 characters · UCS-2, 2 parts")
     page.get_by_label("Variant B text").fill("Spring sale: a gift for you, {tag}")
+    expect(counter_b).to_have_attribute("data-encoding", "GSM-7")
+    expect(counter_b).to_contain_text("GSM-7, 1 part")
     page.get_by_label("Holdout (% of the audience)").fill("25")
     shot(page, "20-ab-mailing-form")
     page.get_by_role("button", name="Create mailing").click()
