@@ -70,7 +70,10 @@ browser:
 # Two workers: the end-to-end suites spend much of their time waiting on the stack they drive.
 TEST_WORKERS ?= 2
 
-test: lint browser $(CHECKOV_STAMP)
+# The two venvs install side by side (about a minute saved on a fresh checkout), then the rest.
+test:
+	$(MAKE) --no-print-directory -j2 $(STAMP) $(CHECKOV_STAMP)
+	$(MAKE) --no-print-directory lint browser
 	CHROMIUM_PATH=$(CHROMIUM_PATH) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 package: $(STAMP)
