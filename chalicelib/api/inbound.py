@@ -28,6 +28,9 @@ api = ApiBlueprint(__name__, "inbound", authorizer=bearer_auth)
     response=InboundSmsOut,
     status=202,
     errors=(400, 409, 413, 415, 422),
+    # A gateway that retries its webhook with the same Idempotency-Key gets the first answer,
+    # and the reply is kept and counted once.
+    idempotent=True,
 )
 def receive_inbound_sms(body: InboundSmsIn) -> InboundSmsOut:
     """A reply made only of an opt-out keyword (INBOUND_OPT_OUT_KEYWORDS; any case and

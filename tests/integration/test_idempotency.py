@@ -298,13 +298,14 @@ def test_the_openapi_document_offers_the_key_on_exactly_the_creating_routes():
         for method, op in operations.items()
         if any(p["name"] == "Idempotency-Key" for p in op.get("parameters", []))
     }
-    # Then it is on the five creating routes, whose 409 says when to retry
+    # Then it is on the five creating routes and the reply webhook, whose 409 says when to retry
     assert keyed_ops == {
         "POST /clients",
         "POST /clients/import",
         "POST /mailings",
         "POST /mailings/{mailing_id}/retry-failed",
         "POST /opt-outs",
+        "POST /inbound-sms",
     }
     for entry in keyed_ops:
         method, path = entry.split(" ")

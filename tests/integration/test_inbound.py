@@ -162,3 +162,20 @@ def test_a_malformed_inbound_sms_is_a_422_and_changes_nothing(api, payload, fiel
 def test_the_replies_of_an_unknown_client_are_404(api):
     answer = api.get("/clients/00000000-0000-4000-8000-000000000000/replies")
     assert answer.status_code == 404
+
+
+def test_a_reply_the_gateway_sends_again_with_its_key_is_kept_once(api):
+    # Given a client
+    client = add_client(api, "79000000001")
+    headers = {**api.headers, "Idempotency-Key": "gateway-reply-8812"}
+
+    # When the gateway posts its reply, times out, and posts it again with the same key
+    first = api.post("/inbound-sms", {"phone": "79000000001", "text": "Когда?"}, headers=headers)
+    again = api.post("/inbound-sms", {"phone": "79000000001", "text": "Когда?"}, headers=headers)
+
+    # Then both are answered alike, and the reply is kept and counted once
+    assert first.status_code == again.status_code == 202
+    assert body(first) == body(again) == {"result": "stored", "client_id": client["id"]}
+    replies = body(api.get(f"/clients/{client['id']}/replies"))["items"]
+    assert [r["text"] for r in replies] == ["Когда?"]
+    assert inbound_counts(api)["reply"] == 1
