@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +19,7 @@ from chalicelib.domain import AudienceFilter
 from chalicelib.domain.client import Client, ClientFields
 from chalicelib.domain.estimate import PREVIEW_ENTRIES, segment_budget
 from chalicelib.storage.models import CLIENT_SHARDS
+from tests.support.reads import Reads, record_reads
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 # A preview with one look-up reads at most its whole share (and one entry more); an operator
@@ -28,36 +28,9 @@ ONE_SEGMENT = PREVIEW_ENTRIES + 1
 SHARD_PASS = CLIENT_SHARDS * (segment_budget(CLIENT_SHARDS) + 1)
 
 
-@dataclass
-class Reads:
-    """DynamoDB requests by operation, and index entries evaluated."""
-
-    requests: Counter[str] = field(default_factory=Counter)
-    entries: int = 0
-
-
 @pytest.fixture
 def dynamodb_reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
-    """Every DynamoDB request made while the test looks (botocore's _make_api_call)."""
-    import botocore.client
-
-    original = botocore.client.BaseClient._make_api_call
-    reads = Reads()
-
-    def counting(client: Any, operation: str, params: dict) -> Any:
-        answer = original(client, operation, params)
-        if client.meta.service_model.service_name == "dynamodb":
-            reads.requests[operation] += 1
-            if operation in ("Query", "Scan"):
-                reads.entries += int(answer.get("ScannedCount", 0))
-            elif operation == "BatchGetItem":
-                reads.entries += sum(len(items) for items in answer.get("Responses", {}).values())
-            elif operation == "GetItem":
-                reads.entries += int("Item" in answer)
-        return answer
-
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counting)
-    return reads
+    return record_reads(monkeypatch)
 
 
 @pytest.fixture
@@ -106,9 +79,9 @@ def preview(
     store: Any, reads: Reads, audience: AudienceFilter, **options: Any
 ) -> tuple[Any, Reads]:
     """The audience's summary, and the reads it took."""
-    before = Reads(Counter(reads.requests), reads.entries)
+    before = Reads(Counter(reads.requests), entries=reads.entries)
     summary = store.summarize(audience, 10, **options)
-    spent = Reads(reads.requests - before.requests, reads.entries - before.entries)
+    spent = Reads(reads.requests - before.requests, entries=reads.entries - before.entries)
     return summary, spent
 
 

@@ -5,8 +5,6 @@ never every mailing), and their figures stay right as mailings finish, run again
 from __future__ import annotations
 
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +17,7 @@ from chalicelib.storage.mailings import DynamoMailingRepository
 from chalicelib.storage.models import connection_for
 from devstack.gateway import FaultProfile
 from tests.integration import test_delivery as delivery
+from tests.support.reads import Reads, record_reads
 
 # The delivery suite's fixtures (moto, virtual SQS, the sandbox gateway, the pipeline driver).
 gateway, gateway_client, settings, sqs, services, pipeline = (
@@ -34,37 +33,9 @@ add_client, create_mailing = delivery.add_client, delivery.create_mailing
 OWNER = "scheduler-test"
 
 
-@dataclass
-class Reads:
-    """DynamoDB requests by operation, and items read (what read units are billed on)."""
-
-    requests: Counter[str] = field(default_factory=Counter)
-    items: int = 0
-
-
 @pytest.fixture
 def dynamodb_reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
-    """Every DynamoDB request the code makes while the test looks, as the suite counts them
-    (botocore's _make_api_call, under PynamoDB and boto3 alike)."""
-    import botocore.client
-
-    original = botocore.client.BaseClient._make_api_call
-    reads = Reads()
-
-    def counting(client: Any, operation: str, params: dict) -> Any:
-        answer = original(client, operation, params)
-        if client.meta.service_model.service_name == "dynamodb":
-            reads.requests[operation] += 1
-            if operation in ("Query", "Scan"):
-                reads.items += int(answer.get("Count", 0))
-            elif operation == "BatchGetItem":
-                reads.items += sum(len(items) for items in answer.get("Responses", {}).values())
-            elif operation == "GetItem":
-                reads.items += int("Item" in answer)
-        return answer
-
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counting)
-    return reads
+    return record_reads(monkeypatch)
 
 
 @pytest.fixture
