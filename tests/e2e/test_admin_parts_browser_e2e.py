@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import requests
 
 from tests.e2e import test_admin_browser_e2e as admin
 from tests.support.local_stack import Stack, running_stack
@@ -27,16 +26,6 @@ def stack() -> Iterator[Stack]:
     # Parts priced, so the preview shows a cost.
     with running_stack(PRICE_PER_PART="0.5", PRICE_CURRENCY="RUB") as started:
         yield started
-
-
-def add_client(stack: Stack, tag: str) -> None:
-    response = requests.post(
-        f"{stack.url}/clients",
-        json={"phone": unique_phone(), "tag": tag},
-        headers=stack.auth,
-        timeout=10,
-    )
-    assert response.status_code == 201, response.text
 
 
 def test_the_live_counter_counts_the_reference_texts_as_the_service_does(
@@ -64,8 +53,7 @@ def test_typing_cyrillic_turns_the_counter_to_two_ucs2_parts_and_max_parts_is_en
 ) -> None:
     # Given two clients of a tag, and the new mailing form for that tag
     tag = f"parts-{uuid.uuid4().hex[:8]}"
-    add_client(stack, tag)
-    add_client(stack, tag)
+    admin.add_clients_by_api(stack, tag, 2)
     sign_in(page, stack)
     page.get_by_role("link", name="Mailings", exact=True).click()
     page.get_by_role("link", name="New mailing").click()
