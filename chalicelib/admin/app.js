@@ -1222,10 +1222,15 @@
 
     const filter = () => ({ operator_codes: list(inputs.operator_codes.value), tags: list(inputs.tags.value) });
     let previewSeq = 0;
+    let exactFilter = null; // the filter the operator asked to count exactly
     /** Count the audience of the filter; a large one comes back estimated from a bounded read
      * and says "about", with a button that asks for the exact count (which reads it all). */
     async function runPreview(exact = false) {
-      exact = exact === true; // a click passes its event
+      // Once the operator asked for the exact count, later previews of the same filter (a text
+      // edit's, or a debounced one still on its way) count exactly too, not "about" again.
+      const key = JSON.stringify(filter());
+      if (exact === true) exactFilter = key; // a click passes its event
+      exact = exactFilter === key;
       const seq = ++previewSeq;
       fill(preview, h("p", { class: "muted" }, exact ? "Counting every client of the audience…" : "Counting the audience…"));
       try {

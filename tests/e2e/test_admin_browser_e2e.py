@@ -873,6 +873,11 @@ def test_a_large_audience_is_previewed_as_about_n_and_counted_exactly_on_request
     page.get_by_role("button", name="Count exactly").click()
     expect(audience).to_have_text("1,100 clients match this filter")
     expect(page.get_by_role("button", name="Count exactly")).to_have_count(0)
+    # And a text edit afterwards (the same filter) counts its parts over the exact audience,
+    # never "about" again: 1,100 two-part UCS-2 messages
+    page.get_by_label("Text", exact=True).fill("Ж" * 71)
+    expect(page.locator("#audience-parts")).to_have_attribute("data-total", "2200")
+    expect(audience).to_have_text("1,100 clients match this filter")
     # And the clients list says "about" for that tag too, until asked to count exactly
     search_clients(page, tag=tag)
     total = page.locator("#clients-total")
