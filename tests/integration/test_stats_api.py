@@ -95,6 +95,20 @@ def test_mailing_stats_report_counts_and_messages(api, services, clock):
     assert failed["delivery"] is None
 
 
+def ids_by_status(api, mailing_id: str, status: str, *, limit: int) -> list[int]:
+    """When: the mailing's messages of `status` are paged `limit` at a time; their ids in the
+    order listed (each page holding only that status)."""
+    ids, cursor = [], None
+    while True:
+        query = f"status={status}&limit={limit}" + (f"&cursor={cursor}" if cursor else "")
+        page = api.get(f"/mailings/{mailing_id}/stats?{query}").json
+        assert all(m["status"] == status for m in page["messages"])
+        ids.extend(m["id"] for m in page["messages"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            return ids
+
+
 def test_mailing_messages_can_be_filtered_by_status_and_paged(api, services, clock):
     """Given sent and failed messages, when the sent ones are paged three at a time, then each sent
     one comes once, in the order of the unfiltered listing (client id: sent messages are most of a
@@ -102,15 +116,7 @@ def test_mailing_messages_can_be_filtered_by_status_and_paged(api, services, clo
     mailing_id = create_mailing(api)
     store_messages(services, clock, mailing_id, ["sent"] * 7 + ["failed"] * 2)
 
-    ids, cursor = [], None
-    while True:
-        query = "status=sent&limit=3" + (f"&cursor={cursor}" if cursor else "")
-        page = api.get(f"/mailings/{mailing_id}/stats?{query}").json
-        assert all(m["status"] == "sent" for m in page["messages"])
-        ids.extend(m["id"] for m in page["messages"])
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
+    ids = ids_by_status(api, mailing_id, "sent", limit=3)
 
     everything = api.get(f"/mailings/{mailing_id}/stats?limit=100").json["messages"]
     assert ids == [m["id"] for m in everything if m["status"] == "sent"]
@@ -123,15 +129,7 @@ def test_failed_messages_are_listed_in_id_order(api, services, clock):
     mailing_id = create_mailing(api)
     store_messages(services, clock, mailing_id, ["failed", "sent"] * 5)
 
-    ids, cursor = [], None
-    while True:
-        query = "status=failed&limit=2" + (f"&cursor={cursor}" if cursor else "")
-        page = api.get(f"/mailings/{mailing_id}/stats?{query}").json
-        assert all(m["status"] == "failed" for m in page["messages"])
-        ids.extend(m["id"] for m in page["messages"])
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
+    ids = ids_by_status(api, mailing_id, "failed", limit=2)
 
     assert ids == sorted(ids)
     assert len(ids) == 5 == len(set(ids))
